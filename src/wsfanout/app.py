@@ -1,0 +1,156 @@
+"""``create_app()``: the ASGI callable, its route table and its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from . import http, views, ws
+from .config import Settings
+from .hub import Hub
+from .protocol import CloseCode
+from .sessions import SessionCodec, secret_keys
+from .store import Store
+from .types import Message, Receive, Scope, Send
+from .views import Service
+
+log = logging.getLogger("wsfanout")
+
+Handler = Callable[[Scope, Receive, Send, Service], Awaitable[None]]
+
+ROUTES: Final[dict[str, dict[str, Handler]]] = {
+    "/": {"GET": views.index},
+    "/login": {"GET": views.login_page, "POST": views.login},
+    "/logout": {"POST": views.logout},
+    "/api/directory": {"GET": views.directory},
+    "/healthz": {"GET": views.healthz},
+}
+WEBSOCKET_PATHS: Final = frozenset({"/"})
+SHUTDOWN_FLUSH: Final = 5.0  # seconds connections get to send what is queued before stopping
+
+
+class App:
+    """The wsfanout ASGI application.
+
+    Starts its parts on lifespan startup, or lazily on the first request when the
+    server (or an enclosing app) does not forward lifespan events.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._service: Service | None = None
+        self._starting: asyncio.Lock | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        svc = self._service or await self.startup()
+        path = http.route_path(scope)
+        if kind == "websocket":
+            if path in WEBSOCKET_PATHS:
+                await ws.endpoint(scope, receive, send, svc)
+            else:
+                await ws.refuse(scope, send, 404, "no websocket endpoint here")
+            return
+        if kind != "http":
+            return
+        await self._http(scope, receive, send, svc, path)
+
+    async def _http(
+        self, scope: Scope, receive: Receive, send: Send, svc: Service, path: str | None
+    ) -> None:
+        method = scope["method"]
+        if method == "HEAD":
+            method = "GET"  # the server drops the body
+        if path == "":
+            await http.redirect(send, http.app_root(scope))
+            return
+        if path is not None and path.startswith("/static/"):
+            if method != "GET":
+                await http.error_response(
+                    send, 405, "Method not allowed", [(b"allow", b"GET, HEAD")]
+                )
+                return
+            await views.static(scope, receive, send, svc, path[len("/static/") :])
+            return
+        methods = ROUTES.get(path) if path is not None else None
+        if methods is None:
+            await http.error_response(send, 404, "Not found")
+            return
+        handler = methods.get(method)
+        if handler is None:
+            allow = ", ".join(sorted(methods)).encode()
+            await http.error_response(send, 405, "Method not allowed", [(b"allow", allow)])
+            return
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await handler(scope, receive, tracked_send, svc)
+        except Exception:
+            log.exception("error in %s %s", method, path)
+            if not started:  # a JSON 500, never a traceback, to the client
+                await http.error_response(send, 500, "Internal server error")
+
+    async def startup(self) -> Service:
+        """Open the store and build the hub, once, however many requests ask at once."""
+        if self._service is not None:
+            return self._service
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._service is None:
+                settings = self.settings
+                keys = await asyncio.to_thread(secret_keys, settings.secret_keys, settings.data_dir)
+                store = await Store.open(settings.database_path)
+                web = await asyncio.to_thread(views.load_web_files)
+                self._service = Service(
+                    settings=settings,
+                    store=store,
+                    hub=Hub(),
+                    codec=SessionCodec(keys, settings.session_max_age),
+                    web=web,
+                )
+                log.info("wsfanout ready: database %s", settings.database_path)
+        return self._service
+
+    async def shutdown(self) -> None:
+        """Close every connection with 1001 after it has sent what is queued; close the store."""
+        svc = self._service
+        if svc is None:
+            return
+        svc.hub.close_all(CloseCode.GOING_AWAY)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(svc.hub.emptied(), SHUTDOWN_FLUSH)
+        await svc.store.close()
+        self._service = None
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(settings: Settings | None = None) -> App:
+    """The ASGI app for these settings (default: ``Settings.from_env()``)."""
+    return App(settings if settings is not None else Settings.from_env())

@@ -1,0 +1,213 @@
+"""The ``wsfanout`` command: ``db init``, ``user add``, ``group add``, ``demo``, ``serve``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
+
+from . import passwords
+from .config import ConfigError, Settings
+from .store import DuplicateError, Store, StoreError
+
+DEMO_GROUPS: Final = {"boys": ("Greg", "Chuck", "Mike"), "girls": ("Amanda", "Lisa", "Anny")}
+DEFAULT_BIND: Final = "127.0.0.1:8000"
+PING_INTERVAL: Final = 20.0
+
+
+class CommandError(Exception):
+    """A command that cannot go on; the message is printed, the exit code is 1."""
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # hypercorn logs through its own handlers; passing its records up would print them twice.
+    logging.getLogger("hypercorn").propagate = False
+
+
+async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[None]]) -> None:
+    store = await Store.open(settings.database_path)
+    try:
+        await work(store)
+    finally:
+        await store.close()
+
+
+def cmd_db_init(settings: Settings, args: argparse.Namespace) -> None:
+    async def work(store: Store) -> None:
+        print(f"database ready: {store.path}")
+
+    asyncio.run(_with_store(settings, work))
+
+
+def cmd_group_add(settings: Settings, args: argparse.Namespace) -> None:
+    async def work(store: Store) -> None:
+        await store.add_group(args.name)
+        print(f"group {args.name!r} created")
+
+    asyncio.run(_with_store(settings, work))
+
+
+def _password(args: argparse.Namespace) -> str:
+    if args.password is not None:
+        if not args.password:
+            raise CommandError("the password must not be empty")
+        return str(args.password)
+    if not sys.stdin.isatty():
+        raise CommandError("give --password, or run in a terminal to be asked for one")
+    first = getpass.getpass(f"password for {args.name}: ")
+    if not first or first != getpass.getpass("again: "):
+        raise CommandError("the passwords were empty or did not match")
+    return first
+
+
+def cmd_user_add(settings: Settings, args: argparse.Namespace) -> None:
+    password = _password(args)
+
+    async def work(store: Store) -> None:
+        hashed = await asyncio.to_thread(passwords.hash_password, password)
+        await store.add_user(
+            args.name, hashed, first_name=args.first_name or "", groups=tuple(args.group or ())
+        )
+        groups = f" in {', '.join(args.group)}" if args.group else ""
+        print(f"user {args.name!r} created{groups}")
+
+    asyncio.run(_with_store(settings, work))
+
+
+async def create_demo(store: Store) -> list[str]:
+    """The seed's two groups and six users (password: the first name); safe to rerun.
+
+    Returns:
+        The usernames created now (empty when they all existed).
+    """
+    created = []
+    for group, members in DEMO_GROUPS.items():
+        await store.add_group(group, exist_ok=True)
+        for first_name in members:
+            if await store.user_by_name(first_name.lower()) is not None:
+                continue
+            hashed = await asyncio.to_thread(passwords.hash_password, first_name)
+            try:
+                await store.add_user(
+                    first_name.lower(), hashed, first_name=first_name, groups=(group,)
+                )
+            except DuplicateError:
+                continue  # created meanwhile by another process
+            created.append(first_name.lower())
+    return created
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
+    async def work(store: Store) -> None:
+        created = await create_demo(store)
+        if created:
+            print(f"demo users created: {', '.join(created)} (each password is the first name)")
+        else:
+            print("demo users already exist")
+        for group, members in DEMO_GROUPS.items():
+            print(f"  {group}: {', '.join(members)}")
+
+    asyncio.run(_with_store(settings, work))
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
+    from hypercorn.config import Config
+    from hypercorn.run import run
+
+    config = Config()
+    config.application_path = "wsfanout:app"
+    config.bind = [args.bind]
+    config.workers = args.workers
+    config.websocket_ping_interval = args.ping_interval or None
+    # Refuse oversized frames in hypercorn before they are buffered; the app checks too.
+    config.websocket_max_message_size = settings.max_frame_bytes + 1
+    config.accesslog = "-" if args.access_log else None
+    config.errorlog = "-"
+    config.loglevel = settings.log_level.upper()
+    if args.workers > 1 and not settings.redis_url:
+        print(
+            "warning: --workers > 1 without WSFANOUT_REDIS_URL: each worker fans out only to its "
+            "own connections",
+            file=sys.stderr,
+        )
+    host, _, port = args.bind.rpartition(":")
+    if not args.bind.startswith(("unix:", "fd://")):
+        print(f"wsfanout serving on http://{host or '127.0.0.1'}:{port}/", flush=True)
+    run(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsfanout",
+        description="Websocket fan-out service. Settings come from WSFANOUT_* variables.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    db = commands.add_parser("db", help="database commands").add_subparsers(
+        dest="db_command", required=True, metavar="DB_COMMAND"
+    )
+    db.add_parser("init", help="create the database and its schema").set_defaults(func=cmd_db_init)
+
+    user = commands.add_parser("user", help="user commands").add_subparsers(
+        dest="user_command", required=True, metavar="USER_COMMAND"
+    )
+    user_add = user.add_parser("add", help="create a user")
+    user_add.add_argument("name", help="the username (letters, digits, _ . @ + -)")
+    user_add.add_argument("--password", help="the password (asked for if omitted)")
+    user_add.add_argument("--first-name", help="the name shown to others")
+    user_add.add_argument(
+        "--group", action="append", metavar="GROUP", help="an existing group (repeatable)"
+    )
+    user_add.set_defaults(func=cmd_user_add)
+
+    group = commands.add_parser("group", help="group commands").add_subparsers(
+        dest="group_command", required=True, metavar="GROUP_COMMAND"
+    )
+    group_add = group.add_parser("add", help="create a group")
+    group_add.add_argument("name")
+    group_add.set_defaults(func=cmd_group_add)
+
+    commands.add_parser("demo", help="create the demo groups and users").set_defaults(func=cmd_demo)
+
+    serve = commands.add_parser("serve", help="serve with hypercorn")
+    serve.add_argument("--bind", default=DEFAULT_BIND, help=f"address (default {DEFAULT_BIND})")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--ping-interval",
+        type=float,
+        default=PING_INTERVAL,
+        help=f"seconds between websocket pings, 0 for none (default {PING_INTERVAL:g})",
+    )
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.command != "serve":
+            configure_logging("warning" if settings.log_level == "info" else settings.log_level)
+        if getattr(args, "workers", 1) < 1:
+            raise CommandError("--workers must be at least 1")
+        args.func(settings, args)
+    except (ConfigError, StoreError, CommandError) as exc:
+        print(f"wsfanout: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Settings: every knob, its default, and its ``WSFANOUT_*`` environment variable."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BYTES = 1
+KIB = 1024 * BYTES
+MIB = 1024 * KIB
+SECONDS = 1.0
+DAYS = 86400 * SECONDS
+
+
+class ConfigError(ValueError):
+    """A ``WSFANOUT_*`` variable holds a value that cannot be used."""
+
+    def __init__(self, name: str, value: str, expected: str) -> None:
+        super().__init__(f"{name}={value!r}: expected {expected}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the service can be told, with safe defaults.
+
+    Build one with ``Settings.from_env()`` or directly with keywords; pass it to
+    ``create_app()``. It is frozen: change it with ``dataclasses.replace``.
+    """
+
+    # Storage
+    data_dir: Path = Path("data")
+    database: Path | None = None  # None: data_dir / "wsfanout.sqlite3"
+
+    # Sessions and login
+    secret_keys: tuple[str, ...] = ()  # empty: generated once into data_dir
+    session_max_age: float = 14 * DAYS
+    cookie_secure: bool = False
+    allowed_origins: frozenset[str] = frozenset()
+    login_max_failures: int = 5
+    login_failure_window: float = 15 * 60 * SECONDS
+
+    # Limits
+    max_frame_bytes: int = 64 * KIB
+    outbox_bytes: int = 1 * MIB
+    batch_max: int = 64
+    batch_bytes: int = 256 * KIB
+    max_connections: int = 50_000
+    rate_limit: float = 50.0  # inbound messages per second per connection; 0 disables
+    rate_burst: int = 100
+    close_timeout: float = 5 * SECONDS  # how long a close may wait on a client that does not read
+
+    # Sources and backplane (later issues)
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    redis_url: str = ""
+    amqp_url: str = field(default="", repr=False)
+    amqp_queue: str = "wsfanout"
+
+    log_level: str = "info"
+
+    @property
+    def database_path(self) -> Path:
+        """The SQLite file: ``database`` if set, else inside ``data_dir``."""
+        return self.database if self.database is not None else self.data_dir / "wsfanout.sqlite3"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``WSFANOUT_*`` variable; unset or empty ones keep their default.
+
+        Raises:
+            ConfigError: a variable is set to something unusable, naming it and the value.
+        """
+        env = os.environ if environ is None else environ
+        reader = _EnvReader(env)
+        defaults = cls()
+        data_dir = Path(reader.text("DATA_DIR", str(defaults.data_dir)))
+        database = reader.text("DATABASE", "")
+        return cls(
+            data_dir=data_dir,
+            database=Path(database) if database else None,
+            secret_keys=reader.items("SECRET_KEY"),
+            session_max_age=reader.number("SESSION_MAX_AGE", defaults.session_max_age, low=1),
+            cookie_secure=reader.flag("COOKIE_SECURE", defaults.cookie_secure),
+            allowed_origins=frozenset(o.rstrip("/") for o in reader.items("ALLOWED_ORIGINS")),
+            login_max_failures=reader.integer("LOGIN_MAX_FAILURES", defaults.login_max_failures),
+            login_failure_window=reader.number(
+                "LOGIN_FAILURE_WINDOW", defaults.login_failure_window, low=1
+            ),
+            max_frame_bytes=reader.integer("MAX_FRAME_BYTES", defaults.max_frame_bytes, low=256),
+            outbox_bytes=reader.integer("OUTBOX_BYTES", defaults.outbox_bytes, low=1024),
+            batch_max=reader.integer("BATCH_MAX", defaults.batch_max),
+            batch_bytes=reader.integer("BATCH_BYTES", defaults.batch_bytes, low=1024),
+            max_connections=reader.integer("MAX_CONNECTIONS", defaults.max_connections),
+            rate_limit=reader.number("RATE_LIMIT", defaults.rate_limit, low=0),
+            rate_burst=reader.integer("RATE_BURST", defaults.rate_burst),
+            close_timeout=reader.number("CLOSE_TIMEOUT", defaults.close_timeout, low=0.1),
+            api_keys=reader.items("API_KEYS"),
+            redis_url=reader.text("REDIS_URL", ""),
+            amqp_url=reader.text("AMQP_URL", ""),
+            amqp_queue=reader.text("AMQP_QUEUE", defaults.amqp_queue),
+            log_level=reader.choice(
+                "LOG_LEVEL", defaults.log_level, ("debug", "info", "warning", "error", "critical")
+            ),
+        )
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+class _EnvReader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def _raw(self, name: str) -> tuple[str, str]:
+        full = f"WSFANOUT_{name}"
+        return full, self._env.get(full, "").strip()
+
+    def text(self, name: str, default: str) -> str:
+        return self._raw(name)[1] or default
+
+    def items(self, name: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self._raw(name)[1].split(",") if part.strip())
+
+    def integer(self, name: str, default: int, *, low: int = 1) -> int:
+        full, raw = self._raw(name)
+        if not raw:
+            return default
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            raise ConfigError(full, raw, f"a whole number >= {low}") from None
+        if value < low:
+            raise ConfigError(full, raw, f"a whole number >= {low}")
+        return value
+
+    def number(self, name: str, default: float, *, low: float) -> float:
+        full, raw = self._raw(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(full, raw, f"a number >= {low:g}") from None
+        if not value >= low or value == float("inf"):
+            raise ConfigError(full, raw, f"a finite number >= {low:g}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        full, raw = self._raw(name)
+        if not raw:
+            return default
+        lowered = raw.lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(full, raw, "true or false")
+
+    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+        full, raw = self._raw(name)
+        if not raw:
+            return default
+        if raw.lower() not in options:
+            raise ConfigError(full, raw, "one of " + ", ".join(options))
+        return raw.lower()

@@ -1,0 +1,193 @@
+"""Small request and response helpers: bounded bodies, cookies, origins, JSON and files."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import orjson
+
+from .types import Receive, Scope, Send
+
+Headers = list[tuple[bytes, bytes]]
+
+SECURITY_HEADERS: Final[Headers] = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+]
+PAGE_CSP: Final = (
+    b"default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    b"style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    b"form-action 'self'"
+)
+
+
+class BodyTooLargeError(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than {limit} bytes")
+        self.limit = limit
+
+
+class ClientGoneError(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of a (lower-case) header, decoded as latin-1."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def cookies(scope: Scope) -> dict[str, str]:
+    """The request's cookies; malformed pairs are skipped, the first of a name wins."""
+    jar: dict[str, str] = {}
+    for key, value in scope.get("headers", ()):
+        if key != b"cookie":
+            continue
+        for pair in bytes(value).decode("latin-1").split(";"):
+            name, sep, val = pair.strip().partition("=")
+            if sep and name and name not in jar:
+                jar[name] = val.strip().strip('"')
+    return jar
+
+
+def route_path(scope: Scope) -> str | None:
+    """The path below the app's root, normalised; None if it is not one we could serve.
+
+    ``..`` and ``.`` segments and NUL bytes are refused rather than resolved, so no
+    request can name a path outside what the router knows.
+    """
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    if not path:
+        return ""
+    if "\x00" in path or "\\" in path:
+        return None
+    segments = path.split("/")
+    if any(segment in {".", ".."} for segment in segments):
+        return None
+    # normpath keeps a leading "//" (POSIX allows it a meaning); we do not.
+    normal = posixpath.normpath("/" + path.lstrip("/")) if path.startswith("/") else path
+    if path.endswith("/") and normal != "/":
+        normal += "/"
+    return normal if normal.startswith("/") else None
+
+
+def app_root(scope: Scope) -> str:
+    """Where the app is mounted, with a trailing slash: the cookie path."""
+    root: str = scope.get("root_path", "")
+    return root.rstrip("/") + "/"
+
+
+def origin_allowed(scope: Scope, allowed: frozenset[str]) -> bool:
+    """Whether a browser's ``Origin`` is the request's own host or an allowed origin.
+
+    A request with no ``Origin`` is not from a browser page and passes: the check
+    exists because browsers attach cookies to cross-site requests.
+    """
+    origin = header(scope, b"origin")
+    if origin is None:
+        return True
+    origin = origin.strip().rstrip("/")
+    if origin in allowed:
+        return True
+    host = header(scope, b"host")
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    if host is None or parts.scheme not in {"http", "https"} or not parts.netloc:
+        return False
+    return _same_host(parts.scheme, parts.netloc.lower(), host.strip().lower())
+
+
+def _same_host(scheme: str, origin_netloc: str, host: str) -> bool:
+    default = ":443" if scheme == "https" else ":80"
+    if origin_netloc == host:
+        return True
+    # "example.com" and "example.com:80" name the same place.
+    return origin_netloc + default == host or origin_netloc == host + default
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body.
+
+    Raises:
+        BodyTooLargeError: it is longer than ``limit``.
+        ClientGoneError: the client left first.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGoneError
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def content_length(scope: Scope) -> int | None:
+    value = header(scope, b"content-length")
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Send a complete response."""
+    all_headers: Headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        *SECURITY_HEADERS,
+        *headers,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": all_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def json_response(
+    send: Send, status: int, data: Any, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    body = orjson.dumps(data)
+    await respond(
+        send, status, body, b"application/json", [(b"cache-control", b"no-store"), *headers]
+    )
+
+
+async def error_response(
+    send: Send, status: int, message: str, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """A JSON ``{"error": message}`` answer."""
+    await json_response(send, status, {"error": message}, headers)
+
+
+async def redirect(send: Send, location: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    await respond(send, 303, b"", b"text/plain", [(b"location", location.encode()), *headers])
+
+
+def session_cookie(
+    name: str, value: str, *, path: str, max_age: int, secure: bool
+) -> tuple[bytes, bytes]:
+    """A ``set-cookie`` header; ``max_age=0`` with an empty value clears it."""
+    parts = [f"{name}={value}", f"Path={path}", f"Max-Age={max_age}", "HttpOnly", "SameSite=Lax"]
+    if secure:
+        parts.append("Secure")
+    return b"set-cookie", "; ".join(parts).encode("latin-1")

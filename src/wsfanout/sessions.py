@@ -1,0 +1,111 @@
+"""Session cookies: issue and verify.
+
+The cookie holds a ``MultiFernet`` token: encrypted, authenticated, and stamped
+with its issue time, which ``verify`` checks against the max age. Each
+configured secret is stretched into a Fernet key with HKDF; the first key
+signs, every key verifies, so secrets rotate by prepending a new one. A bad,
+expired or foreign token means anonymous, never an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import orjson
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+COOKIE_NAME: Final = "wsfanout_session"
+_HKDF_INFO: Final = b"wsfanout session cookie v1"
+MAX_TOKEN_CHARS: Final = 4096
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    user_id: int
+    username: str
+    issued_at: float
+
+    def expires_at(self, max_age: float) -> float:
+        return self.issued_at + max_age
+
+
+def _fernet(secret: str) -> Fernet:
+    kdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO)
+    return Fernet(base64.urlsafe_b64encode(kdf.derive(secret.encode())))
+
+
+class SessionCodec:
+    """Turns a user into a cookie value and back."""
+
+    def __init__(self, secrets_: tuple[str, ...], max_age: float) -> None:
+        if not secrets_:
+            raise ValueError("at least one secret key is needed")
+        self._fernet = MultiFernet([_fernet(secret) for secret in secrets_])
+        self.max_age = max_age
+
+    def issue(self, user_id: int, username: str, now: float | None = None) -> str:
+        """A token for this user, stamped with ``now``."""
+        payload = orjson.dumps({"uid": user_id, "u": username})
+        issued = int(time.time() if now is None else now)
+        return self._fernet.encrypt_at_time(payload, issued).decode()
+
+    def verify(self, token: str | None, now: float | None = None) -> Session | None:
+        """The session in a token, or None if it is missing, forged, foreign or expired."""
+        if not token or len(token) > MAX_TOKEN_CHARS:
+            return None
+        try:
+            raw = token.encode("ascii")
+            current = int(time.time() if now is None else now)
+            payload = self._fernet.decrypt_at_time(raw, int(self.max_age), current)
+            issued = self._fernet.extract_timestamp(raw)
+            data = orjson.loads(payload)
+            user_id, username = data["uid"], data["u"]
+        except (InvalidToken, UnicodeEncodeError, orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+        if not isinstance(user_id, int) or not isinstance(username, str):
+            return None
+        # Fernet tolerates 60 s of clock skew into the future; we do not need to.
+        if issued > current + 60:
+            return None
+        return Session(user_id=user_id, username=username, issued_at=float(issued))
+
+
+def secret_keys(configured: tuple[str, ...], data_dir: Path) -> tuple[str, ...]:
+    """The configured keys, or one generated once into ``data_dir/secret_key``.
+
+    Several workers may start at once: the file is created exclusively, and a
+    worker that loses the race reads the winner's key.
+    """
+    if configured:
+        return configured
+    path = data_dir / "secret_key"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):
+            key = path.read_text().strip()
+            if key:
+                return (key,)
+            time.sleep(0.01)  # the winner has created it but not written it yet
+        raise RuntimeError(f"{path} is empty: delete it or set WSFANOUT_SECRET_KEY") from None
+    key = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    log.warning(
+        "WSFANOUT_SECRET_KEY is not set: generated one into %s. Set it explicitly when "
+        "several machines serve the same users.",
+        path,
+    )
+    return (key,)

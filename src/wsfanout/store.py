@@ -1,0 +1,238 @@
+"""Users, groups and memberships in SQLite, through aiosqlite (never on the loop thread)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import aiosqlite
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY,
+    username TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    first_name TEXT NOT NULL DEFAULT '',
+    password_hash TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS users_first_name ON users (first_name COLLATE NOCASE);
+CREATE TABLE IF NOT EXISTS groups (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS user_groups (
+    user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    group_id INTEGER NOT NULL REFERENCES groups (id) ON DELETE CASCADE,
+    PRIMARY KEY (user_id, group_id)
+) WITHOUT ROWID;
+"""
+
+_USER_COLUMNS: Final = "SELECT id, username, first_name, password_hash FROM users"
+_USER_BY_NAME: Final = _USER_COLUMNS + " WHERE username = ?"
+_USER_BY_ID: Final = _USER_COLUMNS + " WHERE id = ?"
+
+_ADD_GROUP: Final = "INSERT INTO groups (name) VALUES (?)"
+USERNAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
+GROUP_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_FIRST_NAME: Final = 100
+
+
+class StoreError(Exception):
+    """A change the store refuses; the message is fit to show a user."""
+
+
+class DuplicateError(StoreError):
+    def __init__(self, what: str, name: str) -> None:
+        super().__init__(f"a {what} named {name!r} already exists")
+
+
+class UnknownGroupError(StoreError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no group named {name!r}")
+        self.name = name
+
+
+class UnknownUserError(StoreError):
+    def __init__(self, name: str, matches: int = 0) -> None:
+        if matches > 1:
+            detail = f"{name!r} is the first name of {matches} users: use a username"
+        else:
+            detail = f"no user named {name!r}"
+        super().__init__(detail)
+        self.name = name
+
+
+class InvalidNameError(StoreError):
+    def __init__(self, what: str, name: str, rule: str) -> None:
+        super().__init__(f"invalid {what} {name!r}: {rule}")
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    username: str
+    first_name: str
+    password_hash: str
+
+
+class Store:
+    """One aiosqlite connection to the service's database (WAL mode)."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        """Open (creating the file, its folder and the schema if needed).
+
+        Raises:
+            StoreError: the folder or file cannot be created or read.
+        """
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(path, timeout=10)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open database {str(path)!r}: {exc}") from exc
+        try:
+            await db.execute("PRAGMA busy_timeout = 10000")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA foreign_keys = ON")
+            await db.executescript(SCHEMA)
+            await db.commit()
+        except sqlite3.Error as exc:
+            await db.close()
+            raise StoreError(f"cannot use database {str(path)!r}: {exc}") from exc
+        return cls(db, path)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def ping(self) -> None:
+        """Raises sqlite3.Error if the database cannot answer."""
+        async with self._db.execute("SELECT 1") as cursor:
+            await cursor.fetchone()
+
+    # Reads
+
+    async def user_by_name(self, username: str) -> User | None:
+        return await self._one_user(_USER_BY_NAME, username)
+
+    async def user_by_id(self, user_id: int) -> User | None:
+        return await self._one_user(_USER_BY_ID, user_id)
+
+    async def _one_user(self, sql: str, value: object) -> User | None:
+        async with self._db.execute(sql, (value,)) as cursor:
+            row = await cursor.fetchone()
+        return User(*row) if row else None
+
+    async def groups_of(self, user_id: int) -> list[str]:
+        sql = (
+            "SELECT g.name FROM groups g JOIN user_groups ug ON ug.group_id = g.id "
+            "WHERE ug.user_id = ? ORDER BY g.name"
+        )
+        async with self._db.execute(sql, (user_id,)) as cursor:
+            return [row[0] for row in await cursor.fetchall()]
+
+    async def group_exists(self, name: str) -> bool:
+        async with self._db.execute("SELECT 1 FROM groups WHERE name = ?", (name,)) as cursor:
+            return await cursor.fetchone() is not None
+
+    async def resolve_user(self, name: str) -> str:
+        """The username meant by ``name``: an exact username, else the one user with
+        that first name; both case-insensitive, never a prefix or substring.
+
+        Raises:
+            UnknownUserError: nobody, or several users, go by that name.
+        """
+        user = await self.user_by_name(name)
+        if user is not None:
+            return user.username
+        sql = "SELECT username FROM users WHERE first_name = ? COLLATE NOCASE LIMIT 2"
+        async with self._db.execute(sql, (name,)) as cursor:
+            rows = list(await cursor.fetchall())
+        if len(rows) != 1:
+            raise UnknownUserError(name, len(rows))
+        return str(rows[0][0])
+
+    async def directory(self, prefix: str, limit: int) -> tuple[list[str], list[tuple[str, str]]]:
+        """Group names and (username, first name) pairs starting with ``prefix``."""
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        async with self._db.execute(
+            "SELECT name FROM groups WHERE name LIKE ? ESCAPE '\\' ORDER BY name LIMIT ?",
+            (pattern, limit),
+        ) as cursor:
+            groups = [row[0] for row in await cursor.fetchall()]
+        async with self._db.execute(
+            "SELECT username, first_name FROM users WHERE username LIKE ? ESCAPE '\\' "
+            "OR first_name LIKE ? ESCAPE '\\' ORDER BY username LIMIT ?",
+            (pattern, pattern, limit),
+        ) as cursor:
+            users = [(row[0], row[1]) for row in await cursor.fetchall()]
+        return groups, users
+
+    # Writes
+
+    async def add_group(self, name: str, *, exist_ok: bool = False) -> None:
+        """Raises: InvalidNameError, DuplicateError (unless ``exist_ok``)."""
+        if not GROUP_RE.fullmatch(name):
+            raise InvalidNameError("group name", name, "letters, digits, '_', '.', '-'; 1-64")
+        sql = "INSERT OR IGNORE INTO groups (name) VALUES (?)" if exist_ok else _ADD_GROUP
+        try:
+            await self._db.execute(sql, (name,))
+        except sqlite3.IntegrityError:
+            raise DuplicateError("group", name) from None
+        await self._db.commit()
+
+    async def add_user(
+        self,
+        username: str,
+        password_hash: str,
+        *,
+        first_name: str = "",
+        groups: tuple[str, ...] = (),
+    ) -> int:
+        """Create a user in the given (existing) groups, all or nothing.
+
+        Raises:
+            InvalidNameError, DuplicateError, UnknownGroupError
+        """
+        if not USERNAME_RE.fullmatch(username):
+            raise InvalidNameError(
+                "username", username, "letters, digits, '_', '.', '@', '+', '-'; 1-64"
+            )
+        first_name = first_name.strip()
+        if len(first_name) > MAX_FIRST_NAME or not first_name.isprintable():
+            raise InvalidNameError("first name", first_name, "printable, at most 100 characters")
+        try:
+            group_ids = [await self._group_id(name) for name in groups]
+            cursor = await self._db.execute(
+                "INSERT INTO users (username, first_name, password_hash, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (username, first_name, password_hash, time.time()),
+            )
+            user_id = cursor.lastrowid
+            assert user_id is not None
+            await self._db.executemany(
+                "INSERT OR IGNORE INTO user_groups (user_id, group_id) VALUES (?, ?)",
+                [(user_id, gid) for gid in group_ids],
+            )
+        except sqlite3.IntegrityError:
+            await self._db.rollback()
+            raise DuplicateError("user", username) from None
+        except StoreError:
+            await self._db.rollback()
+            raise
+        await self._db.commit()
+        return user_id
+
+    async def _group_id(self, name: str) -> int:
+        async with self._db.execute("SELECT id FROM groups WHERE name = ?", (name,)) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            raise UnknownGroupError(name)
+        return int(row[0])

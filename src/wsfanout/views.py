@@ -1,0 +1,282 @@
+"""The HTTP handlers: pages, login, logout, directory, health, static files."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sqlite3
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Final
+from urllib.parse import parse_qs
+
+import orjson
+
+from . import http, passwords
+from .config import Settings
+from .hub import Hub
+from .sessions import COOKIE_NAME, Session, SessionCodec
+from .store import Store
+from .types import Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+LOGIN_BODY_LIMIT: Final = 16 * 1024
+MAX_CREDENTIAL_CHARS: Final = 1024
+DIRECTORY_LIMIT: Final = 200
+CONTENT_TYPES: Final = {
+    ".html": b"text/html; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".css": b"text/css; charset=utf-8",
+    ".svg": b"image/svg+xml",
+}
+
+
+class LoginThrottle:
+    """Failed logins per key (a username, a client address) in a sliding window.
+
+    In memory and per process: each worker counts on its own. The table is bounded:
+    past ``max_keys`` the stale keys go first, then the oldest.
+    """
+
+    def __init__(self, max_failures: int, window: float, max_keys: int = 100_000) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.max_keys = max_keys
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, keys: tuple[str, ...], now: float) -> int | None:
+        """Seconds until these keys may try again, or None if they may now."""
+        waits = []
+        for key in keys:
+            stamps = self._recent(key, now)
+            if stamps is not None and len(stamps) >= self.max_failures:
+                waits.append(stamps[0] + self.window - now)
+        return max(1, math.ceil(max(waits))) if waits else None
+
+    def failed(self, keys: tuple[str, ...], now: float) -> None:
+        for key in keys:
+            stamps = self._recent(key, now)
+            if stamps is None:
+                if len(self._failures) >= self.max_keys:
+                    self._shrink(now)
+                stamps = self._failures[key] = deque(maxlen=self.max_failures)
+            stamps.append(now)
+
+    def succeeded(self, key: str) -> None:
+        self._failures.pop(key, None)
+
+    def _recent(self, key: str, now: float) -> deque[float] | None:
+        stamps = self._failures.get(key)
+        if stamps is None:
+            return None
+        while stamps and stamps[0] <= now - self.window:
+            stamps.popleft()
+        if not stamps:
+            del self._failures[key]
+            return None
+        return stamps
+
+    def _shrink(self, now: float) -> None:
+        stale = [k for k, v in self._failures.items() if not v or v[-1] <= now - self.window]
+        for key in stale:
+            del self._failures[key]
+        if len(self._failures) >= self.max_keys:
+            for key in list(self._failures)[: self.max_keys // 2]:
+                del self._failures[key]
+
+
+def load_web_files() -> dict[str, tuple[bytes, bytes]]:
+    """Every servable file in the packaged ``web/`` folder: name -> (body, content type)."""
+    files: dict[str, tuple[bytes, bytes]] = {}
+    for entry in resources.files("wsfanout.web").iterdir():
+        suffix = "." + entry.name.rpartition(".")[2]
+        if entry.is_file() and suffix in CONTENT_TYPES and not entry.name.startswith("."):
+            files[entry.name] = (entry.read_bytes(), CONTENT_TYPES[suffix])
+    return files
+
+
+@dataclass
+class Service:
+    """What the handlers share: built at start-up, closed at shutdown."""
+
+    settings: Settings
+    store: Store
+    hub: Hub
+    codec: SessionCodec
+    web: dict[str, tuple[bytes, bytes]]
+    throttle: LoginThrottle = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.throttle = LoginThrottle(
+            self.settings.login_max_failures, self.settings.login_failure_window
+        )
+
+    def session(self, scope: Scope) -> Session | None:
+        return self.codec.verify(http.cookies(scope).get(COOKIE_NAME))
+
+
+async def page(scope: Scope, receive: Receive, send: Send, svc: Service, name: str) -> None:
+    body, content_type = svc.web[name]
+    headers = [(b"content-security-policy", http.PAGE_CSP), (b"cache-control", b"no-cache")]
+    await http.respond(send, 200, body, content_type, headers)
+
+
+async def index(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
+    """The message page; anonymous users go to the login page."""
+    if svc.session(scope) is None:
+        await http.redirect(send, "login")
+        return
+    await page(scope, receive, send, svc, "index.html")
+
+
+async def login_page(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
+    await page(scope, receive, send, svc, "login.html")
+
+
+async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
+    """Check credentials; on success set the session cookie (replacing any other user's)."""
+    if not http.origin_allowed(scope, svc.settings.allowed_origins):
+        await http.error_response(send, 403, "Origin not allowed")
+        return
+    is_form = (http.header(scope, b"content-type") or "").startswith(
+        "application/x-www-form-urlencoded"
+    )
+    try:
+        body = await http.read_body(receive, LOGIN_BODY_LIMIT)
+    except http.BodyTooLargeError as exc:
+        await http.error_response(send, 413, str(exc))
+        return
+    except http.ClientGoneError:
+        return
+    credentials = _credentials(body, is_form)
+    if credentials is None:
+        await http.error_response(
+            send, 400, 'Expected JSON {"username": "...", "password": "..."} or a form'
+        )
+        return
+    username, password = credentials
+    client = (scope.get("client") or ("unknown", 0))[0]
+    keys = ("user:" + username.lower(), "addr:" + str(client))
+    now = time.monotonic()
+    wait = svc.throttle.retry_after(keys, now)
+    if wait is not None:
+        log.warning("login throttled for %r from %s", username, client)
+        await http.error_response(
+            send,
+            429,
+            "Too many failed logins, try again later",
+            [(b"retry-after", str(wait).encode())],
+        )
+        return
+    user = await svc.store.user_by_name(username)
+    stored = user.password_hash if user is not None else passwords.dummy_hash()
+    ok = await asyncio.to_thread(passwords.verify_password, password, stored)
+    if user is None or not ok:
+        svc.throttle.failed(keys, time.monotonic())
+        log.info("failed login for %r from %s", username, client)
+        await http.error_response(send, 401, "User or password wrong")
+        return
+    svc.throttle.succeeded(keys[0])
+    token = svc.codec.issue(user.id, user.username)
+    cookie = http.session_cookie(
+        COOKIE_NAME,
+        token,
+        path=http.app_root(scope),
+        max_age=int(svc.settings.session_max_age),
+        secure=svc.settings.cookie_secure,
+    )
+    if is_form:
+        await http.redirect(send, "./", [cookie])
+        return
+    await http.json_response(send, 200, {"success": f"Welcome back, {user.username}"}, [cookie])
+
+
+def _credentials(body: bytes, is_form: bool) -> tuple[str, str] | None:
+    data: Any
+    if is_form:
+        try:
+            form = parse_qs(body.decode(), max_num_fields=10, strict_parsing=False)
+        except (UnicodeDecodeError, ValueError):
+            return None
+        data = {key: values[0] for key, values in form.items()}
+    else:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+    if not isinstance(data, dict):
+        return None
+    username, password = data.get("username"), data.get("password")
+    if not isinstance(username, str) or not isinstance(password, str):
+        return None
+    username = username.strip()
+    if not username or not password or max(len(username), len(password)) > MAX_CREDENTIAL_CHARS:
+        return None
+    return username, password
+
+
+async def logout(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
+    """Clear the cookie. A form post goes back to the login page."""
+    if not http.origin_allowed(scope, svc.settings.allowed_origins):
+        await http.error_response(send, 403, "Origin not allowed")
+        return
+    cookie = http.session_cookie(
+        COOKIE_NAME, "", path=http.app_root(scope), max_age=0, secure=svc.settings.cookie_secure
+    )
+    if (http.header(scope, b"content-type") or "").startswith("application/x-www-form-urlencoded"):
+        await http.redirect(send, "login", [cookie])
+        return
+    await http.json_response(send, 200, {"success": "Logged out"}, [cookie])
+
+
+async def directory(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
+    """Group names and users for the page's pickers, filtered by a ``q`` prefix."""
+    if svc.session(scope) is None:
+        await http.error_response(send, 401, "Log in first")
+        return
+    query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
+    prefix = (query.get("q") or [""])[0].strip()[:64]
+    groups, users = await svc.store.directory(prefix, DIRECTORY_LIMIT + 1)
+    await http.json_response(
+        send,
+        200,
+        {
+            "groups": groups[:DIRECTORY_LIMIT],
+            "users": [{"username": u, "first_name": f} for u, f in users[:DIRECTORY_LIMIT]],
+            "truncated": len(groups) > DIRECTORY_LIMIT or len(users) > DIRECTORY_LIMIT,
+        },
+    )
+
+
+async def healthz(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
+    """200 when the database answers; 503 with the reason otherwise."""
+    checks = {"database": "ok"}
+    status = 200
+    try:
+        await asyncio.wait_for(svc.store.ping(), 5)
+    except (sqlite3.Error, TimeoutError, ValueError) as exc:
+        checks["database"] = f"failing: {exc or type(exc).__name__}"
+        status = 503
+    await http.json_response(
+        send,
+        status,
+        {
+            "status": "ok" if status == 200 else "failing",
+            "checks": checks,
+            "connections": len(svc.hub),
+        },
+    )
+
+
+async def static(scope: Scope, receive: Receive, send: Send, svc: Service, name: str) -> None:
+    """A file from ``web/``: only names the package holds, so no path escapes it."""
+    found = svc.web.get(name)
+    if found is None or name.endswith(".html"):
+        await http.error_response(send, 404, "Not found")
+        return
+    body, content_type = found
+    await http.respond(send, 200, body, content_type, [(b"cache-control", b"no-cache")])

@@ -1,0 +1,281 @@
+"""The websocket endpoint: handshake checks, the receive loop, cleanup.
+
+Theory of operation: a connection is two tasks. The reader awaits ``receive()``,
+validates each frame and publishes it (awaiting only the store, to resolve a
+group or user). The writer drains the connection's outbox into ``send()``; it is
+the only task that waits on the client. Whichever finishes first decides the
+close code, and the other is cancelled:
+
+- reader sees the client leave          -> nothing more to send;
+- reader finds a fatal frame (1009, 1008) -> flush queued frames, then close;
+- outbox overflows (the client does not read fast enough) -> writer cancelled, 1013;
+- hub shuts down -> writer flushes, 1001;
+- anything raises -> logged, 1011; no other connection notices.
+
+Cleanup (leaving the hub, cancelling both tasks) runs in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from typing import Final
+
+from . import http, protocol
+from .hub import HubClosedError
+from .outbox import Outbox, item
+from .protocol import CloseCode, ErrorCode, Kind, ProtocolError, Publish
+from .sessions import Session
+from .store import UnknownUserError, User
+from .types import Receive, Scope, Send
+from .views import Service
+
+log = logging.getLogger(__name__)
+
+FLUSH_BEFORE_CLOSE: Final = 2.0  # seconds a writer gets to send queued frames before a close
+
+
+class Refusal(Exception):
+    """A handshake we turn down before accepting."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
+    """Serve one websocket from handshake to close."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    try:
+        session, user, groups = await _admit(scope, svc)
+    except Refusal as refusal:
+        log.info("websocket refused (%s): %s", refusal.status, refusal.reason)
+        await refuse(scope, send, refusal.status, refusal.reason)
+        return
+    await send({"type": "websocket.accept"})
+    await Connection(svc, session, user, groups, receive, send).run()
+
+
+async def _admit(scope: Scope, svc: Service) -> tuple[Session, User, list[str]]:
+    if svc.hub.closed:
+        raise Refusal(503, "the server is shutting down")
+    if len(svc.hub) >= svc.settings.max_connections:
+        raise Refusal(503, "too many connections, try again later")
+    if not http.origin_allowed(scope, svc.settings.allowed_origins):
+        raise Refusal(403, "origin not allowed")
+    session = svc.session(scope)
+    if session is None:
+        raise Refusal(403, "log in first")
+    try:
+        user = await svc.store.user_by_id(session.user_id)
+        if user is None or user.username != session.username:
+            raise Refusal(403, "the session's user no longer exists")
+        groups = await svc.store.groups_of(user.id)
+    except sqlite3.Error as exc:
+        log.error("database error during a websocket handshake: %s", exc)
+        raise Refusal(503, "the database is unavailable") from None
+    return session, user, groups
+
+
+async def refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
+    """Turn a handshake down with an HTTP status and a JSON body where the server can;
+    otherwise with a close before accept (an HTTP 403)."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = protocol.encode({"error": reason}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": CloseCode.POLICY})
+
+
+class Connection:
+    """One accepted websocket: its outbox, its reader and its writer."""
+
+    def __init__(
+        self,
+        svc: Service,
+        session: Session,
+        user: User,
+        groups: list[str],
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        settings = svc.settings
+        self.svc = svc
+        self.user = user
+        self.expires_at = session.expires_at(settings.session_max_age)
+        self.receive = receive
+        self.send = send
+        self.outbox = Outbox(
+            user=user.username,
+            groups=tuple(groups),
+            limit=settings.outbox_bytes,
+            batch_max=settings.batch_max,
+            batch_bytes=settings.batch_bytes,
+        )
+        self.outbox.push(item(protocol.welcome(user.username, user.first_name, groups)))
+
+    async def run(self) -> None:
+        svc, outbox = self.svc, self.outbox
+        writer = asyncio.create_task(outbox.run(self.send))
+        outbox.on_overflow = writer.cancel
+        reader = asyncio.create_task(self._read())
+        svc.hub.add(outbox)
+        code: int | None = CloseCode.INTERNAL_ERROR
+        try:
+            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+            code = await self._close_code(reader, writer)
+        finally:
+            svc.hub.remove(outbox)
+            outbox.close(CloseCode.NORMAL)
+            reader.cancel()
+            writer.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+        if code is not None:
+            # A client that does not read can block this send forever: bound it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.send({"type": "websocket.close", "code": code}),
+                    svc.settings.close_timeout,
+                )
+
+    async def _close_code(
+        self, reader: asyncio.Task[int | None], writer: asyncio.Task[int]
+    ) -> int | None:
+        """Which close code to send, once either task has finished (None: the client left)."""
+        outbox = self.outbox
+        if reader.done():
+            if reader.cancelled() or reader.exception() is not None:
+                if not reader.cancelled():
+                    log.error(
+                        "websocket reader for %s failed",
+                        self.user.username,
+                        exc_info=reader.exception(),
+                    )
+                return CloseCode.INTERNAL_ERROR
+            code = reader.result()
+            if code is None:
+                return None
+            # Let the writer send what is queued (the error frame that explains the close).
+            outbox.close(code)
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(writer), FLUSH_BEFORE_CLOSE)
+            return code
+        if writer.cancelled():
+            if outbox.close_code == CloseCode.TRY_AGAIN_LATER:
+                self.svc.hub.stats.slow_consumers += 1
+                log.warning(
+                    "closing a slow consumer (%s): more than %d bytes queued",
+                    self.user.username,
+                    self.svc.settings.outbox_bytes,
+                )
+                return CloseCode.TRY_AGAIN_LATER
+            return CloseCode.INTERNAL_ERROR
+        exc = writer.exception()
+        if exc is not None:
+            log.error("websocket writer for %s failed", self.user.username, exc_info=exc)
+            return CloseCode.INTERNAL_ERROR
+        return writer.result()
+
+    async def _read(self) -> int | None:
+        """Read frames until the client leaves (None) or a frame ends the connection (a code)."""
+        settings = self.svc.settings
+        max_bytes = settings.max_frame_bytes
+        rate, burst = settings.rate_limit, float(settings.rate_burst)
+        tokens, last = burst, time.monotonic()
+        push = self.outbox.push
+        while True:
+            message = await self.receive()
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                return None
+            if kind != "websocket.receive":
+                continue
+            frame: str | bytes | None = message.get("text")
+            if frame is None:
+                frame = message.get("bytes") or b""
+            if _size(frame, max_bytes) > max_bytes:
+                push(
+                    item(
+                        protocol.error(
+                            ErrorCode.TOO_LARGE, f"frames are limited to {max_bytes} bytes"
+                        )
+                    )
+                )
+                return CloseCode.TOO_LARGE
+            now = time.monotonic()
+            if time.time() >= self.expires_at:
+                push(
+                    item(
+                        protocol.error(ErrorCode.FORBIDDEN, "the session has expired: log in again")
+                    )
+                )
+                return CloseCode.POLICY
+            if rate > 0:
+                tokens = min(burst, tokens + (now - last) * rate)
+                last = now
+                if tokens < 1:
+                    push(
+                        item(
+                            protocol.error(
+                                ErrorCode.RATE_LIMITED, f"at most {rate:g} messages per second"
+                            )
+                        )
+                    )
+                    continue
+                tokens -= 1
+            try:
+                if isinstance(frame, bytes):
+                    raise ProtocolError(
+                        ErrorCode.BAD_MESSAGE, "send JSON as text frames, not binary"
+                    )
+                publish = protocol.parse(frame)
+                await self._publish(publish)
+            except ProtocolError as exc:
+                push(item(protocol.error(exc.code, exc.detail, exc.frame_id)))
+
+    async def _publish(self, publish: Publish) -> None:
+        """Resolve the target, then hand the message to the hub.
+
+        Raises:
+            ProtocolError: unknown group or user, or the service cannot take it now.
+        """
+        store = self.svc.store
+        target = publish.target
+        try:
+            if publish.kind is Kind.GROUP and not await store.group_exists(target):
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_GROUP, f"no group named {target!r}", publish.frame_id
+                )
+            if publish.kind is Kind.DIRECT:
+                target = await store.resolve_user(target)
+        except UnknownUserError as exc:
+            raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
+        except sqlite3.Error as exc:
+            log.error("database error while publishing: %s", exc)
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE, "the database is unavailable, try again", publish.frame_id
+            ) from None
+        try:
+            self.svc.hub.publish(publish.kind, self.user.username, publish.text, target=target)
+        except HubClosedError as exc:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), publish.frame_id) from None
+        if publish.frame_id is not None:
+            self.outbox.push(item(protocol.ack(publish.frame_id)))
+
+
+def _size(frame: str | bytes, limit: int) -> int:
+    # A str's length in characters is at most its UTF-8 size, and at least a quarter of it.
+    if isinstance(frame, bytes) or len(frame) * 4 <= limit:
+        return len(frame)
+    return len(frame.encode())

@@ -1,0 +1,71 @@
+"""Shared fixtures: a demo database made once, fresh settings and a started app per test."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests import asgi
+from wsfanout import App, Settings, create_app
+from wsfanout.cli import create_demo
+from wsfanout.store import Store
+
+SECRET = "test-secret-key"
+DEMO_USERS = {
+    "greg": "boys",
+    "chuck": "boys",
+    "mike": "boys",
+    "amanda": "girls",
+    "lisa": "girls",
+    "anny": "girls",
+}
+
+
+@pytest.fixture(scope="session")
+def demo_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A database holding the demo users, hashed once for the whole run."""
+    path = tmp_path_factory.mktemp("demo") / "demo.sqlite3"
+
+    async def build() -> None:
+        store = await Store.open(path)
+        try:
+            await create_demo(store)
+        finally:
+            await store.close()
+
+    asyncio.run(build())
+    return path
+
+
+@pytest.fixture
+def settings(tmp_path: Path, demo_db: Path) -> Settings:
+    """Settings for one test: its own copy of the demo database and a fixed key."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    return Settings(data_dir=tmp_path, secret_keys=(SECRET,))
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[App]:
+    application = create_app(settings)
+    await application.startup()
+    yield application
+    await application.shutdown()
+
+
+async def login(app: App, username: str, password: str | None = None, **kw: str) -> str:
+    """Log in through the app; returns the ``Cookie`` header value."""
+    response = await asgi.request(
+        app,
+        "POST",
+        "/login",
+        json={"username": username, "password": password or username.capitalize()},
+        **kw,  # type: ignore[arg-type]
+    )
+    assert response.status == 200, response.body
+    cookie = response.cookie
+    assert cookie is not None
+    return cookie

@@ -1,0 +1,76 @@
+"""Settings.from_env: defaults, parsing, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wsfanout.config import ConfigError, Settings
+
+
+def test_defaults_match_the_design() -> None:
+    """With no variables set, every knob has the documented default."""
+    settings = Settings.from_env({})
+    assert settings.data_dir == Path("data")
+    assert settings.database_path == Path("data/wsfanout.sqlite3")
+    assert settings.session_max_age == 1_209_600
+    assert settings.cookie_secure is False
+    assert settings.allowed_origins == frozenset()
+    assert settings.max_frame_bytes == 65_536
+    assert settings.outbox_bytes == 1_048_576
+    assert settings.batch_max == 64
+    assert settings.max_connections == 50_000
+    assert settings.api_keys == ()
+    assert settings.redis_url == ""
+    assert settings.amqp_queue == "wsfanout"
+    assert settings.log_level == "info"
+
+
+def test_variables_are_read() -> None:
+    """Every kind of variable is parsed: paths, lists, flags, numbers."""
+    settings = Settings.from_env(
+        {
+            "WSFANOUT_DATA_DIR": "/srv/ws",
+            "WSFANOUT_SECRET_KEY": "new, old",
+            "WSFANOUT_COOKIE_SECURE": "yes",
+            "WSFANOUT_ALLOWED_ORIGINS": "https://a.example/, https://b.example",
+            "WSFANOUT_OUTBOX_BYTES": "2_048",
+            "WSFANOUT_SESSION_MAX_AGE": "60",
+            "WSFANOUT_LOG_LEVEL": "DEBUG",
+        }
+    )
+    assert settings.database_path == Path("/srv/ws/wsfanout.sqlite3")
+    assert settings.secret_keys == ("new", "old")
+    assert settings.cookie_secure is True
+    assert settings.allowed_origins == {"https://a.example", "https://b.example"}
+    assert settings.outbox_bytes == 2048
+    assert settings.session_max_age == 60
+    assert settings.log_level == "debug"
+
+
+def test_database_overrides_data_dir() -> None:
+    """WSFANOUT_DATABASE names the SQLite file directly."""
+    settings = Settings.from_env({"WSFANOUT_DATABASE": "/tmp/x.db"})
+    assert settings.database_path == Path("/tmp/x.db")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("WSFANOUT_OUTBOX_BYTES", "lots"),
+        ("WSFANOUT_OUTBOX_BYTES", "10"),
+        ("WSFANOUT_MAX_FRAME_BYTES", "-1"),
+        ("WSFANOUT_BATCH_MAX", "0"),
+        ("WSFANOUT_COOKIE_SECURE", "maybe"),
+        ("WSFANOUT_SESSION_MAX_AGE", "nan"),
+        ("WSFANOUT_SESSION_MAX_AGE", "inf"),
+        ("WSFANOUT_LOG_LEVEL", "loud"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str) -> None:
+    """An unusable value raises ConfigError naming the variable and the value."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: value})
+    assert name in str(caught.value)
+    assert repr(value) in str(caught.value)

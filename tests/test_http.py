@@ -1,0 +1,84 @@
+"""http: path normalisation, cookies, origin checks, bodies."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsfanout import http
+from wsfanout.types import Scope
+
+
+@pytest.mark.parametrize(
+    ("path", "root", "expected"),
+    [
+        ("/", "", "/"),
+        ("/login", "", "/login"),
+        ("//login", "", "/login"),
+        ("/static/app.js", "", "/static/app.js"),
+        ("/static/../setup.cfg", "", None),
+        ("/static/./app.js", "", None),
+        ("/a\x00b", "", None),
+        ("/static\\..\\x", "", None),
+        ("/chat/", "/chat", "/"),
+        ("/chat/login", "/chat", "/login"),
+        ("/chat", "/chat", ""),
+        ("/login/", "", "/login/"),
+    ],
+)
+def test_route_path(path: str, root: str, expected: str | None) -> None:
+    """Paths are taken relative to root_path and dot segments are refused."""
+    assert http.route_path({"path": path, "root_path": root}) == expected
+
+
+def test_cookies_parse_leniently() -> None:
+    """Cookies from several headers parse; junk pairs are skipped; first wins."""
+    scope: Scope = {
+        "headers": [(b"cookie", b"a=1; junk; b=\"2\""), (b"cookie", b"a=3; c=")],
+    }
+    assert http.cookies(scope) == {"a": "1", "b": "2", "c": ""}
+
+
+def scope_with(origin: str | None, host: str = "chat.example:8000") -> Scope:
+    headers = [(b"host", host.encode())]
+    if origin is not None:
+        headers.append((b"origin", origin.encode()))
+    return {"headers": headers}
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed"),
+    [
+        (None, "chat.example:8000", True),
+        ("http://chat.example:8000", "chat.example:8000", True),
+        ("https://chat.example:8000/", "chat.example:8000", True),
+        ("http://chat.example", "chat.example:80", True),
+        ("https://chat.example", "chat.example", True),
+        ("http://evil.example", "chat.example:8000", False),
+        ("http://chat.example:8000.evil", "chat.example:8000", False),
+        ("null", "chat.example:8000", False),
+        ("file://", "chat.example:8000", False),
+        ("https://friend.example", "chat.example:8000", True),
+    ],
+)
+def test_origin_allowed(origin: str | None, host: str, allowed: bool) -> None:
+    """Same host (or an allowed origin) passes; anything else from a browser fails."""
+    extra = frozenset({"https://friend.example"})
+    assert http.origin_allowed(scope_with(origin, host), extra) is allowed
+
+
+async def test_read_body_is_bounded() -> None:
+    """A body over the limit raises BodyTooLargeError before reading it all."""
+    parts = [{"type": "http.request", "body": b"x" * 10, "more_body": True}] * 5
+
+    async def receive() -> dict[str, object]:
+        return parts.pop()
+
+    with pytest.raises(http.BodyTooLargeError):
+        await http.read_body(receive, 25)
+
+
+def test_session_cookie_attributes() -> None:
+    """The cookie is HttpOnly, SameSite=Lax, scoped to the root, Secure on request."""
+    name, value = http.session_cookie("s", "v", path="/chat/", max_age=60, secure=True)
+    assert name == b"set-cookie"
+    assert value == b"s=v; Path=/chat/; Max-Age=60; HttpOnly; SameSite=Lax; Secure"

@@ -1,0 +1,86 @@
+"""protocol: parsing inbound frames, encoding outbound events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from wsfanout import protocol
+from wsfanout.protocol import ErrorCode, Kind, ProtocolError, Publish
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        ({"type": "broadcast", "text": "hi all"}, Publish(Kind.BROADCAST, "hi all")),
+        ({"type": "BroadCast", "text": "hi"}, Publish(Kind.BROADCAST, "hi")),
+        ({"type": "Group", "group": "girls", "text": "nails"}, Publish(Kind.GROUP, "nails", "girls")),
+        ({"type": "Direct", "user_name": "Mike", "text": "yo"}, Publish(Kind.DIRECT, "yo", "Mike")),
+        (
+            {"type": "direct", "user_name": " mike ", "text": "yo", "id": "c1"},
+            Publish(Kind.DIRECT, "yo", "mike", "c1"),
+        ),
+        ({"type": "broadcast", "text": "<b>", "extra": 1}, Publish(Kind.BROADCAST, "<b>")),
+    ],
+)
+def test_valid_frames(frame: dict[str, Any], expected: Publish) -> None:
+    """Each message type parses, with type matched case-insensitively."""
+    assert protocol.parse(orjson.dumps(frame).decode()) == expected
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "frame_id"),
+    [
+        ("{nope", ErrorCode.BAD_JSON, None),
+        ("", ErrorCode.BAD_JSON, None),
+        ("[1, 2]", ErrorCode.BAD_MESSAGE, None),
+        ('"text"', ErrorCode.BAD_MESSAGE, None),
+        ('{"type": "shout", "text": "x", "id": "a"}', ErrorCode.BAD_MESSAGE, "a"),
+        ('{"type": 5, "text": "x"}', ErrorCode.BAD_MESSAGE, None),
+        ('{"type": "broadcast"}', ErrorCode.BAD_MESSAGE, None),
+        ('{"type": "broadcast", "text": "   "}', ErrorCode.BAD_MESSAGE, None),
+        ('{"type": "broadcast", "text": 7, "id": "b"}', ErrorCode.BAD_MESSAGE, "b"),
+        ('{"type": "group", "text": "x"}', ErrorCode.BAD_MESSAGE, None),
+        ('{"type": "group", "group": ["a"], "text": "x"}', ErrorCode.BAD_MESSAGE, None),
+        ('{"type": "direct", "user_name": "", "text": "x"}', ErrorCode.BAD_MESSAGE, None),
+        ('{"type": "broadcast", "text": "x", "id": 5}', ErrorCode.BAD_MESSAGE, None),
+        ('{"type": "broadcast", "text": "x", "id": "' + "i" * 65 + '"}', ErrorCode.BAD_MESSAGE, None),
+    ],
+)
+def test_invalid_frames(frame: str, code: ErrorCode, frame_id: str | None) -> None:
+    """Each malformed frame raises ProtocolError with the right code and echoes a valid id."""
+    with pytest.raises(ProtocolError) as caught:
+        protocol.parse(frame)
+    assert caught.value.code is code
+    assert caught.value.frame_id == frame_id
+
+
+def test_message_event_shapes() -> None:
+    """message events carry kind, sender, target, text and a timestamp."""
+    group = orjson.loads(protocol.message(Kind.GROUP, "greg", "hi", 1.23456, group="boys"))
+    assert group == {
+        "type": "message", "kind": "group", "from": "greg", "group": "boys", "text": "hi", "ts": 1.235,
+    }
+    direct = orjson.loads(protocol.message(Kind.DIRECT, "greg", "hi", 1.0, to="mike"))
+    assert direct["to"] == "mike" and "group" not in direct
+
+
+def test_error_and_ack_events() -> None:
+    """error frames carry code, detail and the frame's id when it had one."""
+    assert orjson.loads(protocol.error(ErrorCode.UNKNOWN_GROUP, "no", "c1")) == {
+        "type": "error", "code": "unknown_group", "detail": "no", "id": "c1",
+    }
+    assert "id" not in orjson.loads(protocol.error(ErrorCode.BAD_JSON, "no"))
+    assert orjson.loads(protocol.ack("c1")) == {"type": "ack", "id": "c1"}
+
+
+def test_batch_is_an_array_only_for_several() -> None:
+    """One event stays a plain object; several become one JSON array."""
+    one = protocol.ack("a")
+    assert protocol.batch([one]) is one
+    assert orjson.loads(protocol.batch([one, protocol.ack("b")])) == [
+        {"type": "ack", "id": "a"},
+        {"type": "ack", "id": "b"},
+    ]

@@ -1,0 +1,116 @@
+"""store: schema, users and groups, name resolution, directory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from wsfanout.store import (
+    DuplicateError,
+    InvalidNameError,
+    Store,
+    StoreError,
+    UnknownGroupError,
+    UnknownUserError,
+)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "sub" / "db.sqlite3")
+    await opened.add_group("boys")
+    await opened.add_group("chess")
+    await opened.add_user("mike", "h1", first_name="Mike", groups=("boys", "chess"))
+    await opened.add_user("mikey", "h2", first_name="Mikey")
+    await opened.add_user("m.smith", "h3", first_name="Sam")
+    await opened.add_user("sam2", "h4", first_name="sam")
+    yield opened
+    await opened.close()
+
+
+async def test_schema_is_created_in_wal_mode(tmp_path: Path) -> None:
+    """Opening a new path creates the folder, the file and WAL journaling."""
+    store = await Store.open(tmp_path / "a" / "b" / "x.sqlite3")
+    try:
+        assert (tmp_path / "a" / "b" / "x.sqlite3").exists()
+        async with store._db.execute("PRAGMA journal_mode") as cursor:
+            assert (await cursor.fetchone()) == ("wal",)
+    finally:
+        await store.close()
+
+
+async def test_open_a_bad_path_says_so(tmp_path: Path) -> None:
+    """A database path under a regular file is a StoreError naming the path."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="cannot open database"):
+        await Store.open(tmp_path / "file" / "db.sqlite3")
+
+
+async def test_users_and_groups(store: Store) -> None:
+    """Users are found case-insensitively with their groups; several groups each."""
+    user = await store.user_by_name("MIKE")
+    assert user is not None and user.username == "mike" and user.first_name == "Mike"
+    assert await store.groups_of(user.id) == ["boys", "chess"]
+    assert await store.user_by_id(user.id) == user
+    assert await store.group_exists("boys")
+    assert not await store.group_exists("Boys")
+
+
+async def test_duplicates_and_unknown_groups(store: Store) -> None:
+    """Duplicate users (any case) and groups, and unknown groups, are refused cleanly."""
+    with pytest.raises(DuplicateError, match="user named 'MIKE'"):
+        await store.add_user("MIKE", "h")
+    with pytest.raises(DuplicateError, match="group named 'boys'"):
+        await store.add_group("boys")
+    await store.add_group("boys", exist_ok=True)
+    with pytest.raises(UnknownGroupError, match="no group named 'nope'"):
+        await store.add_user("new", "h", groups=("boys", "nope"))
+    assert await store.user_by_name("new") is None  # nothing half-created
+
+
+@pytest.mark.parametrize("name", ["", "has space", "x" * 65, "-lead", "semi;colon"])
+async def test_invalid_usernames(store: Store, name: str) -> None:
+    """Usernames outside the allowed pattern are refused with the rule."""
+    with pytest.raises(InvalidNameError):
+        await store.add_user(name, "h")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("mike", "mike"),
+        ("MIKE", "mike"),
+        ("Mikey", "mikey"),
+        ("m.smith", "m.smith"),
+        ("sam2", "sam2"),
+    ],
+)
+async def test_resolve_user(store: Store, name: str, expected: str) -> None:
+    """A username, or a unique first name, resolves; case-insensitively."""
+    assert await store.resolve_user(name) == expected
+
+
+@pytest.mark.parametrize("name", ["mik", "ike", "mike%", "_ike", "nobody"])
+async def test_resolve_never_matches_parts(store: Store, name: str) -> None:
+    """Prefixes, substrings and LIKE wildcards never resolve."""
+    with pytest.raises(UnknownUserError, match="no user named"):
+        await store.resolve_user(name)
+
+
+async def test_ambiguous_first_name(store: Store) -> None:
+    """A first name shared by several users asks for a username instead."""
+    with pytest.raises(UnknownUserError, match="first name of 2 users"):
+        await store.resolve_user("SAM")
+
+
+async def test_directory_filters_by_prefix(store: Store) -> None:
+    """The directory lists groups and users, filtered by a literal prefix."""
+    groups, users = await store.directory("", 10)
+    assert groups == ["boys", "chess"]
+    assert [u for u, _ in users] == ["m.smith", "mike", "mikey", "sam2"]
+    groups, users = await store.directory("mik", 10)
+    assert groups == [] and [u for u, _ in users] == ["mike", "mikey"]
+    assert (await store.directory("%", 10)) == ([], [])
+    assert len((await store.directory("", 2))[1]) == 2
