@@ -124,6 +124,8 @@ class WebSocket:
     events: deque[Any] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
     close_code: int | None = None
+    reading: asyncio.Event = field(default_factory=asyncio.Event)
+    """Cleared: the app's sends block, like a client that stopped reading."""
 
     async def __aenter__(self) -> WebSocket:
         scope = {
@@ -140,7 +142,8 @@ class WebSocket:
             "subprotocols": [],
             "extensions": {"websocket.http.response": {}} if self.http_response_extension else {},
         }
-        self.task = asyncio.create_task(self.app(scope, self.to_app.get, self.from_app.put))
+        self.reading.set()
+        self.task = asyncio.create_task(self._run(scope))
         await self.to_app.put({"type": "websocket.connect"})
         first = await asyncio.wait_for(self.from_app.get(), TIMEOUT)
         if first["type"] == "websocket.accept":
@@ -156,6 +159,23 @@ class WebSocket:
         await self.to_app.put({"type": "websocket.disconnect", "code": 1000})
         assert self.task is not None
         await asyncio.wait_for(self.task, TIMEOUT)
+
+    async def _run(self, scope: Message) -> None:
+        await self.app(scope, self.to_app.get, self._app_send)
+
+    async def until_closed(self) -> list[Any]:
+        """Every event up to the close; the code is left in ``close_code``."""
+        events = []
+        try:
+            while True:
+                events.append(await self.receive())
+        except Closed:
+            return events
+
+    async def _app_send(self, message: Message) -> None:
+        if message["type"] == "websocket.send":
+            await self.reading.wait()
+        await self.from_app.put(message)
 
     async def send_text(self, text: str) -> None:
         await self.to_app.put({"type": "websocket.receive", "text": text})

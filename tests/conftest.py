@@ -56,14 +56,19 @@ async def app(settings: Settings) -> AsyncIterator[App]:
     await application.shutdown()
 
 
-async def login(app: App, username: str, password: str | None = None, **kw: str) -> str:
+async def login(
+    app: App,
+    username: str,
+    password: str | None = None,
+    client: tuple[str, int] = ("127.0.0.1", 40000),
+) -> str:
     """Log in through the app; returns the ``Cookie`` header value."""
     response = await asgi.request(
         app,
         "POST",
         "/login",
         json={"username": username, "password": password or username.capitalize()},
-        **kw,  # type: ignore[arg-type]
+        client=client,
     )
     assert response.status == 200, response.body
     cookie = response.cookie

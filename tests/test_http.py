@@ -33,7 +33,7 @@ def test_route_path(path: str, root: str, expected: str | None) -> None:
 def test_cookies_parse_leniently() -> None:
     """Cookies from several headers parse; junk pairs are skipped; first wins."""
     scope: Scope = {
-        "headers": [(b"cookie", b"a=1; junk; b=\"2\""), (b"cookie", b"a=3; c=")],
+        "headers": [(b"cookie", b'a=1; junk; b="2"'), (b"cookie", b"a=3; c=")],
     }
     assert http.cookies(scope) == {"a": "1", "b": "2", "c": ""}
 

@@ -24,7 +24,11 @@ class Sink:
 
 def make(limit: int = 1000, batch_max: int = 4, on_overflow: Any = None) -> Outbox:
     return Outbox(
-        user="u", groups=(), limit=limit, batch_max=batch_max, batch_bytes=10_000,
+        user="u",
+        groups=(),
+        limit=limit,
+        batch_max=batch_max,
+        batch_bytes=10_000,
         on_overflow=on_overflow,
     )
 
@@ -64,7 +68,7 @@ async def test_batch_max_one_never_batches() -> None:
 async def test_overflow_drops_everything_and_reports_once() -> None:
     """Passing the byte bound empties the outbox, sets 1013, and calls back once."""
     calls: list[int] = []
-    outbox = make(limit=30, on_overflow=lambda: calls.append(1))
+    outbox = make(limit=20, on_overflow=lambda: calls.append(1))
     assert outbox.push(event(1))
     assert outbox.push(event(2))
     assert outbox.queued_bytes == 14  # two 7-byte events

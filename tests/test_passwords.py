@@ -18,8 +18,14 @@ def test_hash_and_verify() -> None:
 
 @pytest.mark.parametrize(
     "stored",
-    ["", "plain", "md5$1$2$3$abc$def", "scrypt$x$8$1$abc$def", "scrypt$16384$8$1$%%%$abc",
-     "scrypt$99999999999$8$1$YWJjZGVmZ2hpamtsbW5vcA$YWJjZGVmZ2hpamtsbW5vcA"],
+    [
+        "",
+        "plain",
+        "md5$1$2$3$abc$def",
+        "scrypt$x$8$1$abc$def",
+        "scrypt$16384$8$1$%%%$abc",
+        "scrypt$99999999999$8$1$YWJjZGVmZ2hpamtsbW5vcA$YWJjZGVmZ2hpamtsbW5vcA",
+    ],
 )
 def test_malformed_hashes_never_verify(stored: str) -> None:
     """A malformed or absurd stored hash is a failed login, not an exception."""

@@ -16,7 +16,10 @@ from wsfanout.protocol import ErrorCode, Kind, ProtocolError, Publish
     [
         ({"type": "broadcast", "text": "hi all"}, Publish(Kind.BROADCAST, "hi all")),
         ({"type": "BroadCast", "text": "hi"}, Publish(Kind.BROADCAST, "hi")),
-        ({"type": "Group", "group": "girls", "text": "nails"}, Publish(Kind.GROUP, "nails", "girls")),
+        (
+            {"type": "Group", "group": "girls", "text": "nails"},
+            Publish(Kind.GROUP, "nails", "girls"),
+        ),
         ({"type": "Direct", "user_name": "Mike", "text": "yo"}, Publish(Kind.DIRECT, "yo", "Mike")),
         (
             {"type": "direct", "user_name": " mike ", "text": "yo", "id": "c1"},
@@ -46,7 +49,11 @@ def test_valid_frames(frame: dict[str, Any], expected: Publish) -> None:
         ('{"type": "group", "group": ["a"], "text": "x"}', ErrorCode.BAD_MESSAGE, None),
         ('{"type": "direct", "user_name": "", "text": "x"}', ErrorCode.BAD_MESSAGE, None),
         ('{"type": "broadcast", "text": "x", "id": 5}', ErrorCode.BAD_MESSAGE, None),
-        ('{"type": "broadcast", "text": "x", "id": "' + "i" * 65 + '"}', ErrorCode.BAD_MESSAGE, None),
+        (
+            '{"type": "broadcast", "text": "x", "id": "' + "i" * 65 + '"}',
+            ErrorCode.BAD_MESSAGE,
+            None,
+        ),
     ],
 )
 def test_invalid_frames(frame: str, code: ErrorCode, frame_id: str | None) -> None:
@@ -61,7 +68,12 @@ def test_message_event_shapes() -> None:
     """message events carry kind, sender, target, text and a timestamp."""
     group = orjson.loads(protocol.message(Kind.GROUP, "greg", "hi", 1.23456, group="boys"))
     assert group == {
-        "type": "message", "kind": "group", "from": "greg", "group": "boys", "text": "hi", "ts": 1.235,
+        "type": "message",
+        "kind": "group",
+        "from": "greg",
+        "group": "boys",
+        "text": "hi",
+        "ts": 1.235,
     }
     direct = orjson.loads(protocol.message(Kind.DIRECT, "greg", "hi", 1.0, to="mike"))
     assert direct["to"] == "mike" and "group" not in direct
@@ -70,7 +82,10 @@ def test_message_event_shapes() -> None:
 def test_error_and_ack_events() -> None:
     """error frames carry code, detail and the frame's id when it had one."""
     assert orjson.loads(protocol.error(ErrorCode.UNKNOWN_GROUP, "no", "c1")) == {
-        "type": "error", "code": "unknown_group", "detail": "no", "id": "c1",
+        "type": "error",
+        "code": "unknown_group",
+        "detail": "no",
+        "id": "c1",
     }
     assert "id" not in orjson.loads(protocol.error(ErrorCode.BAD_JSON, "no"))
     assert orjson.loads(protocol.ack("c1")) == {"type": "ack", "id": "c1"}

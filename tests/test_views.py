@@ -1,0 +1,221 @@
+"""views: pages, login, logout, directory, health and static files, in-process."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import asgi
+from tests.conftest import login
+from wsfanout import App
+from wsfanout.sessions import COOKIE_NAME
+
+
+async def test_anonymous_index_redirects_to_login(app: App) -> None:
+    """GET / without a session is a redirect to the relative login page."""
+    response = await asgi.request(app, "GET", "/")
+    assert response.status == 303 and response.header("location") == "login"
+
+
+async def test_pages_are_served(app: App) -> None:
+    """The login page is public; the message page needs a session; both carry a CSP."""
+    page = await asgi.request(app, "GET", "/login")
+    assert page.status == 200 and b"<form" in page.body
+    assert "frame-ancestors 'none'" in (page.header("content-security-policy") or "")
+    cookie = await login(app, "greg")
+    index = await asgi.request(app, "GET", "/", headers={"cookie": cookie})
+    assert index.status == 200 and b"app.js" in index.body
+
+
+async def test_login_success_shape_and_cookie(app: App) -> None:
+    """A good login answers the seed's shape and sets a scoped HttpOnly cookie."""
+    response = await asgi.request(
+        app, "POST", "/login", json={"username": "Greg", "password": "Greg"}
+    )
+    assert response.status == 200
+    assert response.json() == {"success": "Welcome back, greg"}
+    cookie = response.header("set-cookie") or ""
+    assert cookie.startswith(COOKIE_NAME + "=")
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/;" in cookie
+
+
+@pytest.mark.parametrize(
+    ("username", "password"), [("greg", "greg"), ("greg", "Mike"), ("nobody", "Greg")]
+)
+async def test_login_failure(app: App, username: str, password: str) -> None:
+    """A wrong password or an unknown user answer the same 401 and set no cookie."""
+    response = await asgi.request(
+        app, "POST", "/login", json={"username": username, "password": password}
+    )
+    assert response.status == 401
+    assert response.json() == {"error": "User or password wrong"}
+    assert response.cookie is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"{",
+        b"[]",
+        b'"x"',
+        b'{"username": "greg"}',
+        b'{"username": 1, "password": "x"}',
+        b'{"username": "", "password": "x"}',
+        b"\xff\xfe",
+    ],
+)
+async def test_malformed_login_is_400(app: App, body: bytes) -> None:
+    """Malformed bodies get a 400 JSON error, never a 500."""
+    response = await asgi.request(
+        app, "POST", "/login", body=body, headers={"content-type": "application/json"}
+    )
+    assert response.status == 400
+    assert "error" in response.json()
+
+
+async def test_login_body_limit(app: App) -> None:
+    """A huge body is refused with 413 while streaming it."""
+    response = await asgi.request(app, "POST", "/login", body=b"x" * 100_000, chunks=20)
+    assert response.status == 413
+
+
+async def test_form_login_redirects_with_cookie(app: App) -> None:
+    """A plain form post (no JavaScript) logs in and redirects to the page."""
+    response = await asgi.request(
+        app,
+        "POST",
+        "/login",
+        body=b"username=amanda&password=Amanda",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status == 303 and response.header("location") == "./"
+    assert response.cookie is not None
+
+
+async def test_login_switches_user(app: App) -> None:
+    """Logging in while holding another user's cookie replaces it."""
+    greg = await login(app, "greg")
+    response = await asgi.request(
+        app,
+        "POST",
+        "/login",
+        json={"username": "lisa", "password": "Lisa"},
+        headers={"cookie": greg},
+    )
+    assert response.json() == {"success": "Welcome back, lisa"}
+    assert response.cookie is not None and response.cookie != greg
+    svc = app._service
+    assert svc is not None
+    session = svc.codec.verify(response.cookie.split("=", 1)[1])
+    assert session is not None and session.username == "lisa"
+
+
+async def test_login_from_foreign_origin_is_refused(app: App) -> None:
+    """A cross-site login post is refused with 403."""
+    response = await asgi.request(
+        app,
+        "POST",
+        "/login",
+        json={"username": "greg", "password": "Greg"},
+        headers={"origin": "http://evil.example"},
+    )
+    assert response.status == 403
+
+
+async def test_five_failures_then_429_per_username(app: App) -> None:
+    """After 5 failures for one username, even the right password gets 429 + Retry-After."""
+    for n in range(5):
+        response = await asgi.request(
+            app,
+            "POST",
+            "/login",
+            json={"username": "mike", "password": "bad"},
+            client=(f"10.0.0.{n}", 1),
+        )
+        assert response.status == 401
+    response = await asgi.request(
+        app,
+        "POST",
+        "/login",
+        json={"username": "MIKE", "password": "Mike"},
+        client=("10.0.0.99", 1),
+    )
+    assert response.status == 429
+    retry = int(response.header("retry-after") or 0)
+    assert 0 < retry <= 900
+    assert (await login(app, "greg")).startswith(COOKIE_NAME)  # other users unaffected
+
+
+async def test_five_failures_then_429_per_address(app: App) -> None:
+    """After 5 failures from one address across usernames, that address gets 429."""
+    for name in ["a1", "a2", "a3", "a4", "a5"]:
+        response = await asgi.request(
+            app,
+            "POST",
+            "/login",
+            json={"username": name, "password": "x"},
+            client=("10.1.1.1", 1),
+        )
+        assert response.status == 401
+    response = await asgi.request(
+        app,
+        "POST",
+        "/login",
+        json={"username": "greg", "password": "Greg"},
+        client=("10.1.1.1", 1),
+    )
+    assert response.status == 429
+    assert (await login(app, "greg", client=("10.1.1.2", 1))).startswith(COOKIE_NAME)
+
+
+async def test_logout_clears_cookie(app: App) -> None:
+    """POST /logout expires the cookie at the app's root path."""
+    response = await asgi.request(app, "POST", "/logout")
+    assert response.status == 200
+    cookie = response.header("set-cookie") or ""
+    assert cookie.startswith(COOKIE_NAME + "=;") and "Max-Age=0" in cookie
+
+
+async def test_directory(app: App) -> None:
+    """The directory needs a session and filters by prefix."""
+    assert (await asgi.request(app, "GET", "/api/directory")).status == 401
+    cookie = await login(app, "greg")
+    everything = await asgi.request(app, "GET", "/api/directory", headers={"cookie": cookie})
+    assert everything.json()["groups"] == ["boys", "girls"]
+    assert len(everything.json()["users"]) == 6
+    some = await asgi.request(app, "GET", "/api/directory?q=an", headers={"cookie": cookie})
+    assert [u["username"] for u in some.json()["users"]] == ["anny"]
+
+
+async def test_healthz(app: App) -> None:
+    """/healthz answers 200 with the database check while the database answers."""
+    response = await asgi.request(app, "GET", "/healthz")
+    assert response.status == 200 and response.json()["checks"] == {"database": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/static/app.js", 200),
+        ("GET", "/static/style.css", 200),
+        ("GET", "/static/index.html", 404),
+        ("GET", "/static/../setup.cfg", 404),
+        ("GET", "/static/%2e%2e/setup.cfg", 404),
+        ("GET", "/static/__init__.py", 404),
+        ("GET", "/static/", 404),
+        ("GET", "/nope", 404),
+        ("GET", "/login/", 404),
+        ("DELETE", "/login", 405),
+        ("GET", "/logout", 405),
+        ("POST", "/static/app.js", 405),
+        ("HEAD", "/healthz", 200),
+    ],
+)
+async def test_routing(app: App, method: str, path: str, status: int) -> None:
+    """Unknown paths are 404, wrong methods 405 with JSON bodies; nothing escapes web/."""
+    response = await asgi.request(app, method, path)
+    assert response.status == status
+    if status >= 400:
+        assert "error" in response.json()
+        if status == 405:
+            assert response.header("allow")

@@ -1,0 +1,213 @@
+"""ws: handshake checks, publishing, error frames and close codes, in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+
+from tests import asgi
+from tests.conftest import login
+from wsfanout import App, Settings, create_app
+from wsfanout.sessions import COOKIE_NAME, SessionCodec
+
+
+def connect(app: App, cookie: str | None, **headers: str) -> asgi.WebSocket:
+    if cookie:
+        headers["cookie"] = cookie
+    return asgi.WebSocket(app, headers=headers)
+
+
+async def expect_message(ws: asgi.WebSocket) -> dict[str, Any]:
+    event: dict[str, Any] = await ws.receive()
+    assert event["type"] == "message", event
+    return event
+
+
+@pytest.mark.parametrize("extension", [True, False])
+async def test_anonymous_is_refused(app: App, extension: bool) -> None:
+    """No session: refused before accept (a 403 body, or a close before accept)."""
+    with pytest.raises(asgi.Refused) as caught:
+        async with asgi.WebSocket(app, http_response_extension=extension):
+            pass
+    assert caught.value.status == (403 if extension else None)
+
+
+async def test_tampered_and_foreign_cookies_are_refused(app: App, settings: Settings) -> None:
+    """A forged cookie, one from another key, or one for a deleted user is refused."""
+    cookie = await login(app, "greg")
+    forged = cookie[:-4] + "AAAA"
+    other = SessionCodec(("another-key",), 60).issue(1, "greg")
+    ghost = SessionCodec(settings.secret_keys, 60).issue(999, "ghost")
+    for bad in (forged, f"{COOKIE_NAME}={other}", f"{COOKIE_NAME}={ghost}"):
+        with pytest.raises(asgi.Refused) as caught:
+            async with connect(app, bad):
+                pass
+        assert caught.value.status == 403
+
+
+async def test_foreign_origin_is_refused(app: App) -> None:
+    """A logged-in browser on another site cannot open the socket."""
+    cookie = await login(app, "greg")
+    with pytest.raises(asgi.Refused) as caught:
+        async with connect(app, cookie, origin="http://evil.example"):
+            pass
+    assert caught.value.status == 403
+    async with connect(app, cookie, origin="http://testserver") as ws:
+        assert (await ws.receive())["type"] == "welcome"
+
+
+async def test_welcome_and_fan_out(app: App) -> None:
+    """welcome names the user and groups; broadcast, group and direct reach the right sockets."""
+    greg, amanda, mike = [await login(app, name) for name in ("greg", "amanda", "mike")]
+    async with connect(app, greg) as g, connect(app, amanda) as a, connect(app, mike) as m:
+        assert await g.receive() == {
+            "type": "welcome",
+            "user": "greg",
+            "first_name": "Greg",
+            "groups": ["boys"],
+        }
+        await a.receive(), await m.receive()
+        await g.send_json({"type": "BroadCast", "text": "all", "id": "b1"})
+        assert (await expect_message(g))["text"] == "all"  # the sender is one of everyone
+        assert await g.receive() == {"type": "ack", "id": "b1"}
+        for ws in (a, m):
+            assert (await expect_message(ws))["text"] == "all"
+        await g.send_json({"type": "Group", "group": "girls", "text": "nails"})
+        event = await expect_message(a)
+        assert (event["kind"], event["from"], event["group"]) == ("group", "greg", "girls")
+        await g.send_json({"type": "Direct", "user_name": "Mike", "text": "psst"})
+        event = await expect_message(m)
+        assert (event["kind"], event["to"], event["text"]) == ("direct", "mike", "psst")
+        assert await a.nothing()
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{not json", "bad_json"),
+        ('{"type": "shout", "text": "x"}', "bad_message"),
+        ('{"type": "group", "group": "chess", "text": "x"}', "unknown_group"),
+        ('{"type": "direct", "user_name": "mik", "text": "x"}', "unknown_user"),
+        ('{"type": "broadcast"}', "bad_message"),
+    ],
+)
+async def test_error_frames_keep_the_connection(app: App, frame: str, code: str) -> None:
+    """Each bad frame gets an error to the sender only, and the socket still works."""
+    greg, lisa = await login(app, "greg"), await login(app, "lisa")
+    async with connect(app, greg) as g, connect(app, lisa) as other:
+        await g.receive(), await other.receive()
+        await g.send_text(frame)
+        error = await g.receive()
+        assert error["type"] == "error" and error["code"] == code and error["detail"]
+        assert await other.nothing()
+        await g.send_json({"type": "broadcast", "text": "still here", "id": "after"})
+        received = [await g.receive(), await g.receive()]
+        assert {"type": "ack", "id": "after"} in received
+
+
+async def test_binary_frames_are_bad_messages(app: App) -> None:
+    """A binary frame is answered with bad_message, not a crash."""
+    async with connect(app, await login(app, "greg")) as ws:
+        await ws.receive()
+        await ws.send_bytes(b'{"type": "broadcast", "text": "x"}')
+        assert (await ws.receive())["code"] == "bad_message"
+
+
+async def test_error_echoes_frame_id(app: App) -> None:
+    """An error for a frame with an id carries that id."""
+    async with connect(app, await login(app, "greg")) as ws:
+        await ws.receive()
+        await ws.send_json({"type": "group", "group": "nope", "text": "x", "id": "c7"})
+        assert await ws.receive() == {
+            "type": "error",
+            "code": "unknown_group",
+            "detail": "no group named 'nope'",
+            "id": "c7",
+        }
+
+
+async def test_too_large_frame_closes_1009(app: App) -> None:
+    """A frame over the limit gets too_large, then a 1009 close."""
+    async with connect(app, await login(app, "greg")) as ws:
+        await ws.receive()
+        await ws.send_text('{"type": "broadcast", "text": "' + "é" * 40_000 + '"}')
+        assert (await ws.receive())["code"] == "too_large"
+        with pytest.raises(asgi.Closed) as caught:
+            await ws.receive()
+        assert caught.value.code == 1009
+
+
+async def test_rate_limit(settings: Settings) -> None:
+    """Past the burst, frames get rate_limited and are not published."""
+    app = create_app(dataclasses.replace(settings, rate_limit=1.0, rate_burst=3))
+    await app.startup()
+    try:
+        async with connect(app, await login(app, "greg")) as ws:
+            await ws.receive()
+            for n in range(5):
+                await ws.send_json({"type": "direct", "user_name": "greg", "text": str(n)})
+            events = [await ws.receive() for _ in range(5)]
+            assert [e["text"] for e in events if e["type"] == "message"] == ["0", "1", "2"]
+            assert [e["code"] for e in events if e["type"] == "error"] == ["rate_limited"] * 2
+    finally:
+        await app.shutdown()
+
+
+async def test_expired_session_closes_1008(settings: Settings) -> None:
+    """A session that expires while connected gets forbidden and a 1008 close."""
+    app = create_app(dataclasses.replace(settings, session_max_age=1))
+    await app.startup()
+    try:
+        async with connect(app, await login(app, "greg")) as ws:
+            await ws.receive()
+            await asyncio.sleep(2.1)
+            await ws.send_json({"type": "broadcast", "text": "late"})
+            assert (await ws.receive())["code"] == "forbidden"
+            with pytest.raises(asgi.Closed) as caught:
+                await ws.receive()
+            assert caught.value.code == 1008
+    finally:
+        await app.shutdown()
+
+
+async def test_slow_consumer_is_closed_1013(settings: Settings) -> None:
+    """A connection whose outbox passes its bound is closed with 1013; others go on."""
+    app = create_app(dataclasses.replace(settings, outbox_bytes=4096))
+    await app.startup()
+    try:
+        greg = await login(app, "greg")
+        async with connect(app, greg) as fast:
+            slow = connect(app, await login(app, "mike"))
+            await slow.__aenter__()
+            await slow.receive()
+            await fast.receive()
+            # From now on mike's sends never complete: his writer is stuck, his outbox fills.
+            slow.reading.clear()
+            texts = []
+            for n in range(60):
+                await fast.send_json({"type": "broadcast", "text": f"{n:03d}" + "x" * 100})
+                texts.append((await expect_message(fast))["text"][:3])
+            assert texts == [f"{n:03d}" for n in range(60)]
+            svc = app._service
+            assert svc is not None and svc.hub.stats.slow_consumers == 1
+            assert len(svc.hub) == 1
+            slow.reading.set()
+            events = await slow.until_closed()
+            assert slow.close_code == 1013
+            assert len(events) < 60  # what was queued was dropped, not delivered late
+            await slow.__aexit__(None, None, None)
+    finally:
+        await app.shutdown()
+
+
+async def test_shutdown_closes_1001(app: App) -> None:
+    """Shutting the app down closes every socket with 1001 and refuses new ones."""
+    async with connect(app, await login(app, "greg")) as ws:
+        await ws.receive()
+        await app.shutdown()
+        with pytest.raises(asgi.Closed) as caught:
+            await ws.receive()
+        assert caught.value.code == 1001
