@@ -1,0 +1,248 @@
+"""Real servers for end-to-end tests: hypercorn in a subprocess on port 0, and raw clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Event,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+
+from tests.conftest import SECRET
+
+
+class Server:
+    """``hypercorn wsfanout:app`` on a socket bound to 127.0.0.1:0 and passed as ``fd://``."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.env = env or {}
+        self.log_path = data_dir / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    def start(self, timeout: float = 30) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(1024)
+        self.port = sock.getsockname()[1]
+        env = {
+            **os.environ,
+            "WSFANOUT_DATA_DIR": str(self.data_dir),
+            "WSFANOUT_SECRET_KEY": SECRET,
+            **self.env,
+        }
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "hypercorn",
+                    "--bind",
+                    f"fd://{sock.fileno()}",
+                    "wsfanout:app",
+                ],
+                pass_fds=[sock.fileno()],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+            )
+        sock.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()}")
+            with contextlib.suppress(OSError):
+                status, _ = http("GET", self.http_url + "/healthz")
+                if status == 200:
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"server did not start: {self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Server]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+    def login(self, username: str, password: str | None = None) -> str:
+        """Log in over HTTP; the ``Cookie`` header value."""
+        status, headers = http(
+            "POST",
+            self.http_url + "/login",
+            {"username": username, "password": password or username.capitalize()},
+        )
+        assert status == 200, (status, headers)
+        return headers["set-cookie"].split(";")[0]
+
+
+def http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str]]:
+    """A blocking request; (status, headers with a ``_body`` entry)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})  # noqa: S310
+    if data is not None:
+        request.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            result = {k.lower(): v for k, v in response.headers.items()}
+            result["_body"] = response.read().decode()
+            return response.status, result
+    except urllib.error.HTTPError as err:
+        result = {k.lower(): v for k, v in err.headers.items()}
+        result["_body"] = err.read().decode()
+        return err.code, result
+
+
+class Client:
+    """A websockets client that reads continuously into a queue of events."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self.reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, url: str, cookie: str, **headers: str) -> Client:
+        conn = await connect(url, additional_headers={"cookie": cookie, **headers}, max_size=None)
+        return cls(conn)
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for frame in self.conn:
+                data = orjson.loads(frame)
+                for event in data if isinstance(data, list) else [data]:
+                    self.events.put_nowait(event)
+
+    async def send(self, data: Any) -> None:
+        await self.conn.send(orjson.dumps(data).decode())
+
+    async def next(self, timeout: float = 10) -> Any:
+        return await asyncio.wait_for(self.events.get(), timeout)
+
+    async def next_of(self, kind: str, timeout: float = 10) -> Any:
+        """The next event of this type, skipping others."""
+        while True:
+            event = await self.next(timeout)
+            if event["type"] == kind:
+                return event
+
+    async def quiet(self, wait: float = 0.3) -> list[Any]:
+        """Everything that arrives within ``wait`` seconds."""
+        await asyncio.sleep(wait)
+        found = []
+        while not self.events.empty():
+            found.append(self.events.get_nowait())
+        return found
+
+    async def close(self) -> None:
+        await self.conn.close()
+        self.reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.reader
+
+
+class RawClient:
+    """A websocket over a plain socket, driven by wsproto: it reads only when told to."""
+
+    def __init__(self, port: int, cookie: str, rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.settimeout(10)
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        request = Request(
+            host=f"127.0.0.1:{port}", target="/", extra_headers=[(b"cookie", cookie.encode())]
+        )
+        self.sock.sendall(self.ws.send(request))
+        events = self._events_until(lambda e: isinstance(e, (AcceptConnection, RejectConnection)))
+        if not isinstance(events[-1], AcceptConnection):
+            raise RuntimeError(f"handshake refused: {events[-1]!r}")
+        self._partial = ""
+        self.texts: list[str] = self._texts(events)
+
+    def _texts(self, events: list[Event]) -> list[str]:
+        """Whole text messages (wsproto hands large ones over in parts)."""
+        texts = []
+        for event in events:
+            if isinstance(event, TextMessage):
+                self._partial += event.data
+                if event.message_finished:
+                    texts.append(self._partial)
+                    self._partial = ""
+        return texts
+
+    def _events_until(self, done: Any) -> list[Event]:
+        found: list[Event] = []
+        while True:
+            data = self.sock.recv(65536)
+            self.ws.receive_data(data or None)
+            for event in self.ws.events():
+                found.append(event)
+                if done(event):
+                    return found
+            if not data:
+                return found
+
+    def read_until_close(self) -> tuple[int | None, list[str]]:
+        """Read everything up to the close frame: (close code, text frames)."""
+        events = self._events_until(lambda e: isinstance(e, CloseConnection))
+        texts = self.texts + self._texts(events)
+        closes = [e for e in events if isinstance(e, CloseConnection)]
+        return (closes[0].code if closes else None), texts
+
+    def reset(self) -> None:
+        """Drop the TCP connection abruptly (RST), with no close frame."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()

@@ -1,0 +1,138 @@
+"""app: lifespan, lazy start-up, mounting under a root path, the module-level app."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import asgi
+from tests.conftest import login
+from tests.server import http
+from wsfanout import Settings, create_app
+
+
+async def test_lifespan_starts_and_stops(settings: Settings) -> None:
+    """lifespan.startup opens the store; shutdown closes it."""
+    app = create_app(settings)
+    inbox = asyncio.Queue[dict[str, Any]]()
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    task = asyncio.create_task(app({"type": "lifespan"}, inbox.get, send))
+    await inbox.put({"type": "lifespan.startup"})
+    await inbox.put({"type": "lifespan.shutdown"})
+    await asyncio.wait_for(task, 5)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+async def test_lifespan_reports_a_failed_start(tmp_path: Path) -> None:
+    """A database that cannot be opened fails startup with the reason."""
+    (tmp_path / "file").write_text("")
+    app = create_app(
+        Settings(data_dir=tmp_path, database=tmp_path / "file" / "db", secret_keys=("k",))
+    )
+    inbox = asyncio.Queue[dict[str, Any]]()
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await inbox.put({"type": "lifespan.startup"})
+    await asyncio.wait_for(app({"type": "lifespan"}, inbox.get, send), 5)
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert "cannot open database" in sent[0]["message"]
+
+
+async def test_lazy_start_happens_once(settings: Settings) -> None:
+    """Without lifespan, concurrent first requests start the app exactly once."""
+    app = create_app(settings)
+    responses = await asyncio.gather(*(asgi.request(app, "GET", "/healthz") for _ in range(20)))
+    assert {r.status for r in responses} == {200}
+    service = app._service
+    assert service is not None
+    assert (await asgi.request(app, "GET", "/healthz")).status == 200
+    assert app._service is service
+    await app.shutdown()
+
+
+async def test_mounted_under_a_root_path(settings: Settings) -> None:
+    """Under root_path /chat: redirects, cookie path and the socket all use the prefix."""
+    app = create_app(settings)
+    root = "/chat"
+    bare = await asgi.request(app, "GET", "", root_path=root)
+    assert bare.status == 303 and bare.header("location") == "/chat/"
+    anonymous = await asgi.request(app, "GET", "/", root_path=root)
+    assert anonymous.header("location") == "login"  # relative: /chat/login
+    response = await asgi.request(
+        app, "POST", "/login", json={"username": "greg", "password": "Greg"}, root_path=root
+    )
+    assert "Path=/chat/;" in (response.header("set-cookie") or "")
+    cookie = response.cookie
+    assert cookie is not None
+    async with asgi.WebSocket(app, headers={"cookie": cookie}, root_path=root) as ws:
+        assert (await ws.receive())["type"] == "welcome"
+    await app.shutdown()
+
+
+async def test_internal_errors_are_json_500(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in a handler becomes a JSON 500, never a traceback to the client."""
+    app = create_app(settings)
+    await app.startup()
+    cookie = await login(app, "greg")
+
+    async def broken(prefix: str, limit: int) -> None:
+        raise RuntimeError("secret internals")
+
+    assert app._service is not None
+    monkeypatch.setattr(app._service.store, "directory", broken)
+    response = await asgi.request(app, "GET", "/api/directory", headers={"cookie": cookie})
+    assert response.status == 500
+    assert response.json() == {"error": "Internal server error"}
+    await app.shutdown()
+
+
+def test_hypercorn_serves_from_an_empty_directory(tmp_path: Path) -> None:
+    """`hypercorn wsfanout:app` with no variables set serves from an empty directory."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSFANOUT_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hypercorn", "--bind", f"fd://{sock.fileno()}", "wsfanout:app"],
+        pass_fds=[sock.fileno()],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    sock.close()
+    try:
+        status = 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and status != 200:
+            try:
+                status, _ = http("GET", f"http://127.0.0.1:{port}/healthz")
+            except OSError:
+                time.sleep(0.1)
+        assert status == 200
+        status, headers = http("GET", f"http://127.0.0.1:{port}/login")
+        assert status == 200 and "<form" in headers["_body"]
+        assert (tmp_path / "data" / "wsfanout.sqlite3").exists()
+        assert (tmp_path / "data" / "secret_key").exists()
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=15)[0].decode()
+    assert "WSFANOUT_SECRET_KEY is not set" in output

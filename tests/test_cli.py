@@ -1,0 +1,95 @@
+"""cli: the wsfanout command, run as a user would, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WSFANOUT = Path(sys.executable).parent / "wsfanout"  # the installed console script
+
+
+def run(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(WSFANOUT), *args],
+        env={**os.environ, "WSFANOUT_DATA_DIR": str(data_dir), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_db_init_creates_the_database(tmp_path: Path) -> None:
+    """db init creates the data dir, the file and the schema."""
+    result = run(tmp_path / "new", "db", "init")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "new" / "wsfanout.sqlite3").exists()
+    assert "database ready" in result.stdout
+
+
+def test_users_and_groups(tmp_path: Path) -> None:
+    """group add and user add work, and their mistakes are one-line errors with exit 1."""
+    assert run(tmp_path, "group", "add", "chess").returncode == 0
+    ok = run(
+        tmp_path,
+        "user",
+        "add",
+        "bob",
+        "--password",
+        "pw",
+        "--first-name",
+        "Bob",
+        "--group",
+        "chess",
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "user 'bob' created in chess" in ok.stdout
+    cases = [
+        (("group", "add", "chess"), "a group named 'chess' already exists"),
+        (("user", "add", "BOB", "--password", "pw"), "a user named 'BOB' already exists"),
+        (("user", "add", "eve", "--password", "pw", "--group", "nope"), "no group named 'nope'"),
+        (("user", "add", "bad name", "--password", "pw"), "invalid username 'bad name'"),
+        (("user", "add", "eve"), "give --password"),
+        (("user", "add", "eve", "--password", ""), "must not be empty"),
+    ]
+    for args, message in cases:
+        result = run(tmp_path, *args)
+        assert result.returncode == 1, args
+        assert result.stderr.startswith("wsfanout: error: ") and message in result.stderr, (
+            result.stderr
+        )
+        assert "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+def test_demo_is_idempotent(tmp_path: Path) -> None:
+    """demo creates the six users once; a rerun changes nothing and says so."""
+    first = run(tmp_path, "demo")
+    assert first.returncode == 0, first.stderr
+    assert "greg, chuck, mike, amanda, lisa, anny" in first.stdout
+    again = run(tmp_path, "demo")
+    assert again.returncode == 0 and "already exist" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WSFANOUT_OUTBOX_BYTES": "huge"}, "WSFANOUT_OUTBOX_BYTES='huge'"),
+        ({"WSFANOUT_DATABASE": "/proc/nope/x.sqlite3"}, "cannot open database"),
+    ],
+)
+def test_bad_settings_and_paths(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    """A bad variable or an unusable database path is a clear one-line error."""
+    result = run(tmp_path, "db", "init", **env)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    """An unknown command prints usage and exits 2."""
+    result = run(tmp_path, "frobnicate")
+    assert result.returncode == 2 and "usage:" in result.stderr

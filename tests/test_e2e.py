@@ -1,0 +1,186 @@
+"""End to end: real hypercorn on port 0, real sockets, the demo users."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.server import Client, RawClient, Server, http
+from wsfanout import passwords
+from wsfanout.store import Store
+
+USERS = ["greg", "chuck", "mike", "amanda", "lisa", "anny"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, demo_db: Path) -> Iterator[Server]:
+    """One server for the module, with the demo users plus 'mikey'."""
+    data_dir = tmp_path_factory.mktemp("e2e")
+    shutil.copy(demo_db, data_dir / "wsfanout.sqlite3")
+
+    async def add_mikey() -> None:
+        store = await Store.open(data_dir / "wsfanout.sqlite3")
+        await store.add_user("mikey", passwords.hash_password("Mikey"), first_name="Mikey")
+        await store.close()
+
+    asyncio.run(add_mikey())
+    env = {"WSFANOUT_RATE_LIMIT": "0", "WSFANOUT_OUTBOX_BYTES": "262144"}
+    with Server(data_dir, env).running() as running:
+        yield running
+    log = running.log_path.read_text()
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture
+async def clients(server: Server) -> AsyncIterator[dict[str, Client]]:
+    """The six demo users, logged in over HTTP and connected, welcomes consumed."""
+    opened = {}
+    for name in USERS:
+        opened[name] = await Client.open(server.ws_url, server.login(name))
+    for client in opened.values():
+        assert (await client.next())["type"] == "welcome"
+    yield opened
+    for client in opened.values():
+        await client.close()
+
+
+async def test_fan_out_to_the_right_users(server: Server, clients: dict[str, Client]) -> None:
+    """Broadcast reaches all six; Group girls exactly the girls; Direct Mike both of
+    mike's tabs and not mikey."""
+    tab2 = await Client.open(server.ws_url, server.login("mike"))
+    mikey = await Client.open(server.ws_url, server.login("mikey"))
+    await tab2.next(), await mikey.next()
+    greg = clients["greg"]
+
+    await greg.send({"type": "BroadCast", "text": "hello all"})
+    for name, client in clients.items():
+        event = await client.next_of("message")
+        assert (event["kind"], event["from"], event["text"]) == (
+            "broadcast",
+            "greg",
+            "hello all",
+        ), name
+    assert (await tab2.next_of("message"))["text"] == "hello all"
+    assert (await mikey.next_of("message"))["text"] == "hello all"
+
+    await greg.send({"type": "Group", "group": "girls", "text": "nails at 5"})
+    for name in ("amanda", "lisa", "anny"):
+        event = await clients[name].next_of("message")
+        assert (event["kind"], event["group"], event["text"]) == ("group", "girls", "nails at 5")
+
+    await greg.send({"type": "Direct", "user_name": "Mike", "text": "hi Mike"})
+    for client in (clients["mike"], tab2):
+        event = await client.next_of("message")
+        assert (event["kind"], event["to"], event["text"]) == ("direct", "mike", "hi Mike")
+
+    others = [c for n, c in clients.items() if n not in {"amanda", "lisa", "anny", "mike"}]
+    for client in [*others, mikey]:
+        assert await client.quiet() == []
+    for client in (clients["mike"], tab2):
+        assert await client.quiet(0.05) == []  # exactly once
+    await tab2.close()
+    await mikey.close()
+
+
+async def test_refused_handshakes_get_403(server: Server) -> None:
+    """Anonymous, tampered-cookie and foreign-Origin handshakes are HTTP 403."""
+    cookie = server.login("greg")
+    tampered = cookie[:-6] + ("AAAAAA" if not cookie.endswith("AAAAAA") else "BBBBBB")
+    attempts: list[dict[str, str]] = [
+        {},
+        {"cookie": tampered},
+        {"cookie": "wsfanout_session=not-a-token"},
+        {"cookie": cookie, "origin": "http://evil.example"},
+    ]
+    for headers in attempts:
+        with pytest.raises(InvalidStatus) as caught:
+            async with connect(server.ws_url, additional_headers=headers):
+                pass
+        assert caught.value.response.status_code == 403, headers
+    async with connect(
+        server.ws_url, additional_headers={"cookie": cookie, "origin": server.http_url}
+    ) as ws:
+        assert "welcome" in str(await ws.recv())
+
+
+async def test_unknown_websocket_path_is_refused(server: Server) -> None:
+    """A websocket to a path that is not an endpoint is refused before accept."""
+    with pytest.raises(InvalidStatus) as caught:
+        async with connect(
+            server.ws_url + "login", additional_headers={"cookie": server.login("greg")}
+        ):
+            pass
+    assert caught.value.response.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{oops", "bad_json"),
+        ('{"type": "yell", "text": "x"}', "bad_message"),
+        ('{"type": "group", "group": "chess", "text": "x"}', "unknown_group"),
+        ('{"type": "direct", "user_name": "mik", "text": "x"}', "unknown_user"),
+        ('{"type": "broadcast"}', "bad_message"),
+    ],
+)
+async def test_bad_frames_get_errors_and_the_socket_lives(
+    clients: dict[str, Client], frame: str, code: str
+) -> None:
+    """Each bad frame is an error frame to its sender; the same socket then still works."""
+    greg, lisa = clients["greg"], clients["lisa"]
+    await greg.conn.send(frame)
+    error = await greg.next()
+    assert error["type"] == "error" and error["code"] == code
+    assert await lisa.quiet(0.1) == []
+    await greg.send({"type": "broadcast", "text": "after " + code, "id": "ok"})
+    assert (await greg.next_of("message"))["text"] == "after " + code
+    assert await greg.next() == {"type": "ack", "id": "ok"}
+    assert (await lisa.next_of("message"))["text"] == "after " + code
+
+
+async def test_abrupt_disconnect_mid_stream(server: Server, clients: dict[str, Client]) -> None:
+    """A client that resets its TCP connection mid-burst does not stop the next broadcast."""
+    raw = RawClient(server.port, server.login("chuck"))
+    greg = clients["greg"]
+    for n in range(100):
+        await greg.send({"type": "broadcast", "text": f"burst {n}"})
+        if n == 50:
+            raw.reset()
+    await greg.send({"type": "broadcast", "text": "after the reset"})
+    for name, client in clients.items():
+        texts: list[str] = []
+        while not texts or texts[-1] != "after the reset":
+            texts.append((await client.next_of("message"))["text"])
+        assert texts == [f"burst {n}" for n in range(100)] + ["after the reset"], name
+
+
+async def test_client_that_never_reads_is_closed_1013(
+    server: Server, clients: dict[str, Client]
+) -> None:
+    """A client that stops reading is closed with 1013; everyone else gets every message."""
+    slow = RawClient(server.port, server.login("anny"), rcvbuf=4096)
+    greg = clients["greg"]
+    text = "x" * 16_000
+    count = 600  # ~9.6 MB each: more than the socket buffers and the 256 KiB outbox hold
+    try:
+        for n in range(count):
+            await greg.send({"type": "broadcast", "text": f"{n:04d}{text}"})
+        for name, client in clients.items():
+            for n in range(count):
+                event = await client.next_of("message", timeout=30)
+                assert event["text"][:4] == f"{n:04d}", name
+        status, health = http("GET", server.http_url + "/healthz")
+        assert status == 200 and '"connections":6' in health["_body"]
+        code, texts = await asyncio.to_thread(slow.read_until_close)
+        assert code == 1013
+        assert 0 < len(texts) < count
+    finally:
+        slow.close()
+    log = server.log_path.read_text()
+    assert "closing a slow consumer (anny)" in log
