@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from wsfanout import http
@@ -82,3 +84,31 @@ def test_session_cookie_attributes() -> None:
     name, value = http.session_cookie("s", "v", path="/chat/", max_age=60, secure=True)
     assert name == b"set-cookie"
     assert value == b"s=v; Path=/chat/; Max-Age=60; HttpOnly; SameSite=Lax; Secure"
+
+
+async def test_read_body_times_out_on_a_trickle() -> None:
+    """A body that does not finish arriving in time raises BodyTimeoutError."""
+
+    async def receive() -> dict[str, object]:
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    with pytest.raises(http.BodyTimeoutError):
+        await http.read_body(receive, 10_000, timeout=0.3)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        (
+            "chat.example:8000",
+            b"connect-src 'self' ws://chat.example:8000 wss://chat.example:8000;",
+        ),
+        ("[::1]:8000", b"connect-src 'self' ws://[::1]:8000 wss://[::1]:8000;"),
+        ("evil; script-src *", b"connect-src 'self';"),
+        ("", b"connect-src 'self';"),
+    ],
+)
+def test_page_csp_names_the_socket_origin(host: str, expected: bytes) -> None:
+    """The CSP allows the page's own websocket origin, and nothing injected via Host."""
+    assert expected in http.page_csp({"headers": [(b"host", host.encode())]})

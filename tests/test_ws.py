@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 from typing import Any
 
 import pytest
@@ -211,3 +212,36 @@ async def test_shutdown_closes_1001(app: App) -> None:
         with pytest.raises(asgi.Closed) as caught:
             await ws.receive()
         assert caught.value.code == 1001
+
+
+async def test_database_failure_is_unavailable(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing database answers unavailable; the connection stays open."""
+    async with connect(app, await login(app, "greg")) as ws:
+        await ws.receive()
+        assert app._service is not None
+
+        async def broken(name: str) -> bool:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(app._service.store, "group_exists", broken)
+        await ws.send_json({"type": "group", "group": "boys", "text": "x", "id": "g"})
+        assert (await ws.receive())["code"] == "unavailable"
+        await ws.send_json({"type": "broadcast", "text": "still fine"})
+        assert (await expect_message(ws))["text"] == "still fine"
+
+
+async def test_connection_limit_is_503(settings: Settings) -> None:
+    """Past WSFANOUT_MAX_CONNECTIONS, handshakes are refused with 503."""
+    app = create_app(dataclasses.replace(settings, max_connections=2))
+    await app.startup()
+    try:
+        cookie = await login(app, "greg")
+        async with connect(app, cookie) as one, connect(app, cookie) as two:
+            await one.receive(), await two.receive()
+            with pytest.raises(asgi.Refused) as caught:
+                async with connect(app, cookie):
+                    pass
+            assert caught.value.status == 503
+            assert b"too many connections" in caught.value.body
+    finally:
+        await app.shutdown()

@@ -12,6 +12,7 @@
   let socket = null;
   let attempt = 0;
   let counter = 0;
+  const pending = new Map(); // id -> what was sent, shown once the server acks it
 
   function socketUrl() {
     const url = new URL(".", window.location.href);
@@ -48,7 +49,12 @@
       if (event.kind === "group") where += " " + event.group;
       if (event.kind === "direct") where += " to " + event.to;
       add(`${when} ${event.from} (${where})`, event.text, false);
+    } else if (event.type === "ack") {
+      const sent = pending.get(event.id);
+      pending.delete(event.id);
+      if (sent) add(`${new Date().toLocaleTimeString()} you (${sent.where})`, sent.text, false);
     } else if (event.type === "error") {
+      pending.delete(event.id);
       add("error " + event.code, event.detail, true);
     }
   }
@@ -103,6 +109,9 @@
     const message = { type: kind.value, text: text.value, id: "m" + (++counter) };
     if (kind.value === "group") message.group = groupPick.value;
     if (kind.value === "direct") message.user_name = userPick.value;
+    // A broadcast comes back to its sender anyway; other kinds are shown on their ack.
+    if (kind.value === "group") pending.set(message.id, { where: "group " + message.group, text: message.text });
+    if (kind.value === "direct") pending.set(message.id, { where: "direct to " + message.user_name, text: message.text });
     socket.send(JSON.stringify(message));
     text.value = "";
   });

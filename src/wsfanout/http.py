@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import posixpath
+import re
 from collections.abc import Iterable
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -18,11 +20,20 @@ SECURITY_HEADERS: Final[Headers] = [
     (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
 ]
-PAGE_CSP: Final = (
-    b"default-src 'self'; connect-src 'self'; img-src 'self' data:; "
-    b"style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
-    b"form-action 'self'"
+_CSP: Final = (
+    "default-src 'self'; connect-src 'self'{sockets}; img-src 'self' data:; "
+    "style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'self'"
 )
+_HOST_RE: Final = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def page_csp(scope: Scope) -> bytes:
+    """The pages' Content-Security-Policy. It names the page's own websocket origin,
+    which not every browser counts as ``'self'``."""
+    host = header(scope, b"host") or ""
+    sockets = f" ws://{host} wss://{host}" if _HOST_RE.fullmatch(host) else ""
+    return _CSP.format(sockets=sockets).encode()
 
 
 class BodyTooLargeError(Exception):
@@ -33,6 +44,11 @@ class BodyTooLargeError(Exception):
 
 class ClientGoneError(Exception):
     """The client disconnected before its request body arrived."""
+
+
+class BodyTimeoutError(Exception):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the request body did not arrive within {seconds:g} seconds")
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -116,13 +132,21 @@ def _same_host(scheme: str, origin_netloc: str, host: str) -> bool:
     return origin_netloc + default == host or origin_netloc == host + default
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
+async def read_body(receive: Receive, limit: int, timeout: float = 10.0) -> bytes:
     """The whole request body.
 
     Raises:
         BodyTooLargeError: it is longer than ``limit``.
+        BodyTimeoutError: it takes longer than ``timeout`` seconds (a trickling client).
         ClientGoneError: the client left first.
     """
+    try:
+        return await asyncio.wait_for(_read_body(receive, limit), timeout)
+    except TimeoutError:
+        raise BodyTimeoutError(timeout) from None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:

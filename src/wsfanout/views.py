@@ -121,7 +121,7 @@ class Service:
 
 async def page(scope: Scope, receive: Receive, send: Send, svc: Service, name: str) -> None:
     body, content_type = svc.web[name]
-    headers = [(b"content-security-policy", http.PAGE_CSP), (b"cache-control", b"no-cache")]
+    headers = [(b"content-security-policy", http.page_csp(scope)), (b"cache-control", b"no-cache")]
     await http.respond(send, 200, body, content_type, headers)
 
 
@@ -149,6 +149,9 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
         body = await http.read_body(receive, LOGIN_BODY_LIMIT)
     except http.BodyTooLargeError as exc:
         await http.error_response(send, 413, str(exc))
+        return
+    except http.BodyTimeoutError as exc:
+        await http.error_response(send, 408, str(exc))
         return
     except http.ClientGoneError:
         return
