@@ -44,6 +44,7 @@ lint: install
     {{bin}}/ruff format --check src tests bench
     {{bin}}/ruff check src tests bench
     {{bin}}/mypy
+    {{bin}}/hadolint Containerfile
 
 # format the code
 fmt: install

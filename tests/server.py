@@ -31,13 +31,23 @@ from wsproto.events import (
 
 from tests.conftest import SECRET
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 class Server:
     """``hypercorn wsfanout:app`` on a socket bound to 127.0.0.1:0 and passed as ``fd://``."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        app: str = "wsfanout:app",
+        health_path: str = "/healthz",
+    ) -> None:
         self.data_dir = data_dir
         self.env = env or {}
+        self.app = app
+        self.health_path = health_path
         self.log_path = data_dir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -60,6 +70,7 @@ class Server:
             **os.environ,
             "WSFANOUT_DATA_DIR": str(self.data_dir),
             "WSFANOUT_SECRET_KEY": SECRET,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             **self.env,
         }
         with self.log_path.open("ab") as log:
@@ -70,7 +81,7 @@ class Server:
                     "hypercorn",
                     "--bind",
                     f"fd://{sock.fileno()}",
-                    "wsfanout:app",
+                    self.app,
                 ],
                 pass_fds=[sock.fileno()],
                 env=env,
@@ -84,7 +95,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log_path.read_text()}")
             with contextlib.suppress(OSError):
-                status, _ = http("GET", self.http_url + "/healthz")
+                status, _ = http("GET", self.http_url + self.health_path)
                 if status == 200:
                     return
             time.sleep(0.05)

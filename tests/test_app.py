@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from tests import asgi
 from tests.conftest import login
-from tests.server import http
+from tests.server import Client, Server, http
 from wsfanout import Settings, create_app
 
 
@@ -136,3 +139,23 @@ def test_hypercorn_serves_from_an_empty_directory(tmp_path: Path) -> None:
         proc.terminate()
         output = proc.communicate(timeout=15)[0].decode()
     assert "WSFANOUT_SECRET_KEY is not set" in output
+
+
+async def test_mounted_in_starlette_over_real_hypercorn(tmp_path: Path, demo_db: Path) -> None:
+    """Mounted at /chat in Starlette (no lifespan forwarded): login, cookie path and socket work."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    with Server(tmp_path, app="tests.mounted:app", health_path="/chat/healthz").running() as server:
+        status, headers = http("GET", server.http_url + "/chat/")
+        assert status == 200 and "<form" in headers["_body"]  # redirected to /chat/login
+        status, headers = http(
+            "POST", server.http_url + "/chat/login", {"username": "greg", "password": "Greg"}
+        )
+        assert status == 200 and "Path=/chat/;" in headers["set-cookie"]
+        cookie = headers["set-cookie"].split(";")[0]
+        client = await Client.open(server.ws_url + "chat/", cookie)
+        assert (await client.next())["user"] == "greg"
+        await client.send({"type": "direct", "user_name": "greg", "text": "to myself"})
+        assert (await client.next_of("message"))["text"] == "to myself"
+        await client.close()
+        with pytest.raises(InvalidStatus):
+            await connect(server.ws_url, additional_headers={"cookie": cookie})

@@ -219,3 +219,18 @@ async def test_routing(app: App, method: str, path: str, status: int) -> None:
         assert "error" in response.json()
         if status == 405:
             assert response.header("allow")
+
+
+async def test_form_login_failure_shows_the_page_with_the_reason(app: App) -> None:
+    """A failed form login answers 401 with the login page and the reason in it."""
+    response = await asgi.request(
+        app,
+        "POST",
+        "/login",
+        body=b"username=amanda&password=nope",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status == 401
+    assert response.header("content-type") == "text/html; charset=utf-8"
+    assert b'class="bad">User or password wrong</p>' in response.body
+    assert response.cookie is None

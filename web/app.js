@@ -9,6 +9,7 @@
   const groupPick = $("group");
   const userPick = $("user");
   const text = $("text");
+  const sendButton = $("send");
   let socket = null;
   let attempt = 0;
   let counter = 0;
@@ -25,11 +26,13 @@
   function setState(label, open) {
     state.textContent = label;
     state.className = open ? "state open" : "state";
+    sendButton.disabled = !open;
   }
 
-  function add(meta, body, isError) {
+  // kind: "received" (a message event), "sent" (our own, once acked) or "error".
+  function add(meta, body, kind) {
     const item = document.createElement("li");
-    if (isError) item.className = "error";
+    item.className = kind;
     const head = document.createElement("span");
     head.className = "meta";
     head.textContent = meta;
@@ -48,21 +51,34 @@
       let where = event.kind;
       if (event.kind === "group") where += " " + event.group;
       if (event.kind === "direct") where += " to " + event.to;
-      add(`${when} ${event.from} (${where})`, event.text, false);
+      add(`${when} ${event.from} (${where})`, event.text, "received");
     } else if (event.type === "ack") {
       const sent = pending.get(event.id);
       pending.delete(event.id);
-      if (sent) add(`${new Date().toLocaleTimeString()} you (${sent.where})`, sent.text, false);
+      if (sent) add(`${new Date().toLocaleTimeString()} you (${sent.where})`, sent.text, "sent");
     } else if (event.type === "error") {
       pending.delete(event.id);
-      add("error " + event.code, event.detail, true);
+      add("error " + event.code, event.detail, "error");
+    }
+  }
+
+  // A refused handshake reaches the page only as a close with code 1006: ask the
+  // server whether the session is still good before trying again.
+  async function sessionGone() {
+    try {
+      const response = await fetch("api/directory", { credentials: "same-origin" });
+      return response.status === 401;
+    } catch (err) {
+      return false; // the server is unreachable: keep reconnecting
     }
   }
 
   function connect() {
     setState(attempt ? "reconnecting" : "connecting", false);
+    let opened = false;
     socket = new WebSocket(socketUrl());
     socket.onopen = function () {
+      opened = true;
       attempt = 0;
       setState("connected", true);
     };
@@ -71,9 +87,14 @@
       try { data = JSON.parse(e.data); } catch (err) { return; }
       if (Array.isArray(data)) data.forEach(handle); else handle(data);
     };
-    socket.onclose = function (e) {
+    socket.onclose = async function (e) {
       socket = null;
-      if (e.code === 1008) { window.location.href = "login"; return; }
+      pending.clear(); // their acks will never come
+      setState("reconnecting", false);
+      if (e.code === 1008 || (!opened && await sessionGone())) {
+        window.location.href = "login";
+        return;
+      }
       attempt += 1;
       const delay = Math.min(30000, 500 * 2 ** Math.min(attempt, 6)) * (0.5 + Math.random());
       setState("reconnecting", false);
@@ -122,6 +143,6 @@
     window.location.href = "login";
   });
 
-  loadDirectory().catch(() => add("error", "could not load groups and users", true));
+  loadDirectory().catch(() => add("error", "could not load groups and users", "error"));
   connect();
 })();

@@ -28,8 +28,7 @@
         show(answer.success, true);
         window.location.href = "./";
       } else {
-        const retry = response.headers.get("Retry-After");
-        show((answer.error || "Login failed") + (retry ? ` (retry in ${retry} s)` : ""), false);
+        show(answer.error || "Login failed", false);
       }
     } catch (err) {
       show("Cannot reach the server", false);

@@ -95,7 +95,14 @@ class Store:
         """
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(path, timeout=10)
+            pending = aiosqlite.connect(path, timeout=10)
+            # Mounted in an app that never sends lifespan shutdown, nobody closes the
+            # store; a non-daemon worker thread would then keep the process alive on
+            # exit. Committed data is safe either way (SQLite is crash-safe).
+            thread = getattr(pending, "_thread", None)
+            if thread is not None:
+                thread.daemon = True
+            db = await pending
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open database {str(path)!r}: {exc}") from exc
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import math
 import sqlite3
@@ -137,43 +138,56 @@ async def login_page(scope: Scope, receive: Receive, send: Send, svc: Service) -
     await page(scope, receive, send, svc, "login.html")
 
 
+RESULT_MARKER: Final = b'<p id="result" role="status" aria-live="polite"></p>'
+
+
 async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
-    """Check credentials; on success set the session cookie (replacing any other user's)."""
-    if not http.origin_allowed(scope, svc.settings.allowed_origins):
-        await http.error_response(send, 403, "Origin not allowed")
-        return
+    """Check credentials; on success set the session cookie (replacing any other user's).
+
+    JSON in, JSON out. A plain form post (a browser without JavaScript) is redirected
+    to the page on success, and shown the login page with the reason otherwise.
+    """
     is_form = (http.header(scope, b"content-type") or "").startswith(
         "application/x-www-form-urlencoded"
     )
+
+    async def refuse(status: int, message: str, headers: http.Headers | None = None) -> None:
+        if is_form:
+            body, content_type = svc.web["login.html"]
+            shown = RESULT_MARKER.replace(
+                b"></p>", b' class="bad">' + html.escape(message).encode() + b"</p>"
+            )
+            body = body.replace(RESULT_MARKER, shown)
+            csp = (b"content-security-policy", http.page_csp(scope))
+            await http.respond(send, status, body, content_type, [csp, *(headers or [])])
+        else:
+            await http.error_response(send, status, message, headers or [])
+
+    if not http.origin_allowed(scope, svc.settings.allowed_origins):
+        await refuse(403, "Origin not allowed")
+        return
     try:
         body = await http.read_body(receive, LOGIN_BODY_LIMIT)
     except http.BodyTooLargeError as exc:
-        await http.error_response(send, 413, str(exc))
+        await refuse(413, str(exc))
         return
     except http.BodyTimeoutError as exc:
-        await http.error_response(send, 408, str(exc))
+        await refuse(408, str(exc))
         return
     except http.ClientGoneError:
         return
     credentials = _credentials(body, is_form)
     if credentials is None:
-        await http.error_response(
-            send, 400, 'Expected JSON {"username": "...", "password": "..."} or a form'
-        )
+        await refuse(400, 'Expected JSON {"username": "...", "password": "..."} or a form')
         return
     username, password = credentials
     client = (scope.get("client") or ("unknown", 0))[0]
     keys = ("user:" + username.lower(), "addr:" + str(client))
-    now = time.monotonic()
-    wait = svc.throttle.retry_after(keys, now)
+    wait = svc.throttle.retry_after(keys, time.monotonic())
     if wait is not None:
         log.warning("login throttled for %r from %s", username, client)
-        await http.error_response(
-            send,
-            429,
-            "Too many failed logins, try again later",
-            [(b"retry-after", str(wait).encode())],
-        )
+        message = f"Too many failed logins, try again in {wait} s"
+        await refuse(429, message, [(b"retry-after", str(wait).encode())])
         return
     user = await svc.store.user_by_name(username)
     stored = user.password_hash if user is not None else passwords.dummy_hash()
@@ -181,7 +195,7 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
     if user is None or not ok:
         svc.throttle.failed(keys, time.monotonic())
         log.info("failed login for %r from %s", username, client)
-        await http.error_response(send, 401, "User or password wrong")
+        await refuse(401, "User or password wrong")
         return
     svc.throttle.succeeded(keys[0])
     token = svc.codec.issue(user.id, user.username)
