@@ -114,3 +114,26 @@ async def test_directory_filters_by_prefix(store: Store) -> None:
     assert groups == [] and [u for u, _ in users] == ["mike", "mikey"]
     assert (await store.directory("%", 10)) == ([], [])
     assert len((await store.directory("", 2))[1]) == 2
+
+
+async def test_identity_is_cached(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """identity() answers repeated handshakes without the database."""
+    user = await store.user_by_name("mike")
+    assert user is not None
+    first = await store.identity(user.id)
+    assert first is not None and first[1] == ["boys", "chess"]
+
+    async def no_database(*args: object) -> None:
+        raise AssertionError("the database was asked")
+
+    monkeypatch.setattr(store, "user_by_id", no_database)
+    assert await store.identity(user.id) == first
+
+
+async def test_new_users_invalidate_name_cache(store: Store) -> None:
+    """A cached first-name answer is dropped when a new user makes it ambiguous."""
+    await store.add_user("bobby", "h", first_name="Bob")
+    assert await store.resolve_user("bob") == "bobby"
+    await store.add_user("robert", "h", first_name="Bob")
+    with pytest.raises(UnknownUserError, match="first name of 2 users"):
+        await store.resolve_user("bob")

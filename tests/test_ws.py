@@ -224,8 +224,11 @@ async def test_database_failure_is_unavailable(app: App, monkeypatch: pytest.Mon
             raise sqlite3.OperationalError("disk I/O error")
 
         monkeypatch.setattr(app._service.store, "group_exists", broken)
-        await ws.send_json({"type": "group", "group": "boys", "text": "x", "id": "g"})
+        # girls: nobody connected here is a member, so the database must be asked.
+        await ws.send_json({"type": "group", "group": "girls", "text": "x", "id": "g"})
         assert (await ws.receive())["code"] == "unavailable"
+        await ws.send_json({"type": "group", "group": "boys", "text": "no database needed"})
+        assert (await expect_message(ws))["text"] == "no database needed"
         await ws.send_json({"type": "broadcast", "text": "still fine"})
         assert (await expect_message(ws))["text"] == "still fine"
 

@@ -69,6 +69,15 @@ class Hub:
             self._empty = asyncio.Event()
             await self._empty.wait()
 
+    def has_group(self, name: str) -> bool:
+        """Whether a member of this group is connected here (so the group exists)."""
+        return name in self._groups
+
+    def local_username(self, name: str) -> str | None:
+        """The exact username of a connected user with this username (any case)."""
+        outboxes = self._users.get(name.lower())
+        return next(iter(outboxes)).user if outboxes else None
+
     def connected(self, user: str) -> int:
         """How many connections this user has open here."""
         return len(self._users.get(user.lower(), ()))

@@ -7,9 +7,12 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 import aiosqlite
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS users (
@@ -79,12 +82,49 @@ class User:
     password_hash: str
 
 
+CACHE_SECONDS: Final = 10.0
+CACHE_ENTRIES: Final = 100_000
+
+
+class _Cache(Generic[K, V]):
+    """Positive answers for a few seconds, so hot paths skip the database.
+
+    Changes made elsewhere (another process's CLI) show after at most ``ttl``.
+    """
+
+    def __init__(self, ttl: float = CACHE_SECONDS, max_entries: int = CACHE_ENTRIES) -> None:
+        self._ttl = ttl
+        self._max = max_entries
+        self._data: dict[K, tuple[float, V]] = {}
+
+    def get(self, key: K) -> V | None:
+        found = self._data.get(key)
+        if found is None:
+            return None
+        if found[0] < time.monotonic():
+            del self._data[key]
+            return None
+        return found[1]
+
+    def put(self, key: K, value: V) -> V:
+        if len(self._data) >= self._max:
+            self._data.clear()
+        self._data[key] = (time.monotonic() + self._ttl, value)
+        return value
+
+    def clear(self) -> None:
+        self._data.clear()
+
+
 class Store:
     """One aiosqlite connection to the service's database (WAL mode)."""
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self.path = path
+        self._identities: _Cache[int, tuple[User, list[str]]] = _Cache()
+        self._groups: _Cache[str, bool] = _Cache()
+        self._names: _Cache[str, str] = _Cache()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -137,6 +177,16 @@ class Store:
             row = await cursor.fetchone()
         return User(*row) if row else None
 
+    async def identity(self, user_id: int) -> tuple[User, list[str]] | None:
+        """A user and their groups, cached for a few seconds (for handshakes)."""
+        cached = self._identities.get(user_id)
+        if cached is not None:
+            return cached
+        user = await self.user_by_id(user_id)
+        if user is None:
+            return None
+        return self._identities.put(user_id, (user, await self.groups_of(user_id)))
+
     async def groups_of(self, user_id: int) -> list[str]:
         sql = (
             "SELECT g.name FROM groups g JOIN user_groups ug ON ug.group_id = g.id "
@@ -146,8 +196,12 @@ class Store:
             return [row[0] for row in await cursor.fetchall()]
 
     async def group_exists(self, name: str) -> bool:
+        """Whether a group exists; a yes is cached for a few seconds."""
+        if self._groups.get(name):
+            return True
         async with self._db.execute("SELECT 1 FROM groups WHERE name = ?", (name,)) as cursor:
-            return await cursor.fetchone() is not None
+            found = await cursor.fetchone() is not None
+        return self._groups.put(name, True) if found else False
 
     async def resolve_user(self, name: str) -> str:
         """The username meant by ``name``: an exact username, else the one user with
@@ -156,15 +210,19 @@ class Store:
         Raises:
             UnknownUserError: nobody, or several users, go by that name.
         """
+        key = name.lower()
+        cached = self._names.get(key)
+        if cached is not None:
+            return cached
         user = await self.user_by_name(name)
         if user is not None:
-            return user.username
+            return self._names.put(key, user.username)
         sql = "SELECT username FROM users WHERE first_name = ? COLLATE NOCASE LIMIT 2"
         async with self._db.execute(sql, (name,)) as cursor:
             rows = list(await cursor.fetchall())
         if len(rows) != 1:
             raise UnknownUserError(name, len(rows))
-        return str(rows[0][0])
+        return self._names.put(key, str(rows[0][0]))
 
     async def directory(self, prefix: str, limit: int) -> tuple[list[str], list[tuple[str, str]]]:
         """Group names and (username, first name) pairs starting with ``prefix``."""
@@ -194,6 +252,7 @@ class Store:
         except sqlite3.IntegrityError:
             raise DuplicateError("group", name) from None
         await self._db.commit()
+        self._forget()
 
     async def add_user(
         self,
@@ -235,7 +294,13 @@ class Store:
             await self._db.rollback()
             raise
         await self._db.commit()
+        self._forget()
         return user_id
+
+    def _forget(self) -> None:
+        # A new user can make a first name ambiguous; a new member changes groups.
+        self._identities.clear()
+        self._names.clear()
 
     async def _group_id(self, name: str) -> int:
         async with self._db.execute("SELECT id FROM groups WHERE name = ?", (name,)) as cursor:

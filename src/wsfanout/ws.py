@@ -73,14 +73,13 @@ async def _admit(scope: Scope, svc: Service) -> tuple[Session, User, list[str]]:
     if session is None:
         raise Refusal(403, "log in first")
     try:
-        user = await svc.store.user_by_id(session.user_id)
-        if user is None or user.username != session.username:
-            raise Refusal(403, "the session's user no longer exists")
-        groups = await svc.store.groups_of(user.id)
+        found = await svc.store.identity(session.user_id)
     except sqlite3.Error as exc:
         log.error("database error during a websocket handshake: %s", exc)
         raise Refusal(503, "the database is unavailable") from None
-    return session, user, groups
+    if found is None or found[0].username != session.username:
+        raise Refusal(403, "the session's user no longer exists")
+    return session, found[0], found[1]
 
 
 async def refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
@@ -250,15 +249,20 @@ class Connection:
         Raises:
             ProtocolError: unknown group or user, or the service cannot take it now.
         """
-        store = self.svc.store
+        store, hub = self.svc.store, self.svc.hub
         target = publish.target
         try:
-            if publish.kind is Kind.GROUP and not await store.group_exists(target):
+            # Who is connected here answers most lookups without the database.
+            if (
+                publish.kind is Kind.GROUP
+                and not hub.has_group(target)
+                and not await store.group_exists(target)
+            ):
                 raise ProtocolError(
                     ErrorCode.UNKNOWN_GROUP, f"no group named {target!r}", publish.frame_id
                 )
             if publish.kind is Kind.DIRECT:
-                target = await store.resolve_user(target)
+                target = hub.local_username(target) or await store.resolve_user(target)
         except UnknownUserError as exc:
             raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
         except sqlite3.Error as exc:
@@ -267,7 +271,7 @@ class Connection:
                 ErrorCode.UNAVAILABLE, "the database is unavailable, try again", publish.frame_id
             ) from None
         try:
-            self.svc.hub.publish(publish.kind, self.user.username, publish.text, target=target)
+            hub.publish(publish.kind, self.user.username, publish.text, target=target)
         except HubClosedError as exc:
             raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), publish.frame_id) from None
         if publish.frame_id is not None:
