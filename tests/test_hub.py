@@ -5,12 +5,24 @@ from __future__ import annotations
 import pytest
 
 from wsfanout.hub import Hub, HubClosedError
-from wsfanout.outbox import Outbox
+from wsfanout.outbox import Flusher, Outbox
 from wsfanout.protocol import Kind
 
 
+async def nowhere(message: object) -> None:
+    raise AssertionError("nothing is sent in these tests")
+
+
 def outbox(user: str, *groups: str) -> Outbox:
-    return Outbox(user=user, groups=groups, limit=10_000, batch_max=8, batch_bytes=10_000)
+    return Outbox(
+        user=user,
+        groups=groups,
+        send=nowhere,
+        flusher=Flusher(),
+        limit=10_000,
+        batch_max=8,
+        batch_bytes=10_000,
+    )
 
 
 @pytest.fixture

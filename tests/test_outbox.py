@@ -1,4 +1,4 @@
-"""outbox: bounded queue, batching writer, overflow and close."""
+"""outbox: bounded queue, flusher fast path, writer slow path, batching, overflow, close."""
 
 from __future__ import annotations
 
@@ -6,26 +6,39 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 
-from wsfanout.outbox import Outbox, item
+from wsfanout.outbox import Flusher, Outbox, item
 from wsfanout.types import Message
 
 
 class Sink:
+    """A send() that records frames; clear ``gate`` to make it block like a full socket."""
+
     def __init__(self) -> None:
         self.frames: list[Any] = []
         self.gate = asyncio.Event()
         self.gate.set()
+        self.cancelled = False
+        self.fail: Exception | None = None
 
     async def __call__(self, message: Message) -> None:
-        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
         self.frames.append(orjson.loads(message["text"]))
 
 
-def make(limit: int = 1000, batch_max: int = 4, on_overflow: Any = None) -> Outbox:
+def make(sink: Sink, limit: int = 1000, batch_max: int = 4, on_overflow: Any = None) -> Outbox:
     return Outbox(
         user="u",
         groups=(),
+        send=sink,
+        flusher=Flusher(),
         limit=limit,
         batch_max=batch_max,
         batch_bytes=10_000,
@@ -37,38 +50,105 @@ def event(n: int) -> tuple[str, int]:
     return item(orjson.dumps({"n": n}).decode())
 
 
-async def test_lone_events_go_alone_and_queued_ones_batch() -> None:
-    """An event pushed to an idle writer goes as an object; a backlog goes as arrays."""
-    outbox, sink = make(), Sink()
-    writer = asyncio.create_task(outbox.run(sink))
+async def started(outbox: Outbox) -> asyncio.Task[int]:
+    """The writer task, once it is parked."""
+    writer = asyncio.create_task(outbox.run())
+    await asyncio.sleep(0)
+    assert outbox._parked()
+    return writer
+
+
+async def test_parked_writer_is_not_woken_for_a_lone_event() -> None:
+    """A lone event goes out as an object through the flusher; the writer stays parked."""
+    sink = Sink()
+    outbox = make(sink)
+    writer = await started(outbox)
+    waiter = outbox._waiter
     outbox.push(event(0))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)
     assert sink.frames == [{"n": 0}]
-    sink.gate.clear()
-    outbox.push(event(1))
-    await asyncio.sleep(0.01)  # writer now blocked sending event 1
-    for n in range(2, 8):
-        outbox.push(event(n))
-    sink.gate.set()
+    assert waiter is not None and outbox._waiter is waiter and not waiter.done()  # no wake-up
     outbox.close(1000)
     assert await asyncio.wait_for(writer, 1) == 1000
-    assert sink.frames[1:] == [{"n": 1}, [{"n": n} for n in range(2, 6)], [{"n": 6}, {"n": 7}]]
+
+
+async def test_back_to_back_events_leave_as_batches() -> None:
+    """Events pushed before the publisher yields are sent as arrays of up to batch_max."""
+    sink = Sink()
+    outbox = make(sink)
+    writer = await started(outbox)
+    for n in range(7):
+        outbox.push(event(n))
+    await asyncio.sleep(0)
+    assert sink.frames == [[{"n": n} for n in range(4)], [{"n": n} for n in range(4, 7)]]
+    outbox.close(1000)
+    await writer
+
+
+async def test_blocked_send_is_finished_by_the_writer_in_order() -> None:
+    """A send that would block is handed to the writer; later events follow in order."""
+    sink = Sink()
+    outbox = make(sink, batch_max=1)
+    writer = await started(outbox)
+    sink.gate.clear()
+    outbox.push(event(0))
+    await asyncio.sleep(0)
+    assert outbox._inflight is not None or not outbox._parked()  # handed over
+    for n in range(1, 4):
+        outbox.push(event(n))
+    await asyncio.sleep(0.01)
+    assert sink.frames == []
+    sink.gate.set()
+    await asyncio.sleep(0.01)
+    assert sink.frames == [{"n": n} for n in range(4)]
+    assert outbox._parked()  # back to the fast path
+    outbox.push(event(4))
+    await asyncio.sleep(0)
+    assert sink.frames[-1] == {"n": 4}
+    outbox.close(1000)
+    await writer
+
+
+async def test_cancelling_a_blocked_writer_cancels_its_send() -> None:
+    """Cancelling the writer while it finishes a blocked send cancels that send too."""
+    sink = Sink()
+    outbox = make(sink)
+    writer = await started(outbox)
+    sink.gate.clear()
+    outbox.push(event(0))
+    await asyncio.sleep(0.01)
+    writer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writer
+    assert sink.cancelled
+
+
+async def test_send_errors_reach_the_writer() -> None:
+    """An exception from send() in the fast path ends the writer with that exception."""
+    sink = Sink()
+    outbox = make(sink)
+    writer = await started(outbox)
+    sink.fail = RuntimeError("boom")
+    outbox.push(event(0))
+    with pytest.raises(RuntimeError, match="boom"):
+        await asyncio.wait_for(writer, 1)
 
 
 async def test_batch_max_one_never_batches() -> None:
     """batch_max=1 sends one event per frame."""
-    outbox, sink = make(batch_max=1), Sink()
+    sink = Sink()
+    outbox = make(sink, batch_max=1)
     for n in range(3):
         outbox.push(event(n))
     outbox.close(1000)
-    await outbox.run(sink)
+    await outbox.run()
     assert sink.frames == [{"n": 0}, {"n": 1}, {"n": 2}]
 
 
 async def test_overflow_drops_everything_and_reports_once() -> None:
     """Passing the byte bound empties the outbox, sets 1013, and calls back once."""
     calls: list[int] = []
-    outbox = make(limit=20, on_overflow=lambda: calls.append(1))
+    outbox = make(Sink(), limit=20, on_overflow=lambda: calls.append(1))
     assert outbox.push(event(1))
     assert outbox.push(event(2))
     assert outbox.queued_bytes == 14  # two 7-byte events
@@ -85,9 +165,25 @@ def test_size_counts_utf8_bytes() -> None:
 
 async def test_close_flushes_then_returns_code() -> None:
     """close() lets the writer send what is queued, then return the code; pushes stop."""
-    outbox, sink = make(), Sink()
+    sink = Sink()
+    outbox = make(sink)
     outbox.push(event(1))
     outbox.close(1001)
     assert not outbox.push(event(2))
-    assert await asyncio.wait_for(outbox.run(sink), 1) == 1001
+    assert await asyncio.wait_for(outbox.run(), 1) == 1001
     assert sink.frames == [{"n": 1}]
+
+
+async def test_stats_count_frames_and_batches() -> None:
+    """The flusher's stats count frames, events and batch sizes."""
+    sink = Sink()
+    outbox = make(sink)
+    writer = await started(outbox)
+    for n in range(5):
+        outbox.push(event(n))
+    await asyncio.sleep(0)
+    stats = outbox._flusher.stats
+    assert (stats.frames, stats.events) == (2, 5)
+    assert stats.batch_sizes[0] == 1 and stats.batch_sizes[2] == 1  # one of 1, one of 4
+    outbox.close(1000)
+    await writer

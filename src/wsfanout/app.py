@@ -131,6 +131,7 @@ class App:
         svc.hub.close_all(CloseCode.GOING_AWAY)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(svc.hub.emptied(), SHUTDOWN_FLUSH)
+        await svc.flusher.close()
         await svc.store.close()
         self._service = None
 

@@ -19,6 +19,7 @@ import orjson
 from . import http, passwords
 from .config import Settings
 from .hub import Hub
+from .outbox import Flusher
 from .sessions import COOKIE_NAME, Session, SessionCodec
 from .store import Store
 from .types import Receive, Scope, Send
@@ -109,6 +110,7 @@ class Service:
     hub: Hub
     codec: SessionCodec
     web: dict[str, tuple[bytes, bytes]]
+    flusher: Flusher = field(default_factory=Flusher)
     throttle: LoginThrottle = field(init=False)
 
     def __post_init__(self) -> None:

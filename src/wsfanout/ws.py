@@ -118,6 +118,8 @@ class Connection:
         self.outbox = Outbox(
             user=user.username,
             groups=tuple(groups),
+            send=send,
+            flusher=svc.flusher,
             limit=settings.outbox_bytes,
             batch_max=settings.batch_max,
             batch_bytes=settings.batch_bytes,
@@ -126,7 +128,7 @@ class Connection:
 
     async def run(self) -> None:
         svc, outbox = self.svc, self.outbox
-        writer = asyncio.create_task(outbox.run(self.send))
+        writer = asyncio.create_task(outbox.run())
         outbox.on_overflow = writer.cancel
         reader = asyncio.create_task(self._read())
         svc.hub.add(outbox)

@@ -1,0 +1,190 @@
+// Load generator for bench/run.py: opens many websockets, waits for "go" on stdin,
+// runs one scenario, prints one JSON line of results. Node's `ws` keeps up with
+// hundreds of thousands of frames per second on one core, so the server, not this,
+// is what a run measures (run.py prints this process's CPU beside the server's).
+//
+// Config (a JSON file named by argv[2]):
+//   mode        "wsfanout" (JSON protocol, cookie auth) or "baseline" (bare app)
+//   url         ws://127.0.0.1:PORT/
+//   connections how many sockets to open
+//   cookies     cookie header per connection (cycled), wsfanout only
+//   groups      group name per connection (cycled); baseline joins it via ?g=
+//   scenario    "burst" | "paced" | "groups" | "capacity"
+//   messages    publishes to send; size: payload bytes; rate: publishes/s (paced)
+//   senders     connections that publish (groups)
+//   groupSizes  {group: members} to know how many deliveries a group send makes
+//   concurrency handshakes in flight at once
+import { WebSocket } from "ws";
+import { performance } from "node:perf_hooks";
+import { readFileSync } from "node:fs";
+import { createInterface } from "node:readline";
+
+const cfg = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const wsfanout = cfg.mode === "wsfanout";
+const sockets = new Array(cfg.connections);
+let deliveries = 0;
+let expected = Infinity;
+let latencies = new Float64Array(0);
+let finish = null;
+let errors = 0;
+
+function payload(seq) {
+  const head = `${seq}|${performance.now().toFixed(3)}|`;
+  return head + "x".repeat(Math.max(0, cfg.size - head.length));
+}
+
+function publishFrame(text, group) {
+  if (!wsfanout) return group ? `${group}|${text}` : `*|${text}`;
+  return group ? JSON.stringify({ type: "group", group, text }) : JSON.stringify({ type: "broadcast", text });
+}
+
+function delivered(text) {
+  const now = performance.now();
+  const second = text.indexOf("|", text.indexOf("|") + 1);
+  const sent = Number(text.slice(text.indexOf("|") + 1, second));
+  if (deliveries < latencies.length) latencies[deliveries] = now - sent;
+  deliveries += 1;
+  if (deliveries >= expected && finish) finish();
+}
+
+// Frames are scanned, not JSON.parse'd: the client's own cost should not decide
+// the latency it measures. A wsfanout frame is one event or an array of them; each
+// message event carries "text":"<seq>|<sent ms>|...".
+const TEXT = '"text":"';
+const ERROR = '"type":"error"';
+
+function onFrame(data) {
+  const text = data.toString();
+  if (!wsfanout) {
+    delivered(text);
+    return;
+  }
+  let at = text.indexOf(TEXT);
+  while (at !== -1) {
+    delivered(text.slice(at + TEXT.length, at + TEXT.length + 40));
+    at = text.indexOf(TEXT, at + TEXT.length);
+  }
+  if (text.includes(ERROR)) errors += 1;
+}
+
+function open(index) {
+  return new Promise((resolve, reject) => {
+    const group = cfg.groups ? cfg.groups[index % cfg.groups.length] : "";
+    const url = wsfanout || !group ? cfg.url : `${cfg.url}?g=${encodeURIComponent(group)}`;
+    const headers = wsfanout ? { Cookie: cfg.cookies[index % cfg.cookies.length] } : {};
+    const ws = new WebSocket(url, { headers, perMessageDeflate: false, maxPayload: 64 * 1024 * 1024 });
+    let welcomed = !wsfanout;
+    ws.on("message", (data) => {
+      if (!welcomed) {
+        welcomed = true; // the first frame is the welcome
+        resolve(ws);
+        return;
+      }
+      onFrame(data);
+    });
+    ws.on("open", () => { if (welcomed) resolve(ws); });
+    ws.on("error", reject);
+    ws.on("close", () => { if (!welcomed) reject(new Error("closed before welcome")); });
+    sockets[index] = ws;
+  });
+}
+
+async function openAll() {
+  let next = 0;
+  const start = performance.now();
+  async function worker() {
+    while (next < cfg.connections) {
+      const index = next++;
+      await open(index);
+    }
+  }
+  await Promise.all(Array.from({ length: Math.min(cfg.concurrency || 100, cfg.connections) }, worker));
+  return (performance.now() - start) / 1000;
+}
+
+function quantile(sorted, q) {
+  if (sorted.length === 0) return null;
+  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
+}
+
+function waitFor(count, timeoutMs) {
+  expected = count;
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(false), timeoutMs);
+    finish = () => { clearTimeout(timer); resolve(true); };
+    if (deliveries >= expected) finish();
+  });
+}
+
+async function run() {
+  const lines = createInterface({ input: process.stdin });
+  const commands = lines[Symbol.asyncIterator]();
+  const handshakeSeconds = await openAll();
+  process.stdout.write(JSON.stringify({ ready: true, handshake_s: handshakeSeconds }) + "\n");
+  await commands.next(); // "go"
+
+  const cpu0 = process.cpuUsage();
+  const t0 = performance.now();
+  let complete = true;
+  let sent = 0;
+  if (cfg.scenario === "burst") {
+    latencies = new Float64Array(cfg.messages * cfg.connections);
+    const done = waitFor(cfg.messages * cfg.connections, 60_000);
+    for (let i = 0; i < cfg.messages; i++) sockets[0].send(publishFrame(payload(i)));
+    sent = cfg.messages;
+    complete = await done;
+  } else if (cfg.scenario === "paced") {
+    latencies = new Float64Array(cfg.messages * cfg.connections);
+    const done = waitFor(cfg.messages * cfg.connections, 60_000);
+    const interval = 1000 / cfg.rate;
+    for (let i = 0; i < cfg.messages; i++) {
+      const due = t0 + i * interval;
+      const wait = due - performance.now();
+      if (wait > 1) await new Promise((r) => setTimeout(r, wait));
+      sockets[0].send(publishFrame(payload(i)));
+    }
+    sent = cfg.messages;
+    complete = await done;
+  } else if (cfg.scenario === "groups") {
+    const names = Object.keys(cfg.groupSizes);
+    let total = 0;
+    const plan = [];
+    for (let i = 0; i < cfg.messages; i++) {
+      const group = names[Math.floor(Math.random() * names.length)];
+      total += cfg.groupSizes[group];
+      plan.push(group);
+    }
+    latencies = new Float64Array(total);
+    const done = waitFor(total, 60_000);
+    plan.forEach((group, i) => sockets[i % cfg.senders].send(publishFrame(payload(i), group)));
+    sent = cfg.messages;
+    complete = await done;
+  }
+  const elapsed = (performance.now() - t0) / 1000;
+  const cpu = process.cpuUsage(cpu0);
+  const measured = latencies.subarray(0, Math.min(deliveries, latencies.length)).sort();
+  const result = {
+    scenario: cfg.scenario,
+    connections: cfg.connections,
+    handshake_s: handshakeSeconds,
+    handshakes_per_s: cfg.connections / handshakeSeconds,
+    published: sent,
+    deliveries,
+    expected: Number.isFinite(expected) ? expected : 0,
+    complete,
+    elapsed_s: elapsed,
+    deliveries_per_s: deliveries / elapsed,
+    p50_ms: quantile(measured, 0.5),
+    p99_ms: quantile(measured, 0.99),
+    loadgen_cpu_s: (cpu.user + cpu.system) / 1e6,
+    errors,
+  };
+  process.stdout.write(JSON.stringify(result) + "\n");
+  for (const ws of sockets) if (ws) ws.terminate();
+  process.exit(0);
+}
+
+run().catch((err) => {
+  process.stdout.write(JSON.stringify({ error: String(err && err.message || err) }) + "\n");
+  process.exit(1);
+});

@@ -1,0 +1,413 @@
+"""The benchmark: wsfanout and a bare hypercorn app, side by side in one run.
+
+Each scenario runs against a fresh server of each system in turn (A/B/A/B …),
+repeated, and the table shows medians and the ratio wsfanout / baseline. The
+server is pinned to core 0 and the load generator (Node ``ws``, bench/loadgen.mjs)
+to core 1. Server CPU comes from /proc (user + system time of the server process
+over the measured phase only, connection set-up excluded).
+
+    python bench/run.py                  # the full run (several minutes)
+    python bench/run.py --quick          # a small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+SECRET = "bench-secret-key"  # noqa: S105 - a throwaway key for a throwaway database
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    app: str
+    mode: str  # loadgen protocol
+    env: dict[str, str] = field(default_factory=dict)
+
+
+WSFANOUT_ENV = {"WSFANOUT_RATE_LIMIT": "0", "WSFANOUT_LOG_LEVEL": "warning"}
+WSFANOUT = System("wsfanout", "wsfanout:app", "wsfanout", WSFANOUT_ENV)
+NO_BATCH = System(
+    "wsfanout-batch1", "wsfanout:app", "wsfanout", {**WSFANOUT_ENV, "WSFANOUT_BATCH_MAX": "1"}
+)
+BASELINE = System("baseline", "bench.baseline:app", "baseline")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    systems: tuple[System, ...]
+    config: dict[str, Any]
+    label: str
+
+
+def scenarios(quick: bool) -> list[Scenario]:
+    n = 100 if quick else 1000
+    messages = 20 if quick else 200
+    return [
+        Scenario(
+            "burst",
+            (WSFANOUT, NO_BATCH, BASELINE),
+            {"scenario": "burst", "connections": n, "messages": messages, "size": 100},
+            f"S1 burst: {n} conns, {messages} broadcasts of 100 B",
+        ),
+        Scenario(
+            "paced",
+            (WSFANOUT, BASELINE),
+            {"scenario": "paced", "connections": n, "messages": 3 * 60, "size": 100, "rate": 60},
+            f"S1 paced: {n} conns, 60 broadcasts/s = {60 * n} deliveries/s for 3 s",
+        ),
+        Scenario(
+            "groups",
+            (WSFANOUT, BASELINE),
+            {
+                "scenario": "groups",
+                "connections": n,
+                "messages": 20 * messages,
+                "size": 100,
+                "senders": 10,
+            },
+            f"groups: {n} conns in {n // 10} groups of 10, {20 * messages} sends",
+        ),
+        Scenario(
+            "capacity",
+            (WSFANOUT, BASELINE),
+            {"scenario": "capacity", "connections": 1000 if quick else 10_000, "concurrency": 200},
+            f"capacity: {1000 if quick else 10_000} idle authenticated connections",
+        ),
+    ]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def pin(core: int) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", str(core)]
+    return []
+
+
+class Server:
+    def __init__(self, system: System, data_dir: Path) -> None:
+        self.system = system
+        self.data_dir = data_dir
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4096)
+        self.port = sock.getsockname()[1]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "WSFANOUT_DATA_DIR": str(data_dir),
+            "WSFANOUT_SECRET_KEY": SECRET,
+            **system.env,
+        }
+        self.proc = subprocess.Popen(
+            [
+                *pin(0),
+                sys.executable,
+                "-m",
+                "hypercorn",
+                "--workers",
+                "0",
+                "--backlog",
+                "4096",
+                "--bind",
+                f"fd://{sock.fileno()}",
+                system.app,
+            ],
+            pass_fds=[sock.fileno()],
+            env=env,
+            cwd=data_dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        sock.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2):
+                    break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{system.name} did not start: {self.stderr()}") from None
+                time.sleep(0.05)
+
+    def stderr(self) -> str:
+        self.stop()
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read().decode()[-2000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def prepare(data_dir: Path, users: int) -> tuple[list[str], list[str]]:
+    """Create users bench0000… in groups g00… (10 each); return (cookies, groups) per user."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from wsfanout.passwords import hash_password
+    from wsfanout.sessions import COOKIE_NAME, SessionCodec
+    from wsfanout.store import Store
+
+    async def build() -> tuple[list[str], list[str]]:
+        store = await Store.open(data_dir / "wsfanout.sqlite3")
+        hashed = hash_password("bench")  # one hash for all: creating users stays fast
+        codec = SessionCodec((SECRET,), 86400)
+        cookies, groups = [], []
+        for g in range(users // 10):
+            await store.add_group(f"g{g:03d}")
+        for i in range(users):
+            group = f"g{i // 10:03d}"
+            user_id = await store.add_user(f"bench{i:05d}", hashed, groups=(group,))
+            cookies.append(f"{COOKIE_NAME}={codec.issue(user_id, f'bench{i:05d}')}")
+            groups.append(group)
+        await store.close()
+        return cookies, groups
+
+    return asyncio.run(build())
+
+
+def run_once(
+    scenario: Scenario,
+    system: System,
+    data_dir: Path,
+    cookies: list[str],
+    groups: list[str],
+    profile_dir: Path | None = None,
+) -> dict[str, Any]:
+    server = Server(system, data_dir)
+    try:
+        config = {
+            **scenario.config,
+            "mode": system.mode,
+            "url": f"ws://127.0.0.1:{server.port}/",
+            "cookies": cookies,
+            "groups": groups,
+            "concurrency": scenario.config.get("concurrency", 100),
+        }
+        n = config["connections"]
+        config["groupSizes"] = {g: groups[:n].count(g) for g in sorted(set(groups[:n]))}
+        rss_before = rss_kib(server.proc.pid)
+        config_path = data_dir / "loadgen.json"
+        config_path.write_text(json.dumps(config))
+        loadgen = subprocess.Popen(
+            [*pin(1), "node", str(BENCH / "loadgen.mjs"), str(config_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert loadgen.stdin is not None and loadgen.stdout is not None
+        ready = json.loads(loadgen.stdout.readline() or '{"error": "loadgen died"}')
+        if "error" in ready:
+            raise RuntimeError(f"{system.name}/{scenario.name}: {ready['error']}")
+        time.sleep(0.5)  # let the server settle after the handshakes
+        rss_after = rss_kib(server.proc.pid)
+        profiler = None
+        if profile_dir is not None and system.name == "wsfanout":
+            out = profile_dir / f"{scenario.name}-{system.name}.txt"
+            profiler = subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(server.proc.pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "200",
+                    "--output",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)  # py-spy attaches
+        cpu_before = cpu_seconds(server.proc.pid)
+        loadgen.stdin.write("go\n")
+        loadgen.stdin.flush()
+        result: dict[str, Any] = json.loads(loadgen.stdout.readline() or '{"error": "no result"}')
+        cpu_after = cpu_seconds(server.proc.pid)
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(30)
+        loadgen.wait(30)
+        if "error" in result:
+            raise RuntimeError(f"{system.name}/{scenario.name}: {result['error']}")
+        result["server_cpu_s"] = cpu_after - cpu_before
+        result["server_us_per_delivery"] = (
+            1e6 * result["server_cpu_s"] / result["deliveries"] if result["deliveries"] else None
+        )
+        result["rss_kib_per_conn"] = (rss_after - rss_before) / n
+        if not result.get("complete", True):
+            result["note"] = f"incomplete: {result['deliveries']} of {result['expected']}"
+        return result
+    finally:
+        server.stop()
+
+
+METRICS = {
+    "burst": [
+        ("deliveries_per_s", "deliveries/s", True),
+        ("server_us_per_delivery", "server µs/delivery", False),
+        ("p50_ms", "p50 ms", False),
+        ("p99_ms", "p99 ms", False),
+        ("loadgen_cpu_s", "loadgen CPU s", None),
+        ("server_cpu_s", "server CPU s", None),
+        ("elapsed_s", "wall s", None),
+    ],
+    "paced": [
+        ("p50_ms", "p50 ms", False),
+        ("p99_ms", "p99 ms", False),
+        ("server_us_per_delivery", "server µs/delivery", False),
+        ("loadgen_cpu_s", "loadgen CPU s", None),
+    ],
+    "groups": [
+        ("deliveries_per_s", "deliveries/s", True),
+        ("server_us_per_delivery", "server µs/delivery", False),
+        ("p99_ms", "p99 ms", False),
+        ("loadgen_cpu_s", "loadgen CPU s", None),
+    ],
+    "capacity": [
+        ("handshakes_per_s", "handshakes/s", True),
+        ("rss_kib_per_conn", "RSS KiB/conn", False),
+        ("handshake_s", "handshake wall s", None),
+    ],
+}
+
+
+def median(values: list[Any]) -> float | None:
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return statistics.median(numbers) if numbers else None
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--reps", type=int, default=3, help="repetitions of each run (median is shown)"
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--only", action="append", help="run only these scenarios")
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy wsfanout's measured phases into this folder"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=BENCH / "results.json", help="JSON results file"
+    )
+    args = parser.parse_args()
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if not (BENCH / "node_modules" / "ws").exists():
+        print("installing the load generator's dependencies (npm ci in bench/)", flush=True)
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(BENCH)], check=True)
+
+    chosen = [s for s in scenarios(args.quick) if not args.only or s.name in args.only]
+    users = (
+        max(s.config["connections"] for s in chosen if s.name != "capacity")
+        if any(s.name != "capacity" for s in chosen)
+        else 1000
+    )
+    users = min(users, 1000)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with tempfile.TemporaryDirectory(prefix="wsfanout-bench-") as tmp:
+        data_dir = Path(tmp)
+        print(f"creating {users} users ...", flush=True)
+        cookies, groups = prepare(data_dir, users)
+        for rep in range(args.reps):
+            for scenario in chosen:
+                for system in scenario.systems:
+                    started = time.monotonic()
+                    result = run_once(scenario, system, data_dir, cookies, groups, args.profile)
+                    results.setdefault(scenario.name, {}).setdefault(system.name, []).append(result)
+                    note = f" ({result['note']})" if "note" in result else ""
+                    print(
+                        f"rep {rep + 1}/{args.reps} {scenario.name:8} {system.name:16} "
+                        f"{time.monotonic() - started:5.1f} s{note}",
+                        flush=True,
+                    )
+
+    print()
+    summary: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "reps": args.reps,
+        "quick": args.quick,
+        "scenarios": {},
+    }
+    for scenario in chosen:
+        by_system = results[scenario.name]
+        print(f"## {scenario.label}")
+        names = [s.name for s in scenario.systems]
+        header = f"{'metric':22}" + "".join(f"{n:>18}" for n in names) + f"{'ratio':>10}"
+        print(header)
+        table: dict[str, dict[str, float | None]] = {}
+        for key, label, _higher_is_better in METRICS[scenario.name]:
+            values = {n: median([r.get(key) for r in by_system[n]]) for n in names}
+            table[key] = values
+            base, ours = values.get("baseline"), values.get("wsfanout")
+            ratio = f"{ours / base:.2f}x" if base and ours is not None else "-"
+            print(f"{label:22}" + "".join(f"{fmt(values[n]):>18}" for n in names) + f"{ratio:>10}")
+        if "wsfanout-batch1" in names:
+            base, ours = (
+                table["server_us_per_delivery"]["baseline"],
+                table["server_us_per_delivery"]["wsfanout-batch1"],
+            )
+            if base and ours:
+                print(f"{'batch1 µs/delivery vs baseline':40} {ours / base:.2f}x")
+        print()
+        summary["scenarios"][scenario.name] = {
+            "label": scenario.label,
+            "medians": table,
+            "runs": by_system,
+        }
+    args.out.write_text(json.dumps(summary, indent=1))
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
