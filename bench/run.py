@@ -223,6 +223,14 @@ def run_once(
         n = config["connections"]
         config["groupSizes"] = {g: groups[:n].count(g) for g in sorted(set(groups[:n]))}
         rss_before = rss_kib(server.proc.pid)
+        profiler = None
+        if profile_dir is not None and system.name == "wsfanout" and scenario.name == "capacity":
+            profiler = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(server.proc.pid), "--format", "raw",
+                 "--rate", "200", "--output", str(profile_dir / "capacity-wsfanout.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
         config_path = data_dir / "loadgen.json"
         config_path.write_text(json.dumps(config))
         loadgen = subprocess.Popen(
@@ -237,8 +245,7 @@ def run_once(
             raise RuntimeError(f"{system.name}/{scenario.name}: {ready['error']}")
         time.sleep(0.5)  # let the server settle after the handshakes
         rss_after = rss_kib(server.proc.pid)
-        profiler = None
-        if profile_dir is not None and system.name == "wsfanout":
+        if profile_dir is not None and system.name == "wsfanout" and profiler is None:
             out = profile_dir / f"{scenario.name}-{system.name}.txt"
             profiler = subprocess.Popen(
                 [
@@ -332,6 +339,7 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--only", action="append", help="run only these scenarios")
+    parser.add_argument("--size", type=int, help="payload bytes per message (default 100)")
     parser.add_argument(
         "--profile", type=Path, help="py-spy wsfanout's measured phases into this folder"
     )
@@ -347,6 +355,10 @@ def main() -> int:
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(BENCH)], check=True)
 
     chosen = [s for s in scenarios(args.quick) if not args.only or s.name in args.only]
+    if args.size:
+        for scenario in chosen:
+            if "size" in scenario.config:
+                scenario.config["size"] = args.size
     users = (
         max(s.config["connections"] for s in chosen if s.name != "capacity")
         if any(s.name != "capacity" for s in chosen)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Awaitable, Callable, Coroutine
+from types import CoroutineType
 from typing import Any, Final
 
 from . import protocol
@@ -64,7 +65,10 @@ class WriterStats:
     def count(self, events: int) -> None:
         self.frames += 1
         self.events += events
-        self.batch_sizes[min(events.bit_length(), len(self.batch_sizes)) - 1] += 1
+        if events == 1:
+            self.batch_sizes[0] += 1
+        else:
+            self.batch_sizes[min(events.bit_length(), len(self.batch_sizes)) - 1] += 1
 
 
 class Flusher:
@@ -163,8 +167,8 @@ class Outbox:
         """Queue one encoded event; False if this outbox no longer takes any."""
         if self.close_code is not None:
             return False
-        size = entry[1]
-        if self.queued_bytes + size > self._limit:
+        queued = self.queued_bytes + entry[1]
+        if queued > self._limit:
             self._frames.clear()
             self.queued_bytes = 0
             self.close_code = protocol.CloseCode.TRY_AGAIN_LATER
@@ -172,10 +176,12 @@ class Outbox:
                 self.on_overflow()
             return False
         self._frames.append(entry)
-        self.queued_bytes += size
-        if not self._scheduled and self._parked():
-            self._scheduled = True
-            self._flusher.schedule(self)
+        self.queued_bytes = queued
+        if not self._scheduled:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():  # parked: the flusher sends for it
+                self._scheduled = True
+                self._flusher.schedule(self)
         return True
 
     def close(self, code: int) -> None:
@@ -213,10 +219,21 @@ class Outbox:
     def _flush(self) -> None:
         """Called by the flusher: send what is queued while the writer stays parked."""
         self._scheduled = False
+        frames = self._frames
         stats = self._flusher.stats
-        while self._frames and self._parked() and self.close_code is None:
-            text, count = self._take()
-            send = _coroutine(self._send({"type": "websocket.send", "text": text}))
+        while frames:
+            waiter = self._waiter
+            if waiter is None or waiter.done():  # the writer is awake and does it
+                return
+            if len(frames) == 1:
+                text, size = frames.popleft()
+                self.queued_bytes -= size
+                count = 1
+            else:
+                text, count = self._take()
+            send = self._send({"type": "websocket.send", "text": text})
+            if type(send) is not CoroutineType:
+                send = _coroutine(send)
             try:
                 blocked_on = send.send(None)
             except StopIteration:
@@ -224,11 +241,11 @@ class Outbox:
                 continue
             except BaseException as exc:  # handed to the writer, which raises it
                 self._error = exc
-                self._wake()
+                waiter.set_result(None)
                 return
             stats.count(count)
             self._inflight = (send, blocked_on)
-            self._wake()  # the writer finishes this send, then drains the rest
+            waiter.set_result(None)  # the writer finishes this send, then drains the rest
             return
 
     async def run(self) -> int:
@@ -260,7 +277,7 @@ class Outbox:
 def _coroutine(awaitable: Awaitable[None]) -> Coroutine[Any, Any, None]:
     """Servers' send() is a coroutine function (hypercorn's is); wrap anything else."""
     if isinstance(awaitable, Coroutine):
-        return awaitable
+        return awaitable  # a coroutine of another kind (Cython, say)
 
     async def wrapped() -> None:
         await awaitable
