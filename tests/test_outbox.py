@@ -46,7 +46,7 @@ def make(sink: Sink, limit: int = 1000, batch_max: int = 4, on_overflow: Any = N
     )
 
 
-def event(n: int) -> tuple[str, int]:
+def event(n: int) -> tuple[str, int, Message]:
     return item(orjson.dumps({"n": n}).decode())
 
 

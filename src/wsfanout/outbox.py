@@ -36,17 +36,19 @@ from types import CoroutineType
 from typing import Any, Final
 
 from . import protocol
-from .types import Send
+from .types import Message, Send
 
-Item = tuple[str, int]
-"""An encoded event and its size in bytes, made once per publish, shared by every outbox."""
+Item = tuple[str, int, Message]
+"""An encoded event, its size in bytes, and the ASGI message that sends it alone:
+made once per publish and shared by every outbox (servers do not change messages)."""
 
 FLUSH_CHUNK: Final = 1000  # outboxes flushed before the flusher lets other tasks run
 
 
 def item(frame: str) -> Item:
     """Pair a frame with its UTF-8 size (cheap for ASCII, which most frames are)."""
-    return frame, len(frame) if frame.isascii() else len(frame.encode())
+    size = len(frame) if frame.isascii() else len(frame.encode())
+    return frame, size, {"type": "websocket.send", "text": frame}
 
 
 class WriterStats:
@@ -199,22 +201,22 @@ class Outbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _take(self) -> tuple[str, int]:
-        """Pop up to a batch of events: (frame text, how many events)."""
+    def _take(self) -> tuple[Message, int]:
+        """Pop up to a batch of events: (the ASGI message to send, how many events)."""
         frames = self._frames
-        text, size = frames.popleft()
+        text, size, message = frames.popleft()
         count = 1
         if self._batch_max > 1 and frames:
             texts = [text]
             while frames and count < self._batch_max and size + frames[0][1] <= self._batch_bytes:
-                more, more_size = frames.popleft()
+                more, more_size, _ = frames.popleft()
                 texts.append(more)
                 size += more_size
                 count += 1
             if count > 1:
-                text = protocol.batch(texts)
+                message = {"type": "websocket.send", "text": protocol.batch(texts)}
         self.queued_bytes -= size
-        return text, count
+        return message, count
 
     def _flush(self) -> None:
         """Called by the flusher: send what is queued while the writer stays parked."""
@@ -226,12 +228,12 @@ class Outbox:
             if waiter is None or waiter.done():  # the writer is awake and does it
                 return
             if len(frames) == 1:
-                text, size = frames.popleft()
+                _, size, message = frames.popleft()
                 self.queued_bytes -= size
                 count = 1
             else:
-                text, count = self._take()
-            send = self._send({"type": "websocket.send", "text": text})
+                message, count = self._take()
+            send = self._send(message)
             if type(send) is not CoroutineType:
                 send = _coroutine(send)
             try:
@@ -269,8 +271,8 @@ class Outbox:
                 finally:
                     self._waiter = None
                 continue
-            text, count = self._take()
-            await self._send({"type": "websocket.send", "text": text})
+            message, count = self._take()
+            await self._send(message)
             stats.count(count)
 
 
