@@ -27,6 +27,7 @@ ROUTES: Final[dict[str, dict[str, Handler]]] = {
     "/logout": {"POST": views.logout},
     "/api/directory": {"GET": views.directory},
     "/healthz": {"GET": views.healthz},
+    "/metrics": {"GET": views.metrics},
 }
 WEBSOCKET_PATHS: Final = frozenset({"/"})
 SHUTDOWN_FLUSH: Final = 5.0  # seconds connections get to send what is queued before stopping

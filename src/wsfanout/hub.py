@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import protocol
 from .outbox import Outbox, item
@@ -21,7 +21,7 @@ from .protocol import Kind
 class HubStats:
     """Counters kept per publish, never per recipient."""
 
-    published: int = 0
+    published: dict[tuple[str, str], int] = field(default_factory=dict)
     deliveries: int = 0
     slow_consumers: int = 0
 
@@ -82,8 +82,19 @@ class Hub:
         """How many connections this user has open here."""
         return len(self._users.get(user.lower(), ()))
 
+    def outboxes(self) -> list[Outbox]:
+        """A snapshot of every local connection's outbox."""
+        return list(self._all)
+
     def publish(
-        self, kind: Kind, sender: str, text: str, *, target: str = "", ts: float | None = None
+        self,
+        kind: Kind,
+        sender: str,
+        text: str,
+        *,
+        target: str = "",
+        ts: float | None = None,
+        source: str = "websocket",
     ) -> int:
         """Deliver one message to every local recipient; return the local recipient count.
 
@@ -109,8 +120,10 @@ class Hub:
         entry = item(frame)
         for outbox in recipients:
             outbox.push(entry)
-        self.stats.published += 1
-        self.stats.deliveries += len(recipients)
+        stats = self.stats
+        key = (kind.value, source)
+        stats.published[key] = stats.published.get(key, 0) + 1
+        stats.deliveries += len(recipients)
         return len(recipients)
 
     def close_all(self, code: int) -> None:

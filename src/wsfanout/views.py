@@ -19,6 +19,7 @@ import orjson
 from . import http, passwords
 from .config import Settings
 from .hub import Hub
+from .metrics import Metrics, ServiceStats
 from .outbox import Flusher
 from .sessions import COOKIE_NAME, Session, SessionCodec
 from .store import Store
@@ -111,12 +112,15 @@ class Service:
     codec: SessionCodec
     web: dict[str, tuple[bytes, bytes]]
     flusher: Flusher = field(default_factory=Flusher)
+    stats: ServiceStats = field(default_factory=ServiceStats)
     throttle: LoginThrottle = field(init=False)
+    metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.throttle = LoginThrottle(
             self.settings.login_max_failures, self.settings.login_failure_window
         )
+        self.metrics = Metrics(self.hub, self.flusher.stats, self.stats)
 
     def session(self, scope: Scope) -> Session | None:
         return self.codec.verify(http.cookies(scope).get(COOKIE_NAME))
@@ -187,6 +191,7 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
     keys = ("user:" + username.lower(), "addr:" + str(client))
     wait = svc.throttle.retry_after(keys, time.monotonic())
     if wait is not None:
+        svc.stats.login_failed("throttled")
         log.warning("login throttled for %r from %s", username, client)
         message = f"Too many failed logins, try again in {wait} s"
         await refuse(429, message, [(b"retry-after", str(wait).encode())])
@@ -196,6 +201,7 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
     ok = await asyncio.to_thread(passwords.verify_password, password, stored)
     if user is None or not ok:
         svc.throttle.failed(keys, time.monotonic())
+        svc.stats.login_failed("password")
         log.info("failed login for %r from %s", username, client)
         await refuse(401, "User or password wrong")
         return
@@ -289,6 +295,11 @@ async def healthz(scope: Scope, receive: Receive, send: Send, svc: Service) -> N
             "connections": len(svc.hub),
         },
     )
+
+
+async def metrics(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
+    """Prometheus text format."""
+    await http.respond(send, 200, svc.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
 
 
 async def static(scope: Scope, receive: Receive, send: Send, svc: Service, name: str) -> None:

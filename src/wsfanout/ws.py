@@ -39,11 +39,12 @@ FLUSH_BEFORE_CLOSE: Final = 2.0  # seconds a writer gets to send queued frames b
 
 
 class Refusal(Exception):
-    """A handshake we turn down before accepting."""
+    """A handshake we turn down before accepting; ``label`` names it in metrics."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, label: str, reason: str) -> None:
         super().__init__(reason)
         self.status = status
+        self.label = label
         self.reason = reason
 
 
@@ -55,6 +56,7 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
     try:
         session, user, groups = await _admit(scope, svc)
     except Refusal as refusal:
+        svc.stats.refuse(refusal.label)
         log.info("websocket refused (%s): %s", refusal.status, refusal.reason)
         await refuse(scope, send, refusal.status, refusal.reason)
         return
@@ -64,21 +66,21 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
 
 async def _admit(scope: Scope, svc: Service) -> tuple[Session, User, list[str]]:
     if svc.hub.closed:
-        raise Refusal(503, "the server is shutting down")
+        raise Refusal(503, "shutting_down", "the server is shutting down")
     if len(svc.hub) >= svc.settings.max_connections:
-        raise Refusal(503, "too many connections, try again later")
+        raise Refusal(503, "full", "too many connections, try again later")
     if not http.origin_allowed(scope, svc.settings.allowed_origins):
-        raise Refusal(403, "origin not allowed")
+        raise Refusal(403, "origin", "origin not allowed")
     session = svc.session(scope)
     if session is None:
-        raise Refusal(403, "log in first")
+        raise Refusal(403, "no_session", "log in first")
     try:
         found = await svc.store.identity(session.user_id)
     except sqlite3.Error as exc:
         log.error("database error during a websocket handshake: %s", exc)
-        raise Refusal(503, "the database is unavailable") from None
+        raise Refusal(503, "database", "the database is unavailable") from None
     if found is None or found[0].username != session.username:
-        raise Refusal(403, "the session's user no longer exists")
+        raise Refusal(403, "unknown_user", "the session's user no longer exists")
     return session, found[0], found[1]
 
 

@@ -1,0 +1,117 @@
+"""Prometheus metrics, read from plain counters at scrape time.
+
+The hot path only adds to integers (per publish, per frame); nothing here runs
+until ``/metrics`` is scraped, so counting costs no lock and no call per recipient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Final
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from .hub import Hub
+from .outbox import WriterStats
+
+OUTBOX_BUCKETS: Final = (0, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+
+
+class ServiceStats:
+    """Counters kept outside the fan-out path: handshakes and logins."""
+
+    def __init__(self) -> None:
+        self.refused: dict[str, int] = {}
+        self.login_failures: dict[str, int] = {}
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def login_failed(self, reason: str) -> None:
+        self.login_failures[reason] = self.login_failures.get(reason, 0) + 1
+
+
+class Metrics(Collector):
+    """One registry per app: several apps in one process do not mix their numbers."""
+
+    def __init__(self, hub: Hub, writers: WriterStats, service: ServiceStats) -> None:
+        self.hub = hub
+        self.writers = writers
+        self.service = service
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def collect(self) -> Iterator[Metric]:
+        hub, writers = self.hub, self.writers
+        yield GaugeMetricFamily("wsfanout_connections", "Open websocket connections.", len(hub))
+        published = CounterMetricFamily(
+            "wsfanout_messages_published", "Messages published.", labels=["kind", "source"]
+        )
+        for (kind, source), count in sorted(hub.stats.published.items()):
+            published.add_metric([kind, source], count)
+        yield published
+        yield CounterMetricFamily(
+            "wsfanout_deliveries", "Events handed to local connections.", hub.stats.deliveries
+        )
+        yield CounterMetricFamily(
+            "wsfanout_frames_sent", "Websocket frames sent to clients.", writers.frames
+        )
+        yield CounterMetricFamily(
+            "wsfanout_events_sent", "Events sent to clients, batched or not.", writers.events
+        )
+        yield _histogram(
+            "wsfanout_batch_size",
+            "Events per sent frame.",
+            [(2 ** (i + 1)) - 1 for i in range(len(writers.batch_sizes) - 1)],
+            writers.batch_sizes,
+            writers.events,
+        )
+        sizes = [outbox.queued_bytes for outbox in hub.outboxes()]
+        counts = [0] * (len(OUTBOX_BUCKETS) + 1)
+        for size in sizes:
+            counts[next((i for i, b in enumerate(OUTBOX_BUCKETS) if size <= b), -1)] += 1
+        yield _histogram(
+            "wsfanout_outbox_bytes",
+            "Bytes queued per connection, sampled at scrape.",
+            list(OUTBOX_BUCKETS),
+            counts,
+            sum(sizes),
+        )
+        yield CounterMetricFamily(
+            "wsfanout_slow_consumer_disconnects",
+            "Connections closed with 1013 because their outbox overflowed.",
+            hub.stats.slow_consumers,
+        )
+        refused = CounterMetricFamily(
+            "wsfanout_handshakes_refused", "Websocket handshakes refused.", labels=["reason"]
+        )
+        for reason, count in sorted(self.service.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        failures = CounterMetricFamily(
+            "wsfanout_login_failures", "Failed or throttled logins.", labels=["reason"]
+        )
+        for reason, count in sorted(self.service.login_failures.items()):
+            failures.add_metric([reason], count)
+        yield failures
+
+
+def _histogram(
+    name: str, doc: str, bounds: list[int], counts: list[int], total: float
+) -> HistogramMetricFamily:
+    """A histogram from per-bucket (not cumulative) counts; the last count is +Inf."""
+    cumulative, buckets = 0, []
+    for bound, count in zip([*map(str, bounds), "+Inf"], counts, strict=True):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)

@@ -1,0 +1,73 @@
+"""metrics: /metrics in Prometheus text format, counted per publish and per frame."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests import asgi
+from tests.conftest import login
+from wsfanout import App, Settings, create_app
+
+
+def samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def test_metrics_count_what_happened(app: App) -> None:
+    """Connections, publishes by kind, deliveries, frames, refusals and login failures."""
+    failed = await asgi.request(app, "POST", "/login", json={"username": "greg", "password": "x"})
+    assert failed.status == 401
+    try:
+        async with asgi.WebSocket(app):
+            pass
+    except asgi.Refused:
+        pass
+    greg, lisa = await login(app, "greg"), await login(app, "lisa")
+    async with (
+        asgi.WebSocket(app, headers={"cookie": greg}) as g,
+        asgi.WebSocket(app, headers={"cookie": lisa}) as li,
+    ):
+        await g.receive(), await li.receive()
+        await g.send_json({"type": "broadcast", "text": "hi"})
+        await g.receive(), await li.receive()
+        await g.send_json({"type": "group", "group": "girls", "text": "hey"})
+        await li.receive()
+        response = await asgi.request(app, "GET", "/metrics")
+    assert response.status == 200
+    assert (response.header("content-type") or "").startswith("text/plain; version=0.0.4")
+    found = samples(response.body)
+    assert found[("wsfanout_connections", ())] == 2
+    assert (
+        found[
+            ("wsfanout_messages_published_total", (("kind", "broadcast"), ("source", "websocket")))
+        ]
+        == 1
+    )
+    assert (
+        found[("wsfanout_messages_published_total", (("kind", "group"), ("source", "websocket")))]
+        == 1
+    )
+    assert found[("wsfanout_deliveries_total", ())] == 3
+    assert found[("wsfanout_events_sent_total", ())] == 5  # 2 welcomes + 3 messages
+    frames = found[("wsfanout_frames_sent_total", ())]
+    assert 1 <= frames <= 5
+    assert found[("wsfanout_batch_size_count", ())] == frames
+    assert found[("wsfanout_batch_size_sum", ())] == 5
+    assert found[("wsfanout_outbox_bytes_count", ())] == 2
+    assert found[("wsfanout_handshakes_refused_total", (("reason", "no_session"),))] == 1
+    assert found[("wsfanout_login_failures_total", (("reason", "password"),))] == 1
+    assert found[("wsfanout_slow_consumer_disconnects_total", ())] == 0
+
+
+async def test_two_apps_do_not_share_metrics(app: App, settings: Settings) -> None:
+    """Each app has its own registry."""
+    other = create_app(settings)
+    await login(app, "greg")
+    await asgi.request(app, "POST", "/login", json={"username": "greg", "password": "x"})
+    body = (await asgi.request(other, "GET", "/metrics")).body
+    assert b'wsfanout_login_failures_total{reason="password"}' not in body
+    await other.shutdown()
