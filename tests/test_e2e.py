@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -184,3 +186,27 @@ async def test_client_that_never_reads_is_closed_1013(
         slow.close()
     log = server.log_path.read_text()
     assert "closing a slow consumer (anny)" in log
+
+
+async def test_sigterm_closes_every_socket_with_1001(tmp_path: Path, demo_db: Path) -> None:
+    """SIGTERM to hypercorn: every socket gets 1001 promptly, and the server exits cleanly."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    server = Server(tmp_path)
+    server.start()
+    try:
+        sockets = [await Client.open(server.ws_url, server.login(n)) for n in ("greg", "lisa")]
+        for client in sockets:
+            await client.next()
+        started = time.monotonic()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        for client in sockets:
+            await asyncio.wait_for(client.reader, 10)
+            assert client.conn.close_code == 1001
+        assert time.monotonic() - started < 2.5  # well inside hypercorn's 3 s graceful timeout
+        assert server.proc.wait(15) == 0
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert "closing every websocket with 1001" in log
+    assert "Traceback" not in log, log

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -31,6 +30,8 @@ ROUTES: Final[dict[str, dict[str, Handler]]] = {
 }
 WEBSOCKET_PATHS: Final = frozenset({"/"})
 SHUTDOWN_FLUSH: Final = 5.0  # seconds connections get to send what is queued before stopping
+CLOSE_BATCH: Final = 1000  # connections closed (1001) at a time on shutdown ...
+CLOSE_PAUSE: Final = 0.01  # ... this many seconds apart
 
 
 class App:
@@ -44,6 +45,8 @@ class App:
         self.settings = settings
         self._service: Service | None = None
         self._starting: asyncio.Lock | None = None
+        self._watched = False
+        self._watcher: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -53,6 +56,8 @@ class App:
         svc = self._service or await self.startup()
         path = http.route_path(scope)
         if kind == "websocket":
+            if not self._watched:
+                self._watch_server(send)
             if path in WEBSOCKET_PATHS:
                 await ws.endpoint(scope, receive, send, svc)
             else:
@@ -124,17 +129,55 @@ class App:
                 log.info("wsfanout ready: database %s", settings.database_path)
         return self._service
 
-    async def shutdown(self) -> None:
-        """Close every connection with 1001 after it has sent what is queued; close the store."""
+    async def drain(self) -> None:
+        """Stop accepting and publishing; close every connection with 1001 (in batches)
+        once it has sent what is queued; wait for them up to a deadline."""
         svc = self._service
         if svc is None:
             return
-        svc.hub.close_all(CloseCode.GOING_AWAY)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(svc.hub.emptied(), SHUTDOWN_FLUSH)
+        try:
+            async with asyncio.timeout(SHUTDOWN_FLUSH):
+                await svc.hub.drain(CloseCode.GOING_AWAY, CLOSE_BATCH, CLOSE_PAUSE)
+                await svc.hub.emptied()
+        except TimeoutError:
+            log.warning(
+                "%d connections still open after %g s of draining", len(svc.hub), SHUTDOWN_FLUSH
+            )
+
+    async def shutdown(self) -> None:
+        """Drain the connections, then close the store."""
+        svc = self._service
+        if svc is None:
+            return
+        await self.drain()
+        if self._watcher is not None and self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
         await svc.flusher.close()
         await svc.store.close()
         self._service = None
+
+    def _watch_server(self, send: Send) -> None:
+        """Drain as soon as hypercorn starts stopping (SIGTERM), not after it gave up.
+
+        Hypercorn sends lifespan shutdown only after its graceful timeout has passed
+        and it has cancelled the open connections (which then close with 1011). Its
+        worker's ``terminated`` event, reachable from its ``send``, is set when it
+        starts stopping; watching it lets every socket close with 1001 in time. Under
+        other servers this finds nothing and lifespan shutdown drains instead.
+        """
+        self._watched = True
+        stream = getattr(send, "__self__", None)
+        terminated = getattr(getattr(stream, "context", None), "terminated", None)
+        wait = getattr(terminated, "wait", None)
+        if wait is None:
+            return
+
+        async def drain_when_stopping() -> None:
+            await wait()
+            log.info("the server is stopping: closing every websocket with 1001")
+            await self.drain()
+
+        self._watcher = asyncio.get_running_loop().create_task(drain_when_stopping())
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -17,6 +17,7 @@ from .store import DuplicateError, Store, StoreError
 DEMO_GROUPS: Final = {"boys": ("Greg", "Chuck", "Mike"), "girls": ("Amanda", "Lisa", "Anny")}
 DEFAULT_BIND: Final = "127.0.0.1:8000"
 PING_INTERVAL: Final = 20.0
+GRACEFUL_TIMEOUT: Final = 10.0
 
 
 class CommandError(Exception):
@@ -126,6 +127,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     config.bind = [args.bind]
     config.workers = args.workers
     config.websocket_ping_interval = args.ping_interval or None
+    config.graceful_timeout = GRACEFUL_TIMEOUT  # time to close every socket with 1001
     # Refuse oversized frames in hypercorn before they are buffered; the app checks too.
     config.websocket_max_message_size = settings.max_frame_bytes + 1
     config.accesslog = "-" if args.access_log else None

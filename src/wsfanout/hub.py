@@ -132,6 +132,17 @@ class Hub:
         for outbox in self._all:
             outbox.close(code)
 
+    async def drain(self, code: int, batch: int, pause: float) -> None:
+        """Like ``close_all``, ``batch`` connections at a time, ``pause`` seconds apart,
+        so a big node does not send every close (and cause every reconnect) at once."""
+        self.closed = True
+        outboxes = self.outboxes()
+        for start in range(0, len(outboxes), batch):
+            if start:
+                await asyncio.sleep(pause)
+            for outbox in outboxes[start : start + batch]:
+                outbox.close(code)
+
 
 def _discard(index: dict[str, set[Outbox]], key: str, outbox: Outbox) -> None:
     members = index.get(key)
