@@ -50,3 +50,26 @@ lint: install
 fmt: install
     {{bin}}/ruff format src tests bench
     {{bin}}/ruff check --fix src tests bench
+
+# the benchmark: wsfanout beside a bare hypercorn app, one run (add --quick, --reps N, --only NAME, --profile DIR)
+bench *args: install
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v node >/dev/null || { echo "the load generator needs Node.js (apt-get install nodejs npm)" >&2; exit 1; }
+    [ -d bench/node_modules/ws ] || npm ci --no-audit --no-fund --prefix bench
+    {{bin}}/python bench/run.py {{args}}
+
+# a headless locust run against a local server with the demo users (USERS, SECONDS to change)
+locust users="50" seconds="60": install
+    #!/usr/bin/env bash
+    set -euo pipefail
+    {{bin}}/python -c 'import locust, websocket' 2>/dev/null || {{bin}}/python -m pip install -q -e '.[bench]'
+    data=$(mktemp -d)
+    export WSFANOUT_DATA_DIR="$data" WSFANOUT_LOG_LEVEL=warning
+    {{bin}}/wsfanout demo >/dev/null
+    port=$({{bin}}/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    {{bin}}/hypercorn --bind "127.0.0.1:$port" wsfanout:app & server=$!
+    trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
+    for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+    {{bin}}/locust -f bench/locustfile.py --headless -u {{users}} -r 10 -t {{seconds}}s \
+        --host "http://127.0.0.1:$port" --only-summary

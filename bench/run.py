@@ -226,9 +226,20 @@ def run_once(
         profiler = None
         if profile_dir is not None and system.name == "wsfanout" and scenario.name == "capacity":
             profiler = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(server.proc.pid), "--format", "raw",
-                 "--rate", "200", "--output", str(profile_dir / "capacity-wsfanout.txt")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(server.proc.pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "200",
+                    "--output",
+                    str(profile_dir / "capacity-wsfanout.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             time.sleep(1.0)
         config_path = data_dir / "loadgen.json"
