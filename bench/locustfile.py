@@ -102,10 +102,10 @@ class ChatUser(HttpUser):
 
     @task(3)
     def group(self) -> None:
-        group = random.choice(["boys", "girls"])  # noqa: S311
+        group = random.choice(["boys", "girls"])
         self._send({"type": "group", "group": group, "text": f"to {group}"})
 
     @task(2)
     def direct(self) -> None:
-        other = random.choice(list(DEMO))  # noqa: S311
+        other = random.choice(list(DEMO))
         self._send({"type": "direct", "user_name": other.capitalize(), "text": "psst"})
