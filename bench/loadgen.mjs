@@ -73,18 +73,18 @@ function open(index) {
     const url = wsfanout || !group ? cfg.url : `${cfg.url}?g=${encodeURIComponent(group)}`;
     const headers = wsfanout ? { Cookie: cfg.cookies[index % cfg.cookies.length] } : {};
     const ws = new WebSocket(url, { headers, perMessageDeflate: false, maxPayload: 64 * 1024 * 1024 });
-    let welcomed = !wsfanout;
+    // Connected means accepted, for both systems; wsfanout's welcome (the first
+    // frame) is then skipped rather than counted as a delivery.
+    let welcome = wsfanout;
     ws.on("message", (data) => {
-      if (!welcomed) {
-        welcomed = true; // the first frame is the welcome
-        resolve(ws);
+      if (welcome) {
+        welcome = false;
         return;
       }
       onFrame(data);
     });
-    ws.on("open", () => { if (welcomed) resolve(ws); });
+    ws.on("open", () => resolve(ws));
     ws.on("error", reject);
-    ws.on("close", () => { if (!welcomed) reject(new Error("closed before welcome")); });
     sockets[index] = ws;
   });
 }
@@ -175,7 +175,9 @@ async function run() {
     elapsed_s: elapsed,
     deliveries_per_s: deliveries / elapsed,
     p50_ms: quantile(measured, 0.5),
+    p90_ms: quantile(measured, 0.9),
     p99_ms: quantile(measured, 0.99),
+    max_ms: measured.length ? measured[measured.length - 1] : null,
     loadgen_cpu_s: (cpu.user + cpu.system) / 1e6,
     errors,
   };

@@ -223,6 +223,7 @@ def run_once(
         n = config["connections"]
         config["groupSizes"] = {g: groups[:n].count(g) for g in sorted(set(groups[:n]))}
         rss_before = rss_kib(server.proc.pid)
+        cpu_start = cpu_seconds(server.proc.pid)
         profiler = None
         if profile_dir is not None and system.name == "wsfanout" and scenario.name == "capacity":
             profiler = subprocess.Popen(
@@ -256,6 +257,7 @@ def run_once(
             raise RuntimeError(f"{system.name}/{scenario.name}: {ready['error']}")
         time.sleep(0.5)  # let the server settle after the handshakes
         rss_after = rss_kib(server.proc.pid)
+        handshake_cpu = cpu_seconds(server.proc.pid) - cpu_start
         if profile_dir is not None and system.name == "wsfanout" and profiler is None:
             out = profile_dir / f"{scenario.name}-{system.name}.txt"
             profiler = subprocess.Popen(
@@ -291,6 +293,7 @@ def run_once(
             1e6 * result["server_cpu_s"] / result["deliveries"] if result["deliveries"] else None
         )
         result["rss_kib_per_conn"] = (rss_after - rss_before) / n
+        result["server_us_per_handshake"] = 1e6 * handshake_cpu / n
         if not result.get("complete", True):
             result["note"] = f"incomplete: {result['deliveries']} of {result['expected']}"
         return result
@@ -323,6 +326,7 @@ METRICS = {
     "capacity": [
         ("handshakes_per_s", "handshakes/s", True),
         ("rss_kib_per_conn", "RSS KiB/conn", False),
+        ("server_us_per_handshake", "server µs/handshake", False),
         ("handshake_s", "handshake wall s", None),
     ],
 }
