@@ -1,10 +1,12 @@
 """The websocket endpoint: handshake checks, the receive loop, cleanup.
 
-Theory of operation: a connection is two tasks. The reader awaits ``receive()``,
-validates each frame and publishes it (awaiting only the store, to resolve a
-group or user). The writer drains the connection's outbox into ``send()``; it is
-the only task that waits on the client. Whichever finishes first decides the
-close code, and the other is cancelled:
+Theory of operation: a connection is two tasks. The reader (the endpoint's own
+task) awaits ``receive()``, validates each frame and publishes it (awaiting only
+the store, to resolve a group or user). The writer drains the connection's outbox
+into ``send()`` when the flusher cannot (see outbox.py); it is the only task that
+waits on the client. Whichever finishes first decides the close code, and the
+other is cancelled (the writer wakes a reader blocked on ``receive()`` by
+cancelling it, and the reader takes that cancellation back):
 
 - reader sees the client leave          -> nothing more to send;
 - reader finds a fatal frame (1009, 1008) -> flush queued frames, then close;
@@ -12,7 +14,7 @@ close code, and the other is cancelled:
 - hub shuts down -> writer flushes, 1001;
 - anything raises -> logged, 1011; no other connection notices.
 
-Cleanup (leaving the hub, cancelling both tasks) runs in ``finally``.
+Cleanup (leaving the hub, cancelling the writer) runs in ``finally``.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ async def refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
 
 
 class Connection:
-    """One accepted websocket: its outbox, its reader and its writer."""
+    """One accepted websocket: its outbox, its reader (the endpoint's own task) and its writer."""
 
     def __init__(
         self,
@@ -114,6 +116,7 @@ class Connection:
         settings = svc.settings
         self.svc = svc
         self.user = user
+        self.groups = groups
         self.expires_at = session.expires_at(settings.session_max_age)
         self.receive = receive
         self.send = send
@@ -126,24 +129,52 @@ class Connection:
             batch_max=settings.batch_max,
             batch_bytes=settings.batch_bytes,
         )
-        self.outbox.push(item(protocol.welcome(user.username, user.first_name, groups)))
+        self._reading = False
 
     async def run(self) -> None:
-        svc, outbox = self.svc, self.outbox
+        svc, outbox, user = self.svc, self.outbox, self.user
+        await self.send(
+            {
+                "type": "websocket.send",
+                "text": protocol.welcome(user.username, user.first_name, self.groups),
+            }
+        )
+        svc.flusher.stats.count(1)
+        reader = asyncio.current_task()
+        assert reader is not None
         writer = asyncio.create_task(outbox.run())
         outbox.on_overflow = writer.cancel
-        reader = asyncio.create_task(self._read())
+        interrupted = False
+
+        def writer_done(_: object) -> None:
+            nonlocal interrupted
+            if self._reading:  # the reader is blocked on receive(): wake it to close
+                interrupted = True
+                reader.cancel()
+
+        writer.add_done_callback(writer_done)
         svc.hub.add(outbox)
         code: int | None = CloseCode.INTERNAL_ERROR
         try:
-            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
-            code = await self._close_code(reader, writer)
+            self._reading = True
+            try:
+                result = await self._read()
+            finally:
+                self._reading = False
+            code = await self._after_reading(result, writer)
+        except asyncio.CancelledError:
+            if not interrupted:
+                raise  # the server is cancelling us
+            reader.uncancel()
+            code = self._writer_code(writer)
+        except Exception:
+            log.exception("websocket reader for %s failed", user.username)
         finally:
             svc.hub.remove(outbox)
             outbox.close(CloseCode.NORMAL)
-            reader.cancel()
+            writer.remove_done_callback(writer_done)
             writer.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
+            await asyncio.gather(writer, return_exceptions=True)
         if code is not None:
             # A client that does not read can block this send forever: bound it.
             with contextlib.suppress(TimeoutError):
@@ -152,30 +183,20 @@ class Connection:
                     svc.settings.close_timeout,
                 )
 
-    async def _close_code(
-        self, reader: asyncio.Task[int | None], writer: asyncio.Task[int]
-    ) -> int | None:
-        """Which close code to send, once either task has finished (None: the client left)."""
-        outbox = self.outbox
-        if reader.done():
-            if reader.cancelled() or reader.exception() is not None:
-                if not reader.cancelled():
-                    log.error(
-                        "websocket reader for %s failed",
-                        self.user.username,
-                        exc_info=reader.exception(),
-                    )
-                return CloseCode.INTERNAL_ERROR
-            code = reader.result()
-            if code is None:
-                return None
-            # Let the writer send what is queued (the error frame that explains the close).
-            outbox.close(code)
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(writer), FLUSH_BEFORE_CLOSE)
-            return code
+    async def _after_reading(self, code: int | None, writer: asyncio.Task[int]) -> int | None:
+        """The reader is done: None (the client left) or a close code from a fatal frame."""
+        if code is None:
+            return None
+        # Let the writer send what is queued (the error frame that explains the close).
+        self.outbox.close(code)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(writer), FLUSH_BEFORE_CLOSE)
+        return code
+
+    def _writer_code(self, writer: asyncio.Task[int]) -> int:
+        """The writer finished first: why, as a close code."""
         if writer.cancelled():
-            if outbox.close_code == CloseCode.TRY_AGAIN_LATER:
+            if self.outbox.close_code == CloseCode.TRY_AGAIN_LATER:
                 self.svc.hub.stats.slow_consumers += 1
                 log.warning(
                     "closing a slow consumer (%s): more than %d bytes queued",
