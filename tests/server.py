@@ -43,11 +43,13 @@ class Server:
         env: dict[str, str] | None = None,
         app: str = "wsfanout:app",
         health_path: str = "/healthz",
+        workers: int = 1,
     ) -> None:
         self.data_dir = data_dir
         self.env = env or {}
         self.app = app
         self.health_path = health_path
+        self.workers = workers
         self.log_path = data_dir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -79,6 +81,8 @@ class Server:
                     sys.executable,
                     "-m",
                     "hypercorn",
+                    "--workers",
+                    str(self.workers),
                     "--bind",
                     f"fd://{sock.fileno()}",
                     self.app,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Final
 
 from . import http, views, ws
+from .backplane import Backplane
 from .config import Settings
 from .hub import Hub
 from .protocol import CloseCode
@@ -119,14 +122,25 @@ class App:
                 keys = await asyncio.to_thread(secret_keys, settings.secret_keys, settings.data_dir)
                 store = await Store.open(settings.database_path)
                 web = await asyncio.to_thread(views.load_web_files)
+                hub = Hub()
+                if settings.redis_url:
+                    backplane = Backplane(settings.redis_url, settings.redis_prefix, hub.deliver)
+                    hub.attach(backplane)
+                    backplane.start()
+                else:
+                    _warn_if_workers_are_islands()
                 self._service = Service(
                     settings=settings,
                     store=store,
-                    hub=Hub(),
+                    hub=hub,
                     codec=SessionCodec(keys, settings.session_max_age),
                     web=web,
                 )
-                log.info("wsfanout ready: database %s", settings.database_path)
+                log.info(
+                    "wsfanout ready: database %s, %s",
+                    settings.database_path,
+                    "Redis backplane" if settings.redis_url else "one node (no backplane)",
+                )
         return self._service
 
     async def drain(self) -> None:
@@ -153,6 +167,8 @@ class App:
         if self._watcher is not None and self._watcher is not asyncio.current_task():
             self._watcher.cancel()
         await svc.flusher.close()
+        if svc.hub.backplane is not None:
+            await svc.hub.backplane.close()
         await svc.store.close()
         self._service = None
 
@@ -194,6 +210,24 @@ class App:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _warn_if_workers_are_islands() -> None:
+    """Without a backplane, several worker processes each fan out to their own sockets only."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None:
+        return
+    try:
+        siblings = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+    except OSError:
+        return
+    if len(siblings) > 1:
+        log.warning(
+            "%d worker processes and no WSFANOUT_REDIS_URL: each worker fans out only to its "
+            "own connections, so users on different workers do not see each other's messages. "
+            "Set WSFANOUT_REDIS_URL, or run one worker.",
+            len(siblings),
+        )
 
 
 def create_app(settings: Settings | None = None) -> App:

@@ -55,6 +55,7 @@ class Settings:
     # Sources and backplane (later issues)
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     redis_url: str = ""
+    redis_prefix: str = "wsfanout:"
     amqp_url: str = field(default="", repr=False)
     amqp_queue: str = "wsfanout"
 
@@ -98,6 +99,7 @@ class Settings:
             close_timeout=reader.number("CLOSE_TIMEOUT", defaults.close_timeout, low=0.1),
             api_keys=reader.items("API_KEYS"),
             redis_url=reader.text("REDIS_URL", ""),
+            redis_prefix=reader.text("REDIS_PREFIX", defaults.redis_prefix),
             amqp_url=reader.text("AMQP_URL", ""),
             amqp_queue=reader.text("AMQP_QUEUE", defaults.amqp_queue),
             log_level=reader.choice(

@@ -1,8 +1,11 @@
-"""The local index of open connections and ``publish()``.
+"""The local index of open connections, ``publish()`` and ``send()``.
 
-Sans-I/O: the hub only indexes outboxes and pushes into them. ``publish`` is a
-plain ``def``: it encodes the event once and hands the same object to every
-recipient's outbox, never awaiting anyone.
+The index is sans-I/O: it only maps everyone, users and groups to outboxes.
+``publish`` is a plain ``def``: it encodes the event once and hands the same
+object to every local recipient's outbox, never awaiting anyone. ``send`` is
+what senders call: without a backplane it is ``publish``; with one, the encoded
+event goes to Redis once and comes back to every node (this one included)
+through ``deliver``, which fans it out locally the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from . import protocol
+from .backplane import BROADCAST, Backplane, group_channel, user_channel
 from .outbox import Outbox, item
 from .protocol import Kind
 
@@ -43,23 +47,40 @@ class Hub:
         self.stats = HubStats()
         self.closed = False
         self._empty: asyncio.Event | None = None
+        self.backplane: Backplane | None = None
+
+    def attach(self, backplane: Backplane) -> None:
+        """Share fan-out with other nodes through ``backplane`` (before any connection)."""
+        self.backplane = backplane
 
     def __len__(self) -> int:
         return len(self._all)
 
     def add(self, outbox: Outbox) -> None:
-        """Index an outbox under everyone, its user (case-folded) and its groups."""
+        """Index an outbox under everyone, its user (case-folded) and its groups.
+
+        A user or group seen here for the first time is subscribed to on the backplane.
+        """
         self._all.add(outbox)
-        self._users.setdefault(outbox.user.lower(), set()).add(outbox)
+        user = outbox.user.lower()
+        if _add(self._users, user, outbox) and self.backplane is not None:
+            self.backplane.want(user_channel(user))
         for group in outbox.groups:
-            self._groups.setdefault(group, set()).add(outbox)
+            if _add(self._groups, group, outbox) and self.backplane is not None:
+                self.backplane.want(group_channel(group))
 
     def remove(self, outbox: Outbox) -> None:
-        """Forget an outbox; unknown ones are ignored, so cleanup may run twice."""
+        """Forget an outbox; unknown ones are ignored, so cleanup may run twice.
+
+        A user or group with no connection left here is unsubscribed from.
+        """
         self._all.discard(outbox)
-        _discard(self._users, outbox.user.lower(), outbox)
+        user = outbox.user.lower()
+        if _discard(self._users, user, outbox) and self.backplane is not None:
+            self.backplane.unwant(user_channel(user))
         for group in outbox.groups:
-            _discard(self._groups, group, outbox)
+            if _discard(self._groups, group, outbox) and self.backplane is not None:
+                self.backplane.unwant(group_channel(group))
         if not self._all and self._empty is not None:
             self._empty.set()
 
@@ -106,24 +127,58 @@ class Hub:
         """
         if self.closed:
             raise HubClosedError
-        stamp = time.time() if ts is None else ts
+        self._count(kind, source)
+        return self._deliver(kind, target, _encode(kind, sender, text, target, ts))
+
+    async def send(
+        self, kind: Kind, sender: str, text: str, *, target: str = "", source: str = "websocket"
+    ) -> None:
+        """Publish to every node: through the backplane when there is one.
+
+        Raises:
+            HubClosedError: the hub is shutting down.
+            BackplaneUnavailableError: the backplane cannot take it now.
+        """
+        backplane = self.backplane
+        if backplane is None:
+            self.publish(kind, sender, text, target=target, source=source)
+            return
+        if self.closed:
+            raise HubClosedError
+        frame = _encode(kind, sender, text, target, None)
+        if kind is Kind.BROADCAST:
+            channel = BROADCAST
+        elif kind is Kind.GROUP:
+            channel = group_channel(target)
+        else:
+            channel = user_channel(target)
+        await backplane.publish(channel, frame)
+        self._count(kind, source)
+
+    def deliver(self, channel: str, frame: str) -> int:
+        """Fan out an encoded event that arrived from the backplane on ``channel``."""
+        if channel == BROADCAST:
+            return self._deliver(Kind.BROADCAST, "", frame)
+        prefix, _, name = channel.partition(":")
+        return self._deliver(Kind.GROUP if prefix == "g" else Kind.DIRECT, name, frame)
+
+    def _count(self, kind: Kind, source: str) -> None:
+        published = self.stats.published
+        key = (kind.value, source)
+        published[key] = published.get(key, 0) + 1
+
+    def _deliver(self, kind: Kind, target: str, frame: str) -> int:
         recipients: Collection[Outbox]
         if kind is Kind.BROADCAST:
-            frame = protocol.message(kind, sender, text, stamp)
             recipients = self._all
         elif kind is Kind.GROUP:
-            frame = protocol.message(kind, sender, text, stamp, group=target)
             recipients = self._groups.get(target, ())
         else:
-            frame = protocol.message(kind, sender, text, stamp, to=target)
             recipients = self._users.get(target.lower(), ())
         entry = item(frame)
         for outbox in recipients:
             outbox.push(entry)
-        stats = self.stats
-        key = (kind.value, source)
-        stats.published[key] = stats.published.get(key, 0) + 1
-        stats.deliveries += len(recipients)
+        self.stats.deliveries += len(recipients)
         return len(recipients)
 
     def close_all(self, code: int) -> None:
@@ -144,9 +199,31 @@ class Hub:
                 outbox.close(code)
 
 
-def _discard(index: dict[str, set[Outbox]], key: str, outbox: Outbox) -> None:
+def _encode(kind: Kind, sender: str, text: str, target: str, ts: float | None) -> str:
+    stamp = time.time() if ts is None else ts
+    if kind is Kind.GROUP:
+        return protocol.message(kind, sender, text, stamp, group=target)
+    if kind is Kind.DIRECT:
+        return protocol.message(kind, sender, text, stamp, to=target)
+    return protocol.message(kind, sender, text, stamp)
+
+
+def _add(index: dict[str, set[Outbox]], key: str, outbox: Outbox) -> bool:
+    """Add to a key's set; True if the key is new."""
+    members = index.get(key)
+    if members is None:
+        index[key] = {outbox}
+        return True
+    members.add(outbox)
+    return False
+
+
+def _discard(index: dict[str, set[Outbox]], key: str, outbox: Outbox) -> bool:
+    """Remove from a key's set; True if that emptied (and dropped) the key."""
     members = index.get(key)
     if members is not None:
         members.discard(outbox)
         if not members:
             del index[key]
+            return True
+    return False

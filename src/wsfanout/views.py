@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from . import http, passwords
+from .backplane import BackplaneUnavailableError
 from .config import Settings
 from .hub import Hub
 from .metrics import Metrics, ServiceStats
@@ -278,22 +279,24 @@ async def directory(scope: Scope, receive: Receive, send: Send, svc: Service) ->
 
 
 async def healthz(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
-    """200 when the database answers; 503 with the reason otherwise."""
+    """200 when the database (and Redis, when configured) answer; 503 with the reason otherwise."""
     checks = {"database": "ok"}
-    status = 200
     try:
         await asyncio.wait_for(svc.store.ping(), 5)
     except (sqlite3.Error, TimeoutError, ValueError) as exc:
         checks["database"] = f"failing: {exc or type(exc).__name__}"
-        status = 503
+    backplane = svc.hub.backplane
+    if backplane is not None:
+        try:
+            await backplane.check()
+            checks["redis"] = "ok"
+        except BackplaneUnavailableError as exc:
+            checks["redis"] = f"failing: {exc.reason}"
+    ok = all(value == "ok" for value in checks.values())
     await http.json_response(
         send,
-        status,
-        {
-            "status": "ok" if status == 200 else "failing",
-            "checks": checks,
-            "connections": len(svc.hub),
-        },
+        200 if ok else 503,
+        {"status": "ok" if ok else "degraded", "checks": checks, "connections": len(svc.hub)},
     )
 
 

@@ -27,6 +27,7 @@ import time
 from typing import Final
 
 from . import http, protocol
+from .backplane import BackplaneUnavailableError
 from .hub import HubClosedError
 from .outbox import Outbox, item
 from .protocol import CloseCode, ErrorCode, Kind, ProtocolError, Publish
@@ -132,14 +133,29 @@ class Connection:
         self._reading = False
 
     async def run(self) -> None:
-        svc, outbox, user = self.svc, self.outbox, self.user
-        await self.send(
-            {
-                "type": "websocket.send",
-                "text": protocol.welcome(user.username, user.first_name, self.groups),
-            }
-        )
-        svc.flusher.stats.count(1)
+        svc, outbox, user, hub = self.svc, self.outbox, self.user, self.svc.hub
+        # Joined before the welcome: messages from now on queue up behind it.
+        hub.add(outbox)
+        try:
+            if hub.backplane is not None:
+                await hub.backplane.synced()  # this node now hears this user's channels
+            welcome = protocol.welcome(user.username, user.first_name, self.groups)
+            await self.send({"type": "websocket.send", "text": welcome})
+            svc.flusher.stats.count(1)
+            code = await self._serve()
+        finally:
+            hub.remove(outbox)
+        if code is not None:
+            # A client that does not read can block this send forever: bound it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.send({"type": "websocket.close", "code": code}),
+                    svc.settings.close_timeout,
+                )
+
+    async def _serve(self) -> int | None:
+        """Read in this task, write in another; return the close code (None: client left)."""
+        outbox, user = self.outbox, self.user
         reader = asyncio.current_task()
         assert reader is not None
         writer = asyncio.create_task(outbox.run())
@@ -153,35 +169,26 @@ class Connection:
                 reader.cancel()
 
         writer.add_done_callback(writer_done)
-        svc.hub.add(outbox)
-        code: int | None = CloseCode.INTERNAL_ERROR
         try:
             self._reading = True
             try:
                 result = await self._read()
             finally:
                 self._reading = False
-            code = await self._after_reading(result, writer)
+            return await self._after_reading(result, writer)
         except asyncio.CancelledError:
             if not interrupted:
                 raise  # the server is cancelling us
             reader.uncancel()
-            code = self._writer_code(writer)
+            return self._writer_code(writer)
         except Exception:
             log.exception("websocket reader for %s failed", user.username)
+            return CloseCode.INTERNAL_ERROR
         finally:
-            svc.hub.remove(outbox)
             outbox.close(CloseCode.NORMAL)
             writer.remove_done_callback(writer_done)
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
-        if code is not None:
-            # A client that does not read can block this send forever: bound it.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.send({"type": "websocket.close", "code": code}),
-                    svc.settings.close_timeout,
-                )
 
     async def _after_reading(self, code: int | None, writer: asyncio.Task[int]) -> int | None:
         """The reader is done: None (the client left) or a close code from a fatal frame."""
@@ -296,8 +303,8 @@ class Connection:
                 ErrorCode.UNAVAILABLE, "the database is unavailable, try again", publish.frame_id
             ) from None
         try:
-            hub.publish(publish.kind, self.user.username, publish.text, target=target)
-        except HubClosedError as exc:
+            await hub.send(publish.kind, self.user.username, publish.text, target=target)
+        except (HubClosedError, BackplaneUnavailableError) as exc:
             raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), publish.frame_id) from None
         if publish.frame_id is not None:
             self.outbox.push(item(protocol.ack(publish.frame_id)))
