@@ -42,6 +42,7 @@ class System:
     app: str
     mode: str  # loadgen protocol
     env: dict[str, str] = field(default_factory=dict)
+    workers: int = 0  # 0: hypercorn serves in its own process
 
 
 WSFANOUT_ENV = {"WSFANOUT_RATE_LIMIT": "0", "WSFANOUT_LOG_LEVEL": "warning"}
@@ -50,6 +51,14 @@ NO_BATCH = System(
     "wsfanout-batch1", "wsfanout:app", "wsfanout", {**WSFANOUT_ENV, "WSFANOUT_BATCH_MAX": "1"}
 )
 BASELINE = System("baseline", "bench.baseline:app", "baseline")
+REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_2W = System(
+    "wsfanout-redis-2w",
+    "wsfanout:app",
+    "wsfanout",
+    {**WSFANOUT_ENV, "WSFANOUT_REDIS_URL": REDIS_URL, "WSFANOUT_REDIS_PREFIX": "wsfanout-bench:"},
+    workers=2,
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class Scenario:
     systems: tuple[System, ...]
     config: dict[str, Any]
     label: str
+    subject: str = "wsfanout"  # the ratio column is subject / reference
+    reference: str = "baseline"
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -89,6 +100,14 @@ def scenarios(quick: bool) -> list[Scenario]:
             f"groups: {n} conns in {n // 10} groups of 10, {20 * messages} sends",
         ),
         Scenario(
+            "redis",
+            (WSFANOUT, REDIS_2W),
+            {"scenario": "burst", "connections": n, "messages": messages, "size": 100},
+            "many nodes: S1 burst on 2 workers sharing fan-out through Redis, vs 1 worker alone",
+            subject="wsfanout-redis-2w",
+            reference="wsfanout",
+        ),
+        Scenario(
             "capacity",
             (WSFANOUT, BASELINE),
             {"scenario": "capacity", "connections": 1000 if quick else 10_000, "concurrency": 200},
@@ -97,16 +116,41 @@ def scenarios(quick: bool) -> list[Scenario]:
     ]
 
 
+def family(pid: int) -> list[int]:
+    """A process and all its descendants (hypercorn's workers)."""
+    found = [pid]
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        found += family(int(child))
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    """User + system CPU of a process and its descendants."""
+    total = 0
+    for member in family(pid):
+        fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / TICKS
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    """Resident memory of a process and its descendants."""
+    total = 0
+    for member in family(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def redis_cpu_seconds() -> float | None:
+    try:
+        import redis
+
+        info = redis.Redis.from_url(REDIS_URL, socket_timeout=2).info("cpu")
+    except Exception:
+        return None
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
 def pin(core: int) -> list[str]:
@@ -138,7 +182,7 @@ class Server:
                 "-m",
                 "hypercorn",
                 "--workers",
-                "0",
+                str(system.workers),
                 "--backlog",
                 "4096",
                 "--bind",
@@ -278,10 +322,12 @@ def run_once(
             )
             time.sleep(1.0)  # py-spy attaches
         cpu_before = cpu_seconds(server.proc.pid)
+        redis_before = redis_cpu_seconds()
         loadgen.stdin.write("go\n")
         loadgen.stdin.flush()
         result: dict[str, Any] = json.loads(loadgen.stdout.readline() or '{"error": "no result"}')
         cpu_after = cpu_seconds(server.proc.pid)
+        redis_after = redis_cpu_seconds()
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(30)
@@ -289,6 +335,14 @@ def run_once(
         if "error" in result:
             raise RuntimeError(f"{system.name}/{scenario.name}: {result['error']}")
         result["server_cpu_s"] = cpu_after - cpu_before
+        if (
+            "WSFANOUT_REDIS_URL" in system.env
+            and redis_before is not None
+            and redis_after is not None
+        ):
+            result["redis_cpu_s"] = redis_after - redis_before
+            if result["deliveries"]:
+                result["redis_us_per_delivery"] = 1e6 * result["redis_cpu_s"] / result["deliveries"]
         result["server_us_per_delivery"] = (
             1e6 * result["server_cpu_s"] / result["deliveries"] if result["deliveries"] else None
         )
@@ -320,6 +374,14 @@ METRICS = {
     "groups": [
         ("deliveries_per_s", "deliveries/s", True),
         ("server_us_per_delivery", "server µs/delivery", False),
+        ("p99_ms", "p99 ms", False),
+        ("loadgen_cpu_s", "loadgen CPU s", None),
+    ],
+    "redis": [
+        ("deliveries_per_s", "deliveries/s", True),
+        ("server_us_per_delivery", "workers µs/delivery", False),
+        ("redis_us_per_delivery", "Redis µs/delivery", False),
+        ("p50_ms", "p50 ms", False),
         ("p99_ms", "p99 ms", False),
         ("loadgen_cpu_s", "loadgen CPU s", None),
     ],
@@ -370,6 +432,9 @@ def main() -> int:
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(BENCH)], check=True)
 
     chosen = [s for s in scenarios(args.quick) if not args.only or s.name in args.only]
+    if any(s.name == "redis" for s in chosen) and redis_cpu_seconds() is None:
+        print(f"skipping the redis scenario: no Redis at {REDIS_URL}", flush=True)
+        chosen = [s for s in chosen if s.name != "redis"]
     if args.size:
         for scenario in chosen:
             if "size" in scenario.config:
@@ -415,7 +480,7 @@ def main() -> int:
         for key, label, _higher_is_better in METRICS[scenario.name]:
             values = {n: median([r.get(key) for r in by_system[n]]) for n in names}
             table[key] = values
-            base, ours = values.get("baseline"), values.get("wsfanout")
+            base, ours = values.get(scenario.reference), values.get(scenario.subject)
             ratio = f"{ours / base:.2f}x" if base and ours is not None else "-"
             print(f"{label:22}" + "".join(f"{fmt(values[n]):>18}" for n in names) + f"{ratio:>10}")
         if "wsfanout-batch1" in names:

@@ -90,12 +90,15 @@ async def numsub(prefix: str, *channels: str) -> dict[str, int]:
 
 
 async def messages(ws: asgi.WebSocket, count: int) -> list[dict[str, Any]]:
+    """Exactly ``count`` message events (acks, which may come before or after, aside)."""
     found: list[dict[str, Any]] = []
     while len(found) < count:
         event = await ws.receive()
         if event["type"] == "message":
             found.append(event)
-    assert await ws.nothing(0.2), "more than expected arrived"
+    while not await ws.nothing(0.2):
+        event = await ws.receive()
+        assert event["type"] == "ack", f"more than expected arrived: {event}"
     return found
 
 

@@ -13,15 +13,16 @@ while it wants it (``want``/``unwant``, which the hub calls when a group or user
 gets its first or loses its last local connection). The wanted set is applied
 by one task, so a burst of connections becomes one SUBSCRIBE.
 
-Redis going away takes nothing down: ``publish`` raises ``BackplaneUnavailable``
-(the sender is told ``unavailable``), local connections stay open, and a
-supervisor reconnects with backoff and subscribes again to exactly what is
-wanted then. Each change of state is logged once.
+Redis going away takes nothing down: ``publish`` raises (or its future fails
+with) ``BackplaneUnavailableError`` (the sender is told ``unavailable``), local
+connections stay open, and a supervisor reconnects with backoff and subscribes
+again to exactly what is wanted then. Each change of state is logged once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Callable
@@ -37,6 +38,8 @@ BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 5.0
 SYNC_TIMEOUT: Final = 2.0
 IDLE_PING: Final = 5.0
+PIPELINE_MAX: Final = 1000  # messages per round trip to Redis
+MAX_WAITING: Final = 100_000  # messages queued for Redis before senders are told unavailable
 
 
 class BackplaneUnavailableError(Exception):
@@ -69,6 +72,11 @@ class Backplane:
         self._task: asyncio.Task[None] | None = None
         self._pubsub: Any = None
         self._closing = False
+        self._outgoing: collections.deque[tuple[str, str, asyncio.Future[None]]] = (
+            collections.deque()
+        )
+        self._publisher_waiter: asyncio.Future[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
         self.healthy = False
         self.reason = "not connected yet"
 
@@ -91,29 +99,72 @@ class Backplane:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
 
-    async def publish(self, channel: str, frame: str) -> None:
-        """Send one encoded event to every node.
+    def publish(self, channel: str, frame: str) -> asyncio.Future[None]:
+        """Queue one encoded event for every node; the future settles once Redis has it.
+
+        Messages leave in the order queued, pipelined many to a round trip, so a
+        sender need not wait for one before queueing the next.
 
         Raises:
-            BackplaneUnavailableError: Redis cannot be reached now.
+            BackplaneUnavailableError: Redis cannot be reached now, or too much waits.
         """
         if not self.healthy:
             raise BackplaneUnavailableError(self.reason)
-        try:
-            await self._client.publish(self._prefix + channel, frame)
-        except (RedisError, OSError) as exc:
-            # Health is the subscriber's to judge (it reconnects); this one message failed.
-            raise BackplaneUnavailableError(_describe(exc)) from None
+        if len(self._outgoing) >= MAX_WAITING:
+            raise BackplaneUnavailableError(f"{MAX_WAITING} messages already wait for Redis")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outgoing.append((self._prefix + channel, frame, done))
+        waiter = self._publisher_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return done
+
+    async def _publish_loop(self) -> None:
+        """Send queued messages in pipelines, in order; fail them if Redis fails."""
+        loop = asyncio.get_running_loop()
+        outgoing = self._outgoing
+        while True:
+            if not outgoing:
+                self._publisher_waiter = loop.create_future()
+                try:
+                    await self._publisher_waiter
+                finally:
+                    self._publisher_waiter = None
+                continue
+            batch = [outgoing.popleft() for _ in range(min(len(outgoing), PIPELINE_MAX))]
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                for channel, frame, _ in batch:
+                    pipe.publish(channel, frame)
+                await pipe.execute()
+            except (RedisError, OSError) as exc:
+                # Health is the subscriber's to judge (it reconnects); these messages failed.
+                failure = BackplaneUnavailableError(_describe(exc))
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(failure)
+                continue
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_result(None)
 
     # Life cycle
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(
-            self._supervise(), name="wsfanout-backplane"
-        )
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._supervise(), name="wsfanout-backplane")
+        self._publisher = loop.create_task(self._publish_loop(), name="wsfanout-publisher")
 
     async def close(self) -> None:
         self._closing = True
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.cancel()
+            await asyncio.gather(publisher, return_exceptions=True)
+        while self._outgoing:
+            _, _, done = self._outgoing.popleft()
+            if not done.done():
+                done.set_exception(BackplaneUnavailableError("shutting down"))
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -198,13 +249,16 @@ class Backplane:
             if message is None:
                 await pubsub.ping()  # quiet for a while: make sure the connection is alive
                 continue
-            if message.get("type") != "message":
-                continue
-            channel = message["channel"].decode()[prefix_length:]
-            try:
-                deliver(channel, message["data"].decode())
-            except Exception:
-                log.exception("delivering a message from channel %r failed", channel)
+            # Deliver everything already received before letting the flusher run, so
+            # a burst arriving from Redis leaves as batches too.
+            while message is not None:
+                if message.get("type") == "message":
+                    channel = message["channel"].decode()[prefix_length:]
+                    try:
+                        deliver(channel, message["data"].decode())
+                    except Exception:
+                        log.exception("delivering a message from channel %r failed", channel)
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
 
     def _up(self) -> None:
         if not self.healthy:

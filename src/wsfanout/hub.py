@@ -130,10 +130,14 @@ class Hub:
         self._count(kind, source)
         return self._deliver(kind, target, _encode(kind, sender, text, target, ts))
 
-    async def send(
+    def send(
         self, kind: Kind, sender: str, text: str, *, target: str = "", source: str = "websocket"
-    ) -> None:
+    ) -> asyncio.Future[None] | None:
         """Publish to every node: through the backplane when there is one.
+
+        Returns:
+            None when it was delivered here and now (no backplane); otherwise a future
+            that settles when the backplane has taken it (and fails if it could not).
 
         Raises:
             HubClosedError: the hub is shutting down.
@@ -142,7 +146,7 @@ class Hub:
         backplane = self.backplane
         if backplane is None:
             self.publish(kind, sender, text, target=target, source=source)
-            return
+            return None
         if self.closed:
             raise HubClosedError
         frame = _encode(kind, sender, text, target, None)
@@ -152,8 +156,9 @@ class Hub:
             channel = group_channel(target)
         else:
             channel = user_channel(target)
-        await backplane.publish(channel, frame)
+        done = backplane.publish(channel, frame)
         self._count(kind, source)
+        return done
 
     def deliver(self, channel: str, frame: str) -> int:
         """Fan out an encoded event that arrived from the backplane on ``channel``."""

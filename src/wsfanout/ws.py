@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
@@ -303,11 +304,23 @@ class Connection:
                 ErrorCode.UNAVAILABLE, "the database is unavailable, try again", publish.frame_id
             ) from None
         try:
-            await hub.send(publish.kind, self.user.username, publish.text, target=target)
+            pending = hub.send(publish.kind, self.user.username, publish.text, target=target)
         except (HubClosedError, BackplaneUnavailableError) as exc:
             raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), publish.frame_id) from None
-        if publish.frame_id is not None:
-            self.outbox.push(item(protocol.ack(publish.frame_id)))
+        if pending is None:
+            if publish.frame_id is not None:
+                self.outbox.push(item(protocol.ack(publish.frame_id)))
+        else:
+            # The next frame is read meanwhile; the answer comes once Redis has this one.
+            pending.add_done_callback(functools.partial(self._published, publish.frame_id))
+
+    def _published(self, frame_id: str | None, done: asyncio.Future[None]) -> None:
+        exc = None if done.cancelled() else done.exception()
+        if done.cancelled() or exc is not None:
+            detail = str(exc) if exc is not None else "the backplane is shutting down"
+            self.outbox.push(item(protocol.error(ErrorCode.UNAVAILABLE, detail, frame_id)))
+        elif frame_id is not None:
+            self.outbox.push(item(protocol.ack(frame_id)))
 
 
 def _size(frame: str | bytes, limit: int) -> int:
