@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import shutil
 import socket
@@ -223,10 +224,12 @@ class RedisServer:
 
 
 async def test_node_survives_a_redis_restart(
-    settings: Settings, redis_server: RedisServer, prefix: str
+    settings: Settings, redis_server: RedisServer, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis stopped: senders get unavailable, sockets stay open, /healthz says why;
-    Redis back: the node resubscribes by itself and messages flow again."""
+    Redis back: the node resubscribes by itself and messages flow again. Each
+    transition is logged once, not once per message or per retry."""
+    caplog.set_level(logging.INFO, logger="wsfanout.backplane")
     app = create_app(dataclasses.replace(settings, redis_url=redis_server.url, redis_prefix=prefix))
     await app.startup()
     try:
@@ -243,10 +246,16 @@ async def test_node_survives_a_redis_restart(
             redis_server.stop()
             body = await wait_healthy(app, want=503)
             assert body["checks"]["redis"].startswith("failing")
-            await g.send_json({"type": "broadcast", "text": "lost", "id": "x"})
-            error = await g.receive()
-            assert (error["type"], error["code"], error["id"]) == ("error", "unavailable", "x")
+            for n in range(5):
+                await g.send_json({"type": "broadcast", "text": "lost", "id": f"x{n}"})
+                error = await g.receive()
+                assert (error["type"], error["code"], error["id"]) == (
+                    "error",
+                    "unavailable",
+                    f"x{n}",
+                )
             assert await a.nothing(0.2)
+            await asyncio.sleep(1.5)  # several reconnect attempts fail meanwhile
 
             redis_server.start()
             await wait_healthy(app, want=200, timeout=20)
@@ -265,6 +274,25 @@ async def test_node_survives_a_redis_restart(
             assert (await messages(a, 1))[0]["text"] == "everyone again"
     finally:
         await app.shutdown()
+    lines = [r.getMessage() for r in caplog.records if r.name == "wsfanout.backplane"]
+    assert sum("unavailable" in line for line in lines) == 1, lines
+    assert sum("connected" in line for line in lines) == 2, lines  # at start, after recovery
+
+
+async def test_each_senders_order_is_kept_across_nodes(nodes: tuple[App, App]) -> None:
+    """100 messages from one sender on node a reach a recipient on node b in order."""
+    a, b = nodes
+    async with (
+        asgi.WebSocket(a, headers={"cookie": await login(a, "greg")}) as sender,
+        asgi.WebSocket(b, headers={"cookie": await login(b, "mike")}) as receiver,
+    ):
+        await sender.receive(), await receiver.receive()
+        for n in range(100):
+            kind = ["broadcast", "group", "direct"][n % 3]
+            frame = {"type": kind, "text": str(n), "group": "boys", "user_name": "mike"}
+            await sender.send_json(frame)
+        received = [event["text"] for event in await messages(receiver, 100)]
+        assert received == [str(n) for n in range(100)]
 
 
 async def test_two_hypercorn_workers_act_as_one(tmp_path: Path, demo_db: Path, prefix: str) -> None:
