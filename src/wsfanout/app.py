@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Final
 
 from . import http, views, ws
-from .backplane import Backplane
+from .backplane import Backplane, BackplaneUnavailableError
 from .config import Settings
-from .hub import Hub
-from .protocol import CloseCode
+from .hub import Hub, HubClosedError
+from .protocol import CloseCode, ErrorCode
 from .sessions import SessionCodec, secret_keys
 from .store import Store
 from .types import Message, Receive, Scope, Send
@@ -28,6 +28,7 @@ ROUTES: Final[dict[str, dict[str, Handler]]] = {
     "/login": {"GET": views.login_page, "POST": views.login},
     "/logout": {"POST": views.logout},
     "/api/directory": {"GET": views.directory},
+    "/api/publish": {"POST": views.publish_api},
     "/healthz": {"GET": views.healthz},
     "/metrics": {"GET": views.metrics},
 }
@@ -136,6 +137,8 @@ class App:
                     codec=SessionCodec(keys, settings.session_max_age),
                     web=web,
                 )
+                if settings.amqp_url:
+                    self._start_amqp(self._service)
                 log.info(
                     "wsfanout ready: database %s, %s",
                     settings.database_path,
@@ -163,6 +166,8 @@ class App:
         svc = self._service
         if svc is None:
             return
+        if svc.amqp is not None:
+            await svc.amqp.close()  # take no more from the queue; unacked ones go back
         await self.drain()
         if self._watcher is not None and self._watcher is not asyncio.current_task():
             self._watcher.cancel()
@@ -171,6 +176,28 @@ class App:
             await svc.hub.backplane.close()
         await svc.store.close()
         self._service = None
+
+    def _start_amqp(self, svc: Service) -> None:
+        """Consume the RabbitMQ queue into the hub (through the backplane, if any)."""
+        from .sources.amqp import AmqpSource, Rejected, Retry
+
+        async def handle(data: object) -> None:
+            try:
+                batch = await svc.validate_batch(data)
+            except views.BatchError as exc:
+                if exc.code is ErrorCode.UNAVAILABLE:
+                    raise Retry(exc.detail) from None
+                raise Rejected(f"item {exc.index}: {exc.code}: {exc.detail}") from None
+            try:
+                await svc.publish_batch(batch, "amqp")
+            except (HubClosedError, BackplaneUnavailableError) as exc:
+                raise Retry(str(exc)) from None
+
+        settings = self.settings
+        svc.amqp = AmqpSource(
+            settings.amqp_url, settings.amqp_queue, settings.amqp_prefetch, handle
+        )
+        svc.amqp.start()
 
     def _watch_server(self, send: Send) -> None:
         """Drain as soon as hypercorn starts stopping (SIGTERM), not after it gave up.

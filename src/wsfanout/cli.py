@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
@@ -145,6 +148,38 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     run(config)
 
 
+def cmd_publish(settings: Settings, args: argparse.Namespace) -> None:
+    """Publish one message through a running server's HTTP API."""
+    key = args.key or (settings.api_keys[0] if settings.api_keys else "")
+    if not key:
+        raise CommandError("give --key, or set WSFANOUT_API_KEYS")
+    message: dict[str, str] = {"text": args.text, "from": args.sender}
+    if args.group:
+        message.update(type="group", group=args.group)
+    elif args.user:
+        message.update(type="direct", user_name=args.user)
+    else:
+        message["type"] = "broadcast"
+    request = urllib.request.Request(  # noqa: S310 - the operator gives the URL
+        args.url.rstrip("/") + "/api/publish",
+        data=json.dumps(message).encode(),
+        method="POST",
+        headers={"content-type": "application/json", "authorization": f"Bearer {key}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            answer = json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        try:
+            detail = json.loads(err.read()).get("error", "")
+        except ValueError:
+            detail = ""
+        raise CommandError(f"the server answered {err.code}: {detail or err.reason}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise CommandError(f"cannot reach {args.url}: {getattr(err, 'reason', err)}") from None
+    print(f"published ({answer.get('accepted', 0)} accepted)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsfanout",
@@ -177,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     group_add.set_defaults(func=cmd_group_add)
 
     commands.add_parser("demo", help="create the demo groups and users").set_defaults(func=cmd_demo)
+
+    publish = commands.add_parser("publish", help="publish a message through the HTTP API")
+    publish.add_argument("text", help="the message")
+    target = publish.add_mutually_exclusive_group()
+    target.add_argument("--all", action="store_true", help="to everyone (the default)")
+    target.add_argument("--group", help="to the members of a group")
+    target.add_argument("--user", help="to every connection of one user")
+    publish.add_argument("--from", dest="sender", default="system", help="the sender shown")
+    publish.add_argument("--url", default=f"http://{DEFAULT_BIND}", help="the server's URL")
+    publish.add_argument("--key", help="an API key (default: the first of WSFANOUT_API_KEYS)")
+    publish.set_defaults(func=cmd_publish)
 
     serve = commands.add_parser("serve", help="serve with hypercorn")
     serve.add_argument("--bind", default=DEFAULT_BIND, help=f"address (default {DEFAULT_BIND})")

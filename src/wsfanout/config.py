@@ -58,6 +58,7 @@ class Settings:
     redis_prefix: str = "wsfanout:"
     amqp_url: str = field(default="", repr=False)
     amqp_queue: str = "wsfanout"
+    amqp_prefetch: int = 100
 
     log_level: str = "info"
 
@@ -102,6 +103,7 @@ class Settings:
             redis_prefix=reader.text("REDIS_PREFIX", defaults.redis_prefix),
             amqp_url=reader.text("AMQP_URL", ""),
             amqp_queue=reader.text("AMQP_QUEUE", defaults.amqp_queue),
+            amqp_prefetch=reader.integer("AMQP_PREFETCH", defaults.amqp_prefetch),
             log_level=reader.choice(
                 "LOG_LEVEL", defaults.log_level, ("debug", "info", "warning", "error", "critical")
             ),

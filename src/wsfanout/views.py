@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import html
 import logging
 import math
@@ -11,20 +12,24 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
 import orjson
 
-from . import http, passwords
+from . import http, passwords, protocol
 from .backplane import BackplaneUnavailableError
 from .config import Settings
-from .hub import Hub
+from .hub import Hub, HubClosedError
 from .metrics import Metrics, ServiceStats
 from .outbox import Flusher
+from .protocol import ErrorCode, Kind, ProtocolError, Publish
 from .sessions import COOKIE_NAME, Session, SessionCodec
-from .store import Store
+from .store import Store, UnknownUserError
 from .types import Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from .sources.amqp import AmqpSource
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,20 @@ CONTENT_TYPES: Final = {
     ".css": b"text/css; charset=utf-8",
     ".svg": b"image/svg+xml",
 }
+
+
+MAX_BATCH: Final = 1000
+API_BODY_LIMIT: Final = 4 * 1024 * 1024
+
+
+class BatchError(Exception):
+    """One item of a backend's batch is bad; ``index`` says which."""
+
+    def __init__(self, index: int, code: ErrorCode, detail: str) -> None:
+        super().__init__(f"item {index}: {code}: {detail}")
+        self.index = index
+        self.code = code
+        self.detail = detail
 
 
 class LoginThrottle:
@@ -113,6 +132,7 @@ class Service:
     codec: SessionCodec
     web: dict[str, tuple[bytes, bytes]]
     flusher: Flusher = field(default_factory=Flusher)
+    amqp: AmqpSource | None = None
     stats: ServiceStats = field(default_factory=ServiceStats)
     throttle: LoginThrottle = field(init=False)
     metrics: Metrics = field(init=False)
@@ -125,6 +145,82 @@ class Service:
 
     def session(self, scope: Scope) -> Session | None:
         return self.codec.verify(http.cookies(scope).get(COOKIE_NAME))
+
+    async def resolve_target(self, publish: Publish) -> str:
+        """The group name or exact username a publish goes to ("" for a broadcast).
+
+        Raises:
+            ProtocolError: unknown group or user, or the database failing.
+        """
+        store, hub = self.store, self.hub
+        target = publish.target
+        try:
+            # Who is connected here answers most lookups without the database.
+            if (
+                publish.kind is Kind.GROUP
+                and not hub.has_group(target)
+                and not await store.group_exists(target)
+            ):
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_GROUP, f"no group named {target!r}", publish.frame_id
+                )
+            if publish.kind is Kind.DIRECT:
+                target = hub.local_username(target) or await store.resolve_user(target)
+        except UnknownUserError as exc:
+            raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
+        except sqlite3.Error as exc:
+            log.error("database error while publishing: %s", exc)
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE, "the database is unavailable, try again", publish.frame_id
+            ) from None
+        return target
+
+    async def validate_batch(self, data: Any) -> list[tuple[Publish, str, str]]:
+        """A backend's publish body (one object or an array): (publish, target, sender) each.
+
+        Raises:
+            BatchError: the first bad item, with its index; nothing is published then.
+        """
+        items = data if isinstance(data, list) else [data]
+        if not 1 <= len(items) <= MAX_BATCH:
+            raise BatchError(
+                0,
+                ErrorCode.TOO_LARGE,
+                f"send 1 to {MAX_BATCH} messages at a time, not {len(items)}",
+            )
+        checked = []
+        limit = self.settings.max_frame_bytes
+        for index, raw in enumerate(items):
+            try:
+                publish = protocol.parse_object(raw)
+                sender = raw.get("from", "system")
+                if not isinstance(sender, str) or not sender.strip() or len(sender) > 64:
+                    raise ProtocolError(
+                        ErrorCode.BAD_MESSAGE, "'from' must be a name of 1 to 64 characters"
+                    )
+                if len(publish.text.encode()) > limit:
+                    raise ProtocolError(ErrorCode.TOO_LARGE, f"'text' is limited to {limit} bytes")
+                checked.append((publish, await self.resolve_target(publish), sender.strip()))
+            except ProtocolError as exc:
+                raise BatchError(index, exc.code, exc.detail) from None
+        return checked
+
+    async def publish_batch(self, batch: list[tuple[Publish, str, str]], source: str) -> None:
+        """Publish validated messages in order; wait until the backplane (if any) has them.
+
+        Raises:
+            HubClosedError, BackplaneUnavailableError: some were not published.
+        """
+        pending = []
+        for publish, target, sender in batch:
+            done = self.hub.send(publish.kind, sender, publish.text, target=target, source=source)
+            if done is not None:
+                pending.append(done)
+        if pending:
+            results = await asyncio.gather(*pending, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
 
 
 async def page(scope: Scope, receive: Receive, send: Send, svc: Service, name: str) -> None:
@@ -292,12 +388,76 @@ async def healthz(scope: Scope, receive: Receive, send: Send, svc: Service) -> N
             checks["redis"] = "ok"
         except BackplaneUnavailableError as exc:
             checks["redis"] = f"failing: {exc.reason}"
+    if svc.amqp is not None:
+        checks["amqp"] = "ok" if svc.amqp.consuming else f"failing: {svc.amqp.state}"
     ok = all(value == "ok" for value in checks.values())
     await http.json_response(
         send,
         200 if ok else 503,
         {"status": "ok" if ok else "degraded", "checks": checks, "connections": len(svc.hub)},
     )
+
+
+async def publish_api(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
+    """POST /api/publish: backends publish with a bearer key; a batch is all or nothing."""
+    keys = svc.settings.api_keys
+    if not keys:
+        await http.error_response(send, 404, "Not found")
+        return
+    if not _key_ok(http.header(scope, b"authorization"), keys):
+        await http.error_response(
+            send,
+            401,
+            "A valid 'Authorization: Bearer <key>' is needed",
+            [(b"www-authenticate", b'Bearer realm="wsfanout"')],
+        )
+        return
+    try:
+        body = await http.read_body(receive, API_BODY_LIMIT)
+    except http.BodyTooLargeError as exc:
+        await http.error_response(send, 413, str(exc))
+        return
+    except http.BodyTimeoutError as exc:
+        await http.error_response(send, 408, str(exc))
+        return
+    except http.ClientGoneError:
+        return
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        await _api_error(send, 400, ErrorCode.BAD_JSON, "the body is not valid JSON")
+        return
+    try:
+        batch = await svc.validate_batch(data)
+    except BatchError as exc:
+        status = 503 if exc.code is ErrorCode.UNAVAILABLE else 400
+        await _api_error(send, status, exc.code, exc.detail, exc.index)
+        return
+    try:
+        await svc.publish_batch(batch, "api")
+    except (HubClosedError, BackplaneUnavailableError) as exc:
+        await _api_error(send, 503, ErrorCode.UNAVAILABLE, str(exc))
+        return
+    await http.json_response(send, 202, {"accepted": len(batch)})
+
+
+def _key_ok(authorization: str | None, keys: tuple[str, ...]) -> bool:
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return False
+    presented = given.strip().encode()
+    # Compare against every key, whatever matches, so timing says nothing.
+    matches = [hmac.compare_digest(presented, key.encode()) for key in keys]
+    return any(matches)
+
+
+async def _api_error(
+    send: Send, status: int, code: ErrorCode, detail: str, index: int | None = None
+) -> None:
+    body: dict[str, Any] = {"error": detail, "code": code.value}
+    if index is not None:
+        body["index"] = index
+    await http.json_response(send, status, body)
 
 
 async def metrics(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:

@@ -31,9 +31,9 @@ from . import http, protocol
 from .backplane import BackplaneUnavailableError
 from .hub import HubClosedError
 from .outbox import Outbox, item
-from .protocol import CloseCode, ErrorCode, Kind, ProtocolError, Publish
+from .protocol import CloseCode, ErrorCode, ProtocolError, Publish
 from .sessions import Session
-from .store import UnknownUserError, User
+from .store import User
 from .types import Receive, Scope, Send
 from .views import Service
 
@@ -282,27 +282,8 @@ class Connection:
         Raises:
             ProtocolError: unknown group or user, or the service cannot take it now.
         """
-        store, hub = self.svc.store, self.svc.hub
-        target = publish.target
-        try:
-            # Who is connected here answers most lookups without the database.
-            if (
-                publish.kind is Kind.GROUP
-                and not hub.has_group(target)
-                and not await store.group_exists(target)
-            ):
-                raise ProtocolError(
-                    ErrorCode.UNKNOWN_GROUP, f"no group named {target!r}", publish.frame_id
-                )
-            if publish.kind is Kind.DIRECT:
-                target = hub.local_username(target) or await store.resolve_user(target)
-        except UnknownUserError as exc:
-            raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
-        except sqlite3.Error as exc:
-            log.error("database error while publishing: %s", exc)
-            raise ProtocolError(
-                ErrorCode.UNAVAILABLE, "the database is unavailable, try again", publish.frame_id
-            ) from None
+        hub = self.svc.hub
+        target = await self.svc.resolve_target(publish)
         try:
             pending = hub.send(publish.kind, self.user.username, publish.text, target=target)
         except (HubClosedError, BackplaneUnavailableError) as exc:

@@ -1,0 +1,149 @@
+"""A RabbitMQ consumer that publishes into the hub (optional: ``WSFANOUT_AMQP_URL``).
+
+Each message body is one publish (or an array of up to 1000), in the same JSON as
+``POST /api/publish``. Delivery is at least once:
+
+- a message is acked only after the hub (or the backplane) has taken all of it;
+- an invalid body is rejected without requeue, and logged with the reason;
+- when the backplane cannot take it, or the node is stopping, it is nacked with
+  requeue (after a pause, so an outage does not spin), and comes back;
+- if the connection drops after a message was published but before its ack
+  reached the broker, the broker delivers it again: recipients can see it twice.
+  At most ``prefetch`` messages are in that window.
+
+The queue is declared durable and shared: with several nodes, each message goes
+to one of them (competing consumers) and the backplane takes it everywhere. The
+connection is aio-pika's robust one: a broker restart or a dropped connection is
+reconnected and consuming resumes; the state shows in ``/healthz``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+log = logging.getLogger(__name__)
+
+RETRY_PAUSE: Final = 1.0
+CONNECT_BACKOFF_MAX: Final = 10.0
+
+
+class Rejected(Exception):
+    """The body can never be published (bad JSON, bad message, unknown target)."""
+
+
+class Retry(Exception):
+    """The body is fine but cannot be published now (backplane down, shutting down)."""
+
+
+Handler = Callable[[Any], Awaitable[None]]
+"""Validates and publishes one decoded body; raises Rejected or Retry."""
+
+
+class AmqpSource:
+    """Consumes one queue and hands each decoded body to ``handle``."""
+
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        prefetch: int,
+        handle: Handler,
+        *,
+        connection_name: str = "wsfanout",
+    ) -> None:
+        self.url = url
+        self.queue = queue
+        self.prefetch = prefetch
+        self._handle = handle
+        self._connection_name = connection_name
+        self._connection: AbstractRobustConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.state = "connecting"
+        self.consuming = False
+        self.stats = {"acked": 0, "rejected": 0, "requeued": 0}
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._connect(), name="wsfanout-amqp")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+        self.consuming = False
+        self.state = "stopped"
+
+    async def _connect(self) -> None:
+        """Connect (retrying until the broker answers), then let aio-pika keep it up."""
+        backoff = 0.5
+        while True:
+            try:
+                connection = await aio_pika.connect_robust(
+                    self.url, client_properties={"connection_name": self._connection_name}
+                )
+                break
+            except (OSError, aio_pika.exceptions.AMQPError) as exc:
+                self._set_state(False, f"cannot connect: {type(exc).__name__}: {exc}")
+                await asyncio.sleep(backoff)
+                backoff = min(CONNECT_BACKOFF_MAX, backoff * 2)
+        self._connection = connection
+        connection.close_callbacks.add(self._on_close)
+        connection.reconnect_callbacks.add(self._on_reconnect)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=self.prefetch)
+        queue = await channel.declare_queue(self.queue, durable=True)
+        await queue.consume(self._on_message)
+        self._set_state(True, "consuming")
+
+    def _on_close(self, *args: Any) -> None:
+        self._set_state(False, "connection lost, reconnecting")
+
+    def _on_reconnect(self, *args: Any) -> None:
+        self._set_state(True, "consuming")
+
+    def _set_state(self, consuming: bool, state: str) -> None:
+        if state != self.state:
+            level = logging.INFO if consuming else logging.WARNING
+            log.log(level, "RabbitMQ queue %r: %s", self.queue, state)
+        self.consuming = consuming
+        self.state = state
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            data = orjson.loads(message.body)
+        except orjson.JSONDecodeError:
+            await self._reject(message, "the body is not valid JSON")
+            return
+        try:
+            await self._handle(data)
+        except Rejected as exc:
+            await self._reject(message, str(exc))
+            return
+        except Retry as exc:
+            log.warning("requeueing message %s: %s", message.delivery_tag, exc)
+            await asyncio.sleep(RETRY_PAUSE)
+            await message.nack(requeue=True)
+            self.stats["requeued"] += 1
+            return
+        try:
+            await message.ack()
+        except aio_pika.exceptions.AMQPError as exc:
+            # The connection dropped after publishing: the broker will deliver it again.
+            log.info("could not ack message %s (%s): it will come again", message.delivery_tag, exc)
+            return
+        self.stats["acked"] += 1
+
+    async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
+        log.warning("rejecting message %s (not requeued): %s", message.delivery_tag, reason)
+        await message.reject(requeue=False)
+        self.stats["rejected"] += 1
