@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
@@ -195,7 +196,11 @@ class App:
 
         settings = self.settings
         svc.amqp = AmqpSource(
-            settings.amqp_url, settings.amqp_queue, settings.amqp_prefetch, handle
+            settings.amqp_url,
+            settings.amqp_queue,
+            settings.amqp_prefetch,
+            handle,
+            connection_name=f"wsfanout {settings.amqp_queue} pid {os.getpid()}",
         )
         svc.amqp.start()
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 RETRY_PAUSE: Final = 1.0
 CONNECT_BACKOFF_MAX: Final = 10.0
+RECONNECT_INTERVAL: Final = 1.0  # seconds between aio-pika's reconnect attempts
 
 
 class Rejected(Exception):
@@ -67,7 +68,7 @@ class AmqpSource:
         self._task: asyncio.Task[None] | None = None
         self.state = "connecting"
         self.consuming = False
-        self.stats = {"acked": 0, "rejected": 0, "requeued": 0}
+        self.stats = {"acked": 0, "rejected": 0, "requeued": 0, "reconnects": 0}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._connect(), name="wsfanout-amqp")
@@ -89,7 +90,9 @@ class AmqpSource:
         while True:
             try:
                 connection = await aio_pika.connect_robust(
-                    self.url, client_properties={"connection_name": self._connection_name}
+                    self.url,
+                    client_properties={"connection_name": self._connection_name},
+                    reconnect_interval=RECONNECT_INTERVAL,
                 )
                 break
             except (OSError, aio_pika.exceptions.AMQPError) as exc:
@@ -109,6 +112,7 @@ class AmqpSource:
         self._set_state(False, "connection lost, reconnecting")
 
     def _on_reconnect(self, *args: Any) -> None:
+        self.stats["reconnects"] += 1
         self._set_state(True, "consuming")
 
     def _set_state(self, consuming: bool, state: str) -> None:

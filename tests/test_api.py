@@ -1,0 +1,180 @@
+"""POST /api/publish: keys, validation, all-or-nothing batches, delivery; `wsfanout publish`."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import asgi
+from tests.conftest import login
+from tests.server import Client, Server
+from wsfanout import App, Settings, create_app
+
+KEY = "backend-key-1"
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[App]:
+    app = create_app(dataclasses.replace(settings, api_keys=("other-key", KEY)))
+    await app.startup()
+    yield app
+    await app.shutdown()
+
+
+async def post(app: App, body: Any, headers: dict[str, str] | None = None) -> asgi.Response:
+    if isinstance(body, bytes):
+        return await asgi.request(app, "POST", "/api/publish", body=body, headers=headers or AUTH)
+    return await asgi.request(app, "POST", "/api/publish", json=body, headers=headers or AUTH)
+
+
+async def test_no_keys_means_no_endpoint(app: App) -> None:
+    """Without WSFANOUT_API_KEYS the endpoint does not exist (404)."""
+    response = await post(app, {"type": "broadcast", "text": "x"})
+    assert response.status == 404
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": "Bearer wrong"},
+        {"authorization": f"Basic {KEY}"},
+        {"authorization": "Bearer "},
+        {"authorization": f"Bearer {KEY}x"},
+    ],
+)
+async def test_missing_or_wrong_key_is_401(api: App, headers: dict[str, str]) -> None:
+    """A missing, malformed or wrong key is 401 with WWW-Authenticate."""
+    response = await post(api, {"type": "broadcast", "text": "x"}, headers=headers or {"x": "y"})
+    assert response.status == 401
+    assert response.header("www-authenticate") == 'Bearer realm="wsfanout"'
+
+
+async def test_publishes_reach_the_right_sockets(api: App) -> None:
+    """Broadcast, group and direct from the API arrive with `from` as given."""
+    amanda, greg = await login(api, "amanda"), await login(api, "greg")
+    async with (
+        asgi.WebSocket(api, headers={"cookie": amanda}) as a,
+        asgi.WebSocket(api, headers={"cookie": greg}) as g,
+    ):
+        await a.receive(), await g.receive()
+        response = await post(
+            api,
+            [
+                {"type": "broadcast", "text": "all"},
+                {"type": "group", "group": "girls", "text": "girls", "from": "billing"},
+                {"type": "Direct", "user_name": "Greg", "text": "you"},
+            ],
+        )
+        assert (response.status, response.json()) == (202, {"accepted": 3})
+        assert [
+            (e["kind"], e["from"], e["text"]) for e in [await a.receive(), await a.receive()]
+        ] == [
+            ("broadcast", "system", "all"),
+            ("group", "billing", "girls"),
+        ]
+        assert [(e["kind"], e["text"]) for e in [await g.receive(), await g.receive()]] == [
+            ("broadcast", "all"),
+            ("direct", "you"),
+        ]
+        assert await a.nothing() and await g.nothing()
+        single = await post(api, {"type": "broadcast", "text": "one"})
+        assert (single.status, single.json()) == (202, {"accepted": 1})
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "index"),
+    [
+        (b"{not json", "bad_json", None),
+        ([{"type": "broadcast", "text": "ok"}, {"type": "shout", "text": "x"}], "bad_message", 1),
+        (
+            [{"type": "broadcast", "text": "ok"}, {"type": "group", "group": "chess", "text": "x"}],
+            "unknown_group",
+            1,
+        ),
+        ([{"type": "direct", "user_name": "nobody", "text": "x"}], "unknown_user", 0),
+        ([{"type": "broadcast", "text": "ok"}, {"type": "broadcast"}], "bad_message", 1),
+        ([{"type": "broadcast", "text": "x", "from": ""}], "bad_message", 0),
+        ([{"type": "broadcast", "text": "x" * 70_000}], "too_large", 0),
+        ([], "too_large", 0),
+        ([{"type": "broadcast", "text": "x"}] * 1001, "too_large", 0),
+        ("just a string", "bad_message", 0),
+    ],
+)
+async def test_bad_batches_publish_nothing(
+    api: App, body: Any, code: str, index: int | None
+) -> None:
+    """A bad item is a 400 naming its index and code, and nothing of the batch is sent."""
+    async with asgi.WebSocket(api, headers={"cookie": await login(api, "greg")}) as ws:
+        await ws.receive()
+        response = await post(api, body)
+        assert response.status == 400
+        answer = response.json()
+        assert answer["code"] == code and answer["error"]
+        assert answer.get("index") == index
+        assert await ws.nothing(0.2)
+
+
+async def test_body_limit_is_413(api: App) -> None:
+    """A body over the limit is refused with 413 while it streams in."""
+    response = await asgi.request(
+        api, "POST", "/api/publish", body=b"[" + b" " * 5_000_000 + b"]", headers=AUTH, chunks=50
+    )
+    assert response.status == 413
+
+
+async def test_over_real_hypercorn_and_the_cli(tmp_path: Path, demo_db: Path) -> None:
+    """Over a real server: a curl-style POST and `wsfanout publish` reach the sockets."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    with Server(tmp_path, env={"WSFANOUT_API_KEYS": KEY}).running() as server:
+        lisa = await Client.open(server.ws_url, server.login("lisa"))
+        await lisa.next()
+        cli = Path(sys.executable).parent / "wsfanout"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WSFANOUT_")}
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [
+                str(cli),
+                "publish",
+                "--url",
+                server.http_url,
+                "--key",
+                KEY,
+                "--group",
+                "girls",
+                "--from",
+                "ops",
+                "from the shell",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "1 accepted" in done.stdout
+        event = await lisa.next_of("message")
+        assert (event["kind"], event["from"], event["text"]) == ("group", "ops", "from the shell")
+        wrong = await asyncio.to_thread(
+            subprocess.run,
+            [str(cli), "publish", "--url", server.http_url, "--key", "nope", "hi"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+            check=False,
+        )
+        assert wrong.returncode == 1
+        assert "the server answered 401" in wrong.stderr
+        await lisa.close()
