@@ -44,12 +44,14 @@ class Server:
         app: str = "wsfanout:app",
         health_path: str = "/healthz",
         workers: int = 1,
+        bare: bool = False,
     ) -> None:
         self.data_dir = data_dir
         self.env = env or {}
         self.app = app
         self.health_path = health_path
         self.workers = workers
+        self.bare = bare  # no WSFANOUT_* at all: what `hypercorn wsfanout:app` does on its own
         self.log_path = data_dir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -75,6 +77,8 @@ class Server:
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             **self.env,
         }
+        if self.bare:
+            env = {k: v for k, v in env.items() if not k.startswith("WSFANOUT_")}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [

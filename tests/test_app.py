@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -108,37 +103,12 @@ async def test_internal_errors_are_json_500(
 
 def test_hypercorn_serves_from_an_empty_directory(tmp_path: Path) -> None:
     """`hypercorn wsfanout:app` with no variables set serves from an empty directory."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSFANOUT_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hypercorn", "--bind", f"fd://{sock.fileno()}", "wsfanout:app"],
-        pass_fds=[sock.fileno()],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    sock.close()
-    try:
-        status = 0
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and status != 200:
-            try:
-                status, _ = http("GET", f"http://127.0.0.1:{port}/healthz")
-            except OSError:
-                time.sleep(0.1)
-        assert status == 200
-        status, headers = http("GET", f"http://127.0.0.1:{port}/login")
+    with Server(tmp_path, bare=True).running() as server:
+        status, headers = http("GET", server.http_url + "/login")
         assert status == 200 and "<form" in headers["_body"]
         assert (tmp_path / "data" / "wsfanout.sqlite3").exists()
         assert (tmp_path / "data" / "secret_key").exists()
-    finally:
-        proc.terminate()
-        output = proc.communicate(timeout=15)[0].decode()
-    assert "WSFANOUT_SECRET_KEY is not set" in output
+    assert "WSFANOUT_SECRET_KEY is not set" in server.log_path.read_text()
 
 
 async def test_mounted_in_starlette_over_real_hypercorn(tmp_path: Path, demo_db: Path) -> None:
