@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -24,6 +25,7 @@ import pytest
 
 from tests import asgi
 from tests.conftest import login
+from tests.server import RedisServer
 from wsfanout import App, Settings, create_app
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -206,3 +208,47 @@ async def test_connection_cut_mid_stream_loses_nothing(
         await asyncio.sleep(0.05)
     assert (await asgi.request(app, "GET", "/healthz")).status == 200
     assert svc.amqp.stats["reconnects"] == 1  # the cut really happened, and healed
+
+
+async def test_backplane_outage_requeues_until_redis_is_back(
+    settings: Settings, broker: aio_pika.abc.AbstractChannel, tmp_path: Path
+) -> None:
+    """With Redis down the message is nacked and requeued; once Redis is back it arrives."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    queue = f"wsfanout-test-{uuid.uuid4().hex[:10]}"
+    app = create_app(
+        dataclasses.replace(
+            settings,
+            amqp_url=AMQP_URL,
+            amqp_queue=queue,
+            redis_url=redis_server.url,
+            redis_prefix=f"{queue}:",
+        )
+    )
+    await app.startup()
+    try:
+        svc = app._service
+        assert svc is not None and svc.amqp is not None and svc.hub.backplane is not None
+        deadline = time.monotonic() + 15
+        while not (svc.amqp.consuming and svc.hub.backplane.healthy):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        async with asgi.WebSocket(app, headers={"cookie": await login(app, "lisa")}) as ws:
+            await ws.receive()
+            redis_server.stop()
+            while svc.hub.backplane.healthy:  # noqa: ASYNC110 - another part's state
+                await asyncio.sleep(0.05)
+            await put(broker, queue, {"type": "broadcast", "text": "eventually"})
+            while svc.amqp.stats["requeued"] < 1:
+                assert time.monotonic() < deadline + 30
+                await asyncio.sleep(0.05)
+            assert await ws.nothing(0.2)
+            redis_server.start()
+            assert await texts(ws, 1, timeout=30) == ["eventually"]
+    finally:
+        await app.shutdown()
+        redis_server.stop()
+        await broker.queue_delete(queue)
