@@ -225,7 +225,6 @@ class Connection:
         max_bytes = settings.max_frame_bytes
         rate, burst = settings.rate_limit, float(settings.rate_burst)
         tokens, last = burst, time.monotonic()
-        push = self.outbox.push
         while True:
             message = await self.receive()
             kind = message["type"]
@@ -237,33 +236,17 @@ class Connection:
             if frame is None:
                 frame = message.get("bytes") or b""
             if _size(frame, max_bytes) > max_bytes:
-                push(
-                    item(
-                        protocol.error(
-                            ErrorCode.TOO_LARGE, f"frames are limited to {max_bytes} bytes"
-                        )
-                    )
-                )
+                self._tell(ErrorCode.TOO_LARGE, f"frames are limited to {max_bytes} bytes")
                 return CloseCode.TOO_LARGE
             now = time.monotonic()
             if time.time() >= self.expires_at:
-                push(
-                    item(
-                        protocol.error(ErrorCode.FORBIDDEN, "the session has expired: log in again")
-                    )
-                )
+                self._tell(ErrorCode.FORBIDDEN, "the session has expired: log in again")
                 return CloseCode.POLICY
             if rate > 0:
                 tokens = min(burst, tokens + (now - last) * rate)
                 last = now
                 if tokens < 1:
-                    push(
-                        item(
-                            protocol.error(
-                                ErrorCode.RATE_LIMITED, f"at most {rate:g} messages per second"
-                            )
-                        )
-                    )
+                    self._tell(ErrorCode.RATE_LIMITED, f"at most {rate:g} messages per second")
                     continue
                 tokens -= 1
             try:
@@ -274,7 +257,7 @@ class Connection:
                 publish = protocol.parse(frame)
                 await self._publish(publish)
             except ProtocolError as exc:
-                push(item(protocol.error(exc.code, exc.detail, exc.frame_id)))
+                self._tell(exc.code, exc.detail, exc.frame_id)
 
     async def _publish(self, publish: Publish) -> None:
         """Resolve the target, then hand the message to the hub.
@@ -299,9 +282,13 @@ class Connection:
         exc = None if done.cancelled() else done.exception()
         if done.cancelled() or exc is not None:
             detail = str(exc) if exc is not None else "the backplane is shutting down"
-            self.outbox.push(item(protocol.error(ErrorCode.UNAVAILABLE, detail, frame_id)))
+            self._tell(ErrorCode.UNAVAILABLE, detail, frame_id)
         elif frame_id is not None:
             self.outbox.push(item(protocol.ack(frame_id)))
+
+    def _tell(self, code: ErrorCode, detail: str, frame_id: str | None = None) -> None:
+        """An error frame to this connection only."""
+        self.outbox.push(item(protocol.error(code, detail, frame_id)))
 
 
 def _size(frame: str | bytes, limit: int) -> int:
