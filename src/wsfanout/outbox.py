@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from types import CoroutineType
 from typing import Any, Final
@@ -41,6 +42,8 @@ from .types import Message, Send
 Item = tuple[str, int, Message]
 """An encoded event, its size in bytes, and the ASGI message that sends it alone:
 made once per publish and shared by every outbox (servers do not change messages)."""
+
+log = logging.getLogger(__name__)
 
 FLUSH_CHUNK: Final = 1000  # outboxes flushed before the flusher lets other tasks run
 
@@ -83,11 +86,14 @@ class Flusher:
         self._task: asyncio.Task[None] | None = None
 
     def schedule(self, outbox: Outbox) -> None:
-        self._ready.append(outbox)
+        ready = self._ready
+        ready.append(outbox)
+        if len(ready) > 1:
+            return  # already woken for this round
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        elif self._task is None:
+        elif self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="wsfanout-flusher"
             )
@@ -107,7 +113,10 @@ class Flusher:
                 if start:
                     await asyncio.sleep(0)  # a huge fan-out must not starve the readers
                 for outbox in ready[start : start + FLUSH_CHUNK]:
-                    outbox._flush()
+                    try:
+                        outbox._flush()
+                    except Exception:  # one connection's bug must not stop everyone's sends
+                        log.exception("flushing an outbox failed")
 
     async def close(self) -> None:
         task, self._task = self._task, None
