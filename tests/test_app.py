@@ -129,3 +129,12 @@ async def test_mounted_in_starlette_over_real_hypercorn(tmp_path: Path, demo_db:
         await client.close()
         with pytest.raises(InvalidStatus):
             await connect(server.ws_url, additional_headers={"cookie": cookie})
+
+
+def test_hypercorn_refuses_to_start_with_a_bad_setting(tmp_path: Path) -> None:
+    """A bad WSFANOUT_* value stops `hypercorn wsfanout:app` at start-up, saying which."""
+    server = Server(tmp_path, env={"WSFANOUT_OUTBOX_BYTES": "lots"})
+    with pytest.raises(RuntimeError, match="server exited"):
+        server.start(timeout=30)
+    log = server.log_path.read_text()
+    assert "cannot start: WSFANOUT_OUTBOX_BYTES='lots': expected a whole number" in log

@@ -7,8 +7,10 @@ variables when the server first calls it, not at import.
 
 from __future__ import annotations
 
+import logging
+
 from .app import App, create_app
-from .config import Settings
+from .config import ConfigError, Settings
 from .types import Receive, Scope, Send
 
 __all__ = ["App", "Settings", "app", "create_app"]
@@ -25,10 +27,30 @@ class EnvApp:
         if self._app is None:
             from .cli import configure_logging
 
-            settings = Settings.from_env()
+            try:
+                settings = Settings.from_env()
+            except ConfigError as exc:
+                await _refuse_to_start(str(exc), scope, receive, send)
+                return
             configure_logging(settings.log_level)
             self._app = create_app(settings)
         await self._app(scope, receive, send)
+
+
+async def _refuse_to_start(problem: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """A setting is unusable: fail lifespan startup with it (the server stops and says
+    why), or answer 500 where the server does not run lifespan."""
+    logging.getLogger("wsfanout").error("cannot start: %s", problem)
+    if scope["type"] == "lifespan":
+        await receive()  # lifespan.startup
+        await send({"type": "lifespan.startup.failed", "message": f"wsfanout: {problem}"})
+    elif scope["type"] == "http":
+        body = b'{"error":"the service is misconfigured"}'
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    elif scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1011})
 
 
 # Shadows the ``wsfanout.app`` submodule on purpose: ``wsfanout:app`` is the ASGI app.
