@@ -84,10 +84,10 @@ def test_remove_cleans_every_index(hub: tuple[Hub, dict[str, Outbox]]) -> None:
     assert len(h) == 4 and h.connected("mike") == 2
 
 
-def test_closed_hub_refuses_and_closes_outboxes(hub: tuple[Hub, dict[str, Outbox]]) -> None:
-    """close_all marks every outbox closing and refuses later publishes."""
+async def test_drained_hub_refuses_and_closes_outboxes(hub: tuple[Hub, dict[str, Outbox]]) -> None:
+    """drain marks every outbox closing, in batches, and refuses later publishes."""
     h, boxes = hub
-    h.close_all(1001)
+    await h.drain(1001, batch=2, pause=0)
     assert all(box.close_code == 1001 for box in boxes.values())
     with pytest.raises(HubClosedError):
         h.publish(Kind.BROADCAST, "greg", "hi")

@@ -162,13 +162,6 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-def content_length(scope: Scope) -> int | None:
-    value = header(scope, b"content-length")
-    if value is None or not value.strip().isdigit():
-        return None
-    return int(value)
-
-
 async def respond(
     send: Send,
     status: int,

@@ -186,15 +186,10 @@ class Hub:
         self.stats.deliveries += len(recipients)
         return len(recipients)
 
-    def close_all(self, code: int) -> None:
-        """Stop taking publishes and ask every connection's writer to finish with ``code``."""
-        self.closed = True
-        for outbox in self._all:
-            outbox.close(code)
-
     async def drain(self, code: int, batch: int, pause: float) -> None:
-        """Like ``close_all``, ``batch`` connections at a time, ``pause`` seconds apart,
-        so a big node does not send every close (and cause every reconnect) at once."""
+        """Stop taking publishes and ask every connection's writer to finish with ``code``,
+        ``batch`` connections at a time, ``pause`` seconds apart, so a big node does not
+        send every close (and cause every reconnect) at once."""
         self.closed = True
         outboxes = self.outboxes()
         for start in range(0, len(outboxes), batch):
