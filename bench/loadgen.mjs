@@ -14,6 +14,13 @@
 //   senders     connections that publish (groups)
 //   groupSizes  {group: members} to know how many deliveries a group send makes
 //   concurrency handshakes in flight at once
+//   client      "browser" (default): the handshake Chrome sends, permessage-deflate offered
+//               as Chrome offers it ("permessage-deflate; client_max_window_bits") and every
+//               outbound frame compressed when the server accepts; "plain": no extensions offered
+//   sources     local addresses to connect from, in turn (127.0.0.x: more ephemeral ports)
+//
+// The result says what the server negotiated ("negotiated": its Sec-WebSocket-Extensions
+// answer, "" for none), so a table can show which clients got compression.
 import { WebSocket } from "ws";
 import { performance } from "node:perf_hooks";
 import { readFileSync } from "node:fs";
@@ -21,6 +28,23 @@ import { createInterface } from "node:readline";
 
 const cfg = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const wsfanout = cfg.mode === "wsfanout";
+const browser = (cfg.client || "browser") === "browser";
+const origin = new URL(cfg.url.replace(/^ws/, "http")).origin;
+// What Chrome sends besides the websocket headers of its own (ws adds Host, Upgrade,
+// Connection, Sec-WebSocket-Key/-Version, and the deflate offer below).
+const BROWSER_HEADERS = {
+  Origin: origin,
+  "User-Agent":
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0.0.0 Safari/537.36",
+  Pragma: "no-cache",
+  "Cache-Control": "no-cache",
+  "Accept-Encoding": "gzip, deflate, br, zstd",
+  "Accept-Language": "en-US,en;q=0.9",
+};
+// Chrome's offer is "permessage-deflate; client_max_window_bits" (ws offers exactly that by
+// default) and, once accepted, it compresses every message it sends, however small.
+const DEFLATE = { clientMaxWindowBits: true, threshold: 0 };
+const negotiated = new Map();
 const sockets = new Array(cfg.connections);
 let deliveries = 0;
 let expected = Infinity;
@@ -71,8 +95,15 @@ function open(index) {
   return new Promise((resolve, reject) => {
     const group = cfg.groups ? cfg.groups[index % cfg.groups.length] : "";
     const url = wsfanout || !group ? cfg.url : `${cfg.url}?g=${encodeURIComponent(group)}`;
-    const headers = wsfanout ? { Cookie: cfg.cookies[index % cfg.cookies.length] } : {};
-    const ws = new WebSocket(url, { headers, perMessageDeflate: false, maxPayload: 64 * 1024 * 1024 });
+    const headers = browser ? { ...BROWSER_HEADERS } : {};
+    if (wsfanout) headers.Cookie = cfg.cookies[index % cfg.cookies.length];
+    const options = {
+      headers,
+      perMessageDeflate: browser ? DEFLATE : false,
+      maxPayload: 64 * 1024 * 1024,
+    };
+    if (cfg.sources && cfg.sources.length) options.localAddress = cfg.sources[index % cfg.sources.length];
+    const ws = new WebSocket(url, options);
     // Connected means accepted, for both systems; wsfanout's welcome (the first
     // frame) is then skipped rather than counted as a delivery.
     let welcome = wsfanout;
@@ -83,7 +114,10 @@ function open(index) {
       }
       onFrame(data);
     });
-    ws.on("open", () => resolve(ws));
+    ws.on("open", () => {
+      negotiated.set(ws.extensions, (negotiated.get(ws.extensions) || 0) + 1);
+      resolve(ws);
+    });
     ws.on("error", reject);
     sockets[index] = ws;
   });
@@ -180,6 +214,8 @@ async function run() {
     max_ms: measured.length ? measured[measured.length - 1] : null,
     loadgen_cpu_s: (cpu.user + cpu.system) / 1e6,
     errors,
+    client: browser ? "browser" : "plain",
+    negotiated: [...negotiated.keys()].join(" | "),
   };
   process.stdout.write(JSON.stringify(result) + "\n");
   for (const ws of sockets) if (ws) ws.terminate();

@@ -6,8 +6,12 @@ server is pinned to core 0 and the load generator (Node ``ws``, bench/loadgen.mj
 to core 1. Server CPU comes from /proc (user + system time of the server process
 over the measured phase only, connection set-up excluded).
 
-    python bench/run.py                  # the full run (several minutes)
-    python bench/run.py --quick          # a small smoke run
+wsfanout's clients speak as browsers do: the handshake Chrome sends, permessage-deflate
+offered as Chrome offers it (``--plain`` drops the offer). The baseline gets plain clients:
+it is the floor. Each table shows which client a column used and what the server negotiated.
+
+    python bench/run.py                  # the full run (several minutes): bench/results.json
+    python bench/run.py --quick          # a small smoke run: bench/results-quick.json
 """
 
 from __future__ import annotations
@@ -43,14 +47,24 @@ class System:
     mode: str  # loadgen protocol
     env: dict[str, str] = field(default_factory=dict)
     workers: int = 0  # 0: hypercorn serves in its own process
+    client: str = "browser"  # the loadgen's client: "browser" (offers deflate) or "plain"
 
 
 WSFANOUT_ENV = {"WSFANOUT_RATE_LIMIT": "0", "WSFANOUT_LOG_LEVEL": "warning"}
 WSFANOUT = System("wsfanout", "wsfanout:app", "wsfanout", WSFANOUT_ENV)
+COMPRESS = System(
+    "wsfanout-compress",
+    "wsfanout:app",
+    "wsfanout",
+    {**WSFANOUT_ENV, "WSFANOUT_COMPRESSION": "on"},
+)
 NO_BATCH = System(
     "wsfanout-batch1", "wsfanout:app", "wsfanout", {**WSFANOUT_ENV, "WSFANOUT_BATCH_MAX": "1"}
 )
-BASELINE = System("baseline", "bench.baseline:app", "baseline")
+BASELINE = System("baseline", "bench.baseline:app", "baseline", client="plain")
+CAPACITY = 19_000  # idle connections: a process here may hold 20,000 file descriptors
+# Local addresses the capacity run connects from, in turn, so ephemeral ports never run short.
+SOURCES = [f"127.0.0.{n}" for n in range(1, 5)]
 REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_2W = System(
     "wsfanout-redis-2w",
@@ -77,7 +91,7 @@ def scenarios(quick: bool) -> list[Scenario]:
     return [
         Scenario(
             "burst",
-            (WSFANOUT, NO_BATCH, BASELINE),
+            (WSFANOUT, COMPRESS, NO_BATCH, BASELINE),
             {"scenario": "burst", "connections": n, "messages": messages, "size": 100},
             f"S1 burst: {n} conns, {messages} broadcasts of 100 B",
         ),
@@ -109,9 +123,14 @@ def scenarios(quick: bool) -> list[Scenario]:
         ),
         Scenario(
             "capacity",
-            (WSFANOUT, BASELINE),
-            {"scenario": "capacity", "connections": 1000 if quick else 10_000, "concurrency": 200},
-            f"capacity: {1000 if quick else 10_000} idle authenticated connections",
+            (WSFANOUT, COMPRESS, BASELINE),
+            {
+                "scenario": "capacity",
+                "connections": 1000 if quick else CAPACITY,
+                "concurrency": 200,
+                "sources": SOURCES,
+            },
+            f"capacity: {1000 if quick else CAPACITY:,} idle authenticated connections",
         ),
     ]
 
@@ -253,11 +272,13 @@ def run_once(
     cookies: list[str],
     groups: list[str],
     profile_dir: Path | None = None,
+    plain: bool = False,
 ) -> dict[str, Any]:
     server = Server(system, data_dir)
     try:
         config = {
             **scenario.config,
+            "client": "plain" if plain else system.client,
             "mode": system.mode,
             "url": f"ws://127.0.0.1:{server.port}/",
             "cookies": cookies,
@@ -421,9 +442,19 @@ def main() -> int:
         "--profile", type=Path, help="py-spy wsfanout's measured phases into this folder"
     )
     parser.add_argument(
-        "--out", type=Path, default=BENCH / "results.json", help="JSON results file"
+        "--plain",
+        action="store_true",
+        help="wsfanout's clients offer no permessage-deflate (the old, non-browser client)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="JSON results file (default bench/results.json; bench/results-quick.json with "
+        "--quick, so a smoke run never overwrites the figures the README cites)",
     )
     args = parser.parse_args()
+    if args.out is None:
+        args.out = BENCH / ("results-quick.json" if args.quick else "results.json")
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -454,7 +485,9 @@ def main() -> int:
             for scenario in chosen:
                 for system in scenario.systems:
                     started = time.monotonic()
-                    result = run_once(scenario, system, data_dir, cookies, groups, args.profile)
+                    result = run_once(
+                        scenario, system, data_dir, cookies, groups, args.profile, args.plain
+                    )
                     results.setdefault(scenario.name, {}).setdefault(system.name, []).append(result)
                     note = f" ({result['note']})" if "note" in result else ""
                     print(
@@ -468,6 +501,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "reps": args.reps,
         "quick": args.quick,
+        "command": " ".join(["bench/run.py", *sys.argv[1:]]),
         "scenarios": {},
     }
     for scenario in chosen:
@@ -476,6 +510,12 @@ def main() -> int:
         names = [s.name for s in scenario.systems]
         header = f"{'metric':22}" + "".join(f"{n:>18}" for n in names) + f"{'ratio':>10}"
         print(header)
+        for key, label in (("client", "client"), ("negotiated", "negotiated")):
+            cells = []
+            for n in names:
+                seen = {str(r.get(key) or "none").replace("permessage-", "") for r in by_system[n]}
+                cells.append(f"{'/'.join(sorted(seen))[:17]:>18}")
+            print(f"{label:22}" + "".join(cells))
         table: dict[str, dict[str, float | None]] = {}
         for key, label, _higher_is_better in METRICS[scenario.name]:
             values = {n: median([r.get(key) for r in by_system[n]]) for n in names}

@@ -15,6 +15,7 @@ from .backplane import Backplane, BackplaneUnavailableError
 from .config import Settings
 from .hub import Hub, HubClosedError
 from .protocol import CloseCode, ErrorCode
+from .servers import ServerReach
 from .sessions import SessionCodec, secret_keys
 from .store import Store
 from .types import Message, Receive, Scope, Send
@@ -50,8 +51,6 @@ class App:
         self.settings = settings
         self._service: Service | None = None
         self._starting: asyncio.Lock | None = None
-        self._watched = False
-        self._watcher: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -61,8 +60,6 @@ class App:
         svc = self._service or await self.startup()
         path = http.route_path(scope)
         if kind == "websocket":
-            if not self._watched:
-                self._watch_server(send)
             if path in WEBSOCKET_PATHS:
                 await ws.endpoint(scope, receive, send, svc)
             else:
@@ -124,6 +121,8 @@ class App:
                 keys = await asyncio.to_thread(secret_keys, settings.secret_keys, settings.data_dir)
                 store = await Store.open(settings.database_path)
                 web = await asyncio.to_thread(views.load_web_files)
+                server = ServerReach(compression=settings.compression, on_stopping=self.drain)
+                server.start()
                 hub = Hub()
                 if settings.redis_url:
                     backplane = Backplane(settings.redis_url, settings.redis_prefix, hub.deliver)
@@ -137,13 +136,15 @@ class App:
                     hub=hub,
                     codec=SessionCodec(keys, settings.session_max_age),
                     web=web,
+                    server=server,
                 )
                 if settings.amqp_url:
                     self._start_amqp(self._service)
                 log.info(
-                    "wsfanout ready: database %s, %s",
+                    "wsfanout ready: database %s, %s, permessage-deflate %s",
                     settings.database_path,
                     "Redis backplane" if settings.redis_url else "one node (no backplane)",
+                    "accepted" if settings.compression else "declined",
                 )
         return self._service
 
@@ -170,8 +171,7 @@ class App:
         if svc.amqp is not None:
             await svc.amqp.close()  # take no more from the queue; unacked ones go back
         await self.drain()
-        if self._watcher is not None and self._watcher is not asyncio.current_task():
-            self._watcher.cancel()
+        await svc.server.close()
         await svc.flusher.close()
         if svc.hub.backplane is not None:
             await svc.hub.backplane.close()
@@ -203,29 +203,6 @@ class App:
             connection_name=f"wsfanout {settings.amqp_queue} pid {os.getpid()}",
         )
         svc.amqp.start()
-
-    def _watch_server(self, send: Send) -> None:
-        """Drain as soon as hypercorn starts stopping (SIGTERM), not after it gave up.
-
-        Hypercorn sends lifespan shutdown only after its graceful timeout has passed
-        and it has cancelled the open connections (which then close with 1011). Its
-        worker's ``terminated`` event, reachable from its ``send``, is set when it
-        starts stopping; watching it lets every socket close with 1001 in time. Under
-        other servers this finds nothing and lifespan shutdown drains instead.
-        """
-        self._watched = True
-        stream = getattr(send, "__self__", None)
-        terminated = getattr(getattr(stream, "context", None), "terminated", None)
-        wait = getattr(terminated, "wait", None)
-        if wait is None:
-            return
-
-        async def drain_when_stopping() -> None:
-            await wait()
-            log.info("the server is stopping: closing every websocket with 1001")
-            await self.drain()
-
-        self._watcher = asyncio.get_running_loop().create_task(drain_when_stopping())
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

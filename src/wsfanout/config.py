@@ -52,6 +52,9 @@ class Settings:
     rate_burst: int = 100
     close_timeout: float = 5 * SECONDS  # how long a close may wait on a client that does not read
 
+    # Websocket extensions
+    compression: bool = False  # accept permessage-deflate when a client offers it (DESIGN 10)
+
     # Sources and backplane (later issues)
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     redis_url: str = ""
@@ -98,6 +101,7 @@ class Settings:
             rate_limit=reader.number("RATE_LIMIT", defaults.rate_limit, low=0),
             rate_burst=reader.integer("RATE_BURST", defaults.rate_burst),
             close_timeout=reader.number("CLOSE_TIMEOUT", defaults.close_timeout, low=0.1),
+            compression=reader.flag("COMPRESSION", defaults.compression),
             api_keys=reader.items("API_KEYS"),
             redis_url=reader.text("REDIS_URL", ""),
             redis_prefix=reader.text("REDIS_PREFIX", defaults.redis_prefix),

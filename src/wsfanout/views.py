@@ -24,6 +24,7 @@ from .hub import Hub, HubClosedError
 from .metrics import Metrics, ServiceStats
 from .outbox import Flusher
 from .protocol import ErrorCode, Kind, ProtocolError, Publish
+from .servers import ServerReach
 from .sessions import COOKIE_NAME, Session, SessionCodec
 from .store import Store, UnknownUserError
 from .types import Receive, Scope, Send
@@ -131,6 +132,7 @@ class Service:
     hub: Hub
     codec: SessionCodec
     web: dict[str, tuple[bytes, bytes]]
+    server: ServerReach
     flusher: Flusher = field(default_factory=Flusher)
     amqp: AmqpSource | None = None
     stats: ServiceStats = field(default_factory=ServiceStats)

@@ -64,7 +64,7 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
         log.info("websocket refused (%s): %s", refusal.status, refusal.reason)
         await refuse(scope, send, refusal.status, refusal.reason)
         return
-    await send({"type": "websocket.accept"})
+    await send(svc.server.accept_message())
     await Connection(svc, session, user, groups, receive, send).run()
 
 

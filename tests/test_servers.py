@@ -1,0 +1,163 @@
+"""servers: the reaches into hypercorn, checked against the installed release and a real server.
+
+If a hypercorn upgrade moves what ``servers.py`` reaches for, the tests here fail: the
+start-up check finds the problem, a deflate offer is accepted again, or SIGTERM no longer
+closes sockets with 1001 before hypercorn's graceful timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from hypercorn.protocol import ws_stream
+from websockets.asyncio.client import connect
+
+from tests import asgi
+from tests.conftest import login
+from tests.server import Client, Server, http
+from wsfanout import Settings, create_app
+from wsfanout.servers import ACCEPT_KEY, ServerReach
+
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+
+
+async def _nothing() -> None:
+    return None
+
+
+def reach_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "wsfanout.servers" and r.levelno >= logging.WARNING
+    ]
+
+
+@pytest.mark.parametrize("compression", [False, True])
+def test_every_reach_works_with_the_installed_hypercorn(
+    compression: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start-up check finds both reaches in this hypercorn and warns about nothing."""
+    reach = ServerReach(compression=compression, on_stopping=_nothing)
+    reach.start()
+    assert (reach.can_decline, reach.can_watch) == (True, True)
+    assert reach.accept_message() == {"type": "websocket.accept", ACCEPT_KEY: reach}
+    assert reach_warnings(caplog) == []
+
+
+def test_a_changed_handshake_warns_once_and_keeps_the_stop_signal(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hypercorn whose Handshake changed: one warning naming what is lost; the rest works."""
+
+    def changed(self: object, *args: object) -> None:
+        raise TypeError("accept() takes 4 positional arguments")
+
+    monkeypatch.setattr(ws_stream.Handshake, "accept", changed)
+    reach = ServerReach(compression=False, on_stopping=_nothing)
+    reach.start()
+    assert (reach.can_decline, reach.can_watch) == (False, True)
+    (warning,) = reach_warnings(caplog)
+    assert "cannot decline permessage-deflate" in warning and "TypeError" in warning
+
+
+def test_compression_on_does_not_warn_about_declining(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With compression on, a handshake that cannot decline is nothing to warn about."""
+    monkeypatch.setattr(ws_stream.Handshake, "accept", None)
+    reach = ServerReach(compression=True, on_stopping=_nothing)
+    reach.start()
+    assert not reach.can_decline and reach_warnings(caplog) == []
+
+
+async def test_a_hypercorn_without_the_accept_hook_still_serves(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WSStream._accept gone: one warning names both losses; the app still serves sockets."""
+    monkeypatch.delattr(ws_stream.WSStream, "_accept")
+    app = create_app(settings)
+    await app.startup()
+    try:
+        (warning,) = reach_warnings(caplog)
+        assert "cannot decline permessage-deflate" in warning
+        assert "cannot see hypercorn start stopping" in warning
+        cookie = await login(app, "greg")
+        async with asgi.WebSocket(app, headers={"cookie": cookie}) as ws:
+            assert (await ws.receive())["type"] == "welcome"
+    finally:
+        await app.shutdown()
+
+
+def deflate_answer(server: Server, path: str, cookie: str) -> tuple[str | None, str | None]:
+    """Connect as a browser does (offering deflate); (what was offered, what was answered)."""
+
+    async def handshake() -> tuple[str | None, str | None]:
+        async with connect(server.ws_url + path, additional_headers={"cookie": cookie}) as conn:
+            assert conn.request is not None and conn.response is not None
+            await conn.recv()  # the welcome arrives, compressed or not
+            return (
+                conn.request.headers.get("Sec-WebSocket-Extensions"),
+                conn.response.headers.get("Sec-WebSocket-Extensions"),
+            )
+
+    return asyncio.run(handshake())
+
+
+@pytest.mark.parametrize(("setting", "answered"), [("", None), ("off", None), ("on", "deflate")])
+def test_hypercorn_declines_deflate_unless_compression_is_on(
+    tmp_path: Path, demo_db: Path, setting: str, answered: str | None
+) -> None:
+    """Under real hypercorn a deflate offer gets no extension by default, and deflate when on."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    env = {"WSFANOUT_COMPRESSION": setting} if setting else {}
+    with Server(tmp_path, env).running() as server:
+        offered, answer = deflate_answer(server, "", server.login("greg"))
+    assert offered is not None and "permessage-deflate" in offered
+    if answered is None:
+        assert answer is None
+    else:
+        assert answer is not None and "permessage-deflate" in answer
+    assert "not a release wsfanout was tested with" not in server.log_path.read_text()
+
+
+def test_mounted_in_starlette_declines_deflate(tmp_path: Path, demo_db: Path) -> None:
+    """Mounted at /chat in Starlette (which wraps ``send``), a deflate offer is still declined."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    with Server(tmp_path, app="tests.mounted:app", health_path="/chat/healthz").running() as server:
+        status, headers = http(
+            "POST", server.http_url + "/chat/login", {"username": "lisa", "password": "Lisa"}
+        )
+        assert status == 200
+        offered, answer = deflate_answer(server, "chat/", headers["set-cookie"].split(";")[0])
+    assert offered is not None and "permessage-deflate" in offered
+    assert answer is None
+
+
+async def test_mounted_in_starlette_closes_1001_on_sigterm(tmp_path: Path, demo_db: Path) -> None:
+    """SIGTERM to hypercorn serving the Starlette mount: sockets get 1001 before the timeout."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    server = Server(tmp_path, app="tests.mounted:app", health_path="/chat/healthz")
+    server.start()
+    try:
+        status, headers = http(
+            "POST", server.http_url + "/chat/login", {"username": "anny", "password": "Anny"}
+        )
+        assert status == 200
+        client = await Client.open(server.ws_url + "chat/", headers["set-cookie"].split(";")[0])
+        assert (await client.next())["type"] == "welcome"
+        assert server.proc is not None
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(client.reader, 10)
+        assert client.conn.close_code == 1001
+        assert time.monotonic() - started < 2.5  # hypercorn's own graceful timeout is 3 s
+        assert server.proc.wait(15) == 0
+    finally:
+        server.stop()
