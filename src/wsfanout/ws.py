@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import logging
 import sqlite3
 import time
-from typing import Final
+from typing import Any, Final
 
 from . import http, protocol
 from .backplane import BackplaneUnavailableError
@@ -103,8 +104,30 @@ async def refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
         await send({"type": "websocket.close", "code": CloseCode.POLICY})
 
 
+class Stage(enum.Enum):
+    """Where a connection is in its life; it only ever moves down this list."""
+
+    STARTING = "starting"  # accepted; joining the hub and sending the welcome
+    READING = "reading"  # the reader waits on receive(); the writer drains the outbox
+    CLOSING = "closing"  # the reader is done: the writer finishes, then the close goes out
+
+
 class Connection:
     """One accepted websocket: its outbox, its reader (the endpoint's own task) and its writer."""
+
+    # Slots: tens of thousands live at once, and every object is one more for the GC to walk.
+    __slots__ = (
+        "_interrupted",
+        "_reader",
+        "expires_at",
+        "groups",
+        "outbox",
+        "receive",
+        "send",
+        "stage",
+        "svc",
+        "user",
+    )
 
     def __init__(
         self,
@@ -131,7 +154,15 @@ class Connection:
             batch_max=settings.batch_max,
             batch_bytes=settings.batch_bytes,
         )
-        self._reading = False
+        self.stage = Stage.STARTING
+        self._reader: asyncio.Task[Any] | None = None
+        self._interrupted = False  # the writer finished first and cancelled the reader
+
+    def _move(self, stage: Stage) -> None:
+        allowed = {Stage.STARTING: Stage.READING, Stage.READING: Stage.CLOSING}
+        if allowed.get(self.stage) is not stage:
+            raise RuntimeError(f"a connection in stage {self.stage!r} cannot move to {stage!r}")
+        self.stage = stage
 
     async def run(self) -> None:
         svc, outbox, user, hub = self.svc, self.outbox, self.user, self.svc.hub
@@ -154,31 +185,29 @@ class Connection:
                     svc.settings.close_timeout,
                 )
 
+    def _writer_done(self, _: object) -> None:
+        if self.stage is Stage.READING:  # the reader is blocked on receive(): wake it to close
+            self._interrupted = True
+            assert self._reader is not None
+            self._reader.cancel()
+
     async def _serve(self) -> int | None:
         """Read in this task, write in another; return the close code (None: client left)."""
         outbox, user = self.outbox, self.user
-        reader = asyncio.current_task()
+        reader = self._reader = asyncio.current_task()
         assert reader is not None
         writer = asyncio.create_task(outbox.run())
         outbox.on_overflow = writer.cancel
-        interrupted = False
-
-        def writer_done(_: object) -> None:
-            nonlocal interrupted
-            if self._reading:  # the reader is blocked on receive(): wake it to close
-                interrupted = True
-                reader.cancel()
-
-        writer.add_done_callback(writer_done)
+        writer.add_done_callback(self._writer_done)
         try:
-            self._reading = True
+            self._move(Stage.READING)
             try:
                 result = await self._read()
             finally:
-                self._reading = False
+                self._move(Stage.CLOSING)
             return await self._after_reading(result, writer)
         except asyncio.CancelledError:
-            if not interrupted:
+            if not self._interrupted:
                 raise  # the server is cancelling us
             reader.uncancel()
             return self._writer_code(writer)
@@ -187,9 +216,10 @@ class Connection:
             return CloseCode.INTERNAL_ERROR
         finally:
             outbox.close(CloseCode.NORMAL)
-            writer.remove_done_callback(writer_done)
+            writer.remove_done_callback(self._writer_done)
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+            self._reader = None
 
     async def _after_reading(self, code: int | None, writer: asyncio.Task[int]) -> int | None:
         """The reader is done: None (the client left) or a close code from a fatal frame."""
