@@ -189,7 +189,7 @@ class Server:
         self.port = sock.getsockname()[1]
         env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),  # the tree run from
             "WSFANOUT_DATA_DIR": str(data_dir),
             "WSFANOUT_SECRET_KEY": SECRET,
             **system.env,
