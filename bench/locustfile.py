@@ -24,14 +24,10 @@ import gevent
 import websocket
 from locust import HttpUser, between, events, task
 
-DEMO = {
-    "greg": "boys",
-    "chuck": "boys",
-    "mike": "boys",
-    "amanda": "girls",
-    "lisa": "girls",
-    "anny": "girls",
-}
+from wsfanout.cli import DEMO_GROUPS
+
+# username -> group, as `wsfanout demo` creates them
+DEMO = {first.lower(): group for group, members in DEMO_GROUPS.items() for first in members}
 _names = itertools.cycle(DEMO)
 
 

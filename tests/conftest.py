@@ -11,18 +11,12 @@ import pytest
 
 from tests import asgi
 from wsfanout import App, Settings, create_app
-from wsfanout.cli import create_demo
+from wsfanout.cli import DEMO_GROUPS, create_demo
 from wsfanout.store import Store
 
 SECRET = "test-secret-key"
-DEMO_USERS = {
-    "greg": "boys",
-    "chuck": "boys",
-    "mike": "boys",
-    "amanda": "girls",
-    "lisa": "girls",
-    "anny": "girls",
-}
+# The demo users (username -> group), as `wsfanout demo` creates them.
+DEMO_USERS = {first.lower(): group for group, members in DEMO_GROUPS.items() for first in members}
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -51,15 +52,17 @@ async def test_lifespan_reports_a_failed_start(tmp_path: Path) -> None:
     assert "cannot open database" in sent[0]["message"]
 
 
-async def test_lazy_start_happens_once(settings: Settings) -> None:
+async def test_lazy_start_happens_once(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     """Without lifespan, concurrent first requests start the app exactly once."""
+    caplog.set_level(logging.INFO, logger="wsfanout")
     app = create_app(settings)
     responses = await asyncio.gather(*(asgi.request(app, "GET", "/healthz") for _ in range(20)))
     assert {r.status for r in responses} == {200}
-    service = app._service
-    assert service is not None
     assert (await asgi.request(app, "GET", "/healthz")).status == 200
-    assert app._service is service
+    starts = [r for r in caplog.records if r.getMessage().startswith("wsfanout ready")]
+    assert len(starts) == 1
     await app.shutdown()
 
 

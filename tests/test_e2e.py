@@ -13,11 +13,12 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from tests.conftest import DEMO_USERS
 from tests.server import Client, RawClient, Server, http
 from wsfanout import passwords
 from wsfanout.store import Store
 
-USERS = ["greg", "chuck", "mike", "amanda", "lisa", "anny"]
+USERS = list(DEMO_USERS)
 
 
 @pytest.fixture(scope="module")

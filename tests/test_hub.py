@@ -1,23 +1,28 @@
-"""hub: the local index and publish()."""
+"""hub: the local index and publish(), the one door."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import orjson
 import pytest
 
-from wsfanout.hub import Hub, HubClosedError
+from wsfanout.hub import Hub, UnavailableError
 from wsfanout.outbox import Flusher, Outbox
-from wsfanout.protocol import Kind
+from wsfanout.protocol import Kind, Publish, Source
+from wsfanout.types import Message
 
 
 async def nowhere(message: object) -> None:
     raise AssertionError("nothing is sent in these tests")
 
 
-def outbox(user: str, *groups: str) -> Outbox:
+def outbox(user: str, *groups: str, send: Any = nowhere) -> Outbox:
     return Outbox(
         user=user,
         groups=groups,
-        send=nowhere,
+        send=send,
         flusher=Flusher(),
         limit=10_000,
         batch_max=8,
@@ -40,8 +45,8 @@ def hub() -> tuple[Hub, dict[str, Outbox]]:
     return h, boxes
 
 
-def received(box: Outbox) -> int:
-    return len(box._frames)
+def reached(boxes: dict[str, Outbox]) -> set[str]:
+    return {name for name, box in boxes.items() if box.queued_bytes}
 
 
 @pytest.mark.parametrize(
@@ -61,27 +66,61 @@ def test_publish_reaches_exactly_the_recipients(
 ) -> None:
     """Each kind reaches exactly its recipients, and counts them."""
     h, boxes = hub
-    assert h.publish(kind, "greg", "hi", target=target) == len(expected)
-    assert {name for name, box in boxes.items() if received(box)} == expected
+    assert h.publish(Publish(kind, "hi", target, sender="greg")) is None  # delivered now
+    assert reached(boxes) == expected
     assert h.stats.deliveries == len(expected)
+    assert h.stats.published == {(kind.value, "websocket"): 1}
 
 
-def test_encoded_once_for_everyone(hub: tuple[Hub, dict[str, Outbox]]) -> None:
-    """Every recipient gets the very same encoded object."""
-    h, boxes = hub
-    h.publish(Kind.BROADCAST, "greg", "hi")
-    frames = {id(box._frames[0]) for box in boxes.values()}
-    assert len(frames) == 1
+async def test_encoded_once_for_everyone() -> None:
+    """Every recipient's socket is handed the very same encoded object."""
+    sent: list[Message] = []
+
+    async def record(message: Message) -> None:
+        sent.append(message)
+
+    h = Hub()
+    boxes = [outbox(f"u{n}", send=record) for n in range(5)]
+    writers = [asyncio.create_task(box.run()) for box in boxes]
+    for box in boxes:
+        h.add(box)
+    await asyncio.sleep(0)
+    h.publish(Publish(Kind.BROADCAST, "hi", sender="greg"))
+    await asyncio.sleep(0)
+    assert len(sent) == 5 and len({id(message["text"]) for message in sent}) == 1
+    for box in boxes:
+        box.close(1000)
+    await asyncio.gather(*writers)
+
+
+def test_backend_messages_say_via(hub: tuple[Hub, dict[str, Outbox]]) -> None:
+    """A message from the API carries "via": "api"; one from a websocket carries no via."""
+    h, _ = hub
+    sent: list[Message] = []
+
+    async def record(message: Message) -> None:
+        sent.append(message)
+
+    box = outbox("lone", "solo", send=record)
+    h.add(box)
+    h.publish(Publish(Kind.GROUP, "from the api", "solo", sender="billing", source=Source.API))
+    h.publish(Publish(Kind.GROUP, "from a user", "solo", sender="greg"))
+    box.close(1000)
+    asyncio.run(box.run())
+    events = orjson.loads(sent[0]["text"])
+    assert [(e["from"], e.get("via")) for e in events] == [("billing", "api"), ("greg", None)]
 
 
 def test_remove_cleans_every_index(hub: tuple[Hub, dict[str, Outbox]]) -> None:
-    """A removed outbox gets nothing, and empty index entries disappear; remove is idempotent."""
+    """A removed outbox gets nothing, and is no longer found; remove is idempotent."""
     h, boxes = hub
     h.remove(boxes["amanda"])
     h.remove(boxes["amanda"])
-    assert "girls" not in h._groups and "amanda" not in h._users
-    assert h.publish(Kind.GROUP, "greg", "hi", target="girls") == 0
-    assert len(h) == 4 and h.connected("mike") == 2
+    h.publish(Publish(Kind.GROUP, "hi", "girls", sender="greg"))
+    h.publish(Publish(Kind.DIRECT, "hi", "amanda", sender="greg"))
+    assert reached(boxes) == set()
+    assert not h.has_group("girls") and h.local_username("amanda") is None
+    assert len(h) == 4 and h.local_username("MIKE") in {"Mike", "mike"}
 
 
 async def test_drained_hub_refuses_and_closes_outboxes(hub: tuple[Hub, dict[str, Outbox]]) -> None:
@@ -89,5 +128,5 @@ async def test_drained_hub_refuses_and_closes_outboxes(hub: tuple[Hub, dict[str,
     h, boxes = hub
     await h.drain(1001, batch=2, pause=0)
     assert all(box.close_code == 1001 for box in boxes.values())
-    with pytest.raises(HubClosedError):
-        h.publish(Kind.BROADCAST, "greg", "hi")
+    with pytest.raises(UnavailableError, match="shutting down"):
+        h.publish(Publish(Kind.BROADCAST, "hi", sender="greg"))

@@ -67,7 +67,12 @@ async def test_two_apps_do_not_share_metrics(app: App, settings: Settings) -> No
     """Each app has its own registry."""
     other = create_app(settings)
     await login(app, "greg")
-    await asgi.request(app, "POST", "/login", json={"username": "greg", "password": "x"})
-    body = (await asgi.request(other, "GET", "/metrics")).body
-    assert b'wsfanout_login_failures_total{reason="password"}' not in body
+    failed = await asgi.request(app, "POST", "/login", json={"username": "greg", "password": "x"})
+    assert failed.status == 401
+    failure = b'wsfanout_login_failures_total{reason="password"} 1.0'
+    mine = await asgi.request(app, "GET", "/metrics")
+    assert mine.status == 200 and failure in mine.body
+    theirs = await asgi.request(other, "GET", "/metrics")
+    assert theirs.status == 200 and b"wsfanout_connections" in theirs.body
+    assert b"wsfanout_login_failures_total{" not in theirs.body
     await other.shutdown()

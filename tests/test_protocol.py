@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from wsfanout import protocol
-from wsfanout.protocol import ErrorCode, Kind, ProtocolError, Publish
+from wsfanout.protocol import ErrorCode, Kind, ProtocolError, Publish, Source
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,9 @@ def test_invalid_frames(frame: str, code: ErrorCode, frame_id: str | None) -> No
 
 def test_message_event_shapes() -> None:
     """message events carry kind, sender, target, text and a timestamp."""
-    group = orjson.loads(protocol.message(Kind.GROUP, "greg", "hi", 1.23456, group="boys"))
+    group = orjson.loads(
+        protocol.message(Publish(Kind.GROUP, "hi", "boys", sender="greg"), 1.23456)
+    )
     assert group == {
         "type": "message",
         "kind": "group",
@@ -75,8 +77,10 @@ def test_message_event_shapes() -> None:
         "text": "hi",
         "ts": 1.235,
     }
-    direct = orjson.loads(protocol.message(Kind.DIRECT, "greg", "hi", 1.0, to="mike"))
-    assert direct["to"] == "mike" and "group" not in direct
+    direct = orjson.loads(protocol.message(Publish(Kind.DIRECT, "hi", "mike", sender="greg"), 1.0))
+    assert direct["to"] == "mike" and "group" not in direct and "via" not in direct
+    backend = Publish(Kind.BROADCAST, "hi", sender="billing", source=Source.AMQP)
+    assert orjson.loads(protocol.message(backend, 1.0))["via"] == "amqp"
 
 
 def test_error_and_ack_events() -> None:

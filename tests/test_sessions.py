@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from wsfanout.sessions import SessionCodec, secret_keys
+from wsfanout.service import secret_keys
+from wsfanout.sessions import SessionCodec
 
 
 def test_round_trip() -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import sqlite3
+import time
 from typing import Any
 
 import pytest
@@ -159,12 +159,15 @@ async def test_rate_limit(settings: Settings) -> None:
 
 async def test_expired_session_closes_1008(settings: Settings) -> None:
     """A session that expires while connected gets forbidden and a 1008 close."""
-    app = create_app(dataclasses.replace(settings, session_max_age=1))
+    now = [time.time()]
+    app = create_app(dataclasses.replace(settings, session_max_age=60), clock=lambda: now[0])
     await app.startup()
     try:
         async with connect(app, await login(app, "greg")) as ws:
             await ws.receive()
-            await asyncio.sleep(2.1)
+            await ws.send_json({"type": "broadcast", "text": "in time", "id": "a"})
+            assert [(await ws.receive())["type"] for _ in range(2)] == ["message", "ack"]
+            now[0] += 61
             await ws.send_json({"type": "broadcast", "text": "late"})
             assert (await ws.receive())["code"] == "forbidden"
             with pytest.raises(asgi.Closed) as caught:

@@ -11,6 +11,7 @@ import logging
 
 from .app import App, create_app
 from .config import ConfigError, Settings
+from .protocol import CloseCode
 from .types import Receive, Scope, Send
 
 __all__ = ["App", "Settings", "app", "create_app"]
@@ -50,7 +51,7 @@ async def _refuse_to_start(problem: str, scope: Scope, receive: Receive, send: S
         await send({"type": "http.response.start", "status": 500, "headers": headers})
         await send({"type": "http.response.body", "body": body})
     elif scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 1011})
+        await send({"type": "websocket.close", "code": CloseCode.INTERNAL_ERROR})
 
 
 # Shadows the ``wsfanout.app`` submodule on purpose: ``wsfanout:app`` is the ASGI app.

@@ -2,9 +2,10 @@
 
 Theory of operation. Every publish from any node goes to Redis once, already
 encoded, on one channel: ``<prefix>all`` for broadcasts, ``<prefix>g:<group>``
-for a group, ``<prefix>u:<username>`` for a user's connections. Every node
+for a group, ``<prefix>u:<username>`` for a user's connections. Channel names are
+this module's alone: callers speak of a message's kind and target. Every node
 (including the sender's) receives it on its one subscriber connection and hands
-``(channel, frame)`` to ``on_message``, which fans it out locally. Redis keeps
+``(kind, target, frame)`` to ``on_message``, which fans it out locally. Redis keeps
 the order of messages on a subscriber connection, and a sender awaits each
 publish before the next, so each sender's messages reach each recipient in order.
 
@@ -31,6 +32,8 @@ from typing import Any, Final
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from .protocol import Kind
+
 log = logging.getLogger(__name__)
 
 BROADCAST: Final = "all"
@@ -48,20 +51,31 @@ class BackplaneUnavailableError(Exception):
         self.reason = reason
 
 
-def group_channel(name: str) -> str:
-    return "g:" + name
+OnMessage = Callable[[Kind, str, str], object]
+"""Takes (kind, target, encoded event) for what arrives from any node."""
 
 
-def user_channel(username: str) -> str:
-    return "u:" + username.lower()
+def _channel(kind: Kind, target: str) -> str:
+    if kind is Kind.GROUP:
+        return "g:" + target
+    if kind is Kind.DIRECT:
+        return "u:" + target.lower()
+    return BROADCAST
+
+
+def _route(channel: str) -> tuple[Kind, str]:
+    if channel == BROADCAST:
+        return Kind.BROADCAST, ""
+    prefix, _, name = channel.partition(":")
+    return (Kind.GROUP if prefix == "g" else Kind.DIRECT), name
 
 
 class Backplane:
     """One publisher pool and one subscriber connection to Redis."""
 
-    def __init__(self, url: str, prefix: str, on_message: Callable[[str, str], object]) -> None:
+    def __init__(self, url: str, prefix: str) -> None:
         self._prefix = prefix
-        self._on_message = on_message
+        self._on_message: OnMessage | None = None
         self._client: Any = redis.Redis.from_url(
             url, socket_connect_timeout=2, socket_timeout=5, retry_on_timeout=False
         )
@@ -82,13 +96,17 @@ class Backplane:
 
     # What the hub calls (plain defs: nothing here waits on Redis)
 
-    def want(self, channel: str) -> None:
+    def want(self, kind: Kind, target: str) -> None:
+        """Hear this group's or user's messages (the hub has a local connection for it)."""
+        channel = _channel(kind, target)
         if channel not in self._wanted:
             self._wanted.add(channel)
             self._changed.set()
             self._synced.clear()
 
-    def unwant(self, channel: str) -> None:
+    def unwant(self, kind: Kind, target: str) -> None:
+        """No local connection is left for this group or user."""
+        channel = _channel(kind, target)
         if channel != BROADCAST and channel in self._wanted:
             self._wanted.discard(channel)
             self._changed.set()
@@ -99,7 +117,7 @@ class Backplane:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
 
-    def publish(self, channel: str, frame: str) -> asyncio.Future[None]:
+    def publish(self, kind: Kind, target: str, frame: str) -> asyncio.Future[None]:
         """Queue one encoded event for every node; the future settles once Redis has it.
 
         Messages leave in the order queued, pipelined many to a round trip, so a
@@ -113,7 +131,7 @@ class Backplane:
         if len(self._outgoing) >= MAX_WAITING:
             raise BackplaneUnavailableError(f"{MAX_WAITING} messages already wait for Redis")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outgoing.append((self._prefix + channel, frame, done))
+        self._outgoing.append((self._prefix + _channel(kind, target), frame, done))
         waiter = self._publisher_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -150,7 +168,9 @@ class Backplane:
 
     # Life cycle
 
-    def start(self) -> None:
+    def start(self, on_message: OnMessage) -> None:
+        """Connect and subscribe; hand everything that arrives to ``on_message``."""
+        self._on_message = on_message
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._supervise(), name="wsfanout-backplane")
         self._publisher = loop.create_task(self._publish_loop(), name="wsfanout-publisher")
@@ -185,10 +205,6 @@ class Backplane:
             await asyncio.wait_for(self._client.ping(), 2)
         except (RedisError, OSError, TimeoutError) as exc:
             raise BackplaneUnavailableError(_describe(exc)) from None
-
-    def subscriptions(self) -> set[str]:
-        """The channels (without prefix) this node is subscribed to now."""
-        return set(self._subscribed)
 
     # The subscriber side
 
@@ -244,6 +260,7 @@ class Backplane:
     async def _listen(self, pubsub: Any) -> None:
         prefix_length = len(self._prefix)
         deliver = self._on_message
+        assert deliver is not None
         while not self._closing:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=IDLE_PING)
             if message is None:
@@ -255,7 +272,7 @@ class Backplane:
                 if message.get("type") == "message":
                     channel = message["channel"].decode()[prefix_length:]
                     try:
-                        deliver(channel, message["data"].decode())
+                        deliver(*_route(channel), message["data"].decode())
                     except Exception:
                         log.exception("delivering a message from channel %r failed", channel)
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)

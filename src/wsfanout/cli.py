@@ -72,6 +72,19 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def cmd_user_add(settings: Settings, args: argparse.Namespace) -> None:
+    async def check(store: Store) -> None:
+        # Before asking for a password: nothing typed should be lost to a typo'd group.
+        if await store.user_by_name(args.name) is not None:
+            raise DuplicateError("user", args.name)
+        for group in args.group or ():
+            if not await store.group_exists(group):
+                hint = " (or `wsfanout demo` for the demo groups)" if group in DEMO_GROUPS else ""
+                raise CommandError(
+                    f"no group named {group!r}: create it first with "
+                    f"`wsfanout group add {group}`{hint}"
+                )
+
+    asyncio.run(_with_store(settings, check))
     password = _password(args)
 
     async def work(store: Store) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ class Settings:
     # Websocket extensions
     compression: bool = False  # accept permessage-deflate when a client offers it (DESIGN 10)
 
-    # Sources and backplane (later issues)
+    # Sources (the publish API, RabbitMQ) and the Redis backplane
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     redis_url: str = ""
     redis_prefix: str = "wsfanout:"
@@ -112,10 +111,6 @@ class Settings:
                 "LOG_LEVEL", defaults.log_level, ("debug", "info", "warning", "error", "critical")
             ),
         )
-
-    def replace(self, **changes: object) -> Settings:
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
 class _EnvReader:

@@ -1,24 +1,27 @@
-"""The local index of open connections, ``publish()`` and ``send()``.
+"""The local index of open connections, and ``publish()``: the one door for every message.
 
 The index is sans-I/O: it only maps everyone, users and groups to outboxes.
-``publish`` is a plain ``def``: it encodes the event once and hands the same
-object to every local recipient's outbox, never awaiting anyone. ``send`` is
-what senders call: without a backplane it is ``publish``; with one, the encoded
-event goes to Redis once and comes back to every node (this one included)
-through ``deliver``, which fans it out locally the same way.
+Every source (a websocket, the HTTP API, RabbitMQ) hands the hub a ``Publish``
+through ``publish()``, a plain ``def``: the event is encoded once, and without a
+backplane the same object goes to every local recipient's outbox at once, never
+awaiting anyone. With a backplane the encoded event goes to Redis once, and every
+node (this one included) fans it out locally when it comes back; ``publish()``
+then returns a future that settles when Redis has it. Either way, what the hub
+cannot take now (it is shutting down, Redis is away) raises ``UnavailableError``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from . import protocol
-from .backplane import BROADCAST, Backplane, group_channel, user_channel
+from .backplane import Backplane, BackplaneUnavailableError
 from .outbox import Outbox, item
-from .protocol import Kind
+from .protocol import Kind, Publish
 
 
 @dataclass(slots=True)
@@ -30,28 +33,30 @@ class HubStats:
     slow_consumers: int = 0
 
 
-class HubClosedError(Exception):
-    """The hub is shutting down and takes no more publishes."""
+class UnavailableError(Exception):
+    """The hub cannot take a publish now (shutting down, backplane away): try again."""
 
-    def __init__(self) -> None:
-        super().__init__("the server is shutting down")
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Hub:
     """Who is connected here: everyone, by user, and by group."""
 
-    def __init__(self) -> None:
+    def __init__(self, backplane: Backplane | None = None) -> None:
         self._all: set[Outbox] = set()
         self._users: dict[str, set[Outbox]] = {}
         self._groups: dict[str, set[Outbox]] = {}
         self.stats = HubStats()
         self.closed = False
         self._empty: asyncio.Event | None = None
-        self.backplane: Backplane | None = None
-
-    def attach(self, backplane: Backplane) -> None:
-        """Share fan-out with other nodes through ``backplane`` (before any connection)."""
         self.backplane = backplane
+
+    def start(self) -> None:
+        """Start sharing fan-out with other nodes, if there is a backplane."""
+        if self.backplane is not None:
+            self.backplane.start(self._fan_out)
 
     def __len__(self) -> int:
         return len(self._all)
@@ -64,10 +69,10 @@ class Hub:
         self._all.add(outbox)
         user = outbox.user.lower()
         if _add(self._users, user, outbox) and self.backplane is not None:
-            self.backplane.want(user_channel(user))
+            self.backplane.want(Kind.DIRECT, user)
         for group in outbox.groups:
             if _add(self._groups, group, outbox) and self.backplane is not None:
-                self.backplane.want(group_channel(group))
+                self.backplane.want(Kind.GROUP, group)
 
     def remove(self, outbox: Outbox) -> None:
         """Forget an outbox; unknown ones are ignored, so cleanup may run twice.
@@ -77,10 +82,10 @@ class Hub:
         self._all.discard(outbox)
         user = outbox.user.lower()
         if _discard(self._users, user, outbox) and self.backplane is not None:
-            self.backplane.unwant(user_channel(user))
+            self.backplane.unwant(Kind.DIRECT, user)
         for group in outbox.groups:
             if _discard(self._groups, group, outbox) and self.backplane is not None:
-                self.backplane.unwant(group_channel(group))
+                self.backplane.unwant(Kind.GROUP, group)
         if not self._all and self._empty is not None:
             self._empty.set()
 
@@ -99,80 +104,44 @@ class Hub:
         outboxes = self._users.get(name.lower())
         return next(iter(outboxes)).user if outboxes else None
 
-    def connected(self, user: str) -> int:
-        """How many connections this user has open here."""
-        return len(self._users.get(user.lower(), ()))
-
     def outboxes(self) -> list[Outbox]:
         """A snapshot of every local connection's outbox."""
         return list(self._all)
 
-    def publish(
-        self,
-        kind: Kind,
-        sender: str,
-        text: str,
-        *,
-        target: str = "",
-        ts: float | None = None,
-        source: str = "websocket",
-    ) -> int:
-        """Deliver one message to every local recipient; return the local recipient count.
+    def publish(self, publish: Publish, *, ts: float | None = None) -> asyncio.Future[None] | None:
+        """The one door: fan a message out to its recipients on every node.
 
-        ``target`` is the group name for a group message and the (resolved) username
-        for a direct one.
-
-        Raises:
-            HubClosedError: the hub is shutting down.
-        """
-        if self.closed:
-            raise HubClosedError
-        self._count(kind, source)
-        return self._deliver(kind, target, _encode(kind, sender, text, target, ts))
-
-    def send(
-        self, kind: Kind, sender: str, text: str, *, target: str = "", source: str = "websocket"
-    ) -> asyncio.Future[None] | None:
-        """Publish to every node: through the backplane when there is one.
+        ``publish.target`` must already be resolved: the group's name, or the exact
+        username for a direct message.
 
         Returns:
             None when it was delivered here and now (no backplane); otherwise a future
-            that settles when the backplane has taken it (and fails if it could not).
+            that settles when the backplane has taken it, or fails with UnavailableError.
 
         Raises:
-            HubClosedError: the hub is shutting down.
-            BackplaneUnavailableError: the backplane cannot take it now.
+            UnavailableError: the hub is shutting down, or the backplane is away.
         """
+        if self.closed:
+            raise UnavailableError("the server is shutting down")
+        frame = protocol.message(publish, time.time() if ts is None else ts)
         backplane = self.backplane
         if backplane is None:
-            self.publish(kind, sender, text, target=target, source=source)
-            return None
-        if self.closed:
-            raise HubClosedError
-        frame = _encode(kind, sender, text, target, None)
-        if kind is Kind.BROADCAST:
-            channel = BROADCAST
-        elif kind is Kind.GROUP:
-            channel = group_channel(target)
+            self._fan_out(publish.kind, publish.target, frame)
+            done = None
         else:
-            channel = user_channel(target)
-        done = backplane.publish(channel, frame)
-        self._count(kind, source)
+            try:
+                sent = backplane.publish(publish.kind, publish.target, frame)
+            except BackplaneUnavailableError as exc:
+                raise UnavailableError(str(exc)) from None
+            done = asyncio.get_running_loop().create_future()
+            sent.add_done_callback(functools.partial(_settle, done))
+        published = self.stats.published
+        key = (publish.kind.value, publish.source.value)
+        published[key] = published.get(key, 0) + 1
         return done
 
-    def deliver(self, channel: str, frame: str) -> int:
-        """Fan out an encoded event that arrived from the backplane on ``channel``."""
-        if channel == BROADCAST:
-            return self._deliver(Kind.BROADCAST, "", frame)
-        prefix, _, name = channel.partition(":")
-        return self._deliver(Kind.GROUP if prefix == "g" else Kind.DIRECT, name, frame)
-
-    def _count(self, kind: Kind, source: str) -> None:
-        published = self.stats.published
-        key = (kind.value, source)
-        published[key] = published.get(key, 0) + 1
-
-    def _deliver(self, kind: Kind, target: str, frame: str) -> int:
+    def _fan_out(self, kind: Kind, target: str, frame: str) -> int:
+        """Hand an encoded event to every local recipient; return how many there were."""
         recipients: Collection[Outbox]
         if kind is Kind.BROADCAST:
             recipients = self._all
@@ -199,13 +168,16 @@ class Hub:
                 outbox.close(code)
 
 
-def _encode(kind: Kind, sender: str, text: str, target: str, ts: float | None) -> str:
-    stamp = time.time() if ts is None else ts
-    if kind is Kind.GROUP:
-        return protocol.message(kind, sender, text, stamp, group=target)
-    if kind is Kind.DIRECT:
-        return protocol.message(kind, sender, text, stamp, to=target)
-    return protocol.message(kind, sender, text, stamp)
+def _settle(done: asyncio.Future[None], sent: asyncio.Future[None]) -> None:
+    """Pass the backplane's answer on, in the hub's own terms."""
+    if done.done():
+        return
+    if sent.cancelled():
+        done.set_exception(UnavailableError("the backplane is shutting down"))
+    elif (exc := sent.exception()) is not None:
+        done.set_exception(UnavailableError(str(exc)))
+    else:
+        done.set_result(None)
 
 
 def _add(index: dict[str, set[Outbox]], key: str, outbox: Outbox) -> bool:

@@ -6,7 +6,7 @@ until ``/metrics`` is scraped, so counting costs no lock and no call per recipie
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -45,6 +45,7 @@ class Metrics(Collector):
         self.hub = hub
         self.writers = writers
         self.service = service
+        self.amqp: Mapping[str, int] | None = None  # the RabbitMQ source's counters, if any
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -104,6 +105,20 @@ class Metrics(Collector):
         for reason, count in sorted(self.service.login_failures.items()):
             failures.add_metric([reason], count)
         yield failures
+        if self.amqp is not None:
+            amqp = CounterMetricFamily(
+                "wsfanout_amqp_messages",
+                "RabbitMQ messages by outcome: acked, rejected (bad), requeued (retry later).",
+                labels=["outcome"],
+            )
+            for outcome in ("acked", "rejected", "requeued"):
+                amqp.add_metric([outcome], self.amqp.get(outcome, 0))
+            yield amqp
+            yield CounterMetricFamily(
+                "wsfanout_amqp_reconnects",
+                "Times the RabbitMQ connection was re-established.",
+                self.amqp.get("reconnects", 0),
+            )
 
 
 def _histogram(

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from types import CoroutineType
 from typing import Any, Final
 
-from . import protocol
+from . import eager, protocol
 from .types import Message, Send
 
 Item = tuple[str, int, Message]
@@ -125,6 +126,17 @@ class Flusher:
             await asyncio.gather(task, return_exceptions=True)
 
 
+class State(enum.Enum):
+    """An outbox's life; it only moves down this list."""
+
+    OPEN = "open"  # takes events
+    CLOSING = "closing"  # takes no more: the writer sends what is queued, then returns the code
+    CLOSED = "closed"  # the writer has returned, or an overflow dropped everything (1013)
+
+
+_MOVES: Final = {State.OPEN: {State.CLOSING, State.CLOSED}, State.CLOSING: {State.CLOSED}}
+
+
 class Outbox:
     """A bounded queue of encoded events for one connection, with one writer."""
 
@@ -143,6 +155,7 @@ class Outbox:
         "groups",
         "on_overflow",
         "queued_bytes",
+        "state",
         "user",
     )
 
@@ -171,18 +184,26 @@ class Outbox:
         self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
         self._error: BaseException | None = None
         self.queued_bytes = 0
-        self.close_code: int | None = None  # set once: no more pushes are taken
+        self.state = State.OPEN
+        self.close_code: int | None = None  # why it closes, once it stops taking events
         self.on_overflow = on_overflow
+
+    def _move(self, state: State, code: int | None = None) -> None:
+        if state not in _MOVES.get(self.state, ()):
+            raise RuntimeError(f"an outbox in state {self.state!r} cannot move to {state!r}")
+        self.state = state
+        if code is not None:
+            self.close_code = code
 
     def push(self, entry: Item) -> bool:
         """Queue one encoded event; False if this outbox no longer takes any."""
-        if self.close_code is not None:
+        if self.state is not State.OPEN:
             return False
         queued = self.queued_bytes + entry[1]
         if queued > self._limit:
             self._frames.clear()
             self.queued_bytes = 0
-            self.close_code = protocol.CloseCode.TRY_AGAIN_LATER
+            self._move(State.CLOSED, protocol.CloseCode.TRY_AGAIN_LATER)
             if self.on_overflow is not None:
                 self.on_overflow()
             return False
@@ -196,14 +217,13 @@ class Outbox:
         return True
 
     def close(self, code: int) -> None:
-        """Take no more events; the writer sends what is queued, then returns ``code``."""
-        if self.close_code is None:
-            self.close_code = code
-        self._wake()
+        """Take no more events; the writer sends what is queued, then returns ``code``.
 
-    def _parked(self) -> bool:
-        waiter = self._waiter
-        return waiter is not None and not waiter.done()
+        Closing again keeps the first code: the first reason to close is the one given.
+        """
+        if self.state is State.OPEN:
+            self._move(State.CLOSING, code)
+        self._wake()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -244,9 +264,9 @@ class Outbox:
                 message, count = self._take()
             send = self._send(message)
             if type(send) is not CoroutineType:
-                send = _coroutine(send)
+                send = eager.as_coroutine(send)
             try:
-                blocked_on = send.send(None)
+                blocked_on = send.send(None)  # the first step, without a task: see eager.py
             except StopIteration:
                 if count == 1:  # the common case, inlined: this runs once per delivery
                     stats.frames += 1
@@ -273,11 +293,14 @@ class Outbox:
             inflight = self._inflight
             if inflight is not None:
                 self._inflight = None
-                await _finish(*inflight)
+                await eager.finish(*inflight)
             if self._error is not None:
                 raise self._error
             if not frames:
-                if self.close_code is not None:
+                if self.state is not State.OPEN:
+                    if self.state is State.CLOSING:
+                        self._move(State.CLOSED)
+                    assert self.close_code is not None
                     return self.close_code
                 self._waiter = loop.create_future()
                 try:
@@ -288,44 +311,3 @@ class Outbox:
             message, count = self._take()
             await self._send(message)
             stats.count(count)
-
-
-def _coroutine(awaitable: Awaitable[None]) -> Coroutine[Any, Any, None]:
-    """Servers' send() is a coroutine function (hypercorn's is); wrap anything else."""
-    if isinstance(awaitable, Coroutine):
-        return awaitable  # a coroutine of another kind (Cython, say)
-
-    async def wrapped() -> None:
-        await awaitable
-
-    return wrapped()
-
-
-async def _finish(send: Coroutine[Any, Any, None], blocked_on: Any) -> None:
-    """Drive a send coroutine that suspended outside any task, as a task would.
-
-    ``blocked_on`` is what it yielded: the future it waits for (or None, to be
-    resumed on the next loop iteration). Cancelled meanwhile, it cancels that
-    future and lets the send see the cancellation, as ``Task.cancel`` does.
-    """
-    while True:
-        try:
-            if blocked_on is None:
-                await asyncio.sleep(0)
-            else:
-                blocked_on._asyncio_future_blocking = False
-                await asyncio.wait((blocked_on,))
-        except asyncio.CancelledError:
-            if blocked_on is not None:
-                blocked_on.cancel()
-            try:
-                send.send(None)
-            except BaseException:  # noqa: S110 - the send ends with the cancellation
-                pass
-            else:
-                send.close()
-            raise
-        try:
-            blocked_on = send.send(None)
-        except StopIteration:
-            return

@@ -25,6 +25,14 @@ class Kind(enum.StrEnum):
     DIRECT = "direct"
 
 
+class Source(enum.StrEnum):
+    """Where a publish came from; a backend's messages say so (``via``)."""
+
+    WEBSOCKET = "websocket"
+    API = "api"
+    AMQP = "amqp"
+
+
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001  # server shutting down
@@ -60,13 +68,16 @@ class Publish:
     """One validated request to fan a text out.
 
     ``target`` is the group name for ``GROUP``, the user name as typed for
-    ``DIRECT`` (resolved against the store later), and empty for ``BROADCAST``.
+    ``DIRECT`` (the exact username once resolved against the store), and empty for
+    ``BROADCAST``. ``sender`` and ``source`` are filled in by whoever publishes it.
     """
 
     kind: Kind
     text: str
     target: str = ""
     frame_id: str | None = None
+    sender: str = ""
+    source: Source = Source.WEBSOCKET
 
 
 _KINDS: Final = {kind.value: kind for kind in Kind}
@@ -131,14 +142,17 @@ def encode(event: dict[str, Any]) -> str:
     return orjson.dumps(event).decode()
 
 
-def message(kind: Kind, sender: str, text: str, ts: float, *, group: str = "", to: str = "") -> str:
-    """A ``message`` event, encoded once for every recipient."""
-    event: dict[str, Any] = {"type": "message", "kind": kind.value, "from": sender}
-    if group:
-        event["group"] = group
-    if to:
-        event["to"] = to
-    event["text"] = text
+def message(publish: Publish, ts: float) -> str:
+    """The ``message`` event a publish becomes, encoded once for every recipient."""
+    kind = publish.kind
+    event: dict[str, Any] = {"type": "message", "kind": kind.value, "from": publish.sender}
+    if publish.source is not Source.WEBSOCKET:
+        event["via"] = publish.source.value  # no backend can pass for a user
+    if kind is Kind.GROUP:
+        event["group"] = publish.target
+    elif kind is Kind.DIRECT:
+        event["to"] = publish.target
+    event["text"] = publish.text
     event["ts"] = round(ts, 3)
     return encode(event)
 

@@ -1,4 +1,4 @@
-"""Session cookies: issue and verify.
+"""Session cookies: issue and verify (pure: no file I/O; the key comes from the service).
 
 The cookie holds a ``MultiFernet`` token: encrypted, authenticated, and stamped
 with its issue time, which ``verify`` checks against the max age. Each
@@ -10,12 +10,9 @@ expired or foreign token means anonymous, never an error.
 from __future__ import annotations
 
 import base64
-import logging
-import os
-import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 import orjson
@@ -27,8 +24,6 @@ COOKIE_NAME: Final = "wsfanout_session"
 _HKDF_INFO: Final = b"wsfanout session cookie v1"
 MAX_TOKEN_CHARS: Final = 4096
 VERIFIED_CACHE: Final = 10_000
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +44,17 @@ def _fernet(secret: str) -> Fernet:
 class SessionCodec:
     """Turns a user into a cookie value and back."""
 
-    def __init__(self, secrets_: tuple[str, ...], max_age: float) -> None:
+    def __init__(
+        self,
+        secrets_: tuple[str, ...],
+        max_age: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if not secrets_:
             raise ValueError("at least one secret key is needed")
         self._fernet = MultiFernet([_fernet(secret) for secret in secrets_])
         self.max_age = max_age
+        self.clock = clock
         # Tokens already verified, so a user's reconnects and extra tabs skip the
         # decryption; expiry is still checked on every use.
         self._verified: dict[str, Session] = {}
@@ -61,14 +62,14 @@ class SessionCodec:
     def issue(self, user_id: int, username: str, now: float | None = None) -> str:
         """A token for this user, stamped with ``now``."""
         payload = orjson.dumps({"uid": user_id, "u": username})
-        issued = int(time.time() if now is None else now)
+        issued = int(self.clock() if now is None else now)
         return self._fernet.encrypt_at_time(payload, issued).decode()
 
     def verify(self, token: str | None, now: float | None = None) -> Session | None:
         """The session in a token, or None if it is missing, forged, foreign or expired."""
         if not token or len(token) > MAX_TOKEN_CHARS:
             return None
-        current = int(time.time() if now is None else now)
+        current = int(self.clock() if now is None else now)
         session = self._verified.get(token)
         if session is None:
             session = self._decrypt(token, current)
@@ -94,33 +95,3 @@ class SessionCodec:
         if not isinstance(user_id, int) or not isinstance(username, str):
             return None
         return Session(user_id=user_id, username=username, issued_at=float(issued))
-
-
-def secret_keys(configured: tuple[str, ...], data_dir: Path) -> tuple[str, ...]:
-    """The configured keys, or one generated once into ``data_dir/secret_key``.
-
-    Several workers may start at once: the file is created exclusively, and a
-    worker that loses the race reads the winner's key.
-    """
-    if configured:
-        return configured
-    path = data_dir / "secret_key"
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        for _ in range(50):
-            key = path.read_text().strip()
-            if key:
-                return (key,)
-            time.sleep(0.01)  # the winner has created it but not written it yet
-        raise RuntimeError(f"{path} is empty: delete it or set WSFANOUT_SECRET_KEY") from None
-    key = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key + "\n")
-    log.warning(
-        "WSFANOUT_SECRET_KEY is not set: generated one into %s. Set it explicitly when "
-        "several machines serve the same users.",
-        path,
-    )
-    return (key,)

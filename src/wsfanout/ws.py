@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import functools
 import logging
@@ -29,14 +30,12 @@ import time
 from typing import Any, Final
 
 from . import http, protocol
-from .backplane import BackplaneUnavailableError
-from .hub import HubClosedError
 from .outbox import Outbox, item
 from .protocol import CloseCode, ErrorCode, ProtocolError, Publish
+from .service import Service
 from .sessions import Session
 from .store import User
 from .types import Receive, Scope, Send
-from .views import Service
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +268,7 @@ class Connection:
                 self._tell(ErrorCode.TOO_LARGE, f"frames are limited to {max_bytes} bytes")
                 return CloseCode.TOO_LARGE
             now = time.monotonic()
-            if time.time() >= self.expires_at:
+            if self.svc.codec.clock() >= self.expires_at:
                 self._tell(ErrorCode.FORBIDDEN, "the session has expired: log in again")
                 return CloseCode.POLICY
             if rate > 0:
@@ -290,17 +289,12 @@ class Connection:
                 self._tell(exc.code, exc.detail, exc.frame_id)
 
     async def _publish(self, publish: Publish) -> None:
-        """Resolve the target, then hand the message to the hub.
+        """Publish through the service as this connection's user; answer with an ack.
 
         Raises:
             ProtocolError: unknown group or user, or the service cannot take it now.
         """
-        hub = self.svc.hub
-        target = await self.svc.resolve_target(publish)
-        try:
-            pending = hub.send(publish.kind, self.user.username, publish.text, target=target)
-        except (HubClosedError, BackplaneUnavailableError) as exc:
-            raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), publish.frame_id) from None
+        pending = await self.svc.publish(dataclasses.replace(publish, sender=self.user.username))
         if pending is None:
             if publish.frame_id is not None:
                 self.outbox.push(item(protocol.ack(publish.frame_id)))
@@ -309,10 +303,9 @@ class Connection:
             pending.add_done_callback(functools.partial(self._published, publish.frame_id))
 
     def _published(self, frame_id: str | None, done: asyncio.Future[None]) -> None:
-        exc = None if done.cancelled() else done.exception()
-        if done.cancelled() or exc is not None:
-            detail = str(exc) if exc is not None else "the backplane is shutting down"
-            self._tell(ErrorCode.UNAVAILABLE, detail, frame_id)
+        exc = done.exception()  # the hub settles it with a result or UnavailableError
+        if exc is not None:
+            self._tell(ErrorCode.UNAVAILABLE, str(exc), frame_id)
         elif frame_id is not None:
             self.outbox.push(item(protocol.ack(frame_id)))
 

@@ -1,4 +1,5 @@
-"""A RabbitMQ consumer that publishes into the hub (optional: ``WSFANOUT_AMQP_URL``).
+"""A RabbitMQ consumer (optional: ``WSFANOUT_AMQP_URL``) whose handler publishes through
+the service, and so through the hub's one door like every other source.
 
 Each message body is one publish (or an array of up to 1000), in the same JSON as
 ``POST /api/publish``. Delivery is at least once:
@@ -20,6 +21,7 @@ reconnected and consuming resumes; the state shows in ``/healthz``.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -33,6 +35,24 @@ log = logging.getLogger(__name__)
 RETRY_PAUSE: Final = 1.0
 CONNECT_BACKOFF_MAX: Final = 10.0
 RECONNECT_INTERVAL: Final = 1.0  # seconds between aio-pika's reconnect attempts
+
+
+class State(enum.Enum):
+    """Where the consumer is; ``/healthz`` shows it with the last reason."""
+
+    CONNECTING = "connecting"  # not connected yet, retrying with backoff
+    CONSUMING = "consuming"
+    RECONNECTING = "reconnecting"  # the connection dropped; aio-pika reconnects
+    STOPPED = "stopped"
+
+
+# Which state may follow which; anything else is a bug and raises.
+_MOVES: Final = {
+    State.CONNECTING: {State.CONNECTING, State.CONSUMING, State.STOPPED},
+    State.CONSUMING: {State.RECONNECTING, State.STOPPED},
+    State.RECONNECTING: {State.CONSUMING, State.RECONNECTING, State.STOPPED},
+    State.STOPPED: {State.STOPPED},
+}
 
 
 class Rejected(Exception):
@@ -66,8 +86,8 @@ class AmqpSource:
         self._connection_name = connection_name
         self._connection: AbstractRobustConnection | None = None
         self._task: asyncio.Task[None] | None = None
-        self.state = "connecting"
-        self.consuming = False
+        self.state = State.CONNECTING
+        self.reason = "not connected yet"
         self.stats = {"acked": 0, "rejected": 0, "requeued": 0, "reconnects": 0}
 
     def start(self) -> None:
@@ -78,11 +98,10 @@ class AmqpSource:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        self._move(State.STOPPED, "stopped")  # before closing: this close is no loss
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
-        self.consuming = False
-        self.state = "stopped"
 
     async def _connect(self) -> None:
         """Connect (retrying until the broker answers), then let aio-pika keep it up."""
@@ -96,7 +115,7 @@ class AmqpSource:
                 )
                 break
             except (OSError, aio_pika.exceptions.AMQPError) as exc:
-                self._set_state(False, f"cannot connect: {type(exc).__name__}: {exc}")
+                self._move(State.CONNECTING, f"cannot connect: {type(exc).__name__}: {exc}")
                 await asyncio.sleep(backoff)
                 backoff = min(CONNECT_BACKOFF_MAX, backoff * 2)
         self._connection = connection
@@ -106,21 +125,30 @@ class AmqpSource:
         await channel.set_qos(prefetch_count=self.prefetch)
         queue = await channel.declare_queue(self.queue, durable=True)
         await queue.consume(self._on_message)
-        self._set_state(True, "consuming")
+        self._move(State.CONSUMING, "consuming")
+
+    @property
+    def consuming(self) -> bool:
+        return self.state is State.CONSUMING
 
     def _on_close(self, *args: Any) -> None:
-        self._set_state(False, "connection lost, reconnecting")
+        if self.state is not State.STOPPED:
+            self._move(State.RECONNECTING, "connection lost, reconnecting")
 
     def _on_reconnect(self, *args: Any) -> None:
         self.stats["reconnects"] += 1
-        self._set_state(True, "consuming")
+        self._move(State.CONSUMING, "consuming")
 
-    def _set_state(self, consuming: bool, state: str) -> None:
-        if state != self.state:
-            level = logging.INFO if consuming else logging.WARNING
-            log.log(level, "RabbitMQ queue %r: %s", self.queue, state)
-        self.consuming = consuming
+    def _move(self, state: State, reason: str) -> None:
+        if state not in _MOVES[self.state]:
+            raise RuntimeError(f"RabbitMQ source in state {self.state!r} cannot move to {state!r}")
+        if state is not self.state or reason != self.reason:
+            level = (
+                logging.WARNING if state in {State.CONNECTING, State.RECONNECTING} else logging.INFO
+            )
+            log.log(level, "RabbitMQ queue %r: %s", self.queue, reason)
         self.state = state
+        self.reason = reason
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:

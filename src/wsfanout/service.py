@@ -1,0 +1,402 @@
+"""The running service: its parts built and closed in one place, and publishing.
+
+``Service.start(settings)`` opens the store, reads (or makes) the secret key, builds the
+hub (with its backplane when Redis is configured), finds what the server can do
+(``servers.py``) and starts the RabbitMQ source; ``close()`` takes them down in the
+reverse order, draining every connection with 1001 first. ``ws.py`` and ``views.py``
+are siblings that both publish through here: ``publish()`` resolves a message's target
+(the local index first, then the store) and hands it to the hub's one door;
+``validate_batch()`` / ``publish_batch()`` do the same for a backend's batch, all or
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import multiprocessing
+import os
+import secrets
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from . import http, protocol
+from .backplane import Backplane
+from .config import Settings
+from .hub import Hub, UnavailableError
+from .metrics import Metrics, ServiceStats
+from .outbox import Flusher
+from .protocol import CloseCode, ErrorCode, Kind, ProtocolError, Publish, Source
+from .servers import ServerReach
+from .sessions import COOKIE_NAME, Session, SessionCodec
+from .store import Store, UnknownUserError
+from .types import Scope
+
+if TYPE_CHECKING:
+    from .sources.amqp import AmqpSource
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH: Final = 1000  # messages in one backend publish
+SHUTDOWN_FLUSH: Final = 5.0  # seconds connections get to send what is queued before stopping
+CLOSE_BATCH: Final = 1000  # connections closed (1001) at a time on shutdown ...
+CLOSE_PAUSE: Final = 0.01  # ... this many seconds apart
+CONTENT_TYPES: Final = {
+    ".html": b"text/html; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".css": b"text/css; charset=utf-8",
+    ".svg": b"image/svg+xml",
+}
+
+
+class BatchError(Exception):
+    """One item of a backend's batch is bad; ``index`` says which."""
+
+    def __init__(self, index: int, code: ErrorCode, detail: str) -> None:
+        super().__init__(f"item {index}: {code}: {detail}")
+        self.index = index
+        self.code = code
+        self.detail = detail
+
+
+class LoginThrottle:
+    """Failed logins per key (a username, a client address) in a sliding window.
+
+    In memory and per process: each worker counts on its own. The table is bounded:
+    past ``max_keys`` the stale keys go first, then the oldest.
+    """
+
+    def __init__(self, max_failures: int, window: float, max_keys: int = 100_000) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.max_keys = max_keys
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, keys: tuple[str, ...], now: float) -> int | None:
+        """Seconds until these keys may try again, or None if they may now."""
+        waits = []
+        for key in keys:
+            stamps = self._recent(key, now)
+            if stamps is not None and len(stamps) >= self.max_failures:
+                waits.append(stamps[0] + self.window - now)
+        return max(1, math.ceil(max(waits))) if waits else None
+
+    def failed(self, keys: tuple[str, ...], now: float) -> None:
+        for key in keys:
+            stamps = self._recent(key, now)
+            if stamps is None:
+                if len(self._failures) >= self.max_keys:
+                    self._shrink(now)
+                stamps = self._failures[key] = deque(maxlen=self.max_failures)
+            stamps.append(now)
+
+    def succeeded(self, key: str) -> None:
+        self._failures.pop(key, None)
+
+    def _recent(self, key: str, now: float) -> deque[float] | None:
+        stamps = self._failures.get(key)
+        if stamps is None:
+            return None
+        while stamps and stamps[0] <= now - self.window:
+            stamps.popleft()
+        if not stamps:
+            del self._failures[key]
+            return None
+        return stamps
+
+    def _shrink(self, now: float) -> None:
+        stale = [k for k, v in self._failures.items() if not v or v[-1] <= now - self.window]
+        for key in stale:
+            del self._failures[key]
+        if len(self._failures) >= self.max_keys:
+            for key in list(self._failures)[: self.max_keys // 2]:
+                del self._failures[key]
+
+
+@dataclass
+class Service:
+    """What the handlers share: built by ``start()``, taken down by ``close()``."""
+
+    settings: Settings
+    store: Store
+    hub: Hub
+    codec: SessionCodec
+    web: dict[str, tuple[bytes, bytes]]
+    server: ServerReach
+    flusher: Flusher = field(default_factory=Flusher)
+    amqp: AmqpSource | None = None
+    stats: ServiceStats = field(default_factory=ServiceStats)
+    throttle: LoginThrottle = field(init=False)
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.throttle = LoginThrottle(
+            self.settings.login_max_failures, self.settings.login_failure_window
+        )
+        self.metrics = Metrics(self.hub, self.flusher.stats, self.stats)
+
+    @classmethod
+    async def start(
+        cls,
+        settings: Settings,
+        on_stopping: Callable[[], Awaitable[None]],
+        clock: Callable[[], float] = time.time,
+    ) -> Service:
+        """Build every part; ``on_stopping`` is awaited when the server starts stopping.
+
+        ``clock`` tells session ages (tests pass their own instead of waiting).
+        """
+        keys = await asyncio.to_thread(secret_keys, settings.secret_keys, settings.data_dir)
+        store = await Store.open(settings.database_path)
+        web = await asyncio.to_thread(load_web_files)
+        server = ServerReach(compression=settings.compression, on_stopping=on_stopping)
+        server.start()
+        backplane = None
+        if settings.redis_url:
+            backplane = Backplane(settings.redis_url, settings.redis_prefix)
+        else:
+            _warn_if_workers_are_islands()
+        hub = Hub(backplane)
+        hub.start()
+        svc = cls(
+            settings=settings,
+            store=store,
+            hub=hub,
+            codec=SessionCodec(keys, settings.session_max_age, clock),
+            web=web,
+            server=server,
+        )
+        if settings.amqp_url:
+            svc._start_amqp()
+        log.info(
+            "wsfanout ready: database %s, %s, permessage-deflate %s",
+            settings.database_path,
+            "Redis backplane" if settings.redis_url else "one node (no backplane)",
+            "accepted" if settings.compression else "declined",
+        )
+        return svc
+
+    async def drain(self) -> None:
+        """Stop accepting and publishing; close every connection with 1001 (in batches)
+        once it has sent what is queued; wait for them up to a deadline."""
+        try:
+            async with asyncio.timeout(SHUTDOWN_FLUSH):
+                await self.hub.drain(CloseCode.GOING_AWAY, CLOSE_BATCH, CLOSE_PAUSE)
+                await self.hub.emptied()
+        except TimeoutError:
+            log.warning(
+                "%d connections still open after %g s of draining", len(self.hub), SHUTDOWN_FLUSH
+            )
+
+    async def close(self) -> None:
+        """Take no more from the queue, drain the connections, then close everything."""
+        if self.amqp is not None:
+            await self.amqp.close()  # unacked messages go back to the queue
+        await self.drain()
+        await self.server.close()
+        await self.flusher.close()
+        if self.hub.backplane is not None:
+            await self.hub.backplane.close()
+        await self.store.close()
+
+    def session(self, scope: Scope) -> Session | None:
+        """The session in the request's cookie, or None (anonymous)."""
+        return self.codec.verify(http.cookies(scope).get(COOKIE_NAME))
+
+    async def resolve(self, publish: Publish) -> Publish:
+        """The publish with its target resolved: a group that exists, an exact username.
+
+        Raises:
+            ProtocolError: unknown group or user, or the database failing.
+        """
+        store, hub = self.store, self.hub
+        target = publish.target
+        try:
+            # Who is connected here answers most lookups without the database.
+            if publish.kind is Kind.GROUP:
+                if not hub.has_group(target) and not await store.group_exists(target):
+                    raise ProtocolError(
+                        ErrorCode.UNKNOWN_GROUP, f"no group named {target!r}", publish.frame_id
+                    )
+                return publish
+            if publish.kind is Kind.DIRECT:
+                target = hub.local_username(target) or await store.resolve_user(target)
+        except UnknownUserError as exc:
+            raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
+        except sqlite3.Error as exc:
+            log.error("database error while publishing: %s", exc)
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE, "the database is unavailable, try again", publish.frame_id
+            ) from None
+        return publish if target == publish.target else dataclasses.replace(publish, target=target)
+
+    async def publish(self, publish: Publish) -> asyncio.Future[None] | None:
+        """Resolve the target, then hand the message to the hub's door.
+
+        Returns:
+            What ``Hub.publish`` returns: None once delivered here, or a future that
+            settles when the backplane has it.
+
+        Raises:
+            ProtocolError: unknown group or user, or the service cannot take it now.
+        """
+        resolved = await self.resolve(publish)
+        try:
+            return self.hub.publish(resolved)
+        except UnavailableError as exc:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), publish.frame_id) from None
+
+    async def validate_batch(self, data: Any, source: Source) -> list[Publish]:
+        """A backend's publish body (one object or an array), each item checked and resolved.
+
+        Raises:
+            BatchError: the first bad item, with its index; nothing is published then.
+        """
+        items = data if isinstance(data, list) else [data]
+        if not 1 <= len(items) <= MAX_BATCH:
+            raise BatchError(
+                0,
+                ErrorCode.TOO_LARGE,
+                f"send 1 to {MAX_BATCH} messages at a time, not {len(items)}",
+            )
+        checked = []
+        limit = self.settings.max_frame_bytes
+        for index, raw in enumerate(items):
+            try:
+                publish = protocol.parse_object(raw)
+                sender = raw.get("from", "system")
+                if not isinstance(sender, str) or not sender.strip() or len(sender) > 64:
+                    raise ProtocolError(
+                        ErrorCode.BAD_MESSAGE, "'from' must be a name of 1 to 64 characters"
+                    )
+                if len(publish.text.encode()) > limit:
+                    raise ProtocolError(ErrorCode.TOO_LARGE, f"'text' is limited to {limit} bytes")
+                publish = dataclasses.replace(publish, sender=sender.strip(), source=source)
+                checked.append(await self.resolve(publish))
+            except ProtocolError as exc:
+                raise BatchError(index, exc.code, exc.detail) from None
+        return checked
+
+    async def publish_batch(self, batch: list[Publish]) -> None:
+        """Publish validated messages in order; wait until the backplane (if any) has them.
+
+        Raises:
+            UnavailableError: some were not published.
+        """
+        pending = []
+        for publish in batch:
+            done = self.hub.publish(publish)
+            if done is not None:
+                pending.append(done)
+        if pending:
+            results = await asyncio.gather(*pending, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+
+    def _start_amqp(self) -> None:
+        """Consume the RabbitMQ queue into the hub (through the backplane, if any)."""
+        from .sources.amqp import AmqpSource, Rejected, Retry
+
+        async def handle(data: object) -> None:
+            try:
+                batch = await self.validate_batch(data, Source.AMQP)
+            except BatchError as exc:
+                if exc.code is ErrorCode.UNAVAILABLE:
+                    raise Retry(exc.detail) from None
+                raise Rejected(f"item {exc.index}: {exc.code}: {exc.detail}") from None
+            try:
+                await self.publish_batch(batch)
+            except UnavailableError as exc:
+                raise Retry(str(exc)) from None
+
+        settings = self.settings
+        self.amqp = AmqpSource(
+            settings.amqp_url,
+            settings.amqp_queue,
+            settings.amqp_prefetch,
+            handle,
+            connection_name=f"wsfanout {settings.amqp_queue} pid {os.getpid()}",
+        )
+        self.metrics.amqp = self.amqp.stats
+        self.amqp.start()
+
+
+def load_web_files() -> dict[str, tuple[bytes, bytes]]:
+    """Every servable file in the packaged ``web/`` folder: name -> (body, content type)."""
+    files: dict[str, tuple[bytes, bytes]] = {}
+    for entry in resources.files("wsfanout.web").iterdir():
+        suffix = "." + entry.name.rpartition(".")[2]
+        if entry.is_file() and suffix in CONTENT_TYPES and not entry.name.startswith("."):
+            files[entry.name] = (entry.read_bytes(), CONTENT_TYPES[suffix])
+    return files
+
+
+def secret_keys(configured: tuple[str, ...], data_dir: Path) -> tuple[str, ...]:
+    """The configured keys, or one generated once into ``data_dir/secret_key``.
+
+    Several workers may start at once: the file is created exclusively, and a
+    worker that loses the race reads the winner's key. Blocking: run it in a thread.
+    """
+    if configured:
+        return configured
+    path = data_dir / "secret_key"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):
+            key = path.read_text().strip()
+            if key:
+                return (key,)
+            time.sleep(0.01)  # the winner has created it but not written it yet
+        raise RuntimeError(f"{path} is empty: delete it or set WSFANOUT_SECRET_KEY") from None
+    key = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    log.warning(
+        "WSFANOUT_SECRET_KEY is not set: generated one into %s. Set it explicitly when "
+        "several machines serve the same users.",
+        path,
+    )
+    return (key,)
+
+
+def _warn_if_workers_are_islands() -> None:
+    """Without a backplane, several worker processes each fan out to their own sockets only."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None:
+        return
+    workers = [pid for pid in _children(parent.pid) if _is_worker(pid)]
+    if len(workers) > 1:
+        log.warning(
+            "%d worker processes and no WSFANOUT_REDIS_URL: each worker fans out only to its "
+            "own connections, so users on different workers do not see each other's messages. "
+            "Set WSFANOUT_REDIS_URL, or run one worker.",
+            len(workers),
+        )
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _is_worker(pid: int) -> bool:
+    """A process multiprocessing spawned to run code (a server's worker), not one of its
+    helpers: the resource tracker and the forkserver are children of the parent too."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"spawn_main" in cmdline or b"--multiprocessing-fork" in cmdline
