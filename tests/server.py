@@ -24,6 +24,7 @@ from wsproto.events import (
     AcceptConnection,
     CloseConnection,
     Event,
+    Ping,
     RejectConnection,
     Request,
     TextMessage,
@@ -45,6 +46,8 @@ class Server:
         health_path: str = "/healthz",
         workers: int = 1,
         bare: bool = False,
+        serve: bool = False,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
         self.env = env or {}
@@ -52,6 +55,8 @@ class Server:
         self.health_path = health_path
         self.workers = workers
         self.bare = bare  # no WSFANOUT_* at all: what `hypercorn wsfanout:app` does on its own
+        self.serve = serve  # `wsfanout serve` (pings every 20 s, its own limits) instead
+        self.args = args  # more arguments for the server command
         self.log_path = data_dir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -80,17 +85,14 @@ class Server:
         if self.bare:
             env = {k: v for k, v in env.items() if not k.startswith("WSFANOUT_")}
         with self.log_path.open("ab") as log:
+            bind = f"fd://{sock.fileno()}"
+            command = (
+                ["-m", "wsfanout.cli", "serve", "--workers", str(self.workers), "--bind", bind]
+                if self.serve
+                else ["-m", "hypercorn", "--workers", str(self.workers), "--bind", bind, self.app]
+            )
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "hypercorn",
-                    "--workers",
-                    str(self.workers),
-                    "--bind",
-                    f"fd://{sock.fileno()}",
-                    self.app,
-                ],
+                [sys.executable, *command, *self.args],
                 pass_fds=[sock.fileno()],
                 env=env,
                 stdout=log,
@@ -256,6 +258,20 @@ class RawClient:
         texts = self.texts + self._texts(events)
         closes = [e for e in events if isinstance(e, CloseConnection)]
         return (closes[0].code if closes else None), texts
+
+    def count_pings(self, wanted: int) -> int:
+        """Read until ``wanted`` pings have arrived (answered as a browser would)."""
+        seen = 0
+
+        def enough(event: Event) -> bool:
+            nonlocal seen
+            if isinstance(event, Ping):
+                seen += 1
+                self.sock.sendall(self.ws.send(event.response()))
+            return seen >= wanted
+
+        self._events_until(enough)
+        return seen
 
     def reset(self) -> None:
         """Drop the TCP connection abruptly (RST), with no close frame."""

@@ -141,3 +141,17 @@ def test_hypercorn_refuses_to_start_with_a_bad_setting(tmp_path: Path) -> None:
         server.start(timeout=30)
     log = server.log_path.read_text()
     assert "cannot start: WSFANOUT_OUTBOX_BYTES='lots': expected a whole number" in log
+
+
+@pytest.mark.parametrize(("workers", "warned"), [(1, False), (2, True)])
+def test_islands_warning_counts_only_workers(
+    tmp_path: Path, demo_db: Path, workers: int, warned: bool
+) -> None:
+    """Without Redis, several workers are warned about; one worker (whatever helper processes
+    multiprocessing starts beside it) is not."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    with Server(tmp_path, workers=workers).running() as server:
+        for _ in range(4):  # reach every worker
+            assert http("GET", server.http_url + "/healthz")[0] == 200
+    log = server.log_path.read_text()
+    assert ("worker processes and no WSFANOUT_REDIS_URL" in log) is warned, log

@@ -211,3 +211,49 @@ async def test_sigterm_closes_every_socket_with_1001(tmp_path: Path, demo_db: Pa
     log = server.log_path.read_text()
     assert "closing every websocket with 1001" in log
     assert "Traceback" not in log, log
+
+
+async def test_sigterm_under_wsfanout_serve_with_pings(tmp_path: Path, demo_db: Path) -> None:
+    """`wsfanout serve` (pings every 20 s, 10 s graceful timeout): after the sockets were
+    used, SIGTERM closes them with 1001 and the process exits within 5 s, with no traceback."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    server = Server(tmp_path, serve=True)
+    server.start()
+    try:
+        clients = [await Client.open(server.ws_url, server.login(n)) for n in ("greg", "lisa")]
+        for client in clients:
+            await client.next()
+        await clients[0].send({"type": "broadcast", "text": "before the stop", "id": "b"})
+        for client in clients:
+            assert (await client.next_of("message"))["text"] == "before the stop"
+        left = await Client.open(server.ws_url, server.login("anny"))  # one that leaves early
+        await left.next()
+        await left.close()
+        assert server.proc is not None
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        for client in clients:
+            await asyncio.wait_for(client.reader, 10)
+            assert client.conn.close_code == 1001
+        assert server.proc.wait(15) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+
+
+@pytest.mark.parametrize("size", [65_537, 200_000])
+async def test_wsfanout_serve_explains_a_too_large_frame(
+    tmp_path: Path, demo_db: Path, size: int
+) -> None:
+    """Under `wsfanout serve`, a frame over the limit gets a too_large error frame, then 1009."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    with Server(tmp_path, serve=True).running() as server:
+        client = await Client.open(server.ws_url, server.login("mike"))
+        await client.next()
+        await client.conn.send("x" * size)
+        error = await client.next_of("error")
+        assert error["code"] == "too_large"
+        await asyncio.wait_for(client.reader, 10)
+        assert client.conn.close_code == 1009

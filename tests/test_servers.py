@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect
 
 from tests import asgi
 from tests.conftest import login
-from tests.server import Client, Server, http
+from tests.server import Client, RawClient, Server, http
 from wsfanout import Settings, create_app
 from wsfanout.servers import ACCEPT_KEY, ServerReach
 
@@ -46,7 +46,7 @@ def test_every_reach_works_with_the_installed_hypercorn(
     """The start-up check finds both reaches in this hypercorn and warns about nothing."""
     reach = ServerReach(compression=compression, on_stopping=_nothing)
     reach.start()
-    assert (reach.can_decline, reach.can_watch) == (True, True)
+    assert (reach.can_decline, reach.can_watch, reach.can_stop_pings) == (True, True, True)
     assert reach.accept_message() == {"type": "websocket.accept", ACCEPT_KEY: reach}
     assert reach_warnings(caplog) == []
 
@@ -62,7 +62,7 @@ def test_a_changed_handshake_warns_once_and_keeps_the_stop_signal(
     monkeypatch.setattr(ws_stream.Handshake, "accept", changed)
     reach = ServerReach(compression=False, on_stopping=_nothing)
     reach.start()
-    assert (reach.can_decline, reach.can_watch) == (False, True)
+    assert (reach.can_decline, reach.can_watch, reach.can_stop_pings) == (False, True, True)
     (warning,) = reach_warnings(caplog)
     assert "cannot decline permessage-deflate" in warning and "TypeError" in warning
 
@@ -88,11 +88,38 @@ async def test_a_hypercorn_without_the_accept_hook_still_serves(
         (warning,) = reach_warnings(caplog)
         assert "cannot decline permessage-deflate" in warning
         assert "cannot see hypercorn start stopping" in warning
+        assert "cannot end hypercorn's pings" in warning
         cookie = await login(app, "greg")
         async with asgi.WebSocket(app, headers={"cookie": cookie}) as ws:
             assert (await ws.receive())["type"] == "welcome"
     finally:
         await app.shutdown()
+
+
+def test_a_hypercorn_without_the_ping_loop_warns_about_pings_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WSStream._send_pings gone: one warning about pings; deflate and the stop signal work."""
+    monkeypatch.delattr(ws_stream.WSStream, "_send_pings")
+    reach = ServerReach(compression=False, on_stopping=_nothing)
+    reach.start()
+    assert (reach.can_decline, reach.can_watch, reach.can_stop_pings) == (True, True, False)
+    (warning,) = reach_warnings(caplog)
+    assert "cannot end hypercorn's pings" in warning and "deflate" not in warning
+
+
+def test_wsfanout_serve_still_pings(tmp_path: Path, demo_db: Path) -> None:
+    """Under `wsfanout serve --ping-interval 0.2`, a connection gets a ping every interval."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    with Server(tmp_path, serve=True, args=("--ping-interval", "0.2")).running() as server:
+        client = RawClient(server.port, server.login("chuck"))
+        try:
+            started = time.monotonic()
+            pings = client.count_pings(3)
+            elapsed = time.monotonic() - started
+        finally:
+            client.close()
+    assert pings == 3 and 0.2 < elapsed < 5
 
 
 def deflate_answer(server: Server, path: str, cookie: str) -> tuple[str | None, str | None]:

@@ -1,6 +1,6 @@
 """The only module that knows which ASGI server runs us: every reach into its internals.
 
-Theory of operation. wsfanout needs two things from its server that ASGI has no words for.
+Theory of operation. wsfanout needs three things from its server that ASGI has no words for.
 
 1. Declining permessage-deflate. Every browser offers it, and hypercorn accepts any offer (it
    has no setting: pgjones/hypercorn#307). Then every frame is compressed again for every
@@ -19,12 +19,21 @@ Theory of operation. wsfanout needs two things from its server that ASGI has no 
    starts; the first marked accept gives the reach that context, and the reach waits on the
    event and calls ``on_stopping`` (the app's drain: every socket gets 1001 in time).
 
-Both are checked once, at start, against hypercorn's own classes (a handshake that offers
-deflate must come back without it). If a hypercorn release moved something, one warning names
-what is lost and the service runs on: compression stays as the server decides, and draining
-waits for lifespan shutdown. Under another server nothing here applies; under uvicorn,
-``--ws-per-message-deflate false`` declines deflate. ``setup.cfg`` bounds hypercorn to the
-releases this was tested with, and tests against real hypercorn fail when a reach stops working.
+3. Hypercorn's pings end with the connection. With ``--websocket-ping-interval`` (as
+   ``wsfanout serve`` and the Containerfile set it), hypercorn pings each connection from a
+   task that sleeps the whole interval and only then notices the connection is gone; the
+   connection's task group waits for it, so every closed connection lingers up to 20 s,
+   and on SIGTERM hypercorn waits its graceful timeout and then cancels them (with
+   tracebacks). The wrapped ``WSStream._send_pings`` pings wsfanout's connections the same
+   way but stops as soon as the app's handler for that connection has returned.
+
+All three are checked once, at start, against hypercorn's own classes (a handshake that
+offers deflate must come back without it). If a hypercorn release moved something, one
+warning names what is lost and the service runs on: compression stays as the server
+decides, draining waits for lifespan shutdown, and pings run as hypercorn runs them. Under
+another server nothing here applies; under uvicorn, ``--ws-per-message-deflate false``
+declines deflate. ``setup.cfg`` bounds hypercorn to the releases this was tested with, and
+tests against real hypercorn fail when a reach stops working.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ ACCEPT_KEY: Final = "wsfanout.server"
 """The key in wsfanout's ``websocket.accept`` messages that carries its ``ServerReach``."""
 
 _WRAPPED: Final = "__wsfanout_wrapped__"
+_APP_TASK: Final = "_wsfanout_app_task"  # set on a hypercorn WSStream: the app's handler task
+REACHES: Final = ("deflate", "stop", "pings")
 _OFFER: Final = [
     (b"host", b"wsfanout.invalid"),
     (b"connection", b"Upgrade"),
@@ -67,6 +78,7 @@ class ServerReach:
         self.on_stopping = on_stopping
         self.can_decline = False  # hypercorn's handshake can be told to decline deflate
         self.can_watch = False  # hypercorn's stop signal can be watched
+        self.can_stop_pings = False  # hypercorn's pings can be ended with the connection
         self._accept: Message = {"type": "websocket.accept"}
         self._watcher: asyncio.Task[None] | None = None
         self._broken: set[str] = set()
@@ -81,10 +93,11 @@ class ServerReach:
                 )
             return
         problems = _install_into_hypercorn()
-        if not problems:
-            problems = {"deflate": _check_decline(), "stop": _check_stop_signal()}
-        self.can_decline = not problems.get("deflate")
-        self.can_watch = not problems.get("stop")
+        problems.setdefault("deflate", _check_decline())
+        problems.setdefault("stop", _check_stop_signal())
+        self.can_decline = not problems["deflate"]
+        self.can_watch = not problems["stop"]
+        self.can_stop_pings = not problems.get("pings")
         lost = []
         if not self.can_decline and not self.compression:
             lost.append(
@@ -96,13 +109,18 @@ class ServerReach:
                 f"cannot see hypercorn start stopping ({problems['stop']}): on SIGTERM, sockets "
                 "close only after hypercorn's graceful timeout"
             )
+        if not self.can_stop_pings:
+            lost.append(
+                f"cannot end hypercorn's pings with the connection ({problems['pings']}): with "
+                "--websocket-ping-interval, closed connections linger until their next ping"
+            )
         if lost:
             log.warning(
                 "hypercorn %s is not a release wsfanout was tested with: %s",
                 _version("hypercorn"),
                 "; ".join(lost),
             )
-        if self.can_decline or self.can_watch:
+        if self.can_decline or self.can_watch or self.can_stop_pings:
             self._accept = {"type": "websocket.accept", ACCEPT_KEY: self}
 
     def accept_message(self) -> Message:
@@ -123,6 +141,11 @@ class ServerReach:
                 stream.handshake.extensions = None
             except AttributeError as exc:
                 self._broke("deflate", exc)
+        if self.can_stop_pings:
+            try:
+                setattr(stream, _APP_TASK, asyncio.current_task())  # the handler sends accept
+            except AttributeError as exc:
+                self._broke("pings", exc)
         if self.can_watch and self._watcher is None:
             try:
                 wait = stream.context.terminated.wait
@@ -141,39 +164,70 @@ class ServerReach:
     def _broke(self, reach: str, exc: Exception) -> None:
         if reach == "deflate":
             self.can_decline = False
-        else:
+        elif reach == "stop":
             self.can_watch = False
+        else:
+            self.can_stop_pings = False
         if reach not in self._broken:
             self._broken.add(reach)
             log.warning("a reach into hypercorn stopped working (%s): %s", reach, exc)
 
 
 def _install_into_hypercorn() -> dict[str, str]:
-    """Wrap ``WSStream._accept`` once per process; the problem, per reach, if it cannot be."""
+    """Wrap ``WSStream._accept`` and ``_send_pings`` once per process.
+
+    Returns:
+        The problem, per reach, for those that cannot work (none: an empty dict).
+    """
     try:
         from hypercorn.protocol.ws_stream import WSStream
+        from wsproto.events import Ping
     except ImportError as exc:
-        return {"deflate": str(exc), "stop": str(exc)}
-    original = getattr(WSStream, "_accept", None)
-    if original is None or not inspect.iscoroutinefunction(original):
-        problem = "hypercorn.protocol.ws_stream.WSStream._accept is gone"
-        return {"deflate": problem, "stop": problem}
-    if getattr(original, _WRAPPED, False):
-        return {}
-    if list(inspect.signature(original).parameters) != ["self", "message"]:
-        problem = "WSStream._accept no longer takes (self, message)"
-        return {"deflate": problem, "stop": problem}
+        return dict.fromkeys(REACHES, str(exc))
+    accept: Any = getattr(WSStream, "_accept", None)
+    if not _is_method(accept, ["self", "message"]):
+        return dict.fromkeys(REACHES, "WSStream._accept(self, message) is gone")
+    problems: dict[str, str] = {}
+    pings: Any = getattr(WSStream, "_send_pings", None)
+    if not _is_method(pings, ["self"]) or not hasattr(WSStream, "_send_wsproto_event"):
+        problems["pings"] = "WSStream._send_pings(self) or _send_wsproto_event is gone"
+    if getattr(accept, _WRAPPED, False):
+        return problems  # installed by an earlier start in this process
 
     async def _accept(stream: Any, message: Message) -> None:
         reach = message.get(ACCEPT_KEY)
         if isinstance(reach, ServerReach):
             reach.accepting(stream)
-        await original(stream, message)
+        await accept(stream, message)
 
-    setattr(_accept, _WRAPPED, True)
-    _accept.__wrapped__ = original  # type: ignore[attr-defined]
-    WSStream._accept = _accept  # type: ignore[method-assign,assignment]
-    return {}
+    async def _send_pings(stream: Any) -> None:
+        app = stream.__dict__.get(_APP_TASK)
+        if app is None:  # not one of ours
+            await pings(stream)
+            return
+        interval = stream.config.websocket_ping_interval
+        while not stream.closed and not app.done():
+            await stream._send_wsproto_event(Ping())
+            await asyncio.wait((app,), timeout=interval)  # wakes when the handler returns
+
+    _wrap(WSStream, "_accept", _accept, accept)
+    if "pings" not in problems:
+        _wrap(WSStream, "_send_pings", _send_pings, pings)
+    return problems
+
+
+def _wrap(cls: type, name: str, wrapper: Any, original: Any) -> None:
+    setattr(wrapper, _WRAPPED, True)
+    wrapper.__wrapped__ = original
+    setattr(cls, name, wrapper)
+
+
+def _is_method(function: Any, parameters: list[str]) -> bool:
+    return (
+        function is not None
+        and inspect.iscoroutinefunction(function)
+        and list(inspect.signature(function).parameters) == parameters
+    )
 
 
 def _check_decline() -> str:
