@@ -97,8 +97,14 @@ def received(page: Page, text: str) -> Locator:
     return page.locator("#messages li.received", has_text=text)
 
 
+def lines(page: Page, text: str) -> Locator:
+    """Every line of the page's message list that shows this text, whatever its kind."""
+    return page.locator("#messages li", has_text=text)
+
+
 async def test_group_direct_and_escaping(server: Server) -> None:
-    """Group to girls reaches amanda only; Direct to greg reaches greg only; HTML shows as text."""
+    """Group to girls reaches amanda only; Direct to greg reaches greg only; HTML shows as
+    text; each message is one line on every page, the sender's included."""
     dialogs: list[str] = []
     base = server.http_url + "/"
     async with chromium() as browser:
@@ -109,30 +115,57 @@ async def test_group_direct_and_escaping(server: Server) -> None:
         greg = await log_in(browser, base, "greg", dialogs)
         amanda = await log_in(browser, base, "amanda", dialogs)
 
+        # The kinds are explained where they are chosen.
+        await greg.select_option("#kind", "group")
+        await expect(greg.locator("#hint")).to_contain_text("Group: every member of the group")
+        await greg.select_option("#kind", "direct")
+        await expect(greg.locator("#hint")).to_contain_text("Direct: only this person")
+        # The people to write to: by first name and username, never yourself.
+        await expect(greg.locator("#user option[value=greg]")).to_have_count(0)
+        await expect(greg.locator("#user option[value=amanda]")).to_have_text("Amanda (amanda)")
+
         await send(greg, "group", "nails at 5", "girls")
         await expect(received(amanda, "nails at 5")).to_have_count(1)
-        await expect(amanda.locator("#messages li.received").first).to_contain_text(
-            "greg (group girls)"
-        )
+        await expect(amanda.locator("#messages li.received").last).to_contain_text("Greg → girls")
+        # greg is not in girls: his own line comes from the ack, once.
         await expect(greg.locator("#messages li.sent", has_text="nails at 5")).to_have_count(1)
+        await expect(lines(greg, "nails at 5")).to_have_count(1)
+
+        await send(amanda, "group", "girls only", "girls")  # her own group: it comes back
+        await expect(received(amanda, "girls only")).to_have_count(1)
+        await expect(amanda.locator("#messages li.received").last).to_contain_text("you → girls")
 
         await send(amanda, "direct", "hi greg", "greg")
         await expect(received(greg, "hi greg")).to_have_count(1)
-        await expect(greg.locator("#messages li.received").first).to_contain_text("direct to greg")
+        await expect(greg.locator("#messages li.received").last).to_contain_text("Amanda → you")
+        await expect(lines(amanda, "hi greg")).to_have_count(1)
 
         await send(greg, "broadcast", XSS)
         for page in (greg, amanda):
             await expect(received(page, "onerror")).to_have_count(1)
-            assert (await received(page, "onerror").locator("span").nth(1).text_content()) == XSS
+            assert (await received(page, "onerror").locator("span.text").text_content()) == XSS
             await expect(page.locator("#messages img")).to_have_count(0)
             assert await page.evaluate("window.pwned") is None
 
-        # Exactly what each page received, and no more.
-        assert await received(greg, "nails at 5").count() == 0
-        assert await received(amanda, "hi greg").count() == 0
+        # Exactly what each page received, once, and no more.
+        await greg.wait_for_timeout(300)
+        for page, text, count in (
+            (greg, "nails at 5", 1),
+            (greg, "girls only", 0),
+            (amanda, "girls only", 1),
+            (amanda, "hi greg", 1),
+            (greg, "onerror", 1),
+            (amanda, "onerror", 1),
+        ):
+            assert await lines(page, text).count() == count, (text, count)
         await shot(greg, "message-page-greg")
         await shot(amanda, "message-page-amanda")
         await amanda.set_viewport_size({"width": 390, "height": 844})
+        # On a phone the message box and Send share one line, inside the screen.
+        box = await amanda.locator("#text").bounding_box()
+        button = await amanda.locator("#send").bounding_box()
+        assert box is not None and button is not None
+        assert abs(box["y"] - button["y"]) < 4 and button["x"] + button["width"] <= 390
         await shot(amanda, "message-page-phone")
     assert dialogs == []
 

@@ -1,6 +1,8 @@
 "use strict";
 // The message page: one websocket to the page's own URL, pickers from the
-// directory, every received text rendered with textContent.
+// directory, every received text rendered with textContent. One line per message:
+// what comes back to us (a broadcast, our own group) is shown when it arrives;
+// what does not (a group we are not in, a direct message) is shown on its ack.
 (function () {
   const $ = (id) => document.getElementById(id);
   const messages = $("messages");
@@ -10,9 +12,18 @@
   const userPick = $("user");
   const text = $("text");
   const sendButton = $("send");
+  const HINTS = {
+    broadcast: "Broadcast: everyone who is connected gets it, you too.",
+    group: "Group: every member of the group gets it, on every tab they have open.",
+    direct: "Direct: only this person gets it, on every tab they have open.",
+  };
   let socket = null;
   let attempt = 0;
   let counter = 0;
+  let me = "";
+  let myGroups = new Set();
+  let directory = { groups: [], users: [] };
+  const names = new Map(); // username (lower case) -> first name
   const pending = new Map(); // id -> what was sent, shown once the server acks it
 
   function socketUrl() {
@@ -29,36 +40,66 @@
     sendButton.disabled = !open;
   }
 
-  // kind: "received" (a message event), "sent" (our own, once acked) or "error".
-  function add(meta, body, kind) {
+  function isMe(username) {
+    return !!me && String(username).toLowerCase() === me.toLowerCase();
+  }
+
+  function nameOf(username) {
+    if (isMe(username)) return "you";
+    return names.get(String(username).toLowerCase()) || username;
+  }
+
+  function clock(seconds) {
+    const when = seconds ? new Date(seconds * 1000) : new Date();
+    return when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+
+  // One line: "12:01 Greg → girls" then the text. className: "received" (a message
+  // event; "mine" too when we sent it), "sent" (ours, shown on its ack) or "error".
+  function add(meta, body, className) {
     const item = document.createElement("li");
-    item.className = kind;
+    item.className = className;
     const head = document.createElement("span");
     head.className = "meta";
     head.textContent = meta;
     const content = document.createElement("span");
+    content.className = "text";
     content.textContent = body;
     item.append(head, content);
-    messages.prepend(item);
+    const atBottom = messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40;
+    messages.append(item);
+    $("empty").hidden = true;
+    if (atBottom) messages.scrollTop = messages.scrollHeight;
+  }
+
+  function audience(kindName, group, to) {
+    if (kindName === "group") return group;
+    if (kindName === "direct") return nameOf(to);
+    return "everyone";
   }
 
   function handle(event) {
     if (!event || typeof event !== "object") return;
     if (event.type === "welcome") {
+      me = event.user;
+      myGroups = new Set(event.groups || []);
       $("whoami").textContent = event.user;
+      fillPickers();
     } else if (event.type === "message") {
-      const when = new Date((event.ts || 0) * 1000).toLocaleTimeString();
-      let where = event.kind;
-      if (event.kind === "group") where += " " + event.group;
-      if (event.kind === "direct") where += " to " + event.to;
-      add(`${when} ${event.from} (${where})`, event.text, "received");
+      const from = event.via ? `${event.from} (via ${event.via})` : nameOf(event.from);
+      const mine = !event.via && isMe(event.from);
+      add(
+        `${clock(event.ts)} ${from} → ${audience(event.kind, event.group, event.to)}`,
+        event.text,
+        mine ? "received mine" : "received",
+      );
     } else if (event.type === "ack") {
       const sent = pending.get(event.id);
       pending.delete(event.id);
-      if (sent) add(`${new Date().toLocaleTimeString()} you (${sent.where})`, sent.text, "sent");
+      if (sent) add(`${clock()} you → ${sent.to}`, sent.text, "sent");
     } else if (event.type === "error") {
       pending.delete(event.id);
-      add("error " + event.code, event.detail, "error");
+      add("not sent: " + event.code, event.detail, "error");
     }
   }
 
@@ -97,42 +138,71 @@
       }
       attempt += 1;
       const delay = Math.min(30000, 500 * 2 ** Math.min(attempt, 6)) * (0.5 + Math.random());
-      setState("reconnecting", false);
       setTimeout(connect, delay);
     };
   }
 
   function fill(select, items) {
+    const chosen = select.value;
     select.replaceChildren(...items.map(([value, label]) => {
       const option = document.createElement("option");
       option.value = value;
       option.textContent = label;
       return option;
     }));
+    if (items.some(([value]) => value === chosen)) select.value = chosen;
+  }
+
+  // Groups you are in first; people by first name, without yourself.
+  function fillPickers() {
+    const groups = [...directory.groups].sort((a, b) =>
+      (myGroups.has(b) - myGroups.has(a)) || a.localeCompare(b));
+    fill(groupPick, groups.map((g) => [g, myGroups.has(g) ? `${g} (you are in it)` : g]));
+    const people = directory.users
+      .filter((u) => !isMe(u.username))
+      .sort((a, b) => (a.first_name || a.username).localeCompare(b.first_name || b.username));
+    fill(userPick, people.map((u) => [
+      u.username, u.first_name ? `${u.first_name} (${u.username})` : u.username,
+    ]));
   }
 
   async function loadDirectory() {
     const response = await fetch("api/directory", { credentials: "same-origin" });
     if (response.status === 401) { window.location.href = "login"; return; }
-    const data = await response.json();
-    fill(groupPick, data.groups.map((g) => [g, g]));
-    fill(userPick, data.users.map((u) => [u.username, u.first_name || u.username]));
+    directory = await response.json();
+    for (const u of directory.users) names.set(u.username.toLowerCase(), u.first_name || u.username);
+    fillPickers();
   }
 
-  kind.addEventListener("change", function () {
+  function showKind() {
     groupPick.hidden = kind.value !== "group";
     userPick.hidden = kind.value !== "direct";
-  });
+    $("hint").textContent = HINTS[kind.value];
+  }
+  kind.addEventListener("change", showKind);
+  showKind();
 
   $("compose").addEventListener("submit", function (e) {
     e.preventDefault();
     if (!text.value.trim() || !socket || socket.readyState !== WebSocket.OPEN) return;
     const message = { type: kind.value, text: text.value, id: "m" + (++counter) };
-    if (kind.value === "group") message.group = groupPick.value;
-    if (kind.value === "direct") message.user_name = userPick.value;
-    // A broadcast comes back to its sender anyway; other kinds are shown on their ack.
-    if (kind.value === "group") pending.set(message.id, { where: "group " + message.group, text: message.text });
-    if (kind.value === "direct") pending.set(message.id, { where: "direct to " + message.user_name, text: message.text });
+    let echoes = true; // a broadcast always comes back to its sender
+    if (kind.value === "group") {
+      if (!groupPick.value) return;
+      message.group = groupPick.value;
+      echoes = myGroups.has(message.group);
+    }
+    if (kind.value === "direct") {
+      if (!userPick.value) return;
+      message.user_name = userPick.value;
+      echoes = isMe(message.user_name);
+    }
+    if (!echoes) {
+      pending.set(message.id, {
+        to: audience(kind.value, message.group, message.user_name),
+        text: message.text,
+      });
+    }
     socket.send(JSON.stringify(message));
     text.value = "";
   });
