@@ -60,7 +60,7 @@ async def consumer(
         dataclasses.replace(settings, amqp_url=AMQP_URL, amqp_queue=queue, amqp_prefetch=20)
     )
     await app.startup()
-    svc = app._service
+    svc = app.service
     assert svc is not None and svc.amqp is not None
     deadline = time.monotonic() + 15
     while not svc.amqp.consuming:
@@ -121,7 +121,7 @@ async def test_bad_messages_are_rejected_and_the_next_flows(
         await put(broker, queue, {"type": "broadcast", "text": "good"})
         assert await texts(ws, 1) == ["good"]
         assert await ws.nothing(0.3)
-    svc = app._service
+    svc = app.service
     assert svc is not None and svc.amqp is not None
     assert svc.amqp.stats["rejected"] == 3
     declared = await broker.declare_queue(queue, durable=True)
@@ -182,7 +182,7 @@ async def test_connection_cut_mid_stream_loses_nothing(
     """The broker cuts the consumer's connection in the middle of 1,000 messages: after
     reconnecting, every message arrives at least once; duplicates are the unacked window."""
     app, queue = consumer
-    svc = app._service
+    svc = app.service
     assert svc is not None and svc.amqp is not None
     async with asgi.WebSocket(app, headers={"cookie": await login(app, "anny")}) as ws:
         await ws.receive()
@@ -233,7 +233,7 @@ async def test_backplane_outage_requeues_until_redis_is_back(
     )
     await app.startup()
     try:
-        svc = app._service
+        svc = app.service
         assert svc is not None and svc.amqp is not None and svc.hub.backplane is not None
         deadline = time.monotonic() + 15
         while not (svc.amqp.consuming and svc.hub.backplane.healthy):

@@ -96,8 +96,8 @@ async def test_internal_errors_are_json_500(
     async def broken(prefix: str, limit: int) -> None:
         raise RuntimeError("secret internals")
 
-    assert app._service is not None
-    monkeypatch.setattr(app._service.store, "directory", broken)
+    assert app.service is not None
+    monkeypatch.setattr(app.service.store, "directory", broken)
     response = await asgi.request(app, "GET", "/api/directory", headers={"cookie": cookie})
     assert response.status == 500
     assert response.json() == {"error": "Internal server error"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -32,11 +34,12 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 async def test_schema_is_created_in_wal_mode(tmp_path: Path) -> None:
     """Opening a new path creates the folder, the file and WAL journaling."""
-    store = await Store.open(tmp_path / "a" / "b" / "x.sqlite3")
+    path = tmp_path / "a" / "b" / "x.sqlite3"
+    store = await Store.open(path)
     try:
-        assert (tmp_path / "a" / "b" / "x.sqlite3").exists()
-        async with store._db.execute("PRAGMA journal_mode") as cursor:
-            assert (await cursor.fetchone()) == ("wal",)
+        assert path.exists()
+        with contextlib.closing(sqlite3.connect(path)) as other:  # WAL is kept in the file
+            assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         await store.close()
 

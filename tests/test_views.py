@@ -104,7 +104,7 @@ async def test_login_switches_user(app: App) -> None:
     )
     assert response.json() == {"success": "Welcome back, lisa"}
     assert response.cookie is not None and response.cookie != greg
-    svc = app._service
+    svc = app.service
     assert svc is not None
     session = svc.codec.verify(response.cookie.split("=", 1)[1])
     assert session is not None and session.username == "lisa"

@@ -195,7 +195,7 @@ async def test_slow_consumer_is_closed_1013(settings: Settings) -> None:
                 await fast.send_json({"type": "broadcast", "text": f"{n:03d}" + "x" * 100})
                 texts.append((await expect_message(fast))["text"][:3])
             assert texts == [f"{n:03d}" for n in range(60)]
-            svc = app._service
+            svc = app.service
             assert svc is not None and svc.hub.stats.slow_consumers == 1
             assert len(svc.hub) == 1
             slow.reading.set()
@@ -221,12 +221,12 @@ async def test_database_failure_is_unavailable(app: App, monkeypatch: pytest.Mon
     """A failing database answers unavailable; the connection stays open."""
     async with connect(app, await login(app, "greg")) as ws:
         await ws.receive()
-        assert app._service is not None
+        assert app.service is not None
 
         async def broken(name: str) -> bool:
             raise sqlite3.OperationalError("disk I/O error")
 
-        monkeypatch.setattr(app._service.store, "group_exists", broken)
+        monkeypatch.setattr(app.service.store, "group_exists", broken)
         # girls: nobody connected here is a member, so the database must be asked.
         await ws.send_json({"type": "group", "group": "girls", "text": "x", "id": "g"})
         assert (await ws.receive())["code"] == "unavailable"

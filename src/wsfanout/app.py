@@ -99,6 +99,11 @@ class App:
             if not started:  # a JSON 500, never a traceback, to the client
                 await http.error_response(send, 500, "Internal server error")
 
+    @property
+    def service(self) -> Service | None:
+        """The running service (its hub, store, metrics), or None before start-up."""
+        return self._service
+
     async def startup(self) -> Service:
         """Build the service, once, however many requests ask at once."""
         if self._service is not None:
