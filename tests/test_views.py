@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import pytest
 
 from tests import asgi
 from tests.conftest import login
-from wsfanout import App
+from wsfanout import App, passwords
 from wsfanout.sessions import COOKIE_NAME
 
 
@@ -234,3 +237,35 @@ async def test_form_login_failure_shows_the_page_with_the_reason(app: App) -> No
     assert response.header("content-type") == "text/html; charset=utf-8"
     assert b'class="bad">User or password wrong</p>' in response.body
     assert response.cookie is None
+
+
+async def test_password_work_never_runs_on_the_event_loop(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checking a password, an unknown user's dummy hash included, happens off the loop."""
+    threads: list[bool] = []
+    real_verify = passwords.verify_password
+
+    def verify(password: str, stored: str) -> bool:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real_verify(password, stored)
+
+    passwords.dummy_hash.cache_clear()  # the first unknown user makes it
+    monkeypatch.setattr(
+        passwords, "hash_password", _on_loop_check(passwords.hash_password, threads)
+    )
+    monkeypatch.setattr(passwords, "verify_password", verify)
+    for username in ("nobody-at-all", "greg"):
+        response = await asgi.request(
+            app, "POST", "/login", json={"username": username, "password": "wrong"}
+        )
+        assert response.status == 401
+    assert threads and not any(threads), threads
+
+
+def _on_loop_check(function: Any, threads: list[bool]) -> Any:
+    def wrapped(*args: Any) -> Any:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return function(*args)
+
+    return wrapped

@@ -108,7 +108,7 @@ class Hub:
         """A snapshot of every local connection's outbox."""
         return list(self._all)
 
-    def publish(self, publish: Publish, *, ts: float | None = None) -> asyncio.Future[None] | None:
+    def publish(self, publish: Publish) -> asyncio.Future[None] | None:
         """The one door: fan a message out to its recipients on every node.
 
         ``publish.target`` must already be resolved: the group's name, or the exact
@@ -123,7 +123,7 @@ class Hub:
         """
         if self.closed:
             raise UnavailableError("the server is shutting down")
-        frame = protocol.message(publish, time.time() if ts is None else ts)
+        frame = protocol.message(publish, time.time())
         backplane = self.backplane
         if backplane is None:
             self._fan_out(publish.kind, publish.target, frame)

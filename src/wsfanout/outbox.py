@@ -197,7 +197,7 @@ class Outbox:
 
     def push(self, entry: Item) -> bool:
         """Queue one encoded event; False if this outbox no longer takes any."""
-        if self.state is not State.OPEN:
+        if self.close_code is not None:  # set on every move out of OPEN; cheaper to test
             return False
         queued = self.queued_bytes + entry[1]
         if queued > self._limit:

@@ -303,9 +303,10 @@ class Connection:
             pending.add_done_callback(functools.partial(self._published, publish.frame_id))
 
     def _published(self, frame_id: str | None, done: asyncio.Future[None]) -> None:
-        exc = done.exception()  # the hub settles it with a result or UnavailableError
-        if exc is not None:
-            self._tell(ErrorCode.UNAVAILABLE, str(exc), frame_id)
+        # The hub settles it with a result or UnavailableError; cancelled only at loop exit.
+        exc = None if done.cancelled() else done.exception()
+        if done.cancelled() or exc is not None:
+            self._tell(ErrorCode.UNAVAILABLE, str(exc or "the server is shutting down"), frame_id)
         elif frame_id is not None:
             self.outbox.push(item(protocol.ack(frame_id)))
 
