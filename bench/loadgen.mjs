@@ -136,6 +136,13 @@ async function openAll() {
   return (performance.now() - start) / 1000;
 }
 
+// Bytes the clients read off their sockets: what compression saves on the wire.
+function wireBytes() {
+  let total = 0;
+  for (const ws of sockets) if (ws && ws._socket) total += ws._socket.bytesRead;
+  return total;
+}
+
 function quantile(sorted, q) {
   if (sorted.length === 0) return null;
   return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
@@ -158,6 +165,7 @@ async function run() {
   await commands.next(); // "go"
 
   const cpu0 = process.cpuUsage();
+  const wire0 = wireBytes();
   const t0 = performance.now();
   let complete = true;
   let sent = 0;
@@ -195,6 +203,7 @@ async function run() {
     complete = await done;
   }
   const elapsed = (performance.now() - t0) / 1000;
+  const wire = wireBytes() - wire0;
   const cpu = process.cpuUsage(cpu0);
   const measured = latencies.subarray(0, Math.min(deliveries, latencies.length)).sort();
   const result = {
@@ -215,6 +224,7 @@ async function run() {
     loadgen_cpu_s: (cpu.user + cpu.system) / 1e6,
     errors,
     client: browser ? "browser" : "plain",
+    wire_bytes_per_delivery: deliveries ? wire / deliveries : null,
     negotiated: [...negotiated.keys()].join(" | "),
   };
   process.stdout.write(JSON.stringify(result) + "\n");

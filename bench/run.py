@@ -382,6 +382,7 @@ METRICS = {
         ("server_us_per_delivery", "server µs/delivery", False),
         ("p50_ms", "p50 ms", False),
         ("p99_ms", "p99 ms", False),
+        ("wire_bytes_per_delivery", "wire B/delivery", False),
         ("loadgen_cpu_s", "loadgen CPU s", None),
         ("server_cpu_s", "server CPU s", None),
         ("elapsed_s", "wall s", None),
