@@ -66,6 +66,10 @@ def test_database_overrides_data_dir() -> None:
         ("WSFANOUT_SESSION_MAX_AGE", "nan"),
         ("WSFANOUT_SESSION_MAX_AGE", "inf"),
         ("WSFANOUT_LOG_LEVEL", "loud"),
+        ("WSFANOUT_COMPRESSION", "gzip"),
+        ("WSFANOUT_REDIS_URL", "localhost:6379"),
+        ("WSFANOUT_REDIS_URL", "http://127.0.0.1:6379"),
+        ("WSFANOUT_AMQP_URL", "127.0.0.1:5672"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -74,3 +78,18 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
         Settings.from_env({name: value})
     assert name in str(caught.value)
     assert repr(value) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "expected"),
+    [
+        ({"WSFANOUT_COMPRESSION": "on"}, "compression", True),
+        ({"WSFANOUT_COMPRESSION": "off"}, "compression", False),
+        ({}, "compression", False),
+        ({"WSFANOUT_REDIS_URL": "rediss://h:6380/1"}, "redis_url", "rediss://h:6380/1"),
+        ({"WSFANOUT_AMQP_URL": "amqp://g:g@h/"}, "amqp_url", "amqp://g:g@h/"),
+    ],
+)
+def test_compression_and_urls(env: dict[str, str], field: str, expected: object) -> None:
+    """Compression is off unless asked for; URLs with a known scheme are taken as given."""
+    assert getattr(Settings.from_env(env), field) == expected

@@ -121,10 +121,17 @@ class App:
             await self._service.drain()
 
     async def shutdown(self) -> None:
-        """Drain the connections, then close every part of the service."""
-        svc, self._service = self._service, None
+        """Drain the connections, then close every part of the service.
+
+        The service stays in place while it closes, so a request meanwhile meets a
+        draining hub (503, ``unavailable``) instead of starting a second service.
+        """
+        svc = self._service
         if svc is not None:
-            await svc.close()
+            try:
+                await svc.close()
+            finally:
+                self._service = None
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

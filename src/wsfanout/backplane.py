@@ -117,6 +117,17 @@ class Backplane:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
 
+    def make_room(self, count: int) -> None:
+        """Check that ``count`` messages can be queued now (so a batch goes all or none).
+
+        Raises:
+            BackplaneUnavailableError: Redis cannot be reached now, or too much waits.
+        """
+        if not self.healthy:
+            raise BackplaneUnavailableError(self.reason)
+        if len(self._outgoing) + count > MAX_WAITING:
+            raise BackplaneUnavailableError(f"{MAX_WAITING} messages already wait for Redis")
+
     def publish(self, kind: Kind, target: str, frame: str) -> asyncio.Future[None]:
         """Queue one encoded event for every node; the future settles once Redis has it.
 
@@ -126,10 +137,7 @@ class Backplane:
         Raises:
             BackplaneUnavailableError: Redis cannot be reached now, or too much waits.
         """
-        if not self.healthy:
-            raise BackplaneUnavailableError(self.reason)
-        if len(self._outgoing) >= MAX_WAITING:
-            raise BackplaneUnavailableError(f"{MAX_WAITING} messages already wait for Redis")
+        self.make_room(1)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._outgoing.append((self._prefix + _channel(kind, target), frame, done))
         waiter = self._publisher_waiter
@@ -157,11 +165,11 @@ class Backplane:
                 await pipe.execute()
             except (RedisError, OSError) as exc:
                 # Health is the subscriber's to judge (it reconnects); these messages failed.
-                failure = BackplaneUnavailableError(_describe(exc))
-                for _, _, done in batch:
-                    if not done.done():
-                        done.set_exception(failure)
+                _fail(batch, BackplaneUnavailableError(_describe(exc)))
                 continue
+            except BaseException:  # cancelled (closing) mid-pipeline: answer every sender
+                _fail(batch, BackplaneUnavailableError("shutting down"))
+                raise
             for _, _, done in batch:
                 if not done.done():
                     done.set_result(None)
@@ -181,10 +189,8 @@ class Backplane:
         if publisher is not None:
             publisher.cancel()
             await asyncio.gather(publisher, return_exceptions=True)
-        while self._outgoing:
-            _, _, done = self._outgoing.popleft()
-            if not done.done():
-                done.set_exception(BackplaneUnavailableError("shutting down"))
+        _fail(list(self._outgoing), BackplaneUnavailableError("shutting down"))
+        self._outgoing.clear()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -289,6 +295,12 @@ class Backplane:
             log.warning("backplane unavailable (%s); reconnecting with backoff", reason)
         self.healthy = False
         self.reason = reason
+
+
+def _fail(batch: list[tuple[str, str, asyncio.Future[None]]], failure: Exception) -> None:
+    for _, _, done in batch:
+        if not done.done():
+            done.set_exception(failure)
 
 
 def _describe(exc: BaseException) -> str:

@@ -102,9 +102,9 @@ class Settings:
             close_timeout=reader.number("CLOSE_TIMEOUT", defaults.close_timeout, low=0.1),
             compression=reader.flag("COMPRESSION", defaults.compression),
             api_keys=reader.items("API_KEYS"),
-            redis_url=reader.text("REDIS_URL", ""),
+            redis_url=reader.url("REDIS_URL", ("redis", "rediss", "unix")),
             redis_prefix=reader.text("REDIS_PREFIX", defaults.redis_prefix),
-            amqp_url=reader.text("AMQP_URL", ""),
+            amqp_url=reader.url("AMQP_URL", ("amqp", "amqps")),
             amqp_queue=reader.text("AMQP_QUEUE", defaults.amqp_queue),
             amqp_prefetch=reader.integer("AMQP_PREFETCH", defaults.amqp_prefetch),
             log_level=reader.choice(
@@ -123,6 +123,16 @@ class _EnvReader:
 
     def text(self, name: str, default: str) -> str:
         return self._raw(name)[1] or default
+
+    def url(self, name: str, schemes: tuple[str, ...]) -> str:
+        """A URL with one of these schemes, or "" when unset."""
+        full, raw = self._raw(name)
+        scheme, sep, _ = raw.partition("://")
+        if raw and (not sep or scheme.lower() not in schemes):
+            raise ConfigError(
+                full, raw, "a URL starting with " + " or ".join(f"{s}://" for s in schemes)
+            )
+        return raw
 
     def items(self, name: str) -> tuple[str, ...]:
         return tuple(part.strip() for part in self._raw(name)[1].split(",") if part.strip())

@@ -50,6 +50,7 @@ class Hub:
         self._groups: dict[str, set[Outbox]] = {}
         self.stats = HubStats()
         self.closed = False
+        self._close_code = 0  # what drain() closes with; a latecomer gets it too
         self._empty: asyncio.Event | None = None
         self.backplane = backplane
 
@@ -65,7 +66,10 @@ class Hub:
         """Index an outbox under everyone, its user (case-folded) and its groups.
 
         A user or group seen here for the first time is subscribed to on the backplane.
+        An outbox added while the hub drains (its handshake was under way) is closed at once.
         """
+        if self.closed:
+            outbox.close(self._close_code)
         self._all.add(outbox)
         user = outbox.user.lower()
         if _add(self._users, user, outbox) and self.backplane is not None:
@@ -92,7 +96,8 @@ class Hub:
     async def emptied(self) -> None:
         """Wait until no connection is left."""
         if self._all:
-            self._empty = asyncio.Event()
+            if self._empty is None or self._empty.is_set():
+                self._empty = asyncio.Event()
             await self._empty.wait()
 
     def has_group(self, name: str) -> bool:
@@ -140,6 +145,20 @@ class Hub:
         published[key] = published.get(key, 0) + 1
         return done
 
+    def make_room(self, count: int) -> None:
+        """Check that ``count`` publishes can be taken now, before taking any of them.
+
+        Raises:
+            UnavailableError: the hub is shutting down, or the backplane cannot take them.
+        """
+        if self.closed:
+            raise UnavailableError("the server is shutting down")
+        if self.backplane is not None:
+            try:
+                self.backplane.make_room(count)
+            except BackplaneUnavailableError as exc:
+                raise UnavailableError(str(exc)) from None
+
     def _fan_out(self, kind: Kind, target: str, frame: str) -> int:
         """Hand an encoded event to every local recipient; return how many there were."""
         recipients: Collection[Outbox]
@@ -160,6 +179,7 @@ class Hub:
         ``batch`` connections at a time, ``pause`` seconds apart, so a big node does not
         send every close (and cause every reconnect) at once."""
         self.closed = True
+        self._close_code = code
         outboxes = self.outboxes()
         for start in range(0, len(outboxes), batch):
             if start:

@@ -286,6 +286,16 @@ class Outbox:
 
     async def run(self) -> int:
         """The writer: drain the outbox until closed; return the close code."""
+        try:
+            return await self._drain()
+        finally:
+            inflight, self._inflight = self._inflight, None
+            if inflight is not None:
+                # Cancelled before it could finish a send the flusher started: end that send
+                # (it may hold the server's send lock), rather than leave it suspended.
+                inflight[0].close()
+
+    async def _drain(self) -> int:
         frames = self._frames
         stats = self._flusher.stats
         loop = asyncio.get_running_loop()

@@ -17,6 +17,7 @@ import orjson
 
 MAX_ID_CHARS: Final = 64
 MAX_NAME_CHARS: Final = 150
+MAX_SENDER_CHARS: Final = 64  # a backend's "from"
 
 
 class Kind(enum.StrEnum):
@@ -130,6 +131,32 @@ def parse_object(data: Any) -> Publish:
             )
         target = raw.strip()
     return Publish(kind=kind, text=text, target=target, frame_id=frame_id)
+
+
+def parse_backend_object(data: Any, source: Source, text_limit: int) -> Publish:
+    """Validate one publish from a backend (the HTTP API, RabbitMQ): a publish object
+    with an optional ``from`` (default ``system``) and a text of at most ``text_limit``
+    UTF-8 bytes.
+
+    Raises:
+        ProtocolError: as ``parse_object``, or a bad ``from``, or ``too_large``.
+    """
+    publish = parse_object(data)
+    sender = data.get("from", "system")
+    if not isinstance(sender, str) or not sender.strip() or len(sender) > MAX_SENDER_CHARS:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, f"'from' must be a name of 1 to {MAX_SENDER_CHARS} characters"
+        )
+    if len(publish.text.encode()) > text_limit:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"'text' is limited to {text_limit} bytes")
+    return Publish(
+        kind=publish.kind,
+        text=publish.text,
+        target=publish.target,
+        frame_id=publish.frame_id,
+        sender=sender.strip(),
+        source=source,
+    )
 
 
 def _short(value: Any) -> str:

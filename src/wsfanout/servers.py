@@ -34,6 +34,9 @@ decides, draining waits for lifespan shutdown, and pings run as hypercorn runs t
 another server nothing here applies; under uvicorn, ``--ws-per-message-deflate false``
 declines deflate. ``setup.cfg`` bounds hypercorn to the releases this was tested with, and
 tests against real hypercorn fail when a reach stops working.
+
+It also knows how servers run workers: ``warn_if_workers_are_islands`` counts the processes
+multiprocessing spawned beside this one (not its helpers, such as the resource tracker).
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import multiprocessing
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Final
 
 from .types import Message
@@ -123,9 +128,16 @@ class ServerReach:
         if self.can_decline or self.can_watch or self.can_stop_pings:
             self._accept = {"type": "websocket.accept", ACCEPT_KEY: self}
 
+    @property
+    def deflate(self) -> str:
+        """What happens to a client's permessage-deflate offer, for the start-up log."""
+        if self.compression:
+            return "accepted"
+        return "declined" if self.can_decline else "left to the server"
+
     def accept_message(self) -> Message:
-        """The ``websocket.accept`` message to send (one shared object: servers only read it)."""
-        return self._accept
+        """The ``websocket.accept`` message to send: a copy, as middleware may change it."""
+        return dict(self._accept)
 
     async def close(self) -> None:
         """Stop watching the server (not from inside ``on_stopping`` itself)."""
@@ -268,3 +280,35 @@ def _version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "(unknown version)"
+
+
+def warn_if_workers_are_islands() -> None:
+    """Without a backplane, several worker processes each fan out to their own sockets only."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None:
+        return
+    workers = [pid for pid in _children(parent.pid) if _is_worker(pid)]
+    if len(workers) > 1:
+        log.warning(
+            "%d worker processes and no WSFANOUT_REDIS_URL: each worker fans out only to its "
+            "own connections, so users on different workers do not see each other's messages. "
+            "Set WSFANOUT_REDIS_URL, or run one worker.",
+            len(workers),
+        )
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _is_worker(pid: int) -> bool:
+    """A process multiprocessing spawned to run code (a server's worker), not one of its
+    helpers: the resource tracker and the forkserver are children of the parent too."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"spawn_main" in cmdline or b"--multiprocessing-fork" in cmdline

@@ -13,10 +13,10 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
-import multiprocessing
 import os
 import secrets
 import sqlite3
@@ -35,7 +35,7 @@ from .hub import Hub, UnavailableError
 from .metrics import Metrics, ServiceStats
 from .outbox import Flusher
 from .protocol import CloseCode, ErrorCode, Kind, ProtocolError, Publish, Source
-from .servers import ServerReach
+from .servers import ServerReach, warn_if_workers_are_islands
 from .sessions import COOKIE_NAME, Session, SessionCodec
 from .store import Store, UnknownUserError
 from .types import Scope
@@ -155,32 +155,38 @@ class Service:
         ``clock`` tells session ages (tests pass their own instead of waiting).
         """
         keys = await asyncio.to_thread(secret_keys, settings.secret_keys, settings.data_dir)
-        store = await Store.open(settings.database_path)
         web = await asyncio.to_thread(load_web_files)
-        server = ServerReach(compression=settings.compression, on_stopping=on_stopping)
-        server.start()
-        backplane = None
-        if settings.redis_url:
-            backplane = Backplane(settings.redis_url, settings.redis_prefix)
-        else:
-            _warn_if_workers_are_islands()
-        hub = Hub(backplane)
-        hub.start()
-        svc = cls(
-            settings=settings,
-            store=store,
-            hub=hub,
-            codec=SessionCodec(keys, settings.session_max_age, clock),
-            web=web,
-            server=server,
-        )
-        if settings.amqp_url:
-            svc._start_amqp()
+        async with contextlib.AsyncExitStack() as opened:  # closes what opened if a step fails
+            store = await Store.open(settings.database_path)
+            opened.push_async_callback(store.close)
+            server = ServerReach(compression=settings.compression, on_stopping=on_stopping)
+            server.start()
+            opened.push_async_callback(server.close)
+            backplane = None
+            if settings.redis_url:
+                backplane = Backplane(settings.redis_url, settings.redis_prefix)
+                opened.push_async_callback(backplane.close)
+            else:
+                warn_if_workers_are_islands()
+            hub = Hub(backplane)
+            hub.start()
+            svc = cls(
+                settings=settings,
+                store=store,
+                hub=hub,
+                codec=SessionCodec(keys, settings.session_max_age, clock),
+                web=web,
+                server=server,
+            )
+            opened.push_async_callback(svc.flusher.close)
+            if settings.amqp_url:
+                svc._start_amqp()
+            opened.pop_all()  # started: close() takes them down from now on
         log.info(
             "wsfanout ready: database %s, %s, permessage-deflate %s",
             settings.database_path,
             "Redis backplane" if settings.redis_url else "one node (no backplane)",
-            "accepted" if settings.compression else "declined",
+            server.deflate,
         )
         return svc
 
@@ -197,15 +203,20 @@ class Service:
             )
 
     async def close(self) -> None:
-        """Take no more from the queue, drain the connections, then close everything."""
-        if self.amqp is not None:
-            await self.amqp.close()  # unacked messages go back to the queue
-        await self.drain()
-        await self.server.close()
-        await self.flusher.close()
-        if self.hub.backplane is not None:
-            await self.hub.backplane.close()
-        await self.store.close()
+        """Take no more from the queue, drain the connections, then close everything;
+        a part that fails to close does not keep the others open."""
+        try:
+            if self.amqp is not None:
+                await self.amqp.close()  # unacked messages go back to the queue
+            await self.drain()
+        finally:
+            try:
+                await self.server.close()
+                await self.flusher.close()
+                if self.hub.backplane is not None:
+                    await self.hub.backplane.close()
+            finally:
+                await self.store.close()
 
     def session(self, scope: Scope) -> Session | None:
         """The session in the request's cookie, or None (anonymous)."""
@@ -271,15 +282,7 @@ class Service:
         limit = self.settings.max_frame_bytes
         for index, raw in enumerate(items):
             try:
-                publish = protocol.parse_object(raw)
-                sender = raw.get("from", "system")
-                if not isinstance(sender, str) or not sender.strip() or len(sender) > 64:
-                    raise ProtocolError(
-                        ErrorCode.BAD_MESSAGE, "'from' must be a name of 1 to 64 characters"
-                    )
-                if len(publish.text.encode()) > limit:
-                    raise ProtocolError(ErrorCode.TOO_LARGE, f"'text' is limited to {limit} bytes")
-                publish = dataclasses.replace(publish, sender=sender.strip(), source=source)
+                publish = protocol.parse_backend_object(raw, source, limit)
                 checked.append(await self.resolve(publish))
             except ProtocolError as exc:
                 raise BatchError(index, exc.code, exc.detail) from None
@@ -288,14 +291,17 @@ class Service:
     async def publish_batch(self, batch: list[Publish]) -> None:
         """Publish validated messages in order; wait until the backplane (if any) has them.
 
+        Queued all or none: when the hub cannot take the whole batch now, none of it is
+        published. Once queued, a Redis failure can still lose part of a batch that it
+        was sending: the caller hears UnavailableError and may send it again (at least
+        once, as with RabbitMQ).
+
         Raises:
-            UnavailableError: some were not published.
+            UnavailableError: not all were published.
         """
-        pending = []
-        for publish in batch:
-            done = self.hub.publish(publish)
-            if done is not None:
-                pending.append(done)
+        self.hub.make_room(len(batch))
+        # No await from here to the last publish: nothing can take the room meanwhile.
+        pending = [done for publish in batch if (done := self.hub.publish(publish)) is not None]
         if pending:
             results = await asyncio.gather(*pending, return_exceptions=True)
             for result in results:
@@ -368,35 +374,3 @@ def secret_keys(configured: tuple[str, ...], data_dir: Path) -> tuple[str, ...]:
         path,
     )
     return (key,)
-
-
-def _warn_if_workers_are_islands() -> None:
-    """Without a backplane, several worker processes each fan out to their own sockets only."""
-    parent = multiprocessing.parent_process()
-    if parent is None or parent.pid is None:
-        return
-    workers = [pid for pid in _children(parent.pid) if _is_worker(pid)]
-    if len(workers) > 1:
-        log.warning(
-            "%d worker processes and no WSFANOUT_REDIS_URL: each worker fans out only to its "
-            "own connections, so users on different workers do not see each other's messages. "
-            "Set WSFANOUT_REDIS_URL, or run one worker.",
-            len(workers),
-        )
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _is_worker(pid: int) -> bool:
-    """A process multiprocessing spawned to run code (a server's worker), not one of its
-    helpers: the resource tracker and the forkserver are children of the parent too."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"spawn_main" in cmdline or b"--multiprocessing-fork" in cmdline

@@ -215,7 +215,8 @@ async def healthz(scope: Scope, receive: Receive, send: Send, svc: Service) -> N
 
 
 async def publish_api(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
-    """POST /api/publish: backends publish with a bearer key; a batch is all or nothing."""
+    """POST /api/publish: backends publish with a bearer key; a batch is validated all or
+    nothing, and queued all or none (see ``Service.publish_batch``)."""
     keys = svc.settings.api_keys
     if not keys:
         await http.error_response(send, 404, "Not found")

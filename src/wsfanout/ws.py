@@ -226,8 +226,8 @@ class Connection:
             return None
         # Let the writer send what is queued (the error frame that explains the close).
         self.outbox.close(code)
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(writer), FLUSH_BEFORE_CLOSE)
+        # wait() neither raises when the writer was cancelled nor hides our own cancellation.
+        await asyncio.wait((writer,), timeout=FLUSH_BEFORE_CLOSE)
         return code
 
     def _writer_code(self, writer: asyncio.Task[int]) -> int:

@@ -21,6 +21,7 @@ reconnected and consuming resumes; the state shows in ``/healthz``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 from collections.abc import Awaitable, Callable
@@ -104,27 +105,33 @@ class AmqpSource:
             self._connection = None
 
     async def _connect(self) -> None:
-        """Connect (retrying until the broker answers), then let aio-pika keep it up."""
+        """Connect and start consuming (retrying until it works), then let aio-pika keep
+        the connection up. The reconnect callbacks are added only once consuming: a drop
+        before that is this loop's to retry."""
         backoff = 0.5
         while True:
+            connection = None
             try:
                 connection = await aio_pika.connect_robust(
                     self.url,
                     client_properties={"connection_name": self._connection_name},
                     reconnect_interval=RECONNECT_INTERVAL,
                 )
+                channel = await connection.channel()
+                await channel.set_qos(prefetch_count=self.prefetch)
+                queue = await channel.declare_queue(self.queue, durable=True)
+                await queue.consume(self._on_message)
                 break
             except (OSError, aio_pika.exceptions.AMQPError) as exc:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await connection.close()
                 self._move(State.CONNECTING, f"cannot connect: {type(exc).__name__}: {exc}")
                 await asyncio.sleep(backoff)
                 backoff = min(CONNECT_BACKOFF_MAX, backoff * 2)
         self._connection = connection
         connection.close_callbacks.add(self._on_close)
         connection.reconnect_callbacks.add(self._on_reconnect)
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=self.prefetch)
-        queue = await channel.declare_queue(self.queue, durable=True)
-        await queue.consume(self._on_message)
         self._move(State.CONSUMING, "consuming")
 
     @property
@@ -136,6 +143,8 @@ class AmqpSource:
             self._move(State.RECONNECTING, "connection lost, reconnecting")
 
     def _on_reconnect(self, *args: Any) -> None:
+        if self.state is State.STOPPED:
+            return  # a reconnect that finished while closing
         self.stats["reconnects"] += 1
         self._move(State.CONSUMING, "consuming")
 
