@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from wsfanout.outbox import Flusher, Outbox, item
+from wsfanout.outbox import Flusher, Outbox, State, item
 from wsfanout.types import Message
 
 
@@ -201,3 +201,31 @@ async def test_stats_count_frames_and_batches() -> None:
     assert stats.batch_sizes[0] == 1 and stats.batch_sizes[2] == 1  # one of 1, one of 4
     outbox.close(1000)
     await writer
+
+
+@pytest.mark.parametrize(
+    ("steps", "state", "code"),
+    [
+        ([], State.OPEN, None),
+        (["close 1000"], State.CLOSING, 1000),
+        (["close 1000", "close 1011"], State.CLOSING, 1000),  # the first reason stands
+        (["overflow"], State.CLOSED, 1013),
+        (["overflow", "close 1000"], State.CLOSED, 1013),
+        (["close 1001", "run"], State.CLOSED, 1001),
+        (["overflow", "run"], State.CLOSED, 1013),
+    ],
+)
+async def test_states(steps: list[str], state: State, code: int | None) -> None:
+    """open -> closing -> closed, or straight to closed on overflow; pushes stop once not open."""
+    outbox = make(Sink(), limit=20)
+    for step in steps:
+        if step == "overflow":
+            outbox.push(event(1))
+            outbox.push(event(2))
+            outbox.push(event(3))
+        elif step == "run":
+            assert await asyncio.wait_for(outbox.run(), 1) == code
+        else:
+            outbox.close(int(step.split()[1]))
+    assert (outbox.state, outbox.close_code) == (state, code)
+    assert outbox.push(event(9)) is (state is State.OPEN)
