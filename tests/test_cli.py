@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,38 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     """An unknown command prints usage and exits 2."""
     result = run(tmp_path, "frobnicate")
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port something else is already listening on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["serve", "--bind", "nonsense"], {}, "--bind 'nonsense': expected HOST:PORT"),
+        (["serve", "--bind", "no-such-host.invalid:8000"], {}, "cannot listen on"),
+        (["serve", "--bind", "127.0.0.1:TAKEN"], {}, "cannot listen on 127.0.0.1:"),
+        (["serve", "--ping-interval", "-5"], {}, "--ping-interval must be 0"),
+        (["serve"], {"WSFANOUT_REDIS_URL": "http://x"}, "WSFANOUT_REDIS_URL='http://x'"),
+        (["serve"], {"WSFANOUT_DATA_DIR": "FILE"}, "cannot"),
+        (["publish", "hi", "--key", "k", "--url", "notaurl"], {}, "--url 'notaurl'"),
+    ],
+)
+def test_serve_and_publish_refuse_clearly(
+    tmp_path: Path, taken_port: int, args: list[str], env: dict[str, str], message: str
+) -> None:
+    """A bad address, a taken port, a bad setting or path: one line, exit 1, nothing served."""
+    plain_file = tmp_path / "a-file"
+    plain_file.write_text("not a directory")
+    args = [a.replace("TAKEN", str(taken_port)) for a in args]
+    env = {k: str(plain_file) if v == "FILE" else v for k, v in env.items()}
+    result = run(tmp_path / "data", *args, **env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "wsfanout serving on" not in result.stdout

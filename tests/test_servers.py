@@ -11,6 +11,7 @@ import asyncio
 import logging
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -188,3 +189,44 @@ async def test_mounted_in_starlette_closes_1001_on_sigterm(tmp_path: Path, demo_
         assert server.proc.wait(15) == 0
     finally:
         server.stop()
+
+
+def raw_handshake(port: int, cookie: str, extensions: str) -> str:
+    """Send a websocket upgrade with these extension offers; the response head, lower-cased."""
+    request = (
+        "GET / HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Extensions: {extensions}\r\nCookie: {cookie}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return head.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
+
+
+@pytest.mark.parametrize(
+    "offer",
+    [
+        "permessage-deflate; client_max_window_bits=foo",
+        'permessage-deflate; client_max_window_bits="15"',
+        "permessage-deflate; server_max_window_bits=",
+    ],
+)
+def test_compression_on_declines_an_offer_it_cannot_parse(
+    tmp_path: Path, demo_db: Path, offer: str
+) -> None:
+    """With compression on, a malformed deflate offer is declined, not a dropped connection."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    with Server(tmp_path, {"WSFANOUT_COMPRESSION": "on"}).running() as server:
+        head = raw_handshake(server.port, server.login("greg"), offer)
+        good = raw_handshake(server.port, server.login("greg"), "permessage-deflate")
+    assert head.startswith("http/1.1 101") and "sec-websocket-extensions" not in head, head
+    assert "sec-websocket-extensions: permessage-deflate" in good
+    assert "Traceback" not in server.log_path.read_text()

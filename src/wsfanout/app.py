@@ -11,6 +11,7 @@ from typing import Final
 from . import http, views, ws
 from .config import Settings
 from .service import Service
+from .store import StoreError
 from .types import Message, Receive, Scope, Send
 
 log = logging.getLogger("wsfanout")
@@ -139,6 +140,10 @@ class App:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.startup()
+                except (StoreError, OSError) as exc:  # a path, a server: the message says it
+                    log.error("cannot start: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 except Exception as exc:
                     log.exception("startup failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})

@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import json
 import logging
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -139,9 +140,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     from hypercorn.config import Config
     from hypercorn.run import run
 
+    if args.ping_interval < 0:
+        raise CommandError("--ping-interval must be 0 (no pings) or a positive number of seconds")
+    _preflight(settings)
     config = Config()
     config.application_path = "wsfanout:app"
-    config.bind = [args.bind]
+    bind, listening = _listen(args.bind, config.backlog)
+    config.bind = [bind]
     config.workers = args.workers
     config.websocket_ping_interval = args.ping_interval or None
     config.graceful_timeout = GRACEFUL_TIMEOUT  # time to close every socket with 1001
@@ -158,10 +163,63 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
             "own connections",
             file=sys.stderr,
         )
-    host, _, port = args.bind.rpartition(":")
-    if not args.bind.startswith(("unix:", "fd://")):
-        print(f"wsfanout serving on http://{host or '127.0.0.1'}:{port}/", flush=True)
-    run(config)
+    if listening is not None:
+        host, port = listening.getsockname()[:2]
+        print(f"wsfanout serving on http://{_url_host(host)}:{port}/", flush=True)
+    try:
+        code = run(config)
+    finally:
+        if listening is not None:
+            listening.close()
+    if code:
+        raise CommandError(f"the server stopped with exit code {code}: its log says why")
+
+
+def _preflight(settings: Settings) -> None:
+    """What the workers will open, checked once here: a problem is one line, not a worker's
+    traceback."""
+    from .service import secret_keys
+
+    asyncio.run(_with_store(settings, _nothing))
+    try:
+        secret_keys(settings.secret_keys, settings.data_dir)
+    except (OSError, RuntimeError) as exc:
+        raise CommandError(f"cannot read or create the secret key: {exc}") from None
+
+
+async def _nothing(store: Store) -> None:
+    return None
+
+
+def _listen(bind: str, backlog: int) -> tuple[str, socket.socket | None]:
+    """Bind HOST:PORT here (so a bad address or a taken port is one clear line) and hand
+    hypercorn the socket; ``unix:`` and ``fd://`` binds go to hypercorn as they are."""
+    if bind.startswith(("unix:", "fd://")):
+        return bind, None
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise CommandError(f"--bind {bind!r}: expected HOST:PORT, unix:PATH or fd://N")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {bind}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise CommandError(f"cannot listen on {bind}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return f"fd://{sock.fileno()}", sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def cmd_publish(settings: Settings, args: argparse.Namespace) -> None:
@@ -176,6 +234,8 @@ def cmd_publish(settings: Settings, args: argparse.Namespace) -> None:
         message.update(type="direct", user_name=args.user)
     else:
         message["type"] = "broadcast"
+    if not args.url.startswith(("http://", "https://")):
+        raise CommandError(f"--url {args.url!r}: expected the server's http:// or https:// URL")
     request = urllib.request.Request(  # noqa: S310 - the operator gives the URL
         args.url.rstrip("/") + "/api/publish",
         data=json.dumps(message).encode(),

@@ -170,7 +170,7 @@ class _EnvReader:
             return True
         if lowered in {"0", "false", "no", "off"}:
             return False
-        raise ConfigError(full, raw, "true or false")
+        raise ConfigError(full, raw, "on or off (or true/false, yes/no, 1/0)")
 
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         full, raw = self._raw(name)

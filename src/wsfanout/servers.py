@@ -148,9 +148,13 @@ class ServerReach:
 
     def accepting(self, stream: Any) -> None:
         """Called by the wrapped hypercorn accept, before it answers the handshake."""
-        if self.can_decline and not self.compression:
+        if self.can_decline:
             try:
-                stream.handshake.extensions = None
+                handshake = stream.handshake
+                # Compression on: an offer wsproto cannot parse would make hypercorn drop the
+                # connection with a traceback, so it is declined like any other instead.
+                if not self.compression or not _offer_parses(handshake.extensions):
+                    handshake.extensions = None
             except AttributeError as exc:
                 self._broke("deflate", exc)
         if self.can_stop_pings:
@@ -240,6 +244,20 @@ def _is_method(function: Any, parameters: list[str]) -> bool:
         and inspect.iscoroutinefunction(function)
         and list(inspect.signature(function).parameters) == parameters
     )
+
+
+def _offer_parses(offers: list[str] | None) -> bool:
+    """Whether wsproto can negotiate permessage-deflate from these offers without raising."""
+    if not offers:
+        return True
+    from wsproto.extensions import PerMessageDeflate
+    from wsproto.handshake import server_extensions_handshake
+
+    try:
+        server_extensions_handshake(offers, [PerMessageDeflate()])
+    except Exception:  # wsproto raises ValueError (and worse) on malformed parameters
+        return False
+    return True
 
 
 def _check_decline() -> str:

@@ -275,7 +275,7 @@ class Service:
         if not 1 <= len(items) <= MAX_BATCH:
             raise BatchError(
                 0,
-                ErrorCode.TOO_LARGE,
+                ErrorCode.TOO_LARGE if items else ErrorCode.BAD_MESSAGE,
                 f"send 1 to {MAX_BATCH} messages at a time, not {len(items)}",
             )
         checked = []
