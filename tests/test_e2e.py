@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
@@ -257,3 +258,61 @@ async def test_wsfanout_serve_explains_a_too_large_frame(
         assert error["code"] == "too_large"
         await asyncio.wait_for(client.reader, 10)
         assert client.conn.close_code == 1009
+
+
+async def _handshakes(url: str, cookies: list[str]) -> tuple[list[Any], list[int]]:
+    """Open all at once; (the connections accepted, the HTTP statuses of those refused)."""
+
+    async def one(cookie: str) -> Any:
+        return await connect(url, additional_headers={"cookie": cookie}, open_timeout=30)
+
+    results = await asyncio.gather(*(one(c) for c in cookies), return_exceptions=True)
+    accepted = [r for r in results if not isinstance(r, BaseException)]
+    refused = []
+    for result in results:
+        if isinstance(result, InvalidStatus):
+            refused.append(result.response.status_code)
+        elif isinstance(result, BaseException):
+            raise result
+    return accepted, refused
+
+
+async def test_connection_limit_holds_under_concurrent_handshakes(
+    tmp_path: Path, demo_db: Path
+) -> None:
+    """150 handshakes at once against WSFANOUT_MAX_CONNECTIONS=50: exactly 50 get in."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    env = {"WSFANOUT_MAX_CONNECTIONS": "50", "WSFANOUT_MAX_CONNECTIONS_PER_USER": "1000"}
+    with Server(tmp_path, env).running() as server:
+        cookies = [server.login(name) for name in USERS]
+        accepted, refused = await _handshakes(server.ws_url, cookies * 25)
+        try:
+            assert len(accepted) == 50 and refused == [503] * 100
+        finally:
+            await asyncio.gather(*(conn.close() for conn in accepted))
+
+
+async def test_one_user_cannot_take_every_connection(tmp_path: Path, demo_db: Path) -> None:
+    """Past WSFANOUT_MAX_CONNECTIONS_PER_USER a user's next handshake is a 429 with a reason;
+    others still get in, and a closed connection gives its place back."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    with Server(tmp_path, {"WSFANOUT_MAX_CONNECTIONS_PER_USER": "3"}).running() as server:
+        greg = server.login("greg")
+        accepted, refused = await _handshakes(server.ws_url, [greg] * 5)
+        try:
+            assert len(accepted) == 3 and refused == [429, 429]
+            status, body = http("GET", server.http_url + "/healthz")
+            assert status == 200 and '"connections":3' in body["_body"]
+            lisa, _ = await _handshakes(server.ws_url, [server.login("lisa")])
+            assert len(lisa) == 1
+            await lisa[0].close()
+            await accepted.pop().close()
+            for _ in range(50):  # the seat comes back once the server has closed it
+                again, _ = await _handshakes(server.ws_url, [greg])
+                if again:
+                    accepted += again
+                    break
+                await asyncio.sleep(0.05)
+            assert len(accepted) == 3
+        finally:
+            await asyncio.gather(*(conn.close() for conn in accepted))

@@ -47,6 +47,7 @@ class Settings:
     batch_max: int = 64
     batch_bytes: int = 256 * KIB
     max_connections: int = 50_000
+    max_connections_per_user: int = 100  # one user's open websockets (tabs, devices)
     rate_limit: float = 50.0  # inbound messages per second per connection; 0 disables
     rate_burst: int = 100
     close_timeout: float = 5 * SECONDS  # how long a close may wait on a client that does not read
@@ -97,6 +98,9 @@ class Settings:
             batch_max=reader.integer("BATCH_MAX", defaults.batch_max),
             batch_bytes=reader.integer("BATCH_BYTES", defaults.batch_bytes, low=1024),
             max_connections=reader.integer("MAX_CONNECTIONS", defaults.max_connections),
+            max_connections_per_user=reader.integer(
+                "MAX_CONNECTIONS_PER_USER", defaults.max_connections_per_user
+            ),
             rate_limit=reader.number("RATE_LIMIT", defaults.rate_limit, low=0),
             rate_burst=reader.integer("RATE_BURST", defaults.rate_burst),
             close_timeout=reader.number("CLOSE_TIMEOUT", defaults.close_timeout, low=0.1),

@@ -121,6 +121,44 @@ class LoginThrottle:
                 del self._failures[key]
 
 
+class Seats:
+    """Connections this process holds, in all and per user.
+
+    A seat is taken during the handshake before anything is awaited, and given back only
+    once the connection is closed, so the limits hold however many handshakes run at once
+    and count the connections still being closed.
+    """
+
+    def __init__(self, total: int, per_user: int) -> None:
+        self.total = total
+        self.per_user = per_user
+        self.taken = 0
+        self._users: dict[str, int] = {}
+
+    def take(self, user: str) -> str | None:
+        """Take a seat for this user; or say which limit is full ("total", "user")."""
+        if self.taken >= self.total:
+            return "total"
+        key = user.lower()
+        held = self._users.get(key, 0)
+        if held >= self.per_user:
+            return "user"
+        self.taken += 1
+        self._users[key] = held + 1
+        return None
+
+    def give_back(self, user: str) -> None:
+        key = user.lower()
+        held = self._users.get(key, 0)
+        if held <= 0:
+            raise RuntimeError(f"no seat of {user!r} to give back")
+        self.taken -= 1
+        if held == 1:
+            del self._users[key]
+        else:
+            self._users[key] = held - 1
+
+
 @dataclass
 class Service:
     """What the handlers share: built by ``start()``, taken down by ``close()``."""
@@ -135,9 +173,12 @@ class Service:
     amqp: AmqpSource | None = None
     stats: ServiceStats = field(default_factory=ServiceStats)
     throttle: LoginThrottle = field(init=False)
+    seats: Seats = field(init=False)
     metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
+        settings = self.settings
+        self.seats = Seats(settings.max_connections, settings.max_connections_per_user)
         self.throttle = LoginThrottle(
             self.settings.login_max_failures, self.settings.login_failure_window
         )

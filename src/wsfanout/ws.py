@@ -57,27 +57,44 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
     message = await receive()
     if message["type"] != "websocket.connect":
         return
+    seat = None
     try:
-        session, user, groups = await _admit(scope, svc)
-    except Refusal as refusal:
-        svc.stats.refuse(refusal.label)
-        log.info("websocket refused (%s): %s", refusal.status, refusal.reason)
-        await refuse(scope, send, refusal.status, refusal.reason)
-        return
-    await send(svc.server.accept_message())
-    await Connection(svc, session, user, groups, receive, send).run()
+        try:
+            session = _admit(scope, svc)
+            seat = session.username
+            user, groups = await _identify(svc, session)
+        except Refusal as refusal:
+            svc.stats.refuse(refusal.label)
+            log.info("websocket refused (%s): %s", refusal.status, refusal.reason)
+            await refuse(scope, send, refusal.status, refusal.reason)
+            return
+        await send(svc.server.accept_message())
+        await Connection(svc, session, user, groups, receive, send).run()
+    finally:
+        if seat is not None:
+            svc.seats.give_back(seat)
 
 
-async def _admit(scope: Scope, svc: Service) -> tuple[Session, User, list[str]]:
+def _admit(scope: Scope, svc: Service) -> Session:
+    """The checks that need no await, ending with a seat taken for the session's user."""
     if svc.hub.closed:
         raise Refusal(503, "shutting_down", "the server is shutting down")
-    if len(svc.hub) >= svc.settings.max_connections:
-        raise Refusal(503, "full", "too many connections, try again later")
     if not http.origin_allowed(scope, svc.settings.allowed_origins):
         raise Refusal(403, "origin", "origin not allowed")
     session = svc.session(scope)
     if session is None:
         raise Refusal(403, "no_session", "log in first")
+    full = svc.seats.take(session.username)
+    if full == "total":
+        raise Refusal(503, "full", "too many connections, try again later")
+    if full == "user":
+        limit = svc.seats.per_user
+        raise Refusal(429, "user_full", f"at most {limit} connections per user: close one first")
+    return session
+
+
+async def _identify(svc: Service, session: Session) -> tuple[User, list[str]]:
+    """The session's user and groups, from the store (through its short cache)."""
     try:
         found = await svc.store.identity(session.user_id)
     except sqlite3.Error as exc:
@@ -85,7 +102,7 @@ async def _admit(scope: Scope, svc: Service) -> tuple[Session, User, list[str]]:
         raise Refusal(503, "database", "the database is unavailable") from None
     if found is None or found[0].username != session.username:
         raise Refusal(403, "unknown_user", "the session's user no longer exists")
-    return session, found[0], found[1]
+    return found
 
 
 async def refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
