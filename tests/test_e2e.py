@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -316,3 +318,23 @@ async def test_one_user_cannot_take_every_connection(tmp_path: Path, demo_db: Pa
             assert len(accepted) == 3
         finally:
             await asyncio.gather(*(conn.close() for conn in accepted))
+
+
+def login_from(server: Server, source: str, username: str, password: str) -> int:
+    """POST /login from a given loopback address; the status."""
+    connection = HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=(source, 0))
+    try:
+        body = json.dumps({"username": username, "password": password})
+        connection.request("POST", "/login", body, {"content-type": "application/json"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_guessing_from_one_address_does_not_lock_the_owner_out(server: Server) -> None:
+    """5 wrong passwords for lisa from 127.0.0.2: that address is throttled for lisa, while
+    lisa from 127.0.0.3 logs in."""
+    for _ in range(5):
+        assert login_from(server, "127.0.0.2", "lisa", "wrong") == 401
+    assert login_from(server, "127.0.0.2", "lisa", "Lisa") == 429
+    assert login_from(server, "127.0.0.3", "lisa", "Lisa") == 200

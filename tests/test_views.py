@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from tests import asgi
 from tests.conftest import login
 from wsfanout import App, passwords
+from wsfanout.service import LoginThrottle
 from wsfanout.sessions import COOKIE_NAME
 
 
@@ -125,50 +127,64 @@ async def test_login_from_foreign_origin_is_refused(app: App) -> None:
     assert response.status == 403
 
 
-async def test_five_failures_then_429_per_username(app: App) -> None:
-    """After 5 failures for one username, even the right password gets 429 + Retry-After."""
-    for n in range(5):
-        response = await asgi.request(
-            app,
-            "POST",
-            "/login",
-            json={"username": "mike", "password": "bad"},
-            client=(f"10.0.0.{n}", 1),
-        )
-        assert response.status == 401
-    response = await asgi.request(
+async def attempt(app: App, username: str, password: str, address: str) -> asgi.Response:
+    return await asgi.request(
         app,
         "POST",
         "/login",
-        json={"username": "MIKE", "password": "Mike"},
-        client=("10.0.0.99", 1),
+        json={"username": username, "password": password},
+        client=(address, 1),
     )
-    assert response.status == 429
-    retry = int(response.header("retry-after") or 0)
-    assert 0 < retry <= 900
-    assert (await login(app, "greg")).startswith(COOKIE_NAME)  # other users unaffected
 
 
-async def test_five_failures_then_429_per_address(app: App) -> None:
-    """After 5 failures from one address across usernames, that address gets 429."""
-    for name in ["a1", "a2", "a3", "a4", "a5"]:
-        response = await asgi.request(
-            app,
-            "POST",
-            "/login",
-            json={"username": name, "password": "x"},
-            client=("10.1.1.1", 1),
-        )
-        assert response.status == 401
-    response = await asgi.request(
-        app,
-        "POST",
-        "/login",
-        json={"username": "greg", "password": "Greg"},
-        client=("10.1.1.1", 1),
-    )
+async def test_five_failures_lock_that_name_from_that_address_only(app: App) -> None:
+    """5 failures for mike from one address: that address gets 429 + Retry-After for mike,
+    even with the right password; mike from elsewhere and others from there get in."""
+    for _ in range(5):
+        assert (await attempt(app, "mike", "bad", "10.0.0.1")).status == 401
+    response = await attempt(app, "MIKE", "Mike", "10.0.0.1")
     assert response.status == 429
-    assert (await login(app, "greg", client=("10.1.1.2", 1))).startswith(COOKIE_NAME)
+    assert 0 < int(response.header("retry-after") or 0) <= 900
+    assert (await attempt(app, "mike", "Mike", "10.0.0.2")).status == 200
+    assert (await attempt(app, "greg", "Greg", "10.0.0.1")).status == 200
+
+
+async def test_an_address_spraying_names_is_stopped(app: App) -> None:
+    """20 failures from one address across usernames: that address gets 429, others don't."""
+    for n in range(20):
+        assert (await attempt(app, f"a{n}", "x", "10.1.1.1")).status == 401
+    assert (await attempt(app, "greg", "Greg", "10.1.1.1")).status == 429
+    assert (await attempt(app, "greg", "Greg", "10.1.1.2")).status == 200
+
+
+async def test_parallel_guesses_get_no_more_than_the_limit(app: App) -> None:
+    """30 wrong passwords for lisa at once from one address: 5 are checked, 25 get 429."""
+    responses = await asyncio.gather(
+        *(attempt(app, "lisa", f"guess{n}", "10.2.2.2") for n in range(30))
+    )
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [401] * 5 + [429] * 25
+
+
+def test_a_name_guessed_from_many_addresses_is_stopped_too() -> None:
+    """Past 20x the limit across addresses, a username is throttled everywhere."""
+    throttle = LoginThrottle(max_failures=5, window=900)
+    for n in range(100):
+        assert isinstance(throttle.attempt("anny", f"10.3.{n // 250}.{n % 250}", 0.0), dict)
+    assert throttle.attempt("anny", "10.9.9.9", 1.0) == 899
+    assert isinstance(throttle.attempt("anny", "10.9.9.9", 901.0), dict)  # the window passed
+
+
+def test_a_right_password_is_not_a_failure() -> None:
+    """A success takes its own count back and forgives that pair's failures."""
+    throttle = LoginThrottle(max_failures=2, window=900)
+    assert isinstance(throttle.attempt("greg", "a", 0.0), dict)
+    ok = throttle.attempt("greg", "a", 0.0)
+    assert isinstance(ok, dict)
+    throttle.succeeded(ok)
+    assert isinstance(throttle.attempt("greg", "a", 0.0), dict)
+    assert isinstance(throttle.attempt("greg", "a", 0.0), dict)
+    assert isinstance(throttle.attempt("greg", "a", 0.0), int)
 
 
 async def test_logout_clears_cookie(app: App) -> None:

@@ -68,11 +68,21 @@ class BatchError(Exception):
 
 
 class LoginThrottle:
-    """Failed logins per key (a username, a client address) in a sliding window.
+    """Failed logins in a sliding window, counted three ways.
 
-    In memory and per process: each worker counts on its own. The table is bounded:
-    past ``max_keys`` the stale keys go first, then the oldest.
+    - per (username, address): ``max_failures``; the owner of a name is not locked out by
+      someone else's guesses from another address;
+    - per address, whatever the usernames: ``ADDRESS_FACTOR`` times that (spraying names);
+    - per username, from every address: ``USERNAME_FACTOR`` times that, a much higher bound
+      against guessing spread over many addresses.
+
+    An attempt is counted before its password is checked and taken back if it was right,
+    so concurrent guesses get no more tries than the limit. In memory and per process.
+    The table is bounded: past ``max_keys`` the stale keys go first, then the oldest.
     """
+
+    ADDRESS_FACTOR: Final = 4
+    USERNAME_FACTOR: Final = 20
 
     def __init__(self, max_failures: int, window: float, max_keys: int = 100_000) -> None:
         self.max_failures = max_failures
@@ -80,26 +90,45 @@ class LoginThrottle:
         self.max_keys = max_keys
         self._failures: dict[str, deque[float]] = {}
 
-    def retry_after(self, keys: tuple[str, ...], now: float) -> int | None:
-        """Seconds until these keys may try again, or None if they may now."""
-        waits = []
-        for key in keys:
-            stamps = self._recent(key, now)
-            if stamps is not None and len(stamps) >= self.max_failures:
-                waits.append(stamps[0] + self.window - now)
-        return max(1, math.ceil(max(waits))) if waits else None
+    def limits(self, username: str, address: str) -> dict[str, int]:
+        name = username.lower()
+        return {
+            f"pair:{name}|{address}": self.max_failures,
+            f"addr:{address}": self.max_failures * self.ADDRESS_FACTOR,
+            f"user:{name}": self.max_failures * self.USERNAME_FACTOR,
+        }
 
-    def failed(self, keys: tuple[str, ...], now: float) -> None:
-        for key in keys:
+    def attempt(self, username: str, address: str, now: float) -> int | dict[str, int]:
+        """Count one attempt; or, if a limit is reached, the seconds to wait (nothing counted).
+
+        Returns:
+            The attempt's keys (to pass to ``succeeded`` if the password is right), or an int.
+        """
+        limits = self.limits(username, address)
+        waits = []
+        for key, limit in limits.items():
             stamps = self._recent(key, now)
+            if stamps is not None and len(stamps) >= limit:
+                waits.append(stamps[-limit] + self.window - now)
+        if waits:
+            return max(1, math.ceil(max(waits)))
+        for key, limit in limits.items():
+            stamps = self._failures.get(key)
             if stamps is None:
                 if len(self._failures) >= self.max_keys:
                     self._shrink(now)
-                stamps = self._failures[key] = deque(maxlen=self.max_failures)
+                stamps = self._failures[key] = deque(maxlen=limit)
             stamps.append(now)
+        return limits
 
-    def succeeded(self, key: str) -> None:
-        self._failures.pop(key, None)
+    def succeeded(self, limits: dict[str, int]) -> None:
+        """The attempt was right: it is not a failure, and the pair's past ones are forgiven."""
+        for key in limits:
+            stamps = self._failures.get(key)
+            if stamps:
+                stamps.pop()
+                if not stamps or key.startswith("pair:"):
+                    del self._failures[key]
 
     def _recent(self, key: str, now: float) -> deque[float] | None:
         stamps = self._failures.get(key)

@@ -96,9 +96,11 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
         return
     username, password = credentials
     client = (scope.get("client") or ("unknown", 0))[0]
-    keys = ("user:" + username.lower(), "addr:" + str(client))
-    wait = svc.throttle.retry_after(keys, time.monotonic())
-    if wait is not None:
+    # Counted as a failure before the password is checked (taken back if it is right),
+    # so parallel guesses get no more tries than the limit.
+    attempt = svc.throttle.attempt(username, str(client), time.monotonic())
+    if isinstance(attempt, int):
+        wait = attempt
         svc.stats.login_failed("throttled")
         log.warning("login throttled for %r from %s", username, client)
         message = f"Too many failed logins, try again in {wait} s"
@@ -107,12 +109,11 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
     user = await svc.store.user_by_name(username)
     ok = await asyncio.to_thread(_password_ok, password, user)
     if user is None or not ok:
-        svc.throttle.failed(keys, time.monotonic())
         svc.stats.login_failed("password")
         log.info("failed login for %r from %s", username, client)
         await refuse(401, "User or password wrong")
         return
-    svc.throttle.succeeded(keys[0])
+    svc.throttle.succeeded(attempt)
     token = svc.codec.issue(user.id, user.username)
     cookie = http.session_cookie(
         COOKIE_NAME,
