@@ -338,3 +338,17 @@ def test_guessing_from_one_address_does_not_lock_the_owner_out(server: Server) -
         assert login_from(server, "127.0.0.2", "lisa", "wrong") == 401
     assert login_from(server, "127.0.0.2", "lisa", "Lisa") == 429
     assert login_from(server, "127.0.0.3", "lisa", "Lisa") == 200
+
+
+async def test_a_listening_socket_is_closed_when_its_session_expires(
+    tmp_path: Path, demo_db: Path
+) -> None:
+    """A socket that never sends is told its session expired and closed with 1008 on time."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    with Server(tmp_path, {"WSFANOUT_SESSION_MAX_AGE": "2"}).running() as server:
+        client = await Client.open(server.ws_url, server.login("chuck"))
+        assert (await client.next())["type"] == "welcome"
+        error = await client.next_of("error", timeout=5)
+        assert error["code"] == "forbidden"
+        await asyncio.wait_for(client.reader, 5)
+        assert client.conn.close_code == 1008

@@ -251,3 +251,29 @@ async def test_connection_limit_is_503(settings: Settings) -> None:
             assert b"too many connections" in caught.value.body
     finally:
         await app.shutdown()
+
+
+async def test_a_flood_from_one_socket_does_not_stall_the_others(settings: Settings) -> None:
+    """3000 bad frames queued at once on one socket: another socket's broadcast is handled
+    long before the flood is through (the flooder sees it early in its own stream)."""
+    app = create_app(dataclasses.replace(settings, rate_limit=0))
+    await app.startup()
+    try:
+        async with (
+            connect(app, await login(app, "greg")) as flooder,
+            connect(app, await login(app, "lisa")) as other,
+        ):
+            await flooder.receive(), await other.receive()
+            for n in range(3000):
+                flooder.to_app.put_nowait({"type": "websocket.receive", "text": f"bad {n}"})
+            await other.send_json({"type": "broadcast", "text": "still here"})
+            seen = 0
+            while True:
+                event = await flooder.receive()
+                if event["type"] == "message":
+                    break
+                seen += 1
+            assert event["text"] == "still here"
+            assert seen < 300, seen  # without yielding it would come after all 3000
+    finally:
+        await app.shutdown()

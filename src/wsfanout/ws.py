@@ -40,6 +40,7 @@ from .types import Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 FLUSH_BEFORE_CLOSE: Final = 2.0  # seconds a writer gets to send queued frames before a close
+YIELD_EVERY: Final = 32  # frames a reader handles before letting other tasks run
 
 
 class Refusal(Exception):
@@ -201,6 +202,12 @@ class Connection:
                     svc.settings.close_timeout,
                 )
 
+    def _expire(self) -> None:
+        """The session's max age has passed: say so, and close with 1008 once that is sent."""
+        if self.stage is Stage.READING:
+            self._tell(ErrorCode.FORBIDDEN, "the session has expired: log in again")
+            self.outbox.close(CloseCode.POLICY)
+
     def _writer_done(self, _: object) -> None:
         if self.stage is Stage.READING:  # the reader is blocked on receive(): wake it to close
             self._interrupted = True
@@ -215,6 +222,10 @@ class Connection:
         writer = asyncio.create_task(outbox.run())
         outbox.on_overflow = writer.cancel
         writer.add_done_callback(self._writer_done)
+        # The session ends when it says, even on a socket that only listens.
+        expiry = asyncio.get_running_loop().call_later(
+            max(0.0, self.expires_at - self.svc.codec.clock()), self._expire
+        )
         try:
             self._move(Stage.READING)
             try:
@@ -231,6 +242,7 @@ class Connection:
             log.exception("websocket reader for %s failed", user.username)
             return CloseCode.INTERNAL_ERROR
         finally:
+            expiry.cancel()
             outbox.close(CloseCode.NORMAL)
             writer.remove_done_callback(self._writer_done)
             writer.cancel()
@@ -271,7 +283,13 @@ class Connection:
         max_bytes = settings.max_frame_bytes
         rate, burst = settings.rate_limit, float(settings.rate_burst)
         tokens, last = burst, time.monotonic()
+        frames = 0
         while True:
+            frames += 1
+            if frames % YIELD_EVERY == 0:
+                # The server's receive() returns without yielding while frames are queued:
+                # let other connections run, or one flood stalls them all.
+                await asyncio.sleep(0)
             message = await self.receive()
             kind = message["type"]
             if kind == "websocket.disconnect":
