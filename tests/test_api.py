@@ -178,3 +178,13 @@ async def test_over_real_hypercorn_and_the_cli(tmp_path: Path, demo_db: Path) ->
         assert wrong.returncode == 1
         assert "the server answered 401" in wrong.stderr
         await lisa.close()
+
+
+async def test_a_backend_cannot_pass_for_a_user(api: App) -> None:
+    """A backend publishing "from": "greg" is shown as greg via the API, never as greg."""
+    async with asgi.WebSocket(api, headers={"cookie": await login(api, "lisa")}) as lisa:
+        await lisa.receive()
+        response = await post(api, {"type": "broadcast", "text": "trust me", "from": "greg"})
+        assert response.status == 202
+        event = await lisa.receive()
+        assert (event["from"], event["via"], event["text"]) == ("greg", "api", "trust me")
