@@ -12,9 +12,13 @@ cancelling it, and the reader takes that cancellation back):
 - reader finds a fatal frame (1009, 1008) -> flush queued frames, then close;
 - outbox overflows (the client does not read fast enough) -> writer cancelled, 1013;
 - hub shuts down -> writer flushes, 1001;
+- the session's max age passes -> a ``forbidden`` frame is queued, writer flushes, 1008;
 - anything raises -> logged, 1011; no other connection notices.
 
-Cleanup (leaving the hub, cancelling the writer) runs in ``finally``.
+The handshake takes a seat (``Service.seats``) before it awaits anything, so the
+connection limits hold under concurrent handshakes; the seat is given back only once
+the connection is closed. Cleanup (leaving the hub, cancelling the writer, the seat)
+runs in ``finally``.
 """
 
 from __future__ import annotations
