@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
 import logging
 import math
 import os
@@ -188,6 +189,59 @@ class Seats:
             self._users[key] = held - 1
 
 
+class Deadlines:
+    """Things to expire at a time, checked once a second by one task.
+
+    Kept in buckets of whole seconds, so tens of thousands of connections cost one task
+    and no timer, handle or context each (every object a connection keeps is walked at
+    each full garbage collection). An item's ``expire()`` is called at most once, about a
+    second late at most.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._buckets: dict[int, set[Any]] = {}
+        self._due: list[int] = []  # a heap of the buckets' seconds
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, when: float, item: Any) -> None:
+        second = math.ceil(when)
+        bucket = self._buckets.get(second)
+        if bucket is None:
+            bucket = self._buckets[second] = set()
+            heapq.heappush(self._due, second)
+        bucket.add(item)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="wsfanout-deadlines"
+            )
+
+    def discard(self, when: float, item: Any) -> None:
+        second = math.ceil(when)
+        bucket = self._buckets.get(second)
+        if bucket is not None:
+            bucket.discard(item)
+            if not bucket:
+                del self._buckets[second]  # its second stays in the heap until it is due
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = self.clock()
+            while self._due and self._due[0] <= now:
+                for item in self._buckets.pop(heapq.heappop(self._due), ()):
+                    try:
+                        item.expire()
+                    except Exception:
+                        log.exception("expiring %r failed", item)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 @dataclass
 class Service:
     """What the handlers share: built by ``start()``, taken down by ``close()``."""
@@ -203,11 +257,13 @@ class Service:
     stats: ServiceStats = field(default_factory=ServiceStats)
     throttle: LoginThrottle = field(init=False)
     seats: Seats = field(init=False)
+    deadlines: Deadlines = field(init=False)
     metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
         settings = self.settings
         self.seats = Seats(settings.max_connections, settings.max_connections_per_user)
+        self.deadlines = Deadlines(self.codec.clock)
         self.throttle = LoginThrottle(
             self.settings.login_max_failures, self.settings.login_failure_window
         )
@@ -282,6 +338,7 @@ class Service:
         finally:
             try:
                 await self.server.close()
+                await self.deadlines.close()
                 await self.flusher.close()
                 if self.hub.backplane is not None:
                     await self.hub.backplane.close()

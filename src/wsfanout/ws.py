@@ -12,7 +12,8 @@ cancelling it, and the reader takes that cancellation back):
 - reader finds a fatal frame (1009, 1008) -> flush queued frames, then close;
 - outbox overflows (the client does not read fast enough) -> writer cancelled, 1013;
 - hub shuts down -> writer flushes, 1001;
-- the session's max age passes -> a ``forbidden`` frame is queued, writer flushes, 1008;
+- the session's max age passes (``Service.deadlines``) -> a ``forbidden`` frame is queued,
+  writer flushes, 1008;
 - anything raises -> logged, 1011; no other connection notices.
 
 The handshake takes a seat (``Service.seats``) before it awaits anything, so the
@@ -206,7 +207,7 @@ class Connection:
                     svc.settings.close_timeout,
                 )
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         """The session's max age has passed: say so, and close with 1008 once that is sent."""
         if self.stage is Stage.READING:
             self._tell(ErrorCode.FORBIDDEN, "the session has expired: log in again")
@@ -227,9 +228,8 @@ class Connection:
         outbox.on_overflow = writer.cancel
         writer.add_done_callback(self._writer_done)
         # The session ends when it says, even on a socket that only listens.
-        expiry = asyncio.get_running_loop().call_later(
-            max(0.0, self.expires_at - self.svc.codec.clock()), self._expire
-        )
+        deadlines = self.svc.deadlines
+        deadlines.add(self.expires_at, self)
         try:
             self._move(Stage.READING)
             try:
@@ -246,7 +246,7 @@ class Connection:
             log.exception("websocket reader for %s failed", user.username)
             return CloseCode.INTERNAL_ERROR
         finally:
-            expiry.cancel()
+            deadlines.discard(self.expires_at, self)
             outbox.close(CloseCode.NORMAL)
             writer.remove_done_callback(self._writer_done)
             writer.cancel()
