@@ -85,6 +85,7 @@ class Flusher:
         self._ready: list[Outbox] = []
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self.passes = 0  # flushes so far: a reader that sees it stand still is hogging the loop
 
     def schedule(self, outbox: Outbox) -> None:
         ready = self._ready
@@ -110,6 +111,7 @@ class Flusher:
                     self._waiter = None
             ready = self._ready
             self._ready = []
+            self.passes += 1
             for start in range(0, len(ready), FLUSH_CHUNK):
                 if start:
                     await asyncio.sleep(0)  # a huge fan-out must not starve the readers

@@ -287,13 +287,17 @@ class Connection:
         max_bytes = settings.max_frame_bytes
         rate, burst = settings.rate_limit, float(settings.rate_burst)
         tokens, last = burst, time.monotonic()
-        frames = 0
+        flusher = self.svc.flusher
+        frames, passes = 0, flusher.passes
         while True:
             frames += 1
-            if frames % YIELD_EVERY == 0:
-                # The server's receive() returns without yielding while frames are queued:
-                # let other connections run, or one flood stalls them all.
-                await asyncio.sleep(0)
+            if frames >= YIELD_EVERY:
+                # The server's receive() returns without yielding while frames are queued.
+                # If the flusher has not run meanwhile, this reader is hogging the loop: let
+                # the others run. (Yielding regardless would split a burst's batches.)
+                if flusher.passes == passes:
+                    await asyncio.sleep(0)
+                frames, passes = 0, flusher.passes
             message = await self.receive()
             kind = message["type"]
             if kind == "websocket.disconnect":
