@@ -63,26 +63,26 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
     message = await receive()
     if message["type"] != "websocket.connect":
         return
-    seat = None
     try:
-        try:
-            session = _admit(scope, svc)
-            seat = session.username
-            user, groups = await _identify(svc, session)
-        except Refusal as refusal:
-            svc.stats.refuse(refusal.label)
-            log.info("websocket refused (%s): %s", refusal.status, refusal.reason)
-            await refuse(scope, send, refusal.status, refusal.reason)
-            return
+        session, user, groups = await _admit(scope, svc)
+    except Refusal as refusal:
+        svc.stats.refuse(refusal.label)
+        log.info("websocket refused (%s): %s", refusal.status, refusal.reason)
+        await refuse(scope, send, refusal.status, refusal.reason)
+        return
+    try:
         await send(svc.server.accept_message())
         await Connection(svc, session, user, groups, receive, send).run()
     finally:
-        if seat is not None:
-            svc.seats.give_back(seat)
+        svc.seats.give_back(session.username)
 
 
-def _admit(scope: Scope, svc: Service) -> Session:
-    """The checks that need no await, ending with a seat taken for the session's user."""
+async def _admit(scope: Scope, svc: Service) -> tuple[Session, User, list[str]]:
+    """Check the handshake; on success a seat is taken for the session's user.
+
+    Everything up to taking the seat runs without awaiting, so the connection limits
+    hold however many handshakes run at once.
+    """
     if svc.hub.closed:
         raise Refusal(503, "shutting_down", "the server is shutting down")
     if not http.origin_allowed(scope, svc.settings.allowed_origins):
@@ -96,19 +96,18 @@ def _admit(scope: Scope, svc: Service) -> Session:
     if full == "user":
         limit = svc.seats.per_user
         raise Refusal(429, "user_full", f"at most {limit} connections per user: close one first")
-    return session
-
-
-async def _identify(svc: Service, session: Session) -> tuple[User, list[str]]:
-    """The session's user and groups, from the store (through its short cache)."""
     try:
         found = await svc.store.identity(session.user_id)
+        if found is None or found[0].username != session.username:
+            raise Refusal(403, "unknown_user", "the session's user no longer exists")
     except sqlite3.Error as exc:
+        svc.seats.give_back(session.username)
         log.error("database error during a websocket handshake: %s", exc)
         raise Refusal(503, "database", "the database is unavailable") from None
-    if found is None or found[0].username != session.username:
-        raise Refusal(403, "unknown_user", "the session's user no longer exists")
-    return found
+    except BaseException:
+        svc.seats.give_back(session.username)
+        raise
+    return session, found[0], found[1]
 
 
 async def refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
