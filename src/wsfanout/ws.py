@@ -45,6 +45,7 @@ from .types import Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 FLUSH_BEFORE_CLOSE: Final = 2.0  # seconds a writer gets to send queued frames before a close
+EXPIRED: Final = "the session has expired: log in again"
 YIELD_EVERY: Final = 32  # frames a reader handles before letting other tasks run
 
 
@@ -133,6 +134,9 @@ class Stage(enum.Enum):
     CLOSING = "closing"  # the reader is done: the writer finishes, then the close goes out
 
 
+_NEXT_STAGE: Final = {Stage.STARTING: Stage.READING, Stage.READING: Stage.CLOSING}
+
+
 class Connection:
     """One accepted websocket: its outbox, its reader (the endpoint's own task) and its writer."""
 
@@ -180,8 +184,7 @@ class Connection:
         self._interrupted = False  # the writer finished first and cancelled the reader
 
     def _move(self, stage: Stage) -> None:
-        allowed = {Stage.STARTING: Stage.READING, Stage.READING: Stage.CLOSING}
-        if allowed.get(self.stage) is not stage:
+        if _NEXT_STAGE.get(self.stage) is not stage:
             raise RuntimeError(f"a connection in stage {self.stage!r} cannot move to {stage!r}")
         self.stage = stage
 
@@ -209,7 +212,7 @@ class Connection:
     def expire(self) -> None:
         """The session's max age has passed: say so, and close with 1008 once that is sent."""
         if self.stage is Stage.READING:
-            self._tell(ErrorCode.FORBIDDEN, "the session has expired: log in again")
+            self._tell(ErrorCode.FORBIDDEN, EXPIRED)
             self.outbox.close(CloseCode.POLICY)
 
     def _writer_done(self, _: object) -> None:
@@ -311,7 +314,7 @@ class Connection:
                 return CloseCode.TOO_LARGE
             now = time.monotonic()
             if self.svc.codec.clock() >= self.expires_at:
-                self._tell(ErrorCode.FORBIDDEN, "the session has expired: log in again")
+                self._tell(ErrorCode.FORBIDDEN, EXPIRED)
                 return CloseCode.POLICY
             if rate > 0:
                 tokens = min(burst, tokens + (now - last) * rate)
