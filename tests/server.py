@@ -29,6 +29,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.extensions import PerMessageDeflate
 
 from tests.conftest import SECRET
 
@@ -131,6 +132,32 @@ class Server:
         finally:
             self.stop()
 
+    def rss(self) -> int:
+        """The resident memory of the server's processes (hypercorn's and its workers'), bytes."""
+        assert self.proc is not None
+        total, pending = 0, [self.proc.pid]
+        while pending:
+            pid = pending.pop()
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                pending.extend(int(child) for child in children)
+        return total
+
+    def established(self) -> int:
+        """How many TCP connections the server holds open on its port (any state but
+        LISTEN, TIME_WAIT and CLOSE: ESTABLISHED, or closing with data still queued)."""
+        port = f"{self.port:04X}"
+        count = 0
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            if local.endswith(":" + port) and state not in ("0A", "06", "07"):
+                count += 1
+        return count
+
     def login(self, username: str, password: str | None = None) -> str:
         """Log in over HTTP; the ``Cookie`` header value."""
         status, headers = http(
@@ -212,7 +239,9 @@ class Client:
 class RawClient:
     """A websocket over a plain socket, driven by wsproto: it reads only when told to."""
 
-    def __init__(self, port: int, cookie: str, rcvbuf: int | None = None) -> None:
+    def __init__(
+        self, port: int, cookie: str, rcvbuf: int | None = None, deflate: bool = False
+    ) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -220,7 +249,10 @@ class RawClient:
         self.sock.settimeout(10)
         self.ws = WSConnection(ConnectionType.CLIENT)
         request = Request(
-            host=f"127.0.0.1:{port}", target="/", extra_headers=[(b"cookie", cookie.encode())]
+            host=f"127.0.0.1:{port}",
+            target="/",
+            extra_headers=[(b"cookie", cookie.encode())],
+            extensions=[PerMessageDeflate()] if deflate else [],
         )
         self.sock.sendall(self.ws.send(request))
         events = self._events_until(lambda e: isinstance(e, (AcceptConnection, RejectConnection)))

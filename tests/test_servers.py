@@ -45,11 +45,40 @@ def test_every_reach_works_with_the_installed_hypercorn(
     compression: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The start-up check finds both reaches in this hypercorn and warns about nothing."""
-    reach = ServerReach(compression=compression, on_stopping=_nothing)
+    reach = ServerReach(compression=compression, on_stopping=_nothing, frame_limit=65536)
     reach.start()
     assert (reach.can_decline, reach.can_watch, reach.can_stop_pings) == (True, True, True)
+    assert (reach.can_bound, reach.can_abort) == (True, True)
     assert reach.accept_message() == {"type": "websocket.accept", ACCEPT_KEY: reach}
     assert reach_warnings(caplog) == []
+
+
+def test_a_changed_message_buffer_warns_and_leaves_frames_to_hypercorn(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hypercorn's WebsocketBuffer changed: one warning names the loss; the rest works."""
+    monkeypatch.delattr(ws_stream.WebsocketBuffer, "to_message")
+    reach = ServerReach(compression=False, on_stopping=_nothing, frame_limit=65536)
+    reach.start()
+    assert not reach.can_bound
+    assert (reach.can_decline, reach.can_watch, reach.can_abort) == (True, True, True)
+    (warning,) = reach_warnings(caplog)
+    assert "frames over the limit get hypercorn's bare 1009" in warning
+
+
+def test_an_abort_that_cannot_reach_the_socket_warns_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stream whose connection is not where it was: abort says no, and warns once."""
+    reach = ServerReach(compression=False, on_stopping=_nothing, frame_limit=65536)
+    reach.start()
+    assert reach.abort(None) is False
+    assert reach_warnings(caplog) == []
+    assert reach.abort(object()) is False
+    assert reach.abort(object()) is False
+    (warning,) = reach_warnings(caplog)
+    assert "(abort)" in warning
+    assert not reach.can_abort
 
 
 def test_a_changed_handshake_warns_once_and_keeps_the_stop_signal(

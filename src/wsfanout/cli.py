@@ -22,7 +22,6 @@ DEMO_GROUPS: Final = {"boys": ("Greg", "Chuck", "Mike"), "girls": ("Amanda", "Li
 DEFAULT_BIND: Final = "127.0.0.1:8000"
 PING_INTERVAL: Final = 20.0
 GRACEFUL_TIMEOUT: Final = 10.0
-OVERSIZE_SEEN: Final = 4  # frames up to this many times the limit get a too_large error frame
 
 
 class CommandError(Exception):
@@ -150,10 +149,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     config.workers = args.workers
     config.websocket_ping_interval = args.ping_interval or None
     config.graceful_timeout = GRACEFUL_TIMEOUT  # time to close every socket with 1001
-    # hypercorn cuts off a message over its limit with a bare 1009, before buffering all of
-    # it. Leave room above ours, so the app sees a moderately oversized frame and explains
-    # the close (a too_large error frame first); only a huge one is cut off unexplained.
-    config.websocket_max_message_size = OVERSIZE_SEEN * settings.max_frame_bytes
+    # wsfanout bounds its streams' messages itself (servers.py); should that reach fail,
+    # hypercorn's own limit is ours.
+    config.websocket_max_message_size = settings.max_frame_bytes
     config.accesslog = "-" if args.access_log else None
     config.errorlog = "-"
     config.loglevel = settings.log_level.upper()

@@ -45,7 +45,7 @@ class Settings:
     max_frame_bytes: int = 64 * KIB
     outbox_bytes: int = 1 * MIB
     batch_max: int = 64
-    batch_bytes: int = 256 * KIB
+    batch_bytes: int = 64 * KIB  # also what a client that stops reading holds in flight (x3)
     max_connections: int = 50_000
     max_connections_per_user: int = 100  # one user's open websockets (tabs, devices)
     rate_limit: float = 50.0  # inbound messages per second per connection; 0 disables

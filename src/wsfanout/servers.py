@@ -27,13 +27,33 @@ Theory of operation. wsfanout needs three things from its server that ASGI has n
    tracebacks). The wrapped ``WSStream._send_pings`` pings wsfanout's connections the same
    way but stops as soon as the app's handler for that connection has returned.
 
-All three are checked once, at start, against hypercorn's own classes (a handshake that
+4. Bounded frames. Hypercorn buffers a message up to its own limit (16 MiB unless told),
+   answers a larger one with a bare 1009, and then goes on buffering whatever the client
+   still sends (a frame declaring 1 TiB grew the server by 1 GB in 5 s). On wsfanout's
+   streams, ``accepting`` swaps the stream's ``buffer`` for ``_Frames``: it holds at most the
+   app's frame limit, and past it drops everything the client sends and hands the app one
+   ``websocket.receive`` marked with ``TOO_LARGE_KEY``, so the app sends its ``too_large``
+   error frame and closes with 1009 whatever the frame's size. With compression on, the
+   connection's ``PerMessageDeflate`` becomes ``_BoundedDeflate``, which inflates no more than
+   that limit per message (a 0.5 MB deflate bomb otherwise inflates 1000-fold first).
+
+5. Aborting a connection. Hypercorn closes a TCP connection gracefully: its unsent data
+   (for a client that does not read, megabytes in the kernel and in hypercorn's buffer)
+   stays until the client reads it, for minutes. ASGI has no way to say "reset"; the wrapped
+   accept hands the app its stream (``STREAM_KEY`` in the accept message), and ``abort``
+   resets that connection (SO_LINGER 0, then ``transport.abort()``): the kernel drops what it
+   held. The app calls it when a client has not answered its close in time.
+
+The first three are checked once, at start, against hypercorn's own classes (a handshake that
 offers deflate must come back without it). If a hypercorn release moved something, one
 warning names what is lost and the service runs on: compression stays as the server
 decides, draining waits for lifespan shutdown, and pings run as hypercorn runs them. Under
 another server nothing here applies; under uvicorn, ``--ws-per-message-deflate false``
 declines deflate. ``setup.cfg`` bounds hypercorn to the releases this was tested with, and
-tests against real hypercorn fail when a reach stops working.
+tests against real hypercorn fail when a reach stops working. The last two are used
+per connection and warn once, the first time one fails: without them, a frame over the
+limit gets hypercorn's bare 1009, and a client that does not read keeps its TCP
+connection until it reads or leaves.
 
 It also knows how servers run workers: ``warn_if_workers_are_islands`` counts the processes
 multiprocessing spawned beside this one (not its helpers, such as the resource tracker).
@@ -42,10 +62,15 @@ multiprocessing spawned beside this one (not its helpers, such as the resource t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import inspect
 import logging
 import multiprocessing
+import socket
+import struct
 import sys
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
@@ -57,9 +82,24 @@ log = logging.getLogger(__name__)
 ACCEPT_KEY: Final = "wsfanout.server"
 """The key in wsfanout's ``websocket.accept`` messages that carries its ``ServerReach``."""
 
+STREAM_KEY: Final = "wsfanout.stream"
+"""Set by the wrapped hypercorn accept in the accept message it was given: the app's handle
+for ``ServerReach.abort`` (absent when middleware copied the message, or not under hypercorn)."""
+
+TOO_LARGE_KEY: Final = "wsfanout.too_large"
+"""Marks the ``websocket.receive`` that stands for a frame over the limit (its data dropped)."""
+
+_TOO_LARGE: Final[Message] = {
+    "type": "websocket.receive",
+    "bytes": None,
+    "text": None,
+    TOO_LARGE_KEY: True,
+}
+_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops unsent data
+
 _WRAPPED: Final = "__wsfanout_wrapped__"
 _APP_TASK: Final = "_wsfanout_app_task"  # set on a hypercorn WSStream: the app's handler task
-REACHES: Final = ("deflate", "stop", "pings")
+REACHES: Final = ("deflate", "stop", "pings", "frames", "abort")
 _OFFER: Final = [
     (b"host", b"wsfanout.invalid"),
     (b"connection", b"Upgrade"),
@@ -76,14 +116,24 @@ class ServerReach:
     Args:
         compression: accept permessage-deflate when offered (False: decline it).
         on_stopping: awaited once when the server starts stopping (hypercorn's SIGTERM).
+        frame_limit: the largest inbound message the app takes, in bytes (0: the server's).
     """
 
-    def __init__(self, *, compression: bool, on_stopping: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        *,
+        compression: bool,
+        on_stopping: Callable[[], Awaitable[None]],
+        frame_limit: int = 0,
+    ) -> None:
         self.compression = compression
         self.on_stopping = on_stopping
+        self.frame_limit = frame_limit
         self.can_decline = False  # hypercorn's handshake can be told to decline deflate
         self.can_watch = False  # hypercorn's stop signal can be watched
         self.can_stop_pings = False  # hypercorn's pings can be ended with the connection
+        self.can_bound = False  # hypercorn's message buffer can be bounded (and inflation)
+        self.can_abort = False  # a hypercorn connection can be reset
         self._accept: Message = {"type": "websocket.accept"}
         self._watcher: asyncio.Task[None] | None = None
         self._broken: set[str] = set()
@@ -103,6 +153,8 @@ class ServerReach:
         self.can_decline = not problems["deflate"]
         self.can_watch = not problems["stop"]
         self.can_stop_pings = not problems.get("pings")
+        self.can_bound = self.frame_limit > 0 and not problems.get("frames")
+        self.can_abort = not problems.get("abort")
         lost = []
         if not self.can_decline and not self.compression:
             lost.append(
@@ -119,13 +171,25 @@ class ServerReach:
                 f"cannot end hypercorn's pings with the connection ({problems['pings']}): with "
                 "--websocket-ping-interval, closed connections linger until their next ping"
             )
+        for reach, what in (
+            (
+                "frames",
+                "frames over the limit get hypercorn's bare 1009, after it buffered "
+                "them (up to its own websocket_max_message_size)",
+            ),
+            ("abort", "a client that does not read keeps its TCP connection after its close"),
+        ):
+            if problems.get(reach):
+                lost.append(f"{what} ({problems[reach]})")
         if lost:
             log.warning(
                 "hypercorn %s is not a release wsfanout was tested with: %s",
                 _version("hypercorn"),
                 "; ".join(lost),
             )
-        if self.can_decline or self.can_watch or self.can_stop_pings:
+        if any(
+            (self.can_decline, self.can_watch, self.can_stop_pings, self.can_bound, self.can_abort)
+        ):
             self._accept = {"type": "websocket.accept", ACCEPT_KEY: self}
 
     @property
@@ -146,8 +210,29 @@ class ServerReach:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
 
+    def abort(self, stream: Any) -> bool:
+        """Reset the TCP connection under ``stream`` (from ``STREAM_KEY``): the kernel drops
+        what it still holds for the client. False if that cannot be done here."""
+        if stream is None or not self.can_abort:
+            return False
+        try:
+            protocol = stream.send.__self__
+            if type(protocol).__name__ != "H11Protocol":
+                return False  # HTTP/2: the connection carries other streams
+            transport = protocol.send.__self__.writer.transport
+        except AttributeError as exc:
+            self._broke("abort", exc)
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        transport.abort()
+        return True
+
     def accepting(self, stream: Any) -> None:
         """Called by the wrapped hypercorn accept, before it answers the handshake."""
+        handshake = None
         if self.can_decline:
             try:
                 handshake = stream.handshake
@@ -157,6 +242,15 @@ class ServerReach:
                     handshake.extensions = None
             except AttributeError as exc:
                 self._broke("deflate", exc)
+        if self.can_bound:
+            try:
+                frames = _Frames(stream, min(stream.buffer.max_length, self.frame_limit))
+                stream.buffer = frames
+                handshake = stream.handshake
+                if handshake.extensions:  # deflate may be accepted: bound its inflation too
+                    _bound_inflation(handshake, frames, self)
+            except AttributeError as exc:
+                self._broke("frames", exc)
         if self.can_stop_pings:
             try:
                 setattr(stream, _APP_TASK, asyncio.current_task())  # the handler sends accept
@@ -182,6 +276,10 @@ class ServerReach:
             self.can_decline = False
         elif reach == "stop":
             self.can_watch = False
+        elif reach == "frames":
+            self.can_bound = False
+        elif reach == "abort":
+            self.can_abort = False
         else:
             self.can_stop_pings = False
         if reach not in self._broken:
@@ -207,6 +305,7 @@ def _install_into_hypercorn() -> dict[str, str]:
     pings: Any = getattr(WSStream, "_send_pings", None)
     if not _is_method(pings, ["self"]) or not hasattr(WSStream, "_send_wsproto_event"):
         problems["pings"] = "WSStream._send_pings(self) or _send_wsproto_event is gone"
+    problems.update(_check_frames_and_abort())
     if getattr(accept, _WRAPPED, False):
         return problems  # installed by an earlier start in this process
 
@@ -214,6 +313,7 @@ def _install_into_hypercorn() -> dict[str, str]:
         reach = message.get(ACCEPT_KEY)
         if isinstance(reach, ServerReach):
             reach.accepting(stream)
+            message[STREAM_KEY] = stream
         await accept(stream, message)
 
     async def _send_pings(stream: Any) -> None:
@@ -229,6 +329,151 @@ def _install_into_hypercorn() -> dict[str, str]:
     _wrap(WSStream, "_accept", _accept, accept)
     if "pings" not in problems:
         _wrap(WSStream, "_send_pings", _send_pings, pings)
+    return problems
+
+
+class _Frames:
+    """Stands in for hypercorn's ``WebsocketBuffer`` on a wsfanout stream: the same three
+    methods, but it never holds more than ``limit`` (characters of text, bytes of binary).
+
+    Past the limit it drops the message so far and everything the client sends after it,
+    and hands the app one ``_TOO_LARGE`` receive (the app answers with ``too_large`` and
+    closes with 1009, then resets the connection if the client goes on).
+    """
+
+    __slots__ = ("_stream", "_telling", "length", "limit", "parts", "refused")
+
+    def __init__(self, stream: Any, limit: int) -> None:
+        self._stream = stream
+        self._telling: asyncio.Task[Any] | None = None
+        self.limit = limit
+        self.length = 0
+        self.parts: list[Any] = []
+        self.refused = False
+
+    def extend(self, event: Any) -> None:
+        if self.refused:
+            return
+        data = event.data
+        self.length += len(data)
+        if self.length > self.limit:
+            self.refuse()
+        else:
+            self.parts.append(data)
+
+    def refuse(self) -> None:
+        """Drop the message and all that follows; tell the app (once)."""
+        if self.refused:
+            return
+        self.refused = True
+        self.parts = []
+        # Called from hypercorn's synchronous parsing; its queue to the app is awaited.
+        put = self._stream.app_put(dict(_TOO_LARGE))
+        self._telling = asyncio.get_running_loop().create_task(put)
+
+    def clear(self) -> None:
+        self.parts.clear()
+        self.length = 0
+
+    def to_message(self) -> Message:
+        if self.refused:
+            return dict(_TOO_LARGE)
+        parts = self.parts
+        if not parts:
+            return {"type": "websocket.receive", "bytes": None, "text": None}
+        if isinstance(parts[0], str):
+            return {"type": "websocket.receive", "bytes": None, "text": "".join(parts)}
+        return {"type": "websocket.receive", "bytes": b"".join(parts), "text": None}
+
+
+def _bound_inflation(handshake: Any, frames: _Frames, reach: ServerReach) -> None:
+    """Once hypercorn's handshake has built the connection, bound its permessage-deflate."""
+    accept = handshake.accept
+
+    def bounded(*args: Any) -> Any:
+        status, headers, connection = accept(*args)
+        try:
+            extensions: list[Any] = connection._proto.extensions
+        except AttributeError as exc:
+            reach._broke("frames", exc)
+        else:
+            cls = _bounded_deflate()
+            deflate: Any = cls.__base__  # wsproto's own
+            for extension in extensions:
+                if type(extension) is deflate:
+                    extension.wsfanout_frames = frames
+                    extension.wsfanout_left = frames.limit
+                    extension.__class__ = cls
+        return status, headers, connection
+
+    handshake.accept = bounded
+
+
+@functools.cache
+def _bounded_deflate() -> type:
+    """wsproto's ``PerMessageDeflate``, inflating no more than the frame limit per message."""
+    from wsproto.extensions import PerMessageDeflate
+    from wsproto.frame_protocol import CloseReason
+
+    class BoundedDeflate(PerMessageDeflate):
+        wsfanout_frames: _Frames
+        wsfanout_left: int
+
+        def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
+            if not self._inbound_compressed or not self._inbound_is_compressible:
+                return data
+            frames = self.wsfanout_frames
+            if frames.refused or self._decompressor is None:
+                return b""
+            left = self.wsfanout_left
+            try:
+                out = self._decompressor.decompress(bytes(data), left + 1)
+            except zlib.error:
+                return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+            if len(out) > left:
+                frames.refuse()
+                return b""
+            self.wsfanout_left = left - len(out)
+            return out
+
+        def frame_inbound_complete(self, proto: Any, fin: bool) -> bytes | CloseReason | None:
+            frames = self.wsfanout_frames
+            if frames.refused:
+                if fin:  # what was inflated is gone; so is the state a next message would need
+                    self._inbound_compressed = None
+                    self._decompressor = None
+                return None
+            result = super().frame_inbound_complete(proto, fin)
+            if fin:
+                left, self.wsfanout_left = self.wsfanout_left, frames.limit
+                if isinstance(result, bytes) and len(result) > left:
+                    frames.refuse()
+                    return None
+            return result
+
+    return BoundedDeflate
+
+
+def _check_frames_and_abort() -> dict[str, str]:
+    """Are hypercorn's message buffer and its connection's transport where they were?"""
+    problems: dict[str, str] = {}
+    try:
+        from hypercorn.asyncio.tcp_server import TCPServer
+        from hypercorn.protocol.h11 import H11Protocol
+        from hypercorn.protocol.ws_stream import WebsocketBuffer, WSStream
+        from wsproto.extensions import PerMessageDeflate
+    except ImportError as exc:
+        return {"frames": str(exc), "abort": str(exc)}
+    buffer = WebsocketBuffer(1)
+    if not all(hasattr(buffer, name) for name in ("extend", "clear", "to_message", "max_length")):
+        problems["frames"] = "hypercorn's WebsocketBuffer changed"
+    elif not hasattr(WSStream, "_handle_events"):
+        problems["frames"] = "WSStream._handle_events is gone"
+    deflate = PerMessageDeflate()
+    if not all(hasattr(deflate, name) for name in ("_inbound_compressed", "_decompressor")):
+        problems["frames"] = "wsproto's PerMessageDeflate changed"
+    if not hasattr(H11Protocol, "stream_send") or not hasattr(TCPServer, "protocol_send"):
+        problems["abort"] = "H11Protocol.stream_send or TCPServer.protocol_send is gone"
     return problems
 
 

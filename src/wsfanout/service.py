@@ -285,7 +285,11 @@ class Service:
         async with contextlib.AsyncExitStack() as opened:  # closes what opened if a step fails
             store = await Store.open(settings.database_path)
             opened.push_async_callback(store.close)
-            server = ServerReach(compression=settings.compression, on_stopping=on_stopping)
+            server = ServerReach(
+                compression=settings.compression,
+                on_stopping=on_stopping,
+                frame_limit=settings.max_frame_bytes,
+            )
             server.start()
             opened.push_async_callback(server.close)
             backplane = None

@@ -18,14 +18,16 @@ cancelling it, and the reader takes that cancellation back):
 
 The handshake takes a seat (``Service.seats``) before it awaits anything, so the
 connection limits hold under concurrent handshakes; the seat is given back only once
-the connection is closed. Cleanup (leaving the hub, cancelling the writer, the seat)
-runs in ``finally``.
+the connection is closed. Closing is the close frame, then the client's answer (its
+close, or leaving); a client that has not answered within ``WSFANOUT_CLOSE_TIMEOUT``
+(it does not read, or floods) has its TCP connection reset (``ServerReach.abort``), so
+what the kernel held for it is freed with its seat. Cleanup (leaving the hub, cancelling
+the writer, the seat) runs in ``finally``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import functools
@@ -37,6 +39,7 @@ from typing import Any, Final
 from . import http, protocol
 from .outbox import Outbox, item
 from .protocol import CloseCode, ErrorCode, ProtocolError, Publish
+from .servers import STREAM_KEY, TOO_LARGE_KEY
 from .service import Service
 from .sessions import Session
 from .store import User
@@ -72,8 +75,11 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
         await refuse(scope, send, refusal.status, refusal.reason)
         return
     try:
-        await send(svc.server.accept_message())
-        await Connection(svc, session, user, groups, receive, send).run()
+        accept = svc.server.accept_message()
+        await send(accept)
+        connection = Connection(svc, session, user, groups, receive, send)
+        connection.stream = accept.get(STREAM_KEY)  # the server's, for abort (or None)
+        await connection.run()
     finally:
         svc.seats.give_back(session.username)
 
@@ -150,6 +156,7 @@ class Connection:
         "receive",
         "send",
         "stage",
+        "stream",
         "svc",
         "user",
     )
@@ -180,6 +187,7 @@ class Connection:
             batch_bytes=settings.batch_bytes,
         )
         self.stage = Stage.STARTING
+        self.stream: object = None
         self._reader: asyncio.Task[Any] | None = None
         self._interrupted = False  # the writer finished first and cancelled the reader
 
@@ -202,11 +210,25 @@ class Connection:
         finally:
             hub.remove(outbox)
         if code is not None:
-            # A client that does not read can block this send forever: bound it.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.send({"type": "websocket.close", "code": code}),
-                    svc.settings.close_timeout,
+            await self._close(code)
+
+    async def _close(self, code: int) -> None:
+        """Send the close and wait for the client's answer (the connection holds its seat
+        until then); a client that does not answer in time has its TCP connection reset."""
+        receive = self.receive
+        try:
+            async with asyncio.timeout(self.svc.settings.close_timeout):
+                await self.send({"type": "websocket.close", "code": code})
+                # What the client sent meanwhile is dropped; its close ends the loop.
+                seen = 0
+                while (await receive())["type"] != "websocket.disconnect":
+                    seen += 1
+                    if seen % YIELD_EVERY == 0:
+                        await asyncio.sleep(0)  # a flood must not hold the loop
+        except TimeoutError:
+            if self.svc.server.abort(self.stream):
+                log.info(
+                    "reset the connection of %s: it did not answer the close", self.user.username
                 )
 
     def expire(self) -> None:
@@ -308,8 +330,10 @@ class Connection:
                 continue
             frame: str | bytes | None = message.get("text")
             if frame is None:
-                frame = message.get("bytes") or b""
-            if _size(frame, max_bytes) > max_bytes:
+                frame = message.get("bytes")
+                if frame is None:  # the server dropped a frame over the limit (servers.py)
+                    frame = b"" if TOO_LARGE_KEY not in message else None
+            if frame is None or _size(frame, max_bytes) > max_bytes:
                 self._tell(ErrorCode.TOO_LARGE, f"frames are limited to {max_bytes} bytes")
                 return CloseCode.TOO_LARGE
             now = time.monotonic()

@@ -1,0 +1,264 @@
+"""Hostile clients against real hypercorn: memory stays bounded, connections do not linger.
+
+Each test measures the server's resident memory (its processes' VmRSS) while it is
+attacked and after, and the TCP connections it still holds on its port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import pytest
+from wsproto.events import CloseConnection, TextMessage
+
+from tests.server import Client, RawClient, Server
+
+MIB = 1 << 20
+STALLED = 50  # clients that never read
+BOUND = 32 * MIB  # what an attack may add to the server's memory, at its peak and after
+ENV = {"WSFANOUT_CLOSE_TIMEOUT": "1", "WSFANOUT_RATE_LIMIT": "0"}
+
+
+def frame_header(length: int, *, opcode: int = 0x1, rsv1: bool = False) -> bytes:
+    """A client frame's header (FIN set, masked with a zero key: the payload goes as is)."""
+    first = 0x80 | (0x40 if rsv1 else 0) | opcode
+    if length < 126:
+        head = bytes([first, 0x80 | length])
+    elif length < 1 << 16:
+        head = bytes([first, 0x80 | 126]) + struct.pack("!H", length)
+    else:
+        head = bytes([first, 0x80 | 127]) + struct.pack("!Q", length)
+    return head + b"\0\0\0\0"
+
+
+@dataclass
+class Attack:
+    """What one raw client saw while it sent, and the server's memory meanwhile."""
+
+    start: int  # server RSS before, bytes
+    peak: int = 0
+    after: int = 0
+    sent: int = 0
+    close_code: int | None = None
+    texts: list[str] = field(default_factory=list)
+    ended: bool = False  # the server ended the TCP connection (EOF or reset)
+    send_error: OSError | None = None
+
+
+def attack(server: Server, raw: RawClient, data: Iterable[bytes], timeout: float = 30) -> Attack:
+    """Send ``data`` from ``raw`` while reading what the server answers, until the server
+    ends the connection (or ``timeout``); sample the server's memory all along."""
+    result = Attack(start=server.rss())
+    result.peak = result.start
+
+    def send() -> None:
+        try:
+            for chunk in data:
+                raw.sock.sendall(chunk)
+                result.sent += len(chunk)
+        except OSError as exc:
+            result.send_error = exc
+
+    def read() -> None:
+        partial = ""
+        try:
+            while True:
+                received = raw.sock.recv(65536)
+                raw.ws.receive_data(received or None)
+                for event in raw.ws.events():
+                    if isinstance(event, TextMessage):
+                        partial += event.data
+                        if event.message_finished:
+                            result.texts.append(partial)
+                            partial = ""
+                    elif isinstance(event, CloseConnection) and result.close_code is None:
+                        result.close_code = event.code
+                if not received:
+                    break
+        except OSError:
+            pass  # reset
+        result.ended = True
+
+    raw.sock.settimeout(timeout)
+    threads = [threading.Thread(target=send), threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        result.peak = max(result.peak, server.rss())
+        time.sleep(0.01)
+    for thread in threads:
+        thread.join(5)
+    time.sleep(0.5)
+    result.after = server.rss()
+    return result
+
+
+def connections_fall_to(server: Server, count: int, timeout: float) -> bool:
+    """Wait until the server holds at most ``count`` TCP connections on its port."""
+    deadline = time.monotonic() + timeout
+    while server.established() > count:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def errors(texts: list[str]) -> list[str]:
+    return [e["code"] for t in texts if (e := orjson.loads(t))["type"] == "error"]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, demo_db: Path) -> Path:
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    return tmp_path
+
+
+@pytest.mark.parametrize("serve", [False, True], ids=["hypercorn", "wsfanout-serve"])
+def test_a_frame_declaring_a_tebibyte_is_refused_without_buffering(
+    data_dir: Path, serve: bool
+) -> None:
+    """One frame declares 1 TiB and 200 MB of it are streamed: the client gets too_large
+    and 1009 at once, the server never holds more than the limit, and it resets the
+    connection once the client has not answered the close in time."""
+    with Server(data_dir, ENV, serve=serve).running() as server:
+        raw = RawClient(server.port, server.login("mike"))
+        chunk = b"a" * MIB
+        result = attack(server, raw, [frame_header(1 << 40), *([chunk] * 200)])
+        raw.close()
+        assert result.peak - result.start < BOUND, result
+        assert result.after - result.start < BOUND, result
+        assert result.ended, "the server kept the connection"
+        assert result.close_code == 1009
+        assert errors(result.texts) == ["too_large"]
+        assert server.established() == 0
+        log = server.log_path.read_text()
+    assert "it did not answer the close" in log
+    assert "Traceback" not in log, log
+
+
+def deflate_bomb(inflated: int) -> bytes:
+    """A permessage-deflate payload that inflates to ``inflated`` bytes of 'a'."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    parts = [compressor.compress(b"a" * MIB) for _ in range(inflated // MIB)]
+    parts.append(compressor.flush(zlib.Z_SYNC_FLUSH))
+    payload = b"".join(parts)
+    assert payload.endswith(b"\x00\x00\xff\xff")
+    return payload[:-4]
+
+
+def test_a_deflate_bomb_inflates_no_further_than_the_limit(data_dir: Path) -> None:
+    """Compression on: 0.5 MB that inflates to 0.5 GB gets too_large and 1009; the server
+    inflates no more than the frame limit, and its memory stays where it was."""
+    env = {**ENV, "WSFANOUT_COMPRESSION": "on"}
+    with Server(data_dir, env).running() as server:
+        raw = RawClient(server.port, server.login("mike"), deflate=True)
+        payload = deflate_bomb(512 * MIB)
+        assert len(payload) < MIB
+        result = attack(server, raw, [frame_header(len(payload), rsv1=True), payload])
+        raw.close()
+        assert result.send_error is None  # all of it went out
+        assert result.peak - result.start < BOUND, result
+        assert result.after - result.start < BOUND, result
+        assert result.ended
+        assert result.close_code == 1009
+        assert errors(result.texts) == ["too_large"]
+        log = server.log_path.read_text()
+    assert "Traceback" not in log, log
+
+
+async def test_compressed_messages_within_the_limit_still_arrive(data_dir: Path) -> None:
+    """Bounding inflation keeps its state across messages (context takeover): messages
+    just under the limit, one after another, are published; one just over is too_large."""
+    env = {**ENV, "WSFANOUT_COMPRESSION": "on"}
+    with Server(data_dir, env).running() as server:
+        mike = await Client.open(server.ws_url, server.login("mike"))
+        assert (await mike.next())["type"] == "welcome"
+        assert mike.conn.response is not None
+        assert "permessage-deflate" in mike.conn.response.headers["sec-websocket-extensions"]
+        for n in range(3):
+            text = f"{n}" * 65_000
+            await mike.send({"type": "broadcast", "text": text, "id": f"m{n}"})
+            assert (await mike.next_of("message"))["text"] == text
+            assert (await mike.next_of("ack"))["id"] == f"m{n}"
+        await mike.conn.send("a" * 65_537)
+        assert (await mike.next_of("error"))["code"] == "too_large"
+        await asyncio.wait_for(mike.reader, 10)
+        assert mike.conn.close_code == 1009
+
+
+def fragments(count: int, size: int) -> Iterator[bytes]:
+    """One text message in ``count`` fragments of ``size`` bytes (never finished)."""
+    body = b"a" * size
+    for n in range(count):
+        opcode = 0x1 if n == 0 else 0x0
+        head = frame_header(size, opcode=opcode)
+        yield bytes([head[0] & 0x7F]) + head[1:] + body  # FIN clear: more fragments follow
+
+
+def test_a_message_in_endless_fragments_is_refused_too(data_dir: Path) -> None:
+    """Fragments add up: past the limit the message is refused the same way, and the
+    connection does not hang (it used to, under `wsfanout serve`, past 4x the limit)."""
+    with Server(data_dir, ENV, serve=True).running() as server:
+        raw = RawClient(server.port, server.login("mike"))
+        result = attack(server, raw, fragments(2000, 64 * 1024))
+        raw.close()
+        assert result.peak - result.start < BOUND, result
+        assert result.ended
+        assert result.close_code == 1009
+        assert errors(result.texts) == ["too_large"]
+
+
+async def test_clients_that_never_read_do_not_keep_their_connections(data_dir: Path) -> None:
+    """50 clients that never read are closed with 1013 during a burst; then their TCP
+    connections are reset (not left holding megabytes in the kernel), the server's memory
+    stays within the bound, and the one client that reads gets everything."""
+    env = ENV  # the default bounds: 1 MiB outboxes, 64 KiB batches
+    with Server(data_dir, env, serve=True).running() as server:
+        greg = await Client.open(server.ws_url, server.login("greg"))
+        assert (await greg.next())["type"] == "welcome"
+        cookie = server.login("anny")  # a login costs 16 MiB for a moment (scrypt)
+        start = server.rss()
+        stalled = [RawClient(server.port, cookie, rcvbuf=4096) for _ in range(STALLED)]
+        assert server.established() == STALLED + 1
+        peak = start
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, server.rss())
+                await asyncio.sleep(0.01)
+
+        sampler = asyncio.create_task(sample())
+        text, count = "x" * 16_000, 600  # 9.6 MB each: far more than 256 KiB + socket buffers
+        try:
+            for n in range(count):
+                await greg.send({"type": "broadcast", "text": f"{n:04d}{text}"})
+            for n in range(count):
+                assert (await greg.next_of("message", timeout=30))["text"][:4] == f"{n:04d}"
+            assert await asyncio.to_thread(connections_fall_to, server, 1, 10), (
+                "closed clients kept their TCP connections"
+            )
+        finally:
+            done.set()
+            await sampler
+            for raw in stalled:
+                raw.close()
+        assert peak - start < BOUND, (peak - start) / MIB
+        await greg.close()
+        await asyncio.sleep(0.5)
+        assert server.rss() - start < BOUND
+        log = server.log_path.read_text()
+    assert log.count("closing a slow consumer (anny)") == 50
+    assert log.count("it did not answer the close") == 50
+    assert "Traceback" not in log, log
