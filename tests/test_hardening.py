@@ -7,15 +7,21 @@ attacked and after, and the TCP connections it still holds on its port.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import socket
 import struct
 import threading
 import time
+import urllib.error
+import urllib.request
+import uuid
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aio_pika
 import orjson
 import pytest
 from wsproto.events import CloseConnection, TextMessage
@@ -111,6 +117,17 @@ def connections_fall_to(server: Server, count: int, timeout: float) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def http_bytes(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, object]:
+    """POST raw JSON; (status, the decoded answer)."""
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310
+    request.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, orjson.loads(err.read())
 
 
 def errors(texts: list[str]) -> list[str]:
@@ -262,3 +279,106 @@ async def test_clients_that_never_read_do_not_keep_their_connections(data_dir: P
     assert log.count("closing a slow consumer (anny)") == 50
     assert log.count("it did not answer the close") == 50
     assert "Traceback" not in log, log
+
+
+def need(port: int, name: str) -> None:
+    """Skip when a shared service is not running, except under CI=true (then fail)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+    except OSError:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is not running on 127.0.0.1:{port}, and CI=true requires it")
+        pytest.skip(f"{name} is not running on 127.0.0.1:{port}")
+
+
+KEY = "hardening-key"
+BATCH = [{"type": "broadcast", "text": f"{n:04d}" + "x" * 4000} for n in range(1000)]  # 4 MB
+
+
+async def publish_by_amqp(url: str, queue: str, body: bytes) -> None:
+    connection = await aio_pika.connect_robust(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
+
+
+async def queue_depth(url: str, queue: str) -> int:
+    connection = await aio_pika.connect_robust(url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, durable=True, passive=True)
+        count = declared.declaration_result.message_count
+        assert count is not None
+        await channel.queue_delete(queue)
+        return count
+
+
+@pytest.mark.parametrize("source", ["api", "amqp", "api-redis"])
+async def test_a_batch_larger_than_an_outbox_reaches_every_reader(
+    tmp_path: Path, demo_db: Path, source: str
+) -> None:
+    """A 4 MB batch, 256 KiB outboxes: ten clients that read get all of it, whole and in
+    order; the one that never reads is closed with 1013 after the pace timeout; the
+    publisher hears back (202, or its ack) once all is handed over. With Redis, the batch
+    goes in through one node and the node the clients are on paces it."""
+    amqp_url = "amqp://guest:guest@127.0.0.1:5672/"
+    queue = f"wsfanout-test-{uuid.uuid4().hex[:10]}"
+    env = {
+        **ENV,
+        "WSFANOUT_OUTBOX_BYTES": str(256 * 1024),
+        "WSFANOUT_PACE_TIMEOUT": "1",
+        "WSFANOUT_API_KEYS": KEY,
+    }
+    if source == "amqp":
+        need(5672, "RabbitMQ")
+        env |= {"WSFANOUT_AMQP_URL": amqp_url, "WSFANOUT_AMQP_QUEUE": queue}
+    if source == "api-redis":
+        need(6379, "Redis")
+        env |= {
+            "WSFANOUT_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "WSFANOUT_REDIS_PREFIX": f"wsfanout-test-{uuid.uuid4().hex[:10]}:",
+        }
+    servers = []
+    for name in ("a", "b") if source == "api-redis" else ("a",):
+        (tmp_path / name).mkdir()
+        shutil.copy(demo_db, tmp_path / name / "wsfanout.sqlite3")
+        servers.append(Server(tmp_path / name, env))
+    for server in servers:
+        server.start()
+    try:
+        entry, home = servers[0], servers[-1]  # published into, and where the clients are
+        names = ["greg", "mike", "chuck", "lisa", "anny", "mikey"]
+        readers = [await Client.open(home.ws_url, home.login(names[n % 5])) for n in range(10)]
+        for reader in readers:
+            assert (await reader.next())["type"] == "welcome"
+        stalled = RawClient(home.port, home.login("greg"), rcvbuf=4096)
+        body = orjson.dumps(BATCH)
+        if source == "amqp":
+            await publish_by_amqp(amqp_url, queue, body)
+        else:
+            status, answer = await asyncio.to_thread(
+                http_bytes,
+                entry.http_url + "/api/publish",
+                body,
+                {"authorization": f"Bearer {KEY}"},
+            )
+            assert (status, answer) == (202, {"accepted": 1000})
+        for number, reader in enumerate(readers):
+            for n in range(1000):
+                event = await reader.next_of("message", timeout=30)
+                assert event["text"] == BATCH[n]["text"], (number, n)
+            assert reader.conn.close_code is None
+        code, _ = await asyncio.to_thread(stalled.read_until_close)
+        assert code == 1013
+        stalled.close()
+        for reader in readers:
+            await reader.close()
+        if source == "amqp":
+            assert await queue_depth(amqp_url, queue) == 0  # acked once, not requeued
+        logs = "".join(server.log_path.read_text() for server in servers)
+    finally:
+        for server in servers:
+            server.stop()
+    assert logs.count("closing a slow consumer") == 1
+    assert "Traceback" not in logs, logs

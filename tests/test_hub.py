@@ -144,3 +144,61 @@ async def test_a_connection_that_joins_while_draining_is_closed_too(
     h.add(late)
     assert late.close_code == 1001
     assert not late.push(("x", 1, {"type": "websocket.send", "text": "x"}))
+
+
+def frame_of(size: int) -> str:
+    return orjson.dumps({"type": "message", "text": "x" * (size - 30)}).decode()
+
+
+async def test_delivery_from_the_backplane_waits_for_room_then_pushes() -> None:
+    """What Redis hands this node is paced: into an outbox past half its bound, the next
+    event waits until the outbox is down to a quarter, then goes in (nothing dropped)."""
+    h = Hub(pace_timeout=5)
+    box = outbox("greg")
+    h.add(box)
+    for _ in range(2):
+        assert h._deliver(Kind.BROADCAST, "", frame_of(2_400)) is None  # 4,800 of 10,000
+    waiting = h._deliver(Kind.BROADCAST, "", frame_of(2_400))
+    assert waiting is not None and h.stats.paced == 1
+    task = asyncio.create_task(waiting)
+    await asyncio.sleep(0.05)
+    assert not task.done() and box.queued_bytes < 5_000  # waits; pushed nothing yet
+    box._take()  # the client reads: down to a quarter of the bound
+    await asyncio.wait_for(task, 1)
+    assert box.close_code is None and len(box._frames) == 1
+
+
+async def test_an_outbox_that_never_drains_is_closed_after_the_pace_timeout() -> None:
+    """A client that does not read within pace_timeout is closed with 1013 (once), and the
+    event goes to everyone else."""
+    h = Hub(pace_timeout=0.2)
+    stuck, fine = outbox("greg"), outbox("mike")
+    h.add(stuck)
+    h.add(fine)
+    stuck.push((frame_of(6_000), 6_000, {}))
+    waiting = h._deliver(Kind.BROADCAST, "", frame_of(100))
+    assert waiting is not None
+    started = asyncio.get_running_loop().time()
+    await waiting
+    assert 0.2 <= asyncio.get_running_loop().time() - started < 1
+    assert stuck.close_code == 1013 and stuck.queued_bytes == 0
+    assert fine.queued_bytes > 0 and fine.close_code is None
+
+
+async def test_a_paced_publish_keeps_room_for_users_messages() -> None:
+    """publish_paced fills an outbox to half its bound at most; an unpaced publish (a
+    user's) still fits in the other half."""
+    h = Hub(pace_timeout=0.2)
+    box = outbox("greg")
+    h.add(box)
+    publish = Publish(Kind.BROADCAST, "y" * 2_000, "", source=Source.API)
+    for _ in range(2):
+        await h.publish_paced(publish)
+    assert box.queued_bytes < 5_000
+    paced = asyncio.create_task(h.publish_paced(publish))
+    await asyncio.sleep(0.05)
+    assert not paced.done()
+    assert h.publish(Publish(Kind.BROADCAST, "z" * 4_000, "", sender="mike")) is None
+    assert box.close_code is None  # the user's message fitted
+    await paced  # nobody reads: closed after the pace timeout
+    assert box.close_code == 1013

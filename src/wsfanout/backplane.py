@@ -26,7 +26,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import redis.asyncio as redis
@@ -51,7 +51,7 @@ class BackplaneUnavailableError(Exception):
         self.reason = reason
 
 
-OnMessage = Callable[[Kind, str, str], object]
+OnMessage = Callable[[Kind, str, str], Awaitable[None] | None]
 """Takes (kind, target, encoded event) for what arrives from any node."""
 
 
@@ -278,7 +278,9 @@ class Backplane:
                 if message.get("type") == "message":
                     channel = message["channel"].decode()[prefix_length:]
                     try:
-                        deliver(*_route(channel), message["data"].decode())
+                        waiting = deliver(*_route(channel), message["data"].decode())
+                        if waiting is not None:  # a recipient's outbox is full: paced
+                            await waiting
                     except Exception:
                         log.exception("delivering a message from channel %r failed", channel)
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)

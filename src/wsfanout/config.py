@@ -51,6 +51,7 @@ class Settings:
     rate_limit: float = 50.0  # inbound messages per second per connection; 0 disables
     rate_burst: int = 100
     close_timeout: float = 5 * SECONDS  # how long a close may wait on a client that does not read
+    pace_timeout: float = 5 * SECONDS  # how long a paced publish waits for a full outbox
 
     # Websocket extensions
     compression: bool = False  # accept permessage-deflate when a client offers it (DESIGN 10)
@@ -104,6 +105,7 @@ class Settings:
             rate_limit=reader.number("RATE_LIMIT", defaults.rate_limit, low=0),
             rate_burst=reader.integer("RATE_BURST", defaults.rate_burst),
             close_timeout=reader.number("CLOSE_TIMEOUT", defaults.close_timeout, low=0.1),
+            pace_timeout=reader.number("PACE_TIMEOUT", defaults.pace_timeout, low=0.1),
             compression=reader.flag("COMPRESSION", defaults.compression),
             api_keys=reader.items("API_KEYS"),
             redis_url=reader.url("REDIS_URL", ("redis", "rediss", "unix")),

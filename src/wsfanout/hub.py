@@ -8,6 +8,16 @@ awaiting anyone. With a backplane the encoded event goes to Redis once, and ever
 node (this one included) fans it out locally when it comes back; ``publish()``
 then returns a future that settles when Redis has it. Either way, what the hub
 cannot take now (it is shutting down, Redis is away) raises ``UnavailableError``.
+
+Pacing. A backend's batch can be larger than an outbox holds; pushed at once it would
+close every recipient with 1013, reading or not. So ``publish_paced()`` (the API and
+RabbitMQ use it) and the backplane's delivery of what Redis hands this node fill an
+outbox only up to half its bound (the other half stays free for messages that are not
+paced: users' own). When a recipient is past that, the publish waits until the outbox
+is down to a quarter of its bound; a client that does not get there within
+``pace_timeout`` seconds does not read, and is closed with 1013 (``Outbox.overflow``),
+so it holds the batch up once, never for long. The wait polls the few full outboxes
+with a short, growing sleep: nothing is added to the path of a publish that fits.
 """
 
 from __future__ import annotations
@@ -15,13 +25,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, Final
 
 from . import protocol
 from .backplane import Backplane, BackplaneUnavailableError
-from .outbox import Outbox, item
+from .outbox import Item, Outbox, item
 from .protocol import Kind, Publish
+
+PACE_POLL: Final = (0.001, 0.02)  # the first and the longest sleep while waiting for room
 
 
 @dataclass(slots=True)
@@ -31,6 +44,7 @@ class HubStats:
     published: dict[tuple[str, str], int] = field(default_factory=dict)
     deliveries: int = 0
     slow_consumers: int = 0
+    paced: int = 0  # publishes that waited for room in some outbox
 
 
 class UnavailableError(Exception):
@@ -44,7 +58,8 @@ class UnavailableError(Exception):
 class Hub:
     """Who is connected here: everyone, by user, and by group."""
 
-    def __init__(self, backplane: Backplane | None = None) -> None:
+    def __init__(self, backplane: Backplane | None = None, pace_timeout: float = 5.0) -> None:
+        self.pace_timeout = pace_timeout
         self._all: set[Outbox] = set()
         self._users: dict[str, set[Outbox]] = {}
         self._groups: dict[str, set[Outbox]] = {}
@@ -57,7 +72,7 @@ class Hub:
     def start(self) -> None:
         """Start sharing fan-out with other nodes, if there is a backplane."""
         if self.backplane is not None:
-            self.backplane.start(self._fan_out)
+            self.backplane.start(self._deliver)
 
     def __len__(self) -> int:
         return len(self._all)
@@ -131,7 +146,7 @@ class Hub:
         frame = protocol.message(publish, time.time())
         backplane = self.backplane
         if backplane is None:
-            self._fan_out(publish.kind, publish.target, frame)
+            self._push(self._recipients(publish.kind, publish.target), item(frame))
             done = None
         else:
             try:
@@ -140,10 +155,69 @@ class Hub:
                 raise UnavailableError(str(exc)) from None
             done = asyncio.get_running_loop().create_future()
             sent.add_done_callback(functools.partial(_settle, done))
+        self._count(publish)
+        return done
+
+    async def publish_paced(self, publish: Publish) -> asyncio.Future[None] | None:
+        """``publish()``, but first wait for room in the recipients' outboxes (see Pacing).
+
+        With a backplane every node paces what it receives, so this is ``publish()``.
+
+        Raises:
+            UnavailableError: as ``publish()``; also when shutting down during the wait.
+        """
+        if self.backplane is not None or self.closed:
+            return self.publish(publish)
+        entry = item(protocol.message(publish, time.time()))
+        recipients = self._recipients(publish.kind, publish.target)
+        full = _full(recipients, entry[1])
+        if full:
+            self.stats.paced += 1
+            await self._room(full)
+            if self.closed:
+                raise UnavailableError("the server is shutting down")
+            recipients = self._recipients(publish.kind, publish.target)
+        self._push(recipients, entry)
+        self._count(publish)
+        return None
+
+    def _count(self, publish: Publish) -> None:
         published = self.stats.published
         key = (publish.kind.value, publish.source.value)
         published[key] = published.get(key, 0) + 1
-        return done
+
+    def _deliver(self, kind: Kind, target: str, frame: str) -> Coroutine[Any, Any, None] | None:
+        """What the backplane hands this node: fanned out now, or (some recipient's outbox
+        is full) a coroutine for the backplane to await, which waits for room first."""
+        entry = item(frame)
+        recipients = self._recipients(kind, target)
+        full = _full(recipients, entry[1])
+        if full:
+            self.stats.paced += 1
+            return self._push_when_room(kind, target, entry, full)
+        self._push(recipients, entry)
+        return None
+
+    async def _push_when_room(
+        self, kind: Kind, target: str, entry: Item, full: list[Outbox]
+    ) -> None:
+        await self._room(full)
+        self._push(self._recipients(kind, target), entry)
+
+    async def _room(self, full: list[Outbox]) -> None:
+        """Wait until each of these outboxes is down to a quarter of its bound, or closed;
+        those that are not within ``pace_timeout`` are overflowed (closed with 1013)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.pace_timeout
+        delay, longest = PACE_POLL
+        while full and not self.closed:
+            if loop.time() >= deadline:
+                for outbox in full:
+                    outbox.overflow()
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, longest)
+            full = [o for o in full if o.close_code is None and o.queued_bytes > o.limit // 4]
 
     def make_room(self, count: int) -> None:
         """Check that ``count`` publishes can be taken now, before taking any of them.
@@ -159,20 +233,18 @@ class Hub:
             except BackplaneUnavailableError as exc:
                 raise UnavailableError(str(exc)) from None
 
-    def _fan_out(self, kind: Kind, target: str, frame: str) -> int:
-        """Hand an encoded event to every local recipient; return how many there were."""
-        recipients: Collection[Outbox]
+    def _recipients(self, kind: Kind, target: str) -> Collection[Outbox]:
         if kind is Kind.BROADCAST:
-            recipients = self._all
-        elif kind is Kind.GROUP:
-            recipients = self._groups.get(target, ())
-        else:
-            recipients = self._users.get(target.lower(), ())
-        entry = item(frame)
+            return self._all
+        if kind is Kind.GROUP:
+            return self._groups.get(target, ())
+        return self._users.get(target.lower(), ())
+
+    def _push(self, recipients: Collection[Outbox], entry: Item) -> None:
+        """Hand an encoded event to every local recipient."""
         for outbox in recipients:
             outbox.push(entry)
         self.stats.deliveries += len(recipients)
-        return len(recipients)
 
     async def drain(self, code: int, batch: int, pause: float) -> None:
         """Stop taking publishes and ask every connection's writer to finish with ``code``,
@@ -186,6 +258,16 @@ class Hub:
                 await asyncio.sleep(pause)
             for outbox in outboxes[start : start + batch]:
                 outbox.close(code)
+
+
+def _full(recipients: Collection[Outbox], size: int) -> list[Outbox]:
+    """The open outboxes that a paced publish of ``size`` bytes would fill past half their
+    bound (an event larger than a whole outbox is not waited for: it can never fit)."""
+    return [
+        o
+        for o in recipients
+        if o.queued_bytes + size > o.limit // 2 and o.close_code is None and size <= o.limit
+    ]
 
 
 def _settle(done: asyncio.Future[None], sent: asyncio.Future[None]) -> None:

@@ -149,12 +149,12 @@ class Outbox:
         "_flusher",
         "_frames",
         "_inflight",
-        "_limit",
         "_scheduled",
         "_send",
         "_waiter",
         "close_code",
         "groups",
+        "limit",
         "on_overflow",
         "queued_bytes",
         "state",
@@ -177,7 +177,7 @@ class Outbox:
         self.groups = groups
         self._send = send
         self._flusher = flusher
-        self._limit = limit
+        self.limit = limit
         self._batch_max = batch_max
         self._batch_bytes = batch_bytes
         self._frames: collections.deque[Item] = collections.deque()
@@ -202,12 +202,8 @@ class Outbox:
         if self.close_code is not None:  # set on every move out of OPEN; cheaper to test
             return False
         queued = self.queued_bytes + entry[1]
-        if queued > self._limit:
-            self._frames.clear()
-            self.queued_bytes = 0
-            self._move(State.CLOSED, protocol.CloseCode.TRY_AGAIN_LATER)
-            if self.on_overflow is not None:
-                self.on_overflow()
+        if queued > self.limit:
+            self.overflow()
             return False
         self._frames.append(entry)
         self.queued_bytes = queued
@@ -217,6 +213,16 @@ class Outbox:
                 self._scheduled = True
                 self._flusher.schedule(self)
         return True
+
+    def overflow(self) -> None:
+        """The client does not read: drop what is queued, take no more, close with 1013."""
+        if self.close_code is not None:
+            return
+        self._frames.clear()
+        self.queued_bytes = 0
+        self._move(State.CLOSED, protocol.CloseCode.TRY_AGAIN_LATER)
+        if self.on_overflow is not None:
+            self.on_overflow()
 
     def close(self, code: int) -> None:
         """Take no more events; the writer sends what is queued, then returns ``code``.

@@ -259,6 +259,7 @@ class Service:
     seats: Seats = field(init=False)
     deadlines: Deadlines = field(init=False)
     metrics: Metrics = field(init=False)
+    pacing: asyncio.Lock = field(default_factory=asyncio.Lock)  # paced batches, one at a time
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -298,7 +299,7 @@ class Service:
                 opened.push_async_callback(backplane.close)
             else:
                 warn_if_workers_are_islands()
-            hub = Hub(backplane)
+            hub = Hub(backplane, settings.pace_timeout)
             hub.start()
             svc = cls(
                 settings=settings,
@@ -420,19 +421,27 @@ class Service:
         return checked
 
     async def publish_batch(self, batch: list[Publish]) -> None:
-        """Publish validated messages in order; wait until the backplane (if any) has them.
+        """Publish validated messages in order, paced (hub.py): return once every one is
+        handed over, to the local outboxes or (with a backplane) to Redis.
 
-        Queued all or none: when the hub cannot take the whole batch now, none of it is
-        published. Once queued, a Redis failure can still lose part of a batch that it
-        was sending: the caller hears UnavailableError and may send it again (at least
-        once, as with RabbitMQ).
+        When the hub cannot take the whole batch now, none of it is published. Once
+        started, a shutdown or a Redis failure can still stop part of it: the caller
+        hears UnavailableError and may send it again (at least once, as with RabbitMQ).
+        Batches are paced one at a time, so each keeps its order.
 
         Raises:
             UnavailableError: not all were published.
         """
-        self.hub.make_room(len(batch))
-        # No await from here to the last publish: nothing can take the room meanwhile.
-        pending = [done for publish in batch if (done := self.hub.publish(publish)) is not None]
+        hub = self.hub
+        hub.make_room(len(batch))
+        pending = []
+        if hub.backplane is not None:
+            # No await from here to the last publish: nothing can take the room meanwhile.
+            pending = [done for publish in batch if (done := hub.publish(publish)) is not None]
+        else:
+            async with self.pacing:
+                for publish in batch:
+                    await hub.publish_paced(publish)
         if pending:
             results = await asyncio.gather(*pending, return_exceptions=True)
             for result in results:
