@@ -95,7 +95,8 @@ async def test_fan_out_to_the_right_users(server: Server, clients: dict[str, Cli
 
 
 async def test_refused_handshakes_get_403(server: Server) -> None:
-    """Anonymous, tampered-cookie and foreign-Origin handshakes are HTTP 403."""
+    """Anonymous, tampered-cookie and foreign-Origin handshakes (another site, or this
+    host under another scheme) are HTTP 403."""
     cookie = server.login("greg")
     tampered = cookie[:-6] + ("AAAAAA" if not cookie.endswith("AAAAAA") else "BBBBBB")
     attempts: list[dict[str, str]] = [
@@ -103,6 +104,7 @@ async def test_refused_handshakes_get_403(server: Server) -> None:
         {"cookie": tampered},
         {"cookie": "wsfanout_session=not-a-token"},
         {"cookie": cookie, "origin": "http://evil.example"},
+        {"cookie": cookie, "origin": server.http_url.replace("http:", "https:")},
     ]
     for headers in attempts:
         with pytest.raises(InvalidStatus) as caught:

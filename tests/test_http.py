@@ -40,32 +40,65 @@ def test_cookies_parse_leniently() -> None:
     assert http.cookies(scope) == {"a": "1", "b": "2", "c": ""}
 
 
-def scope_with(origin: str | None, host: str = "chat.example:8000") -> Scope:
+def scope_with(
+    origin: str | None,
+    host: str = "chat.example:8000",
+    scheme: str = "http",
+    forwarded: str | None = None,
+) -> Scope:
     headers = [(b"host", host.encode())]
     if origin is not None:
         headers.append((b"origin", origin.encode()))
-    return {"headers": headers}
+    if forwarded is not None:
+        headers.append((b"x-forwarded-proto", forwarded.encode()))
+    return {"headers": headers, "scheme": scheme}
 
 
 @pytest.mark.parametrize(
-    ("origin", "host", "allowed"),
+    ("origin", "host", "scheme", "allowed"),
     [
-        (None, "chat.example:8000", True),
-        ("http://chat.example:8000", "chat.example:8000", True),
-        ("https://chat.example:8000/", "chat.example:8000", True),
-        ("http://chat.example", "chat.example:80", True),
-        ("https://chat.example", "chat.example", True),
-        ("http://evil.example", "chat.example:8000", False),
-        ("http://chat.example:8000.evil", "chat.example:8000", False),
-        ("null", "chat.example:8000", False),
-        ("file://", "chat.example:8000", False),
-        ("https://friend.example", "chat.example:8000", True),
+        (None, "chat.example:8000", "http", True),
+        ("http://chat.example:8000", "chat.example:8000", "http", True),
+        ("http://chat.example:8000", "chat.example:8000", "ws", True),
+        ("https://chat.example:8000/", "chat.example:8000", "wss", True),
+        ("https://chat.example:8000", "chat.example:8000", "http", False),  # scheme differs
+        ("http://chat.example:8000", "chat.example:8000", "https", False),
+        ("http://chat.example:8000", "chat.example:8000", "wss", False),
+        ("http://chat.example", "chat.example:80", "http", True),
+        ("https://chat.example", "chat.example", "https", True),
+        ("https://chat.example", "chat.example:443", "wss", True),
+        ("https://chat.example", "chat.example:80", "https", False),  # port differs
+        ("http://chat.example:8001", "chat.example:8000", "http", False),
+        ("http://evil.example", "chat.example:8000", "http", False),
+        ("http://chat.example:8000.evil", "chat.example:8000", "http", False),
+        ("null", "chat.example:8000", "http", False),
+        ("file://", "chat.example:8000", "http", False),
+        ("https://friend.example", "chat.example:8000", "http", True),
     ],
 )
-def test_origin_allowed(origin: str | None, host: str, allowed: bool) -> None:
-    """Same host (or an allowed origin) passes; anything else from a browser fails."""
+def test_origin_allowed(origin: str | None, host: str, scheme: str, allowed: bool) -> None:
+    """Same scheme, host and port (or an allowed origin) passes; anything else from a
+    browser fails."""
     extra = frozenset({"https://friend.example"})
-    assert http.origin_allowed(scope_with(origin, host), extra) is allowed
+    assert http.origin_allowed(scope_with(origin, host, scheme), extra) is allowed
+
+
+@pytest.mark.parametrize(
+    ("origin", "forwarded", "allowed"),
+    [
+        ("https://chat.example", "https", True),
+        ("https://chat.example", "wss", True),
+        ("https://chat.example", "HTTPS, http", True),  # the first proxy's word counts
+        ("http://chat.example", "https", False),  # a page on plain http, the socket on TLS
+        ("https://chat.example", "gopher", False),  # nonsense: the server's own scheme
+    ],
+)
+def test_origin_behind_a_tls_terminating_proxy(
+    origin: str, forwarded: str, allowed: bool
+) -> None:
+    """Behind a proxy that ends TLS, X-Forwarded-Proto says the scheme the browser used."""
+    scope = scope_with(origin, "chat.example", "ws", forwarded)
+    assert http.origin_allowed(scope, frozenset()) is allowed
 
 
 async def test_read_body_is_bounded() -> None:

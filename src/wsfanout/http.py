@@ -103,10 +103,13 @@ def app_root(scope: Scope) -> str:
 
 
 def origin_allowed(scope: Scope, allowed: frozenset[str]) -> bool:
-    """Whether a browser's ``Origin`` is the request's own host or an allowed origin.
+    """Whether a browser's ``Origin`` is the request's own origin (scheme, host and port)
+    or an allowed origin.
 
     A request with no ``Origin`` is not from a browser page and passes: the check
-    exists because browsers attach cookies to cross-site requests.
+    exists because browsers attach cookies to cross-site requests. The request's own
+    scheme is what a TLS-terminating proxy says in ``X-Forwarded-Proto`` (a browser page
+    cannot set that header on a websocket handshake or a form post), else the server's.
     """
     origin = header(scope, b"origin")
     if origin is None:
@@ -119,9 +122,22 @@ def origin_allowed(scope: Scope, allowed: frozenset[str]) -> bool:
         parts = urlsplit(origin)
     except ValueError:
         return False
-    if host is None or parts.scheme not in {"http", "https"} or not parts.netloc:
+    if host is None or parts.scheme != request_scheme(scope) or not parts.netloc:
         return False
     return _same_host(parts.scheme, parts.netloc.lower(), host.strip().lower())
+
+
+_WEB_SCHEMES: Final = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
+
+
+def request_scheme(scope: Scope) -> str:
+    """``http`` or ``https``: how the browser reached us (through a proxy, if it says)."""
+    forwarded = header(scope, b"x-forwarded-proto")
+    if forwarded:
+        scheme = _WEB_SCHEMES.get(forwarded.split(",")[0].strip().lower())
+        if scheme is not None:
+            return scheme
+    return _WEB_SCHEMES.get(scope.get("scheme", "http"), "http")
 
 
 def _same_host(scheme: str, origin_netloc: str, host: str) -> bool:
