@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import shutil
 import signal
@@ -340,6 +341,17 @@ def test_guessing_from_one_address_does_not_lock_the_owner_out(server: Server) -
         assert login_from(server, "127.0.0.2", "lisa", "wrong") == 401
     assert login_from(server, "127.0.0.2", "lisa", "Lisa") == 429
     assert login_from(server, "127.0.0.3", "lisa", "Lisa") == 200
+
+
+def test_parallel_guesses_get_no_more_than_the_limit(server: Server) -> None:
+    """100 logins for chuck at once from 127.0.0.4, the right password among them: at most
+    5 are checked (counted before the password is), the rest get 429, the right one too."""
+    passwords = ["wrong"] * 100
+    passwords[50] = "Chuck"
+    with concurrent.futures.ThreadPoolExecutor(100) as pool:
+        statuses = list(pool.map(lambda p: login_from(server, "127.0.0.4", "chuck", p), passwords))
+    assert statuses.count(429) >= 95, statuses
+    assert sum(s in (200, 401) for s in statuses) <= 5, statuses
 
 
 async def test_a_listening_socket_is_closed_when_its_session_expires(

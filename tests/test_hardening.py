@@ -130,6 +130,11 @@ def http_bytes(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, obj
         return err.code, orjson.loads(err.read())
 
 
+def report(name: str, **figures: float) -> None:
+    """One line of figures for the README (seen with ``pytest -s``)."""
+    print(f"figure {name}: " + ", ".join(f"{k}={v:.1f}" for k, v in figures.items()))
+
+
 def errors(texts: list[str]) -> list[str]:
     return [e["code"] for t in texts if (e := orjson.loads(t))["type"] == "error"]
 
@@ -152,6 +157,12 @@ def test_a_frame_declaring_a_tebibyte_is_refused_without_buffering(
         chunk = b"a" * MIB
         result = attack(server, raw, [frame_header(1 << 40), *([chunk] * 200)])
         raw.close()
+        report(
+            f"1 TiB frame ({'serve' if serve else 'hypercorn'})",
+            peak_mib=(result.peak - result.start) / MIB,
+            after_mib=(result.after - result.start) / MIB,
+            sent_mib=result.sent / MIB,
+        )
         assert result.peak - result.start < BOUND, result
         assert result.after - result.start < BOUND, result
         assert result.ended, "the server kept the connection"
@@ -183,6 +194,12 @@ def test_a_deflate_bomb_inflates_no_further_than_the_limit(data_dir: Path) -> No
         assert len(payload) < MIB
         result = attack(server, raw, [frame_header(len(payload), rsv1=True), payload])
         raw.close()
+        report(
+            "deflate bomb",
+            peak_mib=(result.peak - result.start) / MIB,
+            after_mib=(result.after - result.start) / MIB,
+            sent_mib=result.sent / MIB,
+        )
         assert result.send_error is None  # all of it went out
         assert result.peak - result.start < BOUND, result
         assert result.after - result.start < BOUND, result
@@ -229,6 +246,7 @@ def test_a_message_in_endless_fragments_is_refused_too(data_dir: Path) -> None:
         raw = RawClient(server.port, server.login("mike"))
         result = attack(server, raw, fragments(2000, 64 * 1024))
         raw.close()
+        report("fragments", peak_mib=(result.peak - result.start) / MIB)
         assert result.peak - result.start < BOUND, result
         assert result.ended
         assert result.close_code == 1009
@@ -271,10 +289,16 @@ async def test_clients_that_never_read_do_not_keep_their_connections(data_dir: P
             await sampler
             for raw in stalled:
                 raw.close()
-        assert peak - start < BOUND, (peak - start) / MIB
         await greg.close()
         await asyncio.sleep(0.5)
-        assert server.rss() - start < BOUND
+        after = server.rss()
+        report(
+            f"{STALLED} never-reading",
+            peak_mib=(peak - start) / MIB,
+            after_mib=(after - start) / MIB,
+        )
+        assert peak - start < BOUND, (peak - start) / MIB
+        assert after - start < BOUND
         log = server.log_path.read_text()
     assert log.count("closing a slow consumer (anny)") == 50
     assert log.count("it did not answer the close") == 50

@@ -93,9 +93,7 @@ def test_origin_allowed(origin: str | None, host: str, scheme: str, allowed: boo
         ("https://chat.example", "gopher", False),  # nonsense: the server's own scheme
     ],
 )
-def test_origin_behind_a_tls_terminating_proxy(
-    origin: str, forwarded: str, allowed: bool
-) -> None:
+def test_origin_behind_a_tls_terminating_proxy(origin: str, forwarded: str, allowed: bool) -> None:
     """Behind a proxy that ends TLS, X-Forwarded-Proto says the scheme the browser used."""
     scope = scope_with(origin, "chat.example", "ws", forwarded)
     assert http.origin_allowed(scope, frozenset()) is allowed
