@@ -16,7 +16,7 @@ import pytest
 
 from tests import asgi
 from tests.conftest import login
-from tests.server import Client, Server
+from tests.server import Client, Server, http
 from wsfanout import App, Settings, create_app
 
 KEY = "backend-key-1"
@@ -166,6 +166,17 @@ async def test_over_real_hypercorn_and_the_cli(tmp_path: Path, demo_db: Path) ->
         assert "1 accepted" in done.stdout
         event = await lisa.next_of("message")
         assert (event["kind"], event["from"], event["text"]) == ("group", "ops", "from the shell")
+        assert event["via"] == "api"  # a backend's "from" is never mistaken for a user's
+        posed = await asyncio.to_thread(
+            http,
+            "POST",
+            server.http_url + "/api/publish",
+            {"type": "broadcast", "text": "trust me", "from": "greg"},
+            {"authorization": f"Bearer {KEY}"},
+        )
+        assert posed[0] == 202
+        event = await lisa.next_of("message")
+        assert (event["from"], event["via"], event["text"]) == ("greg", "api", "trust me")
         wrong = await asyncio.to_thread(
             subprocess.run,
             [str(cli), "publish", "--url", server.http_url, "--key", "nope", "hi"],

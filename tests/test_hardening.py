@@ -239,14 +239,20 @@ def fragments(count: int, size: int) -> Iterator[bytes]:
         yield bytes([head[0] & 0x7F]) + head[1:] + body  # FIN clear: more fragments follow
 
 
-def test_a_message_in_endless_fragments_is_refused_too(data_dir: Path) -> None:
-    """Fragments add up: past the limit the message is refused the same way, and the
-    connection does not hang (it used to, under `wsfanout serve`, past 4x the limit)."""
+@pytest.mark.parametrize(
+    ("count", "size"), [(2000, 64 * 1024), (50_000, 0)], ids=["64KiB-fragments", "empty-fragments"]
+)
+def test_a_message_in_endless_fragments_is_refused_too(
+    data_dir: Path, count: int, size: int
+) -> None:
+    """Fragments add up: past the limit (or past 4096 of them, empty ones included) the
+    message is refused the same way, and the connection does not hang (it used to, under
+    `wsfanout serve`, past 4x the limit)."""
     with Server(data_dir, ENV, serve=True).running() as server:
         raw = RawClient(server.port, server.login("mike"))
-        result = attack(server, raw, fragments(2000, 64 * 1024))
+        result = attack(server, raw, fragments(count, size))
         raw.close()
-        report("fragments", peak_mib=(result.peak - result.start) / MIB)
+        report(f"{count} fragments of {size} B", peak_mib=(result.peak - result.start) / MIB)
         assert result.peak - result.start < BOUND, result
         assert result.ended
         assert result.close_code == 1009

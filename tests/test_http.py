@@ -83,6 +83,25 @@ def test_origin_allowed(origin: str | None, host: str, scheme: str, allowed: boo
     assert http.origin_allowed(scope_with(origin, host, scheme), extra) is allowed
 
 
+def test_origin_behind_a_tls_terminating_proxy_says_so_in_forwarded() -> None:
+    """RFC 7239's Forwarded header works as X-Forwarded-Proto does (the first hop's)."""
+    scope = scope_with("https://chat.example", "chat.example", "ws")
+    scope["headers"].append((b"forwarded", b'for=1.2.3.4;proto="https", for=5.6.7.8;proto=http'))
+    assert http.origin_allowed(scope, frozenset())
+
+
+def test_a_scheme_mismatch_is_hinted_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal that differs only by scheme logs one hint about TLS proxies."""
+    monkeypatch.setattr(http, "_hinted", False)
+    scope = scope_with("https://chat.example", "chat.example")
+    for _ in range(3):
+        assert not http.origin_allowed(scope, frozenset())
+    hints = [r.getMessage() for r in caplog.records if "X-Forwarded-Proto" in r.getMessage()]
+    assert len(hints) == 1
+
+
 @pytest.mark.parametrize(
     ("origin", "forwarded", "allowed"),
     [

@@ -8,6 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
+from wsfanout import hub as hub_module
+from wsfanout import protocol
 from wsfanout.hub import Hub, UnavailableError
 from wsfanout.outbox import Flusher, Outbox
 from wsfanout.protocol import Kind, Publish, Source
@@ -146,43 +148,92 @@ async def test_a_connection_that_joins_while_draining_is_closed_too(
     assert not late.push(("x", 1, {"type": "websocket.send", "text": "x"}))
 
 
-def frame_of(size: int) -> str:
-    return orjson.dumps({"type": "message", "text": "x" * (size - 30)}).decode()
+def frame_of(size: int, via: Source = Source.API) -> str:
+    """An encoded message of about ``size`` bytes, from a backend (``via``) or a user."""
+    publish = Publish(Kind.BROADCAST, "x" * (size - 100), "", sender="ops", source=via)
+    return protocol.message(publish, 0.0)
 
 
-async def test_delivery_from_the_backplane_waits_for_room_then_pushes() -> None:
-    """What Redis hands this node is paced: into an outbox past half its bound, the next
-    event waits until the outbox is down to a quarter, then goes in (nothing dropped)."""
+def test_backend_messages_are_told_apart_by_their_via() -> None:
+    assert protocol.from_backend(frame_of(200, Source.API))
+    assert protocol.from_backend(frame_of(200, Source.AMQP))
+    assert not protocol.from_backend(frame_of(200, Source.WEBSOCKET))
+    tricky = Publish(Kind.BROADCAST, '","via":"api', "", sender="greg")
+    assert not protocol.from_backend(protocol.message(tricky, 0.0))
+
+
+async def test_a_backend_message_from_redis_waits_in_the_backlog_for_room() -> None:
+    """What Redis hands this node from a backend is paced: into an outbox past half its
+    bound, it waits in the backlog (the listener goes on) until the outbox is down to a
+    quarter, then goes in; later backend messages keep their place behind it."""
     h = Hub(pace_timeout=5)
     box = outbox("greg")
     h.add(box)
     for _ in range(2):
         assert h._deliver(Kind.BROADCAST, "", frame_of(2_400)) is None  # 4,800 of 10,000
-    waiting = h._deliver(Kind.BROADCAST, "", frame_of(2_400))
-    assert waiting is not None and h.stats.paced == 1
-    task = asyncio.create_task(waiting)
+    assert h._deliver(Kind.BROADCAST, "", frame_of(2_400)) is None  # to the backlog
+    assert h._deliver(Kind.BROADCAST, "", frame_of(200)) is None  # would fit: behind it
     await asyncio.sleep(0.05)
-    assert not task.done() and box.queued_bytes < 5_000  # waits; pushed nothing yet
+    assert box.queued_bytes < 5_000 and h.stats.paced == 1  # waits; pushed nothing yet
     box._take()  # the client reads: down to a quarter of the bound
-    await asyncio.wait_for(task, 1)
-    assert box.close_code is None and len(box._frames) == 1
+    assert h._pacer is not None
+    await asyncio.wait_for(h._pacer, 1)
+    assert box.close_code is None
+    assert [len(f[0]) for f in box._frames] == [len(frame_of(2_400)), len(frame_of(200))]
+
+
+async def test_a_users_message_from_redis_never_waits() -> None:
+    """A user's message passes the backlog at once (it is not paced)."""
+    h = Hub(pace_timeout=5)
+    box = outbox("greg")
+    h.add(box)
+    for _ in range(3):
+        h._deliver(Kind.BROADCAST, "", frame_of(2_400))
+    user = frame_of(300, Source.WEBSOCKET)
+    assert h._deliver(Kind.BROADCAST, "", user) is None
+    assert box._frames[-1][0] == user and len(h._backlog) == 1
+    box._take()
+    assert h._pacer is not None
+    await asyncio.wait_for(h._pacer, 1)
 
 
 async def test_an_outbox_that_never_drains_is_closed_after_the_pace_timeout() -> None:
-    """A client that does not read within pace_timeout is closed with 1013 (once), and the
-    event goes to everyone else."""
+    """A client that holds the backlog up for pace_timeout is closed with 1013 (once), and
+    the event goes to everyone else."""
     h = Hub(pace_timeout=0.2)
     stuck, fine = outbox("greg"), outbox("mike")
     h.add(stuck)
     h.add(fine)
     stuck.push((frame_of(6_000), 6_000, {}))
-    waiting = h._deliver(Kind.BROADCAST, "", frame_of(100))
-    assert waiting is not None
     started = asyncio.get_running_loop().time()
-    await waiting
+    assert h._deliver(Kind.BROADCAST, "", frame_of(200)) is None
+    assert h._pacer is not None
+    await h._pacer
     assert 0.2 <= asyncio.get_running_loop().time() - started < 1
     assert stuck.close_code == 1013 and stuck.queued_bytes == 0
     assert fine.queued_bytes > 0 and fine.close_code is None
+
+
+async def test_past_the_backlog_bound_the_listener_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past BACKLOG_BYTES, _deliver hands the listener something to await: Redis holds the
+    rest until the backlog drains."""
+    monkeypatch.setattr(hub_module, "BACKLOG_BYTES", 5_000)
+    h = Hub(pace_timeout=5)
+    box = outbox("greg")
+    h.add(box)
+    for _ in range(2):
+        h._deliver(Kind.BROADCAST, "", frame_of(2_400))
+    for _ in range(2):
+        assert h._deliver(Kind.BROADCAST, "", frame_of(2_400)) is None  # backlog 4,800
+    waiting = h._deliver(Kind.BROADCAST, "", frame_of(2_400))
+    assert waiting is not None
+    task = asyncio.ensure_future(waiting)
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    while h._backlog:
+        box._take()
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(task, 1)
 
 
 async def test_a_paced_publish_keeps_room_for_users_messages() -> None:

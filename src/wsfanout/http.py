@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import posixpath
 import re
 from collections.abc import Iterable
@@ -14,6 +15,8 @@ import orjson
 from .types import Receive, Scope, Send
 
 Headers = list[tuple[bytes, bytes]]
+
+log = logging.getLogger(__name__)
 
 SECURITY_HEADERS: Final[Headers] = [
     (b"x-content-type-options", b"nosniff"),
@@ -122,19 +125,49 @@ def origin_allowed(scope: Scope, allowed: frozenset[str]) -> bool:
         parts = urlsplit(origin)
     except ValueError:
         return False
-    if host is None or parts.scheme != request_scheme(scope) or not parts.netloc:
+    if host is None or parts.scheme not in {"http", "https"} or not parts.netloc:
         return False
-    return _same_host(parts.scheme, parts.netloc.lower(), host.strip().lower())
+    same = _same_host(parts.scheme, parts.netloc.lower(), host.strip().lower())
+    scheme = request_scheme(scope)
+    if same and parts.scheme != scheme:
+        _hint_scheme(origin, scheme)
+        return False
+    return same
+
+
+_hinted = False
+
+
+def _hint_scheme(origin: str, scheme: str) -> None:
+    """Once per process: a refusal that differs only by scheme is most often a TLS proxy
+    that does not say so."""
+    global _hinted
+    if not _hinted:
+        _hinted = True
+        log.warning(
+            "refused Origin %s: this request came over %s. Behind a proxy that ends TLS, "
+            "have it send X-Forwarded-Proto (or list the origin in WSFANOUT_ALLOWED_ORIGINS)",
+            origin,
+            scheme,
+        )
 
 
 _WEB_SCHEMES: Final = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 
 
 def request_scheme(scope: Scope) -> str:
-    """``http`` or ``https``: how the browser reached us (through a proxy, if it says)."""
-    forwarded = header(scope, b"x-forwarded-proto")
-    if forwarded:
-        scheme = _WEB_SCHEMES.get(forwarded.split(",")[0].strip().lower())
+    """``http`` or ``https``: how the browser reached us, through a proxy if it says so
+    (``X-Forwarded-Proto``, or ``proto=`` in RFC 7239's ``Forwarded``; the first hop's)."""
+    said = header(scope, b"x-forwarded-proto")
+    if not said:
+        forwarded = header(scope, b"forwarded")
+        if forwarded:
+            for pair in forwarded.split(",")[0].split(";"):
+                name, _, value = pair.partition("=")
+                if name.strip().lower() == "proto":
+                    said = value.strip().strip('"')
+    if said:
+        scheme = _WEB_SCHEMES.get(said.split(",")[0].strip().lower())
         if scheme is not None:
             return scheme
     return _WEB_SCHEMES.get(scope.get("scheme", "http"), "http")

@@ -10,24 +10,26 @@ then returns a future that settles when Redis has it. Either way, what the hub
 cannot take now (it is shutting down, Redis is away) raises ``UnavailableError``.
 
 Pacing. A backend's batch can be larger than an outbox holds; pushed at once it would
-close every recipient with 1013, reading or not. So ``publish_paced()`` (the API and
-RabbitMQ use it) and the backplane's delivery of what Redis hands this node fill an
-outbox only up to half its bound (the other half stays free for messages that are not
-paced: users' own). When a recipient is past that, the publish waits until the outbox
-is down to a quarter of its bound; a client that does not get there within
-``pace_timeout`` seconds does not read, and is closed with 1013 (``Outbox.overflow``),
-so it holds the batch up once, never for long. The wait polls the few full outboxes
-with a short, growing sleep: nothing is added to the path of a publish that fits.
+close every recipient with 1013, reading or not. So backends' events are paced:
+``publish_paced()`` (the API and RabbitMQ, one batch at a time) and, with a backplane,
+the backlog of backend events Redis hands this node (``_deliver``, fanned out in order by
+a task of its own). A paced event fills an outbox only up to half its bound (the other
+half stays free for users' messages, which are never paced and never wait), and when a
+recipient is past that, waits until the outbox is down to a quarter. A client that holds
+one batch (or one run of backlog) up for ``pace_timeout`` seconds in all does not keep
+up, and is closed with 1013 (``Outbox.overflow``). The wait polls the few full outboxes
+with a short, growing sleep: nothing is added to the path of an event that fits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import time
-from collections.abc import Collection, Coroutine
+from collections.abc import Awaitable, Collection
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from . import protocol
 from .backplane import Backplane, BackplaneUnavailableError
@@ -35,6 +37,7 @@ from .outbox import Item, Outbox, item
 from .protocol import Kind, Publish
 
 PACE_POLL: Final = (0.001, 0.02)  # the first and the longest sleep while waiting for room
+BACKLOG_BYTES: Final = 16 * 1024 * 1024  # backend events from Redis held here while paced
 
 
 @dataclass(slots=True)
@@ -60,6 +63,10 @@ class Hub:
 
     def __init__(self, backplane: Backplane | None = None, pace_timeout: float = 5.0) -> None:
         self.pace_timeout = pace_timeout
+        self._backlog: collections.deque[tuple[Kind, str, Item]] = collections.deque()
+        self._backlog_bytes = 0
+        self._backlog_room = asyncio.Event()
+        self._pacer: asyncio.Task[None] | None = None
         self._all: set[Outbox] = set()
         self._users: dict[str, set[Outbox]] = {}
         self._groups: dict[str, set[Outbox]] = {}
@@ -158,10 +165,14 @@ class Hub:
         self._count(publish)
         return done
 
-    async def publish_paced(self, publish: Publish) -> asyncio.Future[None] | None:
+    async def publish_paced(
+        self, publish: Publish, waited: dict[Outbox, float] | None = None
+    ) -> asyncio.Future[None] | None:
         """``publish()``, but first wait for room in the recipients' outboxes (see Pacing).
 
-        With a backplane every node paces what it receives, so this is ``publish()``.
+        ``waited`` carries how long each outbox has held this batch up so far (pass the
+        same dict for every publish of a batch). With a backplane, every node paces what
+        it receives (``_deliver``), so this is ``publish()``.
 
         Raises:
             UnavailableError: as ``publish()``; also when shutting down during the wait.
@@ -173,7 +184,7 @@ class Hub:
         full = _full(recipients, entry[1])
         if full:
             self.stats.paced += 1
-            await self._room(full)
+            await self._room(full, entry[1], {} if waited is None else waited)
             if self.closed:
                 raise UnavailableError("the server is shutting down")
             recipients = self._recipients(publish.kind, publish.target)
@@ -186,38 +197,78 @@ class Hub:
         key = (publish.kind.value, publish.source.value)
         published[key] = published.get(key, 0) + 1
 
-    def _deliver(self, kind: Kind, target: str, frame: str) -> Coroutine[Any, Any, None] | None:
-        """What the backplane hands this node: fanned out now, or (some recipient's outbox
-        is full) a coroutine for the backplane to await, which waits for room first."""
+    def _deliver(self, kind: Kind, target: str, frame: str) -> Awaitable[None] | None:
+        """What the backplane hands this node. A user's message, or a backend's that fits,
+        is fanned out now; a backend's that does not (or that others wait ahead of) joins
+        the backlog, which a task of its own paces out in order. Only past BACKLOG_BYTES
+        does the backplane get something to await (Redis then holds the rest)."""
         entry = item(frame)
-        recipients = self._recipients(kind, target)
-        full = _full(recipients, entry[1])
-        if full:
-            self.stats.paced += 1
-            return self._push_when_room(kind, target, entry, full)
-        self._push(recipients, entry)
+        if not protocol.from_backend(frame):
+            self._push(self._recipients(kind, target), entry)
+            return None
+        backlog = self._backlog
+        if not backlog:
+            recipients = self._recipients(kind, target)
+            if not _full(recipients, entry[1]):
+                self._push(recipients, entry)
+                return None
+        backlog.append((kind, target, entry))
+        self._backlog_bytes += entry[1]
+        if self._pacer is None or self._pacer.done():
+            self._pacer = asyncio.get_running_loop().create_task(
+                self._pace_backlog(), name="wsfanout-pacer"
+            )
+        if self._backlog_bytes > BACKLOG_BYTES:
+            self._backlog_room.clear()
+            return self._backlog_drains()
         return None
 
-    async def _push_when_room(
-        self, kind: Kind, target: str, entry: Item, full: list[Outbox]
-    ) -> None:
-        await self._room(full)
-        self._push(self._recipients(kind, target), entry)
+    async def _backlog_drains(self) -> None:
+        await self._backlog_room.wait()
 
-    async def _room(self, full: list[Outbox]) -> None:
-        """Wait until each of these outboxes is down to a quarter of its bound, or closed;
-        those that are not within ``pace_timeout`` are overflowed (closed with 1013)."""
+    async def _pace_backlog(self) -> None:
+        """Fan the backlog out in order, each event once its recipients have room."""
+        backlog = self._backlog
+        waited: dict[Outbox, float] = {}  # for this run of backlog: how long each held it up
+        try:
+            while backlog:
+                kind, target, entry = backlog[0]
+                full = _full(self._recipients(kind, target), entry[1])
+                if full and not self.closed:
+                    self.stats.paced += 1
+                    await self._room(full, entry[1], waited)
+                backlog.popleft()
+                self._backlog_bytes -= entry[1]
+                if not self.closed:
+                    self._push(self._recipients(kind, target), entry)
+                if self._backlog_bytes <= BACKLOG_BYTES:
+                    self._backlog_room.set()
+        finally:
+            self._backlog_room.set()
+
+    async def _room(self, full: list[Outbox], size: int, waited: dict[Outbox, float]) -> None:
+        """Wait until each of these outboxes has room again (down to a quarter of its
+        bound), or is closed. One that has held this batch up for ``pace_timeout`` seconds
+        in all does not keep up: it is overflowed (closed with 1013)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.pace_timeout
         delay, longest = PACE_POLL
+        budget = self.pace_timeout
+        last = loop.time()
         while full and not self.closed:
-            if loop.time() >= deadline:
-                for outbox in full:
-                    outbox.overflow()
-                return
             await asyncio.sleep(delay)
             delay = min(delay * 2, longest)
-            full = [o for o in full if o.close_code is None and o.queued_bytes > o.limit // 4]
+            now = loop.time()
+            spent, last = now - last, now
+            still = []
+            for outbox in full:
+                total = waited[outbox] = waited.get(outbox, 0.0) + spent
+                if outbox.close_code is not None or outbox.queued_bytes <= _resume(outbox, size):
+                    continue
+                if total >= budget:
+                    outbox.overflow()
+                else:
+                    still.append(outbox)
+            full = still
 
     def make_room(self, count: int) -> None:
         """Check that ``count`` publishes can be taken now, before taking any of them.
@@ -262,12 +313,23 @@ class Hub:
 
 def _full(recipients: Collection[Outbox], size: int) -> list[Outbox]:
     """The open outboxes that a paced publish of ``size`` bytes would fill past half their
-    bound (an event larger than a whole outbox is not waited for: it can never fit)."""
+    bound, and that waiting can bring lower (``_resume``). An event larger than a whole
+    outbox is not waited for: it can never fit."""
     return [
         o
         for o in recipients
-        if o.queued_bytes + size > o.limit // 2 and o.close_code is None and size <= o.limit
+        if (queued := o.queued_bytes) + size > o.limit // 2
+        and queued > _resume(o, size)
+        and o.close_code is None
+        and size <= o.limit
     ]
+
+
+def _resume(outbox: Outbox, size: int) -> int:
+    """How low a full outbox must get before a paced event of ``size`` bytes goes in: a
+    quarter of its bound (so that events go in many at a time), and room for this one."""
+    limit = outbox.limit
+    return min(limit // 4, limit - size)
 
 
 def _settle(done: asyncio.Future[None], sent: asyncio.Future[None]) -> None:

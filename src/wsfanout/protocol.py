@@ -184,6 +184,15 @@ def message(publish: Publish, ts: float) -> str:
     return encode(event)
 
 
+BACKEND_MARK: Final = ',"via":"'
+
+
+def from_backend(frame: str) -> bool:
+    """Whether an encoded ``message`` came from a backend (it carries ``via``). Inside a
+    JSON string every quote is escaped, so this exact text can only be the key itself."""
+    return BACKEND_MARK in frame
+
+
 def welcome(user: str, first_name: str, groups: list[str]) -> str:
     return encode({"type": "welcome", "user": user, "first_name": first_name, "groups": groups})
 

@@ -31,8 +31,9 @@ Theory of operation. wsfanout needs three things from its server that ASGI has n
    answers a larger one with a bare 1009, and then goes on buffering whatever the client
    still sends (a frame declaring 1 TiB grew the server by 1 GB in 5 s). On wsfanout's
    streams, ``accepting`` swaps the stream's ``buffer`` for ``_Frames``: it holds at most the
-   app's frame limit, and past it drops everything the client sends and hands the app one
-   ``websocket.receive`` marked with ``TOO_LARGE_KEY``, so the app sends its ``too_large``
+   app's frame limit (a message in more than 4096 pieces counts as over it), and past it
+   drops everything the client sends and hands the app a ``websocket.receive`` marked
+   with ``TOO_LARGE_KEY``, so the app sends its ``too_large``
    error frame and closes with 1009 whatever the frame's size. With compression on, the
    connection's ``PerMessageDeflate`` becomes ``_BoundedDeflate``, which inflates no more than
    that limit per message (a 0.5 MB deflate bomb otherwise inflates 1000-fold first).
@@ -42,7 +43,9 @@ Theory of operation. wsfanout needs three things from its server that ASGI has n
    stays until the client reads it, for minutes. ASGI has no way to say "reset"; the wrapped
    accept hands the app its stream (``STREAM_KEY`` in the accept message), and ``abort``
    resets that connection (SO_LINGER 0, then ``transport.abort()``): the kernel drops what it
-   held. The app calls it when a client has not answered its close in time.
+   held. The app calls it when a client has not answered its close in time. Under HTTP/2
+   (a stream of a connection that carries others) nothing is reset: hypercorn's own close
+   applies.
 
 The first three are checked once, at start, against hypercorn's own classes (a handshake that
 offers deflate must come back without it). If a hypercorn release moved something, one
@@ -334,20 +337,26 @@ def _install_into_hypercorn() -> dict[str, str]:
 
 class _Frames:
     """Stands in for hypercorn's ``WebsocketBuffer`` on a wsfanout stream: the same three
-    methods, but it never holds more than ``limit`` (characters of text, bytes of binary).
+    methods, but it never holds more than ``limit`` (characters of text, bytes of binary)
+    in at most ``JOIN_EVERY`` pieces, and a message may come in at most ``MAX_PIECES``.
 
-    Past the limit it drops the message so far and everything the client sends after it,
-    and hands the app one ``_TOO_LARGE`` receive (the app answers with ``too_large`` and
-    closes with 1009, then resets the connection if the client goes on).
+    Past either bound it drops the message so far and everything the client sends after
+    it, and hands the app a ``_TOO_LARGE`` receive (the app answers with ``too_large``,
+    closes with 1009, and resets the connection if the client goes on; later messages of
+    the client end as such receives too, which the closing app drops).
     """
 
-    __slots__ = ("_stream", "_telling", "length", "limit", "parts", "refused")
+    MAX_PIECES: Final = 4096  # a message arriving in more pieces (fragments, reads) is refused
+    JOIN_EVERY: Final = 64  # pieces held before they are joined into one
+
+    __slots__ = ("_stream", "_telling", "length", "limit", "parts", "pieces", "refused")
 
     def __init__(self, stream: Any, limit: int) -> None:
         self._stream = stream
         self._telling: asyncio.Task[Any] | None = None
         self.limit = limit
         self.length = 0
+        self.pieces = 0
         self.parts: list[Any] = []
         self.refused = False
 
@@ -356,13 +365,17 @@ class _Frames:
             return
         data = event.data
         self.length += len(data)
-        if self.length > self.limit:
+        self.pieces += 1
+        if self.length > self.limit or self.pieces > self.MAX_PIECES:
             self.refuse()
-        else:
-            self.parts.append(data)
+            return
+        parts = self.parts
+        parts.append(data)
+        if len(parts) >= self.JOIN_EVERY:  # tiny fragments: keep one object, not thousands
+            parts[:] = [_join(parts)]
 
     def refuse(self) -> None:
-        """Drop the message and all that follows; tell the app (once)."""
+        """Drop the message and all that follows; tell the app."""
         if self.refused:
             return
         self.refused = True
@@ -373,7 +386,7 @@ class _Frames:
 
     def clear(self) -> None:
         self.parts.clear()
-        self.length = 0
+        self.length = self.pieces = 0
 
     def to_message(self) -> Message:
         if self.refused:
@@ -381,9 +394,17 @@ class _Frames:
         parts = self.parts
         if not parts:
             return {"type": "websocket.receive", "bytes": None, "text": None}
-        if isinstance(parts[0], str):
-            return {"type": "websocket.receive", "bytes": None, "text": "".join(parts)}
-        return {"type": "websocket.receive", "bytes": b"".join(parts), "text": None}
+        data = _join(parts)
+        if isinstance(data, str):
+            return {"type": "websocket.receive", "bytes": None, "text": data}
+        return {"type": "websocket.receive", "bytes": data, "text": None}
+
+
+def _join(parts: list[Any]) -> Any:
+    """One str or bytes from a message's pieces (the piece itself when there is one)."""
+    if isinstance(parts[0], str):
+        return "".join(parts)
+    return b"".join(parts)
 
 
 def _bound_inflation(handshake: Any, frames: _Frames, reach: ServerReach) -> None:
@@ -423,11 +444,14 @@ def _bounded_deflate() -> type:
             if not self._inbound_compressed or not self._inbound_is_compressible:
                 return data
             frames = self.wsfanout_frames
-            if frames.refused or self._decompressor is None:
-                return b""
+            if frames.refused:
+                return b""  # dropped unread: the connection is closing
+            decompressor = self._decompressor
+            if decompressor is None:  # not set up by frame_inbound_header: wsproto decides
+                return super().frame_inbound_payload_data(proto, data)
             left = self.wsfanout_left
             try:
-                out = self._decompressor.decompress(bytes(data), left + 1)
+                out = decompressor.decompress(bytes(data), left + 1)
             except zlib.error:
                 return CloseReason.INVALID_FRAME_PAYLOAD_DATA
             if len(out) > left:

@@ -34,7 +34,7 @@ from .backplane import Backplane
 from .config import Settings
 from .hub import Hub, UnavailableError
 from .metrics import Metrics, ServiceStats
-from .outbox import Flusher
+from .outbox import Flusher, Outbox
 from .protocol import CloseCode, ErrorCode, Kind, ProtocolError, Publish, Source
 from .servers import ServerReach, warn_if_workers_are_islands
 from .sessions import COOKIE_NAME, Session, SessionCodec
@@ -439,9 +439,10 @@ class Service:
             # No await from here to the last publish: nothing can take the room meanwhile.
             pending = [done for publish in batch if (done := hub.publish(publish)) is not None]
         else:
+            waited: dict[Outbox, float] = {}  # how long each outbox has held this batch up
             async with self.pacing:
                 for publish in batch:
-                    await hub.publish_paced(publish)
+                    await hub.publish_paced(publish, waited)
         if pending:
             results = await asyncio.gather(*pending, return_exceptions=True)
             for result in results:

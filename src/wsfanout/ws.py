@@ -28,6 +28,7 @@ the writer, the seat) runs in ``finally``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 FLUSH_BEFORE_CLOSE: Final = 2.0  # seconds a writer gets to send queued frames before a close
 EXPIRED: Final = "the session has expired: log in again"
 YIELD_EVERY: Final = 32  # frames a reader handles before letting other tasks run
+ABORT_GRACE: Final = 1.0  # seconds to read on after a reset, until the server says it is gone
 
 
 class Refusal(Exception):
@@ -215,21 +217,29 @@ class Connection:
     async def _close(self, code: int) -> None:
         """Send the close and wait for the client's answer (the connection holds its seat
         until then); a client that does not answer in time has its TCP connection reset."""
-        receive = self.receive
         try:
             async with asyncio.timeout(self.svc.settings.close_timeout):
                 await self.send({"type": "websocket.close", "code": code})
-                # What the client sent meanwhile is dropped; its close ends the loop.
-                seen = 0
-                while (await receive())["type"] != "websocket.disconnect":
-                    seen += 1
-                    if seen % YIELD_EVERY == 0:
-                        await asyncio.sleep(0)  # a flood must not hold the loop
+                await self._until_gone()
         except TimeoutError:
             if self.svc.server.abort(self.stream):
                 log.info(
                     "reset the connection of %s: it did not answer the close", self.user.username
                 )
+                # The server hands over the disconnect only once its queue to us has room:
+                # read on (briefly), or it would hold the connection's task forever.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ABORT_GRACE):
+                        await self._until_gone()
+
+    async def _until_gone(self) -> None:
+        """Drop what the client sends until it is gone (its close, or the connection's end)."""
+        receive = self.receive
+        seen = 0
+        while (await receive())["type"] != "websocket.disconnect":
+            seen += 1
+            if seen % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # a flood must not hold the loop
 
     def expire(self) -> None:
         """The session's max age has passed: say so, and close with 1008 once that is sent."""
