@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import resource
@@ -48,6 +49,7 @@ class System:
     env: dict[str, str] = field(default_factory=dict)
     workers: int = 0  # 0: hypercorn serves in its own process
     client: str = "browser"  # the loadgen's client: "browser" (offers deflate) or "plain"
+    tree: Path | None = None  # another checkout's wsfanout (--against); None: this tree
 
 
 WSFANOUT_ENV = {"WSFANOUT_RATE_LIMIT": "0", "WSFANOUT_LOG_LEVEL": "warning"}
@@ -189,7 +191,11 @@ class Server:
         self.port = sock.getsockname()[1]
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),  # the tree run from
+            # the tree run from (or, for --against, the other checkout's wsfanout first)
+            "PYTHONPATH": os.pathsep.join(
+                [str(tree / "src") for tree in (system.tree,) if tree]
+                + [str(ROOT / "src"), str(ROOT)]
+            ),
             "WSFANOUT_DATA_DIR": str(data_dir),
             "WSFANOUT_SECRET_KEY": SECRET,
             **system.env,
@@ -448,6 +454,12 @@ def main() -> int:
         help="wsfanout's clients offer no permessage-deflate (the old, non-browser client)",
     )
     parser.add_argument(
+        "--against",
+        type=Path,
+        help="another checkout (a git worktree of an earlier commit): its wsfanout runs as "
+        "wsfanout-before beside this one in every scenario, for a before/after in one run",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="JSON results file (default bench/results.json; bench/results-quick.json with "
@@ -464,6 +476,11 @@ def main() -> int:
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(BENCH)], check=True)
 
     chosen = [s for s in scenarios(args.quick) if not args.only or s.name in args.only]
+    if args.against:
+        before = dataclasses.replace(WSFANOUT, name="wsfanout-before", tree=args.against.resolve())
+        chosen = [
+            dataclasses.replace(s, systems=(s.systems[0], before, *s.systems[1:])) for s in chosen
+        ]
     if any(s.name == "redis" for s in chosen) and redis_cpu_seconds() is None:
         print(f"skipping the redis scenario: no Redis at {REDIS_URL}", flush=True)
         chosen = [s for s in chosen if s.name != "redis"]
