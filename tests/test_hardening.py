@@ -119,6 +119,12 @@ def connections_fall_to(server: Server, count: int, timeout: float) -> bool:
     return True
 
 
+def http(url: str) -> str:
+    """GET a URL; its body."""
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
+        return str(response.read().decode())
+
+
 def http_bytes(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, object]:
     """POST raw JSON; (status, the decoded answer)."""
     request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310
@@ -412,3 +418,30 @@ async def test_a_batch_larger_than_an_outbox_reaches_every_reader(
             server.stop()
     assert logs.count("closing a slow consumer") == 1
     assert "Traceback" not in logs, logs
+
+
+def test_data_before_the_handshake_answer_leaves_no_ghost_connection(data_dir: Path) -> None:
+    """A client that sends a frame in the same write as its upgrade request, then leaves:
+    hypercorn answers 400 and ends the stream without telling the app. The connection must
+    not stay counted (it used to hold its seat forever: 100 of them locked the user out)."""
+    env = {**ENV, "WSFANOUT_MAX_CONNECTIONS_PER_USER": "3"}
+    with Server(data_dir, env).running() as server:
+        cookie = server.login("greg")
+        early = frame_header(5) + b"hello"
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                request = (
+                    f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                    f"Cookie: {cookie}\r\n\r\n"
+                )
+                sock.sendall(request.encode() + early)
+                sock.recv(4096)
+        assert connections_fall_to(server, 0, 5)
+        deadline = time.monotonic() + 5
+        while '"connections":0' not in http(server.http_url + "/healthz"):
+            assert time.monotonic() < deadline, "the ghosts are still counted"
+            time.sleep(0.05)
+        raw = RawClient(server.port, cookie)  # their seats came back: greg gets in
+        raw.close()

@@ -47,6 +47,11 @@ Theory of operation. wsfanout needs three things from its server that ASGI has n
    (a stream of a connection that carries others) nothing is reset: hypercorn's own close
    applies.
 
+6. Ghost connections. A client that sends data before the handshake's answer gets a 400
+   from hypercorn, which marks the stream closed without telling the app: the app waits
+   on ``receive()`` forever and its connection stays counted. The wrapped
+   ``WSStream._send_error_response`` hands the app a ``websocket.disconnect`` then.
+
 The first three are checked once, at start, against hypercorn's own classes (a handshake that
 offers deflate must come back without it). If a hypercorn release moved something, one
 warning names what is lost and the service runs on: compression stays as the server
@@ -98,11 +103,13 @@ _TOO_LARGE: Final[Message] = {
     "text": None,
     TOO_LARGE_KEY: True,
 }
+_GONE: Final[Message] = {"type": "websocket.disconnect", "code": 1006}
+_DISCONNECTS: set[asyncio.Task[Any]] = set()  # disconnects being handed over (kept alive)
 _RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops unsent data
 
 _WRAPPED: Final = "__wsfanout_wrapped__"
 _APP_TASK: Final = "_wsfanout_app_task"  # set on a hypercorn WSStream: the app's handler task
-REACHES: Final = ("deflate", "stop", "pings", "frames", "abort")
+REACHES: Final = ("deflate", "stop", "pings", "frames", "abort", "ghosts")
 _OFFER: Final = [
     (b"host", b"wsfanout.invalid"),
     (b"connection", b"Upgrade"),
@@ -175,6 +182,11 @@ class ServerReach:
                 "--websocket-ping-interval, closed connections linger until their next ping"
             )
         for reach, what in (
+            (
+                "ghosts",
+                "a client that sends data before the handshake's answer leaves a "
+                "connection counted until restart",
+            ),
             (
                 "frames",
                 "frames over the limit get hypercorn's bare 1009, after it buffered "
@@ -309,6 +321,9 @@ def _install_into_hypercorn() -> dict[str, str]:
     if not _is_method(pings, ["self"]) or not hasattr(WSStream, "_send_wsproto_event"):
         problems["pings"] = "WSStream._send_pings(self) or _send_wsproto_event is gone"
     problems.update(_check_frames_and_abort())
+    error_response: Any = getattr(WSStream, "_send_error_response", None)
+    if not _is_method(error_response, ["self", "status_code"]):
+        problems["ghosts"] = "WSStream._send_error_response(self, status_code) is gone"
     if getattr(accept, _WRAPPED, False):
         return problems  # installed by an earlier start in this process
 
@@ -329,7 +344,20 @@ def _install_into_hypercorn() -> dict[str, str]:
             await stream._send_wsproto_event(Ping())
             await asyncio.wait((app,), timeout=interval)  # wakes when the handler returns
 
+    async def _send_error_response(stream: Any, status_code: int) -> None:
+        await error_response(stream, status_code)
+        # Hypercorn ends a stream whose client sent data before the handshake's answer
+        # (400) without telling its app, which then waits on receive() forever, holding
+        # its connection's place. Tell it the client is gone.
+        put = stream.__dict__.get("app_put")
+        if put is not None and status_code == 400:
+            _DISCONNECTS.add(asyncio.get_running_loop().create_task(put(dict(_GONE))))
+            for task in [t for t in _DISCONNECTS if t.done()]:
+                _DISCONNECTS.discard(task)
+
     _wrap(WSStream, "_accept", _accept, accept)
+    if "ghosts" not in problems:
+        _wrap(WSStream, "_send_error_response", _send_error_response, error_response)
     if "pings" not in problems:
         _wrap(WSStream, "_send_pings", _send_pings, pings)
     return problems
