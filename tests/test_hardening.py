@@ -445,3 +445,29 @@ def test_data_before_the_handshake_answer_leaves_no_ghost_connection(data_dir: P
             time.sleep(0.05)
         raw = RawClient(server.port, cookie)  # their seats came back: greg gets in
         raw.close()
+
+
+async def test_a_client_that_stops_reading_in_a_quiet_room_is_closed_too(data_dir: Path) -> None:
+    """Clients that stop reading while little is sent never overflow their outbox, but the
+    server's sends to them block: after WSFANOUT_SEND_TIMEOUT they are closed with 1013
+    and reset (they used to hold ~2.8 MB each, ESTABLISHED, for as long as they liked)."""
+    env = {**ENV, "WSFANOUT_SEND_TIMEOUT": "1", "WSFANOUT_OUTBOX_BYTES": str(16 * MIB)}
+    with Server(data_dir, env).running() as server:
+        greg = await Client.open(server.ws_url, server.login("greg"))
+        assert (await greg.next())["type"] == "welcome"
+        cookie = server.login("lisa")
+        stalled = [RawClient(server.port, cookie, rcvbuf=4096) for _ in range(5)]
+        text = "x" * 16_000
+        for n in range(500):  # 8 MB in all: under the outbox, over the socket buffers
+            await greg.send({"type": "direct", "user_name": "lisa", "text": f"{n}{text}"})
+        try:
+            assert await asyncio.to_thread(connections_fall_to, server, 1, 15), (
+                "stalled clients kept their connections"
+            )
+        finally:
+            for raw in stalled:
+                raw.close()
+            await greg.close()
+        log = server.log_path.read_text()
+    assert log.count("closing a slow consumer (lisa): a send blocked for 1 s") == 5
+    assert "Traceback" not in log, log

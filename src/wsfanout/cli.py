@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
@@ -168,7 +169,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
         code = run(config)
     finally:
         if listening is not None:
-            listening.close()
+            with contextlib.suppress(OSError):  # hypercorn may have closed it already
+                listening.close()
     if code:
         raise CommandError(f"the server stopped with exit code {code}: its log says why")
 

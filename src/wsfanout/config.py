@@ -52,6 +52,7 @@ class Settings:
     rate_burst: int = 100
     close_timeout: float = 5 * SECONDS  # how long a close may wait on a client that does not read
     pace_timeout: float = 5 * SECONDS  # how long a paced publish waits for a full outbox
+    send_timeout: float = 30 * SECONDS  # a send blocked this long: the client does not read
 
     # Websocket extensions
     compression: bool = False  # accept permessage-deflate when a client offers it (DESIGN 10)
@@ -106,6 +107,7 @@ class Settings:
             rate_burst=reader.integer("RATE_BURST", defaults.rate_burst),
             close_timeout=reader.number("CLOSE_TIMEOUT", defaults.close_timeout, low=0.1),
             pace_timeout=reader.number("PACE_TIMEOUT", defaults.pace_timeout, low=0.1),
+            send_timeout=reader.number("SEND_TIMEOUT", defaults.send_timeout, low=0.1),
             compression=reader.flag("COMPRESSION", defaults.compression),
             api_keys=reader.items("API_KEYS"),
             redis_url=reader.url("REDIS_URL", ("redis", "rediss", "unix")),

@@ -157,6 +157,7 @@ class Outbox:
         "limit",
         "on_overflow",
         "queued_bytes",
+        "send_timeout",
         "state",
         "user",
     )
@@ -172,6 +173,7 @@ class Outbox:
         batch_max: int,
         batch_bytes: int,
         on_overflow: Callable[[], object] | None = None,
+        send_timeout: float | None = None,
     ) -> None:
         self.user = user
         self.groups = groups
@@ -189,6 +191,7 @@ class Outbox:
         self.state = State.OPEN
         self.close_code: int | None = None  # why it closes, once it stops taking events
         self.on_overflow = on_overflow
+        self.send_timeout = send_timeout  # a send blocked this long: the client does not read
 
     def _move(self, state: State, code: int | None = None) -> None:
         if state not in _MOVES.get(self.state, ()):
@@ -223,6 +226,16 @@ class Outbox:
         self._move(State.CLOSED, protocol.CloseCode.TRY_AGAIN_LATER)
         if self.on_overflow is not None:
             self.on_overflow()
+
+    def _stalled(self) -> int:
+        """A send has been blocked for ``send_timeout``: the client does not read (however
+        little traffic there is). Drop what is queued and end with 1013."""
+        self._frames.clear()
+        self.queued_bytes = 0
+        if self.state is not State.CLOSED:
+            self._move(State.CLOSED, protocol.CloseCode.TRY_AGAIN_LATER)
+        self.close_code = protocol.CloseCode.TRY_AGAIN_LATER
+        return protocol.CloseCode.TRY_AGAIN_LATER
 
     def close(self, code: int) -> None:
         """Take no more events; the writer sends what is queued, then returns ``code``.
@@ -311,7 +324,11 @@ class Outbox:
             inflight = self._inflight
             if inflight is not None:
                 self._inflight = None
-                await eager.finish(*inflight)
+                try:
+                    async with asyncio.timeout(self.send_timeout):
+                        await eager.finish(*inflight)
+                except TimeoutError:
+                    return self._stalled()
             if self._error is not None:
                 raise self._error
             if not frames:
@@ -327,5 +344,9 @@ class Outbox:
                     self._waiter = None
                 continue
             message, count = self._take()
-            await self._send(message)
+            try:
+                async with asyncio.timeout(self.send_timeout):
+                    await self._send(message)
+            except TimeoutError:
+                return self._stalled()
             stats.count(count)

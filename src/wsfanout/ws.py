@@ -187,6 +187,7 @@ class Connection:
             limit=settings.outbox_bytes,
             batch_max=settings.batch_max,
             batch_bytes=settings.batch_bytes,
+            send_timeout=settings.send_timeout,
         )
         self.stage = Stage.STARTING
         self.stream: object = None
@@ -299,14 +300,19 @@ class Connection:
 
     def _writer_code(self, writer: asyncio.Task[int]) -> int:
         """The writer finished first: why, as a close code."""
-        if writer.cancelled():
+        stalled = not writer.cancelled() and writer.exception() is None
+        if stalled and writer.result() != CloseCode.TRY_AGAIN_LATER:
+            stalled = False
+        if writer.cancelled() or stalled:
             if self.outbox.close_code == CloseCode.TRY_AGAIN_LATER:
                 self.svc.hub.stats.slow_consumers += 1
-                log.warning(
-                    "closing a slow consumer (%s): more than %d bytes queued",
-                    self.user.username,
-                    self.svc.settings.outbox_bytes,
+                settings = self.svc.settings
+                why = (
+                    f"a send blocked for {settings.send_timeout:g} s"
+                    if stalled
+                    else f"more than {settings.outbox_bytes} bytes queued"
                 )
+                log.warning("closing a slow consumer (%s): %s", self.user.username, why)
                 return CloseCode.TRY_AGAIN_LATER
             return CloseCode.INTERNAL_ERROR
         exc = writer.exception()
