@@ -300,26 +300,23 @@ class Connection:
 
     def _writer_code(self, writer: asyncio.Task[int]) -> int:
         """The writer finished first: why, as a close code."""
-        stalled = not writer.cancelled() and writer.exception() is None
-        if stalled and writer.result() != CloseCode.TRY_AGAIN_LATER:
-            stalled = False
-        if writer.cancelled() or stalled:
-            if self.outbox.close_code == CloseCode.TRY_AGAIN_LATER:
-                self.svc.hub.stats.slow_consumers += 1
-                settings = self.svc.settings
-                why = (
-                    f"a send blocked for {settings.send_timeout:g} s"
-                    if stalled
-                    else f"more than {settings.outbox_bytes} bytes queued"
-                )
-                log.warning("closing a slow consumer (%s): %s", self.user.username, why)
-                return CloseCode.TRY_AGAIN_LATER
+        settings = self.svc.settings
+        if not writer.cancelled():
+            exc = writer.exception()
+            if exc is not None:
+                log.error("websocket writer for %s failed", self.user.username, exc_info=exc)
+                return CloseCode.INTERNAL_ERROR
+            code = writer.result()
+            if code != CloseCode.TRY_AGAIN_LATER:
+                return code
+            why = f"a send blocked for {settings.send_timeout:g} s"  # Outbox._stalled
+        elif self.outbox.close_code == CloseCode.TRY_AGAIN_LATER:
+            why = f"more than {settings.outbox_bytes} bytes queued"  # overflow cancelled it
+        else:
             return CloseCode.INTERNAL_ERROR
-        exc = writer.exception()
-        if exc is not None:
-            log.error("websocket writer for %s failed", self.user.username, exc_info=exc)
-            return CloseCode.INTERNAL_ERROR
-        return writer.result()
+        self.svc.hub.stats.slow_consumers += 1
+        log.warning("closing a slow consumer (%s): %s", self.user.username, why)
+        return CloseCode.TRY_AGAIN_LATER
 
     async def _read(self) -> int | None:
         """Read frames until the client leaves (None) or a frame ends the connection (a code)."""
