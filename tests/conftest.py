@@ -37,9 +37,11 @@ def demo_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, demo_db: Path) -> Settings:
-    """Settings for one test: its own copy of the demo database and a fixed key."""
+    """Settings for one test: its own copy of the demo database and a fixed key. No
+    online / offline events: tests that read events in order expect only their own
+    (tests of presence turn them on)."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
-    return Settings(data_dir=tmp_path, secret_keys=(SECRET,))
+    return Settings(data_dir=tmp_path, secret_keys=(SECRET,), presence_events_max=0)
 
 
 @pytest.fixture

@@ -80,6 +80,7 @@ class Server:
             **os.environ,
             "WSFANOUT_DATA_DIR": str(self.data_dir),
             "WSFANOUT_SECRET_KEY": SECRET,
+            "WSFANOUT_PRESENCE_EVENTS_MAX": "0",  # tests of presence turn them on
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             **self.env,
         }

@@ -182,19 +182,24 @@ async def test_a_backend_message_from_redis_waits_in_the_backlog_for_room() -> N
     assert [len(f[0]) for f in box._frames] == [len(frame_of(2_400)), len(frame_of(200))]
 
 
-async def test_a_users_message_from_redis_never_waits() -> None:
-    """A user's message passes the backlog at once (it is not paced)."""
+async def test_a_users_message_from_redis_passes_the_backlog_of_other_streams() -> None:
+    """A user's message passes the backlog at once (it is not paced), unless its own stream
+    waits there: then it keeps its place, so the stream goes out in offset order."""
     h = Hub(pace_timeout=5)
-    box = outbox("greg")
+    box = outbox("greg", "boys")
     h.add(box)
     for _ in range(3):
         h._deliver(Kind.BROADCAST, "", frame_of(2_400))
-    user = frame_of(300, Source.WEBSOCKET)
-    assert h._deliver(Kind.BROADCAST, "", user) is None
-    assert box._frames[-1][0] == user and len(h._backlog) == 1
+    group = protocol.message(Publish(Kind.GROUP, "hi", "boys", sender="mike"), 0.0, 7)
+    assert h._deliver(Kind.GROUP, "boys", group) is None
+    assert box._frames[-1][0] == group and len(h._backlog) == 1
+    same_stream = frame_of(300, Source.WEBSOCKET)
+    assert h._deliver(Kind.BROADCAST, "", same_stream) is None
+    assert box._frames[-1][0] == group and len(h._backlog) == 2
     box._take()
     assert h._pacer is not None
     await asyncio.wait_for(h._pacer, 1)
+    assert [f[0] for f in box._frames][-2:] == [frame_of(2_400), same_stream]
 
 
 async def test_an_outbox_that_never_drains_is_closed_after_the_pace_timeout() -> None:

@@ -72,6 +72,7 @@ def test_message_event_shapes() -> None:
     assert group == {
         "type": "message",
         "kind": "group",
+        "stream": "group:boys",
         "from": "greg",
         "group": "boys",
         "text": "hi",

@@ -64,11 +64,16 @@ async def test_welcome_and_fan_out(app: App) -> None:
     """welcome names the user and groups; broadcast, group and direct reach the right sockets."""
     greg, amanda, mike = [await login(app, name) for name in ("greg", "amanda", "mike")]
     async with connect(app, greg) as g, connect(app, amanda) as a, connect(app, mike) as m:
-        assert await g.receive() == {
+        welcome = await g.receive()
+        assert welcome == {
             "type": "welcome",
             "user": "greg",
             "first_name": "Greg",
             "groups": ["boys"],
+            "streams": {
+                name: {"epoch": welcome["streams"][name]["epoch"], "offset": 0}
+                for name in ("all", "group:boys", "user:greg")
+            },
         }
         await a.receive(), await m.receive()
         await g.send_json({"type": "BroadCast", "text": "all", "id": "b1"})

@@ -14,6 +14,26 @@ while it wants it (``want``/``unwant``, which the hub calls when a group or user
 gets its first or loses its last local connection). The wanted set is applied
 by one task, so a burst of connections becomes one SUBSCRIBE.
 
+History (DESIGN 5.1). With history on, a message is not PUBLISHed as is: one Lua script
+(``_PUBLISH``) gives it its stream's next offset (``INCR`` of a field of the stream's meta
+hash, ``<prefix>s:<stream>``, which also holds the epoch), joins the encoded parts around it,
+appends it to the stream's history (``XADD`` with ``MAXLEN`` on ``<prefix>h:<stream>``, the
+offset as the entry's ID) and PUBLISHes it, in one atomic step. So two nodes never hand out
+the same offset, and every node receives a stream's messages in offset order. ``positions()``
+reads where streams stand and, for a resume, what a client missed (``_POSITIONS``), also in
+one step per stream. A stream whose meta is gone (expired, or Redis lost its data) gets a
+new epoch from Redis's clock, and its old history is dropped with it.
+
+Presence (DESIGN 5.2). ``<prefix>pu:<user>`` holds, per node, until when that node vouches
+for the user (a sorted set scored by expiry, by Redis's clock); ``<prefix>pg:<group>`` the
+group's online users, and ``<prefix>pall`` every online user, scored the same way. A node
+says a user is here on their first local connection and again every ``HEARTBEAT`` seconds
+(``_HERE``), and gone on their last disconnection (``_GONE``). The first node to make a user
+present publishes their ``online`` events, the last to let go their ``offline`` events, from
+inside the script, so the two can never cross. Every node also reaps, every ``HEARTBEAT``,
+the users whose every node stopped vouching for them (``_REAP``): a node that dies without a
+word loses its users within ``PRESENCE_TTL`` plus a heartbeat.
+
 Redis going away takes nothing down: ``publish`` raises (or its future fails
 with) ``BackplaneUnavailableError`` (the sender is told ``unavailable``), local
 connections stay open, and a supervisor reconnects with backoff and subscribes
@@ -25,14 +45,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import hashlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import orjson
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
-from .protocol import Kind
+from . import protocol
+from .protocol import Kind, Position
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +68,156 @@ SYNC_TIMEOUT: Final = 2.0
 IDLE_PING: Final = 5.0
 PIPELINE_MAX: Final = 1000  # messages per round trip to Redis
 MAX_WAITING: Final = 100_000  # messages queued for Redis before senders are told unavailable
+META_TTL: Final = 30 * 86400  # seconds a stream's epoch and offset outlive its last message
+HEARTBEAT: Final = 5.0  # seconds between a node's presence refreshes (and reaps)
+PRESENCE_TTL: Final = 15.0  # seconds a node vouches for its users' presence at a time
+REAP_MAX: Final = 500  # users reaped per script call
+
+
+class _Script:
+    """A Lua script run by its SHA (loaded again when Redis has forgotten it)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
+_PUBLISH: Final = _Script("""
+-- KEYS: meta, history. ARGV: channel, head, tail, size, ttl, meta ttl, node
+local now = redis.call('TIME')
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', ARGV[7] .. now[1] .. now[2])
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+local frame = ARGV[2] .. ',"offset":' .. offset .. ARGV[3]
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], offset .. '-0', 't', now[1], 'd', frame)
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('PUBLISH', ARGV[1], frame)
+return offset
+""")
+
+_POSITIONS: Final = _Script("""
+-- KEYS: meta, history. ARGV: node, meta ttl, ttl, size, seen epoch ('' if none), seen offset
+local now = redis.call('TIME')
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[1] .. now[1] .. now[2]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+local top = tonumber(redis.call('HGET', KEYS[1], 'o') or '0')
+if ARGV[5] == '' then return {epoch, top} end
+local seen = tonumber(ARGV[6])
+if ARGV[5] ~= epoch or seen > top then return {epoch, top, 0} end
+if seen == top then return {epoch, top, 1} end
+local entries = redis.call('XRANGE', KEYS[2], tostring(seen + 1), '+', 'COUNT', ARGV[4])
+if #entries == 0 or tonumber(string.match(entries[1][1], '^(%d+)')) ~= seen + 1
+   or tonumber(entries[1][2][2]) < tonumber(now[1]) - tonumber(ARGV[3]) then
+  return {epoch, top, 0}
+end
+local found = {epoch, top, 1}
+for i = 1, #entries do found[i + 3] = entries[i][2][4] end
+return found
+""")
+
+_HERE: Final = _Script("""
+-- KEYS: pu, pall, pi, then pg of each group. ARGV: node, ttl, user, info, online events
+-- (channel, frame, ...). This node vouches for the user; if no node did, they are online.
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1e6
+local until_ = t + tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', t)
+local first = redis.call('ZCARD', KEYS[1]) == 0
+redis.call('ZADD', KEYS[1], until_, ARGV[1])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])) + 1)
+redis.call('ZADD', KEYS[2], 'GT', until_, ARGV[3])
+for i = 4, #KEYS do redis.call('ZADD', KEYS[i], 'GT', until_, ARGV[3]) end
+if first then
+  redis.call('SET', KEYS[3], ARGV[4])
+  for i = 5, #ARGV, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
+  return 1
+end
+if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], ARGV[4]) end
+return 0
+""")
+
+_OFFLINE: Final = """
+local function offline(pi, pall, user)
+  local info = redis.call('GET', pi)
+  if info then
+    info = cjson.decode(info)
+    for _, key in ipairs(info.g) do redis.call('ZREM', key, user) end
+    for _, event in ipairs(info.e) do redis.call('PUBLISH', event[1], event[2]) end
+    redis.call('DEL', pi)
+  end
+  redis.call('ZREM', pall, user)
+end
+"""
+
+_GONE: Final = _Script(
+    _OFFLINE
+    + """
+-- KEYS: pu, pall, pi. ARGV: node, user. This node no longer vouches for the user.
+local now = redis.call('TIME')
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(now[1]) + tonumber(now[2]) / 1e6)
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  offline(KEYS[3], KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+)
+
+_REAP: Final = _Script(
+    _OFFLINE
+    + """
+-- KEYS: pall. ARGV: key prefix, most users to look at.
+-- Users no node vouches for any longer (their nodes died) go offline.
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1e6
+local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'LIMIT', 0, tonumber(ARGV[2]))
+local gone = 0
+for _, user in ipairs(stale) do
+  local pu = ARGV[1] .. 'pu:' .. user
+  redis.call('ZREMRANGEBYSCORE', pu, '-inf', t)
+  local last = redis.call('ZRANGE', pu, -1, -1, 'WITHSCORES')
+  if #last == 0 then
+    offline(ARGV[1] .. 'pi:' .. user, KEYS[1], user)
+    gone = gone + 1
+  else
+    redis.call('ZADD', KEYS[1], last[2], user)
+  end
+end
+return gone
+"""
+)
+
+_ONLINE: Final = _Script("""
+-- KEYS: pg. ARGV: most names. Returns the count, then up to that many names.
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1e6
+local count = redis.call('ZCOUNT', KEYS[1], t, '+inf')
+local names = redis.call('ZRANGEBYSCORE', KEYS[1], t, '+inf', 'LIMIT', 0, tonumber(ARGV[1]))
+table.insert(names, 1, count)
+return names
+""")
+
+_SCRIPTS: Final = (_PUBLISH, _POSITIONS, _HERE, _GONE, _REAP, _ONLINE)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Presence:
+    """What a node tells Redis of a present user: their groups, and the ``online`` and
+    ``offline`` events (channel, frame) for the groups small enough to be told."""
+
+    groups: tuple[str, ...]
+    online: tuple[tuple[str, str], ...]
+    offline: tuple[tuple[str, str], ...]
 
 
 class BackplaneUnavailableError(Exception):
@@ -73,8 +248,18 @@ def _route(channel: str) -> tuple[Kind, str]:
 class Backplane:
     """One publisher pool and one subscriber connection to Redis."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(
+        self, url: str, prefix: str, *, history_size: int = 0, history_ttl: float = 0
+    ) -> None:
         self._prefix = prefix
+        self.history = history_size > 0 and history_ttl > 0
+        self._history_size = history_size
+        self._history_ttl = max(1, round(history_ttl))
+        self.node = secrets.token_hex(4)  # this process, in presence and new epochs
+        self._present: dict[str, Presence] = {}  # users this node vouches for
+        self._presence_ops: collections.deque[tuple[str, Presence | None]] = collections.deque()
+        self._presence_wake = asyncio.Event()
+        self._presence_task: asyncio.Task[None] | None = None
         self._on_message: OnMessage | None = None
         self._client: Any = redis.Redis.from_url(
             url, socket_connect_timeout=2, socket_timeout=5, retry_on_timeout=False
@@ -86,9 +271,10 @@ class Backplane:
         self._task: asyncio.Task[None] | None = None
         self._pubsub: Any = None
         self._closing = False
-        self._outgoing: collections.deque[tuple[str, str, asyncio.Future[None]]] = (
-            collections.deque()
-        )
+        # (channel, stream or None, head, tail, done): the stream when history is on
+        self._outgoing: collections.deque[
+            tuple[str, str | None, str, str, asyncio.Future[None]]
+        ] = collections.deque()
         self._publisher_waiter: asyncio.Future[None] | None = None
         self._publisher: asyncio.Task[None] | None = None
         self.healthy = False
@@ -128,8 +314,10 @@ class Backplane:
         if len(self._outgoing) + count > MAX_WAITING:
             raise BackplaneUnavailableError(f"{MAX_WAITING} messages already wait for Redis")
 
-    def publish(self, kind: Kind, target: str, frame: str) -> asyncio.Future[None]:
-        """Queue one encoded event for every node; the future settles once Redis has it.
+    def publish(self, kind: Kind, target: str, head: str, tail: str) -> asyncio.Future[None]:
+        """Queue one encoded message (``protocol.message_parts``) for every node; with
+        history on, Redis gives it its offset and keeps it. The future settles once Redis
+        has it.
 
         Messages leave in the order queued, pipelined many to a round trip, so a
         sender need not wait for one before queueing the next.
@@ -139,7 +327,8 @@ class Backplane:
         """
         self.make_room(1)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outgoing.append((self._prefix + _channel(kind, target), frame, done))
+        stream = protocol.stream_of(kind, target) if self.history else None
+        self._outgoing.append((self._prefix + _channel(kind, target), stream, head, tail, done))
         waiter = self._publisher_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -159,10 +348,7 @@ class Backplane:
                 continue
             batch = [outgoing.popleft() for _ in range(min(len(outgoing), PIPELINE_MAX))]
             try:
-                pipe = self._client.pipeline(transaction=False)
-                for channel, frame, _ in batch:
-                    pipe.publish(channel, frame)
-                await pipe.execute()
+                await self._pipeline(self._publish_commands(batch))
             except (RedisError, OSError) as exc:
                 # Health is the subscriber's to judge (it reconnects); these messages failed.
                 _fail(batch, BackplaneUnavailableError(_describe(exc)))
@@ -170,9 +356,176 @@ class Backplane:
             except BaseException:  # cancelled (closing) mid-pipeline: answer every sender
                 _fail(batch, BackplaneUnavailableError("shutting down"))
                 raise
-            for _, _, done in batch:
+            for *_, done in batch:
                 if not done.done():
                     done.set_result(None)
+
+    def _publish_commands(
+        self, batch: list[tuple[str, str | None, str, str, asyncio.Future[None]]]
+    ) -> list[tuple[Any, ...]]:
+        prefix = self._prefix
+        size, ttl, meta_ttl, node = self._history_size, self._history_ttl, META_TTL, self.node
+        commands: list[tuple[Any, ...]] = []
+        for channel, stream, head, tail, _ in batch:
+            if stream is None:
+                commands.append(("PUBLISH", channel, head + tail))
+            else:
+                keys = (prefix + "s:" + stream, prefix + "h:" + stream)
+                args = (channel, head, tail, size, ttl, meta_ttl, node)
+                commands.append((_PUBLISH, *keys, *args))
+        return commands
+
+    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Run commands in one round trip; a script is named ``_Script`` then its KEYS
+        (two, or as many as ``_keys`` says) then ARGV. Scripts Redis has forgotten (it
+        restarted) are loaded and those commands run again, in order.
+
+        Raises:
+            RedisError, OSError: Redis failed; the first error reply of a command.
+        """
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            _add_command(pipe, command)
+        results = await pipe.execute(raise_on_error=False)
+        if any(isinstance(result, NoScriptError) for result in results):
+            for script in _SCRIPTS:
+                await self._client.script_load(script.source)
+            again = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+            pipe = self._client.pipeline(transaction=False)
+            for i in again:
+                _add_command(pipe, commands[i])
+            for i, result in zip(again, await pipe.execute(raise_on_error=False), strict=True):
+                results[i] = result
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return list(results)
+
+    # History (DESIGN 5.1)
+
+    async def positions(
+        self, streams: list[str], seen: dict[str, Position]
+    ) -> dict[str, tuple[Position, list[str] | None]]:
+        """Where each stream stands and, for those in ``seen``, the messages after that
+        position (None: not recoverable: another epoch, or history that does not reach
+        back). One round trip, each stream read in one atomic step.
+
+        Raises:
+            BackplaneUnavailableError: Redis cannot be reached now.
+        """
+        if not self.healthy:
+            raise BackplaneUnavailableError(self.reason)
+        prefix = self._prefix
+        commands: list[tuple[Any, ...]] = []
+        for stream in streams:
+            was = seen.get(stream)
+            commands.append(
+                (
+                    _POSITIONS,
+                    prefix + "s:" + stream,
+                    prefix + "h:" + stream,
+                    self.node,
+                    META_TTL,
+                    self._history_ttl,
+                    self._history_size,
+                    "" if was is None else was.epoch,
+                    0 if was is None else was.offset,
+                )
+            )
+        try:
+            results = await self._pipeline(commands)
+        except (RedisError, OSError) as exc:
+            raise BackplaneUnavailableError(_describe(exc)) from None
+        found: dict[str, tuple[Position, list[str] | None]] = {}
+        for stream, result in zip(streams, results, strict=True):
+            where = Position(result[0].decode(), int(result[1]))
+            replay = None
+            if len(result) > 2 and result[2] == 1:
+                replay = [frame.decode() for frame in result[3:]]
+            found[stream] = (where, replay)
+        return found
+
+    # Presence (DESIGN 5.2)
+
+    def arrive(self, user: str, groups: tuple[str, ...], announce: tuple[str, ...]) -> None:
+        """This node has its first connection of ``user``, who is in ``groups``: vouch for
+        them (in order with ``depart``, by the presence task). The groups in ``announce``
+        are told when the user comes online and goes offline (on whichever node)."""
+        prefix = self._prefix
+        presence = self._present[user] = Presence(
+            groups,
+            tuple(
+                (prefix + _channel(Kind.GROUP, g), protocol.arrival("online", user, g))
+                for g in announce
+            ),
+            tuple(
+                (prefix + _channel(Kind.GROUP, g), protocol.arrival("offline", user, g))
+                for g in announce
+            ),
+        )
+        self._presence_ops.append((user, presence))
+        self._presence_wake.set()
+
+    def depart(self, user: str) -> None:
+        """This node's last connection of ``user`` is gone."""
+        self._present.pop(user, None)
+        self._presence_ops.append((user, None))
+        self._presence_wake.set()
+
+    async def online(self, group: str, limit: int) -> tuple[list[str], int]:
+        """The group's online users (at most ``limit`` names) and their exact count.
+
+        Raises:
+            BackplaneUnavailableError: Redis cannot be reached now.
+        """
+        try:
+            (result,) = await self._pipeline([(_ONLINE, 1, self._prefix + "pg:" + group, limit)])
+        except (RedisError, OSError) as exc:
+            raise BackplaneUnavailableError(_describe(exc)) from None
+        return sorted(name.decode() for name in result[1:]), int(result[0])
+
+    def _here(self, user: str, presence: Presence) -> tuple[Any, ...]:
+        prefix = self._prefix
+        info = orjson.dumps(
+            {"g": [prefix + "pg:" + group for group in presence.groups], "e": presence.offline}
+        )
+        keys = [prefix + "pu:" + user, prefix + "pall", prefix + "pi:" + user]
+        keys += [prefix + "pg:" + group for group in presence.groups]
+        events = [part for event in presence.online for part in event]
+        return (_HERE, len(keys), *keys, self.node, PRESENCE_TTL, user, info, *events)
+
+    def _gone(self, user: str) -> tuple[Any, ...]:
+        prefix = self._prefix
+        keys = (prefix + "pu:" + user, prefix + "pall", prefix + "pi:" + user)
+        return (_GONE, len(keys), *keys, self.node, user)
+
+    async def _presence(self) -> None:
+        """Say who arrives and departs, in order; every HEARTBEAT, vouch again for everyone
+        present here and reap the users of nodes that died."""
+        loop = asyncio.get_running_loop()
+        ops = self._presence_ops
+        next_beat = loop.time()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_beat - loop.time())):
+                    await self._presence_wake.wait()
+            self._presence_wake.clear()
+            commands: list[tuple[Any, ...]] = []
+            while ops:
+                user, arrived = ops.popleft()
+                commands.append(self._gone(user) if arrived is None else self._here(user, arrived))
+            if loop.time() >= next_beat:
+                next_beat = loop.time() + HEARTBEAT
+                commands += [self._here(user, info) for user, info in self._present.items()]
+                commands.append((_REAP, 1, self._prefix + "pall", self._prefix, REAP_MAX))
+            for start in range(0, len(commands), PIPELINE_MAX):
+                try:
+                    await self._pipeline(commands[start : start + PIPELINE_MAX])
+                except (RedisError, OSError) as exc:
+                    # The next heartbeat says again who is here; a departure said meanwhile
+                    # is lost, and expires with its TTL.
+                    log.debug("presence update failed: %s", _describe(exc))
+                    break
 
     # Life cycle
 
@@ -182,6 +535,7 @@ class Backplane:
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._supervise(), name="wsfanout-backplane")
         self._publisher = loop.create_task(self._publish_loop(), name="wsfanout-publisher")
+        self._presence_task = loop.create_task(self._presence(), name="wsfanout-presence")
 
     async def close(self) -> None:
         self._closing = True
@@ -191,6 +545,15 @@ class Backplane:
             await asyncio.gather(publisher, return_exceptions=True)
         _fail(list(self._outgoing), BackplaneUnavailableError("shutting down"))
         self._outgoing.clear()
+        presence, self._presence_task = self._presence_task, None
+        if presence is not None:
+            presence.cancel()
+            await asyncio.gather(presence, return_exceptions=True)
+            # Say goodbye for everyone still here, so they go offline now, not in PRESENCE_TTL.
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(2):
+                    await self._pipeline([self._gone(user) for user in self._present])
+            self._present.clear()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -299,10 +662,23 @@ class Backplane:
         self.reason = reason
 
 
-def _fail(batch: list[tuple[str, str, asyncio.Future[None]]], failure: Exception) -> None:
-    for _, _, done in batch:
+def _fail(batch: list[tuple[Any, ...]], failure: Exception) -> None:
+    for *_, done in batch:
         if not done.done():
             done.set_exception(failure)
+
+
+def _add_command(pipe: Any, command: tuple[Any, ...]) -> None:
+    """Queue one command: plain, or ``(_Script, *keys, *args)`` with two keys, or
+    ``(_Script, number of keys, *keys, *args)``."""
+    head = command[0]
+    if isinstance(head, _Script):
+        if isinstance(command[1], int):
+            pipe.evalsha(head.sha, command[1], *command[2:])
+        else:
+            pipe.evalsha(head.sha, 2, *command[1:])
+    else:
+        pipe.execute_command(*command)
 
 
 def _describe(exc: BaseException) -> str:

@@ -54,6 +54,12 @@ class Settings:
     pace_timeout: float = 5 * SECONDS  # how long a paced publish waits for a full outbox
     send_timeout: float = 30 * SECONDS  # a send blocked this long: the client does not read
 
+    # Positions, history and presence (DESIGN 5.1, 5.2)
+    history_size: int = 100  # messages kept per stream for resume; 0: no history, no offsets
+    history_ttl: float = 300 * SECONDS  # and for how long; 0: no history
+    history_bytes: int = 64 * MIB  # all streams' history in memory together (one node)
+    presence_events_max: int = 100  # largest group told of its members' online / offline
+
     # Websocket extensions
     compression: bool = False  # accept permessage-deflate when a client offers it (DESIGN 10)
 
@@ -66,6 +72,11 @@ class Settings:
     amqp_prefetch: int = 100
 
     log_level: str = "info"
+
+    @property
+    def history_on(self) -> bool:
+        """Whether messages get offsets and are kept for resume."""
+        return self.history_size > 0 and self.history_ttl > 0 and self.history_bytes > 0
 
     @property
     def database_path(self) -> Path:
@@ -108,6 +119,12 @@ class Settings:
             close_timeout=reader.number("CLOSE_TIMEOUT", defaults.close_timeout, low=0.1),
             pace_timeout=reader.number("PACE_TIMEOUT", defaults.pace_timeout, low=0.1),
             send_timeout=reader.number("SEND_TIMEOUT", defaults.send_timeout, low=0.1),
+            history_size=reader.integer("HISTORY_SIZE", defaults.history_size, low=0),
+            history_ttl=reader.number("HISTORY_TTL", defaults.history_ttl, low=0),
+            history_bytes=reader.integer("HISTORY_BYTES", defaults.history_bytes, low=0),
+            presence_events_max=reader.integer(
+                "PRESENCE_EVENTS_MAX", defaults.presence_events_max, low=0
+            ),
             compression=reader.flag("COMPRESSION", defaults.compression),
             api_keys=reader.items("API_KEYS"),
             redis_url=reader.url("REDIS_URL", ("redis", "rediss", "unix")),

@@ -19,6 +19,20 @@ recipient is past that, waits until the outbox is down to a quarter. A client th
 one batch (or one run of backlog) up for ``pace_timeout`` seconds in all does not keep
 up, and is closed with 1013 (``Outbox.overflow``). The wait polls the few full outboxes
 with a short, growing sleep: nothing is added to the path of an event that fits.
+
+Positions (DESIGN 5.1). With history on, a message gets its stream's next offset where it
+is fanned out from: the in-memory ``History`` (no backplane), in the same step as the
+push, or Redis (``backplane.py``), which publishes in offset order. A paced event gets its
+offset only once it goes out, and a user's event waits behind a stream's backlog, so each
+stream reaches every client in offset order. ``join()`` adds a connection and finds where
+its streams stand and what it missed: with no backplane in one step (nothing can be
+published in between); with one, live events queue in the outbox while Redis is read, and
+those the reply already covers are dropped (``Outbox.drop_seen``).
+
+Presence (DESIGN 5.2). A user's first connection here, and their last, are told to every
+node through the backplane (which knows whether it is their first or last anywhere), or,
+with no backplane, fanned out here as ``online`` / ``offline`` events to each group the
+connection announces to (the ones small enough, chosen by the caller).
 """
 
 from __future__ import annotations
@@ -33,11 +47,13 @@ from typing import Final
 
 from . import protocol
 from .backplane import Backplane, BackplaneUnavailableError
+from .history import History
 from .outbox import Item, Outbox, item
-from .protocol import Kind, Publish
+from .protocol import Kind, Position, Publish
 
 PACE_POLL: Final = (0.001, 0.02)  # the first and the longest sleep while waiting for room
 BACKLOG_BYTES: Final = 16 * 1024 * 1024  # backend events from Redis held here while paced
+OFFSET_BYTES: Final = 30  # what ',"offset":N' adds to a message, at most
 
 
 @dataclass(slots=True)
@@ -48,6 +64,17 @@ class HubStats:
     deliveries: int = 0
     slow_consumers: int = 0
     paced: int = 0  # publishes that waited for room in some outbox
+
+
+@dataclass(slots=True)
+class Joined:
+    """What a connection joining the hub is told: where its streams stand (None when
+    there is no history, or Redis could not say), what it missed (in order), and which
+    of the streams it asked to resume could not be recovered."""
+
+    positions: dict[str, Position] | None
+    replay: list[str]
+    lost: list[str]
 
 
 class UnavailableError(Exception):
@@ -61,15 +88,24 @@ class UnavailableError(Exception):
 class Hub:
     """Who is connected here: everyone, by user, and by group."""
 
-    def __init__(self, backplane: Backplane | None = None, pace_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        backplane: Backplane | None = None,
+        pace_timeout: float = 5.0,
+        history: History | None = None,
+    ) -> None:
         self.pace_timeout = pace_timeout
+        self.history = history if backplane is None else None
+        self.positioned = history is not None or (backplane is not None and backplane.history)
         self._backlog: collections.deque[tuple[Kind, str, Item]] = collections.deque()
+        self._backlog_streams: dict[tuple[Kind, str], int] = {}  # events of each in the backlog
         self._backlog_bytes = 0
         self._backlog_room = asyncio.Event()
         self._pacer: asyncio.Task[None] | None = None
         self._all: set[Outbox] = set()
         self._users: dict[str, set[Outbox]] = {}
         self._groups: dict[str, set[Outbox]] = {}
+        self._announce: dict[str, tuple[str, ...]] = {}  # user -> groups told of their presence
         self.stats = HubStats()
         self.closed = False
         self._close_code = 0  # what drain() closes with; a latecomer gets it too
@@ -84,18 +120,25 @@ class Hub:
     def __len__(self) -> int:
         return len(self._all)
 
-    def add(self, outbox: Outbox) -> None:
+    def add(self, outbox: Outbox, announce: tuple[str, ...] = ()) -> None:
         """Index an outbox under everyone, its user (case-folded) and its groups.
 
         A user or group seen here for the first time is subscribed to on the backplane.
+        A user's first connection here is announced (``online``) to the groups in
+        ``announce``, and their last disconnection will be, as ``offline``.
         An outbox added while the hub drains (its handshake was under way) is closed at once.
         """
         if self.closed:
             outbox.close(self._close_code)
         self._all.add(outbox)
         user = outbox.user.lower()
-        if _add(self._users, user, outbox) and self.backplane is not None:
-            self.backplane.want(Kind.DIRECT, user)
+        if _add(self._users, user, outbox):
+            self._announce[user] = announce
+            if self.backplane is not None:
+                self.backplane.want(Kind.DIRECT, user)
+                self.backplane.arrive(outbox.user, outbox.groups, announce)
+            else:
+                self._arrival("online", outbox.user, announce)
         for group in outbox.groups:
             if _add(self._groups, group, outbox) and self.backplane is not None:
                 self.backplane.want(Kind.GROUP, group)
@@ -105,15 +148,86 @@ class Hub:
 
         A user or group with no connection left here is unsubscribed from.
         """
+        if outbox not in self._all:
+            return
         self._all.discard(outbox)
         user = outbox.user.lower()
-        if _discard(self._users, user, outbox) and self.backplane is not None:
-            self.backplane.unwant(Kind.DIRECT, user)
+        last = _discard(self._users, user, outbox)
         for group in outbox.groups:
             if _discard(self._groups, group, outbox) and self.backplane is not None:
                 self.backplane.unwant(Kind.GROUP, group)
+        if last:
+            announce = self._announce.pop(user, ())
+            if self.backplane is not None:
+                self.backplane.unwant(Kind.DIRECT, user)
+                self.backplane.depart(outbox.user)
+            else:
+                self._arrival("offline", outbox.user, announce)
         if not self._all and self._empty is not None:
             self._empty.set()
+
+    def _arrival(self, kind: str, user: str, groups: tuple[str, ...]) -> None:
+        """``online`` / ``offline`` to each of these groups, fanned out here (no backplane)."""
+        for group in groups:
+            self._push(self._groups.get(group, ()), item(protocol.arrival(kind, user, group)))
+
+    async def online(self, group: str, limit: int) -> tuple[list[str], int]:
+        """The group's online users, on every node: up to ``limit`` names, and the count.
+
+        Raises:
+            UnavailableError: the backplane cannot say now.
+        """
+        if self.backplane is not None:
+            try:
+                return await self.backplane.online(group, limit)
+            except BackplaneUnavailableError as exc:
+                raise UnavailableError(str(exc)) from None
+        users = sorted({outbox.user for outbox in self._groups.get(group, ())})
+        return users[:limit], len(users)
+
+    async def join(
+        self,
+        outbox: Outbox,
+        streams: list[str],
+        seen: dict[str, Position],
+        announce: tuple[str, ...] = (),
+    ) -> Joined:
+        """``add()`` the outbox, then find where its streams stand and what it missed
+        since ``seen`` (for the streams it listens to): nothing it is sent twice, nothing
+        published meanwhile missed (see Positions)."""
+        asked = [stream for stream in streams if stream in seen]
+        history, backplane = self.history, self.backplane
+        if history is not None:
+            self.add(outbox, announce)  # and no await until all is read
+            positions = {stream: history.position(stream) for stream in streams}
+            replay: list[str] = []
+            lost = []
+            for stream in asked:
+                missed = history.since(stream, seen[stream])
+                if missed is None:
+                    lost.append(stream)
+                else:
+                    replay += missed
+            return Joined(positions, replay, lost)
+        self.add(outbox, announce)
+        if backplane is None or not backplane.history:
+            return Joined(None, [], asked)
+        await backplane.synced()  # from now on this node hears the connection's streams
+        try:
+            found = await backplane.positions(streams, seen)
+        except BackplaneUnavailableError:
+            return Joined(None, [], asked)
+        positions = {stream: where for stream, (where, _) in found.items()}
+        replay, lost = [], []
+        for stream in asked:
+            missed = found[stream][1]
+            if missed is None:
+                lost.append(stream)
+            else:
+                replay += missed
+        # Live events that came while Redis was read: the reply covers those up to the tops.
+        outbox.drop_seen({stream: where.offset for stream, where in positions.items()})
+        return Joined(positions, replay, lost)
 
     async def emptied(self) -> None:
         """Wait until no connection is left."""
@@ -150,14 +264,14 @@ class Hub:
         """
         if self.closed:
             raise UnavailableError("the server is shutting down")
-        frame = protocol.message(publish, time.time())
+        head, tail = protocol.message_parts(publish, time.time())
         backplane = self.backplane
         if backplane is None:
-            self._push(self._recipients(publish.kind, publish.target), item(frame))
+            self._fan_out(publish, head, tail)
             done = None
         else:
             try:
-                sent = backplane.publish(publish.kind, publish.target, frame)
+                sent = backplane.publish(publish.kind, publish.target, head, tail)
             except BackplaneUnavailableError as exc:
                 raise UnavailableError(str(exc)) from None
             done = asyncio.get_running_loop().create_future()
@@ -179,18 +293,26 @@ class Hub:
         """
         if self.backplane is not None or self.closed:
             return self.publish(publish)
-        entry = item(protocol.message(publish, time.time()))
-        recipients = self._recipients(publish.kind, publish.target)
-        full = _full(recipients, entry[1])
+        head, tail = protocol.message_parts(publish, time.time())
+        size = len(head.encode()) + len(tail.encode()) + OFFSET_BYTES
+        full = _full(self._recipients(publish.kind, publish.target), size)
         if full:
             self.stats.paced += 1
-            await self._room(full, entry[1], {} if waited is None else waited)
+            await self._room(full, size, {} if waited is None else waited)
             if self.closed:
                 raise UnavailableError("the server is shutting down")
-            recipients = self._recipients(publish.kind, publish.target)
-        self._push(recipients, entry)
+        self._fan_out(publish, head, tail)  # its offset only now: streams stay in order
         self._count(publish)
         return None
+
+    def _fan_out(self, publish: Publish, head: str, tail: str) -> None:
+        """Give a message its offset (with history on) and push it to the local recipients."""
+        history = self.history
+        if history is None:
+            frame = head + tail
+        else:
+            frame = history.append(protocol.stream_of(publish.kind, publish.target), head, tail)
+        self._push(self._recipients(publish.kind, publish.target), item(frame))
 
     def _count(self, publish: Publish) -> None:
         published = self.stats.published
@@ -203,16 +325,21 @@ class Hub:
         the backlog, which a task of its own paces out in order. Only past BACKLOG_BYTES
         does the backplane get something to await (Redis then holds the rest)."""
         entry = item(frame)
-        if not protocol.from_backend(frame):
-            self._push(self._recipients(kind, target), entry)
-            return None
         backlog = self._backlog
-        if not backlog:
+        key = (kind, target)
+        if not protocol.from_backend(frame):
+            # A user's event passes the backlog, unless its own stream waits there: a
+            # stream goes out in offset order.
+            if not backlog or key not in self._backlog_streams:
+                self._push(self._recipients(kind, target), entry)
+                return None
+        elif not backlog:
             recipients = self._recipients(kind, target)
             if not _full(recipients, entry[1]):
                 self._push(recipients, entry)
                 return None
         backlog.append((kind, target, entry))
+        self._backlog_streams[key] = self._backlog_streams.get(key, 0) + 1
         self._backlog_bytes += entry[1]
         if self._pacer is None or self._pacer.done():
             self._pacer = asyncio.get_running_loop().create_task(
@@ -239,6 +366,11 @@ class Hub:
                     await self._room(full, entry[1], waited)
                 backlog.popleft()
                 self._backlog_bytes -= entry[1]
+                streams = self._backlog_streams
+                if (left := streams[kind, target] - 1) > 0:
+                    streams[kind, target] = left
+                else:
+                    del streams[kind, target]
                 if not self.closed:
                     self._push(self._recipients(kind, target), entry)
                 if self._backlog_bytes <= BACKLOG_BYTES:

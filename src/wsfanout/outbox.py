@@ -217,6 +217,19 @@ class Outbox:
                 self._flusher.schedule(self)
         return True
 
+    def drop_seen(self, tops: dict[str, int]) -> None:
+        """Drop queued messages of these streams at or below these offsets (a joining
+        connection's reply from Redis already covers them)."""
+        kept = []
+        for entry in self._frames:
+            where = protocol.position_of(entry[0])
+            if where is not None and where[0] in tops and where[1] <= tops[where[0]]:
+                self.queued_bytes -= entry[1]
+            else:
+                kept.append(entry)
+        self._frames.clear()  # in place: the writer may hold it
+        self._frames.extend(kept)
+
     def overflow(self) -> None:
         """The client does not read: drop what is queued, take no more, close with 1013."""
         if self.close_code is not None:

@@ -1,15 +1,22 @@
-"""The wire format (v1): inbound frames into ``Publish``, outbound events into text.
+"""The wire format (v1 and v2): inbound frames into ``Publish`` or ``PresenceQuery``,
+outbound events into text.
 
 Sans-I/O: nothing here touches a socket or the event loop. Inbound frames are
 JSON objects; ``type`` is matched case-insensitively so the seed page's
 ``BroadCast`` / ``Group`` / ``Direct`` work. Outbound events are encoded once
 with orjson and decoded to ``str`` once, so the same object can be handed to
 every recipient's outbox.
+
+A ``message`` names its ``stream`` and, with history on, its ``offset`` (DESIGN 5.1). The
+offset is known only where it is assigned (the in-memory history, or Redis), so a message
+is encoded once as two parts (``message_parts``) around the place of the offset, and whoever
+assigns it joins them (``with_offset``); nothing else is encoded per message.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -18,6 +25,9 @@ import orjson
 MAX_ID_CHARS: Final = 64
 MAX_NAME_CHARS: Final = 150
 MAX_SENDER_CHARS: Final = 64  # a backend's "from"
+MAX_RESUME_CHARS: Final = 16 * 1024  # the decoded ``resume`` query value
+MAX_RESUME_STREAMS: Final = 1000
+MAX_EPOCH_CHARS: Final = 64
 
 
 class Kind(enum.StrEnum):
@@ -81,33 +91,117 @@ class Publish:
     source: Source = Source.WEBSOCKET
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceQuery:
+    """Who of this group is online (DESIGN 5.2)."""
+
+    group: str
+    frame_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a stream stands: its history's epoch and the offset of its last message."""
+
+    epoch: str
+    offset: int
+
+
 _KINDS: Final = {kind.value: kind for kind in Kind}
 _TARGET_FIELD: Final = {Kind.GROUP: "group", Kind.DIRECT: "user_name"}
 
 
-def parse(frame: str | bytes) -> Publish:
-    """Validate one inbound frame.
+def parse(frame: str | bytes) -> Publish | PresenceQuery:
+    """Validate one inbound frame: a publish, or a presence request.
 
     Raises:
         ProtocolError: ``bad_json`` if it is not JSON, ``bad_message`` if it is not a
-            publish of a known type with the fields that type needs.
+            publish of a known type with the fields that type needs, nor a presence request.
     """
     try:
         data = orjson.loads(frame)
     except orjson.JSONDecodeError:
         raise ProtocolError(ErrorCode.BAD_JSON, "the frame is not valid JSON") from None
+    if isinstance(data, dict):
+        raw_type = data.get("type")
+        if isinstance(raw_type, str) and raw_type.lower() == "presence":
+            return _parse_presence(data)
     return parse_object(data)
+
+
+def _parse_presence(data: dict[str, Any]) -> PresenceQuery:
+    frame_id = _frame_id(data)
+    group = data.get("group")
+    if not isinstance(group, str) or not group.strip() or len(group) > MAX_NAME_CHARS:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, "a presence request needs 'group': a group's name", frame_id
+        )
+    return PresenceQuery(group.strip(), frame_id)
+
+
+def _frame_id(data: dict[str, Any]) -> str | None:
+    frame_id = data.get("id")
+    if frame_id is not None and (not isinstance(frame_id, str) or len(frame_id) > MAX_ID_CHARS):
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, f"'id' must be a string of at most {MAX_ID_CHARS} characters"
+        )
+    return frame_id
+
+
+class ResumeError(ValueError):
+    """A ``resume`` query value that is not what DESIGN 5.1 says it is."""
+
+
+def parse_resume(text: str) -> dict[str, Position]:
+    """The positions a reconnecting client says it has seen: the ``resume`` query value,
+    once URL-decoded (JSON ``{"<stream>": {"epoch": "…", "offset": N}, …}``).
+
+    Raises:
+        ResumeError: what is wrong with it, for the handshake's 400.
+    """
+    if len(text) > MAX_RESUME_CHARS:
+        raise ResumeError(f"resume is limited to {MAX_RESUME_CHARS} characters")
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise ResumeError("resume must be URL-encoded JSON") from None
+    if not isinstance(data, dict):
+        raise ResumeError('resume must be an object: {"<stream>": {"epoch", "offset"}}')
+    if len(data) > MAX_RESUME_STREAMS:
+        raise ResumeError(f"resume names at most {MAX_RESUME_STREAMS} streams")
+    positions = {}
+    for stream, where in data.items():
+        if len(stream) > MAX_NAME_CHARS + 6:
+            raise ResumeError("a stream's name is too long")
+        epoch = where.get("epoch") if isinstance(where, dict) else None
+        offset = where.get("offset") if isinstance(where, dict) else None
+        if (
+            not isinstance(epoch, str)
+            or not 0 < len(epoch) <= MAX_EPOCH_CHARS
+            or type(offset) is not int
+            or not 0 <= offset < 2**53
+        ):
+            raise ResumeError(
+                f'resume[{_short(stream)}] must be {{"epoch": a string, "offset": an integer >= 0}}'
+            )
+        positions[stream] = Position(epoch, offset)
+    return positions
+
+
+def stream_of(kind: Kind, target: str) -> str:
+    """The stream a message goes to: ``all``, ``group:<name>``, ``user:<username>``."""
+    if kind is Kind.GROUP:
+        return "group:" + target
+    if kind is Kind.DIRECT:
+        return "user:" + target
+    return "all"
 
 
 def parse_object(data: Any) -> Publish:
     """Validate one decoded publish object (also used for API and queue bodies)."""
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "expected a JSON object")
-    frame_id = data.get("id")
-    if frame_id is not None and (not isinstance(frame_id, str) or len(frame_id) > MAX_ID_CHARS):
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE, f"'id' must be a string of at most {MAX_ID_CHARS} characters"
-        )
+    frame_id = _frame_id(data)
     raw_type = data.get("type")
     kind = _KINDS.get(raw_type.lower()) if isinstance(raw_type, str) else None
     if kind is None:
@@ -169,10 +263,14 @@ def encode(event: dict[str, Any]) -> str:
     return orjson.dumps(event).decode()
 
 
-def message(publish: Publish, ts: float) -> str:
-    """The ``message`` event a publish becomes, encoded once for every recipient."""
+def message_parts(publish: Publish, ts: float) -> tuple[str, str]:
+    """The ``message`` event a publish becomes, encoded once for every recipient, as the
+    text before and after the place of its offset (``with_offset`` joins them; ``head + tail``
+    is the event without an offset, when history is off)."""
     kind = publish.kind
-    event: dict[str, Any] = {"type": "message", "kind": kind.value, "from": publish.sender}
+    stream = stream_of(kind, publish.target)
+    head = encode({"type": "message", "kind": kind.value, "stream": stream})[:-1]
+    event: dict[str, Any] = {"from": publish.sender}
     if publish.source is not Source.WEBSOCKET:
         event["via"] = publish.source.value  # no backend can pass for a user
     if kind is Kind.GROUP:
@@ -181,7 +279,33 @@ def message(publish: Publish, ts: float) -> str:
         event["to"] = publish.target
     event["text"] = publish.text
     event["ts"] = round(ts, 3)
-    return encode(event)
+    return head, "," + encode(event)[1:]
+
+
+OFFSET_KEY: Final = ',"offset":'
+
+
+def message(publish: Publish, ts: float, offset: int | None = None) -> str:
+    """The ``message`` event whole: with its offset, or without (history off)."""
+    head, tail = message_parts(publish, ts)
+    return head + tail if offset is None else with_offset(head, offset, tail)
+
+
+def with_offset(head: str, offset: int, tail: str) -> str:
+    return head + OFFSET_KEY + str(offset) + tail
+
+
+_POSITION: Final = re.compile(
+    r'\{"type":"message","kind":"\w+","stream":("(?:[^"\\]|\\.)*"),"offset":(\d+),'
+)
+
+
+def position_of(frame: str) -> tuple[str, int] | None:
+    """The stream and offset of an encoded ``message`` (None for other events)."""
+    found = _POSITION.match(frame)
+    if found is None:
+        return None
+    return orjson.loads(found[1]), int(found[2])
 
 
 BACKEND_MARK: Final = ',"via":"'
@@ -193,8 +317,39 @@ def from_backend(frame: str) -> bool:
     return BACKEND_MARK in frame
 
 
-def welcome(user: str, first_name: str, groups: list[str]) -> str:
-    return encode({"type": "welcome", "user": user, "first_name": first_name, "groups": groups})
+def welcome(
+    user: str, first_name: str, groups: list[str], streams: dict[str, Position] | None
+) -> str:
+    event: dict[str, Any] = {
+        "type": "welcome",
+        "user": user,
+        "first_name": first_name,
+        "groups": groups,
+    }
+    if streams is not None:
+        event["streams"] = {
+            name: {"epoch": where.epoch, "offset": where.offset} for name, where in streams.items()
+        }
+    return encode(event)
+
+
+def resumed(missed: int, lost: list[str]) -> str:
+    event: dict[str, Any] = {"type": "resumed", "recovered": not lost, "missed": missed}
+    if lost:
+        event["lost"] = lost
+    return encode(event)
+
+
+def presence(group: str, online: list[str], count: int, frame_id: str | None) -> str:
+    event: dict[str, Any] = {"type": "presence", "group": group, "online": online, "count": count}
+    if frame_id is not None:
+        event["id"] = frame_id
+    return encode(event)
+
+
+def arrival(kind: str, user: str, group: str) -> str:
+    """``online`` or ``offline``: a user's first connection, or last disconnection."""
+    return encode({"type": kind, "user": user, "group": group})
 
 
 def ack(frame_id: str) -> str:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 from . import http, protocol
 from .backplane import Backplane
 from .config import Settings
+from .history import History
 from .hub import Hub, UnavailableError
 from .metrics import Metrics, ServiceStats
 from .outbox import Flusher, Outbox
@@ -293,13 +294,24 @@ class Service:
             )
             server.start()
             opened.push_async_callback(server.close)
-            backplane = None
+            backplane = history = None
             if settings.redis_url:
-                backplane = Backplane(settings.redis_url, settings.redis_prefix)
+                backplane = Backplane(
+                    settings.redis_url,
+                    settings.redis_prefix,
+                    history_size=settings.history_size if settings.history_on else 0,
+                    history_ttl=settings.history_ttl,
+                )
                 opened.push_async_callback(backplane.close)
             else:
                 warn_if_workers_are_islands()
-            hub = Hub(backplane, settings.pace_timeout)
+                if settings.history_on:
+                    history = History(
+                        settings.history_size,
+                        settings.history_ttl,
+                        max_bytes=settings.history_bytes,
+                    )
+            hub = Hub(backplane, settings.pace_timeout, history)
             hub.start()
             svc = cls(
                 settings=settings,

@@ -82,6 +82,10 @@ class User:
     password_hash: str
 
 
+_GROUP_SIZES: Final = (
+    "SELECT g.name, count(ug.user_id) FROM groups g "
+    "LEFT JOIN user_groups ug ON ug.group_id = g.id WHERE g.name IN ({marks}) GROUP BY g.name"
+)
 CACHE_SECONDS: Final = 10.0
 CACHE_ENTRIES: Final = 100_000
 
@@ -125,6 +129,7 @@ class Store:
         self._identities: _Cache[int, tuple[User, list[str]]] = _Cache()
         self._groups: _Cache[str, bool] = _Cache()
         self._names: _Cache[str, str] = _Cache()
+        self._sizes: _Cache[str, int] = _Cache()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -194,6 +199,24 @@ class Store:
         )
         async with self._db.execute(sql, (user_id,)) as cursor:
             return [row[0] for row in await cursor.fetchall()]
+
+    async def group_sizes(self, names: list[str]) -> dict[str, int]:
+        """How many members each of these groups has, cached for a few seconds."""
+        sizes = {}
+        missing = []
+        for name in names:
+            cached = self._sizes.get(name)
+            if cached is None:
+                missing.append(name)
+            else:
+                sizes[name] = cached
+        if missing:
+            marks = ",".join("?" * len(missing))
+            sql = _GROUP_SIZES.format(marks=marks)  # only placeholders are formatted in
+            async with self._db.execute(sql, missing) as cursor:
+                for name, count in await cursor.fetchall():
+                    sizes[name] = self._sizes.put(name, int(count))
+        return sizes
 
     async def group_exists(self, name: str) -> bool:
         """Whether a group exists; a yes is cached for a few seconds."""

@@ -35,11 +35,13 @@ import functools
 import logging
 import sqlite3
 import time
+import urllib.parse
 from typing import Any, Final
 
 from . import http, protocol
+from .hub import UnavailableError
 from .outbox import Outbox, item
-from .protocol import CloseCode, ErrorCode, ProtocolError, Publish
+from .protocol import CloseCode, ErrorCode, Position, PresenceQuery, ProtocolError, Publish
 from .servers import STREAM_KEY, TOO_LARGE_KEY
 from .service import Service
 from .sessions import Session
@@ -52,6 +54,7 @@ FLUSH_BEFORE_CLOSE: Final = 2.0  # seconds a writer gets to send queued frames b
 EXPIRED: Final = "the session has expired: log in again"
 YIELD_EVERY: Final = 32  # frames a reader handles before letting other tasks run
 ABORT_GRACE: Final = 1.0  # seconds to read on after a reset, until the server says it is gone
+PRESENCE_NAMES: Final = 1000  # names in a presence answer (its count is exact)
 
 
 class Refusal(Exception):
@@ -70,7 +73,7 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
     if message["type"] != "websocket.connect":
         return
     try:
-        session, user, groups = await _admit(scope, svc)
+        session, user, groups, seen, announce = await _admit(scope, svc)
     except Refusal as refusal:
         svc.stats.refuse(refusal.label)
         log.info("websocket refused (%s): %s", refusal.status, refusal.reason)
@@ -81,13 +84,18 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
         await send(accept)
         connection = Connection(svc, session, user, groups, receive, send)
         connection.stream = accept.get(STREAM_KEY)  # the server's, for abort (or None)
-        await connection.run()
+        await connection.run(seen, announce)
     finally:
         svc.seats.give_back(session.username)
 
 
-async def _admit(scope: Scope, svc: Service) -> tuple[Session, User, list[str]]:
+async def _admit(
+    scope: Scope, svc: Service
+) -> tuple[Session, User, list[str], dict[str, Position] | None, tuple[str, ...]]:
     """Check the handshake; on success a seat is taken for the session's user.
+
+    Returns the session, its user and their groups, what the client asks to resume
+    (None: it does not), and the groups to tell of the user's presence.
 
     Everything up to taking the seat runs without awaiting, so the connection limits
     hold however many handshakes run at once.
@@ -99,6 +107,7 @@ async def _admit(scope: Scope, svc: Service) -> tuple[Session, User, list[str]]:
     session = svc.session(scope)
     if session is None:
         raise Refusal(403, "no_session", "log in first")
+    seen = _resume(scope)
     full = svc.seats.take(session.username)
     if full == "total":
         raise Refusal(503, "full", "too many connections, try again later")
@@ -109,6 +118,9 @@ async def _admit(scope: Scope, svc: Service) -> tuple[Session, User, list[str]]:
         found = await svc.store.identity(session.user_id)
         if found is None or found[0].username != session.username:
             raise Refusal(403, "unknown_user", "the session's user no longer exists")
+        largest = svc.settings.presence_events_max
+        sizes = await svc.store.group_sizes(found[1]) if largest else {}
+        announce = tuple(group for group in found[1] if sizes.get(group, largest + 1) <= largest)
     except sqlite3.Error as exc:
         svc.seats.give_back(session.username)
         log.error("database error during a websocket handshake: %s", exc)
@@ -116,7 +128,31 @@ async def _admit(scope: Scope, svc: Service) -> tuple[Session, User, list[str]]:
     except BaseException:
         svc.seats.give_back(session.username)
         raise
-    return session, found[0], found[1]
+    return session, found[0], found[1], seen, announce
+
+
+def _resume(scope: Scope) -> dict[str, Position] | None:
+    """The positions in the handshake's ``resume`` query parameter, if it has one.
+
+    Raises:
+        Refusal: 400, a malformed ``resume``.
+    """
+    query = scope.get("query_string", b"")
+    if b"resume=" not in query:
+        return None
+    try:
+        pairs = urllib.parse.parse_qsl(
+            query.decode("ascii"), keep_blank_values=True, strict_parsing=False, errors="strict"
+        )
+        values = [value for name, value in pairs if name == "resume"]
+        if len(values) > 1:
+            raise protocol.ResumeError("give resume once")
+        return protocol.parse_resume(values[0]) if values else None
+    except (UnicodeError, ValueError) as exc:  # ResumeError is a ValueError
+        detail = (
+            str(exc) if isinstance(exc, protocol.ResumeError) else "resume is not URL-encoded UTF-8"
+        )
+        raise Refusal(400, "bad_resume", detail) from None
 
 
 async def refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
@@ -199,21 +235,44 @@ class Connection:
             raise RuntimeError(f"a connection in stage {self.stage!r} cannot move to {stage!r}")
         self.stage = stage
 
-    async def run(self) -> None:
-        svc, outbox, user, hub = self.svc, self.outbox, self.user, self.svc.hub
-        # Joined before the welcome: messages from now on queue up behind it.
-        hub.add(outbox)
+    async def run(self, seen: dict[str, Position] | None, announce: tuple[str, ...]) -> None:
+        """Join the hub, say welcome (and replay what the client missed), then serve."""
+        outbox, user, hub = self.outbox, self.user, self.svc.hub
+        streams = ["all", *(f"group:{group}" for group in self.groups), f"user:{user.username}"]
         try:
-            if hub.backplane is not None:
-                await hub.backplane.synced()  # this node now hears this user's channels
-            welcome = protocol.welcome(user.username, user.first_name, self.groups)
-            await self.send({"type": "websocket.send", "text": welcome})
-            svc.flusher.stats.count(1)
+            # Joined before the welcome: messages from now on queue up behind it (and
+            # behind the replay, which join() makes sure they do not repeat).
+            joined = await hub.join(outbox, streams, seen or {}, announce)
+            welcome = protocol.welcome(
+                user.username, user.first_name, self.groups, joined.positions
+            )
+            await self._send_now([welcome])
+            if seen is not None:
+                await self._send_now(joined.replay)
+                await self._send_now([protocol.resumed(len(joined.replay), joined.lost)])
             code = await self._serve()
         finally:
             hub.remove(outbox)
         if code is not None:
             await self._close(code)
+
+    async def _send_now(self, frames: list[str]) -> None:
+        """Send frames before the writer starts (the welcome, a replay), batched as it would."""
+        settings = self.svc.settings
+        stats = self.svc.flusher.stats
+        start = 0
+        while start < len(frames):
+            end, size = start + 1, len(frames[start])
+            while (
+                end < len(frames)
+                and end - start < settings.batch_max
+                and size + len(frames[end]) <= settings.batch_bytes
+            ):
+                size += len(frames[end])
+                end += 1
+            await self.send({"type": "websocket.send", "text": protocol.batch(frames[start:end])})
+            stats.count(end - start)
+            start = end
 
     async def _close(self, code: int) -> None:
         """Send the close and wait for the client's answer (the connection holds its seat
@@ -365,8 +424,11 @@ class Connection:
                     raise ProtocolError(
                         ErrorCode.BAD_MESSAGE, "send JSON as text frames, not binary"
                     )
-                publish = protocol.parse(frame)
-                await self._publish(publish)
+                request = protocol.parse(frame)
+                if isinstance(request, PresenceQuery):
+                    await self._presence(request)
+                else:
+                    await self._publish(request)
             except ProtocolError as exc:
                 self._tell(exc.code, exc.detail, exc.frame_id)
 
@@ -383,6 +445,22 @@ class Connection:
         else:
             # The next frame is read meanwhile; the answer comes once Redis has this one.
             pending.add_done_callback(functools.partial(self._published, publish.frame_id))
+
+    async def _presence(self, query: PresenceQuery) -> None:
+        """Answer who of one of this connection's groups is online.
+
+        Raises:
+            ProtocolError: not a member of the group, or the backplane cannot say now.
+        """
+        if query.group not in self.groups:
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, f"you are not in group {query.group!r}", query.frame_id
+            )
+        try:
+            names, count = await self.svc.hub.online(query.group, PRESENCE_NAMES)
+        except UnavailableError as exc:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), query.frame_id) from None
+        self.outbox.push(item(protocol.presence(query.group, names, count, query.frame_id)))
 
     def _published(self, frame_id: str | None, done: asyncio.Future[None]) -> None:
         # The hub settles it with a result or UnavailableError; cancelled only at loop exit.

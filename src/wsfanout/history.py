@@ -1,0 +1,127 @@
+"""Per-stream offsets, epochs and the bounded history, in memory (one node).
+
+Theory of operation. A stream (``all``, ``group:<name>``, ``user:<username>``: DESIGN 5.1)
+is created on first use with a random epoch and offset 0. ``append()`` gives a message the
+stream's next offset, joins its encoded parts around it (``protocol.with_offset``), keeps the
+result and returns it: the caller fans that same text out. ``since()`` answers a resume:
+every kept message after an offset, or None when the epoch is not this stream's or the
+history no longer reaches back that far. Appending and fanning out happen in one step of the
+event loop, and so do joining the hub and reading ``since()`` (``Connection.run``): a
+client gets no gap and no duplicate between replay and live messages.
+
+Bounds. Each stream keeps its last ``size`` messages, younger than ``ttl`` seconds (older
+ones are dropped as they are met). All streams together keep at most ``max_bytes`` of
+message text: past it, the streams published to least recently lose their oldest messages
+first. At most ``max_streams`` streams are known: past that, the least recently used one is
+forgotten, epoch and all (a client resuming it is told it was not recovered). So memory is
+at most ``max_bytes`` plus about 200 bytes per stream, whatever is published.
+
+With the Redis backplane, ``backplane.py`` keeps the same things in Redis instead, so that
+every node agrees on offsets and any node can serve a resume.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import time
+from collections.abc import Callable
+from typing import Final
+
+from .protocol import Position, with_offset
+
+MAX_STREAMS: Final = 100_000
+MAX_BYTES: Final = 64 * 1024 * 1024
+
+
+class _Stream:
+    __slots__ = ("entries", "epoch", "offset")
+
+    def __init__(self) -> None:
+        self.epoch = secrets.token_urlsafe(6)
+        self.offset = 0
+        # (offset, when, frame, size), oldest first
+        self.entries: collections.deque[tuple[int, float, str, int]] = collections.deque()
+
+
+class History:
+    """Offsets and recent messages of every stream this node publishes to."""
+
+    def __init__(
+        self,
+        size: int,
+        ttl: float,
+        *,
+        max_bytes: int = MAX_BYTES,
+        max_streams: int = MAX_STREAMS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.size = size
+        self.ttl = ttl
+        self.max_bytes = max_bytes
+        self.max_streams = max_streams
+        self.clock = clock
+        self.bytes = 0  # message text kept, over all streams
+        self._streams: dict[str, _Stream] = {}  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def _stream(self, name: str) -> _Stream:
+        streams = self._streams
+        stream = streams.pop(name, None)
+        if stream is None:
+            stream = _Stream()
+            if len(streams) >= self.max_streams:
+                oldest = next(iter(streams))
+                self.bytes -= sum(entry[3] for entry in streams.pop(oldest).entries)
+        streams[name] = stream  # now the most recently used
+        return stream
+
+    def position(self, name: str) -> Position:
+        """Where a stream stands (it is created if it is new)."""
+        stream = self._stream(name)
+        return Position(stream.epoch, stream.offset)
+
+    def append(self, name: str, head: str, tail: str) -> str:
+        """Give a message (``protocol.message_parts``) the stream's next offset and keep
+        it; return its text."""
+        stream = self._stream(name)
+        offset = stream.offset = stream.offset + 1
+        frame = with_offset(head, offset, tail)
+        size = len(frame)  # characters: what the text costs here, near enough
+        entries = stream.entries
+        entries.append((offset, self.clock(), frame, size))
+        self.bytes += size
+        if len(entries) > self.size:
+            self.bytes -= entries.popleft()[3]
+        if self.bytes > self.max_bytes:
+            self._shrink()
+        return frame
+
+    def _shrink(self) -> None:
+        """Drop the oldest messages of the least recently published streams until the
+        history fits in ``max_bytes`` again."""
+        for stream in self._streams.values():
+            entries = stream.entries
+            while entries and self.bytes > self.max_bytes:
+                self.bytes -= entries.popleft()[3]
+            if self.bytes <= self.max_bytes:
+                return
+
+    def since(self, name: str, seen: Position) -> list[str] | None:
+        """The kept messages after ``seen.offset``, oldest first; None if this stream's
+        epoch is not ``seen.epoch`` or its history no longer reaches back that far."""
+        stream = self._streams.get(name)
+        if stream is None or stream.epoch != seen.epoch or seen.offset > stream.offset:
+            return None
+        if seen.offset == stream.offset:
+            return []
+        entries = stream.entries
+        horizon = self.clock() - self.ttl
+        while entries and entries[0][1] < horizon:
+            self.bytes -= entries.popleft()[3]
+        if not entries or entries[0][0] > seen.offset + 1:
+            return None
+        start = seen.offset + 1 - entries[0][0]
+        return [entries[i][2] for i in range(start, len(entries))]
