@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -119,6 +120,7 @@ class WebSocket:
     headers: dict[str, str] | None = None
     root_path: str = ""
     http_response_extension: bool = True
+    query: str = ""  # the query string, as sent (already URL-encoded)
     to_app: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
     from_app: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
     events: deque[Any] = field(default_factory=deque)
@@ -134,7 +136,7 @@ class WebSocket:
             "scheme": "ws",
             "path": self.root_path + self.path,
             "raw_path": (self.root_path + self.path).encode(),
-            "query_string": b"",
+            "query_string": self.query.encode(),
             "root_path": self.root_path,
             "headers": _headers(self.headers),
             "client": ("127.0.0.1", 40001),
@@ -211,3 +213,16 @@ class WebSocket:
             return True
         await self.from_app.put(message)  # keep it for receive()
         return False
+
+
+def resume_query(streams: dict[str, Any]) -> str:
+    """The query string that resumes from these positions (DESIGN 5.1)."""
+    return "resume=" + urllib.parse.quote(orjson.dumps(streams).decode())
+
+
+async def until(ws: WebSocket, kind: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The events before the first of type ``kind``, and that one."""
+    before = []
+    while (event := await ws.receive())["type"] != kind:
+        before.append(event)
+    return before, event

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -133,19 +134,36 @@ class Server:
         finally:
             self.stop()
 
-    def rss(self) -> int:
-        """The resident memory of the server's processes (hypercorn's and its workers'), bytes."""
+    def pids(self) -> list[int]:
+        """The server's processes: hypercorn's, then its workers'."""
         assert self.proc is not None
-        total, pending = 0, [self.proc.pid]
+        found, pending = [], [self.proc.pid]
         while pending:
             pid = pending.pop()
+            found.append(pid)
+            with contextlib.suppress(OSError):
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                pending.extend(int(child) for child in children)
+        return found
+
+    def rss(self) -> int:
+        """The resident memory of the server's processes (hypercorn's and its workers'), bytes."""
+        total = 0
+        for pid in self.pids():
             with contextlib.suppress(OSError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
                         total += int(line.split()[1]) * 1024
-                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-                pending.extend(int(child) for child in children)
         return total
+
+    def kill(self) -> None:
+        """SIGKILL every process of the server at once: it dies without a word."""
+        assert self.proc is not None
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
 
     def established(self) -> int:
         """How many TCP connections the server holds open on its port (any state but
@@ -322,6 +340,22 @@ def redis_reachable(port: int = 6379) -> bool:
             return True
     except OSError:
         return False
+
+
+def delete_redis_keys(prefix: str, url: str = "redis://127.0.0.1:6379/0") -> int:
+    """Delete a test's keys (its history, presence) from the shared Redis; how many."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=prefix.replace("*", "\\*") + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+        return len(keys)
+    except redis.RedisError:
+        return 0
+    finally:
+        client.close()
 
 
 class RedisServer:

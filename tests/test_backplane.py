@@ -8,6 +8,7 @@ Every test uses its own channel prefix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -22,8 +23,9 @@ import pytest
 import redis.asyncio as redis
 
 from tests import asgi
+from tests.asgi import resume_query, until
 from tests.conftest import login
-from tests.server import Client, RedisServer, Server, http, redis_reachable
+from tests.server import Client, RedisServer, Server, delete_redis_keys, http, redis_reachable
 from wsfanout import App, Settings, create_app
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -38,22 +40,38 @@ def need_redis() -> None:
 
 
 @pytest.fixture
-def prefix() -> str:
-    return f"wsfanout-test-{uuid.uuid4().hex[:10]}:"
+def prefix() -> Iterator[str]:
+    """The test's own key prefix; its keys are deleted afterwards."""
+    name = f"wsfanout-test-{uuid.uuid4().hex[:10]}:"
+    yield name
+    delete_redis_keys(name)
 
 
 @pytest.fixture
 async def nodes(settings: Settings, prefix: str) -> AsyncIterator[tuple[App, App]]:
     """Two app instances (two nodes) sharing one database and one Redis prefix."""
-    shared = dataclasses.replace(settings, redis_url=REDIS_URL, redis_prefix=prefix)
+    async with two_nodes(settings, prefix, rate_limit=0) as both:
+        yield both
+
+
+@contextlib.asynccontextmanager
+async def two_nodes(
+    settings: Settings, prefix: str, **changes: Any
+) -> AsyncIterator[tuple[App, App]]:
+    """Two app instances (two nodes) sharing one database and one Redis prefix, healthy."""
+    shared = dataclasses.replace(settings, redis_url=REDIS_URL, redis_prefix=prefix, **changes)
     a, b = create_app(shared), create_app(shared)
     await a.startup()
-    await b.startup()
-    await wait_healthy(a)
-    await wait_healthy(b)
-    yield a, b
-    await a.shutdown()
-    await b.shutdown()
+    try:
+        await b.startup()
+        try:
+            await wait_healthy(a)
+            await wait_healthy(b)
+            yield a, b
+        finally:
+            await b.shutdown()
+    finally:
+        await a.shutdown()
 
 
 async def wait_healthy(app: App, want: int = 200, timeout: float = 15) -> dict[str, Any]:
@@ -282,3 +300,222 @@ def test_workers_without_redis_are_warned_about(tmp_path: Path, demo_db: Path) -
         while "do not see each other" not in server.log_path.read_text():
             assert time.monotonic() < deadline, server.log_path.read_text()
             time.sleep(0.05)
+
+
+# Streams, history and resume across nodes (DESIGN 5.1); presence across nodes (5.2)
+
+
+async def test_offsets_are_handed_out_once_across_nodes(nodes: tuple[App, App]) -> None:
+    """Two nodes publishing to one stream at once: a client on either sees every offset
+    once, in order (Redis assigns them and publishes in one step)."""
+    a, b = nodes
+    greg, mike, chuck = [await login(a, name) for name in ("greg", "mike", "chuck")]
+    async with (
+        asgi.WebSocket(a, headers={"cookie": greg}) as sender_a,
+        asgi.WebSocket(b, headers={"cookie": mike}) as sender_b,
+        asgi.WebSocket(b, headers={"cookie": chuck}) as watcher,
+    ):
+        start = (await watcher.receive())["streams"]["all"]["offset"]
+        await sender_a.receive(), await sender_b.receive()
+
+        async def send(ws: asgi.WebSocket, tag: str) -> None:
+            for n in range(150):
+                await ws.send_json({"type": "broadcast", "text": f"{tag}{n}"})
+
+        await asyncio.gather(send(sender_a, "a"), send(sender_b, "b"))
+        events = await messages(watcher, 300)
+        assert [e["offset"] for e in events] == list(range(start + 1, start + 301))
+        for tag in "ab":  # and each sender's order is kept
+            mine = [e["text"] for e in events if e["text"].startswith(tag)]
+            assert mine == [f"{tag}{n}" for n in range(150)]
+
+
+async def test_resume_on_the_other_node_while_messages_flow(nodes: tuple[App, App]) -> None:
+    """A client leaves node a mid-stream and resumes on node b while a sender keeps
+    publishing: over both connections it sees every message once, offsets contiguous."""
+    a, b = nodes
+    greg, mike = await login(a, "greg"), await login(a, "mike")
+    async with asgi.WebSocket(a, headers={"cookie": mike}) as sender:
+        await sender.receive()
+        total = 400
+        sending = asyncio.Event()
+
+        async def send() -> None:
+            for n in range(total):
+                await sender.send_json({"type": "broadcast", "text": str(n)})
+                if n == 50:
+                    sending.set()
+                if n % 10 == 0:
+                    await asyncio.sleep(0.002)
+
+        async with asgi.WebSocket(a, headers={"cookie": greg}) as first:
+            welcome = (await first.receive())["streams"]
+            task = asyncio.create_task(send())
+            await sending.wait()
+            seen = [e for e in await messages_until(first, 60)]
+        positions = dict(welcome)
+        positions["all"] = {"epoch": welcome["all"]["epoch"], "offset": seen[-1]["offset"]}
+        async with asgi.WebSocket(
+            b, headers={"cookie": greg}, query=resume_query(positions)
+        ) as again:
+            before, resumed = await until(again, "resumed")
+            assert resumed["recovered"] is True, resumed
+            replayed = [e for e in before if e["type"] == "message"]
+            assert resumed["missed"] == len(replayed)
+            await task
+            live: list[dict[str, Any]] = []
+            while len(seen) + len(replayed) + len(live) < total:
+                event = await again.receive()
+                if event["type"] == "message":
+                    live.append(event)
+            assert await again.nothing(0.3)
+        everything = seen + replayed + live
+        assert [e["text"] for e in everything] == [str(n) for n in range(total)]
+        offsets = [e["offset"] for e in everything]
+        assert offsets == list(range(offsets[0], offsets[0] + total))
+        assert replayed and live  # the resume really overlapped the flow
+
+
+async def messages_until(ws: asgi.WebSocket, count: int) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    while len(found) < count:
+        event = await ws.receive()
+        if event["type"] == "message":
+            found.append(event)
+    return found
+
+
+async def test_a_gap_longer_than_the_history_in_redis_is_lost(
+    settings: Settings, prefix: str
+) -> None:
+    """History in Redis keeps HISTORY_SIZE messages: a longer gap is not recovered, and
+    the streams that can be are still replayed."""
+    async with two_nodes(settings, prefix, history_size=5) as (a, b):
+        greg, mike = await login(a, "greg"), await login(a, "mike")
+        async with asgi.WebSocket(a, headers={"cookie": greg}) as g:
+            welcome = (await g.receive())["streams"]
+        async with asgi.WebSocket(b, headers={"cookie": mike}) as m:
+            await m.receive()
+            for n in range(10):
+                await m.send_json({"type": "broadcast", "text": str(n)})
+            await m.send_json({"type": "direct", "user_name": "greg", "text": "to greg"})
+            await messages(m, 10)
+        async with asgi.WebSocket(b, headers={"cookie": greg}, query=resume_query(welcome)) as g:
+            before, resumed = await until(g, "resumed")
+            assert [e["text"] for e in before[1:]] == ["to greg"]
+            assert resumed == {"type": "resumed", "recovered": False, "missed": 1, "lost": ["all"]}
+
+
+async def test_a_redis_that_lost_its_data_means_a_new_epoch(
+    settings: Settings, redis_server: RedisServer, prefix: str
+) -> None:
+    """Redis restarted without persistence: the streams get new epochs, and a client that
+    resumes is told recovered false for each, instead of silently missing messages."""
+    app = create_app(dataclasses.replace(settings, redis_url=redis_server.url, redis_prefix=prefix))
+    await app.startup()
+    try:
+        await wait_healthy(app)
+        greg = await login(app, "greg")
+        async with asgi.WebSocket(app, headers={"cookie": greg}) as g:
+            await g.receive()
+            await g.send_json({"type": "broadcast", "text": "before"})
+            event = (await messages(g, 1))[0]
+        positions = {"all": {"epoch": "", "offset": event["offset"]}}
+        async with asgi.WebSocket(app, headers={"cookie": greg}) as g:
+            positions = (await g.receive())["streams"]
+        redis_server.stop()
+        await wait_healthy(app, want=503)
+        redis_server.start()
+        await wait_healthy(app, want=200, timeout=20)
+        async with asgi.WebSocket(
+            app, headers={"cookie": greg}, query=resume_query(positions)
+        ) as g:
+            before, resumed = await until(g, "resumed")
+            assert resumed["recovered"] is False and sorted(resumed["lost"]) == sorted(positions)
+            streams = before[0]["streams"]
+            assert all(streams[s]["epoch"] != positions[s]["epoch"] for s in positions)
+            await g.send_json({"type": "broadcast", "text": "after"})
+            assert (await messages(g, 1))[0]["offset"] == streams["all"]["offset"] + 1
+    finally:
+        await app.shutdown()
+
+
+async def test_presence_is_counted_across_nodes(settings: Settings, prefix: str) -> None:
+    """Who is online is the same from either node; a user's first connection and last
+    disconnection over both nodes reach their group's members on both, once."""
+    async with two_nodes(settings, prefix, presence_events_max=100) as (a, b):
+        amanda, lisa, greg = [await login(a, name) for name in ("amanda", "lisa", "greg")]
+        async with asgi.WebSocket(a, headers={"cookie": amanda}) as on_a:
+            await until(on_a, "welcome")
+            async with asgi.WebSocket(b, headers={"cookie": lisa}) as lisa_b:
+                await until(lisa_b, "welcome")
+                _, online = await until(on_a, "online")
+                if online["user"] == "amanda":  # her own, if node a heard it in time
+                    _, online = await until(on_a, "online")
+                assert online == {"type": "online", "user": "lisa", "group": "girls"}
+                async with (
+                    asgi.WebSocket(a, headers={"cookie": lisa}) as lisa_a,
+                    asgi.WebSocket(b, headers={"cookie": greg}) as greg_b,
+                ):
+                    await until(lisa_a, "welcome"), await until(greg_b, "welcome")
+                    for ws in (on_a, lisa_b):
+                        await ws.send_json({"type": "presence", "group": "girls", "id": "p"})
+                        _, answer = await until(ws, "presence")
+                        assert (answer["online"], answer["count"]) == (["amanda", "lisa"], 2)
+                    await greg_b.send_json({"type": "presence", "group": "boys"})
+                    _, answer = await until(greg_b, "presence")
+                    assert (answer["online"], answer["count"]) == (["greg"], 1)
+                await asyncio.sleep(0.3)
+                assert all(e["type"] != "offline" for e in on_a.events)  # lisa is still on b
+                assert await on_a.nothing(0.3)
+            _, offline = await until(on_a, "offline")
+            assert offline == {"type": "offline", "user": "lisa", "group": "girls"}
+
+
+async def test_a_killed_nodes_users_go_offline_within_30_s(
+    tmp_path: Path, demo_db: Path, prefix: str
+) -> None:
+    """Real hypercorn, two nodes: a node killed with SIGKILL says no goodbye, yet its users
+    are offline for the other node's clients within 30 s; a client of the dead node
+    resumes on the live one with what it missed."""
+    env = {
+        "WSFANOUT_REDIS_URL": REDIS_URL,
+        "WSFANOUT_REDIS_PREFIX": prefix,
+        "WSFANOUT_PRESENCE_EVENTS_MAX": "100",
+    }
+    servers = []
+    for name in ("alive", "doomed"):
+        (tmp_path / name).mkdir()
+        shutil.copy(demo_db, tmp_path / name / "wsfanout.sqlite3")
+        servers.append(Server(tmp_path / name, env))
+    alive, doomed = servers
+    for server in servers:
+        server.start()
+    try:
+        amanda = await Client.open(alive.ws_url, alive.login("amanda"))
+        await amanda.next_of("welcome")
+        lisa = await Client.open(doomed.ws_url, doomed.login("lisa"))
+        positions = (await lisa.next_of("welcome"))["streams"]
+        while (await amanda.next_of("online"))["user"] != "lisa":
+            pass  # amanda's own, if her node heard it in time
+        await amanda.send({"type": "group", "group": "girls", "text": "seen"})
+        seen = await lisa.next_of("message")
+        positions["group:girls"]["offset"] = seen["offset"]
+        doomed.kill()
+        killed = time.monotonic()
+        await amanda.send({"type": "group", "group": "girls", "text": "missed"})
+        offline = await amanda.next_of("offline", timeout=40)
+        took = time.monotonic() - killed
+        assert offline["user"] == "lisa" and took < 30, took
+        print(f"figure presence: a killed node's user went offline after {took:.1f} s")
+        await lisa.close()
+        await amanda.close()
+        back = await Client.open(alive.ws_url + "?" + resume_query(positions), alive.login("lisa"))
+        assert (await back.next())["type"] == "welcome"
+        replay = await back.next()
+        assert (replay["text"], replay["offset"]) == ("missed", seen["offset"] + 1)
+        assert await back.next() == {"type": "resumed", "recovered": True, "missed": 1}
+        await back.close()
+    finally:
+        for server in servers:
+            server.stop()

@@ -26,7 +26,7 @@ import orjson
 import pytest
 from wsproto.events import CloseConnection, TextMessage
 
-from tests.server import Client, RawClient, Server
+from tests.server import Client, RawClient, Server, delete_redis_keys
 
 MIB = 1 << 20
 STALLED = 50  # clients that never read
@@ -416,6 +416,8 @@ async def test_a_batch_larger_than_an_outbox_reaches_every_reader(
     finally:
         for server in servers:
             server.stop()
+        if "WSFANOUT_REDIS_PREFIX" in env:
+            delete_redis_keys(env["WSFANOUT_REDIS_PREFIX"])
     assert logs.count("closing a slow consumer") == 1
     assert "Traceback" not in logs, logs
 

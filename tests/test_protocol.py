@@ -8,7 +8,15 @@ import orjson
 import pytest
 
 from wsfanout import protocol
-from wsfanout.protocol import ErrorCode, Kind, ProtocolError, Publish, Source
+from wsfanout.protocol import (
+    ErrorCode,
+    Kind,
+    Position,
+    PresenceQuery,
+    ProtocolError,
+    Publish,
+    Source,
+)
 
 
 @pytest.mark.parametrize(
@@ -104,3 +112,61 @@ def test_batch_is_an_array_only_for_several() -> None:
         {"type": "ack", "id": "a"},
         {"type": "ack", "id": "b"},
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"all": {"epoch": "e1", "offset": 3}}', {"all": Position("e1", 3)}),
+        ("{}", {}),
+        (
+            '{"group:boys": {"epoch": "x", "offset": 0}, "user:greg": {"epoch": "y", "offset": 9}}',
+            {"group:boys": Position("x", 0), "user:greg": Position("y", 9)},
+        ),
+    ],
+)
+def test_resume_positions(text: str, expected: dict[str, Position]) -> None:
+    assert protocol.parse_resume(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not json",
+        "[]",
+        '{"all": 3}',
+        '{"all": {"epoch": "e"}}',
+        '{"all": {"epoch": "", "offset": 1}}',
+        '{"all": {"epoch": 5, "offset": 1}}',
+        '{"all": {"epoch": "e", "offset": -1}}',
+        '{"all": {"epoch": "e", "offset": 1.5}}',
+        '{"all": {"epoch": "e", "offset": true}}',
+        '{"all": {"epoch": "e", "offset": 9007199254740993}}',
+        '{"all": {"epoch": "' + "e" * 65 + '", "offset": 1}}',
+        "{" + ",".join(f'"s{i}": {{"epoch": "e", "offset": 1}}' for i in range(1001)) + "}",
+        '{"all": {"epoch": "e", "offset": 1}, "pad": "' + "x" * 20_000 + '"}',
+    ],
+)
+def test_malformed_resume_is_refused(text: str) -> None:
+    with pytest.raises(protocol.ResumeError):
+        protocol.parse_resume(text)
+
+
+def test_presence_requests_parse_apart_from_publishes() -> None:
+    assert protocol.parse('{"type": "Presence", "group": " girls ", "id": "p1"}') == (
+        PresenceQuery("girls", "p1")
+    )
+    with pytest.raises(ProtocolError) as caught:
+        protocol.parse('{"type": "presence", "id": "p2"}')
+    assert (caught.value.code, caught.value.frame_id) == (ErrorCode.BAD_MESSAGE, "p2")
+
+
+def test_position_of_reads_what_with_offset_wrote() -> None:
+    """The stream and offset of an encoded message, whatever its names hold; None for
+    other events and for messages without an offset."""
+    publish = Publish(Kind.GROUP, '"offset":1,', 'we "quote"', sender="greg")
+    frame = protocol.message(publish, 1.0, 42)
+    assert protocol.position_of(frame) == ('group:we "quote"', 42)
+    assert protocol.position_of(protocol.message(publish, 1.0)) is None
+    assert protocol.position_of(protocol.ack("x")) is None

@@ -7,9 +7,11 @@ import sqlite3
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 from tests import asgi
+from tests.asgi import resume_query, until
 from tests.conftest import login
 from wsfanout import App, Settings, create_app
 from wsfanout.sessions import COOKIE_NAME, SessionCodec
@@ -280,5 +282,210 @@ async def test_a_flood_from_one_socket_does_not_stall_the_others(settings: Setti
                 seen += 1
             assert event["text"] == "still here"
             assert seen < 300, seen  # without yielding it would come after all 3000
+    finally:
+        await app.shutdown()
+
+
+# Streams, positions and resume (DESIGN 5.1); presence (DESIGN 5.2)
+
+
+async def broadcast(ws: asgi.WebSocket, *texts: str) -> None:
+    """Send broadcasts and wait for each one's ack (so each is published)."""
+    for text in texts:
+        await ws.send_json({"type": "broadcast", "text": text, "id": text})
+        before, _ = await until(ws, "ack")
+        assert all(event["type"] == "message" for event in before)
+
+
+async def test_messages_carry_their_stream_and_offset(app: App) -> None:
+    """Every message names its stream, and offsets count up by one per stream."""
+    greg, mike = await login(app, "greg"), await login(app, "mike")
+    async with connect(app, greg) as g, connect(app, mike) as m:
+        welcome = await g.receive()
+        await m.receive()
+        start = welcome["streams"]["all"]["offset"]
+        await g.send_json({"type": "broadcast", "text": "one"})
+        await g.send_json({"type": "group", "group": "boys", "text": "two"})
+        await g.send_json({"type": "direct", "user_name": "mike", "text": "three"})
+        await g.send_json({"type": "broadcast", "text": "four"})
+        got = [(e["stream"], e["offset"], e["text"]) for e in [await m.receive() for _ in range(4)]]
+        assert got == [
+            ("all", start + 1, "one"),
+            ("group:boys", welcome["streams"]["group:boys"]["offset"] + 1, "two"),
+            ("user:mike", 1, "three"),
+            ("all", start + 2, "four"),
+        ]
+
+
+async def test_resume_replays_exactly_what_was_missed_then_goes_live(app: App) -> None:
+    """A client that comes back with its positions gets the missed messages of each of its
+    streams in order, then resumed (recovered, missed), then live ones; nothing twice."""
+    greg, amanda = await login(app, "greg"), await login(app, "amanda")
+    async with connect(app, greg) as g:
+        welcome = await g.receive()
+        async with connect(app, amanda) as a:
+            await a.receive()
+            await broadcast(a, "seen")
+            seen = await g.receive()
+        positions = dict(welcome["streams"])
+        positions["all"] = {"epoch": positions["all"]["epoch"], "offset": seen["offset"]}
+    async with connect(app, amanda) as a:
+        await a.receive()
+        await broadcast(a, "missed 1", "missed 2")
+        await a.send_json({"type": "direct", "user_name": "greg", "text": "missed 3"})
+        await a.send_json({"type": "group", "group": "girls", "text": "not greg's"})
+        await until(a, "message")
+        async with asgi.WebSocket(
+            app, headers={"cookie": greg}, query=resume_query(positions)
+        ) as g:
+            replay, resumed = await until(g, "resumed")
+            assert replay[0]["type"] == "welcome"
+            assert [e["text"] for e in replay[1:]] == ["missed 1", "missed 2", "missed 3"]
+            assert resumed == {"type": "resumed", "recovered": True, "missed": 3}
+            await broadcast(a, "live")
+            assert (await g.receive())["text"] == "live"
+            assert await g.nothing()
+
+
+async def test_resume_from_another_epoch_or_past_the_history_is_lost(settings: Settings) -> None:
+    """A stale epoch, or a gap longer than the history, is not replayed: resumed says
+    recovered false and names the streams (the others are still replayed)."""
+    app = create_app(dataclasses.replace(settings, history_size=3))
+    await app.startup()
+    try:
+        greg, mike = await login(app, "greg"), await login(app, "mike")
+        async with connect(app, greg) as g:
+            welcome = (await g.receive())["streams"]
+        async with connect(app, mike) as m:
+            await m.receive()
+            await broadcast(m, *"abcde")
+            await m.send_json({"type": "group", "group": "boys", "text": "boys"})
+            await until(m, "message")
+        positions = {
+            "all": welcome["all"],
+            "group:boys": welcome["group:boys"],
+            "user:greg": {"epoch": "stale", "offset": 0},
+            "group:girls": {"epoch": "not mine", "offset": 0},  # not greg's: ignored
+        }
+        async with asgi.WebSocket(
+            app, headers={"cookie": greg}, query=resume_query(positions)
+        ) as g:
+            replay, resumed = await until(g, "resumed")
+            assert [e.get("text") for e in replay[1:]] == ["boys"]
+            assert resumed == {
+                "type": "resumed",
+                "recovered": False,
+                "missed": 1,
+                "lost": ["all", "user:greg"],
+            }
+    finally:
+        await app.shutdown()
+
+
+async def test_a_restart_without_redis_is_a_new_epoch(settings: Settings) -> None:
+    """History lives in memory on one node: after a restart every epoch is new."""
+    app = create_app(settings)
+    await app.startup()
+    greg = await login(app, "greg")
+    async with connect(app, greg) as g:
+        before = (await g.receive())["streams"]
+    await app.shutdown()
+    app = create_app(settings)
+    await app.startup()
+    try:
+        async with asgi.WebSocket(app, headers={"cookie": greg}, query=resume_query(before)) as g:
+            welcome, resumed = await until(g, "resumed")
+            assert all(welcome[0]["streams"][s]["epoch"] != before[s]["epoch"] for s in before)
+            assert resumed["recovered"] is False and sorted(resumed["lost"]) == sorted(before)
+    finally:
+        await app.shutdown()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "resume=nonsense",
+        "resume=%7B%22all%22%3A%205%7D",
+        "resume=%FF%FE",
+        "resume=%7B%7D&resume=%7B%7D",
+        "resume=" + "%7B" * 10_000,
+    ],
+)
+async def test_a_malformed_resume_is_400(app: App, query: str) -> None:
+    """A malformed resume refuses the handshake with 400 and a JSON reason."""
+    greg = await login(app, "greg")
+    with pytest.raises(asgi.Refused) as caught:
+        async with asgi.WebSocket(app, headers={"cookie": greg}, query=query):
+            pass
+    assert caught.value.status == 400
+    assert "resume" in orjson.loads(caught.value.body)["error"]
+    async with connect(app, greg) as g:  # and the seat was given back
+        assert (await g.receive())["type"] == "welcome"
+
+
+async def test_history_off_has_no_offsets_and_recovers_nothing(settings: Settings) -> None:
+    app = create_app(dataclasses.replace(settings, history_size=0))
+    await app.startup()
+    try:
+        greg = await login(app, "greg")
+        query = resume_query(
+            {"all": {"epoch": "e", "offset": 1}, "chess": {"epoch": "e", "offset": 1}}
+        )
+        async with asgi.WebSocket(app, headers={"cookie": greg}, query=query) as g:
+            welcome, resumed = await until(g, "resumed")
+            assert "streams" not in welcome[0]
+            assert resumed == {"type": "resumed", "recovered": False, "missed": 0, "lost": ["all"]}
+            await broadcast(g, "hi")
+    finally:
+        await app.shutdown()
+
+
+async def test_presence_requests_and_online_offline_events(settings: Settings) -> None:
+    """A member asks who of a group is online; a non-member is forbidden. A user's first
+    connection and last disconnection (not every tab's) reach their small groups."""
+    app = create_app(dataclasses.replace(settings, presence_events_max=3))
+    await app.startup()
+    try:
+        amanda, lisa, greg = [await login(app, name) for name in ("amanda", "lisa", "greg")]
+        async with connect(app, amanda) as a:
+            await a.receive()
+            assert await a.receive() == {"type": "online", "user": "amanda", "group": "girls"}
+            async with connect(app, lisa) as first_tab, connect(app, greg) as g:
+                await first_tab.receive()
+                assert await a.receive() == {"type": "online", "user": "lisa", "group": "girls"}
+                async with connect(app, lisa) as second_tab:
+                    await second_tab.receive()
+                    await a.send_json({"type": "presence", "group": "girls", "id": "p1"})
+                    assert await a.receive() == {
+                        "type": "presence",
+                        "group": "girls",
+                        "online": ["amanda", "lisa"],
+                        "count": 2,
+                        "id": "p1",
+                    }
+                    await g.receive()
+                    await g.send_json({"type": "presence", "group": "girls", "id": "p2"})
+                    _, error = await until(g, "error")
+                    assert (error["code"], error["id"]) == ("forbidden", "p2")
+                assert await a.nothing(0.2)  # lisa still has a tab open
+            assert await a.receive() == {"type": "offline", "user": "lisa", "group": "girls"}
+            assert await a.nothing(0.2)  # greg is not in girls
+    finally:
+        await app.shutdown()
+
+
+async def test_large_groups_get_no_presence_events(settings: Settings) -> None:
+    """A group with more members than presence_events_max gets no online/offline events;
+    its count is still there."""
+    app = create_app(dataclasses.replace(settings, presence_events_max=2))
+    await app.startup()
+    try:
+        amanda, lisa = await login(app, "amanda"), await login(app, "lisa")
+        async with connect(app, amanda) as a, connect(app, lisa) as b:
+            await a.receive(), await b.receive()
+            assert await a.nothing(0.2)
+            await a.send_json({"type": "presence", "group": "girls"})
+            answer = await a.receive()
+            assert (answer["online"], answer["count"]) == (["amanda", "lisa"], 2)
     finally:
         await app.shutdown()

@@ -132,16 +132,17 @@ class Hub:
             outbox.close(self._close_code)
         self._all.add(outbox)
         user = outbox.user.lower()
-        if _add(self._users, user, outbox):
+        first = _add(self._users, user, outbox)
+        for group in outbox.groups:
+            if _add(self._groups, group, outbox) and self.backplane is not None:
+                self.backplane.want(Kind.GROUP, group)
+        if first:
             self._announce[user] = announce
             if self.backplane is not None:
                 self.backplane.want(Kind.DIRECT, user)
                 self.backplane.arrive(outbox.user, outbox.groups, announce)
             else:
                 self._arrival("online", outbox.user, announce)
-        for group in outbox.groups:
-            if _add(self._groups, group, outbox) and self.backplane is not None:
-                self.backplane.want(Kind.GROUP, group)
 
     def remove(self, outbox: Outbox) -> None:
         """Forget an outbox; unknown ones are ignored, so cleanup may run twice.

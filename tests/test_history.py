@@ -1,0 +1,102 @@
+"""history: offsets, epochs and the bounded in-memory history of one node."""
+
+from __future__ import annotations
+
+import orjson
+
+from wsfanout import protocol
+from wsfanout.history import History
+from wsfanout.protocol import Kind, Position, Publish
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def append(history: History, stream: str, text: str) -> str:
+    kind, _, target = stream.partition(":")
+    publish = Publish(
+        {"all": Kind.BROADCAST, "group": Kind.GROUP, "user": Kind.DIRECT}[kind],
+        text,
+        target,
+        sender="greg",
+    )
+    return history.append(stream, *protocol.message_parts(publish, 1.0))
+
+
+def texts(frames: list[str] | None) -> list[str] | None:
+    return None if frames is None else [orjson.loads(frame)["text"] for frame in frames]
+
+
+def test_offsets_count_up_per_stream_and_the_message_says_where_it_is() -> None:
+    """Each stream counts from 1 on its own; the text carries its stream and offset."""
+    history = History(10, 60)
+    first = orjson.loads(append(history, "all", "a"))
+    append(history, "group:boys", "b")
+    second = orjson.loads(append(history, "all", "c"))
+    assert (first["stream"], first["offset"], second["offset"]) == ("all", 1, 2)
+    assert history.position("group:boys").offset == 1
+    assert history.position("user:mike") == Position(history.position("user:mike").epoch, 0)
+
+
+def test_since_replays_after_an_offset_in_order() -> None:
+    """since() gives every message after the client's offset; none when it is current."""
+    history = History(10, 60)
+    for text in "abcde":
+        append(history, "all", text)
+    epoch = history.position("all").epoch
+    assert texts(history.since("all", Position(epoch, 2))) == ["c", "d", "e"]
+    assert history.since("all", Position(epoch, 5)) == []
+    assert texts(history.since("all", Position(epoch, 0))) == list("abcde")
+
+
+def test_another_epoch_or_a_future_offset_is_not_recoverable() -> None:
+    history = History(10, 60)
+    append(history, "all", "a")
+    epoch = history.position("all").epoch
+    assert history.since("all", Position(epoch + "x", 1)) is None
+    assert history.since("all", Position(epoch, 2)) is None
+    assert history.since("group:unknown", Position(epoch, 0)) is None
+
+
+def test_a_history_shorter_than_the_gap_is_not_recoverable() -> None:
+    """Only the last ``size`` messages are kept: a gap reaching past them is lost."""
+    history = History(3, 60)
+    for text in "abcde":
+        append(history, "all", text)
+    epoch = history.position("all").epoch
+    assert history.since("all", Position(epoch, 1)) is None
+    assert texts(history.since("all", Position(epoch, 2))) == ["c", "d", "e"]
+
+
+def test_messages_older_than_the_ttl_are_not_replayed() -> None:
+    clock = Clock()
+    history = History(10, 60, clock=clock)
+    append(history, "all", "old")
+    clock.now += 61
+    append(history, "all", "new")
+    epoch = history.position("all").epoch
+    assert history.since("all", Position(epoch, 0)) is None
+    assert texts(history.since("all", Position(epoch, 1))) == ["new"]
+
+
+def test_memory_is_bounded_over_all_streams() -> None:
+    """Past max_bytes, the least recently published streams lose their oldest messages;
+    past max_streams, the least recently used stream is forgotten (a new epoch)."""
+    history = History(100, 60, max_bytes=2_000, max_streams=3)
+    for _ in range(5):
+        append(history, "group:quiet", "q" * 100)
+    quiet_epoch = history.position("group:quiet").epoch
+    for _ in range(50):
+        append(history, "all", "x" * 100)
+    assert history.bytes <= 2_000
+    assert history.since("group:quiet", Position(quiet_epoch, 0)) is None
+    assert len(history.since("all", Position(history.position("all").epoch, 40)) or []) == 10
+    history.position("user:a")
+    history.position("user:b")  # a fourth stream: the least recently used goes
+    assert len(history) == 3
+    assert history.position("group:quiet").epoch != quiet_epoch
