@@ -77,6 +77,20 @@ REDIS_2W = System(
 )
 
 
+NO_HISTORY = {"WSFANOUT_HISTORY_SIZE": "0"}  # no offsets, no history, no Lua (DESIGN 5.1)
+HISTORY_OFF = System(
+    "wsfanout-nohistory", "wsfanout:app", "wsfanout", {**WSFANOUT_ENV, **NO_HISTORY}
+)
+REDIS_2W_OFF = dataclasses.replace(
+    REDIS_2W, name="wsfanout-redis-2w-nohist", env={**REDIS_2W.env, **NO_HISTORY}
+)
+# Pairs whose ratio is printed: history on (the default) over history off.
+HISTORY_PAIRS = (
+    ("wsfanout", "wsfanout-nohistory"),
+    ("wsfanout-redis-2w", "wsfanout-redis-2w-nohist"),
+)
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -93,7 +107,7 @@ def scenarios(quick: bool) -> list[Scenario]:
     return [
         Scenario(
             "burst",
-            (WSFANOUT, COMPRESS, NO_BATCH, BASELINE),
+            (WSFANOUT, HISTORY_OFF, COMPRESS, NO_BATCH, BASELINE),
             {"scenario": "burst", "connections": n, "messages": messages, "size": 100},
             f"S1 burst: {n} conns, {messages} broadcasts of 100 B",
         ),
@@ -105,7 +119,7 @@ def scenarios(quick: bool) -> list[Scenario]:
         ),
         Scenario(
             "groups",
-            (WSFANOUT, BASELINE),
+            (WSFANOUT, HISTORY_OFF, BASELINE),
             {
                 "scenario": "groups",
                 "connections": n,
@@ -117,7 +131,7 @@ def scenarios(quick: bool) -> list[Scenario]:
         ),
         Scenario(
             "redis",
-            (WSFANOUT, REDIS_2W),
+            (WSFANOUT, REDIS_2W, REDIS_2W_OFF),
             {"scenario": "burst", "connections": n, "messages": messages, "size": 100},
             "many nodes: S1 burst on 2 workers sharing fan-out through Redis, vs 1 worker alone",
             subject="wsfanout-redis-2w",
@@ -172,6 +186,19 @@ def redis_cpu_seconds() -> float | None:
     except Exception:
         return None
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def forget_redis_keys(prefix: str) -> None:
+    """Delete what the runs kept in Redis under the bench's prefix (history, presence)."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except Exception as exc:  # a leftover key is no reason to lose the results
+        print(f"could not delete the bench's Redis keys ({exc})", flush=True)
 
 
 def pin(core: int) -> list[str]:
@@ -514,6 +541,8 @@ def main() -> int:
                         flush=True,
                     )
 
+    if any(s.name == "redis" for s in chosen):
+        forget_redis_keys(REDIS_2W.env["WSFANOUT_REDIS_PREFIX"])
     print()
     summary: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -548,6 +577,12 @@ def main() -> int:
             )
             if base and ours:
                 print(f"{'batch1 µs/delivery vs baseline':40} {ours / base:.2f}x")
+        cost = table.get("server_us_per_delivery", {})
+        for on, off in HISTORY_PAIRS:
+            if cost.get(on) and cost.get(off):
+                print(
+                    f"{'history on / off µs/delivery (' + on + ')':40} {cost[on] / cost[off]:.2f}x"
+                )
         print()
         summary["scenarios"][scenario.name] = {
             "label": scenario.label,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 
 from wsfanout import protocol
-from wsfanout.history import History
+from wsfanout.history import ENTRY_BYTES, History
 from wsfanout.protocol import Kind, Position, Publish
 
 
@@ -87,13 +87,14 @@ def test_messages_older_than_the_ttl_are_not_replayed() -> None:
 def test_memory_is_bounded_over_all_streams() -> None:
     """Past max_bytes, the least recently published streams lose their oldest messages;
     past max_streams, the least recently used stream is forgotten (a new epoch)."""
-    history = History(100, 60, max_bytes=2_000, max_streams=3)
+    each = len(append(History(1, 1), "all", "x" * 100)) + ENTRY_BYTES + 1  # 2-digit offsets
+    history = History(100, 60, max_bytes=10 * each, max_streams=3)
     for _ in range(5):
         append(history, "group:quiet", "q" * 100)
     quiet_epoch = history.position("group:quiet").epoch
     for _ in range(50):
         append(history, "all", "x" * 100)
-    assert history.bytes <= 2_000
+    assert history.bytes <= 10 * each
     assert history.since("group:quiet", Position(quiet_epoch, 0)) is None
     assert len(history.since("all", Position(history.position("all").epoch, 40)) or []) == 10
     history.position("user:a")

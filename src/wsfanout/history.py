@@ -14,7 +14,8 @@ ones are dropped as they are met). All streams together keep at most ``max_bytes
 message text: past it, the streams published to least recently lose their oldest messages
 first. At most ``max_streams`` streams are known: past that, the least recently used one is
 forgotten, epoch and all (a client resuming it is told it was not recovered). So memory is
-at most ``max_bytes`` plus about 200 bytes per stream, whatever is published.
+at most ``max_bytes`` (message text plus ``ENTRY_BYTES`` each) plus about 250 bytes per
+stream (and 600 more for one that has carried a message), whatever is published.
 
 With the Redis backplane, ``backplane.py`` keeps the same things in Redis instead, so that
 every node agrees on offsets and any node can serve a resume.
@@ -32,6 +33,7 @@ from .protocol import Position, with_offset
 
 MAX_STREAMS: Final = 100_000
 MAX_BYTES: Final = 64 * 1024 * 1024
+ENTRY_BYTES: Final = 160  # what keeping a message costs beyond its text (tuple, float, deque slot)
 
 
 class _Stream:
@@ -40,8 +42,9 @@ class _Stream:
     def __init__(self) -> None:
         self.epoch = secrets.token_urlsafe(6)
         self.offset = 0
-        # (offset, when, frame, size), oldest first
-        self.entries: collections.deque[tuple[int, float, str, int]] = collections.deque()
+        # (offset, when, frame, size), oldest first; made on the first message (a deque
+        # costs 600 bytes, and most streams, a user's, may never carry one)
+        self.entries: collections.deque[tuple[int, float, str, int]] | None = None
 
 
 class History:
@@ -73,8 +76,8 @@ class History:
         if stream is None:
             stream = _Stream()
             if len(streams) >= self.max_streams:
-                oldest = next(iter(streams))
-                self.bytes -= sum(entry[3] for entry in streams.pop(oldest).entries)
+                forgotten = streams.pop(next(iter(streams))).entries
+                self.bytes -= sum(entry[3] for entry in forgotten or ())
         streams[name] = stream  # now the most recently used
         return stream
 
@@ -89,8 +92,10 @@ class History:
         stream = self._stream(name)
         offset = stream.offset = stream.offset + 1
         frame = with_offset(head, offset, tail)
-        size = len(frame)  # characters: what the text costs here, near enough
+        size = len(frame) + ENTRY_BYTES  # characters: what an ASCII text costs here
         entries = stream.entries
+        if entries is None:
+            entries = stream.entries = collections.deque()
         entries.append((offset, self.clock(), frame, size))
         self.bytes += size
         if len(entries) > self.size:
@@ -118,6 +123,8 @@ class History:
         if seen.offset == stream.offset:
             return []
         entries = stream.entries
+        if entries is None:
+            return None
         horizon = self.clock() - self.ttl
         while entries and entries[0][1] < horizon:
             self.bytes -= entries.popleft()[3]
