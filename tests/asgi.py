@@ -121,6 +121,7 @@ class WebSocket:
     root_path: str = ""
     http_response_extension: bool = True
     query: str = ""  # the query string, as sent (already URL-encoded)
+    reads: bool = True  # False: from the start, the app's sends block (until ``reading`` is set)
     to_app: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
     from_app: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
     events: deque[Any] = field(default_factory=deque)
@@ -144,7 +145,8 @@ class WebSocket:
             "subprotocols": [],
             "extensions": {"websocket.http.response": {}} if self.http_response_extension else {},
         }
-        self.reading.set()
+        if self.reads:
+            self.reading.set()
         self.task = asyncio.create_task(self._run(scope))
         await self.to_app.put({"type": "websocket.connect"})
         first = await asyncio.wait_for(self.from_app.get(), TIMEOUT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sqlite3
 import time
@@ -487,5 +488,45 @@ async def test_large_groups_get_no_presence_events(settings: Settings) -> None:
             await a.send_json({"type": "presence", "group": "girls"})
             answer = await a.receive()
             assert (answer["online"], answer["count"]) == (["amanda", "lisa"], 2)
+    finally:
+        await app.shutdown()
+
+
+async def test_a_replay_larger_than_an_outbox_is_lost_not_sent(settings: Settings) -> None:
+    """What a resume replays is bounded like the outbox: a stream whose missed messages
+    would pass WSFANOUT_OUTBOX_BYTES is reported lost; smaller ones are still replayed."""
+    app = create_app(dataclasses.replace(settings, outbox_bytes=4096))
+    await app.startup()
+    try:
+        greg, mike = await login(app, "greg"), await login(app, "mike")
+        async with connect(app, greg) as g:
+            welcome = (await g.receive())["streams"]
+        async with connect(app, mike) as m:
+            await m.receive()
+            for n in range(20):
+                await m.send_json({"type": "broadcast", "text": f"{n:03d}" + "x" * 300})
+                await until(m, "message")  # mike reads his, or his own outbox overflows
+            await m.send_json({"type": "group", "group": "boys", "text": "small", "id": "s"})
+            await until(m, "ack")
+        async with asgi.WebSocket(app, headers={"cookie": greg}, query=resume_query(welcome)) as g:
+            before, resumed = await until(g, "resumed")
+            assert [e["text"] for e in before[1:]] == ["small"]
+            assert resumed == {"type": "resumed", "recovered": False, "missed": 1, "lost": ["all"]}
+    finally:
+        await app.shutdown()
+
+
+async def test_a_client_that_does_not_read_its_welcome_is_closed_1013(settings: Settings) -> None:
+    """The welcome and replay are sent before the writer starts; a client that does not
+    read them is closed like a slow consumer after WSFANOUT_SEND_TIMEOUT."""
+    app = create_app(dataclasses.replace(settings, send_timeout=0.3))
+    await app.startup()
+    try:
+        ws = asgi.WebSocket(app, headers={"cookie": await login(app, "greg")}, reads=False)
+        async with ws:
+            await asyncio.sleep(0.5)
+            ws.reading.set()
+            assert await ws.until_closed() == []
+            assert ws.close_code == 1013
     finally:
         await app.shutdown()

@@ -100,7 +100,8 @@ return offset
 """)
 
 _POSITIONS: Final = _Script("""
--- KEYS: meta, history. ARGV: node, meta ttl, ttl, size, seen epoch ('' if none), seen offset
+-- KEYS: meta, history. ARGV: node, meta ttl, ttl, size, seen epoch ('' if none), seen offset,
+-- most bytes to return
 local now = redis.call('TIME')
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
@@ -120,7 +121,13 @@ if #entries == 0 or tonumber(string.match(entries[1][1], '^(%d+)')) ~= seen + 1
   return {epoch, top, 0}
 end
 local found = {epoch, top, 1}
-for i = 1, #entries do found[i + 3] = entries[i][2][4] end
+local budget = tonumber(ARGV[7])
+for i = 1, #entries do
+  local frame = entries[i][2][4]
+  budget = budget - #frame
+  if budget < 0 then return {epoch, top, 0} end
+  found[i + 3] = frame
+end
 return found
 """)
 
@@ -404,11 +411,12 @@ class Backplane:
     # History (DESIGN 5.1)
 
     async def positions(
-        self, streams: list[str], seen: dict[str, Position]
+        self, streams: list[str], seen: dict[str, Position], budget: int
     ) -> dict[str, tuple[Position, list[str] | None]]:
         """Where each stream stands and, for those in ``seen``, the messages after that
-        position (None: not recoverable: another epoch, or history that does not reach
-        back). One round trip, each stream read in one atomic step.
+        position (None: not recoverable: another epoch, history that does not reach
+        back, or more than ``budget`` bytes of it). One round trip, each stream read in
+        one atomic step.
 
         Raises:
             BackplaneUnavailableError: Redis cannot be reached now.
@@ -430,6 +438,7 @@ class Backplane:
                     self._history_size,
                     "" if was is None else was.epoch,
                     0 if was is None else was.offset,
+                    budget,
                 )
             )
         try:
@@ -549,11 +558,15 @@ class Backplane:
         if presence is not None:
             presence.cancel()
             await asyncio.gather(presence, return_exceptions=True)
-            # Say goodbye for everyone still here, so they go offline now, not in PRESENCE_TTL.
+            # Say goodbye for everyone who left and whose departure was not said yet, and for
+            # everyone still here, so they go offline now, not in PRESENCE_TTL.
+            leaving = [user for user, arrived in self._presence_ops if arrived is None]
+            leaving += [user for user in self._present if user not in leaving]
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(2):
-                    await self._pipeline([self._gone(user) for user in self._present])
+                    await self._pipeline([self._gone(user) for user in leaving])
             self._present.clear()
+            self._presence_ops.clear()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

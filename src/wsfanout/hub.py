@@ -96,7 +96,6 @@ class Hub:
     ) -> None:
         self.pace_timeout = pace_timeout
         self.history = history if backplane is None else None
-        self.positioned = history is not None or (backplane is not None and backplane.history)
         self._backlog: collections.deque[tuple[Kind, str, Item]] = collections.deque()
         self._backlog_streams: dict[tuple[Kind, str], int] = {}  # events of each in the backlog
         self._backlog_bytes = 0
@@ -195,40 +194,28 @@ class Hub:
     ) -> Joined:
         """``add()`` the outbox, then find where its streams stand and what it missed
         since ``seen`` (for the streams it listens to): nothing it is sent twice, nothing
-        published meanwhile missed (see Positions)."""
+        published meanwhile missed (see Positions). A replay is bounded like the outbox:
+        a stream whose missed messages would take it past ``outbox.limit`` bytes is lost
+        instead (the client is told, and refetches)."""
         asked = [stream for stream in streams if stream in seen]
         history, backplane = self.history, self.backplane
         if history is not None:
             self.add(outbox, announce)  # and no await until all is read
             positions = {stream: history.position(stream) for stream in streams}
-            replay: list[str] = []
-            lost = []
-            for stream in asked:
-                missed = history.since(stream, seen[stream])
-                if missed is None:
-                    lost.append(stream)
-                else:
-                    replay += missed
-            return Joined(positions, replay, lost)
+            found = {stream: history.since(stream, seen[stream]) for stream in asked}
+            return _replay(positions, found, outbox.limit)
         self.add(outbox, announce)
         if backplane is None or not backplane.history:
             return Joined(None, [], asked)
         await backplane.synced()  # from now on this node hears the connection's streams
         try:
-            found = await backplane.positions(streams, seen)
+            read = await backplane.positions(streams, seen, outbox.limit)
         except BackplaneUnavailableError:
             return Joined(None, [], asked)
-        positions = {stream: where for stream, (where, _) in found.items()}
-        replay, lost = [], []
-        for stream in asked:
-            missed = found[stream][1]
-            if missed is None:
-                lost.append(stream)
-            else:
-                replay += missed
+        positions = {stream: where for stream, (where, _) in read.items()}
         # Live events that came while Redis was read: the reply covers those up to the tops.
         outbox.drop_seen({stream: where.offset for stream, where in positions.items()})
-        return Joined(positions, replay, lost)
+        return _replay(positions, {stream: read[stream][1] for stream in asked}, outbox.limit)
 
     async def emptied(self) -> None:
         """Wait until no connection is left."""
@@ -442,6 +429,23 @@ class Hub:
                 await asyncio.sleep(pause)
             for outbox in outboxes[start : start + batch]:
                 outbox.close(code)
+
+
+def _replay(
+    positions: dict[str, Position], found: dict[str, list[str] | None], budget: int
+) -> Joined:
+    """What a joining connection is sent: the missed messages of each stream that can be
+    recovered, within ``budget`` bytes in all; the others are lost."""
+    replay: list[str] = []
+    lost = []
+    for stream, missed in found.items():
+        size = sum(len(frame) for frame in missed) if missed is not None else 0
+        if missed is None or size > budget:
+            lost.append(stream)
+        else:
+            replay += missed
+            budget -= size
+    return Joined(positions, replay, lost)
 
 
 def _full(recipients: Collection[Outbox], size: int) -> list[Outbox]:

@@ -246,11 +246,23 @@ class Connection:
             welcome = protocol.welcome(
                 user.username, user.first_name, self.groups, joined.positions
             )
-            await self._send_now([welcome])
-            if seen is not None:
-                await self._send_now(joined.replay)
-                await self._send_now([protocol.resumed(len(joined.replay), joined.lost)])
-            code = await self._serve()
+            timeout = self.svc.settings.send_timeout
+            try:
+                async with asyncio.timeout(timeout):  # as the writer's sends are (outbox.py)
+                    await self._send_now([welcome])
+                    if seen is not None:
+                        await self._send_now(joined.replay)
+                        await self._send_now([protocol.resumed(len(joined.replay), joined.lost)])
+            except TimeoutError:
+                hub.stats.slow_consumers += 1
+                log.warning(
+                    "closing a slow consumer (%s): its welcome blocked for %g s",
+                    user.username,
+                    timeout,
+                )
+                code: int | None = CloseCode.TRY_AGAIN_LATER
+            else:
+                code = await self._serve()
         finally:
             hub.remove(outbox)
         if code is not None:
