@@ -76,3 +76,20 @@ async def test_two_apps_do_not_share_metrics(app: App, settings: Settings) -> No
     assert theirs.status == 200 and b"wsfanout_connections" in theirs.body
     assert b"wsfanout_login_failures_total{" not in theirs.body
     await other.shutdown()
+
+
+async def test_resumes_are_counted_by_outcome(app: App) -> None:
+    """Each resumed connection counts as recovered or lost, with the messages replayed."""
+    greg = await login(app, "greg")
+    async with asgi.WebSocket(app, headers={"cookie": greg}) as g:
+        streams = (await g.receive())["streams"]
+        await g.send_json({"type": "broadcast", "text": "one", "id": "1"})
+        await asgi.until(g, "ack")
+    for positions in (streams, {"all": {"epoch": "stale", "offset": 0}}):
+        query = asgi.resume_query(positions)
+        async with asgi.WebSocket(app, headers={"cookie": greg}, query=query) as g:
+            await asgi.until(g, "resumed")
+    found = samples((await asgi.request(app, "GET", "/metrics")).body)
+    assert found[("wsfanout_resumes_total", (("outcome", "recovered"),))] == 1
+    assert found[("wsfanout_resumes_total", (("outcome", "lost"),))] == 1
+    assert found[("wsfanout_replayed_messages_total", ())] == 1

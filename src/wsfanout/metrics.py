@@ -30,6 +30,8 @@ class ServiceStats:
     def __init__(self) -> None:
         self.refused: dict[str, int] = {}
         self.login_failures: dict[str, int] = {}
+        self.resumes = {"recovered": 0, "lost": 0}  # resumed connections, by outcome
+        self.replayed = 0  # messages sent by those resumes
 
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -99,6 +101,19 @@ class Metrics(Collector):
         for reason, count in sorted(self.service.refused.items()):
             refused.add_metric([reason], count)
         yield refused
+        resumes = CounterMetricFamily(
+            "wsfanout_resumes",
+            "Connections that resumed: everything recovered, or some stream lost.",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(self.service.resumes.items()):
+            resumes.add_metric([outcome], count)
+        yield resumes
+        yield CounterMetricFamily(
+            "wsfanout_replayed_messages",
+            "Messages replayed to resuming clients.",
+            self.service.replayed,
+        )
         failures = CounterMetricFamily(
             "wsfanout_login_failures", "Failed or throttled logins.", labels=["reason"]
         )

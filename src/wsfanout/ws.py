@@ -251,6 +251,9 @@ class Connection:
                 async with asyncio.timeout(timeout):  # as the writer's sends are (outbox.py)
                     await self._send_now([welcome])
                     if seen is not None:
+                        stats = self.svc.stats
+                        stats.resumes["lost" if joined.lost else "recovered"] += 1
+                        stats.replayed += len(joined.replay)
                         await self._send_now(joined.replay)
                         await self._send_now([protocol.resumed(len(joined.replay), joined.lost)])
             except TimeoutError:
