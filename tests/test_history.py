@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import orjson
 
 from wsfanout import protocol
@@ -87,7 +89,7 @@ def test_messages_older_than_the_ttl_are_not_replayed() -> None:
 def test_memory_is_bounded_over_all_streams() -> None:
     """Past max_bytes, the least recently published streams lose their oldest messages;
     past max_streams, the least recently used stream is forgotten (a new epoch)."""
-    each = len(append(History(1, 1), "all", "x" * 100)) + ENTRY_BYTES + 1  # 2-digit offsets
+    each = sys.getsizeof(append(History(1, 1), "all", "x" * 100)) + ENTRY_BYTES + 1  # 2 digits
     history = History(100, 60, max_bytes=10 * each, max_streams=3)
     for _ in range(5):
         append(history, "group:quiet", "q" * 100)
@@ -101,3 +103,27 @@ def test_memory_is_bounded_over_all_streams() -> None:
     history.position("user:b")  # a fourth stream: the least recently used goes
     assert len(history) == 3
     assert history.position("group:quiet").epoch != quiet_epoch
+
+
+def test_memory_is_counted_as_python_holds_it() -> None:
+    """A text with one emoji is held at 4 bytes a character: it counts so."""
+    history = History(10, 60)
+    append(history, "all", "x" * 1000)
+    ascii_bytes = history.bytes
+    append(history, "group:boys", "x" * 999 + "\N{GRINNING FACE}")
+    assert history.bytes - ascii_bytes > 3.5 * ascii_bytes - 1000
+
+
+def test_the_least_recently_published_stream_is_trimmed_first() -> None:
+    """A client joining (reading a stream's position) does not make a stream younger:
+    past max_bytes, the stream published to longest ago loses its messages first."""
+    each = sys.getsizeof(append(History(1, 1), "all", "x" * 200)) + ENTRY_BYTES + 1
+    history = History(100, 60, max_bytes=20 * each)
+    for _ in range(10):
+        append(history, "group:old", "x" * 200)
+    for _ in range(10):
+        append(history, "group:new", "x" * 200)
+    old, new = history.position("group:old"), history.position("group:new")  # joins
+    append(history, "all", "x" * 200)
+    assert history.since("group:old", Position(old.epoch, 0)) is None
+    assert len(history.since("group:new", Position(new.epoch, 0)) or []) == 10

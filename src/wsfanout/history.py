@@ -14,7 +14,7 @@ ones are dropped as they are met). All streams together keep at most ``max_bytes
 message text: past it, the streams published to least recently lose their oldest messages
 first. At most ``max_streams`` streams are known: past that, the least recently used one is
 forgotten, epoch and all (a client resuming it is told it was not recovered). So memory is
-at most ``max_bytes`` (message text plus ``ENTRY_BYTES`` each) plus about 250 bytes per
+at most ``max_bytes`` (each message's str, plus ``ENTRY_BYTES``) plus about 250 bytes per
 stream (and 600 more for one that has carried a message), whatever is published.
 
 With the Redis backplane, ``backplane.py`` keeps the same things in Redis instead, so that
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from typing import Final
@@ -33,7 +34,7 @@ from .protocol import Position, with_offset
 
 MAX_STREAMS: Final = 100_000
 MAX_BYTES: Final = 64 * 1024 * 1024
-ENTRY_BYTES: Final = 160  # what keeping a message costs beyond its text (tuple, float, deque slot)
+ENTRY_BYTES: Final = 110  # what keeping a message costs beyond its str (tuple, float, slot)
 
 
 class _Stream:
@@ -66,6 +67,9 @@ class History:
         self.clock = clock
         self.bytes = 0  # message text kept, over all streams
         self._streams: dict[str, _Stream] = {}  # least recently used first
+        self._filled: dict[
+            str, _Stream
+        ] = {}  # those holding messages, least recently published first
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -76,8 +80,9 @@ class History:
         if stream is None:
             stream = _Stream()
             if len(streams) >= self.max_streams:
-                forgotten = streams.pop(next(iter(streams))).entries
-                self.bytes -= sum(entry[3] for entry in forgotten or ())
+                oldest = next(iter(streams))
+                self._filled.pop(oldest, None)
+                self.bytes -= sum(entry[3] for entry in streams.pop(oldest).entries or ())
         streams[name] = stream  # now the most recently used
         return stream
 
@@ -92,10 +97,13 @@ class History:
         stream = self._stream(name)
         offset = stream.offset = stream.offset + 1
         frame = with_offset(head, offset, tail)
-        size = len(frame) + ENTRY_BYTES  # characters: what an ASCII text costs here
+        size = sys.getsizeof(frame) + ENTRY_BYTES  # a str of 1, 2 or 4 bytes a character
         entries = stream.entries
         if entries is None:
             entries = stream.entries = collections.deque()
+        filled = self._filled
+        filled.pop(name, None)
+        filled[name] = stream  # now the most recently published
         entries.append((offset, self.clock(), frame, size))
         self.bytes += size
         if len(entries) > self.size:
@@ -107,12 +115,14 @@ class History:
     def _shrink(self) -> None:
         """Drop the oldest messages of the least recently published streams until the
         history fits in ``max_bytes`` again."""
-        for stream in self._streams.values():
-            entries = stream.entries
+        filled = self._filled
+        while self.bytes > self.max_bytes and filled:
+            name = next(iter(filled))
+            entries = filled[name].entries
             while entries and self.bytes > self.max_bytes:
                 self.bytes -= entries.popleft()[3]
-            if self.bytes <= self.max_bytes:
-                return
+            if not entries:
+                del filled[name]
 
     def since(self, name: str, seen: Position) -> list[str] | None:
         """The kept messages after ``seen.offset``, oldest first; None if this stream's
