@@ -186,14 +186,25 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.mark.parametrize("history", [0, 100])
 async def test_node_survives_a_redis_restart(
-    settings: Settings, redis_server: RedisServer, prefix: str, caplog: pytest.LogCaptureFixture
+    settings: Settings,
+    redis_server: RedisServer,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+    history: int,
 ) -> None:
     """Redis stopped: senders get unavailable, sockets stay open, /healthz says why;
     Redis back: the node resubscribes by itself and messages flow again. Each
-    transition is logged once, not once per message or per retry."""
-    caplog.set_level(logging.INFO, logger="wsfanout.backplane")
-    app = create_app(dataclasses.replace(settings, redis_url=redis_server.url, redis_prefix=prefix))
+    transition is logged once, not once per message or per retry. With history on, the
+    node's connections missed what others published meanwhile: they are closed with 1012
+    so that they resume it."""
+    caplog.set_level(logging.INFO, logger="wsfanout")
+    app = create_app(
+        dataclasses.replace(
+            settings, redis_url=redis_server.url, redis_prefix=prefix, history_size=history
+        )
+    )
     await app.startup()
     try:
         await wait_healthy(app)
@@ -222,6 +233,11 @@ async def test_node_survives_a_redis_restart(
 
             redis_server.start()
             await wait_healthy(app, want=200, timeout=20)
+            if history:
+                for ws in (g, a):
+                    assert [e["type"] for e in await ws.until_closed()] == []
+                    assert ws.close_code == 1012
+                return
             # Subscribed again to exactly what its connections need, as Redis sees it.
             client = redis.Redis.from_url(redis_server.url)
             try:
@@ -241,6 +257,12 @@ async def test_node_survives_a_redis_restart(
     lines = [r.getMessage() for r in caplog.records if r.name == "wsfanout.backplane"]
     assert sum("unavailable" in line for line in lines) == 1, lines
     assert sum("connected" in line for line in lines) == 2, lines  # at start, after recovery
+    resyncs = [r.getMessage() for r in caplog.records if "so that they resume" in r.getMessage()]
+    assert resyncs == (
+        ["back on Redis: closing 2 connections with 1012 so that they resume what they missed"]
+        if history
+        else []
+    )
 
 
 async def test_each_senders_order_is_kept_across_nodes(nodes: tuple[App, App]) -> None:

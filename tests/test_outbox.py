@@ -8,7 +8,9 @@ from typing import Any
 import orjson
 import pytest
 
+from wsfanout import protocol
 from wsfanout.outbox import Flusher, Outbox, State, item
+from wsfanout.protocol import Kind, Publish
 from wsfanout.types import Message
 
 
@@ -229,3 +231,33 @@ async def test_states(steps: list[str], state: State, code: int | None) -> None:
             outbox.close(int(step.split()[1]))
     assert (outbox.state, outbox.close_code) == (state, code)
     assert outbox.push(event(9)) is (state is State.OPEN)
+
+
+async def test_a_floor_drops_what_a_joining_clients_reply_covers() -> None:
+    """After floor(), messages of a stream at or below its offset are dropped, queued or
+    still to come; the first one above lifts that stream's floor; others pass."""
+    sink = Sink()
+    outbox = make(sink, batch_max=1)
+
+    def message(stream: str, offset: int) -> Any:
+        kind, _, target = stream.partition(":")
+        publish = Publish(Kind.GROUP if kind == "group" else Kind.BROADCAST, "x", target)
+        return item(protocol.message(publish, 0.0, offset))
+
+    outbox.push(message("all", 4))
+    outbox.push(message("all", 5))
+    outbox.push(item(protocol.ack("a1")))
+    outbox.floor({"all": 5, "group:boys": 2})
+    for entry in (message("all", 5), message("group:boys", 1), message("all", 6)):
+        outbox.push(entry)
+    outbox.push(message("all", 3))  # cannot happen (streams come in order): floor is gone
+    outbox.push(message("group:boys", 3))
+    assert outbox.floors is None
+    outbox.close(1000)
+    assert await outbox.run() == 1000
+    assert [(e.get("stream"), e.get("offset")) for e in sink.frames] == [
+        (None, None),
+        ("all", 6),
+        ("all", 3),
+        ("group:boys", 3),
+    ]

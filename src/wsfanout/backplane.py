@@ -71,7 +71,8 @@ MAX_WAITING: Final = 100_000  # messages queued for Redis before senders are tol
 META_TTL: Final = 30 * 86400  # seconds a stream's epoch and offset outlive its last message
 HEARTBEAT: Final = 5.0  # seconds between a node's presence refreshes (and reaps)
 PRESENCE_TTL: Final = 15.0  # seconds a node vouches for its users' presence at a time
-REAP_MAX: Final = 500  # users reaped per script call
+REAP_MAX: Final = 500  # users reaped per script call ...
+REAP_CALLS: Final = 20  # ... and calls per heartbeat, while there are more
 
 
 class _Script:
@@ -88,7 +89,8 @@ local now = redis.call('TIME')
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', ARGV[7] .. now[1] .. now[2])
+  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+  redis.call('HSET', KEYS[1], 'e', ARGV[7] .. now[1] .. now[2], 'r', run)
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
 local frame = ARGV[2] .. ',"offset":' .. offset .. ARGV[3]
@@ -100,33 +102,47 @@ return offset
 """)
 
 _POSITIONS: Final = _Script("""
--- KEYS: meta, history. ARGV: node, meta ttl, ttl, size, seen epoch ('' if none), seen offset,
--- most bytes to return
+-- KEYS: meta and history of each stream. ARGV: node, meta ttl, ttl, size, most bytes to
+-- return in all, then for each stream the epoch seen ('' if none) and the offset seen.
+-- Returns for each stream {epoch, offset} and, if it was seen, a flag (1: recovered) and
+-- the messages after that offset.
+-- An epoch belongs to one run of Redis: a Redis restarted from an older snapshot (or a
+-- promoted replica) may have lost messages, so its streams get new epochs here.
 local now = redis.call('TIME')
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[1] .. now[1] .. now[2]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-end
-local top = tonumber(redis.call('HGET', KEYS[1], 'o') or '0')
-if ARGV[5] == '' then return {epoch, top} end
-local seen = tonumber(ARGV[6])
-if ARGV[5] ~= epoch or seen > top then return {epoch, top, 0} end
-if seen == top then return {epoch, top, 1} end
-local entries = redis.call('XRANGE', KEYS[2], tostring(seen + 1), '+', 'COUNT', ARGV[4])
-if #entries == 0 or tonumber(string.match(entries[1][1], '^(%d+)')) ~= seen + 1
-   or tonumber(entries[1][2][2]) < tonumber(now[1]) - tonumber(ARGV[3]) then
-  return {epoch, top, 0}
-end
-local found = {epoch, top, 1}
-local budget = tonumber(ARGV[7])
-for i = 1, #entries do
-  local frame = entries[i][2][4]
-  budget = budget - #frame
-  if budget < 0 then return {epoch, top, 0} end
-  found[i + 3] = frame
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local budget = tonumber(ARGV[5])
+local found = {}
+for s = 1, #KEYS / 2 do
+  local meta, history = KEYS[2 * s - 1], KEYS[2 * s]
+  local seen_epoch, seen = ARGV[4 + 2 * s], tonumber(ARGV[5 + 2 * s])
+  local epoch = redis.call('HGET', meta, 'e')
+  if not epoch or redis.call('HGET', meta, 'r') ~= run then
+    epoch = ARGV[1] .. now[1] .. now[2]
+    redis.call('DEL', history)
+    redis.call('HSET', meta, 'e', epoch, 'r', run)
+  end
+  redis.call('EXPIRE', meta, ARGV[2])
+  local top = tonumber(redis.call('HGET', meta, 'o') or '0')
+  local answer = {epoch, top}
+  if seen_epoch ~= '' then
+    answer[3] = 0
+    if seen_epoch == epoch and seen == top then
+      answer[3] = 1
+    elseif seen_epoch == epoch and seen < top then
+      local entries = redis.call('XRANGE', history, tostring(seen + 1), '+', 'COUNT', ARGV[4])
+      if #entries > 0 and tonumber(string.match(entries[1][1], '^(%d+)')) == seen + 1
+         and tonumber(entries[1][2][2]) >= tonumber(now[1]) - tonumber(ARGV[3]) then
+        local size = 0
+        for i = 1, #entries do size = size + #entries[i][2][4] end
+        if size <= budget then
+          budget = budget - size
+          answer[3] = 1
+          for i = 1, #entries do answer[i + 3] = entries[i][2][4] end
+        end
+      end
+    end
+  end
+  found[s] = answer
 end
 return found
 """)
@@ -188,19 +204,17 @@ _REAP: Final = _Script(
 local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1e6
 local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'LIMIT', 0, tonumber(ARGV[2]))
-local gone = 0
 for _, user in ipairs(stale) do
   local pu = ARGV[1] .. 'pu:' .. user
   redis.call('ZREMRANGEBYSCORE', pu, '-inf', t)
   local last = redis.call('ZRANGE', pu, -1, -1, 'WITHSCORES')
   if #last == 0 then
     offline(ARGV[1] .. 'pi:' .. user, KEYS[1], user)
-    gone = gone + 1
   else
     redis.call('ZADD', KEYS[1], last[2], user)
   end
 end
-return gone
+return #stale
 """
 )
 
@@ -269,12 +283,19 @@ class Backplane:
         self._presence_task: asyncio.Task[None] | None = None
         self._on_message: OnMessage | None = None
         self._client: Any = redis.Redis.from_url(
-            url, socket_connect_timeout=2, socket_timeout=5, retry_on_timeout=False
+            url,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            retry_on_timeout=False,
         )
         self._wanted: set[str] = {BROADCAST}
         self._subscribed: set[str] = set()
         self._changed = asyncio.Event()
-        self._synced = asyncio.Event()
+        self._confirmed: set[str] = set()  # channels Redis said it subscribed us to
+        self._confirmation = asyncio.Event()  # set (and replaced) on each confirmation
+        self._connected_before = False
+        self._on_missed: Callable[[], None] | None = None
+        self._sending_gone: list[str] = []  # departures in the presence task's pipeline
         self._task: asyncio.Task[None] | None = None
         self._pubsub: Any = None
         self._closing = False
@@ -295,7 +316,6 @@ class Backplane:
         if channel not in self._wanted:
             self._wanted.add(channel)
             self._changed.set()
-            self._synced.clear()
 
     def unwant(self, kind: Kind, target: str) -> None:
         """No local connection is left for this group or user."""
@@ -304,11 +324,19 @@ class Backplane:
             self._wanted.discard(channel)
             self._changed.set()
 
-    async def synced(self) -> None:
-        """Wait (briefly) until what is wanted has been subscribed to, when Redis is up."""
-        if self.healthy and not self._synced.is_set():
+    async def subscribed(self, wanted: list[tuple[Kind, str]]) -> bool:
+        """Wait (up to SYNC_TIMEOUT) until Redis has confirmed that this node hears these
+        groups' and users' channels (and everyone's); False if it has not by then."""
+        channels = {BROADCAST, *(_channel(kind, target) for kind, target in wanted)}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SYNC_TIMEOUT
+        while not channels <= self._confirmed:
+            left = deadline - loop.time()
+            if left <= 0 or not self.healthy:
+                return False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
+                await asyncio.wait_for(self._confirmation.wait(), left)
+        return True
 
     def make_room(self, count: int) -> None:
         """Check that ``count`` messages can be queued now (so a batch goes all or none).
@@ -355,7 +383,7 @@ class Backplane:
                 continue
             batch = [outgoing.popleft() for _ in range(min(len(outgoing), PIPELINE_MAX))]
             try:
-                await self._pipeline(self._publish_commands(batch))
+                results = await self._pipeline(self._publish_commands(batch), each=True)
             except (RedisError, OSError) as exc:
                 # Health is the subscriber's to judge (it reconnects); these messages failed.
                 _fail(batch, BackplaneUnavailableError(_describe(exc)))
@@ -363,8 +391,12 @@ class Backplane:
             except BaseException:  # cancelled (closing) mid-pipeline: answer every sender
                 _fail(batch, BackplaneUnavailableError("shutting down"))
                 raise
-            for *_, done in batch:
-                if not done.done():
+            for (*_, done), result in zip(batch, results, strict=True):
+                if done.done():
+                    continue
+                if isinstance(result, Exception):  # this one only (out of memory, say)
+                    done.set_exception(BackplaneUnavailableError(_describe(result)))
+                else:
                     done.set_result(None)
 
     def _publish_commands(
@@ -382,13 +414,16 @@ class Backplane:
                 commands.append((_PUBLISH, *keys, *args))
         return commands
 
-    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Run commands in one round trip; a script is named ``_Script`` then its KEYS
-        (two, or as many as ``_keys`` says) then ARGV. Scripts Redis has forgotten (it
-        restarted) are loaded and those commands run again, in order.
+    async def _pipeline(self, commands: list[tuple[Any, ...]], each: bool = False) -> list[Any]:
+        """Run commands in one round trip (``_add_command`` says how they are written).
+        Scripts Redis has forgotten (it restarted) are loaded and those commands run
+        again, in order.
+
+        Returns:
+            Each command's reply; with ``each``, a command's error reply in its place.
 
         Raises:
-            RedisError, OSError: Redis failed; the first error reply of a command.
+            RedisError, OSError: Redis failed; without ``each``, the first error reply.
         """
         pipe = self._client.pipeline(transaction=False)
         for command in commands:
@@ -404,7 +439,7 @@ class Backplane:
             for i, result in zip(again, await pipe.execute(raise_on_error=False), strict=True):
                 results[i] = result
         for result in results:
-            if isinstance(result, Exception):
+            if isinstance(result, Exception) and not each:
                 raise result
         return list(results)
 
@@ -424,25 +459,14 @@ class Backplane:
         if not self.healthy:
             raise BackplaneUnavailableError(self.reason)
         prefix = self._prefix
-        commands: list[tuple[Any, ...]] = []
+        keys: list[str] = []
+        args: list[Any] = [self.node, META_TTL, self._history_ttl, self._history_size, budget]
         for stream in streams:
+            keys += (prefix + "s:" + stream, prefix + "h:" + stream)
             was = seen.get(stream)
-            commands.append(
-                (
-                    _POSITIONS,
-                    prefix + "s:" + stream,
-                    prefix + "h:" + stream,
-                    self.node,
-                    META_TTL,
-                    self._history_ttl,
-                    self._history_size,
-                    "" if was is None else was.epoch,
-                    0 if was is None else was.offset,
-                    budget,
-                )
-            )
+            args += ("", 0) if was is None else (was.epoch, was.offset)
         try:
-            results = await self._pipeline(commands)
+            (results,) = await self._pipeline([(_POSITIONS, len(keys), *keys, *args)])
         except (RedisError, OSError) as exc:
             raise BackplaneUnavailableError(_describe(exc)) from None
         found: dict[str, tuple[Position, list[str] | None]] = {}
@@ -487,6 +511,8 @@ class Backplane:
         Raises:
             BackplaneUnavailableError: Redis cannot be reached now.
         """
+        if not self.healthy:
+            raise BackplaneUnavailableError(self.reason)
         try:
             (result,) = await self._pipeline([(_ONLINE, 1, self._prefix + "pg:" + group, limit)])
         except (RedisError, OSError) as exc:
@@ -523,24 +549,33 @@ class Backplane:
             while ops:
                 user, arrived = ops.popleft()
                 commands.append(self._gone(user) if arrived is None else self._here(user, arrived))
-            if loop.time() >= next_beat:
+            beat = loop.time() >= next_beat
+            if beat:
                 next_beat = loop.time() + HEARTBEAT
                 commands += [self._here(user, info) for user, info in self._present.items()]
-                commands.append((_REAP, 1, self._prefix + "pall", self._prefix, REAP_MAX))
-            for start in range(0, len(commands), PIPELINE_MAX):
-                try:
+            self._sending_gone = [command[-1] for command in commands if command[0] is _GONE]
+            try:
+                for start in range(0, len(commands), PIPELINE_MAX):
                     await self._pipeline(commands[start : start + PIPELINE_MAX])
-                except (RedisError, OSError) as exc:
-                    # The next heartbeat says again who is here; a departure said meanwhile
-                    # is lost, and expires with its TTL.
-                    log.debug("presence update failed: %s", _describe(exc))
-                    break
+                for _ in range(REAP_CALLS if beat else 0):
+                    reap = (_REAP, 1, self._prefix + "pall", self._prefix, REAP_MAX)
+                    if (await self._pipeline([reap]))[0] < REAP_MAX:
+                        break
+            except (RedisError, OSError) as exc:
+                # The next heartbeat says again who is here; a departure said meanwhile
+                # is lost, and expires with its TTL.
+                log.debug("presence update failed: %s", _describe(exc))
+            self._sending_gone = []
 
     # Life cycle
 
-    def start(self, on_message: OnMessage) -> None:
-        """Connect and subscribe; hand everything that arrives to ``on_message``."""
+    def start(self, on_message: OnMessage, on_missed: Callable[[], None] | None = None) -> None:
+        """Connect and subscribe; hand everything that arrives to ``on_message``.
+
+        ``on_missed`` is called when the node is subscribed again after losing Redis: what
+        was published meanwhile never reached this node's connections."""
         self._on_message = on_message
+        self._on_missed = on_missed
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._supervise(), name="wsfanout-backplane")
         self._publisher = loop.create_task(self._publish_loop(), name="wsfanout-publisher")
@@ -560,7 +595,8 @@ class Backplane:
             await asyncio.gather(presence, return_exceptions=True)
             # Say goodbye for everyone who left and whose departure was not said yet, and for
             # everyone still here, so they go offline now, not in PRESENCE_TTL.
-            leaving = [user for user, arrived in self._presence_ops if arrived is None]
+            leaving = [*self._sending_gone]
+            leaving += [user for user, arrived in self._presence_ops if arrived is None]
             leaving += [user for user in self._present if user not in leaving]
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(2):
@@ -595,8 +631,16 @@ class Backplane:
         while not self._closing:
             pubsub = self._pubsub = self._client.pubsub()
             try:
+                if self._connected_before:
+                    # The pooled connections may be dead sockets to a Redis that restarted:
+                    # open new ones, so the first command after this one does not fail.
+                    # (Nothing is retried: a script might have run before its reply was lost.)
+                    await self._client.connection_pool.disconnect()
                 await self._subscribe(pubsub, set(self._wanted), set())
                 self._up()
+                if self._connected_before and self._on_missed is not None:
+                    self._on_missed()
+                self._connected_before = True
                 backoff = BACKOFF_MIN
                 listen = asyncio.create_task(self._listen(pubsub))
                 manage = asyncio.create_task(self._manage(pubsub))
@@ -614,6 +658,7 @@ class Backplane:
                 self._down(exc)
             finally:
                 self._subscribed = set()
+                self._confirmed = set()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
             await asyncio.sleep(backoff)
@@ -624,6 +669,7 @@ class Backplane:
             await pubsub.subscribe(*(self._prefix + channel for channel in sorted(add)))
             self._subscribed |= add
         if remove:
+            self._confirmed -= remove
             await pubsub.unsubscribe(*(self._prefix + channel for channel in sorted(remove)))
             self._subscribed -= remove
 
@@ -635,7 +681,6 @@ class Backplane:
             if add or remove:
                 await self._subscribe(pubsub, add, remove)
                 continue
-            self._synced.set()
             self._changed.clear()
             await self._changed.wait()
 
@@ -644,14 +689,15 @@ class Backplane:
         deliver = self._on_message
         assert deliver is not None
         while not self._closing:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=IDLE_PING)
+            message = await pubsub.get_message(timeout=IDLE_PING)
             if message is None:
                 await pubsub.ping()  # quiet for a while: make sure the connection is alive
                 continue
             # Deliver everything already received before letting the flusher run, so
             # a burst arriving from Redis leaves as batches too.
             while message is not None:
-                if message.get("type") == "message":
+                kind = message.get("type")
+                if kind == "message":
                     channel = message["channel"].decode()[prefix_length:]
                     try:
                         waiting = deliver(*_route(channel), message["data"].decode())
@@ -659,7 +705,11 @@ class Backplane:
                             await waiting
                     except Exception:
                         log.exception("delivering a message from channel %r failed", channel)
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+                elif kind == "subscribe":  # from now on, Redis sends us this channel
+                    self._confirmed.add(message["channel"].decode()[prefix_length:])
+                    self._confirmation.set()
+                    self._confirmation = asyncio.Event()
+                message = await pubsub.get_message(timeout=0)
 
     def _up(self) -> None:
         if not self.healthy:

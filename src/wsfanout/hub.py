@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Collection
 from dataclasses import dataclass, field
@@ -51,9 +52,13 @@ from .history import History
 from .outbox import Item, Outbox, item
 from .protocol import Kind, Position, Publish
 
+log = logging.getLogger(__name__)
+
 PACE_POLL: Final = (0.001, 0.02)  # the first and the longest sleep while waiting for room
 BACKLOG_BYTES: Final = 16 * 1024 * 1024  # backend events from Redis held here while paced
 OFFSET_BYTES: Final = 30  # what ',"offset":N' adds to a message, at most
+RESYNC_BATCH: Final = 500  # connections closed at a time after losing Redis ...
+RESYNC_PAUSE: Final = 0.05  # ... this many seconds apart, so their resumes come in waves
 
 
 @dataclass(slots=True)
@@ -109,12 +114,28 @@ class Hub:
         self.closed = False
         self._close_code = 0  # what drain() closes with; a latecomer gets it too
         self._empty: asyncio.Event | None = None
+        self._resync: asyncio.Task[None] | None = None
         self.backplane = backplane
 
     def start(self) -> None:
         """Start sharing fan-out with other nodes, if there is a backplane."""
         if self.backplane is not None:
-            self.backplane.start(self._deliver)
+            self.backplane.start(self._deliver, self._missed)
+
+    def _missed(self) -> None:
+        """Back on Redis after losing it: what was published meanwhile never reached this
+        node's connections. With history, close them (1012, a batch at a time) so that
+        they resume and get it; without, there is nothing to get back."""
+        backplane = self.backplane
+        if backplane is None or not backplane.history or self.closed or not self._all:
+            return
+        log.warning(
+            "back on Redis: closing %d connections with 1012 so that they resume what they missed",
+            len(self._all),
+        )
+        self._resync = asyncio.get_running_loop().create_task(
+            self._close_all(protocol.CloseCode.SERVICE_RESTART, RESYNC_BATCH, RESYNC_PAUSE)
+        )
 
     def __len__(self) -> int:
         return len(self._all)
@@ -207,14 +228,21 @@ class Hub:
         self.add(outbox, announce)
         if backplane is None or not backplane.history:
             return Joined(None, [], asked)
-        await backplane.synced()  # from now on this node hears the connection's streams
+        # Read positions only once this node hears the connection's streams: what is
+        # published after the read then reaches the outbox.
+        wanted = [(Kind.DIRECT, outbox.user), *((Kind.GROUP, g) for g in outbox.groups)]
+        if not await backplane.subscribed(wanted):
+            log.info("a welcome without positions: Redis did not confirm the subscriptions")
+            return Joined(None, [], asked)
         try:
             read = await backplane.positions(streams, seen, outbox.limit)
-        except BackplaneUnavailableError:
+        except BackplaneUnavailableError as exc:
+            log.info("a welcome without positions: %s", exc.reason)
             return Joined(None, [], asked)
         positions = {stream: where for stream, (where, _) in read.items()}
-        # Live events that came while Redis was read: the reply covers those up to the tops.
-        outbox.drop_seen({stream: where.offset for stream, where in positions.items()})
+        # Live events that came (or are on their way) while Redis was read: the reply
+        # covers those up to the tops.
+        outbox.floor({stream: where.offset for stream, where in positions.items()})
         return _replay(positions, {stream: read[stream][1] for stream in asked}, outbox.limit)
 
     async def emptied(self) -> None:
@@ -423,6 +451,9 @@ class Hub:
         send every close (and cause every reconnect) at once."""
         self.closed = True
         self._close_code = code
+        await self._close_all(code, batch, pause)
+
+    async def _close_all(self, code: int, batch: int, pause: float) -> None:
         outboxes = self.outboxes()
         for start in range(0, len(outboxes), batch):
             if start:

@@ -153,6 +153,7 @@ class Outbox:
         "_send",
         "_waiter",
         "close_code",
+        "floors",
         "groups",
         "limit",
         "on_overflow",
@@ -191,6 +192,8 @@ class Outbox:
         self.state = State.OPEN
         self.close_code: int | None = None  # why it closes, once it stops taking events
         self.on_overflow = on_overflow
+        # Per stream, the offset a joining client's reply already covers (``floor``).
+        self.floors: dict[str, int] | None = None
         self.send_timeout = send_timeout  # a send blocked this long: the client does not read
 
     def _move(self, state: State, code: int | None = None) -> None:
@@ -204,6 +207,8 @@ class Outbox:
         """Queue one encoded event; False if this outbox no longer takes any."""
         if self.close_code is not None:  # set on every move out of OPEN; cheaper to test
             return False
+        if self.floors is not None and self._below_floor(entry[0]):
+            return True
         queued = self.queued_bytes + entry[1]
         if queued > self.limit:
             self.overflow()
@@ -217,18 +222,28 @@ class Outbox:
                 self._flusher.schedule(self)
         return True
 
-    def drop_seen(self, tops: dict[str, int]) -> None:
-        """Drop queued messages of these streams at or below these offsets (a joining
-        connection's reply from Redis already covers them)."""
-        kept = []
-        for entry in self._frames:
-            where = protocol.position_of(entry[0])
-            if where is not None and where[0] in tops and where[1] <= tops[where[0]]:
-                self.queued_bytes -= entry[1]
-            else:
-                kept.append(entry)
+    def floor(self, tops: dict[str, int]) -> None:
+        """A joining client's reply (its welcome and replay) covers these streams up to
+        these offsets: drop queued messages at or below them, and those still on their way
+        (from Redis, or paced in the hub's backlog). A stream's floor goes once a message
+        above it passes: a stream arrives in offset order, so nothing older follows."""
+        self.floors = dict(tops)
+        kept = [entry for entry in self._frames if not self._below_floor(entry[0])]
         self._frames.clear()  # in place: the writer may hold it
         self._frames.extend(kept)
+        self.queued_bytes = sum(entry[1] for entry in kept)
+
+    def _below_floor(self, frame: str) -> bool:
+        floors = self.floors
+        where = protocol.position_of(frame)
+        if floors is None or where is None or where[0] not in floors:
+            return False
+        if where[1] <= floors[where[0]]:
+            return True
+        del floors[where[0]]
+        if not floors:
+            self.floors = None
+        return False
 
     def overflow(self) -> None:
         """The client does not read: drop what is queued, take no more, close with 1013."""

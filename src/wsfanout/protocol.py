@@ -50,6 +50,7 @@ class CloseCode(enum.IntEnum):
     POLICY = 1008  # origin, auth expired
     TOO_LARGE = 1009
     INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012  # this node missed messages (it lost Redis): reconnect and resume
     TRY_AGAIN_LATER = 1013  # slow consumer, reconnect
 
 
