@@ -1,20 +1,26 @@
 """The pages in a real browser: Debian's chromium driven by Playwright, against real hypercorn.
 
-Screenshots of every page land in ``test-artifacts/`` for a person to look at.
+Screenshots of every page land in ``test-artifacts/`` for a person to look at. Every page a
+test logs in with reports its dialogs and uncaught errors (``problems``), which must stay none.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import shutil
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+import redis
+from playwright.async_api import Browser, Locator, Page, Route, async_playwright, expect
 
-from tests.server import ROOT, Server
+from tests.server import ROOT, Client, Server, http, redis_reachable
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -67,11 +73,13 @@ async def shot(page: Page, name: str) -> None:
     await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-async def log_in(browser: Browser, base: str, username: str, dialogs: list[str]) -> Page:
-    """Open the site anonymously, get sent to the login page, log in, wait for the socket."""
+async def log_in(browser: Browser, base: str, username: str, problems: list[str]) -> Page:
+    """Open the site anonymously, get sent to the login page, log in, wait for the socket.
+    The page's dialogs and uncaught errors go to ``problems``."""
     context = await browser.new_context(viewport={"width": 900, "height": 600})
     page = await context.new_page()
-    page.on("dialog", lambda dialog: dialogs.append(dialog.message))
+    page.on("dialog", lambda dialog: problems.append(f"dialog: {dialog.message}"))
+    page.on("pageerror", lambda error: problems.append(f"{username}: uncaught {error}"))
     await page.goto(base)
     await expect(page).to_have_url(base + "login")
     await page.fill("#username", username)
@@ -105,15 +113,15 @@ def lines(page: Page, text: str) -> Locator:
 async def test_group_direct_and_escaping(server: Server) -> None:
     """Group to girls reaches amanda only; Direct to greg reaches greg only; HTML shows as
     text; each message is one line on every page, the sender's included."""
-    dialogs: list[str] = []
+    problems: list[str] = []
     base = server.http_url + "/"
     async with chromium() as browser:
         login_page = await (await browser.new_context()).new_page()
         await login_page.goto(base + "login")
         await shot(login_page, "login-page")
 
-        greg = await log_in(browser, base, "greg", dialogs)
-        amanda = await log_in(browser, base, "amanda", dialogs)
+        greg = await log_in(browser, base, "greg", problems)
+        amanda = await log_in(browser, base, "amanda", problems)
 
         # The kinds are explained where they are chosen.
         await greg.select_option("#kind", "group")
@@ -167,16 +175,16 @@ async def test_group_direct_and_escaping(server: Server) -> None:
         assert box is not None and button is not None
         assert abs(box["y"] - button["y"]) < 4 and button["x"] + button["width"] <= 390
         await shot(amanda, "message-page-phone")
-    assert dialogs == []
+    assert problems == []
 
 
 async def test_reconnects_after_a_server_restart(server: Server) -> None:
     """Server stopped: the page says it is reconnecting; restarted: messages flow again."""
-    dialogs: list[str] = []
+    problems: list[str] = []
     base = server.http_url + "/"
     async with chromium() as browser:
-        greg = await log_in(browser, base, "greg", dialogs)
-        amanda = await log_in(browser, base, "amanda", dialogs)
+        greg = await log_in(browser, base, "greg", problems)
+        amanda = await log_in(browser, base, "amanda", problems)
         server.stop()
         for page in (greg, amanda):
             await expect(page.locator("#state")).to_have_text("reconnecting", timeout=15_000)
@@ -188,7 +196,7 @@ async def test_reconnects_after_a_server_restart(server: Server) -> None:
         await send(greg, "broadcast", "we are back")
         await expect(received(amanda, "we are back")).to_have_count(1)
         await shot(amanda, "after-restart")
-    assert dialogs == []
+    assert problems == []
 
 
 async def test_form_login_without_javascript(server: Server) -> None:
@@ -213,11 +221,11 @@ async def test_form_login_without_javascript(server: Server) -> None:
 
 async def test_mounted_under_chat(mounted: Server) -> None:
     """Inside a Starlette app at /chat: login, cookie path, pages and the socket all work."""
-    dialogs: list[str] = []
+    problems: list[str] = []
     base = mounted.http_url + "/chat/"
     async with chromium() as browser:
-        greg = await log_in(browser, base, "greg", dialogs)
-        amanda = await log_in(browser, base, "amanda", dialogs)
+        greg = await log_in(browser, base, "greg", problems)
+        amanda = await log_in(browser, base, "amanda", problems)
         cookie = (await greg.context.cookies())[0]
         assert cookie["path"] == "/chat/" and cookie["httpOnly"]
         await send(greg, "direct", "under a mount", "amanda")
@@ -225,4 +233,297 @@ async def test_mounted_under_chat(mounted: Server) -> None:
         await shot(amanda, "mounted-chat")
         await greg.goto(mounted.http_url + "/")
         await expect(greg.locator("body")).to_have_text("the host application")
-    assert dialogs == []
+    assert problems == []
+
+
+# --- Positions, resume and presence (DESIGN 5.1, 5.2) --------------------------------------
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+API_KEY = "browser-test-key"
+POSITIONS = "wsfanout.positions"  # app.js's sessionStorage key
+# Records, in this tab's sessionStorage, the text of every message line any document of the
+# tab shows, as it is shown (a MutationObserver runs right after the task that rendered, so
+# before the page can unload). ``window.shownBefore``: what earlier documents showed.
+RECORDER = """(() => {
+  const KEY = "test.shown";
+  window.shownBefore = JSON.parse(sessionStorage.getItem(KEY) || "[]");
+  new MutationObserver((records) => {
+    const shown = JSON.parse(sessionStorage.getItem(KEY) || "[]");
+    for (const record of records) {
+      for (const node of record.addedNodes) {
+        if (node.nodeName === "LI" && node.classList.contains("received")
+            && node.parentNode && node.parentNode.id === "messages") {
+          shown.push(node.querySelector(".text").textContent);
+        }
+      }
+    }
+    sessionStorage.setItem(KEY, JSON.stringify(shown));
+  }).observe(document, { childList: true, subtree: true });
+})()"""
+
+
+@pytest.fixture
+def presence_server(tmp_path: Path, demo_db: Path) -> Iterator[Server]:
+    """Online / offline events on (tests/server.py turns them off for older tests)."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    with Server(tmp_path, env={"WSFANOUT_PRESENCE_EVENTS_MAX": "100"}).running() as running:
+        yield running
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own in the Redis at 127.0.0.1:6379; its keys are deleted
+    afterwards. Skipped without Redis, except on CI, which must have it."""
+    if not redis_reachable():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Redis is not reachable at 127.0.0.1:6379, and CI must run this test")
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379 (start redis-server to run this)")
+    prefix = f"wsfanout-test-{uuid.uuid4().hex}:"
+    yield prefix
+    with contextlib.closing(redis.Redis.from_url(REDIS_URL)) as client:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+async def publish(server: Server, body: dict[str, Any]) -> None:
+    """Publish through the HTTP API as the backend ``ops``."""
+    status, headers = await asyncio.to_thread(
+        http,
+        "POST",
+        server.http_url + "/api/publish",
+        {**body, "from": "ops"},
+        {"authorization": f"Bearer {API_KEY}"},
+    )
+    assert status == 202, headers["_body"]
+
+
+@contextlib.asynccontextmanager
+async def client(server: Server, username: str) -> AsyncIterator[Client]:
+    """A websocket client logged in as ``username``, closed at the end whatever happens."""
+    opened = await Client.open(server.ws_url, server.login(username))
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def texts(page: Page) -> list[str]:
+    """The texts of the message lines the page shows, in order."""
+    return await page.locator("#messages li.received .text").all_text_contents()
+
+
+async def saved_positions(page: Page) -> Any:
+    return json.loads(await page.evaluate(f"sessionStorage.getItem({POSITIONS!r}) || 'null'"))
+
+
+async def test_a_reload_while_others_write_shows_the_missed_messages_once(server: Server) -> None:
+    """greg writes all along; amanda reloads her tab, and the reloaded page's script is held
+    back while greg goes on writing. After the reload amanda's page shows exactly what it had
+    not shown before: what was written while no page of hers was connected (replayed), then
+    what came live; nothing twice, nothing lost."""
+    problems: list[str] = []
+    base = server.http_url + "/"
+    sent: list[str] = []
+    stop = asyncio.Event()
+    progress = asyncio.Condition()
+
+    async def write() -> None:
+        while not stop.is_set():
+            text = f"note {len(sent) + 1:03d}"
+            await greg.send({"type": "broadcast", "text": text})
+            async with progress:
+                sent.append(text)
+                progress.notify_all()
+            await asyncio.sleep(0.02)
+
+    async def written(count: int) -> None:
+        async with asyncio.timeout(10), progress:
+            await progress.wait_for(lambda: len(sent) >= count)
+
+    async with client(server, "greg") as greg, chromium() as browser:
+        amanda = await log_in(browser, base, "amanda", problems)
+        sockets: list[str] = []
+        amanda.on("websocket", lambda ws: sockets.append(ws.url))
+        await amanda.add_init_script(RECORDER)
+        await amanda.evaluate(RECORDER)
+        writer = asyncio.create_task(write())
+        try:
+            await expect(amanda.locator("#messages li.received").nth(4)).to_be_attached()
+            # The reload: the new document's script waits until ten more are written.
+            held, release = asyncio.Event(), asyncio.Event()
+
+            async def hold(route: Route) -> None:
+                held.set()
+                await release.wait()
+                await route.continue_()
+
+            await amanda.route("**/static/app.js", hold)
+            reloading = asyncio.create_task(amanda.reload())
+            await asyncio.wait_for(held.wait(), 10)
+            away = len(sent)  # no page of amanda's reads from here on
+            await written(away + 10)
+            missed = sent[away : away + 10]
+            release.set()
+            await reloading
+            await expect(amanda.locator("#state")).to_have_text("connected")
+            await written(len(sent) + 10)  # and some live ones
+        finally:
+            stop.set()
+            await writer
+        await expect(received(amanda, sent[-1])).to_have_count(1)
+        await amanda.wait_for_timeout(300)  # anything extra would show by now
+
+        before = await amanda.evaluate("window.shownBefore")
+        after = await texts(amanda)
+        assert before + after == sent  # once each, in order, none lost
+        assert len(before) >= 5 and set(missed) <= set(after)
+        assert "resume=" in sockets[-1]  # the reloaded page asked for what it missed
+        await expect(amanda.locator("#notice")).to_be_hidden()
+        stored = await saved_positions(amanda)
+        assert stored["user"] == "amanda"
+        assert set(stored["streams"]) == {"all", "group:girls", "user:amanda"}
+        await shot(amanda, "reload-resumed")
+    assert problems == []
+
+
+async def test_killing_and_restarting_the_server_with_redis_shows_them_too(
+    tmp_path: Path, demo_db: Path, redis_prefix: str
+) -> None:
+    """With Redis the history outlives the server: stopped, started again, and published to
+    (every kind of stream) while amanda's page is cut off, the page shows what it missed
+    once it is back, and says nothing was lost."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    env = {
+        "WSFANOUT_REDIS_URL": REDIS_URL,
+        "WSFANOUT_REDIS_PREFIX": redis_prefix,
+        "WSFANOUT_API_KEYS": API_KEY,
+    }
+    problems: list[str] = []
+    server = Server(tmp_path, env=env)
+    with server.running():
+        base = server.http_url + "/"
+        async with chromium() as browser:
+            amanda = await log_in(browser, base, "amanda", problems)
+            await publish(server, {"type": "broadcast", "text": "before the restart"})
+            await expect(received(amanda, "before the restart")).to_have_count(1)
+            # Offline, the page cannot reconnect until the messages are published.
+            await amanda.context.set_offline(True)
+            server.stop()
+            await expect(amanda.locator("#state")).to_have_text("reconnecting", timeout=15_000)
+            port = server.port
+            server.start()
+            assert server.port == port  # the page comes back to the same address
+            missed = ["missed for all", "missed for girls", "missed for amanda", "missed again"]
+            await publish(server, {"type": "broadcast", "text": missed[0]})
+            await publish(server, {"type": "group", "group": "girls", "text": missed[1]})
+            await publish(server, {"type": "direct", "user_name": "amanda", "text": missed[2]})
+            await publish(server, {"type": "broadcast", "text": missed[3]})
+            await amanda.context.set_offline(False)
+            await expect(amanda.locator("#state")).to_have_text("connected", timeout=30_000)
+            await publish(server, {"type": "broadcast", "text": "live again"})
+            await expect(received(amanda, "live again")).to_have_count(1)
+            await amanda.wait_for_timeout(300)
+            assert await texts(amanda) == ["before the restart", *missed, "live again"]
+            await expect(amanda.locator("#notice")).to_be_hidden()
+            await shot(amanda, "restart-with-redis-resumed")
+    assert problems == []
+
+
+async def test_a_restart_that_loses_the_history_says_so(server: Server) -> None:
+    """Without Redis the history is in the server's memory: after a restart every stream
+    has a new epoch, and the page says that messages could not be recovered."""
+    problems: list[str] = []
+    base = server.http_url + "/"
+    async with chromium() as browser:
+        amanda = await log_in(browser, base, "amanda", problems)
+        async with client(server, "greg") as greg:
+            await greg.send({"type": "broadcast", "text": "before the restart"})
+            await expect(received(amanda, "before the restart")).to_have_count(1)
+        await expect(amanda.locator("#notice")).to_be_hidden()
+        server.stop()
+        await expect(amanda.locator("#state")).to_have_text("reconnecting", timeout=15_000)
+        server.start()
+        await expect(amanda.locator("#state")).to_have_text("connected", timeout=30_000)
+        notice = amanda.locator("#notice")
+        await expect(notice).to_be_visible()
+        await expect(notice).to_contain_text("could not be recovered")
+        await expect(notice).to_contain_text("everyone")
+        await expect(notice).to_have_attribute("role", "status")
+        await shot(amanda, "restart-lost-notice")
+        # It stays until dismissed; the stream goes on from where it stands now.
+        async with client(server, "greg") as greg:
+            await greg.send({"type": "broadcast", "text": "after the restart"})
+            await expect(received(amanda, "after the restart")).to_have_count(1)
+        assert await texts(amanda) == ["before the restart", "after the restart"]
+        await amanda.click("#notice-close")
+        await expect(notice).to_be_hidden()
+    assert problems == []
+
+
+async def test_saved_positions_the_server_refuses_do_not_lock_the_page_out(
+    server: Server,
+) -> None:
+    """Positions the server turns down (an epoch longer than it allows) are dropped after
+    two refused handshakes, and the page connects without them."""
+    problems: list[str] = []
+    base = server.http_url + "/"
+    async with chromium() as browser:
+        amanda = await log_in(browser, base, "amanda", problems)
+        sockets: list[str] = []
+        amanda.on("websocket", lambda ws: sockets.append(ws.url))
+        bad = {"user": "amanda", "streams": {"all": {"epoch": "x" * 100, "offset": 1}}}
+        # Stored before the reloaded page's script runs (the page itself would overwrite it
+        # when it unloads).
+        await amanda.add_init_script(
+            f"sessionStorage.setItem({POSITIONS!r}, {json.dumps(json.dumps(bad))})"
+        )
+        await amanda.reload()
+        await expect(amanda.locator("#state")).to_have_text("connected", timeout=20_000)
+        assert ["x" * 100 in url for url in sockets] == [True, True, False]
+        await amanda.wait_for_function(f"() => sessionStorage.getItem({POSITIONS!r}) !== null")
+        stored = await saved_positions(amanda)
+        assert stored["streams"]["all"]["epoch"] != "x" * 100
+        await expect(amanda.locator("#notice")).to_be_hidden()
+    assert problems == []
+
+
+async def test_the_online_list_changes_when_another_user_logs_in_and_out(
+    presence_server: Server,
+) -> None:
+    """amanda's page lists who of her group is online: herself, then lisa once she logs in,
+    and not lisa once she has logged out (which also forgets her tab's positions)."""
+    problems: list[str] = []
+    base = presence_server.http_url + "/"
+    async with client(presence_server, "anny") as anny, chromium() as browser:
+        amanda = await log_in(browser, base, "amanda", problems)
+        girls = amanda.locator("#online li[data-group=girls]")
+        people = girls.locator(".person")
+        # Whoever was online already comes from the presence answer.
+        await expect(people).to_have_text(["you", "Anny"])
+        await expect(girls.locator(".count")).to_have_text("2 online")
+
+        lisa = await log_in(browser, base, "lisa", problems)
+        await expect(people).to_have_text(["you", "Anny", "Lisa"])
+        await expect(girls.locator(".count")).to_have_text("3 online")
+        await expect(lisa.locator("#online li[data-group=girls] .person")).to_have_text(
+            ["you", "Amanda", "Anny"]
+        )
+        await shot(amanda, "online-list")
+        await lisa.wait_for_function(f"() => sessionStorage.getItem({POSITIONS!r}) !== null")
+        await lisa.click("#logout button")
+        await expect(lisa).to_have_url(base + "login")
+        assert await lisa.evaluate(f"sessionStorage.getItem({POSITIONS!r})") is None
+        await expect(people).to_have_text(["you", "Anny"])
+        await expect(girls.locator(".count")).to_have_text("2 online")
+
+        await anny.close()
+        await expect(people).to_have_text(["you"])
+        await expect(girls.locator(".count")).to_have_text("1 online")
+        # Someone of another group changes nothing here.
+        async with client(presence_server, "greg"):
+            await amanda.wait_for_timeout(300)
+            await expect(people).to_have_text(["you"])
+            await expect(amanda.locator("#online li")).to_have_count(1)
+        await shot(amanda, "online-list-after-logout")
+    assert problems == []

@@ -3,6 +3,17 @@
 // directory, every received text rendered with textContent. One line per message:
 // what comes back to us (a broadcast, our own group) is shown when it arrives;
 // what does not (a group we are not in, a direct message) is shown on its ack.
+//
+// Positions: every message names its stream and offset. The page keeps, per stream of
+// the last welcome, the epoch and the offset of the last message it showed, in
+// sessionStorage (so a reload in the same tab keeps them), and reconnects with
+// ?resume= so the server sends what was missed meanwhile, once. A replayed message at
+// or below the kept offset is not shown again; a live one always is, and its offset is
+// kept as it comes (a stream whose history was lost starts again lower, in a new epoch:
+// the next resume then says it could not be recovered).
+//
+// Presence: who of each of our groups is online, asked for on every welcome and kept
+// current with online / offline events.
 (function () {
   const $ = (id) => document.getElementById(id);
   const messages = $("messages");
@@ -12,13 +23,19 @@
   const userPick = $("user");
   const text = $("text");
   const sendButton = $("send");
+  const notice = $("notice");
+  const onlinePanel = $("online");
+  const onlineList = $("online-groups");
   const HINTS = {
     broadcast: "Broadcast: everyone who is connected gets it, you too.",
     group: "Group: every member of the group gets it, on every tab they have open.",
     direct: "Direct: only this person gets it, on every tab they have open.",
   };
+  const POSITIONS_KEY = "wsfanout.positions"; // {user, streams: {name: {epoch, offset}}}
+  const FLUSH_DELAY = 200; // ms between writes of the positions to sessionStorage
   let socket = null;
   let attempt = 0;
+  let retry = null; // the timer of the next reconnection
   let counter = 0;
   let me = "";
   let myGroups = new Set();
@@ -26,18 +43,238 @@
   const names = new Map(); // username (lower case) -> first name
   const pending = new Map(); // id -> what was sent, shown once the server acks it
 
-  function socketUrl() {
-    const url = new URL(".", window.location.href);
-    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-    url.hash = "";
-    url.search = "";
-    return url.href;
+  // ---- Positions ---------------------------------------------------------------
+
+  let saved = readPositions(); // what this tab saw last: {user, streams} or null
+  let positions = saved ? saved.streams : null; // stream -> {epoch, offset}
+  let tops = {}; // stream -> offset as the last welcome said (where a lost stream resumes)
+  let asked = null; // what the current connection asked to resume, or null
+  let askedFor = ""; // the user those positions were saved for
+  let dirty = false;
+  let flushTimer = null;
+  let refusals = 0; // handshakes with resume refused in a row by a reachable server
+  let replay = null; // a resume's missed messages, shown together once they are all in
+
+  function validPositions(streams) {
+    const valid = {};
+    if (!streams || typeof streams !== "object") return null;
+    for (const [name, where] of Object.entries(streams)) {
+      if (where && typeof where.epoch === "string" && where.epoch
+          && Number.isSafeInteger(where.offset) && where.offset >= 0) {
+        valid[name] = { epoch: where.epoch, offset: where.offset };
+      }
+    }
+    return Object.keys(valid).length ? valid : null;
   }
+
+  function readPositions() {
+    try {
+      const data = JSON.parse(sessionStorage.getItem(POSITIONS_KEY) || "null");
+      const streams = data && validPositions(data.streams);
+      return streams ? { user: String(data.user || ""), streams } : null;
+    } catch (err) {
+      return null; // no storage, or not ours: start afresh
+    }
+  }
+
+  function flush() {
+    if (flushTimer !== null) clearTimeout(flushTimer);
+    flushTimer = null;
+    if (!dirty) return;
+    dirty = false;
+    try {
+      if (positions && me) {
+        sessionStorage.setItem(POSITIONS_KEY, JSON.stringify({ user: me, streams: positions }));
+      } else {
+        sessionStorage.removeItem(POSITIONS_KEY);
+      }
+    } catch (err) {
+      // storage full or disabled: the page still works, a reload just starts afresh
+    }
+  }
+
+  function changed() {
+    dirty = true;
+    if (flushTimer === null) flushTimer = setTimeout(flush, FLUSH_DELAY);
+  }
+
+  function forgetPositions() {
+    positions = null;
+    saved = null;
+    asked = null;
+    dirty = true;
+    flush();
+  }
+
+  // The welcome says where every stream of ours stands. Streams we resume keep our
+  // offset (the replay that follows moves it on); the others start at the top.
+  function welcomed(streams) {
+    if (!streams || typeof streams !== "object") {
+      positions = null; // history is off: nothing to resume
+      tops = {};
+      changed();
+      return;
+    }
+    const mine = asked && askedFor === me ? asked : {};
+    const next = {};
+    tops = {};
+    for (const [name, where] of Object.entries(streams)) {
+      if (!where || typeof where.epoch !== "string" || !Number.isSafeInteger(where.offset)) continue;
+      tops[name] = where.offset;
+      const had = mine[name];
+      next[name] = had && had.epoch === where.epoch && had.offset <= where.offset
+        ? { epoch: had.epoch, offset: had.offset }
+        : { epoch: where.epoch, offset: where.offset };
+    }
+    positions = next;
+    changed();
+  }
+
+  // Whether a message is new to this page (it is, when it carries no position we know).
+  function fresh(event) {
+    const where = positions && positions[event.stream];
+    return !where || !Number.isSafeInteger(event.offset) || event.offset > where.offset;
+  }
+
+  function advance(event) {
+    const where = positions && positions[event.stream];
+    if (where && Number.isSafeInteger(event.offset) && event.offset !== where.offset) {
+      where.offset = event.offset;
+      changed();
+    }
+  }
+
+  // The replay comes stream by stream: show it in the order it was written, each
+  // stream's messages still in offset order (a merge by time, never a sort within a stream).
+  function showReplay() {
+    const queues = new Map();
+    for (const event of replay || []) {
+      if (!queues.has(event.stream)) queues.set(event.stream, []);
+      queues.get(event.stream).push(event);
+    }
+    replay = null;
+    const heads = [...queues.values()];
+    while (heads.length) {
+      let next = 0;
+      for (let i = 1; i < heads.length; i++) {
+        if ((Number(heads[i][0].ts) || 0) < (Number(heads[next][0].ts) || 0)) next = i;
+      }
+      show(heads[next].shift(), true);
+      if (!heads[next].length) heads.splice(next, 1);
+    }
+  }
+
+  window.addEventListener("pagehide", flush);
+  window.addEventListener("beforeunload", flush);
+
+  // ---- Notice (messages that could not be recovered) ---------------------------
+
+  function streamLabel(stream) {
+    if (stream === "all") return "everyone";
+    if (stream.startsWith("group:")) return stream.slice(6);
+    if (stream.startsWith("user:")) return "direct messages";
+    return stream;
+  }
+
+  function resumed(event) {
+    const lost = Array.isArray(event.lost) ? event.lost.map(String) : [];
+    for (const stream of lost) {
+      // Nothing of it was replayed: go on from where it stands now.
+      const where = positions && positions[stream];
+      if (where && stream in tops && tops[stream] > where.offset) {
+        where.offset = tops[stream];
+        changed();
+      }
+    }
+    const foreign = askedFor !== me; // positions saved by someone else in this tab
+    asked = null;
+    if (event.recovered === false && !foreign) {
+      const which = lost.length ? ` (${lost.map(streamLabel).join(", ")})` : "";
+      $("notice-text").textContent =
+        `Some messages sent while you were away could not be recovered${which}.`;
+      notice.hidden = false;
+    }
+  }
+
+  $("notice-close").addEventListener("click", function () { notice.hidden = true; });
+
+  // ---- Presence -----------------------------------------------------------------
+
+  const online = new Map(); // group -> {users: Set of usernames, hidden: how many not named}
+  const presenceIds = new Set();
+
+  function resetOnline() {
+    online.clear();
+    for (const group of [...myGroups].sort()) online.set(group, { users: new Set(), hidden: 0, known: false });
+    renderOnline();
+  }
+
+  function askPresence() {
+    for (const group of online.keys()) {
+      const id = "p" + (++counter);
+      presenceIds.add(id);
+      socket.send(JSON.stringify({ type: "presence", group, id }));
+    }
+  }
+
+  function renderOnline() {
+    onlinePanel.hidden = online.size === 0;
+    onlineList.replaceChildren(...[...online].map(([group, seen]) => {
+      const item = document.createElement("li");
+      item.dataset.group = group;
+      const title = document.createElement("span");
+      title.className = "group";
+      title.textContent = group;
+      const count = document.createElement("span");
+      count.className = "count";
+      const people = document.createElement("span");
+      people.className = "people";
+      if (seen.known) {
+        const total = seen.users.size + seen.hidden;
+        count.textContent = `${total} online`;
+        const listed = [...seen.users].sort((a, b) =>
+          (isMe(b) - isMe(a)) || nameOf(a).localeCompare(nameOf(b)));
+        people.replaceChildren(...listed.map((user) => {
+          const person = document.createElement("span");
+          person.className = isMe(user) ? "person me" : "person";
+          person.dataset.user = user;
+          person.textContent = nameOf(user);
+          return person;
+        }));
+        if (seen.hidden > 0) people.append(` and ${seen.hidden} more`);
+      } else {
+        count.textContent = "…";
+      }
+      item.append(title, count, people);
+      return item;
+    }));
+  }
+
+  function presence(event) {
+    presenceIds.delete(event.id);
+    const seen = online.get(event.group);
+    if (!seen || !Array.isArray(event.online)) return;
+    seen.users = new Set(event.online.map(String)); // the answer replaces what we knew
+    seen.hidden = Math.max(0, (Number(event.count) || 0) - seen.users.size);
+    seen.known = true;
+    renderOnline();
+  }
+
+  function arrival(event) {
+    const seen = online.get(event.group);
+    if (!seen || typeof event.user !== "string") return;
+    if (event.type === "online") seen.users.add(event.user);
+    else if (!seen.users.delete(event.user) && seen.hidden > 0) seen.hidden -= 1;
+    renderOnline();
+  }
+
+  // ---- Rendering --------------------------------------------------------------------
 
   function setState(label, open) {
     state.textContent = label;
     state.className = open ? "state open" : "state";
     sendButton.disabled = !open;
+    onlinePanel.classList.toggle("stale", !open);
   }
 
   function isMe(username) {
@@ -78,49 +315,90 @@
     return "everyone";
   }
 
+  function show(event, replayed) {
+    // A replayed message we have shown already is skipped (belt and braces: the server
+    // sends it once); a live one is the server's word.
+    if (replayed && !fresh(event)) return;
+    const from = event.via ? `${event.from} (via ${event.via})` : nameOf(event.from);
+    const mine = !event.via && isMe(event.from);
+    add(
+      `${clock(event.ts)} ${from} → ${audience(event.kind, event.group, event.to)}`,
+      event.text,
+      mine ? "received mine" : "received",
+    );
+    advance(event);
+  }
+
   function handle(event) {
     if (!event || typeof event !== "object") return;
     if (event.type === "welcome") {
       me = event.user;
       myGroups = new Set(event.groups || []);
       $("whoami").textContent = event.user;
+      welcomed(event.streams);
+      replay = asked ? [] : null; // a resume: what was missed comes next, then "resumed"
       fillPickers();
+      resetOnline();
+      askPresence();
     } else if (event.type === "message") {
-      const from = event.via ? `${event.from} (via ${event.via})` : nameOf(event.from);
-      const mine = !event.via && isMe(event.from);
-      add(
-        `${clock(event.ts)} ${from} → ${audience(event.kind, event.group, event.to)}`,
-        event.text,
-        mine ? "received mine" : "received",
-      );
+      if (replay) replay.push(event); else show(event);
+    } else if (event.type === "resumed") {
+      showReplay();
+      resumed(event);
+    } else if (event.type === "presence") {
+      presence(event);
+    } else if (event.type === "online" || event.type === "offline") {
+      arrival(event);
     } else if (event.type === "ack") {
       const sent = pending.get(event.id);
       pending.delete(event.id);
       if (sent) add(`${clock()} you → ${sent.to}`, sent.text, "sent");
     } else if (event.type === "error") {
+      if (presenceIds.delete(event.id)) return; // the panel just stays as it was
       pending.delete(event.id);
       add("not sent: " + event.code, event.detail, "error");
     }
   }
 
+  // ---- The connection ---------------------------------------------------------------
+
+  function socketUrl() {
+    const url = new URL(".", window.location.href);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    url.hash = "";
+    url.search = "";
+    if (positions) url.search = "?resume=" + encodeURIComponent(JSON.stringify(positions));
+    return url.href;
+  }
+
+  function toLogin() {
+    forgetPositions(); // the next one to log in here may be someone else
+    window.location.href = "login";
+  }
+
   // A refused handshake reaches the page only as a close with code 1006: ask the
-  // server whether the session is still good before trying again.
-  async function sessionGone() {
+  // server what it thinks of the session. "gone" (401), "up", or "down" (unreachable).
+  async function serverSays() {
     try {
       const response = await fetch("api/directory", { credentials: "same-origin" });
-      return response.status === 401;
+      return response.status === 401 ? "gone" : "up";
     } catch (err) {
-      return false; // the server is unreachable: keep reconnecting
+      return "down";
     }
   }
 
   function connect() {
+    retry = null;
     setState(attempt ? "reconnecting" : "connecting", false);
     let opened = false;
+    asked = positions ? JSON.parse(JSON.stringify(positions)) : null;
+    askedFor = saved && !me ? saved.user : me; // before the first welcome: whoever saved them
+    const resuming = !!asked;
     socket = new WebSocket(socketUrl());
     socket.onopen = function () {
       opened = true;
       attempt = 0;
+      refusals = 0;
       setState("connected", true);
     };
     socket.onmessage = function (e) {
@@ -131,16 +409,31 @@
     socket.onclose = async function (e) {
       socket = null;
       pending.clear(); // their acks will never come
+      presenceIds.clear();
+      if (replay) showReplay(); // cut short: show what did come
       setState("reconnecting", false);
-      if (e.code === 1008 || (!opened && await sessionGone())) {
-        window.location.href = "login";
-        return;
+      flush();
+      if (e.code === 1008) { toLogin(); return; }
+      if (!opened) {
+        const says = await serverSays();
+        if (says === "gone") { toLogin(); return; }
+        // The server is up but turned the handshake down: twice in a row with a resume,
+        // and the positions are dropped (they may be what it refuses).
+        refusals = says === "up" && resuming ? refusals + 1 : 0;
+        if (refusals >= 2) { refusals = 0; forgetPositions(); }
       }
       attempt += 1;
       const delay = Math.min(30000, 500 * 2 ** Math.min(attempt, 6)) * (0.5 + Math.random());
-      setTimeout(connect, delay);
+      retry = setTimeout(connect, delay);
     };
   }
+
+  // Back online (the network, or the laptop's lid): try at once rather than after the backoff.
+  window.addEventListener("online", function () {
+    if (retry !== null) { clearTimeout(retry); connect(); }
+  });
+
+  // ---- Pickers and the compose form -----------------------------------------------
 
   function fill(select, items) {
     const chosen = select.value;
@@ -168,10 +461,11 @@
 
   async function loadDirectory() {
     const response = await fetch("api/directory", { credentials: "same-origin" });
-    if (response.status === 401) { window.location.href = "login"; return; }
+    if (response.status === 401) { toLogin(); return; }
     directory = await response.json();
     for (const u of directory.users) names.set(u.username.toLowerCase(), u.first_name || u.username);
     fillPickers();
+    renderOnline();
   }
 
   function showKind() {
@@ -209,6 +503,7 @@
 
   $("logout").addEventListener("submit", async function (e) {
     e.preventDefault();
+    forgetPositions();
     await fetch("logout", { method: "POST", credentials: "same-origin" });
     window.location.href = "login";
   });
