@@ -162,11 +162,15 @@ def test_presence_requests_parse_apart_from_publishes() -> None:
     assert (caught.value.code, caught.value.frame_id) == (ErrorCode.BAD_MESSAGE, "p2")
 
 
-def test_position_of_reads_what_with_offset_wrote() -> None:
-    """The stream and offset of an encoded message, whatever its names hold; None for
-    other events and for messages without an offset."""
+def test_a_streams_messages_begin_with_its_offset_prefix() -> None:
+    """Every message of a stream starts with offset_prefix(stream), whatever its names
+    hold, and offset_after reads the offset; other streams' messages do not match."""
     publish = Publish(Kind.GROUP, '"offset":1,', 'we "quote"', sender="greg")
     frame = protocol.message(publish, 1.0, 42)
-    assert protocol.position_of(frame) == ('group:we "quote"', 42)
-    assert protocol.position_of(protocol.message(publish, 1.0)) is None
-    assert protocol.position_of(protocol.ack("x")) is None
+    prefix = protocol.offset_prefix('group:we "quote"')
+    assert frame.startswith(prefix) and protocol.offset_after(frame, prefix) == 42
+    assert not protocol.message(publish, 1.0).startswith(prefix)  # no offset: history off
+    for stream in ("all", "group:we", "user:we"):
+        assert not frame.startswith(protocol.offset_prefix(stream))
+    direct = protocol.message(Publish(Kind.DIRECT, "x", "Mike", sender="greg"), 1.0, 7)
+    assert direct.startswith(protocol.offset_prefix("user:Mike"))

@@ -462,6 +462,7 @@ async def test_presence_requests_and_online_offline_events(settings: Settings) -
                         "group": "girls",
                         "online": ["amanda", "lisa"],
                         "count": 2,
+                        "events": True,
                         "id": "p1",
                     }
                     await g.receive()
@@ -487,7 +488,11 @@ async def test_large_groups_get_no_presence_events(settings: Settings) -> None:
             assert await a.nothing(0.2)
             await a.send_json({"type": "presence", "group": "girls"})
             answer = await a.receive()
-            assert (answer["online"], answer["count"]) == (["amanda", "lisa"], 2)
+            assert (answer["online"], answer["count"], answer["events"]) == (
+                ["amanda", "lisa"],
+                2,
+                False,  # no events: a client asks again when it wants to know
+            )
     finally:
         await app.shutdown()
 

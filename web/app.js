@@ -209,8 +209,11 @@
     renderOnline();
   }
 
-  function askPresence() {
-    for (const group of online.keys()) {
+  const REASK = 30000; // ms: a group too large for online/offline events is asked again
+
+  function askPresence(only) {
+    if (!socket || socket.readyState !== WebSocket.OPEN) return;
+    for (const group of only ? [only] : online.keys()) {
       const id = "p" + (++counter);
       presenceIds.add(id);
       socket.send(JSON.stringify({ type: "presence", group, id }));
@@ -258,6 +261,11 @@
     seen.hidden = Math.max(0, (Number(event.count) || 0) - seen.users.size);
     seen.known = true;
     renderOnline();
+    if (event.events === false) {
+      // No online/offline events for this group (it is large): ask again now and then.
+      const asked = socket;
+      setTimeout(() => { if (socket === asked) askPresence(event.group); }, REASK);
+    }
   }
 
   function arrival(event) {

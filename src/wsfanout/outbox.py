@@ -192,7 +192,8 @@ class Outbox:
         self.state = State.OPEN
         self.close_code: int | None = None  # why it closes, once it stops taking events
         self.on_overflow = on_overflow
-        # Per stream, the offset a joining client's reply already covers (``floor``).
+        # The offset a joining client's reply already covers, by the stream's message
+        # prefix (``floor``); None once there are none.
         self.floors: dict[str, int] | None = None
         self.send_timeout = send_timeout  # a send blocked this long: the client does not read
 
@@ -226,8 +227,11 @@ class Outbox:
         """A joining client's reply (its welcome and replay) covers these streams up to
         these offsets: drop queued messages at or below them, and those still on their way
         (from Redis, or paced in the hub's backlog). A stream's floor goes once a message
-        above it passes: a stream arrives in offset order, so nothing older follows."""
-        self.floors = dict(tops)
+        above it passes: a stream arrives in offset order, so nothing older follows. A
+        stream at offset 0 has nothing to drop. The check is a few ``startswith`` per
+        message while floors are left, and nothing once they are gone."""
+        floors = {protocol.offset_prefix(stream): top for stream, top in tops.items() if top}
+        self.floors = floors or None
         kept = [entry for entry in self._frames if not self._below_floor(entry[0])]
         self._frames.clear()  # in place: the writer may hold it
         self._frames.extend(kept)
@@ -235,14 +239,16 @@ class Outbox:
 
     def _below_floor(self, frame: str) -> bool:
         floors = self.floors
-        where = protocol.position_of(frame)
-        if floors is None or where is None or where[0] not in floors:
+        if floors is None:
             return False
-        if where[1] <= floors[where[0]]:
-            return True
-        del floors[where[0]]
-        if not floors:
-            self.floors = None
+        for prefix, top in floors.items():
+            if frame.startswith(prefix):
+                if protocol.offset_after(frame, prefix) <= top:
+                    return True
+                del floors[prefix]
+                if not floors:
+                    self.floors = None
+                return False
         return False
 
     def overflow(self) -> None:

@@ -16,7 +16,6 @@ assigns it joins them (``with_offset``); nothing else is encoded per message.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -264,13 +263,16 @@ def encode(event: dict[str, Any]) -> str:
     return orjson.dumps(event).decode()
 
 
+def _head(kind: Kind, stream: str) -> str:
+    return encode({"type": "message", "kind": kind.value, "stream": stream})[:-1]
+
+
 def message_parts(publish: Publish, ts: float) -> tuple[str, str]:
     """The ``message`` event a publish becomes, encoded once for every recipient, as the
     text before and after the place of its offset (``with_offset`` joins them; ``head + tail``
     is the event without an offset, when history is off)."""
     kind = publish.kind
-    stream = stream_of(kind, publish.target)
-    head = encode({"type": "message", "kind": kind.value, "stream": stream})[:-1]
+    head = _head(kind, stream_of(kind, publish.target))
     event: dict[str, Any] = {"from": publish.sender}
     if publish.source is not Source.WEBSOCKET:
         event["via"] = publish.source.value  # no backend can pass for a user
@@ -296,17 +298,19 @@ def with_offset(head: str, offset: int, tail: str) -> str:
     return head + OFFSET_KEY + str(offset) + tail
 
 
-_POSITION: Final = re.compile(
-    r'\{"type":"message","kind":"\w+","stream":("(?:[^"\\]|\\.)*"),"offset":(\d+),'
-)
+_STREAM_KINDS: Final = {"all": Kind.BROADCAST, "group": Kind.GROUP, "user": Kind.DIRECT}
 
 
-def position_of(frame: str) -> tuple[str, int] | None:
-    """The stream and offset of an encoded ``message`` (None for other events)."""
-    found = _POSITION.match(frame)
-    if found is None:
-        return None
-    return orjson.loads(found[1]), int(found[2])
+def offset_prefix(stream: str) -> str:
+    """How every ``message`` of this stream with an offset begins, up to the offset's
+    digits: a frame that starts with it is one of the stream's (``offset_after``)."""
+    kind = _STREAM_KINDS[stream.partition(":")[0]]
+    return _head(kind, stream) + OFFSET_KEY
+
+
+def offset_after(frame: str, prefix: str) -> int:
+    """The offset of a message that starts with ``offset_prefix(...)``."""
+    return int(frame[len(prefix) : frame.index(",", len(prefix))])
 
 
 BACKEND_MARK: Final = ',"via":"'
@@ -341,8 +345,16 @@ def resumed(missed: int, lost: list[str]) -> str:
     return encode(event)
 
 
-def presence(group: str, online: list[str], count: int, frame_id: str | None) -> str:
-    event: dict[str, Any] = {"type": "presence", "group": group, "online": online, "count": count}
+def presence(group: str, online: list[str], count: int, events: bool, frame_id: str | None) -> str:
+    """Who of a group is online; ``events``: whether online/offline events keep it current
+    (the group is small enough), so a client knows whether to ask again."""
+    event: dict[str, Any] = {
+        "type": "presence",
+        "group": group,
+        "online": online,
+        "count": count,
+        "events": events,
+    }
     if frame_id is not None:
         event["id"] = frame_id
     return encode(event)

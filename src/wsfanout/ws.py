@@ -188,6 +188,7 @@ class Connection:
     __slots__ = (
         "_interrupted",
         "_reader",
+        "announce",
         "expires_at",
         "groups",
         "outbox",
@@ -229,6 +230,7 @@ class Connection:
         self.stream: object = None
         self._reader: asyncio.Task[Any] | None = None
         self._interrupted = False  # the writer finished first and cancelled the reader
+        self.announce: tuple[str, ...] = ()  # groups told of this user's presence
 
     def _move(self, stage: Stage) -> None:
         if _NEXT_STAGE.get(self.stage) is not stage:
@@ -238,6 +240,7 @@ class Connection:
     async def run(self, seen: dict[str, Position] | None, announce: tuple[str, ...]) -> None:
         """Join the hub, say welcome (and replay what the client missed), then serve."""
         outbox, user, hub = self.outbox, self.user, self.svc.hub
+        self.announce = announce
         streams = ["all", *(f"group:{group}" for group in self.groups), f"user:{user.username}"]
         try:
             # Joined before the welcome: messages from now on queue up behind it (and
@@ -475,7 +478,9 @@ class Connection:
             names, count = await self.svc.hub.online(query.group, PRESENCE_NAMES)
         except UnavailableError as exc:
             raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), query.frame_id) from None
-        self.outbox.push(item(protocol.presence(query.group, names, count, query.frame_id)))
+        events = query.group in self.announce
+        answer = protocol.presence(query.group, names, count, events, query.frame_id)
+        self.outbox.push(item(answer))
 
     def _published(self, frame_id: str | None, done: asyncio.Future[None]) -> None:
         # The hub settles it with a result or UnavailableError; cancelled only at loop exit.
