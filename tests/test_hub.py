@@ -258,3 +258,27 @@ async def test_a_paced_publish_keeps_room_for_users_messages() -> None:
     assert box.close_code is None  # the user's message fitted
     await paced  # nobody reads: closed after the pace timeout
     assert box.close_code == 1013
+
+
+async def test_the_pace_timeout_is_per_user_not_per_socket() -> None:
+    """A user who opens a fresh socket that never reads while the backlog waits on their
+    last one gains nothing: their waiting adds up over all their sockets, and each of
+    their full sockets is closed once the user's total reaches pace_timeout."""
+    h = Hub(pace_timeout=1.0)
+    first, fine = outbox("chuck"), outbox("mike")
+    h.add(first)
+    h.add(fine)
+    first.push((frame_of(6_000), 6_000, {}))
+    h._deliver(Kind.BROADCAST, "", frame_of(200))
+    await asyncio.sleep(0.6)  # chuck's first socket has held the backlog up for 0.6 s
+    second = outbox("chuck")  # a fresh one that will never read either
+    h.add(second)
+    second.push((frame_of(6_000), 6_000, {}))
+    h._deliver(Kind.BROADCAST, "", frame_of(200))
+    await asyncio.sleep(0.7)
+    # Chuck's 1 s is spent (at 1.0 s): both closed. Counted per socket, the second
+    # would hold the backlog up until 1.6 s.
+    assert first.close_code == 1013 and second.close_code == 1013
+    assert h._pacer is not None
+    await asyncio.wait_for(h._pacer, 1)
+    assert fine.close_code is None and fine.queued_bytes > 0

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import sqlite3
 import time
+import urllib.parse
 from typing import Any
 
 import orjson
@@ -381,6 +382,15 @@ async def test_resume_from_another_epoch_or_past_the_history_is_lost(settings: S
             }
     finally:
         await app.shutdown()
+
+
+async def test_resume_is_read_however_its_name_is_encoded(app: App) -> None:
+    """A query parameter named resume is one, even with its name percent-encoded."""
+    greg = await login(app, "greg")
+    query = "x=1&re%73ume=" + urllib.parse.quote('{"all": {"epoch": "e", "offset": 0}}')
+    async with asgi.WebSocket(app, headers={"cookie": greg}, query=query) as g:
+        _, resumed = await until(g, "resumed")
+        assert resumed["lost"] == ["all"]
 
 
 async def test_a_restart_without_redis_is_a_new_epoch(settings: Settings) -> None:

@@ -67,6 +67,8 @@ BACKOFF_MAX: Final = 5.0
 SYNC_TIMEOUT: Final = 2.0
 IDLE_PING: Final = 5.0
 PIPELINE_MAX: Final = 1000  # messages per round trip to Redis
+POOL_MAX: Final = 50  # connections for publishing, joins and presence updates ...
+QUERY_POOL_MAX: Final = 4  # ... and for users' presence requests
 MAX_WAITING: Final = 100_000  # messages queued for Redis before senders are told unavailable
 META_TTL: Final = 30 * 86400  # seconds a stream's epoch and offset outlive its last message
 HEARTBEAT: Final = 5.0  # seconds between a node's presence refreshes (and reaps)
@@ -282,12 +284,12 @@ class Backplane:
         self._presence_wake = asyncio.Event()
         self._presence_task: asyncio.Task[None] | None = None
         self._on_message: OnMessage | None = None
-        self._client: Any = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            retry_on_timeout=False,
-        )
+        # Connections are bounded, and a command waits (up to SYNC_TIMEOUT) for a free
+        # one rather than failing: publishing, joins and heartbeats share this pool;
+        # users' presence requests get a small one of their own, so that no number of
+        # them can take the connections the others need.
+        self._client: Any = _client(url, POOL_MAX)
+        self._queries: Any = _client(url, QUERY_POOL_MAX)
         self._wanted: set[str] = {BROADCAST}
         self._subscribed: set[str] = set()
         self._changed = asyncio.Event()
@@ -414,7 +416,9 @@ class Backplane:
                 commands.append((_PUBLISH, *keys, *args))
         return commands
 
-    async def _pipeline(self, commands: list[tuple[Any, ...]], each: bool = False) -> list[Any]:
+    async def _pipeline(
+        self, commands: list[tuple[Any, ...]], each: bool = False, client: Any = None
+    ) -> list[Any]:
         """Run commands in one round trip (``_add_command`` says how they are written).
         Scripts Redis has forgotten (it restarted) are loaded and those commands run
         again, in order.
@@ -425,15 +429,16 @@ class Backplane:
         Raises:
             RedisError, OSError: Redis failed; without ``each``, the first error reply.
         """
-        pipe = self._client.pipeline(transaction=False)
+        client = self._client if client is None else client
+        pipe = client.pipeline(transaction=False)
         for command in commands:
             _add_command(pipe, command)
         results = await pipe.execute(raise_on_error=False)
         if any(isinstance(result, NoScriptError) for result in results):
             for script in _SCRIPTS:
-                await self._client.script_load(script.source)
+                await client.script_load(script.source)
             again = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-            pipe = self._client.pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False)
             for i in again:
                 _add_command(pipe, commands[i])
             for i, result in zip(again, await pipe.execute(raise_on_error=False), strict=True):
@@ -514,7 +519,9 @@ class Backplane:
         if not self.healthy:
             raise BackplaneUnavailableError(self.reason)
         try:
-            (result,) = await self._pipeline([(_ONLINE, 1, self._prefix + "pg:" + group, limit)])
+            (result,) = await self._pipeline(
+                [(_ONLINE, 1, self._prefix + "pg:" + group, limit)], client=self._queries
+            )
         except (RedisError, OSError) as exc:
             raise BackplaneUnavailableError(_describe(exc)) from None
         return sorted(name.decode() for name in result[1:]), int(result[0])
@@ -614,6 +621,7 @@ class Backplane:
                     await self._pubsub.aclose()
                 await asyncio.wait({task}, timeout=2)
         await self._client.aclose()
+        await self._queries.aclose()
 
     async def check(self) -> None:
         """Raise if Redis does not answer a PING (for /healthz)."""
@@ -636,6 +644,7 @@ class Backplane:
                     # open new ones, so the first command after this one does not fail.
                     # (Nothing is retried: a script might have run before its reply was lost.)
                     await self._client.connection_pool.disconnect()
+                    await self._queries.connection_pool.disconnect()
                 await self._subscribe(pubsub, set(self._wanted), set())
                 self._up()
                 if self._connected_before and self._on_missed is not None:
@@ -723,6 +732,18 @@ class Backplane:
             log.warning("backplane unavailable (%s); reconnecting with backoff", reason)
         self.healthy = False
         self.reason = reason
+
+
+def _client(url: str, connections: int) -> Any:
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=connections,
+        timeout=SYNC_TIMEOUT,  # waiting for a free connection
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        retry_on_timeout=False,
+    )
+    return redis.Redis.from_pool(pool)
 
 
 def _fail(batch: list[tuple[Any, ...]], failure: Exception) -> None:

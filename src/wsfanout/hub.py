@@ -296,11 +296,11 @@ class Hub:
         return done
 
     async def publish_paced(
-        self, publish: Publish, waited: dict[Outbox, float] | None = None
+        self, publish: Publish, waited: dict[str, float] | None = None
     ) -> asyncio.Future[None] | None:
         """``publish()``, but first wait for room in the recipients' outboxes (see Pacing).
 
-        ``waited`` carries how long each outbox has held this batch up so far (pass the
+        ``waited`` carries how long each user has held this batch up so far (pass the
         same dict for every publish of a batch). With a backplane, every node paces what
         it receives (``_deliver``), so this is ``publish()``.
 
@@ -372,7 +372,7 @@ class Hub:
     async def _pace_backlog(self) -> None:
         """Fan the backlog out in order, each event once its recipients have room."""
         backlog = self._backlog
-        waited: dict[Outbox, float] = {}  # for this run of backlog: how long each held it up
+        waited: dict[str, float] = {}  # for this run of backlog: how long each user held it up
         try:
             while backlog:
                 kind, target, entry = backlog[0]
@@ -394,10 +394,13 @@ class Hub:
         finally:
             self._backlog_room.set()
 
-    async def _room(self, full: list[Outbox], size: int, waited: dict[Outbox, float]) -> None:
+    async def _room(self, full: list[Outbox], size: int, waited: dict[str, float]) -> None:
         """Wait until each of these outboxes has room again (down to a quarter of its
-        bound), or is closed. One that has held this batch up for ``pace_timeout`` seconds
-        in all does not keep up: it is overflowed (closed with 1013)."""
+        bound), or is closed. A user whose connections have held this batch up for
+        ``pace_timeout`` seconds in all (counted once per user, however many of their
+        sockets are full) does not keep up: those outboxes are overflowed (closed with
+        1013). Counting per user, not per socket, means opening a fresh socket that never
+        reads every few seconds buys no more than one does."""
         loop = asyncio.get_running_loop()
         delay, longest = PACE_POLL
         budget = self.pace_timeout
@@ -407,12 +410,12 @@ class Hub:
             delay = min(delay * 2, longest)
             now = loop.time()
             spent, last = now - last, now
+            full = [o for o in full if o.close_code is None and o.queued_bytes > _resume(o, size)]
+            for user in {outbox.user.lower() for outbox in full}:
+                waited[user] = waited.get(user, 0.0) + spent
             still = []
             for outbox in full:
-                total = waited[outbox] = waited.get(outbox, 0.0) + spent
-                if outbox.close_code is not None or outbox.queued_bytes <= _resume(outbox, size):
-                    continue
-                if total >= budget:
+                if waited[outbox.user.lower()] >= budget:
                     outbox.overflow()
                 else:
                     still.append(outbox)

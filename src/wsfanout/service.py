@@ -35,7 +35,7 @@ from .config import Settings
 from .history import History
 from .hub import Hub, UnavailableError
 from .metrics import Metrics, ServiceStats
-from .outbox import Flusher, Outbox
+from .outbox import Flusher
 from .protocol import CloseCode, ErrorCode, Kind, ProtocolError, Publish, Source
 from .servers import ServerReach, warn_if_workers_are_islands
 from .sessions import COOKIE_NAME, Session, SessionCodec
@@ -451,7 +451,7 @@ class Service:
             # No await from here to the last publish: nothing can take the room meanwhile.
             pending = [done for publish in batch if (done := hub.publish(publish)) is not None]
         else:
-            waited: dict[Outbox, float] = {}  # how long each outbox has held this batch up
+            waited: dict[str, float] = {}  # how long each user has held this batch up
             async with self.pacing:
                 for publish in batch:
                     await hub.publish_paced(publish, waited)

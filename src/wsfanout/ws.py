@@ -138,7 +138,7 @@ def _resume(scope: Scope) -> dict[str, Position] | None:
         Refusal: 400, a malformed ``resume``.
     """
     query = scope.get("query_string", b"")
-    if b"resume=" not in query:
+    if not query:
         return None
     try:
         pairs = urllib.parse.parse_qsl(
