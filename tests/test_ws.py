@@ -385,12 +385,15 @@ async def test_resume_from_another_epoch_or_past_the_history_is_lost(settings: S
 
 
 async def test_resume_is_read_however_its_name_is_encoded(app: App) -> None:
-    """A query parameter named resume is one, even with its name percent-encoded."""
+    """A query parameter named resume is one, even with its name percent-encoded; other
+    parameters, however odd, are not the handshake's business."""
     greg = await login(app, "greg")
-    query = "x=1&re%73ume=" + urllib.parse.quote('{"all": {"epoch": "e", "offset": 0}}')
+    query = "x=%FF&re%73ume=" + urllib.parse.quote('{"all": {"epoch": "e", "offset": 0}}')
     async with asgi.WebSocket(app, headers={"cookie": greg}, query=query) as g:
         _, resumed = await until(g, "resumed")
         assert resumed["lost"] == ["all"]
+    async with asgi.WebSocket(app, headers={"cookie": greg}, query="x=%FF%FE&y") as g:
+        assert (await g.receive())["type"] == "welcome"
 
 
 async def test_a_restart_without_redis_is_a_new_epoch(settings: Settings) -> None:

@@ -140,19 +140,18 @@ def _resume(scope: Scope) -> dict[str, Position] | None:
     query = scope.get("query_string", b"")
     if not query:
         return None
+    # Other parameters are not ours to judge: decoding never fails, and only a resume
+    # whose bytes were not UTF-8 (replaced by U+FFFD) is refused.
+    pairs = urllib.parse.parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    values = [value for name, value in pairs if name == "resume"]
     try:
-        pairs = urllib.parse.parse_qsl(
-            query.decode("ascii"), keep_blank_values=True, strict_parsing=False, errors="strict"
-        )
-        values = [value for name, value in pairs if name == "resume"]
         if len(values) > 1:
             raise protocol.ResumeError("give resume once")
+        if values and "\ufffd" in values[0]:
+            raise protocol.ResumeError("resume is not URL-encoded UTF-8")
         return protocol.parse_resume(values[0]) if values else None
-    except (UnicodeError, ValueError) as exc:  # ResumeError is a ValueError
-        detail = (
-            str(exc) if isinstance(exc, protocol.ResumeError) else "resume is not URL-encoded UTF-8"
-        )
-        raise Refusal(400, "bad_resume", detail) from None
+    except protocol.ResumeError as exc:
+        raise Refusal(400, "bad_resume", str(exc)) from None
 
 
 async def refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
