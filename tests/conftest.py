@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +45,17 @@ def settings(tmp_path: Path, demo_db: Path) -> Settings:
     (tests of presence turn them on)."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
     return Settings(data_dir=tmp_path, secret_keys=(SECRET,), presence_events_max=0)
+
+
+@contextlib.asynccontextmanager
+async def started(settings: Settings, **changes: Any) -> AsyncIterator[App]:
+    """An app with these settings changed, started, and shut down afterwards."""
+    application = create_app(dataclasses.replace(settings, **changes))
+    await application.startup()
+    try:
+        yield application
+    finally:
+        await application.shutdown()
 
 
 @pytest.fixture

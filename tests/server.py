@@ -342,6 +342,22 @@ def redis_reachable(port: int = 6379) -> bool:
         return False
 
 
+async def queue_messages(url: str, queue: str, *, delete: bool = False) -> int:
+    """Messages ready in a RabbitMQ queue, asked on a new connection (a robust channel
+    answers from its cache); ``delete`` deletes the queue afterwards."""
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, durable=True, passive=True)
+        count = declared.declaration_result.message_count
+        assert count is not None
+        if delete:
+            await channel.queue_delete(queue)
+        return count
+
+
 def delete_redis_keys(prefix: str, url: str = "redis://127.0.0.1:6379/0") -> int:
     """Delete a test's keys (its history, presence) from the shared Redis; how many."""
     import redis

@@ -26,7 +26,14 @@ import pytest
 
 from tests import asgi
 from tests.conftest import login
-from tests.server import Client, RedisServer, Server, delete_redis_keys, redis_reachable
+from tests.server import (
+    Client,
+    RedisServer,
+    Server,
+    delete_redis_keys,
+    queue_messages,
+    redis_reachable,
+)
 from wsfanout import App, Settings, create_app
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -270,17 +277,6 @@ async def test_backplane_outage_requeues_until_redis_is_back(
         await broker.queue_delete(queue)
 
 
-async def message_count(queue: str) -> int:
-    """Messages ready in the queue, asked anew (a robust channel answers from its cache)."""
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, durable=True, passive=True)
-        count = declared.declaration_result.message_count
-        assert count is not None
-        return count
-
-
 @pytest.mark.parametrize(("history", "recovered"), [(3000, True), (100, False)])
 async def test_messages_across_a_node_restart_reach_a_resuming_client_or_it_is_told(
     tmp_path: Path,
@@ -327,7 +323,7 @@ async def test_messages_across_a_node_restart_reach_a_resuming_client_or_it_is_t
         await client.close()
         await asyncio.to_thread(second.start)
         deadline = time.monotonic() + 60
-        while await message_count(queue):  # taken while nobody is connected
+        while await queue_messages(AMQP_URL, queue):  # taken while nobody is connected
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
         positions["all"]["offset"] = received[-1]["offset"]

@@ -100,11 +100,7 @@ async def numsub(prefix: str, *channels: str) -> dict[str, int]:
 
 async def messages(ws: asgi.WebSocket, count: int) -> list[dict[str, Any]]:
     """Exactly ``count`` message events (acks, which may come before or after, aside)."""
-    found: list[dict[str, Any]] = []
-    while len(found) < count:
-        event = await ws.receive()
-        if event["type"] == "message":
-            found.append(event)
+    found = await messages_until(ws, count)
     while not await ws.nothing(0.2):
         event = await ws.receive()
         assert event["type"] == "ack", f"more than expected arrived: {event}"
@@ -399,6 +395,7 @@ async def test_resume_on_the_other_node_while_messages_flow(nodes: tuple[App, Ap
 
 
 async def messages_until(ws: asgi.WebSocket, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` message events, whatever else arrives between them."""
     found: list[dict[str, Any]] = []
     while len(found) < count:
         event = await ws.receive()

@@ -26,7 +26,7 @@ import orjson
 import pytest
 from wsproto.events import CloseConnection, TextMessage
 
-from tests.server import Client, RawClient, Server, delete_redis_keys
+from tests.server import Client, RawClient, Server, delete_redis_keys, queue_messages
 
 MIB = 1 << 20
 STALLED = 50  # clients that never read
@@ -339,17 +339,6 @@ async def publish_by_amqp(url: str, queue: str, body: bytes) -> None:
         await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
 
 
-async def queue_depth(url: str, queue: str) -> int:
-    connection = await aio_pika.connect_robust(url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, durable=True, passive=True)
-        count = declared.declaration_result.message_count
-        assert count is not None
-        await channel.queue_delete(queue)
-        return count
-
-
 @pytest.mark.parametrize("source", ["api", "amqp", "api-redis"])
 async def test_a_batch_larger_than_an_outbox_reaches_every_reader(
     tmp_path: Path, demo_db: Path, source: str
@@ -411,7 +400,8 @@ async def test_a_batch_larger_than_an_outbox_reaches_every_reader(
         for reader in readers:
             await reader.close()
         if source == "amqp":
-            assert await queue_depth(amqp_url, queue) == 0  # acked once, not requeued
+            # acked once, not requeued
+            assert await queue_messages(amqp_url, queue, delete=True) == 0
         logs = "".join(server.log_path.read_text() for server in servers)
     finally:
         for server in servers:

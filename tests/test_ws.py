@@ -14,7 +14,7 @@ import pytest
 
 from tests import asgi
 from tests.asgi import resume_query, until
-from tests.conftest import login
+from tests.conftest import login, started
 from wsfanout import App, Settings, create_app
 from wsfanout.sessions import COOKIE_NAME, SessionCodec
 
@@ -152,18 +152,16 @@ async def test_too_large_frame_closes_1009(app: App) -> None:
 
 async def test_rate_limit(settings: Settings) -> None:
     """Past the burst, frames get rate_limited and are not published."""
-    app = create_app(dataclasses.replace(settings, rate_limit=1.0, rate_burst=3))
-    await app.startup()
-    try:
-        async with connect(app, await login(app, "greg")) as ws:
-            await ws.receive()
-            for n in range(5):
-                await ws.send_json({"type": "direct", "user_name": "greg", "text": str(n)})
-            events = [await ws.receive() for _ in range(5)]
-            assert [e["text"] for e in events if e["type"] == "message"] == ["0", "1", "2"]
-            assert [e["code"] for e in events if e["type"] == "error"] == ["rate_limited"] * 2
-    finally:
-        await app.shutdown()
+    async with (
+        started(settings, rate_limit=1.0, rate_burst=3) as app,
+        connect(app, await login(app, "greg")) as ws,
+    ):
+        await ws.receive()
+        for n in range(5):
+            await ws.send_json({"type": "direct", "user_name": "greg", "text": str(n)})
+        events = [await ws.receive() for _ in range(5)]
+        assert [e["text"] for e in events if e["type"] == "message"] == ["0", "1", "2"]
+        assert [e["code"] for e in events if e["type"] == "error"] == ["rate_limited"] * 2
 
 
 async def test_expired_session_closes_1008(settings: Settings) -> None:
@@ -188,9 +186,7 @@ async def test_expired_session_closes_1008(settings: Settings) -> None:
 
 async def test_slow_consumer_is_closed_1013(settings: Settings) -> None:
     """A connection whose outbox passes its bound is closed with 1013; others go on."""
-    app = create_app(dataclasses.replace(settings, outbox_bytes=4096))
-    await app.startup()
-    try:
+    async with started(settings, outbox_bytes=4096) as app:
         greg = await login(app, "greg")
         async with connect(app, greg) as fast:
             slow = connect(app, await login(app, "mike"))
@@ -212,8 +208,6 @@ async def test_slow_consumer_is_closed_1013(settings: Settings) -> None:
             assert slow.close_code == 1013
             assert len(events) < 60  # what was queued was dropped, not delivered late
             await slow.__aexit__(None, None, None)
-    finally:
-        await app.shutdown()
 
 
 async def test_shutdown_closes_1001(app: App) -> None:
@@ -247,9 +241,7 @@ async def test_database_failure_is_unavailable(app: App, monkeypatch: pytest.Mon
 
 async def test_connection_limit_is_503(settings: Settings) -> None:
     """Past WSFANOUT_MAX_CONNECTIONS, handshakes are refused with 503."""
-    app = create_app(dataclasses.replace(settings, max_connections=2))
-    await app.startup()
-    try:
+    async with started(settings, max_connections=2) as app:
         cookie = await login(app, "greg")
         async with connect(app, cookie) as one, connect(app, cookie) as two:
             await one.receive(), await two.receive()
@@ -258,34 +250,28 @@ async def test_connection_limit_is_503(settings: Settings) -> None:
                     pass
             assert caught.value.status == 503
             assert b"too many connections" in caught.value.body
-    finally:
-        await app.shutdown()
 
 
 async def test_a_flood_from_one_socket_does_not_stall_the_others(settings: Settings) -> None:
     """3000 bad frames queued at once on one socket: another socket's broadcast is handled
     long before the flood is through (the flooder sees it early in its own stream)."""
-    app = create_app(dataclasses.replace(settings, rate_limit=0))
-    await app.startup()
-    try:
-        async with (
-            connect(app, await login(app, "greg")) as flooder,
-            connect(app, await login(app, "lisa")) as other,
-        ):
-            await flooder.receive(), await other.receive()
-            for n in range(3000):
-                flooder.to_app.put_nowait({"type": "websocket.receive", "text": f"bad {n}"})
-            await other.send_json({"type": "broadcast", "text": "still here"})
-            seen = 0
-            while True:
-                event = await flooder.receive()
-                if event["type"] == "message":
-                    break
-                seen += 1
-            assert event["text"] == "still here"
-            assert seen < 300, seen  # without yielding it would come after all 3000
-    finally:
-        await app.shutdown()
+    async with (
+        started(settings, rate_limit=0) as app,
+        connect(app, await login(app, "greg")) as flooder,
+        connect(app, await login(app, "lisa")) as other,
+    ):
+        await flooder.receive(), await other.receive()
+        for n in range(3000):
+            flooder.to_app.put_nowait({"type": "websocket.receive", "text": f"bad {n}"})
+        await other.send_json({"type": "broadcast", "text": "still here"})
+        seen = 0
+        while True:
+            event = await flooder.receive()
+            if event["type"] == "message":
+                break
+            seen += 1
+        assert event["text"] == "still here"
+        assert seen < 300, seen  # without yielding it would come after all 3000
 
 
 # Streams, positions and resume (DESIGN 5.1); presence (DESIGN 5.2)
@@ -352,9 +338,7 @@ async def test_resume_replays_exactly_what_was_missed_then_goes_live(app: App) -
 async def test_resume_from_another_epoch_or_past_the_history_is_lost(settings: Settings) -> None:
     """A stale epoch, or a gap longer than the history, is not replayed: resumed says
     recovered false and names the streams (the others are still replayed)."""
-    app = create_app(dataclasses.replace(settings, history_size=3))
-    await app.startup()
-    try:
+    async with started(settings, history_size=3) as app:
         greg, mike = await login(app, "greg"), await login(app, "mike")
         async with connect(app, greg) as g:
             welcome = (await g.receive())["streams"]
@@ -380,8 +364,6 @@ async def test_resume_from_another_epoch_or_past_the_history_is_lost(settings: S
                 "missed": 1,
                 "lost": ["all", "user:greg"],
             }
-    finally:
-        await app.shutdown()
 
 
 async def test_resume_is_read_however_its_name_is_encoded(app: App) -> None:
@@ -438,9 +420,7 @@ async def test_a_malformed_resume_is_400(app: App, query: str) -> None:
 
 
 async def test_history_off_has_no_offsets_and_recovers_nothing(settings: Settings) -> None:
-    app = create_app(dataclasses.replace(settings, history_size=0))
-    await app.startup()
-    try:
+    async with started(settings, history_size=0) as app:
         greg = await login(app, "greg")
         query = resume_query(
             {"all": {"epoch": "e", "offset": 1}, "chess": {"epoch": "e", "offset": 1}}
@@ -450,16 +430,12 @@ async def test_history_off_has_no_offsets_and_recovers_nothing(settings: Setting
             assert "streams" not in welcome[0]
             assert resumed == {"type": "resumed", "recovered": False, "missed": 0, "lost": ["all"]}
             await broadcast(g, "hi")
-    finally:
-        await app.shutdown()
 
 
 async def test_presence_requests_and_online_offline_events(settings: Settings) -> None:
     """A member asks who of a group is online; a non-member is forbidden. A user's first
     connection and last disconnection (not every tab's) reach their small groups."""
-    app = create_app(dataclasses.replace(settings, presence_events_max=3))
-    await app.startup()
-    try:
+    async with started(settings, presence_events_max=3) as app:
         amanda, lisa, greg = [await login(app, name) for name in ("amanda", "lisa", "greg")]
         async with connect(app, amanda) as a:
             await a.receive()
@@ -485,16 +461,12 @@ async def test_presence_requests_and_online_offline_events(settings: Settings) -
                 assert await a.nothing(0.2)  # lisa still has a tab open
             assert await a.receive() == {"type": "offline", "user": "lisa", "group": "girls"}
             assert await a.nothing(0.2)  # greg is not in girls
-    finally:
-        await app.shutdown()
 
 
 async def test_large_groups_get_no_presence_events(settings: Settings) -> None:
     """A group with more members than presence_events_max gets no online/offline events;
     its count is still there."""
-    app = create_app(dataclasses.replace(settings, presence_events_max=2))
-    await app.startup()
-    try:
+    async with started(settings, presence_events_max=2) as app:
         amanda, lisa = await login(app, "amanda"), await login(app, "lisa")
         async with connect(app, amanda) as a, connect(app, lisa) as b:
             await a.receive(), await b.receive()
@@ -506,16 +478,12 @@ async def test_large_groups_get_no_presence_events(settings: Settings) -> None:
                 2,
                 False,  # no events: a client asks again when it wants to know
             )
-    finally:
-        await app.shutdown()
 
 
 async def test_a_replay_larger_than_an_outbox_is_lost_not_sent(settings: Settings) -> None:
     """What a resume replays is bounded like the outbox: a stream whose missed messages
     would pass WSFANOUT_OUTBOX_BYTES is reported lost; smaller ones are still replayed."""
-    app = create_app(dataclasses.replace(settings, outbox_bytes=4096))
-    await app.startup()
-    try:
+    async with started(settings, outbox_bytes=4096) as app:
         greg, mike = await login(app, "greg"), await login(app, "mike")
         async with connect(app, greg) as g:
             welcome = (await g.receive())["streams"]
@@ -530,21 +498,15 @@ async def test_a_replay_larger_than_an_outbox_is_lost_not_sent(settings: Setting
             before, resumed = await until(g, "resumed")
             assert [e["text"] for e in before[1:]] == ["small"]
             assert resumed == {"type": "resumed", "recovered": False, "missed": 1, "lost": ["all"]}
-    finally:
-        await app.shutdown()
 
 
 async def test_a_client_that_does_not_read_its_welcome_is_closed_1013(settings: Settings) -> None:
     """The welcome and replay are sent before the writer starts; a client that does not
     read them is closed like a slow consumer after WSFANOUT_SEND_TIMEOUT."""
-    app = create_app(dataclasses.replace(settings, send_timeout=0.3))
-    await app.startup()
-    try:
+    async with started(settings, send_timeout=0.3) as app:
         ws = asgi.WebSocket(app, headers={"cookie": await login(app, "greg")}, reads=False)
         async with ws:
             await asyncio.sleep(0.5)
             ws.reading.set()
             assert await ws.until_closed() == []
             assert ws.close_code == 1013
-    finally:
-        await app.shutdown()

@@ -27,7 +27,7 @@ offset only once it goes out, and a user's event waits behind a stream's backlog
 stream reaches every client in offset order. ``join()`` adds a connection and finds where
 its streams stand and what it missed: with no backplane in one step (nothing can be
 published in between); with one, live events queue in the outbox while Redis is read, and
-those the reply already covers are dropped (``Outbox.drop_seen``).
+those the reply already covers are dropped (``Outbox.floor``).
 
 Presence (DESIGN 5.2). A user's first connection here, and their last, are told to every
 node through the backplane (which knows whether it is their first or last anywhere), or,
@@ -220,12 +220,11 @@ class Hub:
         instead (the client is told, and refetches)."""
         asked = [stream for stream in streams if stream in seen]
         history, backplane = self.history, self.backplane
-        if history is not None:
-            self.add(outbox, announce)  # and no await until all is read
+        self.add(outbox, announce)
+        if history is not None:  # no await from the add() until all is read
             positions = {stream: history.position(stream) for stream in streams}
             found = {stream: history.since(stream, seen[stream]) for stream in asked}
             return _replay(positions, found, outbox.limit)
-        self.add(outbox, announce)
         if backplane is None or not backplane.history:
             return Joined(None, [], asked)
         # Read positions only once this node hears the connection's streams: what is

@@ -41,7 +41,15 @@ from typing import Any, Final
 from . import http, protocol
 from .hub import UnavailableError
 from .outbox import Outbox, item
-from .protocol import CloseCode, ErrorCode, Position, PresenceQuery, ProtocolError, Publish
+from .protocol import (
+    CloseCode,
+    ErrorCode,
+    Kind,
+    Position,
+    PresenceQuery,
+    ProtocolError,
+    Publish,
+)
 from .servers import STREAM_KEY, TOO_LARGE_KEY
 from .service import Service
 from .sessions import Session
@@ -240,7 +248,11 @@ class Connection:
         """Join the hub, say welcome (and replay what the client missed), then serve."""
         outbox, user, hub = self.outbox, self.user, self.svc.hub
         self.announce = announce
-        streams = ["all", *(f"group:{group}" for group in self.groups), f"user:{user.username}"]
+        streams = [
+            protocol.stream_of(Kind.BROADCAST, ""),
+            *(protocol.stream_of(Kind.GROUP, group) for group in self.groups),
+            protocol.stream_of(Kind.DIRECT, user.username),
+        ]
         try:
             # Joined before the welcome: messages from now on queue up behind it (and
             # behind the replay, which join() makes sure they do not repeat).
