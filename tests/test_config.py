@@ -93,3 +93,17 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
 def test_compression_and_urls(env: dict[str, str], field: str, expected: object) -> None:
     """Compression is off unless asked for; URLs with a known scheme are taken as given."""
     assert getattr(Settings.from_env(env), field) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "on"),
+    [
+        ({}, True),
+        ({"WSFANOUT_HISTORY_SIZE": "0"}, False),
+        ({"WSFANOUT_HISTORY_TTL": "0"}, False),
+        # The in-memory bound of one node: it does not turn Redis's history off.
+        ({"WSFANOUT_HISTORY_BYTES": "0"}, True),
+    ],
+)
+def test_what_turns_history_off(env: dict[str, str], on: bool) -> None:
+    assert Settings.from_env(env).history_on is on

@@ -76,7 +76,7 @@ class Settings:
     @property
     def history_on(self) -> bool:
         """Whether messages get offsets and are kept for resume."""
-        return self.history_size > 0 and self.history_ttl > 0 and self.history_bytes > 0
+        return self.history_size > 0 and self.history_ttl > 0
 
     @property
     def database_path(self) -> Path:

@@ -305,7 +305,7 @@ class Service:
                 opened.push_async_callback(backplane.close)
             else:
                 warn_if_workers_are_islands()
-                if settings.history_on:
+                if settings.history_on and settings.history_bytes > 0:  # in memory
                     history = History(
                         settings.history_size,
                         settings.history_ttl,
