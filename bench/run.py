@@ -290,7 +290,8 @@ def prepare(data_dir: Path, users: int) -> tuple[list[str], list[str]]:
         for i in range(users):
             group = f"g{i // 10:03d}"
             user_id = await store.add_user(f"bench{i:05d}", hashed, groups=(group,))
-            cookies.append(f"{COOKIE_NAME}={codec.issue(user_id, f'bench{i:05d}')}")
+            session_id = await store.create_session(user_id, 86400)  # a login, as the page's
+            cookies.append(f"{COOKIE_NAME}={codec.issue(user_id, f'bench{i:05d}', session_id)}")
             groups.append(group)
         await store.close()
         return cookies, groups

@@ -242,7 +242,7 @@ async def test_node_survives_a_redis_restart(
             finally:
                 await client.aclose()
             assert channels == {
-                prefix + name for name in ("all", "g:boys", "g:girls", "u:greg", "u:amanda")
+                prefix + name for name in ("all", "ctl", "g:boys", "g:girls", "u:greg", "u:amanda")
             }
             await g.send_json({"type": "group", "group": "girls", "text": "after"})
             assert (await messages(a, 1))[0]["text"] == "after"

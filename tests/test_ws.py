@@ -44,8 +44,8 @@ async def test_tampered_and_foreign_cookies_are_refused(app: App, settings: Sett
     """A forged cookie, one from another key, or one for a deleted user is refused."""
     cookie = await login(app, "greg")
     forged = cookie[:-4] + "AAAA"
-    other = SessionCodec(("another-key",), 60).issue(1, "greg")
-    ghost = SessionCodec(settings.secret_keys, 60).issue(999, "ghost")
+    other = SessionCodec(("another-key",), 60).issue(1, "greg", "s1")
+    ghost = SessionCodec(settings.secret_keys, 60).issue(999, "ghost", "s2")
     for bad in (forged, f"{COOKIE_NAME}={other}", f"{COOKIE_NAME}={ghost}"):
         with pytest.raises(asgi.Refused) as caught:
             async with connect(app, bad):

@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from . import http, views, ws
+from . import admin, http, views, ws
 from .config import Settings
 from .service import Service
 from .store import StoreError
@@ -26,8 +26,43 @@ ROUTES: Final[dict[str, dict[str, Handler]]] = {
     "/api/publish": {"POST": views.publish_api},
     "/healthz": {"GET": views.healthz},
     "/metrics": {"GET": views.metrics},
+    **{path: methods for path, methods in admin.ROUTES.items() if "{" not in path},
 }
+# Routes with parameters: the path's segments, "{name}" standing for any one segment.
+PATTERNS: Final = [
+    (tuple(path.split("/")), methods) for path, methods in admin.ROUTES.items() if "{" in path
+]
 WEBSOCKET_PATHS: Final = frozenset({"/"})
+
+
+def match(scope: Scope, path: str) -> tuple[dict[str, Handler], dict[str, str]] | None:
+    """The methods of the route this (normalised) path names, and the values of its
+    parameters. Parameters are read from the path as sent: an empty one stays empty
+    (``/api/users//password`` names no user), and one holding an encoded ``/`` matches
+    no route."""
+    methods = ROUTES.get(path)
+    if methods is not None:
+        return methods, {}
+    if b"%2f" in bytes(scope.get("raw_path") or b"").lower():
+        return None
+    segments = _below_root(scope).split("/")
+    for pattern, methods in PATTERNS:
+        if len(pattern) == len(segments):
+            params = {}
+            for want, given in zip(pattern, segments, strict=True):
+                if want.startswith("{"):
+                    params[want[1:-1]] = given
+                elif want != given:
+                    break
+            else:
+                return methods, params
+    return None
+
+
+def _below_root(scope: Scope) -> str:
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 class App:
@@ -77,15 +112,19 @@ class App:
                 return
             await views.static(scope, receive, send, svc, path[len("/static/") :])
             return
-        methods = ROUTES.get(path) if path is not None else None
-        if methods is None:
-            await http.error_response(send, 404, "Not found")
+        found = match(scope, path) if path is not None else None
+        if found is None:
+            await _error(send, _below_root(scope), 404, "not_found", "Not found")
             return
+        methods, params = found
         handler = methods.get(method)
         if handler is None:
             allow = ", ".join(sorted(methods)).encode()
-            await http.error_response(send, 405, "Method not allowed", [(b"allow", allow)])
+            headers = [(b"allow", allow)]
+            await _error(send, path, 405, "method_not_allowed", "Method not allowed", headers)
             return
+        if params:
+            scope = {**scope, "path_params": params}
         started = False
 
         async def tracked_send(message: Message) -> None:
@@ -153,6 +192,21 @@ class App:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _error(
+    send: Send,
+    path: str | None,
+    status: int,
+    code: str,
+    detail: str,
+    headers: http.Headers | None = None,
+) -> None:
+    """A routing error: under ``/api/`` with a ``code``, as the API's errors are."""
+    if path is not None and path.startswith("/api/"):
+        await admin.error(send, status, code, detail, headers)
+    else:
+        await http.error_response(send, status, detail, headers or [])
 
 
 def create_app(settings: Settings | None = None, *, clock: Callable[[], float] = time.time) -> App:

@@ -34,6 +34,10 @@ inside the script, so the two can never cross. Every node also reaps, every ``HE
 the users whose every node stopped vouching for them (``_REAP``): a node that dies without a
 word loses its users within ``PRESENCE_TTL`` plus a heartbeat.
 
+Control (DESIGN 5.3). Every node also hears ``<prefix>ctl``: ``control()`` publishes a change
+made by the operator (a revocation, a membership) as a small JSON object, and every other
+node hands it to ``on_control``; a node's own changes are not handed back to it.
+
 Redis going away takes nothing down: ``publish`` raises (or its future fails
 with) ``BackplaneUnavailableError`` (the sender is told ``unavailable``), local
 connections stay open, and a supervisor reconnects with backoff and subscribes
@@ -62,6 +66,7 @@ from .protocol import Kind, Position
 log = logging.getLogger(__name__)
 
 BROADCAST: Final = "all"
+CONTROL: Final = "ctl"  # the operator's changes (DESIGN 5.3), heard by every node
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 5.0
 SYNC_TIMEOUT: Final = 2.0
@@ -166,7 +171,7 @@ if first then
   for i = 5, #ARGV, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
   return 1
 end
-if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], ARGV[4]) end
+redis.call('SET', KEYS[3], ARGV[4])
 return 0
 """)
 
@@ -251,6 +256,8 @@ class BackplaneUnavailableError(Exception):
 
 OnMessage = Callable[[Kind, str, str], Awaitable[None] | None]
 """Takes (kind, target, encoded event) for what arrives from any node."""
+OnControl = Callable[[dict[str, Any]], None]
+"""Takes another node's control change (``control()``)."""
 
 
 def _channel(kind: Kind, target: str) -> str:
@@ -290,7 +297,8 @@ class Backplane:
         # them can take the connections the others need.
         self._client: Any = _client(url, POOL_MAX)
         self._queries: Any = _client(url, QUERY_POOL_MAX)
-        self._wanted: set[str] = {BROADCAST}
+        self._on_control: OnControl | None = None
+        self._wanted: set[str] = {BROADCAST, CONTROL}
         self._subscribed: set[str] = set()
         self._changed = asyncio.Event()
         self._confirmed: set[str] = set()  # channels Redis said it subscribed us to
@@ -322,14 +330,14 @@ class Backplane:
     def unwant(self, kind: Kind, target: str) -> None:
         """No local connection is left for this group or user."""
         channel = _channel(kind, target)
-        if channel != BROADCAST and channel in self._wanted:
+        if channel not in (BROADCAST, CONTROL) and channel in self._wanted:
             self._wanted.discard(channel)
             self._changed.set()
 
     async def subscribed(self, wanted: list[tuple[Kind, str]]) -> bool:
         """Wait (up to SYNC_TIMEOUT) until Redis has confirmed that this node hears these
         groups' and users' channels (and everyone's); False if it has not by then."""
-        channels = {BROADCAST, *(_channel(kind, target) for kind, target in wanted)}
+        channels = {BROADCAST, CONTROL, *(_channel(kind, target) for kind, target in wanted)}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SYNC_TIMEOUT
         while not channels <= self._confirmed:
@@ -366,6 +374,22 @@ class Backplane:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         stream = protocol.stream_of(kind, target) if self.history else None
         self._outgoing.append((self._prefix + _channel(kind, target), stream, head, tail, done))
+        waiter = self._publisher_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return done
+
+    def control(self, change: dict[str, Any]) -> asyncio.Future[None]:
+        """Tell every other node of an operator's change (a JSON-able dict); the future
+        settles once Redis has it.
+
+        Raises:
+            BackplaneUnavailableError: Redis cannot be reached now, or too much waits.
+        """
+        self.make_room(1)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        frame = orjson.dumps({**change, "node": self.node}).decode()
+        self._outgoing.append((self._prefix + CONTROL, None, frame, "", done))
         waiter = self._publisher_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -504,6 +528,15 @@ class Backplane:
         self._presence_ops.append((user, presence))
         self._presence_wake.set()
 
+    def regroup(self, user: str, groups: tuple[str, ...]) -> None:
+        """A user present here is now in these groups (an operator changed them): vouch
+        for them in these groups' presence from now on."""
+        presence = self._present.get(user)
+        if presence is not None:
+            presence = self._present[user] = dataclasses.replace(presence, groups=groups)
+            self._presence_ops.append((user, presence))
+            self._presence_wake.set()
+
     def depart(self, user: str) -> None:
         """This node's last connection of ``user`` is gone."""
         self._present.pop(user, None)
@@ -576,13 +609,20 @@ class Backplane:
 
     # Life cycle
 
-    def start(self, on_message: OnMessage, on_missed: Callable[[], None] | None = None) -> None:
-        """Connect and subscribe; hand everything that arrives to ``on_message``.
+    def start(
+        self,
+        on_message: OnMessage,
+        on_missed: Callable[[], None] | None = None,
+        on_control: OnControl | None = None,
+    ) -> None:
+        """Connect and subscribe; hand every message that arrives to ``on_message``, and
+        every other node's control change to ``on_control``.
 
         ``on_missed`` is called when the node is subscribed again after losing Redis: what
         was published meanwhile never reached this node's connections."""
         self._on_message = on_message
         self._on_missed = on_missed
+        self._on_control = on_control
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._supervise(), name="wsfanout-backplane")
         self._publisher = loop.create_task(self._publish_loop(), name="wsfanout-publisher")
@@ -708,6 +748,10 @@ class Backplane:
                 kind = message.get("type")
                 if kind == "message":
                     channel = message["channel"].decode()[prefix_length:]
+                    if channel == CONTROL:
+                        self._controlled(message["data"])
+                        message = await pubsub.get_message(timeout=0)
+                        continue
                     try:
                         waiting = deliver(*_route(channel), message["data"].decode())
                         if waiting is not None:  # a recipient's outbox is full: paced
@@ -719,6 +763,17 @@ class Backplane:
                     self._confirmation.set()
                     self._confirmation = asyncio.Event()
                 message = await pubsub.get_message(timeout=0)
+
+    def _controlled(self, data: bytes) -> None:
+        """Hand another node's control change on (a bad one is logged, never raised)."""
+        try:
+            change = orjson.loads(data)
+            if not isinstance(change, dict):
+                raise TypeError("not an object")
+            if change.get("node") != self.node and self._on_control is not None:
+                self._on_control(change)
+        except Exception:
+            log.exception("handling a control change %.200r failed", data)
 
     def _up(self) -> None:
         if not self.healthy:

@@ -71,6 +71,11 @@ class Settings:
     amqp_queue: str = "wsfanout"
     amqp_prefetch: int = 100
 
+    # Control (DESIGN 5.3, 6)
+    jwt_secret: str = field(default="", repr=False)  # HS256 connection tokens
+    jwt_public_key: str = ""  # RS256 / ES256: the PEM text, or a file holding it
+    group_write: str = "any"  # who may send to a group: "any" user, or its "members" only
+
     log_level: str = "info"
 
     @property
@@ -132,6 +137,9 @@ class Settings:
             amqp_url=reader.url("AMQP_URL", ("amqp", "amqps")),
             amqp_queue=reader.text("AMQP_QUEUE", defaults.amqp_queue),
             amqp_prefetch=reader.integer("AMQP_PREFETCH", defaults.amqp_prefetch),
+            jwt_secret=reader.text("JWT_SECRET", ""),
+            jwt_public_key=reader.text("JWT_PUBLIC_KEY", ""),
+            group_write=reader.choice("GROUP_WRITE", defaults.group_write, ("any", "members")),
             log_level=reader.choice(
                 "LOG_LEVEL", defaults.log_level, ("debug", "info", "warning", "error", "critical")
             ),

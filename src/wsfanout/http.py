@@ -215,12 +215,12 @@ async def respond(
     send: Send,
     status: int,
     body: bytes,
-    content_type: bytes,
+    content_type: bytes | None,
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
-    """Send a complete response."""
+    """Send a complete response (``content_type`` None: it has no content)."""
     all_headers: Headers = [
-        (b"content-type", content_type),
+        *([(b"content-type", content_type)] if content_type is not None else []),
         (b"content-length", str(len(body)).encode()),
         *SECURITY_HEADERS,
         *headers,

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from . import protocol
-from .backplane import Backplane, BackplaneUnavailableError
+from .backplane import Backplane, BackplaneUnavailableError, OnControl
 from .history import History
 from .outbox import Item, Outbox, item
 from .protocol import Kind, Position, Publish
@@ -117,10 +117,11 @@ class Hub:
         self._resync: asyncio.Task[None] | None = None
         self.backplane = backplane
 
-    def start(self) -> None:
-        """Start sharing fan-out with other nodes, if there is a backplane."""
+    def start(self, on_control: OnControl | None = None) -> None:
+        """Start sharing fan-out with other nodes, if there is a backplane; other nodes'
+        control changes go to ``on_control``."""
         if self.backplane is not None:
-            self.backplane.start(self._deliver, self._missed)
+            self.backplane.start(self._deliver, self._missed, on_control)
 
     def _missed(self) -> None:
         """Back on Redis after losing it: what was published meanwhile never reached this
@@ -191,6 +192,56 @@ class Hub:
         """``online`` / ``offline`` to each of these groups, fanned out here (no backplane)."""
         for group in groups:
             self._push(self._groups.get(group, ()), item(protocol.arrival(kind, user, group)))
+
+    # Control (DESIGN 5.3): what the operator changes reaches open connections here
+
+    def disconnect(self, user: str, session: str | None, reason: str) -> int:
+        """Close this user's connections here (only those of ``session``, if given) with
+        1008, after a ``forbidden`` error frame saying ``reason``; how many."""
+        closing = [
+            outbox
+            for outbox in self._users.get(user.lower(), ())
+            if session is None or outbox.session == session
+        ]
+        frame = item(protocol.error(protocol.ErrorCode.FORBIDDEN, reason))
+        for outbox in closing:
+            outbox.push(frame)
+            outbox.close(protocol.CloseCode.POLICY)
+        return len(closing)
+
+    def regroup(self, user: str, group: str, member: bool) -> int:
+        """This user was added to (``member``) or removed from a group: their connections
+        here start (or stop) getting its messages, told by a ``joined`` (``left``) event
+        queued before any of them (after the last); how many connections changed."""
+        event = item(protocol.membership("joined" if member else "left", group))
+        changed = 0
+        outboxes = self._users.get(user.lower(), set())
+        for outbox in outboxes:
+            if (group in outbox.groups) is member:
+                continue
+            if member:
+                outbox.groups = (*outbox.groups, group)
+                if _add(self._groups, group, outbox) and self.backplane is not None:
+                    self.backplane.want(Kind.GROUP, group)
+            else:
+                outbox.groups = tuple(g for g in outbox.groups if g != group)
+                if _discard(self._groups, group, outbox) and self.backplane is not None:
+                    self.backplane.unwant(Kind.GROUP, group)
+            outbox.push(event)
+            changed += 1
+        if changed and self.backplane is not None:
+            name = next(iter(outboxes)).user  # as the backplane knows them
+            self.backplane.regroup(name, self._user_groups(user))
+        return changed
+
+    def drop_group(self, group: str) -> int:
+        """A group was deleted: every connection here in it is told ``left``."""
+        users = {outbox.user for outbox in self._groups.get(group, ())}
+        return sum(self.regroup(user, group, False) for user in users)
+
+    def _user_groups(self, user: str) -> tuple[str, ...]:
+        """The groups of any of this user's connections here."""
+        return tuple(sorted({g for o in self._users.get(user.lower(), ()) for g in o.groups}))
 
     async def online(self, group: str, limit: int) -> tuple[list[str], int]:
         """The group's online users, on every node: up to ``limit`` names, and the count.

@@ -159,6 +159,7 @@ class Outbox:
         "on_overflow",
         "queued_bytes",
         "send_timeout",
+        "session",
         "state",
         "user",
     )
@@ -175,8 +176,10 @@ class Outbox:
         batch_bytes: int,
         on_overflow: Callable[[], object] | None = None,
         send_timeout: float | None = None,
+        session: str | None = None,
     ) -> None:
         self.user = user
+        self.session = session  # the login session it belongs to (None: a token)
         self.groups = groups
         self._send = send
         self._flusher = flusher

@@ -46,7 +46,7 @@ class Source(enum.StrEnum):
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001  # server shutting down
-    POLICY = 1008  # origin, auth expired
+    POLICY = 1008  # origin, auth expired or revoked
     TOO_LARGE = 1009
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012  # this node missed messages (it lost Redis): reconnect and resume
@@ -363,6 +363,12 @@ def presence(group: str, online: list[str], count: int, events: bool, frame_id: 
 def arrival(kind: str, user: str, group: str) -> str:
     """``online`` or ``offline``: a user's first connection, or last disconnection."""
     return encode({"type": kind, "user": user, "group": group})
+
+
+def membership(kind: str, group: str) -> str:
+    """``joined`` or ``left``: this connection's user was added to, or removed from, a group
+    while connected (DESIGN 5.3)."""
+    return encode({"type": kind, "group": group})
 
 
 def ack(frame_id: str) -> str:

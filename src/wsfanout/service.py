@@ -22,6 +22,7 @@ import os
 import secrets
 import sqlite3
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from . import http, protocol
-from .backplane import Backplane
+from .backplane import Backplane, BackplaneUnavailableError
 from .config import Settings
 from .history import History
 from .hub import Hub, UnavailableError
@@ -39,7 +40,8 @@ from .outbox import Flusher
 from .protocol import CloseCode, ErrorCode, Kind, ProtocolError, Publish, Source
 from .servers import ServerReach, warn_if_workers_are_islands
 from .sessions import COOKIE_NAME, Session, SessionCodec
-from .store import Store, UnknownUserError
+from .store import GROUP_RE, USERNAME_RE, Store, UnknownUserError
+from .tokens import Claims, TokenError, TokenVerifier
 from .types import Scope
 
 if TYPE_CHECKING:
@@ -57,6 +59,22 @@ CONTENT_TYPES: Final = {
     ".css": b"text/css; charset=utf-8",
     ".svg": b"image/svg+xml",
 }
+
+
+REVOKED_MEMORY: Final = 60.0  # seconds a revocation is remembered, for handshakes under way
+REVOKED: Final = "the session was revoked: log in again"
+TOKEN_QUERY: Final = b"token="
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """Who a request or a connection is: a live cookie session, or a connection token."""
+
+    username: str
+    first_name: str
+    groups: tuple[str, ...]
+    expires_at: float
+    session_id: str | None  # None: a token
 
 
 class BatchError(Exception):
@@ -261,6 +279,10 @@ class Service:
     deadlines: Deadlines = field(init=False)
     metrics: Metrics = field(init=False)
     pacing: asyncio.Lock = field(default_factory=asyncio.Lock)  # paced batches, one at a time
+    tokens: TokenVerifier = field(default_factory=TokenVerifier)
+    # Revocations of the last REVOKED_MEMORY seconds ("s:<session>", "u:<user>" -> when),
+    # so a handshake that checked its session just before one still ends up closed.
+    revoked: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -311,8 +333,8 @@ class Service:
                         settings.history_ttl,
                         max_bytes=settings.history_bytes,
                     )
+            tokens = TokenVerifier(settings.jwt_secret, settings.jwt_public_key, clock=clock)
             hub = Hub(backplane, settings.pace_timeout, history)
-            hub.start()
             svc = cls(
                 settings=settings,
                 store=store,
@@ -320,7 +342,12 @@ class Service:
                 codec=SessionCodec(keys, settings.session_max_age, clock),
                 web=web,
                 server=server,
+                tokens=tokens,
             )
+            hub.start(svc.apply)
+            pruned = await store.prune_sessions(settings.session_max_age)
+            if pruned:
+                log.info("dropped %d expired sessions", pruned)
             opened.push_async_callback(svc.flusher.close)
             if settings.amqp_url:
                 svc._start_amqp()
@@ -362,12 +389,108 @@ class Service:
             finally:
                 await self.store.close()
 
-    def session(self, scope: Scope) -> Session | None:
-        """The session in the request's cookie, or None (anonymous)."""
+    def credentials(self, scope: Scope) -> Session | Claims | None:
+        """What the request presents, checked as far as it can be without the store: a
+        connection token (``?token=`` or ``Authorization: Bearer``) when tokens are on and
+        one is given, else the session cookie; None: neither (or a bad cookie).
+
+        Raises:
+            TokenError: a token is given, and it is refused.
+        """
+        if self.tokens.enabled:
+            token = _token(scope)
+            if token is not None:
+                return self.tokens.verify(token)
         return self.codec.verify(http.cookies(scope).get(COOKIE_NAME))
+
+    async def confirm(self, found: Session | Claims) -> Login | None:
+        """The login behind checked credentials; None if its session was revoked (or
+        expired and pruned) or its user is gone. A token needs no store.
+
+        Raises:
+            sqlite3.Error: the database failed.
+        """
+        if isinstance(found, Claims):
+            return Login(found.username, found.name, found.groups, found.expires_at, None)
+        if await self.store.session_user(found.session_id) != found.user_id:
+            return None
+        identity = await self.store.identity(found.user_id)
+        if identity is None or identity[0].username != found.username:
+            return None
+        user, groups = identity
+        expires_at = found.expires_at(self.settings.session_max_age)
+        return Login(user.username, user.first_name, tuple(groups), expires_at, found.session_id)
+
+    async def login(self, scope: Scope) -> Login | None:
+        """Who makes this HTTP request; None: anonymous (no, a refused or a revoked login).
+
+        Raises:
+            sqlite3.Error: the database failed.
+        """
+        try:
+            found = self.credentials(scope)
+        except TokenError as exc:
+            log.info("token refused: %s", exc.reason)
+            return None
+        return await self.confirm(found) if found is not None else None
+
+    def was_revoked(self, login: Login, since: float) -> bool:
+        """Whether this login's session, or all of its user's, was revoked after ``since``
+        (a ``time.monotonic()``)."""
+        revoked = self.revoked
+        keys = ("u:" + login.username.lower(), f"s:{login.session_id}")
+        return any(revoked.get(key, since) > since for key in keys)
+
+    # Control (DESIGN 5.3)
+
+    async def control(self, change: dict[str, Any]) -> None:
+        """Carry out an operator's change (``apply``) here, and tell every other node.
+
+        Raises:
+            UnavailableError: the other nodes could not be told (Redis is away): it holds
+            here, and their caches catch up within a few seconds, but their open
+            connections were not changed.
+        """
+        self.apply(change)
+        backplane = self.hub.backplane
+        if backplane is not None:
+            try:
+                await backplane.control(change)
+            except BackplaneUnavailableError as exc:
+                raise UnavailableError(str(exc)) from None
+
+    def apply(self, change: dict[str, Any]) -> None:
+        """An operator's change, made here or on another node, reaching this node's
+        caches and open connections. ``change["op"]`` is one of:
+
+        - ``revoke`` (``user``, ``session`` or None for all of theirs): close them with 1008;
+        - ``member`` (``user``, ``group``, ``member``): they join or leave the group;
+        - ``group_deleted`` (``group``): its members here leave it;
+        - ``forget``: users or groups changed; cached answers are dropped.
+        """
+        op = change.get("op")
+        self.store.forget()
+        if op == "revoke":
+            user, session = str(change["user"]), change.get("session")
+            self.store.forget_sessions(session)
+            now = time.monotonic()
+            revoked = self.revoked
+            for key, when in list(revoked.items()):
+                if when < now - REVOKED_MEMORY:
+                    del revoked[key]
+            revoked[f"s:{session}" if session else "u:" + user.lower()] = now
+            closed = self.hub.disconnect(user, session, REVOKED)
+            if closed:
+                log.info("closed %d connections of %s: session revoked", closed, user)
+        elif op == "member":
+            self.hub.regroup(str(change["user"]), str(change["group"]), bool(change["member"]))
+        elif op == "group_deleted":
+            self.hub.drop_group(str(change["group"]))
 
     async def resolve(self, publish: Publish) -> Publish:
         """The publish with its target resolved: a group that exists, an exact username.
+        With connection tokens on, groups and users need no row in the store: any group
+        name, and any username that is not someone's first name, is taken as given.
 
         Raises:
             ProtocolError: unknown group or user, or the database failing.
@@ -377,7 +500,11 @@ class Service:
         try:
             # Who is connected here answers most lookups without the database.
             if publish.kind is Kind.GROUP:
-                if not hub.has_group(target) and not await store.group_exists(target):
+                if (
+                    not hub.has_group(target)
+                    and not await store.group_exists(target)
+                    and not (self.tokens.enabled and GROUP_RE.fullmatch(target))
+                ):
                     raise ProtocolError(
                         ErrorCode.UNKNOWN_GROUP, f"no group named {target!r}", publish.frame_id
                     )
@@ -385,7 +512,9 @@ class Service:
             if publish.kind is Kind.DIRECT:
                 target = hub.local_username(target) or await store.resolve_user(target)
         except UnknownUserError as exc:
-            raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
+            # Token users have no row: with tokens on, a username is taken as it is.
+            if not (self.tokens.enabled and USERNAME_RE.fullmatch(target)):
+                raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
         except sqlite3.Error as exc:
             log.error("database error while publishing: %s", exc)
             raise ProtocolError(
@@ -527,3 +656,17 @@ def secret_keys(configured: tuple[str, ...], data_dir: Path) -> tuple[str, ...]:
         path,
     )
     return (key,)
+
+
+def _token(scope: Scope) -> str | None:
+    """A connection token from the query (``token=``) or an ``Authorization: Bearer``."""
+    query: bytes = scope.get("query_string", b"")
+    if TOKEN_QUERY in query:
+        pairs = urllib.parse.parse_qsl(query.decode("latin-1"))
+        for name, value in pairs:
+            if name == "token":
+                return value
+    scheme, _, given = (http.header(scope, b"authorization") or "").strip().partition(" ")
+    if scheme.lower() == "bearer" and given.strip():
+        return given.strip()
+    return None

@@ -5,6 +5,11 @@ with its issue time, which ``verify`` checks against the max age. Each
 configured secret is stretched into a Fernet key with HKDF; the first key
 signs, every key verifies, so secrets rotate by prepending a new one. A bad,
 expired or foreign token means anonymous, never an error.
+
+The token also names a server-side session (its id, from the store), so a cookie can be
+revoked before its max age: ``verify`` only proves the cookie is ours and young enough;
+the caller asks the store whether its session is still live. A cookie from before
+sessions were revocable names none, and is refused (its user logs in again).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Session:
     user_id: int
     username: str
     issued_at: float
+    session_id: str
 
     def expires_at(self, max_age: float) -> float:
         return self.issued_at + max_age
@@ -59,9 +65,9 @@ class SessionCodec:
         # decryption; expiry is still checked on every use.
         self._verified: dict[str, Session] = {}
 
-    def issue(self, user_id: int, username: str, now: float | None = None) -> str:
-        """A token for this user, stamped with ``now``."""
-        payload = orjson.dumps({"uid": user_id, "u": username})
+    def issue(self, user_id: int, username: str, session_id: str, now: float | None = None) -> str:
+        """A token for this user's session, stamped with ``now``."""
+        payload = orjson.dumps({"uid": user_id, "u": username, "sid": session_id})
         issued = int(self.clock() if now is None else now)
         return self._fernet.encrypt_at_time(payload, issued).decode()
 
@@ -89,9 +95,15 @@ class SessionCodec:
             # Authentic now, so its header can be read directly: version, then the time.
             issued = int.from_bytes(base64.urlsafe_b64decode(raw[:12])[1:9], "big")
             data = orjson.loads(payload)
-            user_id, username = data["uid"], data["u"]
+            user_id, username, session_id = data["uid"], data["u"], data["sid"]
         except (InvalidToken, UnicodeEncodeError, orjson.JSONDecodeError, KeyError, TypeError):
             return None
-        if not isinstance(user_id, int) or not isinstance(username, str):
+        if (
+            not isinstance(user_id, int)
+            or not isinstance(username, str)
+            or not isinstance(session_id, str)
+        ):
             return None
-        return Session(user_id=user_id, username=username, issued_at=float(issued))
+        return Session(
+            user_id=user_id, username=username, issued_at=float(issued), session_id=session_id
+        )

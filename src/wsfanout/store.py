@@ -1,8 +1,17 @@
-"""Users, groups and memberships in SQLite, through aiosqlite (never on the loop thread)."""
+"""Users, groups, memberships and sessions in SQLite, through aiosqlite (never on the loop
+thread).
+
+A session is a row: a login creates one and its id goes into the cookie; it is valid while
+the row is there. Revoking deletes rows (one at logout; all of a user's on a password change,
+an operator's disconnect, or with the user). Lookups are cached for a few seconds; a
+revocation made through this store forgets its cached answers at once, and one made by
+another node is forgotten when its word arrives (``forget_sessions``).
+"""
 
 from __future__ import annotations
 
 import re
+import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -32,6 +41,12 @@ CREATE TABLE IF NOT EXISTS user_groups (
     group_id INTEGER NOT NULL REFERENCES groups (id) ON DELETE CASCADE,
     PRIMARY KEY (user_id, group_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_id, created_at);
 """
 
 _USER_COLUMNS: Final = "SELECT id, username, first_name, password_hash FROM users"
@@ -42,6 +57,8 @@ _ADD_GROUP: Final = "INSERT INTO groups (name) VALUES (?)"
 USERNAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 GROUP_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_FIRST_NAME: Final = 100
+SESSIONS_PER_USER: Final = 1000  # live sessions kept per user; the oldest go first
+REVOKED: Final = 0  # a cached "no such session" (user ids start at 1)
 
 
 class StoreError(Exception):
@@ -86,6 +103,12 @@ _GROUP_SIZES: Final = (
     "SELECT g.name, count(ug.user_id) FROM groups g "
     "LEFT JOIN user_groups ug ON ug.group_id = g.id WHERE g.name IN ({marks}) GROUP BY g.name"
 )
+_SHARING: Final = (
+    "SELECT DISTINCT u.username, u.first_name FROM users u "
+    "JOIN user_groups ug ON ug.user_id = u.id JOIN groups g ON g.id = ug.group_id "
+    "WHERE g.name IN ({marks}) AND (u.username LIKE ? ESCAPE '\\' "
+    "OR u.first_name LIKE ? ESCAPE '\\') ORDER BY u.username LIMIT ?"
+)
 CACHE_SECONDS: Final = 10.0
 CACHE_ENTRIES: Final = 100_000
 
@@ -116,6 +139,9 @@ class _Cache(Generic[K, V]):
         self._data[key] = (time.monotonic() + self._ttl, value)
         return value
 
+    def drop(self, key: K) -> None:
+        self._data.pop(key, None)
+
     def clear(self) -> None:
         self._data.clear()
 
@@ -130,6 +156,7 @@ class Store:
         self._groups: _Cache[str, bool] = _Cache()
         self._names: _Cache[str, str] = _Cache()
         self._sizes: _Cache[str, int] = _Cache()
+        self._sessions: _Cache[str, int] = _Cache()  # session id -> user id, or REVOKED
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -249,7 +276,7 @@ class Store:
 
     async def directory(self, prefix: str, limit: int) -> tuple[list[str], list[tuple[str, str]]]:
         """Group names and (username, first name) pairs starting with ``prefix``."""
-        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        pattern = _like_prefix(prefix)
         async with self._db.execute(
             "SELECT name FROM groups WHERE name LIKE ? ESCAPE '\\' ORDER BY name LIMIT ?",
             (pattern, limit),
@@ -263,6 +290,50 @@ class Store:
             users = [(row[0], row[1]) for row in await cursor.fetchall()]
         return groups, users
 
+    async def session_user(self, session_id: str) -> int | None:
+        """The user id of a live session, or None (revoked, expired and pruned, unknown).
+
+        Both answers are cached for a few seconds; a revocation made through this store
+        (or told with ``forget_sessions``) is seen at once.
+        """
+        cached = self._sessions.get(session_id)
+        if cached is not None:
+            return cached or None
+        async with self._db.execute(
+            "SELECT user_id FROM sessions WHERE id = ?", (session_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return self._sessions.put(session_id, int(row[0]) if row else REVOKED) or None
+
+    async def list_users(self, prefix: str, limit: int) -> list[tuple[str, str]]:
+        """(username, first name) of the users whose username starts with ``prefix``."""
+        async with self._db.execute(
+            "SELECT username, first_name FROM users WHERE username LIKE ? ESCAPE '\\' "
+            "ORDER BY username LIMIT ?",
+            (_like_prefix(prefix), limit),
+        ) as cursor:
+            return [(row[0], row[1]) for row in await cursor.fetchall()]
+
+    async def list_groups(self) -> list[tuple[str, int]]:
+        """Every group's name and member count, by name."""
+        async with self._db.execute(
+            "SELECT g.name, count(ug.user_id) FROM groups g "
+            "LEFT JOIN user_groups ug ON ug.group_id = g.id GROUP BY g.id ORDER BY g.name"
+        ) as cursor:
+            return [(row[0], int(row[1])) for row in await cursor.fetchall()]
+
+    async def users_sharing_groups(
+        self, groups: list[str], prefix: str, limit: int
+    ) -> list[tuple[str, str]]:
+        """(username, first name) of the members of any of these groups, by username."""
+        if not groups:
+            return []
+        marks = ",".join("?" * len(groups))
+        sql = _SHARING.format(marks=marks)  # only placeholders are formatted in
+        pattern = _like_prefix(prefix)
+        async with self._db.execute(sql, (*groups, pattern, pattern, limit)) as cursor:
+            return [(row[0], row[1]) for row in await cursor.fetchall()]
+
     # Writes
 
     async def add_group(self, name: str, *, exist_ok: bool = False) -> None:
@@ -275,7 +346,7 @@ class Store:
         except sqlite3.IntegrityError:
             raise DuplicateError("group", name) from None
         await self._db.commit()
-        self._forget()
+        self.forget()
 
     async def add_user(
         self,
@@ -317,13 +388,8 @@ class Store:
             await self._db.rollback()
             raise
         await self._db.commit()
-        self._forget()
+        self.forget()
         return user_id
-
-    def _forget(self) -> None:
-        # A new user can make a first name ambiguous; a new member changes groups.
-        self._identities.clear()
-        self._names.clear()
 
     async def _group_id(self, name: str) -> int:
         async with self._db.execute("SELECT id FROM groups WHERE name = ?", (name,)) as cursor:
@@ -331,3 +397,159 @@ class Store:
         if row is None:
             raise UnknownGroupError(name)
         return int(row[0])
+
+    async def create_session(self, user_id: int, max_age: float) -> str:
+        """A new session of this user; their sessions older than ``max_age`` seconds, and
+        all but the newest SESSIONS_PER_USER, are dropped.
+
+        Returns:
+            The session's id (random, for the cookie).
+        """
+        session_id = secrets.token_urlsafe(18)
+        now = time.time()
+        await self._db.execute(
+            "DELETE FROM sessions WHERE user_id = ? AND created_at < ?", (user_id, now - max_age)
+        )
+        await self._db.execute(
+            "INSERT INTO sessions (id, user_id, created_at) VALUES (?, ?, ?)",
+            (session_id, user_id, now),
+        )
+        await self._db.execute(
+            "DELETE FROM sessions WHERE user_id = ? AND id NOT IN "
+            "(SELECT id FROM sessions WHERE user_id = ? ORDER BY created_at DESC LIMIT ?)",
+            (user_id, user_id, SESSIONS_PER_USER),
+        )
+        await self._db.commit()
+        return session_id
+
+    async def prune_sessions(self, max_age: float) -> int:
+        """Drop every session older than ``max_age`` seconds; how many went."""
+        cursor = await self._db.execute(
+            "DELETE FROM sessions WHERE created_at < ?", (time.time() - max_age,)
+        )
+        await self._db.commit()
+        return cursor.rowcount
+
+    async def revoke_session(self, session_id: str) -> None:
+        """End one session (a logout)."""
+        await self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        await self._db.commit()
+        self.forget_sessions(session_id)
+
+    async def revoke_user_sessions(self, username: str) -> User:
+        """End every session of a user.
+
+        Raises:
+            UnknownUserError
+        """
+        user = await self._user(username)
+        await self._db.execute("DELETE FROM sessions WHERE user_id = ?", (user.id,))
+        await self._db.commit()
+        self.forget_sessions()
+        return user
+
+    def forget_sessions(self, session_id: str | None = None) -> None:
+        """Forget cached session answers: one session's, or (None) all of them."""
+        if session_id is None:
+            self._sessions.clear()
+        else:
+            self._sessions.drop(session_id)
+
+    def forget(self) -> None:
+        """Forget every cached answer about users, groups and memberships (another node
+        changed them)."""
+        self._identities.clear()
+        self._names.clear()
+        self._groups.clear()
+        self._sizes.clear()
+
+    async def set_password(self, username: str, password_hash: str) -> User:
+        """Change a user's password and end every session of theirs.
+
+        Raises:
+            UnknownUserError
+        """
+        user = await self._user(username)
+        await self._db.execute(
+            "UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user.id)
+        )
+        await self._db.execute("DELETE FROM sessions WHERE user_id = ?", (user.id,))
+        await self._db.commit()
+        self.forget_sessions()
+        return user
+
+    async def delete_user(self, username: str) -> User:
+        """Delete a user with their memberships and sessions.
+
+        Raises:
+            UnknownUserError
+        """
+        user = await self._user(username)
+        await self._db.execute("DELETE FROM users WHERE id = ?", (user.id,))
+        await self._db.commit()
+        self.forget_sessions()
+        self.forget()
+        return user
+
+    async def join_group(self, username: str, group: str) -> tuple[User, bool]:
+        """Make a user a member of a group; True if they were not one before.
+
+        Raises:
+            UnknownUserError, UnknownGroupError
+        """
+        user = await self._user(username)
+        group_id = await self._group_id(group)
+        cursor = await self._db.execute(
+            "INSERT OR IGNORE INTO user_groups (user_id, group_id) VALUES (?, ?)",
+            (user.id, group_id),
+        )
+        await self._db.commit()
+        self.forget()
+        return user, cursor.rowcount > 0
+
+    async def leave_group(self, username: str, group: str) -> tuple[User, bool]:
+        """Take a user out of a group; True if they were a member.
+
+        Raises:
+            UnknownUserError, UnknownGroupError
+        """
+        user = await self._user(username)
+        group_id = await self._group_id(group)
+        cursor = await self._db.execute(
+            "DELETE FROM user_groups WHERE user_id = ? AND group_id = ?", (user.id, group_id)
+        )
+        await self._db.commit()
+        self.forget()
+        return user, cursor.rowcount > 0
+
+    async def delete_group(self, name: str) -> list[str]:
+        """Delete a group (its memberships with it).
+
+        Returns:
+            The usernames of its members.
+
+        Raises:
+            UnknownGroupError
+        """
+        group_id = await self._group_id(name)
+        async with self._db.execute(
+            "SELECT u.username FROM users u JOIN user_groups ug ON ug.user_id = u.id "
+            "WHERE ug.group_id = ? ORDER BY u.username",
+            (group_id,),
+        ) as cursor:
+            members = [row[0] for row in await cursor.fetchall()]
+        await self._db.execute("DELETE FROM groups WHERE id = ?", (group_id,))
+        await self._db.commit()
+        self.forget()
+        return members
+
+    async def _user(self, username: str) -> User:
+        user = await self.user_by_name(username)
+        if user is None:
+            raise UnknownUserError(username)
+        return user
+
+
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') for names starting with ``prefix``."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -51,15 +51,15 @@ from .protocol import (
     Publish,
 )
 from .servers import STREAM_KEY, TOO_LARGE_KEY
-from .service import Service
-from .sessions import Session
-from .store import User
+from .service import REVOKED, Login, Service
+from .tokens import TokenError
 from .types import Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
 FLUSH_BEFORE_CLOSE: Final = 2.0  # seconds a writer gets to send queued frames before a close
 EXPIRED: Final = "the session has expired: log in again"
+TOKEN_EXPIRED: Final = "the token has expired: connect with a new one"  # noqa: S105
 YIELD_EVERY: Final = 32  # frames a reader handles before letting other tasks run
 ABORT_GRACE: Final = 1.0  # seconds to read on after a reset, until the server says it is gone
 PRESENCE_NAMES: Final = 1000  # names in a presence answer (its count is exact)
@@ -81,7 +81,7 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
     if message["type"] != "websocket.connect":
         return
     try:
-        session, user, groups, seen, announce = await _admit(scope, svc)
+        login, seen, announce, since = await _admit(scope, svc)
     except Refusal as refusal:
         svc.stats.refuse(refusal.label)
         log.info("websocket refused (%s): %s", refusal.status, refusal.reason)
@@ -90,20 +90,22 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
     try:
         accept = svc.server.accept_message()
         await send(accept)
-        connection = Connection(svc, session, user, groups, receive, send)
+        connection = Connection(svc, login, receive, send)
         connection.stream = accept.get(STREAM_KEY)  # the server's, for abort (or None)
-        await connection.run(seen, announce)
+        await connection.run(seen, announce, since)
     finally:
-        svc.seats.give_back(session.username)
+        svc.seats.give_back(login.username)
 
 
 async def _admit(
     scope: Scope, svc: Service
-) -> tuple[Session, User, list[str], dict[str, Position] | None, tuple[str, ...]]:
-    """Check the handshake; on success a seat is taken for the session's user.
+) -> tuple[Login, dict[str, Position] | None, tuple[str, ...], float]:
+    """Check the handshake; on success a seat is taken for the login's user.
 
-    Returns the session, its user and their groups, what the client asks to resume
-    (None: it does not), and the groups to tell of the user's presence.
+    Returns who connects (a live session's user and their groups, or a token's), what
+    the client asks to resume (None: it does not), the groups to tell of the user's
+    presence, and when (``time.monotonic()``) the login was checked: a revocation from
+    then on must still close the connection (``Service.was_revoked``).
 
     Everything up to taking the seat runs without awaiting, so the connection limits
     hold however many handshakes run at once.
@@ -112,31 +114,37 @@ async def _admit(
         raise Refusal(503, "shutting_down", "the server is shutting down")
     if not http.origin_allowed(scope, svc.settings.allowed_origins):
         raise Refusal(403, "origin", "origin not allowed")
-    session = svc.session(scope)
-    if session is None:
+    try:
+        found = svc.credentials(scope)
+    except TokenError as exc:
+        raise Refusal(403, "bad_token", f"token refused: {exc.reason}") from None
+    if found is None:
         raise Refusal(403, "no_session", "log in first")
     seen = _resume(scope)
-    full = svc.seats.take(session.username)
+    username = found.username
+    full = svc.seats.take(username)
     if full == "total":
         raise Refusal(503, "full", "too many connections, try again later")
     if full == "user":
         limit = svc.seats.per_user
         raise Refusal(429, "user_full", f"at most {limit} connections per user: close one first")
+    since = time.monotonic()
     try:
-        found = await svc.store.identity(session.user_id)
-        if found is None or found[0].username != session.username:
-            raise Refusal(403, "unknown_user", "the session's user no longer exists")
+        login = await svc.confirm(found)
+        if login is None:
+            raise Refusal(403, "revoked", "the session was revoked, or its user deleted")
         largest = svc.settings.presence_events_max
-        sizes = await svc.store.group_sizes(found[1]) if largest else {}
-        announce = tuple(group for group in found[1] if sizes.get(group, largest + 1) <= largest)
+        groups = list(login.groups)
+        sizes = await svc.store.group_sizes(groups) if largest and groups else {}
+        announce = tuple(group for group in groups if sizes.get(group, largest + 1) <= largest)
     except sqlite3.Error as exc:
-        svc.seats.give_back(session.username)
+        svc.seats.give_back(username)
         log.error("database error during a websocket handshake: %s", exc)
         raise Refusal(503, "database", "the database is unavailable") from None
     except BaseException:
-        svc.seats.give_back(session.username)
+        svc.seats.give_back(username)
         raise
-    return session, found[0], found[1], seen, announce
+    return login, seen, announce, since
 
 
 def _resume(scope: Scope) -> dict[str, Position] | None:
@@ -197,35 +205,32 @@ class Connection:
         "_reader",
         "announce",
         "expires_at",
-        "groups",
+        "login",
         "outbox",
         "receive",
         "send",
         "stage",
         "stream",
         "svc",
-        "user",
     )
 
     def __init__(
         self,
         svc: Service,
-        session: Session,
-        user: User,
-        groups: list[str],
+        login: Login,
         receive: Receive,
         send: Send,
     ) -> None:
         settings = svc.settings
         self.svc = svc
-        self.user = user
-        self.groups = groups
-        self.expires_at = session.expires_at(settings.session_max_age)
+        self.login = login
+        self.expires_at = login.expires_at
         self.receive = receive
         self.send = send
         self.outbox = Outbox(
-            user=user.username,
-            groups=tuple(groups),
+            user=login.username,
+            groups=login.groups,
+            session=login.session_id,
             send=send,
             flusher=svc.flusher,
             limit=settings.outbox_bytes,
@@ -244,22 +249,28 @@ class Connection:
             raise RuntimeError(f"a connection in stage {self.stage!r} cannot move to {stage!r}")
         self.stage = stage
 
-    async def run(self, seen: dict[str, Position] | None, announce: tuple[str, ...]) -> None:
-        """Join the hub, say welcome (and replay what the client missed), then serve."""
-        outbox, user, hub = self.outbox, self.user, self.svc.hub
+    async def run(
+        self, seen: dict[str, Position] | None, announce: tuple[str, ...], since: float
+    ) -> None:
+        """Join the hub, say welcome (and replay what the client missed), then serve.
+
+        ``since``: when the login was checked; if it was revoked since, the connection is
+        closed as soon as it is in the hub (where later revocations find it)."""
+        outbox, user, hub = self.outbox, self.login, self.svc.hub
         self.announce = announce
+        groups = list(outbox.groups)
         streams = [
             protocol.stream_of(Kind.BROADCAST, ""),
-            *(protocol.stream_of(Kind.GROUP, group) for group in self.groups),
+            *(protocol.stream_of(Kind.GROUP, group) for group in groups),
             protocol.stream_of(Kind.DIRECT, user.username),
         ]
         try:
             # Joined before the welcome: messages from now on queue up behind it (and
             # behind the replay, which join() makes sure they do not repeat).
             joined = await hub.join(outbox, streams, seen or {}, announce)
-            welcome = protocol.welcome(
-                user.username, user.first_name, self.groups, joined.positions
-            )
+            if self.svc.was_revoked(user, since):
+                hub.disconnect(user.username, user.session_id, REVOKED)
+            welcome = protocol.welcome(user.username, user.first_name, groups, joined.positions)
             timeout = self.svc.settings.send_timeout
             try:
                 async with asyncio.timeout(timeout):  # as the writer's sends are (outbox.py)
@@ -313,7 +324,7 @@ class Connection:
         except TimeoutError:
             if self.svc.server.abort(self.stream):
                 log.info(
-                    "reset the connection of %s: it did not answer the close", self.user.username
+                    "reset the connection of %s: it did not answer the close", self.login.username
                 )
                 # The server hands over the disconnect only once its queue to us has room:
                 # read on (briefly), or it would hold the connection's task forever.
@@ -331,10 +342,15 @@ class Connection:
                 await asyncio.sleep(0)  # a flood must not hold the loop
 
     def expire(self) -> None:
-        """The session's max age has passed: say so, and close with 1008 once that is sent."""
+        """The session's max age (or the token's ``exp``) has passed: say so, and close with
+        1008 once that is sent."""
         if self.stage is Stage.READING:
-            self._tell(ErrorCode.FORBIDDEN, EXPIRED)
+            self._tell(ErrorCode.FORBIDDEN, self._expired)
             self.outbox.close(CloseCode.POLICY)
+
+    @property
+    def _expired(self) -> str:
+        return EXPIRED if self.login.session_id is not None else TOKEN_EXPIRED
 
     def _writer_done(self, _: object) -> None:
         if self.stage is Stage.READING:  # the reader is blocked on receive(): wake it to close
@@ -344,7 +360,7 @@ class Connection:
 
     async def _serve(self) -> int | None:
         """Read in this task, write in another; return the close code (None: client left)."""
-        outbox, user = self.outbox, self.user
+        outbox, user = self.outbox, self.login
         reader = self._reader = asyncio.current_task()
         assert reader is not None
         writer = asyncio.create_task(outbox.run())
@@ -392,7 +408,7 @@ class Connection:
         if not writer.cancelled():
             exc = writer.exception()
             if exc is not None:
-                log.error("websocket writer for %s failed", self.user.username, exc_info=exc)
+                log.error("websocket writer for %s failed", self.login.username, exc_info=exc)
                 return CloseCode.INTERNAL_ERROR
             code = writer.result()
             if code != CloseCode.TRY_AGAIN_LATER:
@@ -403,7 +419,7 @@ class Connection:
         else:
             return CloseCode.INTERNAL_ERROR
         self.svc.hub.stats.slow_consumers += 1
-        log.warning("closing a slow consumer (%s): %s", self.user.username, why)
+        log.warning("closing a slow consumer (%s): %s", self.login.username, why)
         return CloseCode.TRY_AGAIN_LATER
 
     async def _read(self) -> int | None:
@@ -429,6 +445,8 @@ class Connection:
                 return None
             if kind != "websocket.receive":
                 continue
+            if self.outbox.close_code is not None:  # revoked, expired, draining: no more
+                return self.outbox.close_code
             frame: str | bytes | None = message.get("text")
             if frame is None:
                 frame = message.get("bytes")
@@ -439,7 +457,7 @@ class Connection:
                 return CloseCode.TOO_LARGE
             now = time.monotonic()
             if self.svc.codec.clock() >= self.expires_at:
-                self._tell(ErrorCode.FORBIDDEN, EXPIRED)
+                self._tell(ErrorCode.FORBIDDEN, self._expired)
                 return CloseCode.POLICY
             if rate > 0:
                 tokens = min(burst, tokens + (now - last) * rate)
@@ -467,7 +485,17 @@ class Connection:
         Raises:
             ProtocolError: unknown group or user, or the service cannot take it now.
         """
-        pending = await self.svc.publish(dataclasses.replace(publish, sender=self.user.username))
+        if (
+            publish.kind is Kind.GROUP
+            and self.svc.settings.group_write == "members"
+            and publish.target not in self.outbox.groups
+        ):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"only members of {publish.target!r} write to it",
+                publish.frame_id,
+            )
+        pending = await self.svc.publish(dataclasses.replace(publish, sender=self.login.username))
         if pending is None:
             if publish.frame_id is not None:
                 self.outbox.push(item(protocol.ack(publish.frame_id)))
@@ -481,7 +509,7 @@ class Connection:
         Raises:
             ProtocolError: not a member of the group, or the backplane cannot say now.
         """
-        if query.group not in self.groups:
+        if query.group not in self.outbox.groups:
             raise ProtocolError(
                 ErrorCode.FORBIDDEN, f"you are not in group {query.group!r}", query.frame_id
             )
