@@ -54,6 +54,7 @@ async def request(
     root_path: str = "",
     client: tuple[str, int] = ("127.0.0.1", 40000),
     chunks: int = 1,
+    raw_path: bytes | None = None,
 ) -> Response:
     """Send one HTTP request through the app and collect the response."""
     all_headers = dict(headers or {})
@@ -68,7 +69,7 @@ async def request(
         "method": method,
         "scheme": "http",
         "path": root_path + path,
-        "raw_path": (root_path + path).encode(),
+        "raw_path": raw_path if raw_path is not None else (root_path + path).encode(),
         "query_string": query.encode(),
         "root_path": root_path,
         "headers": _headers(all_headers),

@@ -276,6 +276,23 @@
     renderOnline();
   }
 
+  // An operator added us to a group, or took us out of one, while we were connected.
+  function membership(event) {
+    if (typeof event.group !== "string") return;
+    const joined = event.type === "joined";
+    if (joined) myGroups.add(event.group); else myGroups.delete(event.group);
+    add(`${clock()} ${joined ? "you were added to" : "you were removed from"} ${event.group}`,
+      "", "membership");
+    fillPickers();
+    if (joined) {
+      online.set(event.group, { users: new Set(), hidden: 0, known: false });
+      askPresence(event.group);
+    } else {
+      online.delete(event.group);
+    }
+    renderOnline();
+  }
+
   // ---- Rendering --------------------------------------------------------------------
 
   function setState(label, open) {
@@ -357,6 +374,8 @@
       presence(event);
     } else if (event.type === "online" || event.type === "offline") {
       arrival(event);
+    } else if (event.type === "joined" || event.type === "left") {
+      membership(event);
     } else if (event.type === "ack") {
       const sent = pending.get(event.id);
       pending.delete(event.id);

@@ -1,0 +1,299 @@
+"""Control (DESIGN 5.3, 6): revocation, live membership and connection tokens, on real
+hypercorn; across two nodes through real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.server import Client, Server, delete_redis_keys, http, redis_reachable
+
+KEY = "control-test-key"
+SECRET = "a-jwt-secret-of-at-least-thirty-two-bytes"
+AUTH = {"authorization": f"Bearer {KEY}"}
+REDIS_URL = "redis://127.0.0.1:6379/0"
+CLOSED_WITHIN = 1.0  # seconds: DESIGN 5.3
+
+
+def _need_redis() -> None:
+    if not redis_reachable():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Redis is not running on 127.0.0.1:6379, and CI=true requires it")
+        pytest.skip("Redis is not running on 127.0.0.1:6379 (start redis-server to run these)")
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory, demo_db: Path) -> Iterator[list[Server]]:
+    """Two hypercorn nodes sharing one database, one secret and one Redis prefix."""
+    _need_redis()
+    shared = tmp_path_factory.mktemp("control")
+    shutil.copy(demo_db, shared / "wsfanout.sqlite3")
+    prefix = f"wsfanout-test-{uuid.uuid4().hex[:10]}:"
+    env = {
+        "WSFANOUT_DATABASE": str(shared / "wsfanout.sqlite3"),
+        "WSFANOUT_SECRET_KEY": "control-secret",
+        "WSFANOUT_API_KEYS": KEY,
+        "WSFANOUT_REDIS_URL": REDIS_URL,
+        "WSFANOUT_REDIS_PREFIX": prefix,
+        "WSFANOUT_JWT_SECRET": SECRET,
+        "WSFANOUT_RATE_LIMIT": "0",
+    }
+    servers = [Server(tmp_path_factory.mktemp(f"node{n}"), env) for n in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+        delete_redis_keys(prefix)
+    for server in servers:
+        log = server.log_path.read_text()
+        assert "Traceback" not in log, log
+
+
+def api(node: Server, method: str, path: str, body: Any = None) -> tuple[int, str]:
+    status, headers = http(method, node.http_url + path, body, AUTH)
+    return status, headers["_body"]
+
+
+def add_user(node: Server, name: str, groups: list[str] | None = None) -> str:
+    """A new user (password: the name), logged in on ``node``; the cookie."""
+    body = {"username": name, "password": name.capitalize(), "groups": groups or []}
+    assert api(node, "POST", "/api/users", body)[0] == 201
+    return node.login(name)
+
+
+async def closed(client: Client, within: float = CLOSED_WITHIN) -> tuple[int | None, list[Any]]:
+    """Wait for the server to close the socket; its close code and the events before."""
+    await asyncio.wait_for(client.reader, within)
+    events = []
+    while not client.events.empty():
+        events.append(client.events.get_nowait())
+    return client.conn.close_code, events
+
+
+async def refused(url: str, **headers: str) -> int:
+    """The HTTP status of a handshake the server refuses."""
+    with pytest.raises(InvalidStatus) as caught:
+        async with connect(url, additional_headers=headers):
+            pass
+    return caught.value.response.status_code
+
+
+def logout(node: Server, cookie: str) -> None:
+    status, _ = http("POST", node.http_url + "/logout", {}, {"cookie": cookie})
+    assert status == 200
+
+
+REVOCATIONS: dict[str, Callable[[Server, str, str], object]] = {
+    "logout": lambda node, name, cookie: logout(node, cookie),
+    "password": lambda node, name, cookie: api(
+        node, "PUT", f"/api/users/{name}/password", {"password": "new"}
+    ),
+    "delete": lambda node, name, cookie: api(node, "DELETE", f"/api/users/{name}"),
+    "disconnect": lambda node, name, cookie: api(node, "POST", f"/api/users/{name}/disconnect"),
+}
+
+
+@pytest.mark.parametrize("how", sorted(REVOCATIONS))
+async def test_a_revoked_session_is_closed_on_every_node_and_refused(
+    nodes: list[Server], how: str
+) -> None:
+    """Logout, a password change, deleting the user and an operator's disconnect close the
+    user's sockets on both nodes with 1008 within a second (after a `forbidden` frame);
+    the cookie is then refused at the handshake (403) and on the HTTP routes."""
+    here, there = nodes
+    name = f"rev{how}"
+    cookie = add_user(here, name)
+    others = await Client.open(there.ws_url, there.login("greg"))
+    sockets = [await Client.open(node.ws_url, cookie) for node in (here, there, there)]
+    for client in (*sockets, others):
+        assert (await client.next())["type"] == "welcome"
+    started = time.monotonic()
+    REVOCATIONS[how](here, name, cookie)
+    for client in sockets:
+        code, events = await closed(client)
+        assert code == 1008
+        assert [(e["type"], e.get("code")) for e in events] == [("error", "forbidden")]
+    print(f"{how}: all closed {time.monotonic() - started:.3f} s after the request")
+    for node in nodes:
+        assert await refused(node.ws_url, cookie=cookie) == 403
+        status, headers = http("GET", node.http_url + "/api/directory", None, {"cookie": cookie})
+        assert status == 401
+        status, headers = http("GET", node.http_url + "/", None, {"cookie": cookie})
+        assert "static/login.js" in headers["_body"]  # redirected to the login page
+    assert await others.quiet() == []  # nobody else was touched
+    await others.close()
+
+
+async def test_logout_revokes_only_that_session(nodes: list[Server]) -> None:
+    """Two logins of one user: logging one out leaves the other's sockets and cookie alone."""
+    here, there = nodes
+    add_user(here, "twice")
+    first, second = here.login("twice"), there.login("twice")
+    a, b = await Client.open(there.ws_url, first), await Client.open(there.ws_url, second)
+    assert (await a.next())["type"] == (await b.next())["type"] == "welcome"
+    logout(here, first)
+    assert (await closed(a))[0] == 1008
+    await b.send({"type": "direct", "user_name": "twice", "text": "still here", "id": "d"})
+    assert (await b.next_of("message"))["text"] == "still here"
+    assert await refused(here.ws_url, cookie=first) == 403
+    c = await Client.open(here.ws_url, second)
+    assert (await c.next())["type"] == "welcome"
+    for client in (b, c):
+        await client.close()
+
+
+async def test_membership_is_live_on_every_node(nodes: list[Server]) -> None:
+    """Added to a group: sockets on both nodes get `joined`, then the group's messages (and
+    a presence answer for it); removed: `left`, and nothing more from the group."""
+    here, there = nodes
+    cookie = add_user(here, "joiner")
+    sockets = [await Client.open(node.ws_url, cookie) for node in (here, there)]
+    for client in sockets:
+        welcome = await client.next()
+        assert welcome["groups"] == []
+    assert api(here, "PUT", "/api/users/joiner/groups/boys")[0] == 204
+    for client in sockets:
+        assert await client.next(CLOSED_WITHIN) == {"type": "joined", "group": "boys"}
+    await asyncio.sleep(0.2)  # the other node's SUBSCRIBE to the group's channel
+    body = {"type": "group", "group": "boys", "text": "to boys", "from": "ops"}
+    assert api(here, "POST", "/api/publish", body)[0] == 202
+    for client in sockets:
+        assert (await client.next_of("message"))["text"] == "to boys"
+    await sockets[1].send({"type": "presence", "group": "boys", "id": "p"})
+    assert (await sockets[1].next_of("presence"))["group"] == "boys"
+    # Idempotent: a second PUT tells nobody anything.
+    assert api(here, "PUT", "/api/users/joiner/groups/boys")[0] == 204
+    assert api(there, "DELETE", "/api/users/joiner/groups/boys")[0] == 204
+    for client in sockets:
+        assert await client.next(CLOSED_WITHIN) == {"type": "left", "group": "boys"}
+    assert api(here, "POST", "/api/publish", body)[0] == 202
+    marker = {"type": "direct", "user_name": "joiner", "text": "marker", "from": "ops"}
+    assert api(here, "POST", "/api/publish", marker)[0] == 202
+    for client in sockets:
+        assert [e.get("text") for e in [await client.next_of("message")]] == ["marker"]
+        await client.send({"type": "presence", "group": "boys", "id": "p2"})
+        answer = await client.next_of("error")
+        assert (answer["code"], answer["id"]) == ("forbidden", "p2")
+    # A later welcome carries the group's stream only while a member.
+    assert api(here, "PUT", "/api/users/joiner/groups/girls")[0] == 204
+    fresh = await Client.open(there.ws_url, cookie)
+    welcome = await fresh.next()
+    assert welcome["groups"] == ["girls"]
+    assert "group:girls" in welcome["streams"]
+    for client in (*sockets, fresh):
+        await client.close()
+
+
+async def test_deleting_a_group_tells_its_members(nodes: list[Server]) -> None:
+    """A deleted group's members, connected on either node, get `left`."""
+    here, there = nodes
+    assert api(here, "POST", "/api/groups", {"name": "doomed"})[0] == 201
+    cookie = add_user(here, "member", ["doomed"])
+    client = await Client.open(there.ws_url, cookie)
+    assert (await client.next())["groups"] == ["doomed"]
+    assert api(here, "DELETE", "/api/groups/doomed")[0] == 204
+    assert await client.next(CLOSED_WITHIN) == {"type": "left", "group": "doomed"}
+    status, body = api(here, "GET", "/api/users/member")
+    assert status == 200 and '"groups":[]' in body
+    await client.close()
+
+
+def token(sub: str, groups: list[str], lifetime: float = 300, **extra: Any) -> str:
+    claims = {"sub": sub, "groups": groups, "exp": int(time.time() + lifetime), **extra}
+    return jwt.encode(claims, extra.pop("key", SECRET), algorithm="HS256")
+
+
+async def test_token_users_need_no_row(nodes: list[Server]) -> None:
+    """Users from the operator's backend connect with a token (query or header) on either
+    node: they get their groups' messages and Direct by `sub`, and presence sees them."""
+    here, there = nodes
+    alice = await Client.open(
+        here.ws_url + "?token=" + token("alice", ["backend"], name="Alice"), cookie=""
+    )
+    bob = await Client.open(
+        there.ws_url, cookie="", authorization="Bearer " + token("bob", ["backend"])
+    )
+    welcome = await alice.next()
+    assert (welcome["user"], welcome["first_name"], welcome["groups"]) == (
+        "alice",
+        "Alice",
+        ["backend"],
+    )
+    assert (await bob.next())["user"] == "bob"
+    await asyncio.sleep(0.2)
+    await bob.send({"type": "group", "group": "backend", "text": "hi team", "id": "g"})
+    assert (await alice.next_of("message"))["text"] == "hi team"
+    assert (await bob.next_of("message"))["text"] == "hi team"
+    await alice.send({"type": "direct", "user_name": "bob", "text": "hi bob", "id": "d"})
+    got = await bob.next_of("message")
+    assert (got["text"], got["from"], got["stream"]) == ("hi bob", "alice", "user:bob")
+    await alice.send({"type": "presence", "group": "backend", "id": "p"})
+    answer = await alice.next_of("presence")
+    assert (answer["online"], answer["count"]) == (["alice", "bob"], 2)
+    # An operator's disconnect reaches token users too (they have no row).
+    assert api(here, "POST", "/api/users/bob/disconnect")[0] == 204
+    assert (await closed(bob))[0] == 1008
+    await alice.close()
+
+
+def _unsigned(sub: str) -> str:
+    import base64
+    import json
+
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return part({"alg": "none", "typ": "JWT"}) + "." + part({"sub": sub, "exp": 2**40}) + "."
+
+
+BAD_TOKENS: dict[str, Callable[[], str]] = {
+    "expired": lambda: token("eve", [], lifetime=-10),
+    "alg none": lambda: _unsigned("eve"),
+    "other algorithm": lambda: jwt.encode(
+        {"sub": "eve", "exp": int(time.time() + 60)}, SECRET * 2, algorithm="HS512"
+    ),
+    "wrong secret": lambda: jwt.encode(
+        {"sub": "eve", "exp": int(time.time() + 60)}, "x" * 40, algorithm="HS256"
+    ),
+    "no exp": lambda: jwt.encode({"sub": "eve"}, SECRET, algorithm="HS256"),
+    "malformed": lambda: "not.a.token",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_TOKENS))
+async def test_bad_tokens_are_refused_and_logged_once(nodes: list[Server], kind: str) -> None:
+    """Expired, unsigned, other-algorithm, wrongly signed and malformed tokens: 403, and
+    one log line with the reason."""
+    here = nodes[0]
+    before = here.log_path.read_text().count("token refused")
+    assert await refused(here.ws_url + "?token=" + BAD_TOKENS[kind]()) == 403
+    await asyncio.sleep(0.2)
+    assert here.log_path.read_text().count("token refused") == before + 1
+
+
+async def test_a_token_expiring_while_connected_closes_the_socket(nodes: list[Server]) -> None:
+    """A socket opened with a token closes with 1008 at the token's `exp` (after a
+    `forbidden` frame that says so)."""
+    here = nodes[0]
+    exp = int(time.time()) + 2
+    claims = {"sub": "brief", "groups": [], "exp": exp}
+    client = await Client.open(here.ws_url + "?token=" + jwt.encode(claims, SECRET), cookie="")
+    assert (await client.next())["type"] == "welcome"
+    code, events = await closed(client, within=exp - time.time() + 2.5)
+    assert code == 1008
+    assert time.time() >= exp
+    assert [e["code"] for e in events if e["type"] == "error"] == ["forbidden"]
