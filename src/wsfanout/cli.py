@@ -1,4 +1,12 @@
-"""The ``wsfanout`` command: ``db init``, ``user add``, ``group add``, ``demo``, ``serve``."""
+"""The ``wsfanout`` command: ``db init``, ``user …``, ``group …``, ``demo``, ``publish``,
+``serve``.
+
+The user and group verbs that change an existing account work in one of two ways. With
+``--url`` (or ``WSFANOUT_URL``) they ask that running node's admin API, which changes the
+database and every node's open connections at once. Without one they change the database
+directly: the nodes' caches let a running node see that only at new handshakes, within
+``store.CACHE_SECONDS``, and no open connection is touched, so those commands say so.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +16,34 @@ import contextlib
 import getpass
 import json
 import logging
+import os
 import socket
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from . import passwords
 from .config import ConfigError, Settings
-from .store import DuplicateError, Store, StoreError
+from .store import CACHE_SECONDS, DuplicateError, Store, StoreError, UnknownUserError
+
+T = TypeVar("T")
 
 DEMO_GROUPS: Final = {"boys": ("Greg", "Chuck", "Mike"), "girls": ("Amanda", "Lisa", "Anny")}
 DEFAULT_BIND: Final = "127.0.0.1:8000"
 PING_INTERVAL: Final = 20.0
 GRACEFUL_TIMEOUT: Final = 10.0
+URL_VARIABLE: Final = "WSFANOUT_URL"
+KEY_VARIABLE: Final = "WSFANOUT_API_KEY"
+API_TIMEOUT: Final = 10.0  # seconds for one admin API request
+LIST_MAX: Final = 1000  # users listed at most, as the admin API allows
+OFFLINE_NOTE: Final = (
+    f"note: changed in the database only: running nodes apply it at new handshakes within "
+    f"about {CACHE_SECONDS:g} s (revoked sessions are refused then), but open connections are "
+    f"untouched; pass --url for a live change"
+)
 
 
 class CommandError(Exception):
@@ -37,10 +58,10 @@ def configure_logging(level: str) -> None:
     logging.getLogger("hypercorn").propagate = False
 
 
-async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[None]]) -> None:
+async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
     store = await Store.open(settings.database_path)
     try:
-        await work(store)
+        return await work(store)
     finally:
         await store.close()
 
@@ -67,9 +88,13 @@ def _password(args: argparse.Namespace) -> str:
         return str(args.password)
     if not sys.stdin.isatty():
         raise CommandError("give --password, or run in a terminal to be asked for one")
-    first = getpass.getpass(f"password for {args.name}: ")
-    if not first or first != getpass.getpass("again: "):
-        raise CommandError("the passwords were empty or did not match")
+    try:
+        first = getpass.getpass(f"password for {args.name}: ")
+        if not first or first != getpass.getpass("again: "):
+            raise CommandError("the passwords were empty or did not match")
+    except EOFError:  # Ctrl-D at a prompt
+        print(file=sys.stderr)  # the prompt's line, ended
+        raise CommandError("no password given") from None
     return first
 
 
@@ -222,11 +247,44 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _call(
+    settings: Settings, args: argparse.Namespace, method: str, path: str, body: Any = None
+) -> Any:
+    """One request to the HTTP API of the node at ``args.url``, with the API key.
+
+    Returns:
+        The JSON answer, or None when there is none (204).
+
+    Raises:
+        CommandError: no key, a URL that is not http(s), the node cannot be reached, or
+            it answered an error (its ``error`` text and the status are in the message).
+    """
+    key = args.key or os.environ.get(KEY_VARIABLE) or next(iter(settings.api_keys), "")
+    if not key:
+        raise CommandError(f"give --key, or set {KEY_VARIABLE} or WSFANOUT_API_KEYS")
+    if not args.url.startswith(("http://", "https://")):
+        raise CommandError(f"--url {args.url!r}: expected the server's http:// or https:// URL")
+    request = urllib.request.Request(  # noqa: S310 - the operator gives the URL
+        args.url.rstrip("/") + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"content-type": "application/json", "authorization": f"Bearer {key}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=API_TIMEOUT) as response:  # noqa: S310
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        try:
+            detail = json.loads(err.read()).get("error", "")
+        except (ValueError, AttributeError):
+            detail = ""
+        raise CommandError(f"the server answered {err.code}: {detail or err.reason}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise CommandError(f"cannot reach {args.url}: {getattr(err, 'reason', err)}") from None
+
+
 def cmd_publish(settings: Settings, args: argparse.Namespace) -> None:
     """Publish one message through a running server's HTTP API."""
-    key = args.key or (settings.api_keys[0] if settings.api_keys else "")
-    if not key:
-        raise CommandError("give --key, or set WSFANOUT_API_KEYS")
     message: dict[str, str] = {"text": args.text, "from": args.sender}
     if args.group:
         message.update(type="group", group=args.group)
@@ -234,26 +292,156 @@ def cmd_publish(settings: Settings, args: argparse.Namespace) -> None:
         message.update(type="direct", user_name=args.user)
     else:
         message["type"] = "broadcast"
-    if not args.url.startswith(("http://", "https://")):
-        raise CommandError(f"--url {args.url!r}: expected the server's http:// or https:// URL")
-    request = urllib.request.Request(  # noqa: S310 - the operator gives the URL
-        args.url.rstrip("/") + "/api/publish",
-        data=json.dumps(message).encode(),
-        method="POST",
-        headers={"content-type": "application/json", "authorization": f"Bearer {key}"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            answer = json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as err:
-        try:
-            detail = json.loads(err.read()).get("error", "")
-        except ValueError:
-            detail = ""
-        raise CommandError(f"the server answered {err.code}: {detail or err.reason}") from None
-    except (urllib.error.URLError, OSError) as err:
-        raise CommandError(f"cannot reach {args.url}: {getattr(err, 'reason', err)}") from None
+    answer = _call(settings, args, "POST", "/api/publish", message)
     print(f"published ({answer.get('accepted', 0)} accepted)")
+
+
+def _path(*parts: str) -> str:
+    """An admin API path, each name quoted (``a@b`` stays one segment)."""
+    return "/api/" + "/".join(urllib.parse.quote(part, safe="") for part in parts)
+
+
+def _change(
+    settings: Settings,
+    args: argparse.Namespace,
+    request: tuple[str, str, Any],
+    work: Callable[[Store], Awaitable[object]],
+    done: str,
+) -> None:
+    """Make a change through the node at ``--url`` (``request``: method, path, body), or
+    without one in the database (``work``), saying that open connections keep the old."""
+    if args.url:
+        _call(settings, args, *request)
+        print(done)
+    else:
+        asyncio.run(_with_store(settings, work))
+        print(done)
+        print(OFFLINE_NOTE, file=sys.stderr)
+
+
+def cmd_user_list(settings: Settings, args: argparse.Namespace) -> None:
+    if args.url:
+        query = urllib.parse.urlencode({"q": args.prefix, "limit": LIST_MAX})
+        answer = _call(settings, args, "GET", f"{_path('users')}?{query}")
+        users = [(user["username"], user["first_name"]) for user in answer["users"]]
+        truncated = bool(answer["truncated"])
+    else:
+        users = asyncio.run(
+            _with_store(settings, lambda store: store.list_users(args.prefix, LIST_MAX + 1))
+        )
+        truncated = len(users) > LIST_MAX
+    for username, first_name in users[:LIST_MAX]:
+        print(f"{username}\t{first_name}")
+    if truncated:
+        print(f"note: only the first {LIST_MAX} are listed: narrow with --prefix", file=sys.stderr)
+
+
+def cmd_user_delete(settings: Settings, args: argparse.Namespace) -> None:
+    _change(
+        settings,
+        args,
+        ("DELETE", _path("users", args.name), None),
+        lambda store: store.delete_user(args.name),
+        f"user {args.name!r} deleted",
+    )
+
+
+def cmd_user_passwd(settings: Settings, args: argparse.Namespace) -> None:
+    # Before asking for a password: nothing typed should be lost to a typo'd name.
+    if args.url:
+        _call(settings, args, "GET", _path("users", args.name))
+    elif asyncio.run(_with_store(settings, lambda store: store.user_by_name(args.name))) is None:
+        raise UnknownUserError(args.name)
+    password = _password(args)
+
+    async def work(store: Store) -> None:
+        hashed = await asyncio.to_thread(passwords.hash_password, password)
+        await store.set_password(args.name, hashed)
+
+    _change(
+        settings,
+        args,
+        ("PUT", _path("users", args.name, "password"), {"password": password}),
+        work,
+        f"password of {args.name!r} changed; their sessions are revoked",
+    )
+
+
+def cmd_user_member(settings: Settings, args: argparse.Namespace) -> None:
+    """``user join`` (``args.member``) and ``user leave``: both idempotent, so the line
+    says where the user stands, which is true whether or not this changed it."""
+    _change(
+        settings,
+        args,
+        ("PUT" if args.member else "DELETE", _path("users", args.name, "groups", args.group), None),
+        lambda store: (store.join_group if args.member else store.leave_group)(
+            args.name, args.group
+        ),
+        f"{args.name} is {'' if args.member else 'not '}in {args.group}",
+    )
+
+
+def cmd_user_disconnect(settings: Settings, args: argparse.Namespace) -> None:
+    _change(
+        settings,
+        args,
+        ("POST", _path("users", args.name, "disconnect"), None),
+        lambda store: store.revoke_user_sessions(args.name),
+        f"{args.name!r} disconnected: sessions revoked, open connections closed"
+        if args.url
+        else f"stored sessions of {args.name!r} revoked; open connections are not closed",
+    )
+
+
+def cmd_group_list(settings: Settings, args: argparse.Namespace) -> None:
+    if args.url:
+        answer = _call(settings, args, "GET", _path("groups"))
+        groups = [(group["name"], group["members"]) for group in answer["groups"]]
+    else:
+        groups = asyncio.run(_with_store(settings, lambda store: store.list_groups()))
+    for name, members in groups:
+        print(f"{name}\t{members}")
+
+
+def cmd_group_delete(settings: Settings, args: argparse.Namespace) -> None:
+    _change(
+        settings,
+        args,
+        ("DELETE", _path("groups", args.name), None),
+        lambda store: store.delete_group(args.name),
+        f"group {args.name!r} deleted",
+    )
+
+
+def _api_options(parser: argparse.ArgumentParser, url_help: str, url: str | None = None) -> None:
+    """``--url`` (default: $WSFANOUT_URL, else ``url``) and ``--key``."""
+    parser.add_argument("--url", default=os.environ.get(URL_VARIABLE) or url, help=url_help)
+    parser.add_argument(
+        "--key",
+        "--api-key",
+        dest="key",
+        help=f"an API key (default: ${KEY_VARIABLE}, else the first of $WSFANOUT_API_KEYS)",
+    )
+
+
+def _admin_verb(
+    verbs: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    text: str,
+    func: Callable[[Settings, argparse.Namespace], None],
+    *positionals: str,
+) -> argparse.ArgumentParser:
+    """A user or group verb that runs through a node's admin API or on the database."""
+    command = verbs.add_parser(name, help=text)
+    for positional in positionals:
+        command.add_argument(positional)
+    _api_options(
+        command,
+        f"a running node's URL, to change it live (default: ${URL_VARIABLE}; "
+        "without one the database is changed directly)",
+    )
+    command.set_defaults(func=func)
+    return command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +467,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--group", action="append", metavar="GROUP", help="an existing group (repeatable)"
     )
     user_add.set_defaults(func=cmd_user_add)
+    _admin_verb(user, "list", "list users: username, tab, first name", cmd_user_list).add_argument(
+        "--prefix", default="", help="only the usernames that start with this"
+    )
+    _admin_verb(user, "delete", "delete a user", cmd_user_delete, "name")
+    _admin_verb(
+        user, "passwd", "change a user's password (ends their sessions)", cmd_user_passwd, "name"
+    ).add_argument("--password", help="the new password (asked for if omitted)")
+    join = _admin_verb(user, "join", "add a user to a group", cmd_user_member, "name", "group")
+    join.set_defaults(member=True)
+    leave = _admin_verb(
+        user, "leave", "take a user out of a group", cmd_user_member, "name", "group"
+    )
+    leave.set_defaults(member=False)
+    _admin_verb(
+        user,
+        "disconnect",
+        "end a user's sessions (live: close their sockets)",
+        cmd_user_disconnect,
+        "name",
+    )
 
     group = commands.add_parser("group", help="group commands").add_subparsers(
         dest="group_command", required=True, metavar="GROUP_COMMAND"
@@ -286,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     group_add = group.add_parser("add", help="create a group")
     group_add.add_argument("name")
     group_add.set_defaults(func=cmd_group_add)
+    _admin_verb(group, "list", "list groups: name, tab, member count", cmd_group_list)
+    _admin_verb(group, "delete", "delete a group", cmd_group_delete, "name")
 
     commands.add_parser("demo", help="create the demo groups and users").set_defaults(func=cmd_demo)
 
@@ -296,8 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--group", help="to the members of a group")
     target.add_argument("--user", help="to every connection of one user")
     publish.add_argument("--from", dest="sender", default="system", help="the sender shown")
-    publish.add_argument("--url", default=f"http://{DEFAULT_BIND}", help="the server's URL")
-    publish.add_argument("--key", help="an API key (default: the first of WSFANOUT_API_KEYS)")
+    default_url = f"http://{DEFAULT_BIND}"
+    url_help = f"the server's URL (default: ${URL_VARIABLE}, else {default_url})"
+    _api_options(publish, url_help, default_url)
     publish.set_defaults(func=cmd_publish)
 
     serve = commands.add_parser("serve", help="serve with hypercorn")

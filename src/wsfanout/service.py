@@ -469,9 +469,11 @@ class Service:
         - ``forget``: users or groups changed; cached answers are dropped.
         """
         op = change.get("op")
-        self.store.forget()
+        session = change.get("session")
+        if op != "revoke" or session is None:  # a logout changes no user or group
+            self.store.forget()
         if op == "revoke":
-            user, session = str(change["user"]), change.get("session")
+            user = str(change["user"])
             self.store.forget_sessions(session)
             now = time.monotonic()
             revoked = self.revoked
