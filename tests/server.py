@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -186,6 +187,16 @@ class Server:
         )
         assert status == 200, (status, headers)
         return headers["set-cookie"].split(";")[0]
+
+
+@contextlib.contextmanager
+def demo_server(data_dir: Path, demo_db: Path, env: dict[str, str]) -> Iterator[Server]:
+    """A running server on a copy of the demo database; its log must show no traceback."""
+    shutil.copy(demo_db, data_dir / "wsfanout.sqlite3")
+    with Server(data_dir, env).running() as running:
+        yield running
+    log = running.log_path.read_text()
+    assert "Traceback" not in log, log
 
 
 def http(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import select
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from tests.server import Client, Server
+from tests.server import Client, Server, demo_server
 from wsfanout import passwords
 from wsfanout.store import Store
 
@@ -329,12 +328,9 @@ def node(tmp_path: Path, demo_db: Path) -> Iterator[Server]:
     """A running node with the demo users and the admin API on."""
     data_dir = tmp_path / "node"
     data_dir.mkdir()
-    shutil.copy(demo_db, data_dir / "wsfanout.sqlite3")
     env = {"WSFANOUT_API_KEYS": KEY, "WSFANOUT_RATE_LIMIT": "0"}
-    with Server(data_dir, env).running() as running:
+    with demo_server(data_dir, demo_db, env) as running:
         yield running
-    log = running.log_path.read_text()
-    assert "Traceback" not in log, log
 
 
 async def live(node: Server, *args: str) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -30,7 +29,7 @@ from schemathesis.checks import (
 from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 
 from tests.conftest import DEMO_USERS
-from tests.server import Server
+from tests.server import Server, demo_server
 
 KEY = "openapi-test-key"
 DOCUMENT: dict[str, Any] = json.loads(
@@ -75,13 +74,9 @@ KEYED = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, demo_db: Path) -> Iterator[Server]:
     """One server for the module with the API on: the demo users and groups."""
-    data_dir = tmp_path_factory.mktemp("openapi")
-    shutil.copy(demo_db, data_dir / "wsfanout.sqlite3")
     env = {"WSFANOUT_API_KEYS": KEY, "WSFANOUT_RATE_LIMIT": "0"}
-    with Server(data_dir, env).running() as running:
+    with demo_server(tmp_path_factory.mktemp("openapi"), demo_db, env) as running:
         yield running
-    log = running.log_path.read_text()
-    assert "Traceback" not in log, log
 
 
 @pytest.fixture(scope="module")
