@@ -34,12 +34,23 @@ async def test_lifespan_starts_and_stops(settings: Settings) -> None:
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
 
 
-async def test_lifespan_reports_a_failed_start(tmp_path: Path) -> None:
-    """A database that cannot be opened fails startup with the reason."""
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"database": Path("file") / "db"}, "cannot open database"),
+        ({"jwt_secret": "short"}, "HS256 needs at least 32"),
+        ({"jwt_public_key": "/nonexistent.pem"}, "WSFANOUT_JWT_PUBLIC_KEY"),
+    ],
+)
+async def test_lifespan_reports_a_failed_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, changes: dict[str, Any], reason: str
+) -> None:
+    """A database that cannot be opened, or a token key that cannot be used, fails
+    startup with the reason, in one log line (no traceback)."""
     (tmp_path / "file").write_text("")
-    app = create_app(
-        Settings(data_dir=tmp_path, database=tmp_path / "file" / "db", secret_keys=("k",))
-    )
+    if "database" in changes:
+        changes = {"database": tmp_path / changes["database"]}
+    app = create_app(Settings(data_dir=tmp_path, secret_keys=("k",), **changes))
     inbox = asyncio.Queue[dict[str, Any]]()
     sent: list[dict[str, Any]] = []
 
@@ -49,7 +60,8 @@ async def test_lifespan_reports_a_failed_start(tmp_path: Path) -> None:
     await inbox.put({"type": "lifespan.startup"})
     await asyncio.wait_for(app({"type": "lifespan"}, inbox.get, send), 5)
     assert sent[0]["type"] == "lifespan.startup.failed"
-    assert "cannot open database" in sent[0]["message"]
+    assert reason in sent[0]["message"]
+    assert not [record for record in caplog.records if record.exc_info]
 
 
 async def test_lazy_start_happens_once(

@@ -12,6 +12,7 @@ from . import admin, http, views, ws
 from .config import Settings
 from .service import Service
 from .store import StoreError
+from .tokens import KeyConfigError
 from .types import Message, Receive, Scope, Send
 
 log = logging.getLogger("wsfanout")
@@ -179,7 +180,7 @@ class App:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.startup()
-                except (StoreError, OSError) as exc:  # a path, a server: the message says it
+                except (StoreError, OSError, KeyConfigError) as exc:  # the message says it
                     log.error("cannot start: %s", exc)
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return

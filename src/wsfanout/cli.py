@@ -28,6 +28,7 @@ from typing import Any, Final, TypeVar
 from . import passwords
 from .config import ConfigError, Settings
 from .store import CACHE_SECONDS, DuplicateError, Store, StoreError, UnknownUserError
+from .tokens import KeyConfigError, TokenVerifier
 
 T = TypeVar("T")
 
@@ -210,6 +211,10 @@ def _preflight(settings: Settings) -> None:
         secret_keys(settings.secret_keys, settings.data_dir)
     except (OSError, RuntimeError) as exc:
         raise CommandError(f"cannot read or create the secret key: {exc}") from None
+    try:
+        TokenVerifier(settings.jwt_secret, settings.jwt_public_key)
+    except KeyConfigError as exc:
+        raise CommandError(str(exc)) from None
 
 
 async def _nothing(store: Store) -> None:

@@ -465,8 +465,9 @@ class Service:
 
         - ``revoke`` (``user``, ``session`` or None for all of theirs): close them with 1008;
         - ``member`` (``user``, ``group``, ``member``): they join or leave the group;
-        - ``group_deleted`` (``group``): its members here leave it;
-        - ``forget``: users or groups changed; cached answers are dropped.
+        - ``group_deleted`` (``group``): its members here leave it.
+
+        Every change but a logout also drops the cached answers about users and groups.
         """
         op = change.get("op")
         session = change.get("session")

@@ -73,6 +73,11 @@ _OPTIONS: Final[Options] = {
 }
 
 
+class KeyConfigError(ValueError):
+    """A configured key (``WSFANOUT_JWT_SECRET`` / ``_PUBLIC_KEY``) cannot be used; the
+    message says which and why."""
+
+
 class TokenError(Exception):
     """A token that is refused; ``reason`` is one line fit for a log."""
 
@@ -206,7 +211,7 @@ class TokenVerifier:
 def _load_secret(secret: str) -> str:
     size = len(secret.encode())
     if size < MIN_SECRET_BYTES:
-        raise ValueError(
+        raise KeyConfigError(
             f"WSFANOUT_JWT_SECRET is {size} bytes; HS256 needs at least {MIN_SECRET_BYTES} "
             "(for example: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
@@ -214,7 +219,9 @@ def _load_secret(secret: str) -> str:
         # PyJWT refuses a PEM or SSH key as an HMAC secret (it smells of confusion).
         HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
     except jwt.InvalidKeyError as exc:
-        raise ValueError(f"WSFANOUT_JWT_SECRET is not usable as an HS256 secret: {exc}") from None
+        raise KeyConfigError(
+            f"WSFANOUT_JWT_SECRET is not usable as an HS256 secret: {exc}"
+        ) from None
     return secret
 
 
@@ -227,29 +234,31 @@ def _load_public_key(public_key: str) -> tuple[str, Key]:
         try:
             pem = Path(public_key).read_bytes().strip()
         except OSError as exc:
-            raise ValueError(
+            raise KeyConfigError(
                 f"WSFANOUT_JWT_PUBLIC_KEY is neither PEM text nor a readable file: {exc}"
             ) from None
     if b"PRIVATE KEY-----" in pem:
-        raise ValueError(
+        raise KeyConfigError(
             f"{where} holds a private key; give the public key instead "
             "(openssl pkey -in private.pem -pubout), the private one stays with the issuer"
         )
     try:
         key = load_pem_public_key(pem)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise ValueError(
+        raise KeyConfigError(
             f"{where} is not a PEM public key (-----BEGIN PUBLIC KEY-----): {exc}"
         ) from None
     if isinstance(key, RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
-            raise ValueError(f"{where}: RSA key of {key.key_size} bits; at least 2048 needed")
+            raise KeyConfigError(f"{where}: RSA key of {key.key_size} bits; at least 2048 needed")
         return "RS256", key
     if isinstance(key, EllipticCurvePublicKey):
         if not isinstance(key.curve, SECP256R1):
-            raise ValueError(f"{where}: EC key on curve {key.curve.name}; ES256 needs P-256")
+            raise KeyConfigError(f"{where}: EC key on curve {key.curve.name}; ES256 needs P-256")
         return "ES256", key
-    raise ValueError(f"{where}: {type(key).__name__} keys are not supported; use RSA or EC P-256")
+    raise KeyConfigError(
+        f"{where}: {type(key).__name__} keys are not supported; use RSA or EC P-256"
+    )
 
 
 def _claims(payload: dict[str, Any]) -> Claims:
