@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
@@ -140,3 +141,57 @@ async def test_new_users_invalidate_name_cache(store: Store) -> None:
     await store.add_user("robert", "h", first_name="Bob")
     with pytest.raises(UnknownUserError, match="first name of 2 users"):
         await store.resolve_user("bob")
+
+
+async def test_concurrent_writes_neither_undo_each_other_nor_lock_others_out(
+    store: Store, tmp_path: Path
+) -> None:
+    """Many writes at once on one connection (the API's requests), failing ones among
+    them, each commit or roll back whole: the end state is what was asked, and another
+    process can write at once afterwards (no transaction is left open)."""
+    user = await store.user_by_name("mike")
+    assert user is not None
+    sessions = [await store.create_session(user.id, 3600) for _ in range(5)]
+
+    async def bad_user(n: int) -> None:
+        with contextlib.suppress(StoreError):
+            await store.add_user(f"new{n}", "h", groups=("chess", "nope"))
+
+    work = [store.leave_group("mike", "boys"), store.set_password("mike", "changed")]
+    work += [bad_user(n) for n in range(20)]
+    work += [store.join_group("mikey", "chess"), store.revoke_session("x")]
+    await asyncio.gather(*work)
+    assert [await store.session_user(s) for s in sessions] == [None] * 5
+    changed = await store.user_by_name("mike")
+    assert changed is not None and changed.password_hash == "changed"
+    assert await store.groups_of(user.id) == ["chess"]
+    assert await store.user_by_name("new0") is None
+    other = await Store.open(store.path)
+    try:
+        await asyncio.wait_for(other.add_group("other"), 2)
+    finally:
+        await other.close()
+
+
+async def test_a_session_for_a_user_deleted_meanwhile(store: Store) -> None:
+    """A login racing the deletion of its user gets UnknownUserError, and the database
+    takes the next write (nothing left half done)."""
+    user = await store.user_by_name("mikey")
+    assert user is not None
+    await store.delete_user("mikey")
+    with pytest.raises(UnknownUserError):
+        await store.create_session(user.id, 3600)
+    await asyncio.wait_for(store.add_group("after"), 2)
+
+
+async def test_a_cached_answer_read_before_a_revocation_is_not_kept(store: Store) -> None:
+    """A session lookup that started before a revocation does not put the old answer
+    back into the cache after it."""
+    user = await store.user_by_name("mike")
+    assert user is not None
+    session = await store.create_session(user.id, 3600)
+    lookup = asyncio.ensure_future(store.session_user(session))
+    await asyncio.sleep(0)  # the lookup has started reading
+    await store.revoke_session(session)
+    await lookup
+    assert await store.session_user(session) is None

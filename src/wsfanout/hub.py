@@ -42,7 +42,7 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -115,23 +115,30 @@ class Hub:
         self._close_code = 0  # what drain() closes with; a latecomer gets it too
         self._empty: asyncio.Event | None = None
         self._resync: asyncio.Task[None] | None = None
+        self._on_missed: Callable[[], None] | None = None
         self.backplane = backplane
 
-    def start(self, on_control: OnControl | None = None) -> None:
+    def start(
+        self, on_control: OnControl | None = None, on_missed: Callable[[], None] | None = None
+    ) -> None:
         """Start sharing fan-out with other nodes, if there is a backplane; other nodes'
-        control changes go to ``on_control``."""
+        control changes go to ``on_control``; ``on_missed`` is called when this node is
+        back on Redis after losing it."""
         if self.backplane is not None:
+            self._on_missed = on_missed
             self.backplane.start(self._deliver, self._missed, on_control)
 
     def _missed(self) -> None:
         """Back on Redis after losing it: what was published meanwhile never reached this
-        node's connections. With history, close them (1012, a batch at a time) so that
-        they resume and get it; without, there is nothing to get back."""
-        backplane = self.backplane
-        if backplane is None or not backplane.history or self.closed or not self._all:
+        node's connections, nor did the operator's changes (revocations, memberships).
+        Close them (1012, a batch at a time) so that they reconnect, through the
+        handshake's checks, and (with history) resume what they missed."""
+        if self._on_missed is not None:
+            self._on_missed()
+        if self.backplane is None or self.closed or not self._all:
             return
         log.warning(
-            "back on Redis: closing %d connections with 1012 so that they resume what they missed",
+            "back on Redis: closing %d connections with 1012 so that they reconnect and resume",
             len(self._all),
         )
         self._resync = asyncio.get_running_loop().create_task(

@@ -61,7 +61,8 @@ CONTENT_TYPES: Final = {
 }
 
 
-REVOKED_MEMORY: Final = 60.0  # seconds a revocation is remembered, for handshakes under way
+CHANGES_MEMORY: Final = 60.0  # seconds a change is remembered, for handshakes under way
+CHANGES_MAX: Final = 10_000  # past this many, forgotten ones are dropped at each change
 REVOKED: Final = "the session was revoked: log in again"
 TOKEN_QUERY: Final = b"token="
 
@@ -280,9 +281,10 @@ class Service:
     metrics: Metrics = field(init=False)
     pacing: asyncio.Lock = field(default_factory=asyncio.Lock)  # paced batches, one at a time
     tokens: TokenVerifier = field(default_factory=TokenVerifier)
-    # Revocations of the last REVOKED_MEMORY seconds ("s:<session>", "u:<user>" -> when),
-    # so a handshake that checked its session just before one still ends up closed.
-    revoked: dict[str, float] = field(default_factory=dict)
+    # The operator's changes of the last CHANGES_MEMORY seconds, for handshakes under way
+    # (``changed_since``): "s:<session>" and "u:<user>" revoked, "m:<user>" regrouped,
+    # "g:<group>" deleted -> when (time.monotonic()).
+    changes: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -344,7 +346,7 @@ class Service:
                 server=server,
                 tokens=tokens,
             )
-            hub.start(svc.apply)
+            hub.start(svc.apply, svc.missed)
             pruned = await store.prune_sessions(settings.session_max_age)
             if pruned:
                 log.info("dropped %d expired sessions", pruned)
@@ -434,12 +436,30 @@ class Service:
             return None
         return await self.confirm(found) if found is not None else None
 
-    def was_revoked(self, login: Login, since: float) -> bool:
-        """Whether this login's session, or all of its user's, was revoked after ``since``
-        (a ``time.monotonic()``)."""
-        revoked = self.revoked
-        keys = ("u:" + login.username.lower(), f"s:{login.session_id}")
-        return any(revoked.get(key, since) > since for key in keys)
+    def changed_since(self, login: Login, since: float) -> int | None:
+        """How a connection whose login was checked at ``since`` (``time.monotonic()``)
+        must close, if the operator changed it meanwhile: 1008 (its session, or all of its
+        user's, revoked), 1012 (its user's groups changed: reconnect); None: unchanged."""
+        changes = self.changes
+        if not changes:
+            return None
+        user = login.username.lower()
+        if any(changes.get(key, since) > since for key in (f"s:{login.session_id}", "u:" + user)):
+            return CloseCode.POLICY
+        regrouped = ("m:" + user, *("g:" + group for group in login.groups))
+        if any(changes.get(key, since) > since for key in regrouped):
+            return CloseCode.SERVICE_RESTART
+        return None
+
+    def _remember(self, key: str) -> None:
+        now = time.monotonic()
+        changes = self.changes
+        if len(changes) > CHANGES_MAX or next(iter(changes.values()), now) < now - CHANGES_MEMORY:
+            for old, when in list(changes.items()):
+                if when < now - CHANGES_MEMORY:
+                    del changes[old]
+        changes.pop(key, None)  # re-added last: the dict stays in time order
+        changes[key] = now
 
     # Control (DESIGN 5.3)
 
@@ -459,6 +479,13 @@ class Service:
             except BackplaneUnavailableError as exc:
                 raise UnavailableError(str(exc)) from None
 
+    def missed(self) -> None:
+        """Back on Redis after losing it: changes other nodes made meanwhile never reached
+        this one, so nothing cached about users, groups or sessions is trusted (the hub
+        closes the connections with 1012, and they come back through the handshake)."""
+        self.store.forget()
+        self.store.forget_sessions()
+
     def apply(self, change: dict[str, Any]) -> None:
         """An operator's change, made here or on another node, reaching this node's
         caches and open connections. ``change["op"]`` is one of:
@@ -476,18 +503,16 @@ class Service:
         if op == "revoke":
             user = str(change["user"])
             self.store.forget_sessions(session)
-            now = time.monotonic()
-            revoked = self.revoked
-            for key, when in list(revoked.items()):
-                if when < now - REVOKED_MEMORY:
-                    del revoked[key]
-            revoked[f"s:{session}" if session else "u:" + user.lower()] = now
+            self._remember(f"s:{session}" if session else "u:" + user.lower())
             closed = self.hub.disconnect(user, session, REVOKED)
             if closed:
                 log.info("closed %d connections of %s: session revoked", closed, user)
         elif op == "member":
-            self.hub.regroup(str(change["user"]), str(change["group"]), bool(change["member"]))
+            user = str(change["user"])
+            self._remember("m:" + user.lower())
+            self.hub.regroup(user, str(change["group"]), bool(change["member"]))
         elif op == "group_deleted":
+            self._remember("g:" + str(change["group"]))
             self.hub.drop_group(str(change["group"]))
 
     async def resolve(self, publish: Publish) -> Publish:

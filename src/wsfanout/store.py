@@ -10,10 +10,13 @@ another node is forgotten when its word arrives (``forget_sessions``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import secrets
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Generic, TypeVar
@@ -58,7 +61,7 @@ USERNAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 GROUP_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_FIRST_NAME: Final = 100
 SESSIONS_PER_USER: Final = 1000  # live sessions kept per user; the oldest go first
-REVOKED: Final = 0  # a cached "no such session" (user ids start at 1)
+NO_SESSION: Final = 0  # a cached "no such session" (user ids start at 1)
 
 
 class StoreError(Exception):
@@ -116,13 +119,16 @@ CACHE_ENTRIES: Final = 100_000
 class _Cache(Generic[K, V]):
     """Positive answers for a few seconds, so hot paths skip the database.
 
-    Changes made elsewhere (another process's CLI) show after at most ``ttl``.
+    Changes made elsewhere (another process's CLI) show after at most ``ttl``. An answer
+    read from the database before a ``drop`` or ``clear`` (the change it may predate) is
+    not kept: ``put`` takes the ``generation`` seen before the read.
     """
 
     def __init__(self, ttl: float = CACHE_SECONDS, max_entries: int = CACHE_ENTRIES) -> None:
         self._ttl = ttl
         self._max = max_entries
         self._data: dict[K, tuple[float, V]] = {}
+        self.generation = 0  # how many drops and clears so far
 
     def get(self, key: K) -> V | None:
         found = self._data.get(key)
@@ -133,16 +139,21 @@ class _Cache(Generic[K, V]):
             return None
         return found[1]
 
-    def put(self, key: K, value: V) -> V:
+    def put(self, key: K, value: V, generation: int) -> V:
+        """Keep an answer read since ``generation``, unless the cache was changed since."""
+        if generation != self.generation:
+            return value
         if len(self._data) >= self._max:
             self._data.clear()
         self._data[key] = (time.monotonic() + self._ttl, value)
         return value
 
     def drop(self, key: K) -> None:
+        self.generation += 1
         self._data.pop(key, None)
 
     def clear(self) -> None:
+        self.generation += 1
         self._data.clear()
 
 
@@ -156,7 +167,8 @@ class Store:
         self._groups: _Cache[str, bool] = _Cache()
         self._names: _Cache[str, str] = _Cache()
         self._sizes: _Cache[str, int] = _Cache()
-        self._sessions: _Cache[str, int] = _Cache()  # session id -> user id, or REVOKED
+        self._sessions: _Cache[str, int] = _Cache()  # session id -> user id, or NO_SESSION
+        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -214,10 +226,11 @@ class Store:
         cached = self._identities.get(user_id)
         if cached is not None:
             return cached
+        since = self._identities.generation
         user = await self.user_by_id(user_id)
         if user is None:
             return None
-        return self._identities.put(user_id, (user, await self.groups_of(user_id)))
+        return self._identities.put(user_id, (user, await self.groups_of(user_id)), since)
 
     async def groups_of(self, user_id: int) -> list[str]:
         sql = (
@@ -238,20 +251,22 @@ class Store:
             else:
                 sizes[name] = cached
         if missing:
+            since = self._sizes.generation
             marks = ",".join("?" * len(missing))
             sql = _GROUP_SIZES.format(marks=marks)  # only placeholders are formatted in
             async with self._db.execute(sql, missing) as cursor:
                 for name, count in await cursor.fetchall():
-                    sizes[name] = self._sizes.put(name, int(count))
+                    sizes[name] = self._sizes.put(name, int(count), since)
         return sizes
 
     async def group_exists(self, name: str) -> bool:
         """Whether a group exists; a yes is cached for a few seconds."""
         if self._groups.get(name):
             return True
+        since = self._groups.generation
         async with self._db.execute("SELECT 1 FROM groups WHERE name = ?", (name,)) as cursor:
             found = await cursor.fetchone() is not None
-        return self._groups.put(name, True) if found else False
+        return self._groups.put(name, True, since) if found else False
 
     async def resolve_user(self, name: str) -> str:
         """The username meant by ``name``: an exact username, else the one user with
@@ -264,15 +279,16 @@ class Store:
         cached = self._names.get(key)
         if cached is not None:
             return cached
+        since = self._names.generation
         user = await self.user_by_name(name)
         if user is not None:
-            return self._names.put(key, user.username)
+            return self._names.put(key, user.username, since)
         sql = "SELECT username FROM users WHERE first_name = ? COLLATE NOCASE LIMIT 2"
         async with self._db.execute(sql, (name,)) as cursor:
             rows = list(await cursor.fetchall())
         if len(rows) != 1:
             raise UnknownUserError(name, len(rows))
-        return self._names.put(key, str(rows[0][0]))
+        return self._names.put(key, str(rows[0][0]), since)
 
     async def directory(self, prefix: str, limit: int) -> tuple[list[str], list[tuple[str, str]]]:
         """Group names and (username, first name) pairs starting with ``prefix``."""
@@ -299,11 +315,13 @@ class Store:
         cached = self._sessions.get(session_id)
         if cached is not None:
             return cached or None
+        since = self._sessions.generation
         async with self._db.execute(
             "SELECT user_id FROM sessions WHERE id = ?", (session_id,)
         ) as cursor:
             row = await cursor.fetchone()
-        return self._sessions.put(session_id, int(row[0]) if row else REVOKED) or None
+        found = int(row[0]) if row else NO_SESSION
+        return self._sessions.put(session_id, found, since) or None
 
     async def list_users(self, prefix: str, limit: int) -> list[tuple[str, str]]:
         """(username, first name) of the users whose username starts with ``prefix``."""
@@ -334,7 +352,32 @@ class Store:
         async with self._db.execute(sql, (*groups, pattern, pattern, limit)) as cursor:
             return [(row[0], row[1]) for row in await cursor.fetchall()]
 
-    # Writes
+    # Writes: each in one transaction of its own (``_writing``)
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction at a time on the shared connection.
+
+        Python's sqlite3 opens transactions by itself and leaves a failed one open, and
+        every request shares this connection: without this, one request's rollback undoes
+        another's half-done change, and a transaction left open holds the database's write
+        lock (every other process then fails with "database is locked") and pins an old
+        snapshot. So: one writer at a time, ``BEGIN IMMEDIATE`` (waits up to the busy
+        timeout for other processes' writers, rather than failing later), commit, or roll
+        back whatever raised. The caches are forgotten afterwards.
+        """
+        async with self._write_lock:
+            db = self._db
+            if db.in_transaction:  # cannot happen, unless a cancelled rollback left one
+                await db.rollback()
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await db.rollback()
+                raise
+            await db.commit()
 
     async def add_group(self, name: str, *, exist_ok: bool = False) -> None:
         """Raises: InvalidNameError, DuplicateError (unless ``exist_ok``)."""
@@ -342,10 +385,10 @@ class Store:
             raise InvalidNameError("group name", name, "letters, digits, '_', '.', '-'; 1-64")
         sql = "INSERT OR IGNORE INTO groups (name) VALUES (?)" if exist_ok else _ADD_GROUP
         try:
-            await self._db.execute(sql, (name,))
+            async with self._writing() as db:
+                await db.execute(sql, (name,))
         except sqlite3.IntegrityError:
             raise DuplicateError("group", name) from None
-        await self._db.commit()
         self.forget()
 
     async def add_user(
@@ -369,25 +412,21 @@ class Store:
         if len(first_name) > MAX_FIRST_NAME or not first_name.isprintable():
             raise InvalidNameError("first name", first_name, "printable, at most 100 characters")
         try:
-            group_ids = [await self._group_id(name) for name in groups]
-            cursor = await self._db.execute(
-                "INSERT INTO users (username, first_name, password_hash, created_at) "
-                "VALUES (?, ?, ?, ?)",
-                (username, first_name, password_hash, time.time()),
-            )
-            user_id = cursor.lastrowid
-            assert user_id is not None
-            await self._db.executemany(
-                "INSERT OR IGNORE INTO user_groups (user_id, group_id) VALUES (?, ?)",
-                [(user_id, gid) for gid in group_ids],
-            )
+            async with self._writing() as db:
+                group_ids = [await self._group_id(name) for name in groups]
+                cursor = await db.execute(
+                    "INSERT INTO users (username, first_name, password_hash, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (username, first_name, password_hash, time.time()),
+                )
+                user_id = cursor.lastrowid
+                assert user_id is not None
+                await db.executemany(
+                    "INSERT OR IGNORE INTO user_groups (user_id, group_id) VALUES (?, ?)",
+                    [(user_id, gid) for gid in group_ids],
+                )
         except sqlite3.IntegrityError:
-            await self._db.rollback()
             raise DuplicateError("user", username) from None
-        except StoreError:
-            await self._db.rollback()
-            raise
-        await self._db.commit()
         self.forget()
         return user_id
 
@@ -404,36 +443,46 @@ class Store:
 
         Returns:
             The session's id (random, for the cookie).
+
+        Raises:
+            UnknownUserError: the user was deleted meanwhile.
         """
         session_id = secrets.token_urlsafe(18)
         now = time.time()
-        await self._db.execute(
-            "DELETE FROM sessions WHERE user_id = ? AND created_at < ?", (user_id, now - max_age)
-        )
-        await self._db.execute(
-            "INSERT INTO sessions (id, user_id, created_at) VALUES (?, ?, ?)",
-            (session_id, user_id, now),
-        )
-        await self._db.execute(
-            "DELETE FROM sessions WHERE user_id = ? AND id NOT IN "
-            "(SELECT id FROM sessions WHERE user_id = ? ORDER BY created_at DESC LIMIT ?)",
-            (user_id, user_id, SESSIONS_PER_USER),
-        )
-        await self._db.commit()
+        try:
+            async with self._writing() as db:
+                await db.execute(
+                    "DELETE FROM sessions WHERE user_id = ? AND created_at < ?",
+                    (user_id, now - max_age),
+                )
+                await db.execute(
+                    "INSERT INTO sessions (id, user_id, created_at) VALUES (?, ?, ?)",
+                    (session_id, user_id, now),
+                )
+                cursor = await db.execute(
+                    "DELETE FROM sessions WHERE user_id = ? AND id NOT IN "
+                    "(SELECT id FROM sessions WHERE user_id = ? ORDER BY created_at DESC "
+                    "LIMIT ?)",
+                    (user_id, user_id, SESSIONS_PER_USER),
+                )
+        except sqlite3.IntegrityError:
+            raise UnknownUserError(f"#{user_id}") from None
+        if cursor.rowcount:  # the oldest sessions made room: forget them
+            self.forget_sessions()
         return session_id
 
     async def prune_sessions(self, max_age: float) -> int:
         """Drop every session older than ``max_age`` seconds; how many went."""
-        cursor = await self._db.execute(
-            "DELETE FROM sessions WHERE created_at < ?", (time.time() - max_age,)
-        )
-        await self._db.commit()
+        async with self._writing() as db:
+            cursor = await db.execute(
+                "DELETE FROM sessions WHERE created_at < ?", (time.time() - max_age,)
+            )
         return cursor.rowcount
 
     async def revoke_session(self, session_id: str) -> None:
         """End one session (a logout)."""
-        await self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
-        await self._db.commit()
+        async with self._writing() as db:
+            await db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
         self.forget_sessions(session_id)
 
     async def revoke_user_sessions(self, username: str) -> User:
@@ -442,9 +491,9 @@ class Store:
         Raises:
             UnknownUserError
         """
-        user = await self._user(username)
-        await self._db.execute("DELETE FROM sessions WHERE user_id = ?", (user.id,))
-        await self._db.commit()
+        async with self._writing() as db:
+            user = await self._user(username)
+            await db.execute("DELETE FROM sessions WHERE user_id = ?", (user.id,))
         self.forget_sessions()
         return user
 
@@ -469,12 +518,12 @@ class Store:
         Raises:
             UnknownUserError
         """
-        user = await self._user(username)
-        await self._db.execute(
-            "UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user.id)
-        )
-        await self._db.execute("DELETE FROM sessions WHERE user_id = ?", (user.id,))
-        await self._db.commit()
+        async with self._writing() as db:
+            user = await self._user(username)
+            await db.execute(
+                "UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user.id)
+            )
+            await db.execute("DELETE FROM sessions WHERE user_id = ?", (user.id,))
         self.forget_sessions()
         return user
 
@@ -484,9 +533,9 @@ class Store:
         Raises:
             UnknownUserError
         """
-        user = await self._user(username)
-        await self._db.execute("DELETE FROM users WHERE id = ?", (user.id,))
-        await self._db.commit()
+        async with self._writing() as db:
+            user = await self._user(username)
+            await db.execute("DELETE FROM users WHERE id = ?", (user.id,))
         self.forget_sessions()
         self.forget()
         return user
@@ -497,13 +546,13 @@ class Store:
         Raises:
             UnknownUserError, UnknownGroupError
         """
-        user = await self._user(username)
-        group_id = await self._group_id(group)
-        cursor = await self._db.execute(
-            "INSERT OR IGNORE INTO user_groups (user_id, group_id) VALUES (?, ?)",
-            (user.id, group_id),
-        )
-        await self._db.commit()
+        async with self._writing() as db:
+            user = await self._user(username)
+            group_id = await self._group_id(group)
+            cursor = await db.execute(
+                "INSERT OR IGNORE INTO user_groups (user_id, group_id) VALUES (?, ?)",
+                (user.id, group_id),
+            )
         self.forget()
         return user, cursor.rowcount > 0
 
@@ -513,12 +562,12 @@ class Store:
         Raises:
             UnknownUserError, UnknownGroupError
         """
-        user = await self._user(username)
-        group_id = await self._group_id(group)
-        cursor = await self._db.execute(
-            "DELETE FROM user_groups WHERE user_id = ? AND group_id = ?", (user.id, group_id)
-        )
-        await self._db.commit()
+        async with self._writing() as db:
+            user = await self._user(username)
+            group_id = await self._group_id(group)
+            cursor = await db.execute(
+                "DELETE FROM user_groups WHERE user_id = ? AND group_id = ?", (user.id, group_id)
+            )
         self.forget()
         return user, cursor.rowcount > 0
 
@@ -531,15 +580,15 @@ class Store:
         Raises:
             UnknownGroupError
         """
-        group_id = await self._group_id(name)
-        async with self._db.execute(
-            "SELECT u.username FROM users u JOIN user_groups ug ON ug.user_id = u.id "
-            "WHERE ug.group_id = ? ORDER BY u.username",
-            (group_id,),
-        ) as cursor:
-            members = [row[0] for row in await cursor.fetchall()]
-        await self._db.execute("DELETE FROM groups WHERE id = ?", (group_id,))
-        await self._db.commit()
+        async with self._writing() as db:
+            group_id = await self._group_id(name)
+            async with db.execute(
+                "SELECT u.username FROM users u JOIN user_groups ug ON ug.user_id = u.id "
+                "WHERE ug.group_id = ? ORDER BY u.username",
+                (group_id,),
+            ) as cursor:
+                members = [row[0] for row in await cursor.fetchall()]
+            await db.execute("DELETE FROM groups WHERE id = ?", (group_id,))
         self.forget()
         return members
 

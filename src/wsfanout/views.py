@@ -20,9 +20,9 @@ from . import admin, http, passwords
 from .backplane import BackplaneUnavailableError
 from .hub import UnavailableError
 from .protocol import ErrorCode, Source
-from .service import BatchError, Service
+from .service import BatchError, Login, Service
 from .sessions import COOKIE_NAME
-from .store import User
+from .store import UnknownUserError, User
 from .types import Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,24 @@ async def page(scope: Scope, receive: Receive, send: Send, svc: Service, name: s
 
 async def index(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
     """The message page; anonymous users go to the login page."""
-    if await svc.login(scope) is None:
+    ok, login = await _login(scope, send, svc)
+    if not ok:
+        return
+    if login is None:
         await http.redirect(send, "login")
         return
     await page(scope, receive, send, svc, "index.html")
+
+
+async def _login(scope: Scope, send: Send, svc: Service) -> tuple[bool, Login | None]:
+    """Who makes the request (None: anonymous); False when the database failed and the
+    request was answered (503)."""
+    try:
+        return True, await svc.login(scope)
+    except sqlite3.Error as exc:
+        log.error("database error checking a session: %s", exc)
+        await http.error_response(send, 503, "The database is unavailable, try again")
+        return False, None
 
 
 async def login_page(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
@@ -113,7 +127,15 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
         await refuse(401, "User or password wrong")
         return
     svc.throttle.succeeded(attempt)
-    session_id = await svc.store.create_session(user.id, svc.settings.session_max_age)
+    try:
+        session_id = await svc.store.create_session(user.id, svc.settings.session_max_age)
+    except UnknownUserError:  # deleted while its password was checked
+        await refuse(401, "User or password wrong")
+        return
+    except sqlite3.Error as exc:
+        log.error("database error during a login: %s", exc)
+        await refuse(503, "The database is unavailable, try again")
+        return
     token = svc.codec.issue(user.id, user.username, session_id)
     cookie = http.session_cookie(
         COOKIE_NAME,
@@ -166,7 +188,12 @@ async def logout(scope: Scope, receive: Receive, send: Send, svc: Service) -> No
         return
     session = svc.codec.verify(http.cookies(scope).get(COOKIE_NAME))
     if session is not None:
-        await svc.store.revoke_session(session.session_id)
+        try:
+            await svc.store.revoke_session(session.session_id)
+        except sqlite3.Error as exc:
+            log.error("database error during a logout: %s", exc)
+            await http.error_response(send, 503, "The database is unavailable, try again")
+            return
         change = {"op": "revoke", "user": session.username, "session": session.session_id}
         try:
             await svc.control(change)
@@ -185,7 +212,9 @@ async def directory(scope: Scope, receive: Receive, send: Send, svc: Service) ->
     """Group names and users for the page's pickers, filtered by a ``q`` prefix. With
     ``WSFANOUT_GROUP_WRITE=members``, only the user's own groups and the users who share
     one with them."""
-    login = await svc.login(scope)
+    ok, login = await _login(scope, send, svc)
+    if not ok:
+        return
     if login is None:
         await http.error_response(send, 401, "Log in first")
         return

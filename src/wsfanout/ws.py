@@ -254,8 +254,10 @@ class Connection:
     ) -> None:
         """Join the hub, say welcome (and replay what the client missed), then serve.
 
-        ``since``: when the login was checked; if it was revoked since, the connection is
-        closed as soon as it is in the hub (where later revocations find it)."""
+        ``since``: when the login was checked. A change the operator made since then did
+        not find this connection (it was not in the hub yet): if its session was revoked,
+        it is told so and closed (1008) instead of welcomed; if its groups changed, it is
+        closed with 1012, to reconnect with the new ones."""
         outbox, user, hub = self.outbox, self.login, self.svc.hub
         self.announce = announce
         groups = list(outbox.groups)
@@ -268,12 +270,16 @@ class Connection:
             # Joined before the welcome: messages from now on queue up behind it (and
             # behind the replay, which join() makes sure they do not repeat).
             joined = await hub.join(outbox, streams, seen or {}, announce)
-            if self.svc.was_revoked(user, since):
-                hub.disconnect(user.username, user.session_id, REVOKED)
+            changed = self.svc.changed_since(user, since)
             welcome = protocol.welcome(user.username, user.first_name, groups, joined.positions)
             timeout = self.svc.settings.send_timeout
             try:
                 async with asyncio.timeout(timeout):  # as the writer's sends are (outbox.py)
+                    if changed is not None:
+                        if changed == CloseCode.POLICY:
+                            await self._send_now([protocol.error(ErrorCode.FORBIDDEN, REVOKED)])
+                        await self._close(changed)
+                        return
                     await self._send_now([welcome])
                     if seen is not None:
                         stats = self.svc.stats
