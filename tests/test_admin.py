@@ -46,6 +46,7 @@ async def test_users_round_trip(app: App) -> None:
     await login(app, "zoe", "new")
     deleted = await call(app, "DELETE", "/api/users/zoe")
     assert (deleted.status, deleted.body, deleted.header("content-type")) == (204, b"", None)
+    assert deleted.header("content-length") is None  # a 204 says no length (RFC 9110)
     assert (await call(app, "GET", "/api/users/zoe")).status == 404
 
 
@@ -109,6 +110,8 @@ ERRORS = [
     ("PATCH", "/api/groups", None, 405, "method_not_allowed"),
     ("GET", "/api/nothing", None, 404, "not_found"),
     ("GET", "/api/users/greg%2Fgroups%2Fboys", None, 404, "not_found"),
+    ("PUT", "/api/users//password", {"password": "p"}, 404, "not_found"),
+    ("GET", "/api/groups/", None, 404, "not_found"),
 ]
 
 
@@ -209,3 +212,14 @@ async def test_members_only_groups(settings: Settings) -> None:
         ).json()
         assert directory["groups"] == ["boys"]
         assert [u["username"] for u in directory["users"]] == ["chuck", "greg", "mike"]
+
+
+async def test_disconnect_with_tokens_on_takes_any_username_but_no_other_name(
+    settings: Settings,
+) -> None:
+    """With tokens on, a user with no row (a token's) can be disconnected; a name no
+    username could be is still a 404."""
+    async with started(settings, api_keys=(KEY,), jwt_secret="s" * 32) as app:
+        assert (await call(app, "POST", "/api/users/token-user/disconnect")).status == 204
+        bad = await call(app, "POST", "/api/users/a%20b/disconnect")
+        assert (bad.status, bad.json()["code"]) == (404, "unknown_user")

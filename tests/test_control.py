@@ -297,3 +297,80 @@ async def test_a_token_expiring_while_connected_closes_the_socket(nodes: list[Se
     assert code == 1008
     assert time.time() >= exp
     assert [e["code"] for e in events if e["type"] == "error"] == ["forbidden"]
+
+
+async def test_tokens_reach_only_names_someone_holds(nodes: list[Server]) -> None:
+    """With tokens on, a group or user the store does not know is accepted only while
+    someone is online in it (on any node): made-up names are refused, so nobody can fill
+    Redis with streams no one listens to."""
+    here, there = nodes
+    sender = await Client.open(here.ws_url + "?token=" + token("sender", []), cookie="")
+    holder = await Client.open(there.ws_url + "?token=" + token("holder", ["club"]), cookie="")
+    assert (await sender.next())["type"] == (await holder.next())["type"] == "welcome"
+    await asyncio.sleep(0.3)  # the holder's presence reaches Redis
+    frames = [
+        {"type": "group", "group": "club", "text": "to club", "id": "ok1"},
+        {"type": "direct", "user_name": "HOLDER", "text": "to holder", "id": "ok2"},
+        {"type": "group", "group": "nobody-here", "text": "x", "id": "bad1"},
+        {"type": "direct", "user_name": "nobody", "text": "x", "id": "bad2"},
+    ]
+    for frame in frames:
+        await sender.send(frame)
+    answers = [await sender.next_of(kind) for kind in ("ack", "ack", "error", "error")]
+    assert [(a["type"], a["id"]) for a in answers] == [
+        ("ack", "ok1"),
+        ("ack", "ok2"),
+        ("error", "bad1"),
+        ("error", "bad2"),
+    ]
+    assert [a.get("code") for a in answers[2:]] == ["unknown_group", "unknown_user"]
+    got = [await holder.next_of("message") for _ in range(2)]
+    assert [(m["text"], m["stream"]) for m in got] == [
+        ("to club", "group:club"),
+        ("to holder", "user:holder"),  # one stream per user, however the name is typed
+    ]
+    for client in (sender, holder):
+        await client.close()
+
+
+async def test_a_good_cookie_wins_over_a_bad_bearer_header(nodes: list[Server]) -> None:
+    """A proxy's own `Authorization: Bearer` must not lock cookie users out; a bad token
+    in the query is still refused."""
+    here = nodes[0]
+    cookie = here.login("chuck")
+    client = await Client.open(here.ws_url, cookie, authorization="Bearer not-a-jwt")
+    assert (await client.next())["user"] == "chuck"
+    await client.close()
+    assert await refused(here.ws_url + "?token=not-a-jwt", cookie=cookie) == 403
+
+
+async def test_concurrent_membership_changes_end_as_the_store_says(nodes: list[Server]) -> None:
+    """A join on one node and a leave on the other at the same moment, many times: after
+    each, every socket on both nodes is in the group exactly when the store says so,
+    whatever order each node heard the two changes in."""
+    here, there = nodes
+    cookie = add_user(here, "flipper")
+    sockets = [await Client.open(node.ws_url, cookie) for node in (here, there)]
+    for client in sockets:
+        assert (await client.next())["type"] == "welcome"
+    wrong = 0
+    for n in range(25):
+        await asyncio.gather(
+            asyncio.to_thread(api, here, "PUT", "/api/users/flipper/groups/girls"),
+            asyncio.to_thread(api, there, "DELETE", "/api/users/flipper/groups/girls"),
+        )
+        await asyncio.sleep(0.15)  # the changes and their Redis subscriptions settle
+        member = '"girls"' in api(here, "GET", "/api/users/flipper")[1]
+        for text, body in (
+            ("probe", {"type": "group", "group": "girls"}),
+            ("marker", {"type": "direct", "user_name": "flipper"}),
+        ):
+            assert api(here, "POST", "/api/publish", {**body, "text": f"{text}{n}"})[0] == 202
+        for client in sockets:
+            texts: list[str] = []
+            while f"marker{n}" not in texts:
+                texts.append((await client.next_of("message"))["text"])
+            wrong += texts != ([f"probe{n}", f"marker{n}"] if member else [f"marker{n}"])
+    assert wrong == 0
+    for client in sockets:
+        await client.close()

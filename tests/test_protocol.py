@@ -173,4 +173,4 @@ def test_a_streams_messages_begin_with_its_offset_prefix() -> None:
     for stream in ("all", "group:we", "user:we"):
         assert not frame.startswith(protocol.offset_prefix(stream))
     direct = protocol.message(Publish(Kind.DIRECT, "x", "Mike", sender="greg"), 1.0, 7)
-    assert direct.startswith(protocol.offset_prefix("user:Mike"))
+    assert direct.startswith(protocol.offset_prefix("user:mike"))  # one stream per user

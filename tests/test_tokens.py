@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from wsfanout.tokens import MAX_TOKEN_CHARS, Claims, TokenError, TokenVerifier
+from wsfanout.tokens import MAX_TOKEN_CHARS, SKEW, Claims, TokenError, TokenVerifier
 
 SECRET = "s" * 32
 NOW = 1_700_000_000.0  # far from the real time: PyJWT's own clock must play no part
@@ -210,11 +210,16 @@ def test_leeway(clock: Clock) -> None:
 
 @pytest.mark.parametrize("claim", ["nbf", "iat"])
 def test_not_yet_valid(hs: TokenVerifier, clock: Clock, claim: str) -> None:
-    """A token whose `nbf` (or `iat`) is in the future is refused until that time."""
-    token = jwt.encode(payload(**{claim: int(NOW) + 30}), SECRET, algorithm="HS256")
+    """A token whose `nbf` (or `iat`) is more than SKEW seconds in the future is refused
+    until it is within SKEW; one a little ahead (a backend's clock) is taken."""
+    claims = payload(exp=int(NOW) + 600, **{claim: int(NOW) + 100})
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
     assert "not yet valid" in refused(hs, token)
-    clock.now = NOW + 30
+    clock.now = NOW + 100 - SKEW
     assert hs.verify(token).username == "alice"
+    ahead = jwt.encode(payload(**{claim: int(NOW) + 5}), SECRET, algorithm="HS256")
+    clock.now = NOW
+    assert hs.verify(ahead).username == "alice"
 
 
 @pytest.mark.parametrize("exp", [True, "soon", None, 1e999, float("nan"), 10**400, [1]])

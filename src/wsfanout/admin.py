@@ -28,7 +28,13 @@ import orjson
 from . import http, passwords
 from .hub import UnavailableError
 from .service import Service
-from .store import DuplicateError, StoreError, UnknownGroupError, UnknownUserError
+from .store import (
+    USERNAME_RE,
+    DuplicateError,
+    StoreError,
+    UnknownGroupError,
+    UnknownUserError,
+)
 from .types import Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -260,7 +266,7 @@ async def disconnect(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
     try:
         username = (await svc.store.revoke_user_sessions(username)).username
     except UnknownUserError:
-        if not svc.tokens.enabled:
+        if not (svc.tokens.enabled and USERNAME_RE.fullmatch(username)):
             raise
     await svc.control({"op": "revoke", "user": username, "session": None})
     return 204, None

@@ -118,6 +118,9 @@ class App:
             await _error(send, _below_root(scope), 404, "not_found", "Not found")
             return
         methods, params = found
+        if not all(params.values()):  # /api/users//password names no user
+            await _error(send, path, 404, "not_found", "Not found")
+            return
         handler = methods.get(method)
         if handler is None:
             allow = ", ".join(sorted(methods)).encode()

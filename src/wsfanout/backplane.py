@@ -24,15 +24,16 @@ reads where streams stand and, for a resume, what a client missed (``_POSITIONS`
 one step per stream. A stream whose meta is gone (expired, or Redis lost its data) gets a
 new epoch from Redis's clock, and its old history is dropped with it.
 
-Presence (DESIGN 5.2). ``<prefix>pu:<user>`` holds, per node, until when that node vouches
-for the user (a sorted set scored by expiry, by Redis's clock); ``<prefix>pg:<group>`` the
-group's online users, and ``<prefix>pall`` every online user, scored the same way. A node
-says a user is here on their first local connection and again every ``HEARTBEAT`` seconds
-(``_HERE``), and gone on their last disconnection (``_GONE``). The first node to make a user
-present publishes their ``online`` events, the last to let go their ``offline`` events, from
-inside the script, so the two can never cross. Every node also reaps, every ``HEARTBEAT``,
-the users whose every node stopped vouching for them (``_REAP``): a node that dies without a
-word loses its users within ``PRESENCE_TTL`` plus a heartbeat.
+Presence (DESIGN 5.2). ``<prefix>pu:<user>`` (case-folded) holds, per node, until when that
+node vouches for the user (a sorted set scored by expiry, by Redis's clock);
+``<prefix>pg:<group>`` the group's online users, and ``<prefix>pall`` every online user,
+scored the same way. A node says a user is here on their first local connection and again
+every ``HEARTBEAT`` seconds (``_HERE``), and gone on their last disconnection (``_GONE``).
+The first node to make a user present publishes their ``online`` events, the last to let go
+their ``offline`` events, from inside the script, so the two can never cross. Every node
+also reaps, every ``HEARTBEAT``, the users whose every node stopped vouching for them
+(``_REAP``): a node that dies without a word loses its users within ``PRESENCE_TTL`` plus a
+heartbeat.
 
 Control (DESIGN 5.3). Every node also hears ``<prefix>ctl``: ``control()`` publishes a change
 made by the operator (a revocation, a membership) as a small JSON object, and every other
@@ -212,11 +213,11 @@ local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1e6
 local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'LIMIT', 0, tonumber(ARGV[2]))
 for _, user in ipairs(stale) do
-  local pu = ARGV[1] .. 'pu:' .. user
+  local pu = ARGV[1] .. 'pu:' .. string.lower(user)
   redis.call('ZREMRANGEBYSCORE', pu, '-inf', t)
   local last = redis.call('ZRANGE', pu, -1, -1, 'WITHSCORES')
   if #last == 0 then
-    offline(ARGV[1] .. 'pi:' .. user, KEYS[1], user)
+    offline(ARGV[1] .. 'pi:' .. string.lower(user), KEYS[1], user)
   else
     redis.call('ZADD', KEYS[1], last[2], user)
   end
@@ -289,6 +290,7 @@ class Backplane:
         self._present: dict[str, Presence] = {}  # users this node vouches for
         self._presence_ops: collections.deque[tuple[str, Presence | None]] = collections.deque()
         self._presence_wake = asyncio.Event()
+        self._presence_drops: list[tuple[str, str]] = []  # (group key, user) to remove now
         self._presence_task: asyncio.Task[None] | None = None
         self._on_message: OnMessage | None = None
         # Connections are bounded, and a command waits (up to SYNC_TIMEOUT) for a free
@@ -313,6 +315,9 @@ class Backplane:
         self._outgoing: collections.deque[
             tuple[str, str | None, str, str, asyncio.Future[None]]
         ] = collections.deque()
+        self._controls: collections.deque[
+            tuple[str, str | None, str, str, asyncio.Future[None]]
+        ] = collections.deque()  # control changes, sent before any queued message
         self._publisher_waiter: asyncio.Future[None] | None = None
         self._publisher: asyncio.Task[None] | None = None
         self.healthy = False
@@ -386,10 +391,11 @@ class Backplane:
         Raises:
             BackplaneUnavailableError: Redis cannot be reached now, or too much waits.
         """
-        self.make_room(1)
+        if not self.healthy:  # but never "too much waits": changes go ahead of messages
+            raise BackplaneUnavailableError(self.reason)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         frame = orjson.dumps({**change, "node": self.node}).decode()
-        self._outgoing.append((self._prefix + CONTROL, None, frame, "", done))
+        self._controls.append((self._prefix + CONTROL, None, frame, "", done))
         waiter = self._publisher_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -398,16 +404,18 @@ class Backplane:
     async def _publish_loop(self) -> None:
         """Send queued messages in pipelines, in order; fail them if Redis fails."""
         loop = asyncio.get_running_loop()
-        outgoing = self._outgoing
+        outgoing, controls = self._outgoing, self._controls
         while True:
-            if not outgoing:
+            if not outgoing and not controls:
                 self._publisher_waiter = loop.create_future()
                 try:
                     await self._publisher_waiter
                 finally:
                     self._publisher_waiter = None
                 continue
-            batch = [outgoing.popleft() for _ in range(min(len(outgoing), PIPELINE_MAX))]
+            batch = [controls.popleft() for _ in range(min(len(controls), PIPELINE_MAX))]
+            room = PIPELINE_MAX - len(batch)
+            batch += [outgoing.popleft() for _ in range(min(len(outgoing), room))]
             try:
                 results = await self._pipeline(self._publish_commands(batch), each=True)
             except (RedisError, OSError) as exc:
@@ -528,14 +536,23 @@ class Backplane:
         self._presence_ops.append((user, presence))
         self._presence_wake.set()
 
-    def regroup(self, user: str, groups: tuple[str, ...]) -> None:
-        """A user present here is now in these groups (an operator changed them): vouch
-        for them in these groups' presence from now on."""
+    def regroup(self, user: str, groups: tuple[str, ...], left: tuple[str, ...] = ()) -> None:
+        """A user present here is now in these groups (an operator changed them), and no
+        longer in ``left``: vouch for them in these groups' presence from now on, drop
+        them from the others' at once, and tell those no more of their comings and goings."""
         presence = self._present.get(user)
-        if presence is not None:
-            presence = self._present[user] = dataclasses.replace(presence, groups=groups)
-            self._presence_ops.append((user, presence))
-            self._presence_wake.set()
+        if presence is None:
+            return
+        prefix = self._prefix
+        gone = {prefix + _channel(Kind.GROUP, group) for group in left}
+        presence = self._present[user] = Presence(
+            groups,
+            tuple(event for event in presence.online if event[0] not in gone),
+            tuple(event for event in presence.offline if event[0] not in gone),
+        )
+        self._presence_drops += [(prefix + "pg:" + group, user) for group in left]
+        self._presence_ops.append((user, presence))
+        self._presence_wake.set()
 
     def depart(self, user: str) -> None:
         """This node's last connection of ``user`` is gone."""
@@ -559,19 +576,34 @@ class Backplane:
             raise BackplaneUnavailableError(_describe(exc)) from None
         return sorted(name.decode() for name in result[1:]), int(result[0])
 
+    async def present(self, kind: Kind, target: str) -> bool:
+        """Whether some node vouches for someone in this group (or for this user).
+
+        Raises:
+            BackplaneUnavailableError: Redis cannot be reached now.
+        """
+        if not self.healthy:
+            raise BackplaneUnavailableError(self.reason)
+        key = "pg:" + target if kind is Kind.GROUP else "pu:" + target.lower()
+        try:
+            (found,) = await self._pipeline([("EXISTS", self._prefix + key)], client=self._queries)
+        except (RedisError, OSError) as exc:
+            raise BackplaneUnavailableError(_describe(exc)) from None
+        return bool(found)
+
     def _here(self, user: str, presence: Presence) -> tuple[Any, ...]:
         prefix = self._prefix
         info = orjson.dumps(
             {"g": [prefix + "pg:" + group for group in presence.groups], "e": presence.offline}
         )
-        keys = [prefix + "pu:" + user, prefix + "pall", prefix + "pi:" + user]
+        keys = [prefix + "pu:" + user.lower(), prefix + "pall", prefix + "pi:" + user.lower()]
         keys += [prefix + "pg:" + group for group in presence.groups]
         events = [part for event in presence.online for part in event]
         return (_HERE, len(keys), *keys, self.node, PRESENCE_TTL, user, info, *events)
 
     def _gone(self, user: str) -> tuple[Any, ...]:
         prefix = self._prefix
-        keys = (prefix + "pu:" + user, prefix + "pall", prefix + "pi:" + user)
+        keys = (prefix + "pu:" + user.lower(), prefix + "pall", prefix + "pi:" + user.lower())
         return (_GONE, len(keys), *keys, self.node, user)
 
     async def _presence(self) -> None:
@@ -585,7 +617,8 @@ class Backplane:
                 async with asyncio.timeout(max(0.0, next_beat - loop.time())):
                     await self._presence_wake.wait()
             self._presence_wake.clear()
-            commands: list[tuple[Any, ...]] = []
+            commands: list[tuple[Any, ...]] = [("ZREM", *drop) for drop in self._presence_drops]
+            self._presence_drops = []
             while ops:
                 user, arrived = ops.popleft()
                 commands.append(self._gone(user) if arrived is None else self._here(user, arrived))
@@ -634,8 +667,9 @@ class Backplane:
         if publisher is not None:
             publisher.cancel()
             await asyncio.gather(publisher, return_exceptions=True)
-        _fail(list(self._outgoing), BackplaneUnavailableError("shutting down"))
-        self._outgoing.clear()
+        for queue in (self._controls, self._outgoing):
+            _fail(list(queue), BackplaneUnavailableError("shutting down"))
+            queue.clear()
         presence, self._presence_task = self._presence_task, None
         if presence is not None:
             presence.cancel()

@@ -218,10 +218,14 @@ async def respond(
     content_type: bytes | None,
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
-    """Send a complete response (``content_type`` None: it has no content)."""
+    """Send a complete response (``content_type`` None: it has no content, and says no
+    length either, as a 204 must not)."""
     all_headers: Headers = [
-        *([(b"content-type", content_type)] if content_type is not None else []),
-        (b"content-length", str(len(body)).encode()),
+        *(
+            [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+            if content_type is not None
+            else []
+        ),
         *SECURITY_HEADERS,
         *headers,
     ]

@@ -109,7 +109,8 @@ class Hub:
         self._all: set[Outbox] = set()
         self._users: dict[str, set[Outbox]] = {}
         self._groups: dict[str, set[Outbox]] = {}
-        self._announce: dict[str, tuple[str, ...]] = {}  # user -> groups told of their presence
+        # user (case-folded) -> their name at arrival, and the groups told of their presence
+        self._announce: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.stats = HubStats()
         self.closed = False
         self._close_code = 0  # what drain() closes with; a latecomer gets it too
@@ -165,7 +166,7 @@ class Hub:
             if _add(self._groups, group, outbox) and self.backplane is not None:
                 self.backplane.want(Kind.GROUP, group)
         if first:
-            self._announce[user] = announce
+            self._announce[user] = (outbox.user, announce)  # the name presence knows them by
             if self.backplane is not None:
                 self.backplane.want(Kind.DIRECT, user)
                 self.backplane.arrive(outbox.user, outbox.groups, announce)
@@ -186,12 +187,12 @@ class Hub:
             if _discard(self._groups, group, outbox) and self.backplane is not None:
                 self.backplane.unwant(Kind.GROUP, group)
         if last:
-            announce = self._announce.pop(user, ())
+            name, announce = self._announce.pop(user, (outbox.user, ()))
             if self.backplane is not None:
                 self.backplane.unwant(Kind.DIRECT, user)
-                self.backplane.depart(outbox.user)
+                self.backplane.depart(name)
             else:
-                self._arrival("offline", outbox.user, announce)
+                self._arrival("offline", name, announce)
         if not self._all and self._empty is not None:
             self._empty.set()
 
@@ -236,10 +237,21 @@ class Hub:
                     self.backplane.unwant(Kind.GROUP, group)
             outbox.push(event)
             changed += 1
-        if changed and self.backplane is not None:
-            name = next(iter(outboxes)).user  # as the backplane knows them
-            self.backplane.regroup(name, self._user_groups(user))
+        if changed:
+            name, announce = self._announce[user.lower()]
+            if not member:  # no more online / offline events to a group they left
+                self._announce[user.lower()] = (name, tuple(g for g in announce if g != group))
+            if self.backplane is not None:
+                self.backplane.regroup(name, self._user_groups(user), () if member else (group,))
         return changed
+
+    def set_groups(self, user: str, groups: list[str]) -> None:
+        """This user's connections here are now in exactly these groups (``regroup``)."""
+        wanted, current = set(groups), set(self._user_groups(user))
+        for group in sorted(wanted - current):
+            self.regroup(user, group, True)
+        for group in sorted(current - wanted):
+            self.regroup(user, group, False)
 
     def drop_group(self, group: str) -> int:
         """A group was deleted: every connection here in it is told ``left``."""
@@ -249,6 +261,18 @@ class Hub:
     def _user_groups(self, user: str) -> tuple[str, ...]:
         """The groups of any of this user's connections here."""
         return tuple(sorted({g for o in self._users.get(user.lower(), ()) for g in o.groups}))
+
+    async def present(self, kind: Kind, target: str) -> bool:
+        """Whether someone is online in this group (or as this user), here or on any node;
+        False when the backplane cannot say."""
+        if self._recipients(kind, target):
+            return True
+        if self.backplane is None:
+            return False
+        try:
+            return await self.backplane.present(kind, target)
+        except BackplaneUnavailableError:
+            return False
 
     async def online(self, group: str, limit: int) -> tuple[list[str], int]:
         """The group's online users, on every node: up to ``limit`` names, and the count.

@@ -189,11 +189,12 @@ def parse_resume(text: str) -> dict[str, Position]:
 
 
 def stream_of(kind: Kind, target: str) -> str:
-    """The stream a message goes to: ``all``, ``group:<name>``, ``user:<username>``."""
+    """The stream a message goes to: ``all``, ``group:<name>``, ``user:<username>``
+    (case-folded, as usernames are compared: one user, one stream, however it is typed)."""
     if kind is Kind.GROUP:
         return "group:" + target
     if kind is Kind.DIRECT:
-        return "user:" + target
+        return "user:" + target.lower()
     return "all"
 
 

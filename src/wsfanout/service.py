@@ -285,6 +285,8 @@ class Service:
     # (``changed_since``): "s:<session>" and "u:<user>" revoked, "m:<user>" regrouped,
     # "g:<group>" deleted -> when (time.monotonic()).
     changes: dict[str, float] = field(default_factory=dict)
+    _regrouping: dict[str, bool] = field(default_factory=dict)  # user -> read again
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -399,11 +401,17 @@ class Service:
         Raises:
             TokenError: a token is given, and it is refused.
         """
+        session = self.codec.verify(http.cookies(scope).get(COOKIE_NAME))
         if self.tokens.enabled:
-            token = _token(scope)
+            token, in_query = _token(scope)
             if token is not None:
-                return self.tokens.verify(token)
-        return self.codec.verify(http.cookies(scope).get(COOKIE_NAME))
+                try:
+                    return self.tokens.verify(token)
+                except TokenError:
+                    # A header may be a proxy's, not the client's: a good cookie wins.
+                    if in_query or session is None:
+                        raise
+        return session
 
     async def confirm(self, found: Session | Claims) -> Login | None:
         """The login behind checked credentials; None if its session was revoked (or
@@ -479,6 +487,35 @@ class Service:
             except BackplaneUnavailableError as exc:
                 raise UnavailableError(str(exc)) from None
 
+    def _regroup(self, user: str) -> None:
+        """Bring this user's connections here to the store's groups for them, in a task;
+        a change told meanwhile makes it read again, so the last read is the newest."""
+        key = user.lower()
+        if key in self._regrouping:
+            self._regrouping[key] = True  # read again when the read under way is done
+            return
+        self._regrouping[key] = False
+        task = asyncio.get_running_loop().create_task(self._read_groups(user))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read_groups(self, user: str) -> None:
+        key = user.lower()
+        try:
+            while True:
+                self._regrouping[key] = False
+                found = await self.store.user_by_name(user)
+                groups = await self.store.groups_of(found.id) if found is not None else None
+                if not self._regrouping[key]:
+                    break
+        except sqlite3.Error as exc:
+            log.error("could not read the groups of %s: %s", user, exc)
+            return
+        finally:
+            self._regrouping.pop(key, None)
+        if groups is not None:
+            self.hub.set_groups(user, groups)
+
     def missed(self) -> None:
         """Back on Redis after losing it: changes other nodes made meanwhile never reached
         this one, so nothing cached about users, groups or sessions is trusted (the hub
@@ -491,7 +528,9 @@ class Service:
         caches and open connections. ``change["op"]`` is one of:
 
         - ``revoke`` (``user``, ``session`` or None for all of theirs): close them with 1008;
-        - ``member`` (``user``, ``group``, ``member``): they join or leave the group;
+        - ``member`` (``user``): their groups changed: their connections here take the
+          groups the store now has for them (not the change itself: two changes made at
+          once on two nodes arrive in different orders, but the store has one answer);
         - ``group_deleted`` (``group``): its members here leave it.
 
         Every change but a logout also drops the cached answers about users and groups.
@@ -510,15 +549,17 @@ class Service:
         elif op == "member":
             user = str(change["user"])
             self._remember("m:" + user.lower())
-            self.hub.regroup(user, str(change["group"]), bool(change["member"]))
+            self._regroup(user)
         elif op == "group_deleted":
             self._remember("g:" + str(change["group"]))
             self.hub.drop_group(str(change["group"]))
 
     async def resolve(self, publish: Publish) -> Publish:
         """The publish with its target resolved: a group that exists, an exact username.
-        With connection tokens on, groups and users need no row in the store: any group
-        name, and any username that is not someone's first name, is taken as given.
+        With connection tokens on, groups and users need no row in the store: a group or
+        a username someone is online in (or as), on any node, is taken as given (before
+        first names, as a username always is). Names nobody holds are refused, so that
+        no one can fill Redis with the history of streams nobody listens to.
 
         Raises:
             ProtocolError: unknown group or user, or the database failing.
@@ -527,22 +568,33 @@ class Service:
         target = publish.target
         try:
             # Who is connected here answers most lookups without the database.
+            tokens = self.tokens.enabled
             if publish.kind is Kind.GROUP:
                 if (
                     not hub.has_group(target)
                     and not await store.group_exists(target)
-                    and not (self.tokens.enabled and GROUP_RE.fullmatch(target))
+                    and not (
+                        tokens
+                        and GROUP_RE.fullmatch(target)
+                        and await hub.present(Kind.GROUP, target)
+                    )
                 ):
                     raise ProtocolError(
                         ErrorCode.UNKNOWN_GROUP, f"no group named {target!r}", publish.frame_id
                     )
                 return publish
             if publish.kind is Kind.DIRECT:
-                target = hub.local_username(target) or await store.resolve_user(target)
+                name = hub.local_username(target)
+                if (
+                    name is None
+                    and tokens
+                    and USERNAME_RE.fullmatch(target)
+                    and await hub.present(Kind.DIRECT, target)
+                ):
+                    name = target  # a token user, online on another node
+                target = name or await store.resolve_user(target)
         except UnknownUserError as exc:
-            # Token users have no row: with tokens on, a username is taken as it is.
-            if not (self.tokens.enabled and USERNAME_RE.fullmatch(target)):
-                raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
+            raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
         except sqlite3.Error as exc:
             log.error("database error while publishing: %s", exc)
             raise ProtocolError(
@@ -686,15 +738,16 @@ def secret_keys(configured: tuple[str, ...], data_dir: Path) -> tuple[str, ...]:
     return (key,)
 
 
-def _token(scope: Scope) -> str | None:
-    """A connection token from the query (``token=``) or an ``Authorization: Bearer``."""
+def _token(scope: Scope) -> tuple[str | None, bool]:
+    """A connection token from the query (``token=``) or an ``Authorization: Bearer``, and
+    whether it came from the query."""
     query: bytes = scope.get("query_string", b"")
     if TOKEN_QUERY in query:
         pairs = urllib.parse.parse_qsl(query.decode("latin-1"))
         for name, value in pairs:
             if name == "token":
-                return value
+                return value, True
     scheme, _, given = (http.header(scope, b"authorization") or "").strip().partition(" ")
     if scheme.lower() == "bearer" and given.strip():
-        return given.strip()
-    return None
+        return given.strip(), False
+    return None, False

@@ -24,7 +24,8 @@ What is checked, in order, cheapest first:
    list of valid group names, ``name`` a short printable first name.
 5. Time, against the injected clock rather than PyJWT's wall clock, so tests and
    callers share one notion of now: ``exp`` must be in the future, ``nbf`` and
-   ``iat`` not (both give or take ``leeway`` seconds).
+   ``iat`` not (``exp`` give or take ``leeway`` seconds; ``nbf`` and ``iat`` also
+   ``SKEW`` more, as backends stamp ``iat`` with their own clock).
 
 Steps 1 to 4 depend only on the token and the keys, so their result is cached
 (keyed by the token's SHA-256, so the cache's size does not depend on the tokens'):
@@ -54,6 +55,7 @@ from jwt.types import Options
 from .store import GROUP_RE, MAX_FIRST_NAME, USERNAME_RE
 
 # Limits
+SKEW: Final = 30.0  # seconds a token's nbf / iat may lie ahead of our clock
 MAX_TOKEN_CHARS: Final = 8192
 MAX_GROUPS: Final = 1000
 MIN_SECRET_BYTES: Final = 32  # HS256: no shorter than the SHA-256 output (RFC 7518 §3.2)
@@ -204,7 +206,8 @@ class TokenVerifier:
         exp = verified.claims.expires_at
         if exp <= now - self._leeway:
             raise TokenError(f"expired ({now - exp:.0f} s ago)")
-        if verified.not_before is not None and verified.not_before > now + self._leeway:
+        # A backend's clock a little ahead of ours must not make fresh tokens fail.
+        if verified.not_before is not None and verified.not_before > now + self._leeway + SKEW:
             raise TokenError(f"not yet valid (for another {verified.not_before - now:.0f} s)")
 
 

@@ -117,7 +117,8 @@ async def _admit(
     try:
         found = svc.credentials(scope)
     except TokenError as exc:
-        raise Refusal(403, "bad_token", f"token refused: {exc.reason}") from None
+        log.info("token refused: %s", exc.reason)  # the client is told no more than this:
+        raise Refusal(403, "bad_token", "invalid token") from None
     if found is None:
         raise Refusal(403, "no_session", "log in first")
     seen = _resume(scope)
