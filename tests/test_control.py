@@ -97,13 +97,21 @@ def logout(node: Server, cookie: str) -> None:
     assert status == 200
 
 
-REVOCATIONS: dict[str, Callable[[Server, str, str], object]] = {
-    "logout": lambda node, name, cookie: logout(node, cookie),
-    "password": lambda node, name, cookie: api(
-        node, "PUT", f"/api/users/{name}/password", {"password": "new"}
+# Each revokes the session(s) of user ``name`` through ``node``; (status, expected status).
+REVOCATIONS: dict[str, Callable[[Server, str, str], tuple[int, int]]] = {
+    "logout": lambda node, name, cookie: (
+        http("POST", node.http_url + "/logout", {}, {"cookie": cookie})[0],
+        200,
     ),
-    "delete": lambda node, name, cookie: api(node, "DELETE", f"/api/users/{name}"),
-    "disconnect": lambda node, name, cookie: api(node, "POST", f"/api/users/{name}/disconnect"),
+    "password": lambda node, name, cookie: (
+        api(node, "PUT", f"/api/users/{name}/password", {"password": "new"})[0],
+        204,
+    ),
+    "delete": lambda node, name, cookie: (api(node, "DELETE", f"/api/users/{name}")[0], 204),
+    "disconnect": lambda node, name, cookie: (
+        api(node, "POST", f"/api/users/{name}/disconnect")[0],
+        204,
+    ),
 }
 
 
@@ -122,7 +130,8 @@ async def test_a_revoked_session_is_closed_on_every_node_and_refused(
     for client in (*sockets, others):
         assert (await client.next())["type"] == "welcome"
     started = time.monotonic()
-    REVOCATIONS[how](here, name, cookie)
+    status, expected = REVOCATIONS[how](here, name, cookie)
+    assert status == expected
     for client in sockets:
         code, events = await closed(client)
         assert code == 1008
@@ -214,7 +223,7 @@ async def test_deleting_a_group_tells_its_members(nodes: list[Server]) -> None:
 
 def token(sub: str, groups: list[str], lifetime: float = 300, **extra: Any) -> str:
     claims = {"sub": sub, "groups": groups, "exp": int(time.time() + lifetime), **extra}
-    return jwt.encode(claims, extra.pop("key", SECRET), algorithm="HS256")
+    return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
 async def test_token_users_need_no_row(nodes: list[Server]) -> None:

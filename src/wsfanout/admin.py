@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Final
 from urllib.parse import parse_qs
-
-import orjson
 
 from . import http, passwords
 from .hub import UnavailableError
@@ -51,7 +48,6 @@ REFUSALS: Final = (
     (DuplicateError, 409, "conflict"),
     (StoreError, 400, "invalid_name"),
 )
-UNAUTHORIZED: Final = [(b"www-authenticate", b'Bearer realm="wsfanout"')]
 
 Handler = Callable[[Scope, Receive, Send, Service], Awaitable[None]]
 AdminRoute = Callable[[Service, Scope, Any], Awaitable[tuple[int, Any]]]
@@ -67,83 +63,32 @@ class ApiError(Exception):
         self.detail = detail
 
 
-async def error(
-    send: Send, status: int, code: str, detail: str, headers: http.Headers | None = None
-) -> None:
-    """The API's error answer: ``{"error": detail, "code": code}``."""
-    await http.json_response(send, status, {"error": detail, "code": code}, headers or [])
-
-
-def key_ok(authorization: str | None, keys: tuple[str, ...]) -> bool:
-    """Whether ``Authorization`` holds one of the API keys as a bearer token."""
-    scheme, _, given = (authorization or "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        return False
-    presented = given.strip().encode()
-    # Compare against every key, whatever matches, so timing says nothing.
-    matches = [hmac.compare_digest(presented, key.encode()) for key in keys]
-    return any(matches)
-
-
-async def authorized(scope: Scope, send: Send, svc: Service) -> bool:
-    """Check the bearer key; if it is not good, answer (404: the API is off; 401)."""
-    keys = svc.settings.api_keys
-    if not keys:
-        await error(send, 404, "not_found", "the API is off: set WSFANOUT_API_KEYS")
-        return False
-    if not key_ok(http.header(scope, b"authorization"), keys):
-        detail = "a valid 'Authorization: Bearer <key>' is needed"
-        await error(send, 401, "unauthorized", detail, UNAUTHORIZED)
-        return False
-    return True
-
-
-async def read_json(receive: Receive, send: Send, limit: int) -> tuple[bool, Any]:
-    """Read and parse a JSON body; on failure answer (400, 408, 413) and return False.
-    A client that leaves meanwhile is not answered."""
-    try:
-        body = await http.read_body(receive, limit)
-    except http.BodyTooLargeError as exc:
-        await error(send, 413, "too_large", str(exc))
-        return False, None
-    except http.BodyTimeoutError as exc:
-        await error(send, 408, "timeout", str(exc))
-        return False, None
-    except http.ClientGoneError:
-        return False, None
-    try:
-        return True, orjson.loads(body)
-    except orjson.JSONDecodeError:
-        await error(send, 400, "bad_json", "the body is not valid JSON")
-        return False, None
-
-
 def route(handler: AdminRoute, *, body: bool = False) -> Handler:
     """An ASGI handler for an admin route: key, body (when ``body``), errors."""
 
     async def serve(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
-        if not await authorized(scope, send, svc):
+        if not await http.api_key_ok(scope, send, svc.settings.api_keys):
             return
         data = None
         if body:
-            ok, data = await read_json(receive, send, BODY_LIMIT)
+            ok, data = await http.read_json(receive, send, BODY_LIMIT)
             if not ok:
                 return
         try:
             status, answer = await handler(svc, scope, data)
         except ApiError as exc:
-            await error(send, exc.status, exc.code, exc.detail)
+            await http.api_error(send, exc.status, exc.code, exc.detail)
             return
         except StoreError as exc:
             status, code = next((s, c) for kind, s, c in REFUSALS if isinstance(exc, kind))
-            await error(send, status, code, str(exc))
+            await http.api_error(send, status, code, str(exc))
             return
         except UnavailableError as exc:
-            await error(send, 503, "unavailable", f"done, but not everywhere yet: {exc}")
+            await http.api_error(send, 503, "unavailable", f"done, but not everywhere yet: {exc}")
             return
         except sqlite3.Error as exc:
             log.error("database error in the admin API: %s", exc)
-            await error(send, 503, "unavailable", "the database is unavailable, try again")
+            await http.api_error(send, 503, "unavailable", "the database is unavailable, try again")
             return
         if status == 204:
             await http.respond(send, 204, b"", None)

@@ -208,7 +208,7 @@ async def _error(
 ) -> None:
     """A routing error: under ``/api/`` with a ``code``, as the API's errors are."""
     if path is not None and path.startswith("/api/"):
-        await admin.error(send, status, code, detail, headers)
+        await http.api_error(send, status, code, detail, headers or [])
     else:
         await http.error_response(send, status, detail, headers or [])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import posixpath
 import re
@@ -261,3 +262,58 @@ def session_cookie(
     if secure:
         parts.append("Secure")
     return b"set-cookie", "; ".join(parts).encode("latin-1")
+
+
+# The API's answers (admin.py and the publish view share them)
+
+UNAUTHORIZED: Final[Headers] = [(b"www-authenticate", b'Bearer realm="wsfanout"')]
+
+
+async def api_error(
+    send: Send, status: int, code: str, detail: str, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """The API's error answer: ``{"error": detail, "code": code}``."""
+    await json_response(send, status, {"error": detail, "code": code}, headers)
+
+
+def bearer_ok(authorization: str | None, keys: tuple[str, ...]) -> bool:
+    """Whether ``Authorization`` holds one of these keys as a bearer token."""
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return False
+    presented = given.strip().encode()
+    # Compare against every key, whatever matches, so timing says nothing.
+    matches = [hmac.compare_digest(presented, key.encode()) for key in keys]
+    return any(matches)
+
+
+async def api_key_ok(scope: Scope, send: Send, keys: tuple[str, ...]) -> bool:
+    """Check the API's bearer key; if it is not good, answer (404: the API is off; 401)."""
+    if not keys:
+        await api_error(send, 404, "not_found", "the API is off: set WSFANOUT_API_KEYS")
+        return False
+    if not bearer_ok(header(scope, b"authorization"), keys):
+        detail = "a valid 'Authorization: Bearer <key>' is needed"
+        await api_error(send, 401, "unauthorized", detail, UNAUTHORIZED)
+        return False
+    return True
+
+
+async def read_json(receive: Receive, send: Send, limit: int) -> tuple[bool, Any]:
+    """Read and parse a JSON body; on failure answer (400, 408, 413) and return False.
+    A client that leaves meanwhile is not answered."""
+    try:
+        body = await read_body(receive, limit)
+    except BodyTooLargeError as exc:
+        await api_error(send, 413, "too_large", str(exc))
+        return False, None
+    except BodyTimeoutError as exc:
+        await api_error(send, 408, "timeout", str(exc))
+        return False, None
+    except ClientGoneError:
+        return False, None
+    try:
+        return True, orjson.loads(body)
+    except orjson.JSONDecodeError:
+        await api_error(send, 400, "bad_json", "the body is not valid JSON")
+        return False, None

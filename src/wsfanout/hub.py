@@ -33,6 +33,11 @@ Presence (DESIGN 5.2). A user's first connection here, and their last, are told 
 node through the backplane (which knows whether it is their first or last anywhere), or,
 with no backplane, fanned out here as ``online`` / ``offline`` events to each group the
 connection announces to (the ones small enough, chosen by the caller).
+
+Control (DESIGN 5.3). What the operator changes reaches the connections here through
+``disconnect()`` (a revoked session: 1008) and ``regroup()`` / ``set_groups()`` (a user's
+groups: the index, the outbox's groups, the backplane's subscriptions and presence change
+together, and the connection is told ``joined`` / ``left`` in order with the messages).
 """
 
 from __future__ import annotations

@@ -8,6 +8,13 @@ are siblings that both publish through here: ``publish()`` resolves a message's 
 (the local index first, then the store) and hands it to the hub's one door;
 ``validate_batch()`` / ``publish_batch()`` do the same for a backend's batch, all or
 nothing.
+
+Who a request is (``credentials()``, then ``confirm()`` against the store: a live cookie
+session, or a connection token) is decided here too, for both siblings. So are the
+operator's changes (``control()``: revocations, memberships), carried out on this node's
+caches and connections (``apply()``) and told to the others through the backplane; the
+last minute of them is remembered (``changes``), so that a handshake under way when one
+was made does not slip past it (``changed_since()``).
 """
 
 from __future__ import annotations

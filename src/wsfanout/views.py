@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from . import admin, http, passwords
+from . import http, passwords
 from .backplane import BackplaneUnavailableError
 from .hub import UnavailableError
 from .protocol import ErrorCode, Source
@@ -265,9 +265,9 @@ async def healthz(scope: Scope, receive: Receive, send: Send, svc: Service) -> N
 async def publish_api(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
     """POST /api/publish: backends publish with a bearer key; a batch is validated all or
     nothing, and queued all or none (see ``Service.publish_batch``)."""
-    if not await admin.authorized(scope, send, svc):
+    if not await http.api_key_ok(scope, send, svc.settings.api_keys):
         return
-    ok, data = await admin.read_json(receive, send, API_BODY_LIMIT)
+    ok, data = await http.read_json(receive, send, API_BODY_LIMIT)
     if not ok:
         return
     try:

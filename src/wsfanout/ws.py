@@ -12,8 +12,10 @@ cancelling it, and the reader takes that cancellation back):
 - reader finds a fatal frame (1009, 1008) -> flush queued frames, then close;
 - outbox overflows (the client does not read fast enough) -> writer cancelled, 1013;
 - hub shuts down -> writer flushes, 1001;
-- the session's max age passes (``Service.deadlines``) -> a ``forbidden`` frame is queued,
-  writer flushes, 1008;
+- the session's max age (or the token's ``exp``) passes (``Service.deadlines``) -> a
+  ``forbidden`` frame is queued, writer flushes, 1008;
+- the session is revoked (``Hub.disconnect``, on every node) -> the same, 1008; the reader
+  publishes nothing it reads after that;
 - anything raises -> logged, 1011; no other connection notices.
 
 The handshake takes a seat (``Service.seats``) before it awaits anything, so the
