@@ -11,6 +11,7 @@ import pytest
 
 from tests import asgi
 from tests.conftest import login, started
+from wsfanout import store as store_module
 from wsfanout.app import App
 from wsfanout.config import Settings
 
@@ -223,3 +224,22 @@ async def test_disconnect_with_tokens_on_takes_any_username_but_no_other_name(
         assert (await call(app, "POST", "/api/users/token-user/disconnect")).status == 204
         bad = await call(app, "POST", "/api/users/a%20b/disconnect")
         assert (bad.status, bad.json()["code"]) == (404, "unknown_user")
+
+
+async def test_the_oldest_session_past_the_limit_ends_with_its_sockets(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user keeps at most SESSIONS_PER_USER sessions: the login past it ends the oldest,
+    whose open socket closes with 1008 and whose cookie is refused from then on."""
+    monkeypatch.setattr(store_module, "SESSIONS_PER_USER", 2)
+    oldest = await login(app, "mike")
+    async with asgi.WebSocket(app, headers={"cookie": oldest}) as ws:
+        await ws.receive()
+        await login(app, "mike")
+        await login(app, "mike")  # the third: the oldest goes
+        events = await ws.until_closed()
+        assert [(e["type"], e["code"]) for e in events] == [("error", "forbidden")]
+        assert ws.close_code == 1008
+    with pytest.raises(asgi.Refused):
+        async with asgi.WebSocket(app, headers={"cookie": oldest}):
+            pass

@@ -438,8 +438,8 @@ class Store:
         return int(row[0])
 
     async def create_session(self, user_id: int, max_age: float) -> str:
-        """A new session of this user; their sessions older than ``max_age`` seconds, and
-        all but the newest SESSIONS_PER_USER, are dropped.
+        """A new session of this user; their sessions older than ``max_age`` seconds are
+        dropped (``trim_sessions`` drops those past SESSIONS_PER_USER).
 
         Returns:
             The session's id (random, for the cookie).
@@ -459,17 +459,26 @@ class Store:
                     "INSERT INTO sessions (id, user_id, created_at) VALUES (?, ?, ?)",
                     (session_id, user_id, now),
                 )
-                cursor = await db.execute(
-                    "DELETE FROM sessions WHERE user_id = ? AND id NOT IN "
-                    "(SELECT id FROM sessions WHERE user_id = ? ORDER BY created_at DESC "
-                    "LIMIT ?)",
-                    (user_id, user_id, SESSIONS_PER_USER),
-                )
         except sqlite3.IntegrityError:
             raise UnknownUserError(f"#{user_id}") from None
-        if cursor.rowcount:  # the oldest sessions made room: forget them
-            self.forget_sessions()
         return session_id
+
+    async def trim_sessions(self, user_id: int) -> list[str]:
+        """Drop this user's sessions but the newest SESSIONS_PER_USER; the ids dropped
+        (their open connections are the caller's to close)."""
+        async with (
+            self._writing() as db,
+            db.execute(
+                "DELETE FROM sessions WHERE user_id = ? AND id NOT IN "
+                "(SELECT id FROM sessions WHERE user_id = ? ORDER BY created_at DESC LIMIT ?) "
+                "RETURNING id",
+                (user_id, user_id, SESSIONS_PER_USER),
+            ) as cursor,
+        ):
+            dropped = [str(row[0]) for row in await cursor.fetchall()]
+        for session_id in dropped:
+            self.forget_sessions(session_id)
+        return dropped
 
     async def prune_sessions(self, max_age: float) -> int:
         """Drop every session older than ``max_age`` seconds; how many went."""

@@ -7,6 +7,7 @@ the hub, the throttle, publishing) lives in ``service.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import logging
 import sqlite3
@@ -129,6 +130,11 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
     svc.throttle.succeeded(attempt)
     try:
         session_id = await svc.store.create_session(user.id, svc.settings.session_max_age)
+        # Past the most sessions a user keeps, the oldest end, sockets and all.
+        for dropped in await svc.store.trim_sessions(user.id):
+            change = {"op": "revoke", "user": user.username, "session": dropped}
+            with contextlib.suppress(UnavailableError):  # ended here and in the store
+                await svc.control(change)
     except UnknownUserError:  # deleted while its password was checked
         await refuse(401, "User or password wrong")
         return
