@@ -527,3 +527,42 @@ async def test_the_online_list_changes_when_another_user_logs_in_and_out(
             await expect(amanda.locator("#online li")).to_have_count(1)
         await shot(amanda, "online-list-after-logout")
     assert problems == []
+
+
+@pytest.fixture
+def admin_server(tmp_path: Path, demo_db: Path) -> Iterator[Server]:
+    """The demo users, with the admin API on."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    with Server(tmp_path, {"WSFANOUT_API_KEYS": "browser-key"}).running() as running:
+        yield running
+
+
+async def test_an_operators_changes_show_on_the_open_page(admin_server: Server) -> None:
+    """greg's open page: added to girls, it says so, offers girls as his group and shows
+    their messages; taken out, it says so; disconnected by the operator, it goes to the
+    login page, and its cookie no longer opens the message page."""
+    problems: list[str] = []
+    base = admin_server.http_url + "/"
+    auth = {"authorization": "Bearer browser-key"}
+    async with chromium() as browser:
+        greg = await log_in(browser, base, "greg", problems)
+        url = admin_server.http_url + "/api/users/greg"
+        assert http("PUT", url + "/groups/girls", None, auth)[0] == 204
+        await expect(lines(greg, "you were added to girls")).to_have_count(1)
+        await expect(greg.locator("#group option[value=girls]")).to_have_text(
+            "girls (you are in it)"
+        )
+        await expect(greg.locator("#online li[data-group=girls]")).to_have_count(1)
+        body = {"type": "group", "group": "girls", "text": "for the girls", "from": "ops"}
+        assert http("POST", admin_server.http_url + "/api/publish", body, auth)[0] == 202
+        await expect(lines(greg, "for the girls")).to_have_count(1)
+        assert http("DELETE", url + "/groups/girls", None, auth)[0] == 204
+        await expect(lines(greg, "you were removed from girls")).to_have_count(1)
+        await expect(greg.locator("#group option[value=girls]")).to_have_text("girls")
+        await expect(greg.locator("#online li[data-group=girls]")).to_have_count(0)
+        await shot(greg, "membership-changes")
+        assert http("POST", url + "/disconnect", None, auth)[0] == 204
+        await expect(greg).to_have_url(base + "login")
+        await greg.goto(base)
+        await expect(greg).to_have_url(base + "login")  # the cookie is worthless now
+    assert problems == []
