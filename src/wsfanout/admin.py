@@ -1,7 +1,8 @@
 """The admin API's handlers: users, groups, memberships and sessions, over HTTP (DESIGN 5.3).
 
-Each route is an ``AdminRoute``: a plain function of the service, the path's parameters
-and the parsed JSON body, returning a status and a body (or raising ``ApiError``). ``route()``
+Each route is an ``AdminRoute``: a coroutine of the service, the request's scope (the
+router puts the path's parameters in ``path_params``) and the parsed JSON body, returning a
+status and a body (or raising ``ApiError`` or one of the store's errors). ``route()``
 wraps one into an ASGI handler that does what they all share: the bearer key (the same keys
 as ``POST /api/publish``), reading and parsing a bounded body, and turning the store's
 refusals into statuses. Every error is ``{"error": text, "code": code}``; the OpenAPI
