@@ -157,9 +157,9 @@ async def test_concurrent_writes_neither_undo_each_other_nor_lock_others_out(
         with contextlib.suppress(StoreError):
             await store.add_user(f"new{n}", "h", groups=("chess", "nope"))
 
-    work = [store.leave_group("mike", "boys"), store.set_password("mike", "changed")]
+    work = [store.set_member("mike", "boys", False), store.set_password("mike", "changed")]
     work += [bad_user(n) for n in range(20)]
-    work += [store.join_group("mikey", "chess"), store.revoke_session("x")]
+    work += [store.set_member("mikey", "chess", True), store.revoke_session("x")]
     await asyncio.gather(*work)
     assert [await store.session_user(s) for s in sessions] == [None] * 5
     changed = await store.user_by_name("mike")

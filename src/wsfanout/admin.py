@@ -218,19 +218,10 @@ async def disconnect(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
     return 204, None
 
 
-async def join_group(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
-    user, _ = await svc.store.join_group(_param(scope, "username"), _param(scope, "group"))
-    await svc.control(
-        {"op": "member", "user": user.username, "group": _param(scope, "group"), "member": True}
-    )
-    return 204, None
-
-
-async def leave_group(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
-    user, _ = await svc.store.leave_group(_param(scope, "username"), _param(scope, "group"))
-    await svc.control(
-        {"op": "member", "user": user.username, "group": _param(scope, "group"), "member": False}
-    )
+async def set_member(member: bool, svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
+    """PUT (``member``) or DELETE of a membership; both idempotent."""
+    user, _ = await svc.store.set_member(_param(scope, "username"), _param(scope, "group"), member)
+    await svc.control({"op": "member", "user": user.username})
     return 204, None
 
 
@@ -272,8 +263,8 @@ ROUTES: Final[dict[str, dict[str, Handler]]] = {
     "/api/users/{username}": {"GET": route(get_user), "DELETE": route(delete_user)},
     "/api/users/{username}/password": {"PUT": route(set_password, body=True)},
     "/api/users/{username}/groups/{group}": {
-        "PUT": route(join_group),
-        "DELETE": route(leave_group),
+        "PUT": route(functools.partial(set_member, True)),
+        "DELETE": route(functools.partial(set_member, False)),
     },
     "/api/users/{username}/disconnect": {"POST": route(disconnect)},
     "/api/groups": {"GET": route(list_groups), "POST": route(create_group, body=True)},

@@ -379,9 +379,7 @@ def cmd_user_member(settings: Settings, args: argparse.Namespace) -> None:
         settings,
         args,
         ("PUT" if args.member else "DELETE", _path("users", args.name, "groups", args.group), None),
-        lambda store: (store.join_group if args.member else store.leave_group)(
-            args.name, args.group
-        ),
+        lambda store: store.set_member(args.name, args.group, args.member),
         f"{args.name} is {'' if args.member else 'not '}in {args.group}",
     )
 

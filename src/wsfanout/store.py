@@ -549,34 +549,21 @@ class Store:
         self.forget()
         return user
 
-    async def join_group(self, username: str, group: str) -> tuple[User, bool]:
-        """Make a user a member of a group; True if they were not one before.
+    async def set_member(self, username: str, group: str, member: bool) -> tuple[User, bool]:
+        """Make a user a member of a group (``member``), or take them out of it; True if
+        that changed anything.
 
         Raises:
             UnknownUserError, UnknownGroupError
         """
+        sql = (
+            "INSERT OR IGNORE INTO user_groups (user_id, group_id) VALUES (?, ?)"
+            if member
+            else "DELETE FROM user_groups WHERE user_id = ? AND group_id = ?"
+        )
         async with self._writing() as db:
             user = await self._user(username)
-            group_id = await self._group_id(group)
-            cursor = await db.execute(
-                "INSERT OR IGNORE INTO user_groups (user_id, group_id) VALUES (?, ?)",
-                (user.id, group_id),
-            )
-        self.forget()
-        return user, cursor.rowcount > 0
-
-    async def leave_group(self, username: str, group: str) -> tuple[User, bool]:
-        """Take a user out of a group; True if they were a member.
-
-        Raises:
-            UnknownUserError, UnknownGroupError
-        """
-        async with self._writing() as db:
-            user = await self._user(username)
-            group_id = await self._group_id(group)
-            cursor = await db.execute(
-                "DELETE FROM user_groups WHERE user_id = ? AND group_id = ?", (user.id, group_id)
-            )
+            cursor = await db.execute(sql, (user.id, await self._group_id(group)))
         self.forget()
         return user, cursor.rowcount > 0
 

@@ -107,7 +107,7 @@ async def _admit(
     Returns who connects (a live session's user and their groups, or a token's), what
     the client asks to resume (None: it does not), the groups to tell of the user's
     presence, and when (``time.monotonic()``) the login was checked: a revocation from
-    then on must still close the connection (``Service.was_revoked``).
+    then on must still reach the connection (``Service.changed_since``).
 
     Everything up to taking the seat runs without awaiting, so the connection limits
     hold however many handshakes run at once.
@@ -274,7 +274,6 @@ class Connection:
             # behind the replay, which join() makes sure they do not repeat).
             joined = await hub.join(outbox, streams, seen or {}, announce)
             changed = self.svc.changed_since(user, since)
-            welcome = protocol.welcome(user.username, user.first_name, groups, joined.positions)
             timeout = self.svc.settings.send_timeout
             try:
                 async with asyncio.timeout(timeout):  # as the writer's sends are (outbox.py)
@@ -283,6 +282,9 @@ class Connection:
                             await self._send_now([protocol.error(ErrorCode.FORBIDDEN, REVOKED)])
                         await self._close(changed)
                         return
+                    welcome = protocol.welcome(
+                        user.username, user.first_name, groups, joined.positions
+                    )
                     await self._send_now([welcome])
                     if seen is not None:
                         stats = self.svc.stats
