@@ -379,9 +379,7 @@ class Backplane:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         stream = protocol.stream_of(kind, target) if self.history else None
         self._outgoing.append((self._prefix + _channel(kind, target), stream, head, tail, done))
-        waiter = self._publisher_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake_publisher()
         return done
 
     def control(self, change: dict[str, Any]) -> asyncio.Future[None]:
@@ -396,10 +394,13 @@ class Backplane:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         frame = orjson.dumps({**change, "node": self.node}).decode()
         self._controls.append((self._prefix + CONTROL, None, frame, "", done))
+        self._wake_publisher()
+        return done
+
+    def _wake_publisher(self) -> None:
         waiter = self._publisher_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        return done
 
     async def _publish_loop(self) -> None:
         """Send queued messages in pipelines, in order; fail them if Redis fails."""
