@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import dataclasses
 import shutil
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests import asgi
+from tests import asgi, postgres
 from wsfanout import App, Settings, create_app
 from wsfanout.cli import DEMO_GROUPS, create_demo
 from wsfanout.store import Store
@@ -39,12 +40,77 @@ def demo_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own in the Redis at 127.0.0.1:6379; its keys are deleted
+    afterwards. Skipped without Redis, except under CI=true, which must have it."""
+    from tests.server import delete_redis_keys, need_redis
+
+    need_redis()
+    prefix = f"wsfanout-test-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    delete_redis_keys(prefix)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A PostgreSQL database of this run's own (dropped at the end); its URL."""
+    postgres.need_postgres()
+    with postgres.run_database() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(pg_database: str) -> Iterator[str]:
+    """A schema of this test's own in the run's PostgreSQL database; the URL using it."""
+    with postgres.schema(pg_database) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a test's store lives, once for each backend: a SQLite file, a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return tmp_path / "sub" / "db.sqlite3"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
 def settings(tmp_path: Path, demo_db: Path) -> Settings:
     """Settings for one test: its own copy of the demo database and a fixed key. No
     online / offline events: tests that read events in order expect only their own
     (tests of presence turn them on)."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
     return Settings(data_dir=tmp_path, secret_keys=(SECRET,), presence_events_max=0)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings_on_each_backend(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """``settings``, once on the demo SQLite file and once with the same users, groups and
+    password hashes in PostgreSQL (a schema of the test's own). A module whose every test
+    should hold on both overrides ``settings`` with this."""
+    if request.param == "sqlite":
+        return settings
+    url = str(request.getfixturevalue("pg_url"))
+    postgres.in_thread(copy_store, settings.database_path, url)
+    return dataclasses.replace(settings, database_url=url)
+
+
+async def copy_store(source: Path, target: str) -> None:
+    """The users (with their password hashes) and groups of one store, added to another."""
+    old, new = await Store.open(source), await Store.open(target)
+    try:
+        for name, _ in await old.list_groups():
+            await new.add_group(name)
+        for username, _ in await old.list_users("", 10_000):
+            user = await old.user_by_name(username)
+            assert user is not None
+            groups = tuple(await old.groups_of(user.id))
+            await new.add_user(
+                username, user.password_hash, first_name=user.first_name, groups=groups
+            )
+    finally:
+        await old.close()
+        await new.close()
 
 
 @contextlib.asynccontextmanager

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -345,12 +346,37 @@ class RawClient:
             self.sock.close()
 
 
+WSFANOUT = Path(sys.executable).parent / "wsfanout"  # the installed console script
+
+
+def wsfanout(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The ``wsfanout`` command as an operator runs it on one machine: its data directory,
+    and no ``WSFANOUT_*`` variable but ``env``."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("WSFANOUT_")}
+    return subprocess.run(
+        [str(WSFANOUT), *args],
+        env={**inherited, "WSFANOUT_DATA_DIR": str(data_dir), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def redis_reachable(port: int = 6379) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             return True
     except OSError:
         return False
+
+
+def need_redis() -> None:
+    """Skip (fail under CI=true) unless the machine's Redis answers on 127.0.0.1:6379."""
+    if not redis_reachable():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Redis is not running on 127.0.0.1:6379, and CI=true requires it")
+        pytest.skip("Redis is not running on 127.0.0.1:6379 (start redis-server to run this)")
 
 
 async def queue_messages(url: str, queue: str, *, delete: bool = False) -> int:

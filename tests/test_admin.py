@@ -20,6 +20,12 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture
+def settings(settings_on_each_backend: Settings) -> Settings:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return settings_on_each_backend
+
+
+@pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[App]:
     async with started(settings, api_keys=(KEY,)) as application:
         yield application

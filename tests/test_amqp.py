@@ -31,8 +31,8 @@ from tests.server import (
     RedisServer,
     Server,
     delete_redis_keys,
+    need_redis,
     queue_messages,
-    redis_reachable,
 )
 from wsfanout import App, Settings, create_app
 
@@ -289,10 +289,7 @@ async def test_messages_across_a_node_restart_reach_a_resuming_client_or_it_is_t
     the ones taken while nobody was connected are kept in Redis's history, and a client
     that resumes on the new node gets every one exactly once, or, when the history is
     shorter than its gap, is told recovered false. Nothing is lost without a word."""
-    if not redis_reachable():
-        if os.environ.get("CI") == "true":
-            pytest.fail("Redis is not running on 127.0.0.1:6379, and CI=true requires it")
-        pytest.skip("Redis is not running on 127.0.0.1:6379")
+    need_redis()
     queue = f"wsfanout-test-{uuid.uuid4().hex[:10]}"
     env = {
         "WSFANOUT_REDIS_URL": "redis://127.0.0.1:6379/0",

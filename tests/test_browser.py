@@ -11,16 +11,14 @@ import contextlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from playwright.async_api import Browser, Locator, Page, Route, async_playwright, expect
 
-from tests.server import ROOT, Client, Server, http, redis_reachable
+from tests.server import ROOT, Client, Server, http
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -268,22 +266,6 @@ def presence_server(tmp_path: Path, demo_db: Path) -> Iterator[Server]:
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
     with Server(tmp_path, env={"WSFANOUT_PRESENCE_EVENTS_MAX": "100"}).running() as running:
         yield running
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix of this test's own in the Redis at 127.0.0.1:6379; its keys are deleted
-    afterwards. Skipped without Redis, except on CI, which must have it."""
-    if not redis_reachable():
-        if os.environ.get("CI") == "true":
-            pytest.fail("Redis is not reachable at 127.0.0.1:6379, and CI must run this test")
-        pytest.skip("Redis is not reachable at 127.0.0.1:6379 (start redis-server to run this)")
-    prefix = f"wsfanout-test-{uuid.uuid4().hex}:"
-    yield prefix
-    with contextlib.closing(redis.Redis.from_url(REDIS_URL)) as client:
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
-        if keys:
-            client.delete(*keys)
 
 
 async def publish(server: Server, body: dict[str, Any]) -> None:

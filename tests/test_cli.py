@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,8 +16,9 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from tests.server import Client, Server, demo_server
+from tests.server import Client, Server, demo_server, wsfanout
 from wsfanout import passwords
+from wsfanout.database import VERSION
 from wsfanout.store import Store
 
 WSFANOUT = Path(sys.executable).parent / "wsfanout"  # the installed console script
@@ -26,16 +29,7 @@ API_VARIABLES = ("WSFANOUT_URL", "WSFANOUT_API_KEY", "WSFANOUT_API_KEYS")
 ADD_BOB = ("user", "add", "bob", "--password", "pw", "--first-name", "Bob", "--group", "chess")
 
 
-def run(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    inherited = {k: v for k, v in os.environ.items() if k not in API_VARIABLES}
-    return subprocess.run(
-        [str(WSFANOUT), *args],
-        env={**inherited, "WSFANOUT_DATA_DIR": str(data_dir), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+run = wsfanout
 
 
 def test_db_init_creates_the_database(tmp_path: Path) -> None:
@@ -449,3 +443,69 @@ async def test_user_list_says_when_it_stops(tmp_path: Path) -> None:
         assert result.stderr == "note: only the first 1000 are listed: narrow with --prefix\n"
     narrowed = ok(tmp_path, "user", "list", "--prefix", "u100")
     assert (narrowed.stdout, narrowed.stderr) == ("u1000\t\n", "")
+
+
+def test_db_status_says_which_database_and_version(tmp_path: Path) -> None:
+    """db status names the database and its schema version, and changes nothing: a file
+    not made yet is not made, an old schema is not upgraded."""
+    fresh = run(tmp_path / "none", "db", "status")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "not created yet" in fresh.stdout
+    assert not (tmp_path / "none").exists()
+    assert run(tmp_path, "demo").returncode == 0
+    status = run(tmp_path, "db", "status")
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0] == f"database: SQLite {tmp_path / 'wsfanout.sqlite3'}"
+    assert lines[1] == f"schema: version {VERSION} (up to date)"
+    assert lines[2] == "6 users, 2 groups, 0 sessions"
+    with contextlib.closing(sqlite3.connect(tmp_path / "wsfanout.sqlite3")) as db, db:
+        db.execute("UPDATE wsfanout_schema SET version = 1")
+    old = run(tmp_path, "db", "status")
+    assert (
+        f"schema: version 1; `wsfanout db init` (or the next start) brings it to version {VERSION}"
+        in old.stdout
+    )
+    with contextlib.closing(sqlite3.connect(tmp_path / "wsfanout.sqlite3")) as db, db:
+        db.execute("UPDATE wsfanout_schema SET version = ?", (VERSION + 1,))
+    newer = run(tmp_path, "db", "status")
+    assert newer.returncode == 1
+    assert newer.stderr == (
+        f"wsfanout: error: schema version {VERSION + 1} is newer than this wsfanout knows "
+        f"({VERSION}): upgrade wsfanout\n"
+    )
+    refused = run(tmp_path, "user", "list")
+    assert refused.returncode == 1 and "newer than this wsfanout" in refused.stderr
+
+
+def test_db_status_on_postgres(tmp_path: Path, pg_url: str) -> None:
+    """With a database URL, db status and db init speak of PostgreSQL (no password shown),
+    and no SQLite file is written."""
+    url = pg_url.replace("postgres@", "postgres:hunter2@")  # trust auth ignores it
+    before = run(tmp_path, "db", "status", WSFANOUT_DATABASE_URL=url)
+    assert before.returncode == 0, before.stderr
+    assert "postgres:***@" in before.stdout and "hunter2" not in before.stdout
+    assert (
+        f"schema: none yet; `wsfanout db init` (or the next start) brings it to version {VERSION}"
+        in before.stdout
+    )
+    init = run(tmp_path, "db", "init", WSFANOUT_DATABASE_URL=url)
+    assert init.returncode == 0, init.stderr
+    assert f"schema version {VERSION}" in init.stdout
+    after = run(tmp_path, "db", "status", WSFANOUT_DATABASE_URL=url)
+    assert after.stdout.splitlines()[1:] == [
+        f"schema: version {VERSION} (up to date)",
+        "0 users, 0 groups, 0 sessions",
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb", [("db", "status"), ("db", "init"), ("user", "list"), ("serve",)])
+def test_an_unreachable_database_is_one_line(tmp_path: Path, verb: tuple[str, ...]) -> None:
+    """Every command that needs the database says in one line that it cannot reach it
+    (naming it, without the password), and exits 1."""
+    url = "postgresql://app:secret@127.0.0.1:9/wsfanout"
+    result = run(tmp_path, *verb, WSFANOUT_DATABASE_URL=url)
+    assert result.returncode == 1
+    assert result.stderr.startswith("wsfanout: error: PostgreSQL postgresql://app:***@127.0.0.1:9/")
+    assert result.stderr.count("\n") == 1 and "secret" not in result.stderr

@@ -4,7 +4,6 @@ hypercorn; across two nodes through real Redis."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import time
 import uuid
@@ -17,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from tests.server import Client, Server, delete_redis_keys, http, redis_reachable
+from tests.server import Client, Server, delete_redis_keys, http, need_redis
 
 KEY = "control-test-key"
 SECRET = "a-jwt-secret-of-at-least-thirty-two-bytes"
@@ -26,17 +25,10 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 CLOSED_WITHIN = 1.0  # seconds: DESIGN 5.3
 
 
-def _need_redis() -> None:
-    if not redis_reachable():
-        if os.environ.get("CI") == "true":
-            pytest.fail("Redis is not running on 127.0.0.1:6379, and CI=true requires it")
-        pytest.skip("Redis is not running on 127.0.0.1:6379 (start redis-server to run these)")
-
-
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: pytest.TempPathFactory, demo_db: Path) -> Iterator[list[Server]]:
     """Two hypercorn nodes sharing one database, one secret and one Redis prefix."""
-    _need_redis()
+    need_redis()
     shared = tmp_path_factory.mktemp("control")
     shutil.copy(demo_db, shared / "wsfanout.sqlite3")
     prefix = f"wsfanout-test-{uuid.uuid4().hex[:10]}:"

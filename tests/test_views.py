@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import asgi
-from tests.conftest import login
-from wsfanout import App, passwords
-from wsfanout.service import LoginThrottle
+from tests.conftest import login, started
+from wsfanout import App, Settings, passwords
+from wsfanout.backplane import Backplane
+from wsfanout.service import Attempt, FailureCounts, LoginThrottle
 from wsfanout.sessions import COOKIE_NAME
+from wsfanout.store import Store
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def settings(settings_on_each_backend: Settings) -> Settings:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return settings_on_each_backend
 
 
 async def test_anonymous_index_redirects_to_login(app: App) -> None:
@@ -149,6 +161,26 @@ async def test_five_failures_lock_that_name_from_that_address_only(app: App) -> 
     assert (await attempt(app, "greg", "Greg", "10.0.0.1")).status == 200
 
 
+async def test_failures_outlive_a_restart(settings: Settings) -> None:
+    """The counts are in the database: a restarted node (or another worker on the same
+    file) still refuses a name that failed 5 times; the right password from elsewhere works."""
+    async with started(settings) as first:
+        for _ in range(5):
+            assert (await attempt(first, "mike", "x", "10.5.5.5")).status == 401
+    async with started(settings) as second:
+        assert (await attempt(second, "mike", "Mike", "10.5.5.5")).status == 429
+        assert (await attempt(second, "mike", "Mike", "10.5.5.6")).status == 200
+
+
+async def test_logins_answer_503_when_the_counts_cannot_be_reached(settings: Settings) -> None:
+    """Redis (holding the counts) away: a login is refused with 503 and a JSON reason,
+    never let through uncounted."""
+    async with started(settings, redis_url="redis://127.0.0.1:9/0") as app:
+        response = await attempt(app, "mike", "Mike", "10.6.6.6")
+    assert response.status == 503
+    assert response.json()["error"] == "The service cannot check logins now, try again"
+
+
 async def test_an_address_spraying_names_is_stopped(app: App) -> None:
     """20 failures from one address across usernames: that address gets 429, others don't."""
     for n in range(20):
@@ -166,25 +198,64 @@ async def test_parallel_guesses_get_no_more_than_the_limit(app: App) -> None:
     assert statuses == [401] * 5 + [429] * 25
 
 
-def test_a_name_guessed_from_many_addresses_is_stopped_too() -> None:
-    """Past 20x the limit across addresses, a username is throttled everywhere."""
-    throttle = LoginThrottle(max_failures=5, window=900)
+@pytest.fixture(params=["sqlite", "postgresql", "redis"])
+async def counts(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FailureCounts]:
+    """Where the throttle counts: the store on each backend, or Redis (the backplane)."""
+    if request.param == "redis":
+        backplane = Backplane(REDIS_URL, request.getfixturevalue("redis_prefix"))
+        yield backplane
+        await backplane.close()
+        return
+    where = (
+        tmp_path / "db.sqlite3" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    )
+    store = await Store.open(where)
+    yield store
+    await store.close()
+
+
+async def test_a_name_guessed_from_many_addresses_is_stopped_too(counts: FailureCounts) -> None:
+    """Past 20x the limit across addresses, a username is throttled everywhere, until the
+    window has passed."""
+    now = [1000.0]
+    throttle = LoginThrottle(counts, max_failures=5, window=900, clock=lambda: now[0])
     for n in range(100):
-        assert isinstance(throttle.attempt("anny", f"10.3.{n // 250}.{n % 250}", 0.0), dict)
-    assert throttle.attempt("anny", "10.9.9.9", 1.0) == 899
-    assert isinstance(throttle.attempt("anny", "10.9.9.9", 901.0), dict)  # the window passed
+        assert isinstance(await throttle.attempt("anny", f"10.3.{n // 250}.{n % 250}"), Attempt)
+    now[0] = 1001.0
+    assert await throttle.attempt("Anny", "10.9.9.9") == 899
+    now[0] = 1901.0  # the window passed
+    assert isinstance(await throttle.attempt("anny", "10.9.9.9"), Attempt)
 
 
-def test_a_right_password_is_not_a_failure() -> None:
-    """A success takes its own count back and forgives that pair's failures."""
-    throttle = LoginThrottle(max_failures=2, window=900)
-    assert isinstance(throttle.attempt("greg", "a", 0.0), dict)
-    ok = throttle.attempt("greg", "a", 0.0)
-    assert isinstance(ok, dict)
-    throttle.succeeded(ok)
-    assert isinstance(throttle.attempt("greg", "a", 0.0), dict)
-    assert isinstance(throttle.attempt("greg", "a", 0.0), dict)
-    assert isinstance(throttle.attempt("greg", "a", 0.0), int)
+async def test_a_right_password_is_not_a_failure(counts: FailureCounts) -> None:
+    """A success takes its own count back and forgives that pair's failures; other pairs
+    keep theirs."""
+    throttle = LoginThrottle(counts, max_failures=2, window=900, clock=lambda: 5.0)
+    assert isinstance(await throttle.attempt("greg", "a"), Attempt)
+    assert isinstance(await throttle.attempt("greg", "b"), Attempt)
+    ok = await throttle.attempt("greg", "a")
+    assert isinstance(ok, Attempt)
+    await throttle.succeeded(ok)
+    assert isinstance(await throttle.attempt("greg", "a"), Attempt)
+    assert isinstance(await throttle.attempt("greg", "a"), Attempt)
+    assert await throttle.attempt("greg", "a") == 900
+    assert isinstance(await throttle.attempt("greg", "b"), Attempt)
+    assert await throttle.attempt("greg", "b") == 900
+
+
+async def test_parallel_attempts_on_two_stores_share_one_limit(pg_url: str) -> None:
+    """Two nodes' stores on one PostgreSQL counting the same name at once: no more than
+    the limit get through between them."""
+    first, second = await Store.open(pg_url), await Store.open(pg_url)
+    try:
+        throttles = [LoginThrottle(store, max_failures=5, window=900) for store in (first, second)]
+        results = await asyncio.gather(
+            *(throttles[n % 2].attempt("lisa", "10.4.4.4") for n in range(20))
+        )
+    finally:
+        await first.close()
+        await second.close()
+    assert sum(isinstance(result, Attempt) for result in results) == 5
 
 
 async def test_logout_clears_cookie(app: App) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sqlite3
 import time
 import urllib.parse
 from typing import Any
@@ -17,6 +16,7 @@ from tests.asgi import resume_query, until
 from tests.conftest import login, started
 from wsfanout import App, Settings, create_app
 from wsfanout.sessions import COOKIE_NAME, SessionCodec
+from wsfanout.store import DatabaseError
 
 
 def connect(app: App, cookie: str | None, **headers: str) -> asgi.WebSocket:
@@ -227,7 +227,7 @@ async def test_database_failure_is_unavailable(app: App, monkeypatch: pytest.Mon
         assert app.service is not None
 
         async def broken(name: str) -> bool:
-            raise sqlite3.OperationalError("disk I/O error")
+            raise DatabaseError("SQLite x: disk I/O error")
 
         monkeypatch.setattr(app.service.store, "group_exists", broken)
         # girls: nobody connected here is a member, so the database must be asked.

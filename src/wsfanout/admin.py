@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Final
@@ -28,6 +27,7 @@ from .hub import UnavailableError
 from .service import Service
 from .store import (
     USERNAME_RE,
+    DatabaseError,
     DuplicateError,
     StoreError,
     UnknownGroupError,
@@ -87,7 +87,7 @@ def route(handler: AdminRoute, *, body: bool = False) -> Handler:
         except UnavailableError as exc:
             await http.api_error(send, 503, "unavailable", f"done, but not everywhere yet: {exc}")
             return
-        except sqlite3.Error as exc:
+        except DatabaseError as exc:
             log.error("database error in the admin API: %s", exc)
             await http.api_error(send, 503, "unavailable", "the database is unavailable, try again")
             return

@@ -236,7 +236,30 @@ table.insert(names, 1, count)
 return names
 """)
 
-_SCRIPTS: Final = (_PUBLISH, _POSITIONS, _HERE, _GONE, _REAP, _ONLINE)
+_COUNT_FAILURE: Final = _Script("""
+-- KEYS: the throttle's keys (sorted sets of attempts scored by time). ARGV: now, window,
+-- attempt, then each key's limit. Counts the attempt under every key, unless one has its
+-- limit already: then returns the seconds until it has not (as a string), counting nothing.
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local wait = 0
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local limit = tonumber(ARGV[3 + i])
+  local count = redis.call('ZCARD', key)
+  if count >= limit then
+    local oldest = redis.call('ZRANGE', key, count - limit, count - limit, 'WITHSCORES')
+    wait = math.max(wait, tonumber(oldest[2]) + window - now)
+  end
+end
+if wait > 0 then return tostring(wait) end
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now, ARGV[3])
+  redis.call('PEXPIRE', key, math.ceil(window * 1000))
+end
+return '0'
+""")
+
+_SCRIPTS: Final = (_PUBLISH, _POSITIONS, _HERE, _GONE, _REAP, _ONLINE, _COUNT_FAILURE)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -480,6 +503,39 @@ class Backplane:
             if isinstance(result, Exception) and not each:
                 raise result
         return list(results)
+
+    # Login failures (DESIGN 8): the throttle's counts, shared by every node
+
+    async def count_failure(
+        self, limits: dict[str, int], window: float, now: float, attempt: str
+    ) -> float:
+        """As ``Store.count_failure``, in Redis (``<prefix>lf:<key>``).
+
+        Raises:
+            BackplaneUnavailableError: Redis cannot be reached now.
+        """
+        keys = [self._prefix + "lf:" + key for key in limits]
+        command = (_COUNT_FAILURE, len(keys), *keys, repr(now), repr(window), attempt)
+        try:
+            (wait,) = await self._pipeline([(*command, *limits.values())], client=self._queries)
+        except (RedisError, OSError) as exc:
+            raise BackplaneUnavailableError(_describe(exc)) from None
+        return float(wait)
+
+    async def forgive_failure(self, keys: list[str], attempt: str, clear: list[str]) -> None:
+        """As ``Store.forgive_failure``, in Redis.
+
+        Raises:
+            BackplaneUnavailableError: Redis cannot be reached now.
+        """
+        prefix = self._prefix + "lf:"
+        commands: list[tuple[Any, ...]] = [("ZREM", prefix + key, attempt) for key in keys]
+        if clear:
+            commands.append(("DEL", *(prefix + key for key in clear)))
+        try:
+            await self._pipeline(commands, client=self._queries)
+        except (RedisError, OSError) as exc:
+            raise BackplaneUnavailableError(_describe(exc)) from None
 
     # History (DESIGN 5.1)
 

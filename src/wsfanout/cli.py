@@ -23,11 +23,20 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from . import passwords
 from .config import ConfigError, Settings
-from .store import CACHE_SECONDS, DuplicateError, Store, StoreError, UnknownUserError
+from .database import VERSION, SchemaError
+from .store import (
+    CACHE_SECONDS,
+    DatabaseError,
+    DuplicateError,
+    Store,
+    StoreError,
+    UnknownUserError,
+)
 from .tokens import KeyConfigError, TokenVerifier
 
 T = TypeVar("T")
@@ -60,7 +69,7 @@ def configure_logging(level: str) -> None:
 
 
 async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
-    store = await Store.open(settings.database_path)
+    store = await Store.open(settings.database_target, pool_size=2)
     try:
         return await work(store)
     finally:
@@ -69,9 +78,44 @@ async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]])
 
 def cmd_db_init(settings: Settings, args: argparse.Namespace) -> None:
     async def work(store: Store) -> None:
-        print(f"database ready: {store.path}")
+        print(f"database ready: {store.kind} {store.where}, schema version {VERSION}")
 
     asyncio.run(_with_store(settings, work))
+
+
+def cmd_db_status(settings: Settings, args: argparse.Namespace) -> None:
+    """Which database, which schema version, what it holds; changes nothing."""
+    target = settings.database_target
+    if isinstance(target, Path) and not target.exists():
+        print(f"database: SQLite {target} (not created yet: `wsfanout db init` or a start does)")
+        return
+
+    async def work() -> None:
+        store = await Store.open(target, pool_size=1, migrate=False)
+        try:
+            print(f"database: {store.kind} {store.where}")
+            version = await store.version()
+            if version > VERSION:
+                raise CommandError(
+                    f"schema version {version} is newer than this wsfanout knows ({VERSION}): "
+                    "upgrade wsfanout"
+                )
+            if version < VERSION:
+                state = "none yet" if version == 0 else f"version {version}"
+                print(
+                    f"schema: {state}; `wsfanout db init` (or the next start) brings it to "
+                    f"version {VERSION}"
+                )
+                return
+            print(f"schema: version {version} (up to date)")
+            counts = await store.counts()
+            print(", ".join(f"{count} {what}" for what, count in counts.items()))
+        except (DatabaseError, SchemaError) as exc:
+            raise CommandError(str(exc)) from None
+        finally:
+            await store.close()
+
+    asyncio.run(work())
 
 
 def cmd_group_add(settings: Settings, args: argparse.Namespace) -> None:
@@ -457,7 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="database commands").add_subparsers(
         dest="db_command", required=True, metavar="DB_COMMAND"
     )
-    db.add_parser("init", help="create the database and its schema").set_defaults(func=cmd_db_init)
+    db.add_parser(
+        "init", help="create the database and its schema, or bring the schema up to date"
+    ).set_defaults(func=cmd_db_init)
+    db.add_parser(
+        "status", help="which database, its schema version, what it holds (changes nothing)"
+    ).set_defaults(func=cmd_db_status)
 
     user = commands.add_parser("user", help="user commands").add_subparsers(
         dest="user_command", required=True, metavar="USER_COMMAND"
@@ -539,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "workers", 1) < 1:
             raise CommandError("--workers must be at least 1")
         args.func(settings, args)
-    except (ConfigError, StoreError, CommandError) as exc:
+    except (ConfigError, StoreError, CommandError, DatabaseError) as exc:
         print(f"wsfanout: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -32,6 +32,8 @@ class Settings:
     # Storage
     data_dir: Path = Path("data")
     database: Path | None = None  # None: data_dir / "wsfanout.sqlite3"
+    database_url: str = field(default="", repr=False)  # postgresql://…: instead of SQLite
+    database_pool_size: int = 10  # PostgreSQL connections per process, at most
 
     # Sessions and login
     secret_keys: tuple[str, ...] = ()  # empty: generated once into data_dir
@@ -88,6 +90,11 @@ class Settings:
         """The SQLite file: ``database`` if set, else inside ``data_dir``."""
         return self.database if self.database is not None else self.data_dir / "wsfanout.sqlite3"
 
+    @property
+    def database_target(self) -> Path | str:
+        """Where the store lives: the PostgreSQL URL if set, else the SQLite file."""
+        return self.database_url or self.database_path
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every ``WSFANOUT_*`` variable; unset or empty ones keep their default.
@@ -103,6 +110,8 @@ class Settings:
         return cls(
             data_dir=data_dir,
             database=Path(database) if database else None,
+            database_url=reader.url("DATABASE_URL", ("postgresql", "postgres")),
+            database_pool_size=reader.integer("DATABASE_POOL_SIZE", defaults.database_pool_size),
             secret_keys=reader.items("SECRET_KEY"),
             session_max_age=reader.number("SESSION_MAX_AGE", defaults.session_max_age, low=1),
             cookie_secure=reader.flag("COOKIE_SECURE", defaults.cookie_secure),

@@ -27,15 +27,13 @@ import logging
 import math
 import os
 import secrets
-import sqlite3
 import time
 import urllib.parse
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from . import http, protocol
 from .backplane import Backplane, BackplaneUnavailableError
@@ -47,7 +45,7 @@ from .outbox import Flusher
 from .protocol import CloseCode, ErrorCode, Kind, ProtocolError, Publish, Source
 from .servers import ServerReach, warn_if_workers_are_islands
 from .sessions import COOKIE_NAME, Session, SessionCodec
-from .store import GROUP_RE, USERNAME_RE, Store, UnknownUserError
+from .store import GROUP_RE, USERNAME_RE, DatabaseError, Store, UnknownUserError
 from .tokens import Claims, TokenError, TokenVerifier
 from .types import Scope
 
@@ -95,6 +93,24 @@ class BatchError(Exception):
         self.detail = detail
 
 
+class FailureCounts(Protocol):
+    """Where the throttle counts: the store, or Redis (``Store`` and ``Backplane`` both)."""
+
+    async def count_failure(
+        self, limits: dict[str, int], window: float, now: float, attempt: str
+    ) -> float: ...
+
+    async def forgive_failure(self, keys: list[str], attempt: str, clear: list[str]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """A login attempt the throttle counted: its keys, and its id among their failures."""
+
+    keys: list[str]
+    id: str
+
+
 class LoginThrottle:
     """Failed logins in a sliding window, counted three ways.
 
@@ -105,18 +121,25 @@ class LoginThrottle:
       against guessing spread over many addresses.
 
     An attempt is counted before its password is checked and taken back if it was right,
-    so concurrent guesses get no more tries than the limit. In memory and per process.
-    The table is bounded: past ``max_keys`` the stale keys go first, then the oldest.
+    so concurrent guesses get no more tries than the limit. The counts are kept where every
+    node and every restart sees them (DESIGN 8): in Redis with the backplane, else in the
+    database; each key holds at most its limit of failures.
     """
 
     ADDRESS_FACTOR: Final = 4
     USERNAME_FACTOR: Final = 20
 
-    def __init__(self, max_failures: int, window: float, max_keys: int = 100_000) -> None:
+    def __init__(
+        self,
+        counts: FailureCounts,
+        max_failures: int,
+        window: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.counts = counts
         self.max_failures = max_failures
         self.window = window
-        self.max_keys = max_keys
-        self._failures: dict[str, deque[float]] = {}
+        self.clock = clock
 
     def limits(self, username: str, address: str) -> dict[str, int]:
         name = username.lower()
@@ -126,56 +149,28 @@ class LoginThrottle:
             f"user:{name}": self.max_failures * self.USERNAME_FACTOR,
         }
 
-    def attempt(self, username: str, address: str, now: float) -> int | dict[str, int]:
-        """Count one attempt; or, if a limit is reached, the seconds to wait (nothing counted).
+    async def attempt(self, username: str, address: str) -> Attempt | int:
+        """Count one attempt; or, if a limit is reached, the whole seconds to wait (nothing
+        counted).
 
-        Returns:
-            The attempt's keys (to pass to ``succeeded`` if the password is right), or an int.
+        Raises:
+            DatabaseError, BackplaneUnavailableError: the counts cannot be reached.
         """
         limits = self.limits(username, address)
-        waits = []
-        for key, limit in limits.items():
-            stamps = self._recent(key, now)
-            if stamps is not None and len(stamps) >= limit:
-                waits.append(stamps[-limit] + self.window - now)
-        if waits:
-            return max(1, math.ceil(max(waits)))
-        for key, limit in limits.items():
-            stamps = self._failures.get(key)
-            if stamps is None:
-                if len(self._failures) >= self.max_keys:
-                    self._shrink(now)
-                stamps = self._failures[key] = deque(maxlen=limit)
-            stamps.append(now)
-        return limits
+        attempt = secrets.token_urlsafe(12)
+        wait = await self.counts.count_failure(limits, self.window, self.clock(), attempt)
+        if wait > 0:
+            return max(1, math.ceil(wait))
+        return Attempt(list(limits), attempt)
 
-    def succeeded(self, limits: dict[str, int]) -> None:
-        """The attempt was right: it is not a failure, and the pair's past ones are forgiven."""
-        for key in limits:
-            stamps = self._failures.get(key)
-            if stamps:
-                stamps.pop()
-                if not stamps or key.startswith("pair:"):
-                    del self._failures[key]
+    async def succeeded(self, attempt: Attempt) -> None:
+        """The attempt was right: it is not a failure, and the pair's past ones are forgiven.
 
-    def _recent(self, key: str, now: float) -> deque[float] | None:
-        stamps = self._failures.get(key)
-        if stamps is None:
-            return None
-        while stamps and stamps[0] <= now - self.window:
-            stamps.popleft()
-        if not stamps:
-            del self._failures[key]
-            return None
-        return stamps
-
-    def _shrink(self, now: float) -> None:
-        stale = [k for k, v in self._failures.items() if not v or v[-1] <= now - self.window]
-        for key in stale:
-            del self._failures[key]
-        if len(self._failures) >= self.max_keys:
-            for key in list(self._failures)[: self.max_keys // 2]:
-                del self._failures[key]
+        Raises:
+            DatabaseError, BackplaneUnavailableError: the counts cannot be reached.
+        """
+        pairs = [key for key in attempt.keys if key.startswith("pair:")]
+        await self.counts.forgive_failure(attempt.keys, attempt.id, pairs)
 
 
 class Seats:
@@ -299,8 +294,11 @@ class Service:
         settings = self.settings
         self.seats = Seats(settings.max_connections, settings.max_connections_per_user)
         self.deadlines = Deadlines(self.codec.clock)
+        backplane = self.hub.backplane
         self.throttle = LoginThrottle(
-            self.settings.login_max_failures, self.settings.login_failure_window
+            backplane if backplane is not None else self.store,
+            self.settings.login_max_failures,
+            self.settings.login_failure_window,
         )
         self.metrics = Metrics(self.hub, self.flusher.stats, self.stats)
 
@@ -316,9 +314,19 @@ class Service:
         ``clock`` tells session ages (tests pass their own instead of waiting).
         """
         keys = await asyncio.to_thread(secret_keys, settings.secret_keys, settings.data_dir)
+        if settings.database_url and not settings.secret_keys:
+            log.warning(
+                "WSFANOUT_DATABASE_URL is set but WSFANOUT_SECRET_KEY is not: this node signs "
+                "cookies with its own key (in %s), which other nodes refuse",
+                settings.data_dir,
+            )
         web = await asyncio.to_thread(load_web_files)
         async with contextlib.AsyncExitStack() as opened:  # closes what opened if a step fails
-            store = await Store.open(settings.database_path)
+            store = await Store.open(
+                settings.database_target,
+                pool_size=settings.database_pool_size,
+                keep_trying=True,
+            )
             opened.push_async_callback(store.close)
             server = ServerReach(
                 compression=settings.compression,
@@ -356,16 +364,18 @@ class Service:
                 tokens=tokens,
             )
             hub.start(svc.apply, svc.missed)
-            pruned = await store.prune_sessions(settings.session_max_age)
-            if pruned:
-                log.info("dropped %d expired sessions", pruned)
+            with contextlib.suppress(DatabaseError):  # not reached yet: it says so itself
+                pruned = await store.prune(settings.session_max_age, settings.login_failure_window)
+                if pruned:
+                    log.info("dropped %d expired sessions", pruned)
             opened.push_async_callback(svc.flusher.close)
             if settings.amqp_url:
                 svc._start_amqp()
             opened.pop_all()  # started: close() takes them down from now on
         log.info(
-            "wsfanout ready: database %s, %s, permessage-deflate %s",
-            settings.database_path,
+            "wsfanout ready: %s %s, %s, permessage-deflate %s",
+            store.kind,
+            store.where,
             "Redis backplane" if settings.redis_url else "one node (no backplane)",
             server.deflate,
         )
@@ -425,7 +435,7 @@ class Service:
         expired and pruned) or its user is gone. A token needs no store.
 
         Raises:
-            sqlite3.Error: the database failed.
+            DatabaseError: the database failed.
         """
         if isinstance(found, Claims):
             return Login(found.username, found.name, found.groups, found.expires_at, None)
@@ -442,7 +452,7 @@ class Service:
         """Who makes this HTTP request; None: anonymous (no, a refused or a revoked login).
 
         Raises:
-            sqlite3.Error: the database failed.
+            DatabaseError: the database failed.
         """
         try:
             found = self.credentials(scope)
@@ -515,7 +525,7 @@ class Service:
                 groups = await self.store.groups_of(found.id) if found is not None else None
                 if not self._regrouping[key]:
                     break
-        except sqlite3.Error as exc:
+        except DatabaseError as exc:
             log.error("could not read the groups of %s: %s", user, exc)
             return
         finally:
@@ -602,7 +612,7 @@ class Service:
                 target = name or await store.resolve_user(target)
         except UnknownUserError as exc:
             raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
-        except sqlite3.Error as exc:
+        except DatabaseError as exc:
             log.error("database error while publishing: %s", exc)
             raise ProtocolError(
                 ErrorCode.UNAVAILABLE, "the database is unavailable, try again", publish.frame_id

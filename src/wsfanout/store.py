@@ -1,62 +1,57 @@
-"""Users, groups, memberships and sessions in SQLite, through aiosqlite (never on the loop
-thread).
+"""Users, groups, memberships, sessions and login failures, in SQLite or PostgreSQL.
+
+The SQL is written once for both (``database.py`` holds what differs: connecting,
+transactions, the schema and its versions). Names are matched case-insensitively through
+``lower()``, so both backends answer alike.
 
 A session is a row: a login creates one and its id goes into the cookie; it is valid while
 the row is there. Revoking deletes rows (one at logout; all of a user's on a password change,
 an operator's disconnect, or with the user). Lookups are cached for a few seconds; a
 revocation made through this store forgets its cached answers at once, and one made by
 another node is forgotten when its word arrives (``forget_sessions``).
+
+Every failure of the database itself is a ``DatabaseError`` (the caller answers 503); a
+change the store refuses is a ``StoreError``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import re
 import secrets
-import sqlite3
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Generic, TypeVar
 
-import aiosqlite
+from .database import (
+    RETRY_MAX,
+    RETRY_MIN,
+    Database,
+    DatabaseError,
+    Executor,
+    SchemaError,
+    Unready,
+    open_database,
+)
+
+__all__ = ["DatabaseError"]  # what callers catch, from here
+
+log = logging.getLogger(__name__)
 
 K = TypeVar("K")
 V = TypeVar("V")
 
-SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS users (
-    id INTEGER PRIMARY KEY,
-    username TEXT NOT NULL UNIQUE COLLATE NOCASE,
-    first_name TEXT NOT NULL DEFAULT '',
-    password_hash TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS users_first_name ON users (first_name COLLATE NOCASE);
-CREATE TABLE IF NOT EXISTS groups (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE
-);
-CREATE TABLE IF NOT EXISTS user_groups (
-    user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-    group_id INTEGER NOT NULL REFERENCES groups (id) ON DELETE CASCADE,
-    PRIMARY KEY (user_id, group_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-    created_at REAL NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_id, created_at);
-"""
-
 _USER_COLUMNS: Final = "SELECT id, username, first_name, password_hash FROM users"
-_USER_BY_NAME: Final = _USER_COLUMNS + " WHERE username = ?"
+_USER_BY_NAME: Final = _USER_COLUMNS + " WHERE lower(username) = lower(?)"
 _USER_BY_ID: Final = _USER_COLUMNS + " WHERE id = ?"
+_IDENTITY: Final = (  # a user's row once per group (once with NULL when in none), by group
+    "SELECT u.id, u.username, u.first_name, u.password_hash, g.name FROM users u "
+    "LEFT JOIN user_groups ug ON ug.user_id = u.id LEFT JOIN groups g ON g.id = ug.group_id "
+    "WHERE u.id = ? ORDER BY g.name"
+)
 
-_ADD_GROUP: Final = "INSERT INTO groups (name) VALUES (?)"
 USERNAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 GROUP_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_FIRST_NAME: Final = 100
@@ -106,12 +101,20 @@ _GROUP_SIZES: Final = (
     "SELECT g.name, count(ug.user_id) FROM groups g "
     "LEFT JOIN user_groups ug ON ug.group_id = g.id WHERE g.name IN ({marks}) GROUP BY g.name"
 )
-_SHARING: Final = (
-    "SELECT DISTINCT u.username, u.first_name FROM users u "
-    "JOIN user_groups ug ON ug.user_id = u.id JOIN groups g ON g.id = ug.group_id "
-    "WHERE g.name IN ({marks}) AND (u.username LIKE ? ESCAPE '\\' "
-    "OR u.first_name LIKE ? ESCAPE '\\') ORDER BY u.username LIMIT ?"
+# Users whose username or first name starts with a prefix (LIKE patterns: ``_like_prefix``).
+_USERS_LIKE: Final = (
+    "SELECT username, first_name FROM users WHERE (lower(username) LIKE lower(?) ESCAPE '\\' "
+    "OR lower(first_name) LIKE lower(?) ESCAPE '\\') ORDER BY lower(username) LIMIT ?"
 )
+_SHARING: Final = (
+    "SELECT username, first_name FROM users u WHERE EXISTS (SELECT 1 FROM user_groups ug "
+    "JOIN groups g ON g.id = ug.group_id WHERE ug.user_id = u.id AND g.name IN ({marks})) "
+    "AND (lower(username) LIKE lower(?) ESCAPE '\\' OR lower(first_name) LIKE lower(?) "
+    "ESCAPE '\\') ORDER BY lower(username) LIMIT ?"
+)
+_FORGIVE: Final = "DELETE FROM login_failures WHERE key IN ({marks}) AND attempt = ?"
+_FORGIVE_ALL: Final = "DELETE FROM login_failures WHERE key IN ({marks})"
+FAILURES_PRUNE_EVERY: Final = 60.0  # seconds between drops of expired login failures
 CACHE_SECONDS: Final = 10.0
 CACHE_ENTRIES: Final = 100_000
 
@@ -158,67 +161,110 @@ class _Cache(Generic[K, V]):
 
 
 class Store:
-    """One aiosqlite connection to the service's database (WAL mode)."""
+    """Users, groups, memberships, sessions and login failures, in SQLite or PostgreSQL
+    (``database.py``), with short caches in front of the hot reads."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
-        self._db = db
-        self.path = path
+    def __init__(self, db: Database) -> None:
+        self._database = db
+        self._db = db  # or, while it cannot be used yet, an ``Unready`` saying why
+        self.kind = db.kind
+        self.where = db.where
         self._identities: _Cache[int, tuple[User, list[str]]] = _Cache()
         self._groups: _Cache[str, bool] = _Cache()
         self._names: _Cache[str, str] = _Cache()
         self._sizes: _Cache[str, int] = _Cache()
         self._sessions: _Cache[str, int] = _Cache()  # session id -> user id, or NO_SESSION
-        self._write_lock = asyncio.Lock()
+        self._failures_pruned = 0.0  # when old login failures were last dropped
+        self._preparing: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
-        """Open (creating the file, its folder and the schema if needed).
+    async def open(
+        cls,
+        where: Path | str,
+        *,
+        pool_size: int = 10,
+        keep_trying: bool = False,
+        migrate: bool = True,
+    ) -> Store:
+        """Open a SQLite file (a path) or PostgreSQL (a ``postgresql://`` URL), and bring
+        its schema up to date (``database.migrate``; not without ``migrate``, for a look).
+
+        With ``keep_trying``, a database that cannot be reached is tried again in the
+        background, with backoff, until it answers; meanwhile every call raises
+        DatabaseError (and ``ping`` says why).
 
         Raises:
-            StoreError: the folder or file cannot be created or read.
+            StoreError: the database cannot be reached (without ``keep_trying``), or its
+            schema is newer than this code, or not wsfanout's.
         """
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pending = aiosqlite.connect(path, timeout=10)
-            # Mounted in an app that never sends lifespan shutdown, nobody closes the
-            # store; a non-daemon worker thread would then keep the process alive on
-            # exit. Committed data is safe either way (SQLite is crash-safe).
-            thread = getattr(pending, "_thread", None)
-            if thread is not None:
-                thread.daemon = True
-            db = await pending
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open database {str(path)!r}: {exc}") from exc
+            db = await open_database(where, pool_size)
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from None
+        store = cls(db)
         try:
-            await db.execute("PRAGMA busy_timeout = 10000")
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute("PRAGMA foreign_keys = ON")
-            await db.executescript(SCHEMA)
-            await db.commit()
-        except sqlite3.Error as exc:
+            await (db.migrate() if migrate else db.ping())
+        except SchemaError as exc:
             await db.close()
-            raise StoreError(f"cannot use database {str(path)!r}: {exc}") from exc
-        return cls(db, path)
+            raise StoreError(str(exc)) from None
+        except DatabaseError as exc:
+            if not keep_trying:
+                await db.close()
+                raise StoreError(str(exc)) from None
+            log.error("%s; trying again in the background", exc)
+            store._db = Unready(db, str(exc))
+            store._preparing = asyncio.get_running_loop().create_task(store._keep_trying())
+        return store
+
+    async def _keep_trying(self) -> None:
+        delay = RETRY_MIN
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+            try:
+                await self._database.migrate()
+            except DatabaseError as exc:
+                self._db = Unready(self._database, str(exc))
+                log.debug("still cannot use the database: %s", exc)
+                continue
+            except SchemaError as exc:  # nothing to wait for: every call (and /healthz) says so
+                self._db = Unready(self._database, str(exc))
+                log.critical("%s", exc)
+                return
+            self._db = self._database
+            log.info("%s %s reached: serving from it", self.kind, self.where)
+            return
 
     async def close(self) -> None:
-        await self._db.close()
+        if self._preparing is not None:
+            self._preparing.cancel()
+            await asyncio.gather(self._preparing, return_exceptions=True)
+        await self._database.close()
+
+    async def version(self) -> int:
+        """The schema version the database holds (it may be older or newer than this
+        code's ``database.VERSION``).
+
+        Raises:
+            DatabaseError, SchemaError
+        """
+        return await self._database.version()
 
     async def ping(self) -> None:
-        """Raises sqlite3.Error if the database cannot answer."""
-        async with self._db.execute("SELECT 1") as cursor:
-            await cursor.fetchone()
+        """Raises DatabaseError unless the database answers (and is ready to use)."""
+        await self._db.ping()
 
     # Reads
 
     async def user_by_name(self, username: str) -> User | None:
-        return await self._one_user(_USER_BY_NAME, username)
+        """The user with this username, whatever its case."""
+        return await self._one_user(_USER_BY_NAME, username, self._db)
 
     async def user_by_id(self, user_id: int) -> User | None:
-        return await self._one_user(_USER_BY_ID, user_id)
+        return await self._one_user(_USER_BY_ID, user_id, self._db)
 
-    async def _one_user(self, sql: str, value: object) -> User | None:
-        async with self._db.execute(sql, (value,)) as cursor:
-            row = await cursor.fetchone()
+    async def _one_user(self, sql: str, value: object, on: Executor) -> User | None:
+        row = await on.fetchone(sql, value)
         return User(*row) if row else None
 
     async def identity(self, user_id: int) -> tuple[User, list[str]] | None:
@@ -227,18 +273,20 @@ class Store:
         if cached is not None:
             return cached
         since = self._identities.generation
-        user = await self.user_by_id(user_id)
-        if user is None:
+        rows = await self._db.fetch(_IDENTITY, user_id)  # one round trip for both
+        if not rows:
             return None
-        return self._identities.put(user_id, (user, await self.groups_of(user_id)), since)
+        user = User(*rows[0][:4])
+        groups = [row[4] for row in rows if row[4] is not None]
+        return self._identities.put(user_id, (user, groups), since)
 
     async def groups_of(self, user_id: int) -> list[str]:
-        sql = (
+        rows = await self._db.fetch(
             "SELECT g.name FROM groups g JOIN user_groups ug ON ug.group_id = g.id "
-            "WHERE ug.user_id = ? ORDER BY g.name"
+            "WHERE ug.user_id = ? ORDER BY g.name",
+            user_id,
         )
-        async with self._db.execute(sql, (user_id,)) as cursor:
-            return [row[0] for row in await cursor.fetchall()]
+        return [row[0] for row in rows]
 
     async def group_sizes(self, names: list[str]) -> dict[str, int]:
         """How many members each of these groups has, cached for a few seconds."""
@@ -252,11 +300,9 @@ class Store:
                 sizes[name] = cached
         if missing:
             since = self._sizes.generation
-            marks = ",".join("?" * len(missing))
-            sql = _GROUP_SIZES.format(marks=marks)  # only placeholders are formatted in
-            async with self._db.execute(sql, missing) as cursor:
-                for name, count in await cursor.fetchall():
-                    sizes[name] = self._sizes.put(name, int(count), since)
+            sql = _GROUP_SIZES.format(marks=_marks(missing))  # only placeholders go in
+            for name, count in await self._db.fetch(sql, *missing):
+                sizes[name] = self._sizes.put(name, int(count), since)
         return sizes
 
     async def group_exists(self, name: str) -> bool:
@@ -264,8 +310,7 @@ class Store:
         if self._groups.get(name):
             return True
         since = self._groups.generation
-        async with self._db.execute("SELECT 1 FROM groups WHERE name = ?", (name,)) as cursor:
-            found = await cursor.fetchone() is not None
+        found = await self._db.fetchone("SELECT 1 FROM groups WHERE name = ?", name) is not None
         return self._groups.put(name, True, since) if found else False
 
     async def resolve_user(self, name: str) -> str:
@@ -283,28 +328,30 @@ class Store:
         user = await self.user_by_name(name)
         if user is not None:
             return self._names.put(key, user.username, since)
-        sql = "SELECT username FROM users WHERE first_name = ? COLLATE NOCASE LIMIT 2"
-        async with self._db.execute(sql, (name,)) as cursor:
-            rows = list(await cursor.fetchall())
+        rows = await self._db.fetch(
+            "SELECT username FROM users WHERE lower(first_name) = lower(?) LIMIT 2", name
+        )
         if len(rows) != 1:
             raise UnknownUserError(name, len(rows))
         return self._names.put(key, str(rows[0][0]), since)
 
     async def directory(self, prefix: str, limit: int) -> tuple[list[str], list[tuple[str, str]]]:
-        """Group names and (username, first name) pairs starting with ``prefix``."""
+        """Group names and (username, first name) pairs starting with ``prefix``
+        (case-insensitively)."""
         pattern = _like_prefix(prefix)
-        async with self._db.execute(
-            "SELECT name FROM groups WHERE name LIKE ? ESCAPE '\\' ORDER BY name LIMIT ?",
-            (pattern, limit),
-        ) as cursor:
-            groups = [row[0] for row in await cursor.fetchall()]
-        async with self._db.execute(
-            "SELECT username, first_name FROM users WHERE username LIKE ? ESCAPE '\\' "
-            "OR first_name LIKE ? ESCAPE '\\' ORDER BY username LIMIT ?",
-            (pattern, pattern, limit),
-        ) as cursor:
-            users = [(row[0], row[1]) for row in await cursor.fetchall()]
-        return groups, users
+        rows = await self._db.fetch(
+            "SELECT name FROM groups WHERE lower(name) LIKE lower(?) ESCAPE '\\' "
+            "ORDER BY name LIMIT ?",
+            pattern,
+            limit,
+        )
+        users = await self._db.fetch(
+            _USERS_LIKE,
+            pattern,
+            pattern,
+            limit,
+        )
+        return [row[0] for row in rows], [(row[0], row[1]) for row in users]
 
     async def session_user(self, session_id: str) -> int | None:
         """The user id of a live session, or None (revoked, expired and pruned, unknown).
@@ -316,29 +363,27 @@ class Store:
         if cached is not None:
             return cached or None
         since = self._sessions.generation
-        async with self._db.execute(
-            "SELECT user_id FROM sessions WHERE id = ?", (session_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
+        row = await self._db.fetchone("SELECT user_id FROM sessions WHERE id = ?", session_id)
         found = int(row[0]) if row else NO_SESSION
         return self._sessions.put(session_id, found, since) or None
 
     async def list_users(self, prefix: str, limit: int) -> list[tuple[str, str]]:
         """(username, first name) of the users whose username starts with ``prefix``."""
-        async with self._db.execute(
-            "SELECT username, first_name FROM users WHERE username LIKE ? ESCAPE '\\' "
-            "ORDER BY username LIMIT ?",
-            (_like_prefix(prefix), limit),
-        ) as cursor:
-            return [(row[0], row[1]) for row in await cursor.fetchall()]
+        rows = await self._db.fetch(
+            "SELECT username, first_name FROM users WHERE lower(username) LIKE lower(?) "
+            "ESCAPE '\\' ORDER BY lower(username) LIMIT ?",
+            _like_prefix(prefix),
+            limit,
+        )
+        return [(row[0], row[1]) for row in rows]
 
     async def list_groups(self) -> list[tuple[str, int]]:
         """Every group's name and member count, by name."""
-        async with self._db.execute(
+        rows = await self._db.fetch(
             "SELECT g.name, count(ug.user_id) FROM groups g "
-            "LEFT JOIN user_groups ug ON ug.group_id = g.id GROUP BY g.id ORDER BY g.name"
-        ) as cursor:
-            return [(row[0], int(row[1])) for row in await cursor.fetchall()]
+            "LEFT JOIN user_groups ug ON ug.group_id = g.id GROUP BY g.id, g.name ORDER BY g.name"
+        )
+        return [(row[0], int(row[1])) for row in rows]
 
     async def users_sharing_groups(
         self, groups: list[str], prefix: str, limit: int
@@ -346,49 +391,32 @@ class Store:
         """(username, first name) of the members of any of these groups, by username."""
         if not groups:
             return []
-        marks = ",".join("?" * len(groups))
-        sql = _SHARING.format(marks=marks)  # only placeholders are formatted in
+        sql = _SHARING.format(marks=_marks(groups))  # only placeholders are formatted in
         pattern = _like_prefix(prefix)
-        async with self._db.execute(sql, (*groups, pattern, pattern, limit)) as cursor:
-            return [(row[0], row[1]) for row in await cursor.fetchall()]
+        rows = await self._db.fetch(sql, *groups, pattern, pattern, limit)
+        return [(row[0], row[1]) for row in rows]
 
-    # Writes: each in one transaction of its own (``_writing``)
+    async def counts(self) -> dict[str, int]:
+        """How many users, groups and live sessions the database holds."""
+        row = await self._db.fetchone(
+            "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM groups), "
+            "(SELECT count(*) FROM sessions)"
+        )
+        assert row is not None
+        return {"users": int(row[0]), "groups": int(row[1]), "sessions": int(row[2])}
 
-    @contextlib.asynccontextmanager
-    async def _writing(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction at a time on the shared connection.
-
-        Python's sqlite3 opens transactions by itself and leaves a failed one open, and
-        every request shares this connection: without this, one request's rollback undoes
-        another's half-done change, and a transaction left open holds the database's write
-        lock (every other process then fails with "database is locked") and pins an old
-        snapshot. So: one writer at a time, ``BEGIN IMMEDIATE`` (waits up to the busy
-        timeout for other processes' writers, rather than failing later), commit, or roll
-        back whatever raised. The caches are forgotten afterwards.
-        """
-        async with self._write_lock:
-            db = self._db
-            if db.in_transaction:  # cannot happen, unless a cancelled rollback left one
-                await db.rollback()
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    await db.rollback()
-                raise
-            await db.commit()
+    # Writes: each in one transaction of its own; the caches are forgotten afterwards.
 
     async def add_group(self, name: str, *, exist_ok: bool = False) -> None:
         """Raises: InvalidNameError, DuplicateError (unless ``exist_ok``)."""
         if not GROUP_RE.fullmatch(name):
             raise InvalidNameError("group name", name, "letters, digits, '_', '.', '-'; 1-64")
-        sql = "INSERT OR IGNORE INTO groups (name) VALUES (?)" if exist_ok else _ADD_GROUP
-        try:
-            async with self._writing() as db:
-                await db.execute(sql, (name,))
-        except sqlite3.IntegrityError:
-            raise DuplicateError("group", name) from None
+        async with self._db.transaction() as tx:
+            added = await tx.execute(
+                "INSERT INTO groups (name) VALUES (?) ON CONFLICT DO NOTHING", name
+            )
+        if not added and not exist_ok:
+            raise DuplicateError("group", name)
         self.forget()
 
     async def add_user(
@@ -411,28 +439,28 @@ class Store:
         first_name = first_name.strip()
         if len(first_name) > MAX_FIRST_NAME or not first_name.isprintable():
             raise InvalidNameError("first name", first_name, "printable, at most 100 characters")
-        try:
-            async with self._writing() as db:
-                group_ids = [await self._group_id(name) for name in groups]
-                cursor = await db.execute(
-                    "INSERT INTO users (username, first_name, password_hash, created_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (username, first_name, password_hash, time.time()),
-                )
-                user_id = cursor.lastrowid
-                assert user_id is not None
-                await db.executemany(
-                    "INSERT OR IGNORE INTO user_groups (user_id, group_id) VALUES (?, ?)",
-                    [(user_id, gid) for gid in group_ids],
-                )
-        except sqlite3.IntegrityError:
-            raise DuplicateError("user", username) from None
+        async with self._db.transaction() as tx:
+            group_ids = [await self._group_id(name, tx) for name in groups]
+            row = await tx.fetchone(
+                "INSERT INTO users (username, first_name, password_hash, created_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                username,
+                first_name,
+                password_hash,
+                time.time(),
+            )
+            if row is None:
+                raise DuplicateError("user", username)
+            user_id = int(row[0])
+            await tx.executemany(
+                "INSERT INTO user_groups (user_id, group_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                [(user_id, gid) for gid in dict.fromkeys(group_ids)],
+            )
         self.forget()
         return user_id
 
-    async def _group_id(self, name: str) -> int:
-        async with self._db.execute("SELECT id FROM groups WHERE name = ?", (name,)) as cursor:
-            row = await cursor.fetchone()
+    async def _group_id(self, name: str, on: Executor) -> int:
+        row = await on.fetchone("SELECT id FROM groups WHERE name = ?", name)
         if row is None:
             raise UnknownGroupError(name)
         return int(row[0])
@@ -449,49 +477,52 @@ class Store:
         """
         session_id = secrets.token_urlsafe(18)
         now = time.time()
-        try:
-            async with self._writing() as db:
-                await db.execute(
-                    "DELETE FROM sessions WHERE user_id = ? AND created_at < ?",
-                    (user_id, now - max_age),
-                )
-                await db.execute(
-                    "INSERT INTO sessions (id, user_id, created_at) VALUES (?, ?, ?)",
-                    (session_id, user_id, now),
-                )
-        except sqlite3.IntegrityError:
-            raise UnknownUserError(f"#{user_id}") from None
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                "DELETE FROM sessions WHERE user_id = ? AND created_at < ?", user_id, now - max_age
+            )
+            added = await tx.execute(
+                "INSERT INTO sessions (id, user_id, created_at) "
+                "SELECT ?, id, ? FROM users WHERE id = ?",
+                session_id,
+                now,
+                user_id,
+            )
+        if not added:
+            raise UnknownUserError(f"#{user_id}")
         return session_id
 
     async def trim_sessions(self, user_id: int) -> list[str]:
         """Drop this user's sessions but the newest SESSIONS_PER_USER; the ids dropped
         (their open connections are the caller's to close)."""
-        async with (
-            self._writing() as db,
-            db.execute(
+        async with self._db.transaction() as tx:
+            rows = await tx.fetch(
                 "DELETE FROM sessions WHERE user_id = ? AND id NOT IN "
                 "(SELECT id FROM sessions WHERE user_id = ? ORDER BY created_at DESC LIMIT ?) "
                 "RETURNING id",
-                (user_id, user_id, SESSIONS_PER_USER),
-            ) as cursor,
-        ):
-            dropped = [str(row[0]) for row in await cursor.fetchall()]
+                user_id,
+                user_id,
+                SESSIONS_PER_USER,
+            )
+        dropped = [str(row[0]) for row in rows]
         for session_id in dropped:
             self.forget_sessions(session_id)
         return dropped
 
-    async def prune_sessions(self, max_age: float) -> int:
-        """Drop every session older than ``max_age`` seconds; how many went."""
-        async with self._writing() as db:
-            cursor = await db.execute(
-                "DELETE FROM sessions WHERE created_at < ?", (time.time() - max_age,)
+    async def prune(self, session_max_age: float, failure_window: float) -> int:
+        """Drop every session older than ``session_max_age`` seconds, and the login
+        failures older than ``failure_window``; how many sessions went."""
+        now = time.time()
+        async with self._db.transaction() as tx:
+            await tx.execute("DELETE FROM login_failures WHERE at <= ?", now - failure_window)
+            return await tx.execute(
+                "DELETE FROM sessions WHERE created_at < ?", now - session_max_age
             )
-        return cursor.rowcount
 
     async def revoke_session(self, session_id: str) -> None:
         """End one session (a logout)."""
-        async with self._writing() as db:
-            await db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        async with self._db.transaction() as tx:
+            await tx.execute("DELETE FROM sessions WHERE id = ?", session_id)
         self.forget_sessions(session_id)
 
     async def revoke_user_sessions(self, username: str) -> User:
@@ -500,9 +531,9 @@ class Store:
         Raises:
             UnknownUserError
         """
-        async with self._writing() as db:
-            user = await self._user(username)
-            await db.execute("DELETE FROM sessions WHERE user_id = ?", (user.id,))
+        async with self._db.transaction() as tx:
+            user = await self._user(username, tx)
+            await tx.execute("DELETE FROM sessions WHERE user_id = ?", user.id)
         self.forget_sessions()
         return user
 
@@ -527,12 +558,12 @@ class Store:
         Raises:
             UnknownUserError
         """
-        async with self._writing() as db:
-            user = await self._user(username)
-            await db.execute(
-                "UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user.id)
+        async with self._db.transaction() as tx:
+            user = await self._user(username, tx)
+            await tx.execute(
+                "UPDATE users SET password_hash = ? WHERE id = ?", password_hash, user.id
             )
-            await db.execute("DELETE FROM sessions WHERE user_id = ?", (user.id,))
+            await tx.execute("DELETE FROM sessions WHERE user_id = ?", user.id)
         self.forget_sessions()
         return user
 
@@ -542,9 +573,9 @@ class Store:
         Raises:
             UnknownUserError
         """
-        async with self._writing() as db:
-            user = await self._user(username)
-            await db.execute("DELETE FROM users WHERE id = ?", (user.id,))
+        async with self._db.transaction() as tx:
+            user = await self._user(username, tx)
+            await tx.execute("DELETE FROM users WHERE id = ?", user.id)
         self.forget_sessions()
         self.forget()
         return user
@@ -557,15 +588,15 @@ class Store:
             UnknownUserError, UnknownGroupError
         """
         sql = (
-            "INSERT OR IGNORE INTO user_groups (user_id, group_id) VALUES (?, ?)"
+            "INSERT INTO user_groups (user_id, group_id) VALUES (?, ?) ON CONFLICT DO NOTHING"
             if member
             else "DELETE FROM user_groups WHERE user_id = ? AND group_id = ?"
         )
-        async with self._writing() as db:
-            user = await self._user(username)
-            cursor = await db.execute(sql, (user.id, await self._group_id(group)))
+        async with self._db.transaction() as tx:
+            user = await self._user(username, tx)
+            changed = await tx.execute(sql, user.id, await self._group_id(group, tx))
         self.forget()
-        return user, cursor.rowcount > 0
+        return user, changed > 0
 
     async def delete_group(self, name: str) -> list[str]:
         """Delete a group (its memberships with it).
@@ -576,23 +607,77 @@ class Store:
         Raises:
             UnknownGroupError
         """
-        async with self._writing() as db:
-            group_id = await self._group_id(name)
-            async with db.execute(
+        async with self._db.transaction() as tx:
+            group_id = await self._group_id(name, tx)
+            rows = await tx.fetch(
                 "SELECT u.username FROM users u JOIN user_groups ug ON ug.user_id = u.id "
-                "WHERE ug.group_id = ? ORDER BY u.username",
-                (group_id,),
-            ) as cursor:
-                members = [row[0] for row in await cursor.fetchall()]
-            await db.execute("DELETE FROM groups WHERE id = ?", (group_id,))
+                "WHERE ug.group_id = ? ORDER BY lower(u.username)",
+                group_id,
+            )
+            await tx.execute("DELETE FROM groups WHERE id = ?", group_id)
         self.forget()
-        return members
+        return [row[0] for row in rows]
 
-    async def _user(self, username: str) -> User:
-        user = await self.user_by_name(username)
+    async def _user(self, username: str, on: Executor) -> User:
+        user = await self._one_user(_USER_BY_NAME, username, on)
         if user is None:
             raise UnknownUserError(username)
         return user
+
+    # Login failures (the throttle's counts when there is no Redis)
+
+    async def count_failure(
+        self, limits: dict[str, int], window: float, now: float, attempt: str
+    ) -> float:
+        """Count one login ``attempt`` (a failure until ``forgive_failure``) under each of
+        these keys, unless one of them already has its limit of failures in the last
+        ``window`` seconds.
+
+        Returns:
+            0 when counted; else the seconds until every key is under its limit again
+            (nothing was counted).
+        """
+        async with self._db.transaction() as tx:
+            await tx.serialize(list(limits))  # nodes counting at once see each other's counts
+            if now - self._failures_pruned > FAILURES_PRUNE_EVERY:
+                # Keys nobody tries again would otherwise keep their rows for ever.
+                self._failures_pruned = now
+                await tx.execute("DELETE FROM login_failures WHERE at <= ?", now - window)
+            wait = 0.0
+            for key, limit in limits.items():
+                row = await tx.fetchone(
+                    "SELECT at FROM login_failures WHERE key = ? AND at > ? "
+                    "ORDER BY at DESC LIMIT 1 OFFSET ?",
+                    key,
+                    now - window,
+                    limit - 1,
+                )
+                if row is not None:
+                    wait = max(wait, float(row[0]) + window - now)
+            if wait > 0:
+                return wait
+            await tx.executemany(
+                "INSERT INTO login_failures (key, at, attempt) VALUES (?, ?, ?)",
+                [(key, now, attempt) for key in limits],
+            )
+        return 0.0
+
+    async def forgive_failure(self, keys: list[str], attempt: str, clear: list[str]) -> None:
+        """The ``attempt`` counted under ``keys`` was right: it is no failure. Every
+        failure under the keys in ``clear`` is forgiven too."""
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                _FORGIVE.format(marks=_marks(keys)),  # only placeholders go in
+                *keys,
+                attempt,
+            )
+            if clear:
+                await tx.execute(_FORGIVE_ALL.format(marks=_marks(clear)), *clear)
+
+
+def _marks(values: list[str]) -> str:
+    """As many ``?`` placeholders, comma-separated, as there are values."""
+    return ",".join("?" * len(values))
 
 
 def _like_prefix(prefix: str) -> str:

@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import html
 import logging
-import sqlite3
-import time
 from typing import Any, Final
 from urllib.parse import parse_qs
 
@@ -23,7 +21,7 @@ from .hub import UnavailableError
 from .protocol import ErrorCode, Source
 from .service import BatchError, Login, Service
 from .sessions import COOKIE_NAME
-from .store import UnknownUserError, User
+from .store import DatabaseError, UnknownUserError, User
 from .types import Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -56,7 +54,7 @@ async def _login(scope: Scope, send: Send, svc: Service) -> tuple[bool, Login | 
     request was answered (503)."""
     try:
         return True, await svc.login(scope)
-    except sqlite3.Error as exc:
+    except DatabaseError as exc:
         log.error("database error checking a session: %s", exc)
         await http.error_response(send, 503, "The database is unavailable, try again")
         return False, None
@@ -112,7 +110,13 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
     client = (scope.get("client") or ("unknown", 0))[0]
     # Counted as a failure before the password is checked (taken back if it is right),
     # so parallel guesses get no more tries than the limit.
-    attempt = svc.throttle.attempt(username, str(client), time.monotonic())
+    try:
+        attempt = await svc.throttle.attempt(username, str(client))
+        user = None if isinstance(attempt, int) else await svc.store.user_by_name(username)
+    except (DatabaseError, BackplaneUnavailableError) as exc:
+        log.error("login of %r refused: %s", username, exc)
+        await refuse(503, "The service cannot check logins now, try again")
+        return
     if isinstance(attempt, int):
         wait = attempt
         svc.stats.login_failed("throttled")
@@ -120,15 +124,14 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
         message = f"Too many failed logins, try again in {wait} s"
         await refuse(429, message, [(b"retry-after", str(wait).encode())])
         return
-    user = await svc.store.user_by_name(username)
     ok = await asyncio.to_thread(_password_ok, password, user)
     if user is None or not ok:
         svc.stats.login_failed("password")
         log.info("failed login for %r from %s", username, client)
         await refuse(401, "User or password wrong")
         return
-    svc.throttle.succeeded(attempt)
     try:
+        await svc.throttle.succeeded(attempt)
         session_id = await svc.store.create_session(user.id, svc.settings.session_max_age)
         # Past the most sessions a user keeps, the oldest end, sockets and all.
         for dropped in await svc.store.trim_sessions(user.id):
@@ -138,9 +141,9 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
     except UnknownUserError:  # deleted while its password was checked
         await refuse(401, "User or password wrong")
         return
-    except sqlite3.Error as exc:
-        log.error("database error during a login: %s", exc)
-        await refuse(503, "The database is unavailable, try again")
+    except (DatabaseError, BackplaneUnavailableError) as exc:
+        log.error("login of %r failed: %s", username, exc)
+        await refuse(503, "The service cannot check logins now, try again")
         return
     token = svc.codec.issue(user.id, user.username, session_id)
     cookie = http.session_cookie(
@@ -196,7 +199,7 @@ async def logout(scope: Scope, receive: Receive, send: Send, svc: Service) -> No
     if session is not None:
         try:
             await svc.store.revoke_session(session.session_id)
-        except sqlite3.Error as exc:
+        except DatabaseError as exc:
             log.error("database error during a logout: %s", exc)
             await http.error_response(send, 503, "The database is unavailable, try again")
             return
@@ -249,7 +252,7 @@ async def healthz(scope: Scope, receive: Receive, send: Send, svc: Service) -> N
     checks = {"database": "ok"}
     try:
         await asyncio.wait_for(svc.store.ping(), 5)
-    except (sqlite3.Error, TimeoutError, ValueError) as exc:
+    except (DatabaseError, TimeoutError) as exc:
         checks["database"] = f"failing: {exc or type(exc).__name__}"
     backplane = svc.hub.backplane
     if backplane is not None:

@@ -35,7 +35,6 @@ import dataclasses
 import enum
 import functools
 import logging
-import sqlite3
 import time
 import urllib.parse
 from typing import Any, Final
@@ -54,6 +53,7 @@ from .protocol import (
 )
 from .servers import STREAM_KEY, TOO_LARGE_KEY
 from .service import REVOKED, Login, Service
+from .store import DatabaseError
 from .tokens import TokenError
 from .types import Receive, Scope, Send
 
@@ -140,7 +140,7 @@ async def _admit(
         groups = list(login.groups)
         sizes = await svc.store.group_sizes(groups) if largest and groups else {}
         announce = tuple(group for group in groups if sizes.get(group, largest + 1) <= largest)
-    except sqlite3.Error as exc:
+    except DatabaseError as exc:
         svc.seats.give_back(username)
         log.error("database error during a websocket handshake: %s", exc)
         raise Refusal(503, "database", "the database is unavailable") from None
