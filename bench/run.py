@@ -10,6 +10,12 @@ wsfanout's clients speak as browsers do: the handshake Chrome sends, permessage-
 offered as Chrome offers it (``--plain`` drops the offer). The baseline gets plain clients:
 it is the floor. Each table shows which client a column used and what the server negotiated.
 
+The ``logins`` scenario has HTTP clients of its own (bench/logins.mjs) log in for a while.
+The store runs on SQLite (a file in the server's data directory) and, for ``capacity-pg`` and
+``logins``, on PostgreSQL too (``wsfanout-pg``): a database of the run's own on the machine's
+server (127.0.0.1:5432), created with the same users and dropped at the end, also on failure.
+Without PostgreSQL those columns are skipped, with a line saying so.
+
     python bench/run.py                  # the full run (several minutes): bench/results.json
     python bench/run.py --quick          # a small smoke run: bench/results-quick.json
 """
@@ -18,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -31,6 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +47,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 SECRET = "bench-secret-key"  # noqa: S105 - a throwaway key for a throwaway database
+PASSWORD = "bench"  # noqa: S105 - every bench user's
 TICKS = os.sysconf("SC_CLK_TCK")
+# The machine's PostgreSQL: the run creates a database of its own there, and drops it.
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class System:
     workers: int = 0  # 0: hypercorn serves in its own process
     client: str = "browser"  # the loadgen's client: "browser" (offers deflate) or "plain"
     tree: Path | None = None  # another checkout's wsfanout (--against); None: this tree
+    store: str = "sqlite"  # "sqlite" (the data directory's file) or "postgresql"
 
 
 WSFANOUT_ENV = {"WSFANOUT_RATE_LIMIT": "0", "WSFANOUT_LOG_LEVEL": "warning"}
@@ -63,11 +76,17 @@ COMPRESS = System(
 NO_BATCH = System(
     "wsfanout-batch1", "wsfanout:app", "wsfanout", {**WSFANOUT_ENV, "WSFANOUT_BATCH_MAX": "1"}
 )
+WSFANOUT_PG = dataclasses.replace(WSFANOUT, name="wsfanout-pg", store="postgresql")
 BASELINE = System("baseline", "bench.baseline:app", "baseline", client="plain")
 CAPACITY = 19_000  # idle connections: a process here may hold 20,000 file descriptors
+# The scenarios whose connections are users of their own (capacity ones cycle them).
+FAN_OUT = ("burst", "paced", "groups")
 # Local addresses the capacity run connects from, in turn, so ephemeral ports never run short.
 SOURCES = [f"127.0.0.{n}" for n in range(1, 5)]
 REDIS_URL = "redis://127.0.0.1:6379/0"
+# A login is a scrypt hash (tens of ms of one core) and a few small writes: a handful of
+# clients already keeps the server's core busy; more would only queue.
+LOGIN_CLIENTS = 8
 REDIS_2W = System(
     "wsfanout-redis-2w",
     "wsfanout:app",
@@ -104,6 +123,8 @@ class Scenario:
 def scenarios(quick: bool) -> list[Scenario]:
     n = 100 if quick else 1000
     messages = 20 if quick else 200
+    capacity = 1000 if quick else CAPACITY
+    login_seconds = 2 if quick else 10
     return [
         Scenario(
             "burst",
@@ -142,11 +163,40 @@ def scenarios(quick: bool) -> list[Scenario]:
             (WSFANOUT, COMPRESS, BASELINE),
             {
                 "scenario": "capacity",
-                "connections": 1000 if quick else CAPACITY,
+                "connections": capacity,
                 "concurrency": 200,
                 "sources": SOURCES,
             },
-            f"capacity: {1000 if quick else CAPACITY:,} idle authenticated connections",
+            f"capacity: {capacity:,} idle authenticated connections",
+        ),
+        Scenario(
+            "capacity-pg",
+            (WSFANOUT, WSFANOUT_PG, BASELINE),
+            {
+                "scenario": "capacity",
+                "connections": capacity,
+                "concurrency": 200,
+                "sources": SOURCES,
+            },
+            f"capacity, the store on PostgreSQL vs SQLite: {capacity:,} idle authenticated "
+            "connections (each handshake reads its session, user and groups)",
+            subject="wsfanout-pg",
+            reference="wsfanout",
+        ),
+        Scenario(
+            "logins",
+            (WSFANOUT, WSFANOUT_PG),
+            {
+                "scenario": "logins",
+                "connections": 0,
+                "clients": LOGIN_CLIENTS,
+                "seconds": login_seconds,
+                "sources": SOURCES,
+            },
+            f"logins: POST /login by {LOGIN_CLIENTS} HTTP clients for {login_seconds} s, "
+            "the store on PostgreSQL vs SQLite (no baseline: the bare app has no login)",
+            subject="wsfanout-pg",
+            reference="wsfanout",
         ),
     ]
 
@@ -201,6 +251,74 @@ def forget_redis_keys(prefix: str) -> None:
         print(f"could not delete the bench's Redis keys ({exc})", flush=True)
 
 
+def postgres_rows(query: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Run a query on the machine's PostgreSQL as its administrator; its rows."""
+    import asyncpg
+
+    async def run() -> list[tuple[Any, ...]]:
+        connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+        try:
+            return [tuple(row) for row in await connection.fetch(query, *args)]
+        finally:
+            await connection.close()
+
+    return asyncio.run(run())
+
+
+def postgres_run(statement: str) -> None:
+    """Run a statement that cannot be prepared (CREATE/DROP DATABASE) as the administrator."""
+    import asyncpg
+
+    async def run() -> None:
+        connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str | None]:
+    """A database of the run's own on the machine's PostgreSQL (``wsfanout_bench_<random>``),
+    dropped at the end, also on failure; its URL. None, with a line saying why, when
+    PostgreSQL cannot be reached. No other database is touched."""
+    name = f"wsfanout_bench_{secrets.token_hex(6)}"
+    try:
+        postgres_run(f'CREATE DATABASE "{name}"')
+    except Exception as exc:  # unreachable, refused: the run goes on without PostgreSQL
+        print(
+            "skipping the PostgreSQL runs (capacity-pg, and wsfanout-pg in logins): "
+            f"no PostgreSQL at {POSTGRES_ADMIN_URL} ({type(exc).__name__}: {exc})",
+            flush=True,
+        )
+        yield None
+        return
+    print(f"PostgreSQL: database {name} for this run (dropped at the end)", flush=True)
+    try:
+        yield POSTGRES_ADMIN_URL.rpartition("/")[0] + "/" + name
+    finally:
+        try:
+            postgres_run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except Exception as exc:
+            print(f"could not drop the bench's database {name} ({exc})", flush=True)
+
+
+def postgres_backends_cpu(database: str) -> dict[int, float]:
+    """CPU seconds of each PostgreSQL backend serving this database (the servers' pooled
+    connections), by pid; empty if they cannot be listed or read."""
+    found: dict[int, float] = {}
+    try:
+        rows = postgres_rows("SELECT pid FROM pg_stat_activity WHERE datname = $1", database)
+    except Exception:
+        return found
+    for (pid,) in rows:
+        with contextlib.suppress(OSError):  # gone meanwhile, or not on this machine
+            found[pid] = cpu_seconds(pid)
+    return found
+
+
 def pin(core: int) -> list[str]:
     if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
         return ["taskset", "-c", str(core)]
@@ -208,7 +326,7 @@ def pin(core: int) -> list[str]:
 
 
 class Server:
-    def __init__(self, system: System, data_dir: Path) -> None:
+    def __init__(self, system: System, data_dir: Path, store_env: dict[str, str]) -> None:
         self.system = system
         self.data_dir = data_dir
         sock = socket.socket()
@@ -225,6 +343,7 @@ class Server:
             ),
             "WSFANOUT_DATA_DIR": str(data_dir),
             "WSFANOUT_SECRET_KEY": SECRET,
+            **store_env,
             **system.env,
         }
         self.proc = subprocess.Popen(
@@ -273,79 +392,102 @@ class Server:
                 self.proc.wait()
 
 
-def prepare(data_dir: Path, users: int) -> tuple[list[str], list[str]]:
-    """Create users bench0000… in groups g00… (10 each); return (cookies, groups) per user."""
+@dataclass(frozen=True)
+class Users:
+    """One store's bench users, as the load generator uses them."""
+
+    env: dict[str, str]  # what points a server at this store
+    names: list[str]
+    cookies: list[str]  # a session cookie per user
+    groups: list[str]  # each user's group
+    cookie_name: str
+    postgres: str | None = None  # the PostgreSQL database, whose backends' CPU is measured
+
+
+def prepare(where: Path | str, users: int) -> Users:
+    """Create users bench0000… (password PASSWORD) in groups g00… (10 each), each with a
+    session, in a SQLite file or a PostgreSQL database (a ``postgresql://`` URL)."""
     sys.path.insert(0, str(ROOT / "src"))
     from wsfanout.passwords import hash_password
     from wsfanout.sessions import COOKIE_NAME, SessionCodec
     from wsfanout.store import Store
 
-    async def build() -> tuple[list[str], list[str]]:
-        store = await Store.open(data_dir / "wsfanout.sqlite3")
-        hashed = hash_password("bench")  # one hash for all: creating users stays fast
+    async def build() -> tuple[list[str], list[str], list[str]]:
+        store = await Store.open(where)
+        hashed = hash_password(PASSWORD)  # one hash for all: creating users stays fast
         codec = SessionCodec((SECRET,), 86400)
-        cookies, groups = [], []
+        names, cookies, groups = [], [], []
         for g in range(users // 10):
             await store.add_group(f"g{g:03d}")
         for i in range(users):
-            group = f"g{i // 10:03d}"
-            user_id = await store.add_user(f"bench{i:05d}", hashed, groups=(group,))
+            name, group = f"bench{i:05d}", f"g{i // 10:03d}"
+            user_id = await store.add_user(name, hashed, groups=(group,))
             session_id = await store.create_session(user_id, 86400)  # a login, as the page's
-            cookies.append(f"{COOKIE_NAME}={codec.issue(user_id, f'bench{i:05d}', session_id)}")
+            names.append(name)
+            cookies.append(f"{COOKIE_NAME}={codec.issue(user_id, name, session_id)}")
             groups.append(group)
         await store.close()
-        return cookies, groups
+        return names, cookies, groups
 
-    return asyncio.run(build())
+    names, cookies, groups = asyncio.run(build())
+    if isinstance(where, Path):  # the file every server's data directory holds
+        return Users({}, names, cookies, groups, COOKIE_NAME)
+    database = where.rpartition("/")[2].partition("?")[0]
+    env = {"WSFANOUT_DATABASE_URL": where}
+    return Users(env, names, cookies, groups, COOKIE_NAME, database)
+
+
+def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy the server (raw stacks into ``out``) until it is sent SIGINT."""
+    command = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "200"]
+    profiler = subprocess.Popen(
+        [*command, "--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # py-spy attaches
+    return profiler
 
 
 def run_once(
     scenario: Scenario,
     system: System,
     data_dir: Path,
-    cookies: list[str],
-    groups: list[str],
+    users: Users,
     profile_dir: Path | None = None,
     plain: bool = False,
 ) -> dict[str, Any]:
-    server = Server(system, data_dir)
+    server = Server(system, data_dir, users.env)
     try:
+        groups = users.groups
         config = {
             **scenario.config,
             "client": "plain" if plain else system.client,
             "mode": system.mode,
             "url": f"ws://127.0.0.1:{server.port}/",
-            "cookies": cookies,
+            "cookies": users.cookies,
             "groups": groups,
+            "usernames": users.names,
+            "password": PASSWORD,
+            "cookieName": users.cookie_name,
             "concurrency": scenario.config.get("concurrency", 100),
         }
         n = config["connections"]
         config["groupSizes"] = {g: groups[:n].count(g) for g in sorted(set(groups[:n]))}
         rss_before = rss_kib(server.proc.pid)
         cpu_start = cpu_seconds(server.proc.pid)
+        pg_start = postgres_backends_cpu(users.postgres) if users.postgres else {}
+        profiled = profile_dir is not None and system.name in ("wsfanout", "wsfanout-pg")
+        profile = (profile_dir or Path()) / f"{scenario.name}-{system.name}.txt"
         profiler = None
-        if profile_dir is not None and system.name == "wsfanout" and scenario.name == "capacity":
-            profiler = subprocess.Popen(
-                [
-                    "py-spy",
-                    "record",
-                    "--pid",
-                    str(server.proc.pid),
-                    "--format",
-                    "raw",
-                    "--rate",
-                    "200",
-                    "--output",
-                    str(profile_dir / "capacity-wsfanout.txt"),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(1.0)
+        if profiled and config["scenario"] == "capacity":  # its measured phase: handshakes
+            profiler = start_profiler(server.proc.pid, profile)
         config_path = data_dir / "loadgen.json"
         config_path.write_text(json.dumps(config))
+        # logins.mjs speaks the same lines on stdin and stdout as loadgen.mjs
+        script = "logins.mjs" if config["scenario"] == "logins" else "loadgen.mjs"
         loadgen = subprocess.Popen(
-            [*pin(1), "node", str(BENCH / "loadgen.mjs"), str(config_path)],
+            [*pin(1), "node", str(BENCH / script), str(config_path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -357,25 +499,8 @@ def run_once(
         time.sleep(0.5)  # let the server settle after the handshakes
         rss_after = rss_kib(server.proc.pid)
         handshake_cpu = cpu_seconds(server.proc.pid) - cpu_start
-        if profile_dir is not None and system.name == "wsfanout" and profiler is None:
-            out = profile_dir / f"{scenario.name}-{system.name}.txt"
-            profiler = subprocess.Popen(
-                [
-                    "py-spy",
-                    "record",
-                    "--pid",
-                    str(server.proc.pid),
-                    "--format",
-                    "raw",
-                    "--rate",
-                    "200",
-                    "--output",
-                    str(out),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(1.0)  # py-spy attaches
+        if profiled and profiler is None:
+            profiler = start_profiler(server.proc.pid, profile)
         cpu_before = cpu_seconds(server.proc.pid)
         redis_before = redis_cpu_seconds()
         loadgen.stdin.write("go\n")
@@ -383,6 +508,7 @@ def run_once(
         result: dict[str, Any] = json.loads(loadgen.stdout.readline() or '{"error": "no result"}')
         cpu_after = cpu_seconds(server.proc.pid)
         redis_after = redis_cpu_seconds()
+        pg_end = postgres_backends_cpu(users.postgres) if users.postgres else {}
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(30)
@@ -401,10 +527,24 @@ def run_once(
         result["server_us_per_delivery"] = (
             1e6 * result["server_cpu_s"] / result["deliveries"] if result["deliveries"] else None
         )
-        result["rss_kib_per_conn"] = (rss_after - rss_before) / n
-        result["server_us_per_handshake"] = 1e6 * handshake_cpu / n
+        # PostgreSQL's share, from before the first handshake to the end (in the capacity
+        # runs nothing happens after the handshakes; in the login runs nothing before).
+        pg_cpu = sum(cpu - pg_start.get(pid, 0.0) for pid, cpu in pg_end.items())
+        if users.postgres and pg_end:
+            result["pg_cpu_s"] = pg_cpu
+        if n:
+            result["rss_kib_per_conn"] = (rss_after - rss_before) / n
+            result["server_us_per_handshake"] = 1e6 * handshake_cpu / n
+            if "pg_cpu_s" in result:
+                result["pg_us_per_handshake"] = 1e6 * pg_cpu / n
+        if result.get("logins"):
+            result["server_us_per_login"] = 1e6 * result["server_cpu_s"] / result["logins"]
+            if "pg_cpu_s" in result:
+                result["pg_us_per_login"] = 1e6 * pg_cpu / result["logins"]
         if not result.get("complete", True):
             result["note"] = f"incomplete: {result['deliveries']} of {result['expected']}"
+        if result.get("failures"):
+            result["note"] = f"failed logins: {result['failures']}"
         return result
     finally:
         server.stop()
@@ -448,6 +588,20 @@ METRICS = {
         ("handshake_s", "handshake wall s", None),
     ],
 }
+METRICS["capacity-pg"] = [
+    *METRICS["capacity"][:3],
+    ("pg_us_per_handshake", "PostgreSQL µs/handshake", False),
+    *METRICS["capacity"][3:],
+]
+METRICS["logins"] = [
+    ("logins_per_s", "logins/s", True),
+    ("server_us_per_login", "server µs/login", False),
+    ("pg_us_per_login", "PostgreSQL µs/login", False),
+    ("p50_ms", "p50 ms", False),
+    ("p99_ms", "p99 ms", False),
+    ("errors", "failed logins", None),
+    ("loadgen_cpu_s", "loadgen CPU s", None),
+]
 
 
 def median(values: list[Any]) -> float | None:
@@ -516,28 +670,49 @@ def main() -> int:
         for scenario in chosen:
             if "size" in scenario.config:
                 scenario.config["size"] = args.size
-    users = (
-        max(s.config["connections"] for s in chosen if s.name != "capacity")
-        if any(s.name != "capacity" for s in chosen)
-        else 1000
-    )
-    users = min(users, 1000)
+    # As many users as the largest fan-out run connects; capacity runs cycle them, and
+    # logins take them in turn.
+    sized = [s.config["connections"] for s in chosen if s.config["scenario"] in FAN_OUT]
+    users = min(max(sized), 1000) if sized else 1000
+    # A kill ends the run as Ctrl-C does, through the cleanups (the servers, the database).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    with tempfile.TemporaryDirectory(prefix="wsfanout-bench-") as tmp:
+    postgres_version: str | None = None
+    needs_postgres = any(system.store == "postgresql" for s in chosen for system in s.systems)
+    with (
+        tempfile.TemporaryDirectory(prefix="wsfanout-bench-") as tmp,
+        postgres_database() if needs_postgres else contextlib.nullcontext() as postgres_url,
+    ):
         data_dir = Path(tmp)
+        if needs_postgres and postgres_url is None:
+            chosen = [
+                dataclasses.replace(
+                    s, systems=tuple(m for m in s.systems if m.store != "postgresql")
+                )
+                for s in chosen
+                if s.name != "capacity-pg"  # without PostgreSQL, the capacity scenario again
+            ]
         print(f"creating {users} users ...", flush=True)
-        cookies, groups = prepare(data_dir, users)
+        stores = {"sqlite": prepare(data_dir / "wsfanout.sqlite3", users)}
+        if postgres_url is not None:
+            stores["postgresql"] = prepare(postgres_url, users)
+            postgres_version = postgres_rows("SHOW server_version")[0][0]
         for rep in range(args.reps):
             for scenario in chosen:
                 for system in scenario.systems:
                     started = time.monotonic()
                     result = run_once(
-                        scenario, system, data_dir, cookies, groups, args.profile, args.plain
+                        scenario,
+                        system,
+                        data_dir,
+                        stores[system.store],
+                        args.profile,
+                        args.plain,
                     )
                     results.setdefault(scenario.name, {}).setdefault(system.name, []).append(result)
                     note = f" ({result['note']})" if "note" in result else ""
                     print(
-                        f"rep {rep + 1}/{args.reps} {scenario.name:8} {system.name:16} "
+                        f"rep {rep + 1}/{args.reps} {scenario.name:11} {system.name:16} "
                         f"{time.monotonic() - started:5.1f} s{note}",
                         flush=True,
                     )
@@ -546,7 +721,11 @@ def main() -> int:
         forget_redis_keys(REDIS_2W.env["WSFANOUT_REDIS_PREFIX"])
     print()
     summary: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            **({"postgresql": postgres_version} if postgres_version else {}),
+        },
         "reps": args.reps,
         "quick": args.quick,
         "command": " ".join(["bench/run.py", *sys.argv[1:]]),
@@ -557,13 +736,17 @@ def main() -> int:
         print(f"## {scenario.label}")
         names = [s.name for s in scenario.systems]
         header = f"{'metric':22}" + "".join(f"{n:>18}" for n in names) + f"{'ratio':>10}"
+        if scenario.reference != "baseline":
+            print(f"(ratio: {scenario.subject} / {scenario.reference})")
         print(header)
-        for key, label in (("client", "client"), ("negotiated", "negotiated")):
+        # What the websocket clients negotiated; a run that opens none has nothing to show.
+        shown = ("client", "negotiated") if scenario.config["connections"] else ("client",)
+        for key in shown:
             cells = []
             for n in names:
                 seen = {str(r.get(key) or "none").replace("permessage-", "") for r in by_system[n]}
                 cells.append(f"{'/'.join(sorted(seen))[:17]:>18}")
-            print(f"{label:22}" + "".join(cells))
+            print(f"{key:22}" + "".join(cells))
         table: dict[str, dict[str, float | None]] = {}
         for key, label, _higher_is_better in METRICS[scenario.name]:
             values = {n: median([r.get(key) for r in by_system[n]]) for n in names}
@@ -578,12 +761,16 @@ def main() -> int:
             )
             if base and ours:
                 print(f"{'batch1 µs/delivery vs baseline':40} {ours / base:.2f}x")
+        if scenario.reference != "baseline" and "baseline" in names:
+            key, label, _higher_is_better = METRICS[scenario.name][0]
+            base, ours = table[key]["baseline"], table[key].get(scenario.subject)
+            if base and ours:
+                print(f"{scenario.subject + ' / baseline ' + label:40} {ours / base:.2f}x")
         cost = table.get("server_us_per_delivery", {})
         for on, off in HISTORY_PAIRS:
-            if cost.get(on) and cost.get(off):
-                print(
-                    f"{'history on / off µs/delivery (' + on + ')':40} {cost[on] / cost[off]:.2f}x"
-                )
+            on_cost, off_cost = cost.get(on), cost.get(off)
+            if on_cost and off_cost:
+                print(f"{'history on / off µs/delivery (' + on + ')':40} {on_cost / off_cost:.2f}x")
         print()
         summary["scenarios"][scenario.name] = {
             "label": scenario.label,
