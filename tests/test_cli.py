@@ -462,6 +462,10 @@ def test_db_status_says_which_database_and_version(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(tmp_path / "wsfanout.sqlite3")) as db, db:
         db.execute("UPDATE wsfanout_schema SET version = 1")
     old = run(tmp_path, "db", "status")
+    kept = run(tmp_path, "user", "list")  # only db init, serve and demo upgrade
+    assert kept.returncode == 1
+    assert "has schema version 1; this wsfanout needs" in kept.stderr
+    assert "run `wsfanout db init` to upgrade it" in kept.stderr
     assert (
         f"schema: version 1; `wsfanout db init` (or the next start) brings it to version {VERSION}"
         in old.stdout

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from wsfanout.config import ConfigError, Settings
+from wsfanout.config import ConfigError, Settings, redact
 
 
 def test_defaults_match_the_design() -> None:
@@ -107,3 +107,38 @@ def test_compression_and_urls(env: dict[str, str], field: str, expected: object)
 )
 def test_what_turns_history_off(env: dict[str, str], on: bool) -> None:
     assert Settings.from_env(env).history_on is on
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u:pw@h:5432/d", "postgresql://u:***@h:5432/d"),
+        (
+            "postgresql://u@h/d?password=pw&search_path=s",
+            "postgresql://u@h/d?password=***&search_path=s",
+        ),
+        ("postgresql://u@h/d?search_path=s", "postgresql://u@h/d?search_path=s"),
+        ("postgresql://h/d", "postgresql://h/d"),
+        ("postgresql://u:pw@[::1/d", "postgresql://***"),
+    ],
+)
+def test_passwords_never_reach_messages(url: str, expected: str) -> None:
+    """The URL shown in logs and errors has no password, wherever it was written."""
+    assert redact(url) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "mysql://app:secret@h/db",
+        "postgresql://app:secret@h:54a2/db",
+        "postgresql://app:secret@[::1/db",
+        "postgresql://app:secret@h:99999/db",
+    ],
+)
+def test_a_bad_database_url_is_one_line_without_its_password(value: str) -> None:
+    """A database URL of another scheme, or with a port or host that cannot be, is refused
+    at start naming the variable, and the message does not show the password."""
+    with pytest.raises(ConfigError, match="WSFANOUT_DATABASE_URL") as caught:
+        Settings.from_env({"WSFANOUT_DATABASE_URL": value})
+    assert "secret" not in str(caught.value)

@@ -9,7 +9,6 @@ test's own) and PostgreSQL (a schema of the test's own), as two machines would u
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
 import time
@@ -154,9 +153,10 @@ async def test_postgres_down_at_start_then_restarted_while_serving(
             wait_health(node, 200)
             assert login(node, "bob", "pw")[0] == 200
             second = await Client.open(node.ws_url, eve)
-            with contextlib.suppress(Exception):
-                await second.next_of("welcome")
-            await second.close()
+            try:
+                assert (await second.next_of("welcome"))["user"] == "eve"
+            finally:
+                await second.close()
             await listener.send({"type": "broadcast", "text": "after"})
             assert (await listener.next_of("message"))["text"] == "after"
         finally:

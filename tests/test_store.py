@@ -202,3 +202,26 @@ async def test_a_cached_answer_read_before_a_revocation_is_not_kept(store: Store
     await store.revoke_session(session)
     await lookup
     assert await store.session_user(session) is None
+
+
+async def test_names_fold_alike_on_both_backends(store: Store) -> None:
+    """Names match case-insensitively in ASCII, and exactly beyond it, on SQLite and
+    PostgreSQL alike (whatever the server's collation)."""
+    await store.add_user("emile", "h", first_name="Émile Zoë")
+    assert await store.resolve_user("ÉMILE zoë") == "emile"
+    with pytest.raises(UnknownUserError):
+        await store.resolve_user("émile zoë")
+    assert (await store.directory("Ém", 10))[1] == [("emile", "Émile Zoë")]
+    assert (await store.directory("ém", 10))[1] == []
+
+
+@pytest.mark.parametrize("name", ["mi\x00ke", "\x00", "%\x00"])
+async def test_a_nul_in_a_name_finds_nothing(store: Store, name: str) -> None:
+    """A name with a NUL character (PostgreSQL's text cannot hold one) is simply nobody's,
+    on both backends, never a database failure."""
+    assert await store.user_by_name(name) is None
+    assert not await store.group_exists(name)
+    assert await store.directory(name, 10) == ([], [])
+    with pytest.raises(UnknownUserError):
+        await store.resolve_user(name)
+    assert await store.count_failure({f"user:{name}": 5}, 60, 1.0, "a") == 0

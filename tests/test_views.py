@@ -16,7 +16,7 @@ from wsfanout import App, Settings, passwords
 from wsfanout.backplane import Backplane
 from wsfanout.service import Attempt, FailureCounts, LoginThrottle
 from wsfanout.sessions import COOKIE_NAME
-from wsfanout.store import Store
+from wsfanout.store import DatabaseError, Store
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -264,6 +264,45 @@ async def test_logout_clears_cookie(app: App) -> None:
     assert response.status == 200
     cookie = response.header("set-cookie") or ""
     assert cookie.startswith(COOKIE_NAME + "=;") and "Max-Age=0" in cookie
+
+
+async def test_an_outage_locks_nobody_out(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logins that fail with 503 (the user could not be looked up) are not counted as
+    failures: once the database is back, the right password gets in at once."""
+    assert app.service is not None
+    store = app.service.store
+    looked_up = store.user_by_name
+
+    async def failing(name: str) -> None:
+        raise DatabaseError("PostgreSQL postgresql://h/db: the database system is starting up")
+
+    monkeypatch.setattr(store, "user_by_name", failing)
+    for _ in range(6):
+        assert (await attempt(app, "mike", "Mike", "10.7.7.7")).status == 503
+    monkeypatch.setattr(store, "user_by_name", looked_up)
+    assert (await attempt(app, "mike", "Mike", "10.7.7.7")).status == 200
+
+
+async def test_a_database_outage_is_a_503_not_a_traceback(
+    app: App, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A route whose store call fails answers 503 with a JSON reason, logged in one line
+    (no traceback): an outage is expected, not a bug."""
+    cookie = await login(app, "greg")
+    assert app.service is not None
+
+    async def failing(*args: object) -> None:
+        raise DatabaseError("PostgreSQL postgresql://h/db: connection refused")
+
+    monkeypatch.setattr(app.service.store, "directory", failing)
+    response = await asgi.request(app, "GET", "/api/directory", headers={"cookie": cookie})
+    assert response.status == 503
+    assert response.json() == {
+        "error": "The database is unavailable, try again",
+        "code": "unavailable",
+    }
+    assert not any(record.exc_info for record in caplog.records)
+    assert any("connection refused" in record.getMessage() for record in caplog.records)
 
 
 async def test_directory(app: App) -> None:

@@ -11,7 +11,7 @@ from typing import Final
 from . import admin, http, views, ws
 from .config import Settings
 from .service import Service
-from .store import StoreError
+from .store import DatabaseError, StoreError
 from .tokens import KeyConfigError
 from .types import Message, Receive, Scope, Send
 
@@ -138,6 +138,12 @@ class App:
 
         try:
             await handler(scope, receive, tracked_send, svc)
+        except DatabaseError as exc:  # an outage, not a bug: one line, and 503
+            log.error("%s %s: %s", method, path, exc)
+            if not started:
+                await _error(
+                    send, path, 503, "unavailable", "The database is unavailable, try again"
+                )
         except Exception:
             log.exception("error in %s %s", method, path)
             if not started:  # a JSON 500, never a traceback, to the client

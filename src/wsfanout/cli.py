@@ -68,9 +68,28 @@ def configure_logging(level: str) -> None:
     logging.getLogger("hypercorn").propagate = False
 
 
-async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
-    store = await Store.open(settings.database_target, pool_size=2)
+async def _with_store(
+    settings: Settings, work: Callable[[Store], Awaitable[T]], *, upgrade: bool = False
+) -> T:
+    """Do ``work`` on the store. A new database gets its schema; an older schema is brought
+    up to date only by the commands that ``upgrade`` (``db init``, ``serve``, ``demo``):
+    the others refuse, so that nobody upgrades a shared database under older nodes by
+    adding a user."""
+    store = await Store.open(settings.database_target, pool_size=2, migrate=False)
     try:
+        try:
+            version = await store.version()
+        except (DatabaseError, SchemaError) as exc:
+            raise CommandError(str(exc)) from None
+        if 0 < version < VERSION and not upgrade:
+            raise CommandError(
+                f"{store.kind} {store.where} has schema version {version}; this wsfanout "
+                f"needs {VERSION}: run `wsfanout db init` to upgrade it (nodes of an older "
+                "wsfanout then refuse to start)"
+            )
+        if version != VERSION:
+            await store.close()
+            store = await Store.open(settings.database_target, pool_size=2)
         return await work(store)
     finally:
         await store.close()
@@ -80,7 +99,7 @@ def cmd_db_init(settings: Settings, args: argparse.Namespace) -> None:
     async def work(store: Store) -> None:
         print(f"database ready: {store.kind} {store.where}, schema version {VERSION}")
 
-    asyncio.run(_with_store(settings, work))
+    asyncio.run(_with_store(settings, work, upgrade=True))
 
 
 def cmd_db_status(settings: Settings, args: argparse.Namespace) -> None:
@@ -203,7 +222,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
         for group, members in DEMO_GROUPS.items():
             print(f"  {group}: {', '.join(members)}")
 
-    asyncio.run(_with_store(settings, work))
+    asyncio.run(_with_store(settings, work, upgrade=True))
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
@@ -250,7 +269,7 @@ def _preflight(settings: Settings) -> None:
     traceback."""
     from .service import secret_keys
 
-    asyncio.run(_with_store(settings, _nothing))
+    asyncio.run(_with_store(settings, _nothing, upgrade=True))
     try:
         secret_keys(settings.secret_keys, settings.data_dir)
     except (OSError, RuntimeError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,24 @@ class ConfigError(ValueError):
 
     def __init__(self, name: str, value: str, expected: str) -> None:
         super().__init__(f"{name}={value!r}: expected {expected}")
+
+
+def redact(url: str) -> str:
+    """The URL with its password (``user:password@`` or ``?password=``) as ``***``, fit
+    for logs and messages."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url.partition("://")[0] + "://***"  # unparsable: show none of it
+    if password is not None:
+        user, _, host = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}")
+    if "password=" in parts.query:
+        pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        shown = [(k, "***" if k == "password" else v) for k, v in pairs]
+        parts = parts._replace(query=urllib.parse.urlencode(shown, safe="*/"))
+    return urllib.parse.urlunsplit(parts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,10 +189,13 @@ class _EnvReader:
         """A URL with one of these schemes, or "" when unset."""
         full, raw = self._raw(name)
         scheme, sep, _ = raw.partition("://")
+        expected = "a URL starting with " + " or ".join(f"{s}://" for s in schemes)
         if raw and (not sep or scheme.lower() not in schemes):
-            raise ConfigError(
-                full, raw, "a URL starting with " + " or ".join(f"{s}://" for s in schemes)
-            )
+            raise ConfigError(full, redact(raw), expected)
+        try:
+            urllib.parse.urlsplit(raw).port  # noqa: B018 - raises on a bad port or host
+        except ValueError as exc:
+            raise ConfigError(full, redact(raw), f"{expected} ({exc})") from None
         return raw
 
     def items(self, name: str) -> tuple[str, ...]:

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import sqlite3
-import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import aiosqlite
+
+from .config import redact
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ MIGRATIONS: Final[tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = (
 )
 VERSION: Final = len(MIGRATIONS)  # the schema this code speaks
 SCHEMA_TABLE: Final = "wsfanout_schema"
+OUR_TABLES: Final = frozenset({"users", "groups", "user_groups", "sessions", "login_failures"})
 
 # PostgreSQL
 CONNECT_TIMEOUT: Final = 5.0  # seconds to connect (a server that is down answers at once)
@@ -117,16 +120,6 @@ class DatabaseError(Exception):
 
 class SchemaError(Exception):
     """This code cannot use the database's schema (newer than it, or not wsfanout's)."""
-
-
-def redact(url: str) -> str:
-    """The URL with its password replaced by ``***``, fit for logs and messages."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
 
 
 def is_postgres_url(where: str | Path) -> bool:
@@ -166,8 +159,11 @@ class Database(Executor):
     kind: str
     where: str
 
-    def transaction(self) -> contextlib.AbstractAsyncContextManager[Executor]:
-        """One write transaction: committed at the end, rolled back on any exception."""
+    def transaction(
+        self, *, slow: bool = False
+    ) -> contextlib.AbstractAsyncContextManager[Executor]:
+        """One write transaction: committed at the end, rolled back on any exception.
+        A ``slow`` one (a migration: DDL on big tables) has no statement timeout."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -189,12 +185,13 @@ class Database(Executor):
         if SCHEMA_TABLE in tables:
             row = await on.fetchone("SELECT version FROM wsfanout_schema")
             return int(row[0]) if row else 0
-        if "users" in tables:
-            if self.kind == "SQLite":
-                return 1  # made before schema versions
+        if "users" in tables and self.kind == "SQLite":
+            return 1  # made before schema versions
+        if foreign := tables & OUR_TABLES:
             raise SchemaError(
-                f"{self.kind} {self.where} holds a users table that is not wsfanout's: "
-                "use an empty database, or a schema of its own (?search_path=…)"
+                f"{self.kind} {self.where} holds tables that are not wsfanout's "
+                f"({', '.join(sorted(foreign))}): use an empty database, or a schema of its "
+                "own (?search_path=…)"
             )
         return 0
 
@@ -205,7 +202,7 @@ class Database(Executor):
             SchemaError: the database is newer than this code, or not wsfanout's.
             DatabaseError
         """
-        async with self.transaction() as tx:
+        async with self.transaction(slow=True) as tx:
             await self._lock_migrations(tx)
             found = await self.version(tx)
             if found > VERSION:
@@ -215,10 +212,7 @@ class Database(Executor):
                 )
             if found == VERSION:
                 return found
-            if found == 0:
-                await tx.execute("CREATE TABLE wsfanout_schema (version INTEGER NOT NULL)")
-                await tx.execute("INSERT INTO wsfanout_schema (version) VALUES (0)")
-            elif SCHEMA_TABLE not in await self._tables(tx):
+            if SCHEMA_TABLE not in await self._tables(tx):  # new, or from before versions
                 await tx.execute("CREATE TABLE wsfanout_schema (version INTEGER NOT NULL)")
                 await tx.execute("INSERT INTO wsfanout_schema (version) VALUES (?)", found)
             column = 0 if self.kind == "SQLite" else 1
@@ -239,9 +233,6 @@ class Database(Executor):
         """Within the migration's transaction: one node migrates at a time."""
 
 
-# SQLite
-
-
 class Unready(Database):
     """Stands in for a database that cannot be used yet: every statement raises why."""
 
@@ -259,11 +250,16 @@ class Unready(Database):
     async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
         raise DatabaseError(self.reason)
 
-    def transaction(self) -> contextlib.AbstractAsyncContextManager[Executor]:
+    def transaction(
+        self, *, slow: bool = False
+    ) -> contextlib.AbstractAsyncContextManager[Executor]:
         raise DatabaseError(self.reason)
 
     async def close(self) -> None:
         pass
+
+
+# SQLite
 
 
 class SQLiteDatabase(Database):
@@ -330,7 +326,7 @@ class SQLiteDatabase(Database):
             await self._db.executemany(sql, rows)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Executor]:
+    async def transaction(self, *, slow: bool = False) -> AsyncIterator[Executor]:
         """One write transaction at a time on the shared connection.
 
         Python's sqlite3 opens transactions by itself and leaves a failed one open, and
@@ -343,11 +339,11 @@ class SQLiteDatabase(Database):
         """
         async with self._write_lock:
             db = self._db
-            with self._failing():
-                if db.in_transaction:  # cannot happen, unless a cancelled rollback left one
-                    await db.rollback()
-                await db.execute("BEGIN IMMEDIATE")
-            try:
+            try:  # a BEGIN cancelled while it waits still runs: the rollback goes after it
+                with self._failing():
+                    if db.in_transaction:  # cannot happen, unless a cancelled rollback left one
+                        await db.rollback()
+                    await db.execute("BEGIN IMMEDIATE")
                 yield self
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -369,34 +365,46 @@ _PLACEHOLDER: Final = re.compile(r"\?")
 def numbered(sql: str) -> str:
     """``?`` placeholders as PostgreSQL's ``$1``, ``$2``… (no statement of ours has a
     ``?`` inside a string)."""
-    counter = iter(range(1, 10_000))
+    counter = itertools.count(1)
     return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)
 
 
 class _PostgresConnection(Executor):
     """Statements on one pooled connection (a transaction's)."""
 
-    def __init__(self, owner: PostgresDatabase, connection: Any) -> None:
+    def __init__(
+        self, owner: PostgresDatabase, connection: Any, timeout: float | None = COMMAND_TIMEOUT
+    ) -> None:
         self._owner = owner
         self._connection = connection
+        self._timeout = timeout
 
     async def fetch(self, sql: str, *args: object) -> list[Row]:
         with self._owner.failing():
-            rows = await self._connection.fetch(self._owner.sql(sql), *args)
+            rows = await self._connection.fetch(
+                self._owner.sql(sql), *_text(args), timeout=self._timeout
+            )
         return [tuple(row) for row in rows]
 
     async def execute(self, sql: str, *args: object) -> int:
         with self._owner.failing():
-            status = await self._connection.execute(self._owner.sql(sql), *args)
+            status = await self._connection.execute(
+                self._owner.sql(sql), *_text(args), timeout=self._timeout
+            )
         return _count(status)
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
         with self._owner.failing():
-            await self._connection.executemany(self._owner.sql(sql), list(rows))
+            await self._connection.executemany(
+                self._owner.sql(sql), [_text(row) for row in rows], timeout=self._timeout
+            )
 
     async def serialize(self, names: list[str]) -> None:
-        for name in sorted(set(names)):  # always in one order: no two wait on each other
-            await self.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", name)
+        # In one order (the array's): no two transactions wait on each other.
+        await self.execute(
+            "SELECT count(pg_advisory_xact_lock(hashtext(n))) FROM unnest(?::text[]) n",
+            sorted(set(names)),
+        )
 
 
 class PostgresDatabase(Database):
@@ -455,6 +463,7 @@ class PostgresDatabase(Database):
             asyncpg.exceptions.InternalClientError,
             OSError,
             TimeoutError,
+            ValueError,  # the URL, checked only at the first connect
         ) as exc:
             detail = str(exc) or type(exc).__name__
             raise DatabaseError(f"PostgreSQL {self.where}: {detail}") from exc
@@ -482,13 +491,13 @@ class PostgresDatabase(Database):
             await _PostgresConnection(self, connection).executemany(sql, rows)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Executor]:
+    async def transaction(self, *, slow: bool = False) -> AsyncIterator[Executor]:
         async with self._connection() as connection:
             with self.failing():
                 transaction = connection.transaction()
                 await transaction.start()
             try:
-                yield _PostgresConnection(self, connection)
+                yield _PostgresConnection(self, connection, None if slow else COMMAND_TIMEOUT)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await transaction.rollback()
@@ -497,6 +506,13 @@ class PostgresDatabase(Database):
                 await transaction.commit()
 
     async def _tables(self, on: Executor) -> set[str]:
+        row = await on.fetchone("SELECT current_schema()::text, current_setting('search_path')")
+        if row is None or row[0] is None:
+            path = row[1] if row else "?"
+            raise SchemaError(
+                f"{self.kind} {self.where}: no schema of the search_path ({path}) exists: "
+                "create it (CREATE SCHEMA …), or fix the URL"
+            )
         rows = await on.fetch(
             "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema()"
         )
@@ -511,6 +527,22 @@ async def _keep_session(connection: Any) -> None:
     does anyway (rolling back a transaction left open). Our statements leave no session
     state (no SET, LISTEN or session-level locks), and asyncpg's default reset query
     would cost a round trip after every statement."""
+
+
+def _text(args: Sequence[object]) -> Sequence[object]:
+    """The arguments, with NUL characters (which PostgreSQL's text cannot hold) as U+FFFD.
+    No name the store keeps has one (they are checked on the way in), so a lookup with one
+    finds nothing, as on SQLite, instead of failing."""
+    cleaned = [_no_nul(arg) for arg in args]
+    return args if cleaned == list(args) else cleaned
+
+
+def _no_nul(arg: object) -> object:
+    if isinstance(arg, str):
+        return arg.replace("\x00", "\ufffd") if "\x00" in arg else arg
+    if isinstance(arg, list):
+        return [_no_nul(item) for item in arg]
+    return arg
 
 
 def _count(status: str) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import heapq
 import logging
 import math
@@ -69,6 +70,7 @@ CONTENT_TYPES: Final = {
 CHANGES_MEMORY: Final = 60.0  # seconds a change is remembered, for handshakes under way
 CHANGES_MAX: Final = 10_000  # past this many, forgotten ones are dropped at each change
 REVOKED: Final = "the session was revoked: log in again"
+NAME_KEY_MAX: Final = 64  # longer login names are counted under a digest
 TOKEN_QUERY: Final = b"token="
 
 
@@ -143,6 +145,8 @@ class LoginThrottle:
 
     def limits(self, username: str, address: str) -> dict[str, int]:
         name = username.lower()
+        if len(name) > NAME_KEY_MAX:  # nobody's (usernames are short): a short key for it
+            name = "#" + hashlib.sha256(name.encode()).hexdigest()[:32]
         return {
             f"pair:{name}|{address}": self.max_failures,
             f"addr:{address}": self.max_failures * self.ADDRESS_FACTOR,
@@ -171,6 +175,14 @@ class LoginThrottle:
         """
         pairs = [key for key in attempt.keys if key.startswith("pair:")]
         await self.counts.forgive_failure(attempt.keys, attempt.id, pairs)
+
+    async def withdraw(self, attempt: Attempt) -> None:
+        """Take back an attempt whose password was never checked (the service failed
+        meanwhile), if the counts can be reached: an outage must not lock users out."""
+        try:
+            await self.counts.forgive_failure(attempt.keys, attempt.id, [])
+        except (DatabaseError, BackplaneUnavailableError) as exc:
+            log.warning("a login attempt stays counted (%s)", exc)
 
 
 class Seats:
@@ -373,9 +385,10 @@ class Service:
                 svc._start_amqp()
             opened.pop_all()  # started: close() takes them down from now on
         log.info(
-            "wsfanout ready: %s %s, %s, permessage-deflate %s",
+            "wsfanout ready: %s %s%s, %s, permessage-deflate %s",
             store.kind,
             store.where,
+            "" if store.ready else " (not reached yet: trying again)",
             "Redis backplane" if settings.redis_url else "one node (no backplane)",
             server.deflate,
         )

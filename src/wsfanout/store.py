@@ -20,6 +20,7 @@ import asyncio
 import logging
 import re
 import secrets
+import string
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +30,12 @@ from .database import (
     RETRY_MAX,
     RETRY_MIN,
     Database,
-    DatabaseError,
     Executor,
     SchemaError,
     Unready,
     open_database,
 )
-
-__all__ = ["DatabaseError"]  # what callers catch, from here
+from .database import DatabaseError as DatabaseError  # what callers catch, from here
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 _USER_COLUMNS: Final = "SELECT id, username, first_name, password_hash FROM users"
-_USER_BY_NAME: Final = _USER_COLUMNS + " WHERE lower(username) = lower(?)"
+_USER_BY_NAME: Final = _USER_COLUMNS + " WHERE lower(username) = ?"  # ? folded: _fold
 _USER_BY_ID: Final = _USER_COLUMNS + " WHERE id = ?"
 _IDENTITY: Final = (  # a user's row once per group (once with NULL when in none), by group
     "SELECT u.id, u.username, u.first_name, u.password_hash, g.name FROM users u "
@@ -97,21 +96,25 @@ class User:
     password_hash: str
 
 
+# Groups with their member counts; ``where`` narrows them (placeholders only).
 _GROUP_SIZES: Final = (
     "SELECT g.name, count(ug.user_id) FROM groups g "
-    "LEFT JOIN user_groups ug ON ug.group_id = g.id WHERE g.name IN ({marks}) GROUP BY g.name"
+    "LEFT JOIN user_groups ug ON ug.group_id = g.id{where} GROUP BY g.id, g.name ORDER BY g.name"
 )
-# Users whose username or first name starts with a prefix (LIKE patterns: ``_like_prefix``).
+# Users whose username or first name starts with a prefix (LIKE patterns: ``_like_prefix``);
+# ``among`` narrows them to the members of some groups (placeholders only).
 _USERS_LIKE: Final = (
-    "SELECT username, first_name FROM users WHERE (lower(username) LIKE lower(?) ESCAPE '\\' "
-    "OR lower(first_name) LIKE lower(?) ESCAPE '\\') ORDER BY lower(username) LIMIT ?"
+    "SELECT username, first_name FROM users u WHERE {among}(lower(username) LIKE ? ESCAPE '\\' "
+    "OR lower(first_name) LIKE ? ESCAPE '\\') ORDER BY lower(username) LIMIT ?"
 )
-_SHARING: Final = (
-    "SELECT username, first_name FROM users u WHERE EXISTS (SELECT 1 FROM user_groups ug "
-    "JOIN groups g ON g.id = ug.group_id WHERE ug.user_id = u.id AND g.name IN ({marks})) "
-    "AND (lower(username) LIKE lower(?) ESCAPE '\\' OR lower(first_name) LIKE lower(?) "
-    "ESCAPE '\\') ORDER BY lower(username) LIMIT ?"
+_MEMBERS_OF: Final = (
+    "EXISTS (SELECT 1 FROM user_groups ug JOIN groups g ON g.id = ug.group_id "
+    "WHERE ug.user_id = u.id AND g.name IN ({marks})) AND "
 )
+# Names compare case-insensitively in ASCII only, as SQLite's lower() does, so that both
+# backends answer alike: lower(column) = ? with the value folded here.
+_ASCII_LOWER: Final = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+_FAILURES: Final = "SELECT key, at FROM login_failures WHERE key IN ({marks}) AND at > ?"
 _FORGIVE: Final = "DELETE FROM login_failures WHERE key IN ({marks}) AND attempt = ?"
 _FORGIVE_ALL: Final = "DELETE FROM login_failures WHERE key IN ({marks})"
 FAILURES_PRUNE_EVERY: Final = 60.0  # seconds between drops of expired login failures
@@ -164,7 +167,7 @@ class Store:
     """Users, groups, memberships, sessions and login failures, in SQLite or PostgreSQL
     (``database.py``), with short caches in front of the hot reads."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, pool_size: int = 10) -> None:
         self._database = db
         self._db = db  # or, while it cannot be used yet, an ``Unready`` saying why
         self.kind = db.kind
@@ -175,6 +178,9 @@ class Store:
         self._sizes: _Cache[str, int] = _Cache()
         self._sessions: _Cache[str, int] = _Cache()  # session id -> user id, or NO_SESSION
         self._failures_pruned = 0.0  # when old login failures were last dropped
+        # Logins hold a pooled connection while they wait for each other: at most half the
+        # pool, so that a burst of them never keeps handshakes from the database.
+        self._throttling = asyncio.Semaphore(max(1, pool_size // 2))
         self._preparing: asyncio.Task[None] | None = None
 
     @classmethod
@@ -201,7 +207,7 @@ class Store:
             db = await open_database(where, pool_size)
         except DatabaseError as exc:
             raise StoreError(str(exc)) from None
-        store = cls(db)
+        store = cls(db, pool_size)
         try:
             await (db.migrate() if migrate else db.ping())
         except SchemaError as exc:
@@ -224,8 +230,10 @@ class Store:
             try:
                 await self._database.migrate()
             except DatabaseError as exc:
+                # Logged again only when the reason changes (a wrong password, then down).
+                changed = not isinstance(self._db, Unready) or self._db.reason != str(exc)
                 self._db = Unready(self._database, str(exc))
-                log.debug("still cannot use the database: %s", exc)
+                log.log(logging.WARNING if changed else logging.DEBUG, "still: %s", exc)
                 continue
             except SchemaError as exc:  # nothing to wait for: every call (and /healthz) says so
                 self._db = Unready(self._database, str(exc))
@@ -250,6 +258,11 @@ class Store:
         """
         return await self._database.version()
 
+    @property
+    def ready(self) -> bool:
+        """Whether the database has been reached (``open`` with ``keep_trying``)."""
+        return not isinstance(self._db, Unready)
+
     async def ping(self) -> None:
         """Raises DatabaseError unless the database answers (and is ready to use)."""
         await self._db.ping()
@@ -258,7 +271,7 @@ class Store:
 
     async def user_by_name(self, username: str) -> User | None:
         """The user with this username, whatever its case."""
-        return await self._one_user(_USER_BY_NAME, username, self._db)
+        return await self._one_user(_USER_BY_NAME, _fold(username), self._db)
 
     async def user_by_id(self, user_id: int) -> User | None:
         return await self._one_user(_USER_BY_ID, user_id, self._db)
@@ -300,7 +313,7 @@ class Store:
                 sizes[name] = cached
         if missing:
             since = self._sizes.generation
-            sql = _GROUP_SIZES.format(marks=_marks(missing))  # only placeholders go in
+            sql = _GROUP_SIZES.format(where=f" WHERE g.name IN ({_marks(missing)})")
             for name, count in await self._db.fetch(sql, *missing):
                 sizes[name] = self._sizes.put(name, int(count), since)
         return sizes
@@ -320,7 +333,7 @@ class Store:
         Raises:
             UnknownUserError: nobody, or several users, go by that name.
         """
-        key = name.lower()
+        key = _fold(name)
         cached = self._names.get(key)
         if cached is not None:
             return cached
@@ -329,7 +342,7 @@ class Store:
         if user is not None:
             return self._names.put(key, user.username, since)
         rows = await self._db.fetch(
-            "SELECT username FROM users WHERE lower(first_name) = lower(?) LIMIT 2", name
+            "SELECT username FROM users WHERE lower(first_name) = ? LIMIT 2", _fold(name)
         )
         if len(rows) != 1:
             raise UnknownUserError(name, len(rows))
@@ -340,17 +353,11 @@ class Store:
         (case-insensitively)."""
         pattern = _like_prefix(prefix)
         rows = await self._db.fetch(
-            "SELECT name FROM groups WHERE lower(name) LIKE lower(?) ESCAPE '\\' "
-            "ORDER BY name LIMIT ?",
+            "SELECT name FROM groups WHERE lower(name) LIKE ? ESCAPE '\\' ORDER BY name LIMIT ?",
             pattern,
             limit,
         )
-        users = await self._db.fetch(
-            _USERS_LIKE,
-            pattern,
-            pattern,
-            limit,
-        )
+        users = await self._db.fetch(_USERS_LIKE.format(among=""), pattern, pattern, limit)
         return [row[0] for row in rows], [(row[0], row[1]) for row in users]
 
     async def session_user(self, session_id: str) -> int | None:
@@ -370,7 +377,7 @@ class Store:
     async def list_users(self, prefix: str, limit: int) -> list[tuple[str, str]]:
         """(username, first name) of the users whose username starts with ``prefix``."""
         rows = await self._db.fetch(
-            "SELECT username, first_name FROM users WHERE lower(username) LIKE lower(?) "
+            "SELECT username, first_name FROM users WHERE lower(username) LIKE ? "
             "ESCAPE '\\' ORDER BY lower(username) LIMIT ?",
             _like_prefix(prefix),
             limit,
@@ -379,10 +386,7 @@ class Store:
 
     async def list_groups(self) -> list[tuple[str, int]]:
         """Every group's name and member count, by name."""
-        rows = await self._db.fetch(
-            "SELECT g.name, count(ug.user_id) FROM groups g "
-            "LEFT JOIN user_groups ug ON ug.group_id = g.id GROUP BY g.id, g.name ORDER BY g.name"
-        )
+        rows = await self._db.fetch(_GROUP_SIZES.format(where=""))
         return [(row[0], int(row[1])) for row in rows]
 
     async def users_sharing_groups(
@@ -391,7 +395,8 @@ class Store:
         """(username, first name) of the members of any of these groups, by username."""
         if not groups:
             return []
-        sql = _SHARING.format(marks=_marks(groups))  # only placeholders are formatted in
+        among = _MEMBERS_OF.format(marks=_marks(groups))  # only placeholders are formatted in
+        sql = _USERS_LIKE.format(among=among)
         pattern = _like_prefix(prefix)
         rows = await self._db.fetch(sql, *groups, pattern, pattern, limit)
         return [(row[0], row[1]) for row in rows]
@@ -619,7 +624,7 @@ class Store:
         return [row[0] for row in rows]
 
     async def _user(self, username: str, on: Executor) -> User:
-        user = await self._one_user(_USER_BY_NAME, username, on)
+        user = await self._one_user(_USER_BY_NAME, _fold(username), on)
         if user is None:
             raise UnknownUserError(username)
         return user
@@ -637,25 +642,26 @@ class Store:
             0 when counted; else the seconds until every key is under its limit again
             (nothing was counted).
         """
-        async with self._db.transaction() as tx:
-            await tx.serialize(list(limits))  # nodes counting at once see each other's counts
+        keys = list(limits)
+        async with self._throttling, self._db.transaction() as tx:
+            await tx.serialize(keys)  # nodes counting at once see each other's counts
             if now - self._failures_pruned > FAILURES_PRUNE_EVERY:
                 # Keys nobody tries again would otherwise keep their rows for ever.
                 self._failures_pruned = now
                 await tx.execute("DELETE FROM login_failures WHERE at <= ?", now - window)
-            wait = 0.0
-            for key, limit in limits.items():
-                row = await tx.fetchone(
-                    "SELECT at FROM login_failures WHERE key = ? AND at > ? "
-                    "ORDER BY at DESC LIMIT 1 OFFSET ?",
-                    key,
-                    now - window,
-                    limit - 1,
-                )
-                if row is not None:
-                    wait = max(wait, float(row[0]) + window - now)
-            if wait > 0:
-                return wait
+            # At most each key's limit of rows (no more are ever counted), in one round trip.
+            stamps: dict[str, list[float]] = {key: [] for key in keys}
+            for key, at in await tx.fetch(
+                _FAILURES.format(marks=_marks(keys)), *keys, now - window
+            ):
+                stamps[key].append(float(at))
+            waits = [
+                sorted(stamps[key])[-limit] + window - now
+                for key, limit in limits.items()
+                if len(stamps[key]) >= limit
+            ]
+            if waits:
+                return max(waits)
             await tx.executemany(
                 "INSERT INTO login_failures (key, at, attempt) VALUES (?, ?, ?)",
                 [(key, now, attempt) for key in limits],
@@ -665,7 +671,7 @@ class Store:
     async def forgive_failure(self, keys: list[str], attempt: str, clear: list[str]) -> None:
         """The ``attempt`` counted under ``keys`` was right: it is no failure. Every
         failure under the keys in ``clear`` is forgiven too."""
-        async with self._db.transaction() as tx:
+        async with self._throttling, self._db.transaction() as tx:
             await tx.execute(
                 _FORGIVE.format(marks=_marks(keys)),  # only placeholders go in
                 *keys,
@@ -680,6 +686,12 @@ def _marks(values: list[str]) -> str:
     return ",".join("?" * len(values))
 
 
+def _fold(name: str) -> str:
+    """``name`` as ``lower()`` makes a stored name on both backends (ASCII letters only)."""
+    return name.translate(_ASCII_LOWER)
+
+
 def _like_prefix(prefix: str) -> str:
-    """A LIKE pattern (ESCAPE '\\') for names starting with ``prefix``."""
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    """A LIKE pattern (ESCAPE '\\') for folded names starting with ``prefix``."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return _fold(escaped) + "%"

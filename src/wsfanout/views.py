@@ -19,7 +19,7 @@ from . import http, passwords
 from .backplane import BackplaneUnavailableError
 from .hub import UnavailableError
 from .protocol import ErrorCode, Source
-from .service import BatchError, Login, Service
+from .service import Attempt, BatchError, Login, Service
 from .sessions import COOKIE_NAME
 from .store import DatabaseError, UnknownUserError, User
 from .types import Receive, Scope, Send
@@ -110,10 +110,13 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
     client = (scope.get("client") or ("unknown", 0))[0]
     # Counted as a failure before the password is checked (taken back if it is right),
     # so parallel guesses get no more tries than the limit.
+    attempt: Attempt | int | None = None
     try:
         attempt = await svc.throttle.attempt(username, str(client))
         user = None if isinstance(attempt, int) else await svc.store.user_by_name(username)
     except (DatabaseError, BackplaneUnavailableError) as exc:
+        if isinstance(attempt, Attempt):  # no password was checked: not a failure
+            await svc.throttle.withdraw(attempt)
         log.error("login of %r refused: %s", username, exc)
         await refuse(503, "The service cannot check logins now, try again")
         return
@@ -142,6 +145,7 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
         await refuse(401, "User or password wrong")
         return
     except (DatabaseError, BackplaneUnavailableError) as exc:
+        await svc.throttle.withdraw(attempt)  # the password was right: no failure
         log.error("login of %r failed: %s", username, exc)
         await refuse(503, "The service cannot check logins now, try again")
         return
@@ -253,7 +257,7 @@ async def healthz(scope: Scope, receive: Receive, send: Send, svc: Service) -> N
     try:
         await asyncio.wait_for(svc.store.ping(), 5)
     except (DatabaseError, TimeoutError) as exc:
-        checks["database"] = f"failing: {exc or type(exc).__name__}"
+        checks["database"] = f"failing: {str(exc) or type(exc).__name__}"
     backplane = svc.hub.backplane
     if backplane is not None:
         try:
