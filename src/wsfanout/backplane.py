@@ -77,6 +77,7 @@ POOL_MAX: Final = 50  # connections for publishing, joins and presence updates .
 QUERY_POOL_MAX: Final = 4  # ... and for users' presence requests
 MAX_WAITING: Final = 100_000  # messages queued for Redis before senders are told unavailable
 META_TTL: Final = 30 * 86400  # seconds a stream's epoch and offset outlive its last message
+STOP_TIMEOUT: Final = 5.0  # seconds close() waits for each task and connection pool
 HEARTBEAT: Final = 5.0  # seconds between a node's presence refreshes (and reaps)
 PRESENCE_TTL: Final = 15.0  # seconds a node vouches for its users' presence at a time
 REAP_MAX: Final = 500  # users reaped per script call ...
@@ -721,16 +722,13 @@ class Backplane:
     async def close(self) -> None:
         self._closing = True
         publisher, self._publisher = self._publisher, None
-        if publisher is not None:
-            publisher.cancel()
-            await asyncio.gather(publisher, return_exceptions=True)
+        await _stop(publisher)
         for queue in (self._controls, self._outgoing):
             _fail(list(queue), BackplaneUnavailableError("shutting down"))
             queue.clear()
         presence, self._presence_task = self._presence_task, None
         if presence is not None:
-            presence.cancel()
-            await asyncio.gather(presence, return_exceptions=True)
+            await _stop(presence)
             # Say goodbye for everyone who left and whose departure was not said yet, and for
             # everyone still here, so they go offline now, not in PRESENCE_TTL.
             leaving = [*self._sending_gone]
@@ -749,10 +747,13 @@ class Backplane:
             _, pending = await asyncio.wait({task}, timeout=0.5)
             if pending and self._pubsub is not None:
                 with contextlib.suppress(Exception):
-                    await self._pubsub.aclose()
-                await asyncio.wait({task}, timeout=2)
-        await self._client.aclose()
-        await self._queries.aclose()
+                    async with asyncio.timeout(STOP_TIMEOUT):
+                        await self._pubsub.aclose()
+            await _stop(task)
+        for client in (self._client, self._queries):
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    await client.aclose()
 
     async def check(self) -> None:
         """Raise if Redis does not answer a PING (for /healthz)."""
@@ -890,6 +891,25 @@ def _client(url: str, connections: int) -> Any:
         retry_on_timeout=False,
     )
     return redis.Redis.from_pool(pool)
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    """Cancel a task and wait until it ends, cancelling it again every 0.1 s, for up to
+    STOP_TIMEOUT: redis-py can swallow a cancellation that lands inside a read (it becomes
+    a timeout, or a retry), and a task that missed it would keep ``close()`` waiting for
+    ever."""
+    if task is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STOP_TIMEOUT
+    while not task.done():
+        if loop.time() > deadline:
+            log.warning("%s did not stop within %g s; left behind", task.get_name(), STOP_TIMEOUT)
+            return
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure there was the loop's to log, not asyncio's
 
 
 def _fail(batch: list[tuple[Any, ...]], failure: Exception) -> None:
