@@ -395,3 +395,25 @@ def _on_loop_check(function: Any, threads: list[bool]) -> Any:
         return function(*args)
 
     return wrapped
+
+
+async def test_an_outage_is_a_few_log_lines(
+    app: App, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fifty requests failing at once on a database outage write one line, not fifty; the
+    next line says how many were kept quiet."""
+    cookie = await login(app, "greg")
+    assert app.service is not None
+
+    async def failing(*args: object) -> None:
+        raise DatabaseError("PostgreSQL postgresql://h/db: connection refused")
+
+    monkeypatch.setattr(app.service.store, "directory", failing)
+    for _ in range(50):
+        response = await asgi.request(app, "GET", "/api/directory", headers={"cookie": cookie})
+        assert response.status == 503
+    lines = [r.getMessage() for r in caplog.records if "connection refused" in r.getMessage()]
+    assert lines == ["GET /api/directory failed: PostgreSQL postgresql://h/db: connection refused"]
+    monkeypatch.setattr("wsfanout.service.OUTAGE_LOG_EVERY", 0.0)
+    await asgi.request(app, "GET", "/api/directory", headers={"cookie": cookie})
+    assert caplog.records[-1].getMessage().endswith("(49 more failed since the last such line)")

@@ -88,7 +88,7 @@ def route(handler: AdminRoute, *, body: bool = False) -> Handler:
             await http.api_error(send, 503, "unavailable", f"done, but not everywhere yet: {exc}")
             return
         except DatabaseError as exc:
-            log.error("database error in the admin API: %s", exc)
+            svc.unavailable(f"{scope['method']} {scope['path']} failed", exc)
             await http.api_error(send, 503, "unavailable", "the database is unavailable, try again")
             return
         if status == 204:

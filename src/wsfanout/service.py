@@ -71,6 +71,7 @@ CHANGES_MEMORY: Final = 60.0  # seconds a change is remembered, for handshakes u
 CHANGES_MAX: Final = 10_000  # past this many, forgotten ones are dropped at each change
 REVOKED: Final = "the session was revoked: log in again"
 NAME_KEY_MAX: Final = 64  # longer login names are counted under a digest
+OUTAGE_LOG_EVERY: Final = 10.0  # seconds between lines about requests an outage failed
 TOKEN_QUERY: Final = b"token="
 
 
@@ -301,6 +302,8 @@ class Service:
     changes: dict[str, float] = field(default_factory=dict)
     _regrouping: dict[str, bool] = field(default_factory=dict)  # user -> read again
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _outage_logged: float = -math.inf  # when unavailable() last wrote a line ...
+    _outage_quiet: int = 0  # ... and how many failures it has kept quiet since
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -423,6 +426,18 @@ class Service:
             finally:
                 await self.store.close()
 
+    def unavailable(self, what: str, exc: BaseException) -> None:
+        """Log that ``what`` failed because the database (or Redis) is away: the first
+        failure at once, then one line every OUTAGE_LOG_EVERY seconds at most, counting
+        the others; so an outage under load is a few lines, not one per request."""
+        now = time.monotonic()
+        if now - self._outage_logged < OUTAGE_LOG_EVERY:
+            self._outage_quiet += 1
+            return
+        quiet, self._outage_quiet, self._outage_logged = self._outage_quiet, 0, now
+        more = f" ({quiet} more failed since the last such line)" if quiet else ""
+        log.error("%s: %s%s", what, exc, more)
+
     def credentials(self, scope: Scope) -> Session | Claims | None:
         """What the request presents, checked as far as it can be without the store: a
         connection token (``?token=`` or ``Authorization: Bearer``) when tokens are on and
@@ -539,7 +554,7 @@ class Service:
                 if not self._regrouping[key]:
                     break
         except DatabaseError as exc:
-            log.error("could not read the groups of %s: %s", user, exc)
+            self.unavailable(f"could not read the groups of {user}", exc)
             return
         finally:
             self._regrouping.pop(key, None)
@@ -626,7 +641,7 @@ class Service:
         except UnknownUserError as exc:
             raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
         except DatabaseError as exc:
-            log.error("database error while publishing: %s", exc)
+            self.unavailable("a message could not be resolved", exc)
             raise ProtocolError(
                 ErrorCode.UNAVAILABLE, "the database is unavailable, try again", publish.frame_id
             ) from None

@@ -55,7 +55,7 @@ async def _login(scope: Scope, send: Send, svc: Service) -> tuple[bool, Login | 
     try:
         return True, await svc.login(scope)
     except DatabaseError as exc:
-        log.error("database error checking a session: %s", exc)
+        svc.unavailable("a session could not be checked", exc)
         await http.error_response(send, 503, "The database is unavailable, try again")
         return False, None
 
@@ -117,7 +117,7 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
     except (DatabaseError, BackplaneUnavailableError) as exc:
         if isinstance(attempt, Attempt):  # no password was checked: not a failure
             await svc.throttle.withdraw(attempt)
-        log.error("login of %r refused: %s", username, exc)
+        svc.unavailable(f"a login of {username!r} was refused", exc)
         await refuse(503, "The service cannot check logins now, try again")
         return
     if isinstance(attempt, int):
@@ -146,7 +146,7 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
         return
     except (DatabaseError, BackplaneUnavailableError) as exc:
         await svc.throttle.withdraw(attempt)  # the password was right: no failure
-        log.error("login of %r failed: %s", username, exc)
+        svc.unavailable(f"a login of {username!r} failed", exc)
         await refuse(503, "The service cannot check logins now, try again")
         return
     token = svc.codec.issue(user.id, user.username, session_id)
@@ -204,7 +204,7 @@ async def logout(scope: Scope, receive: Receive, send: Send, svc: Service) -> No
         try:
             await svc.store.revoke_session(session.session_id)
         except DatabaseError as exc:
-            log.error("database error during a logout: %s", exc)
+            svc.unavailable("a logout could not end its session", exc)
             await http.error_response(send, 503, "The database is unavailable, try again")
             return
         change = {"op": "revoke", "user": session.username, "session": session.session_id}

@@ -142,7 +142,7 @@ async def _admit(
         announce = tuple(group for group in groups if sizes.get(group, largest + 1) <= largest)
     except DatabaseError as exc:
         svc.seats.give_back(username)
-        log.error("database error during a websocket handshake: %s", exc)
+        svc.unavailable("a websocket handshake was refused", exc)
         raise Refusal(503, "database", "the database is unavailable") from None
     except BaseException:
         svc.seats.give_back(username)
