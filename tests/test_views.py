@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,10 +12,8 @@ import pytest
 from tests import asgi
 from tests.conftest import login, started
 from wsfanout import App, Settings, passwords
-from wsfanout.backplane import Backplane
-from wsfanout.service import Attempt, FailureCounts, LoginThrottle
 from wsfanout.sessions import COOKIE_NAME
-from wsfanout.store import DatabaseError, Store
+from wsfanout.store import DatabaseError
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -198,66 +195,6 @@ async def test_parallel_guesses_get_no_more_than_the_limit(app: App) -> None:
     assert statuses == [401] * 5 + [429] * 25
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "redis"])
-async def counts(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FailureCounts]:
-    """Where the throttle counts: the store on each backend, or Redis (the backplane)."""
-    if request.param == "redis":
-        backplane = Backplane(REDIS_URL, request.getfixturevalue("redis_prefix"))
-        yield backplane
-        await backplane.close()
-        return
-    where = (
-        tmp_path / "db.sqlite3" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    )
-    store = await Store.open(where)
-    yield store
-    await store.close()
-
-
-async def test_a_name_guessed_from_many_addresses_is_stopped_too(counts: FailureCounts) -> None:
-    """Past 20x the limit across addresses, a username is throttled everywhere, until the
-    window has passed."""
-    now = [1000.0]
-    throttle = LoginThrottle(counts, max_failures=5, window=900, clock=lambda: now[0])
-    for n in range(100):
-        assert isinstance(await throttle.attempt("anny", f"10.3.{n // 250}.{n % 250}"), Attempt)
-    now[0] = 1001.0
-    assert await throttle.attempt("Anny", "10.9.9.9") == 899
-    now[0] = 1901.0  # the window passed
-    assert isinstance(await throttle.attempt("anny", "10.9.9.9"), Attempt)
-
-
-async def test_a_right_password_is_not_a_failure(counts: FailureCounts) -> None:
-    """A success takes its own count back and forgives that pair's failures; other pairs
-    keep theirs."""
-    throttle = LoginThrottle(counts, max_failures=2, window=900, clock=lambda: 5.0)
-    assert isinstance(await throttle.attempt("greg", "a"), Attempt)
-    assert isinstance(await throttle.attempt("greg", "b"), Attempt)
-    ok = await throttle.attempt("greg", "a")
-    assert isinstance(ok, Attempt)
-    await throttle.succeeded(ok)
-    assert isinstance(await throttle.attempt("greg", "a"), Attempt)
-    assert isinstance(await throttle.attempt("greg", "a"), Attempt)
-    assert await throttle.attempt("greg", "a") == 900
-    assert isinstance(await throttle.attempt("greg", "b"), Attempt)
-    assert await throttle.attempt("greg", "b") == 900
-
-
-async def test_parallel_attempts_on_two_stores_share_one_limit(pg_url: str) -> None:
-    """Two nodes' stores on one PostgreSQL counting the same name at once: no more than
-    the limit get through between them."""
-    first, second = await Store.open(pg_url), await Store.open(pg_url)
-    try:
-        throttles = [LoginThrottle(store, max_failures=5, window=900) for store in (first, second)]
-        results = await asyncio.gather(
-            *(throttles[n % 2].attempt("lisa", "10.4.4.4") for n in range(20))
-        )
-    finally:
-        await first.close()
-        await second.close()
-    assert sum(isinstance(result, Attempt) for result in results) == 5
-
-
 async def test_logout_clears_cookie(app: App) -> None:
     """POST /logout expires the cookie at the app's root path."""
     response = await asgi.request(app, "POST", "/logout")
@@ -417,3 +354,26 @@ async def test_an_outage_is_a_few_log_lines(
     monkeypatch.setattr("wsfanout.service.OUTAGE_LOG_EVERY", 0.0)
     await asgi.request(app, "GET", "/api/directory", headers={"cookie": cookie})
     assert caplog.records[-1].getMessage().endswith("(49 more failed since the last such line)")
+
+
+async def test_healthz_answers_while_the_database_hangs(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database that neither answers nor lets go of a cancelled ping (a frozen server)
+    does not hold /healthz: it answers 503 after its timeout."""
+    assert app.service is not None
+    release = asyncio.Event()
+
+    async def frozen() -> None:
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+
+    monkeypatch.setattr(app.service.store, "ping", frozen)
+    monkeypatch.setattr("wsfanout.views.HEALTH_TIMEOUT", 0.1)
+    try:
+        response = await asyncio.wait_for(asgi.request(app, "GET", "/healthz"), 10)
+    finally:
+        release.set()
+    assert response.status == 503
+    assert response.json()["checks"]["database"] == "failing: no answer within 0.1 s"
