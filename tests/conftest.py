@@ -39,6 +39,12 @@ def demo_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(params=["hypercorn", "uvicorn"])
+def server_kind(request: pytest.FixtureRequest) -> str:
+    """Which ASGI server a real-server test runs under: each test runs under both."""
+    return str(request.param)
+
+
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
     """A key prefix of this test's own in the Redis at 127.0.0.1:6379; its keys are deleted

@@ -39,8 +39,13 @@ from tests.conftest import SECRET
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SERVERS = ("hypercorn", "uvicorn")
+UVICORN_FLAGS = ("--ws", "websockets-sansio", "--no-proxy-headers", "--lifespan", "on")
+
+
 class Server:
-    """``hypercorn wsfanout:app`` on a socket bound to 127.0.0.1:0 and passed as ``fd://``."""
+    """``hypercorn wsfanout:app`` (or ``uvicorn wsfanout:app``, or ``wsfanout serve``) on a
+    socket bound to 127.0.0.1:0 and passed as ``fd://``."""
 
     def __init__(
         self,
@@ -52,6 +57,7 @@ class Server:
         bare: bool = False,
         serve: bool = False,
         args: tuple[str, ...] = (),
+        server: str = "hypercorn",
     ) -> None:
         self.data_dir = data_dir
         self.env = env or {}
@@ -61,9 +67,18 @@ class Server:
         self.bare = bare  # no WSFANOUT_* at all: what `hypercorn wsfanout:app` does on its own
         self.serve = serve  # `wsfanout serve` (pings every 20 s, its own limits) instead
         self.args = args  # more arguments for the server command
+        self.server = server  # hypercorn or uvicorn (with its websockets-sansio protocol)
         self.log_path = data_dir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+
+    @property
+    def stopped_by_sigterm(self) -> tuple[int, ...]:
+        """The exit statuses of a clean stop on SIGTERM: plain uvicorn re-raises the signal
+        once it has stopped, to die of it, as it does for every app."""
+        if self.server == "uvicorn" and not self.serve:
+            return (0, -signal.SIGTERM)
+        return (0,)
 
     @property
     def http_url(self) -> str:
@@ -91,11 +106,15 @@ class Server:
             env = {k: v for k, v in env.items() if not k.startswith("WSFANOUT_")}
         with self.log_path.open("ab") as log:
             bind = f"fd://{sock.fileno()}"
-            command = (
-                ["-m", "wsfanout.cli", "serve", "--workers", str(self.workers), "--bind", bind]
-                if self.serve
-                else ["-m", "hypercorn", "--workers", str(self.workers), "--bind", bind, self.app]
-            )
+            workers = ["--workers", str(self.workers)]
+            if self.serve:
+                command = ["-m", "wsfanout.cli", "serve", "--server", self.server, *workers]
+                command += ["--bind", bind]
+            elif self.server == "uvicorn":  # as the README tells users of plain uvicorn
+                command = ["-m", "uvicorn", *UVICORN_FLAGS, *workers, "--fd", str(sock.fileno())]
+                command.append(self.app)
+            else:
+                command = ["-m", "hypercorn", *workers, "--bind", bind, self.app]
             self.proc = subprocess.Popen(
                 [sys.executable, *command, *self.args],
                 pass_fds=[sock.fileno()],

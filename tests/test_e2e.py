@@ -1,4 +1,4 @@
-"""End to end: real hypercorn on port 0, real sockets, the demo users."""
+"""End to end: real hypercorn and uvicorn on port 0, real sockets, the demo users."""
 
 from __future__ import annotations
 
@@ -18,16 +18,18 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import DEMO_USERS
-from tests.server import Client, RawClient, Server, http
+from tests.server import SERVERS, Client, RawClient, Server, http
 from wsfanout import passwords
 from wsfanout.store import Store
 
 USERS = list(DEMO_USERS)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, demo_db: Path) -> Iterator[Server]:
-    """One server for the module, with the demo users plus 'mikey'."""
+@pytest.fixture(scope="module", params=SERVERS)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, demo_db: Path
+) -> Iterator[Server]:
+    """One server of each kind for the module, with the demo users plus 'mikey'."""
     data_dir = tmp_path_factory.mktemp("e2e")
     shutil.copy(demo_db, data_dir / "wsfanout.sqlite3")
 
@@ -38,7 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_db: Path) -> Iterator[
 
     asyncio.run(add_mikey())
     env = {"WSFANOUT_RATE_LIMIT": "0", "WSFANOUT_OUTBOX_BYTES": "262144"}
-    with Server(data_dir, env).running() as running:
+    with Server(data_dir, env, server=request.param).running() as running:
         yield running
     log = running.log_path.read_text()
     assert "Traceback" not in log, log
@@ -195,10 +197,12 @@ async def test_client_that_never_reads_is_closed_1013(
     assert "closing a slow consumer (anny)" in log
 
 
-async def test_sigterm_closes_every_socket_with_1001(tmp_path: Path, demo_db: Path) -> None:
-    """SIGTERM to hypercorn: every socket gets 1001 promptly, and the server exits cleanly."""
+async def test_sigterm_closes_every_socket_with_1001(
+    tmp_path: Path, demo_db: Path, server_kind: str
+) -> None:
+    """SIGTERM to the server: every socket gets 1001 promptly, and it exits cleanly."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
-    server = Server(tmp_path)
+    server = Server(tmp_path, server=server_kind)
     server.start()
     try:
         sockets = [await Client.open(server.ws_url, server.login(n)) for n in ("greg", "lisa")]
@@ -210,8 +214,8 @@ async def test_sigterm_closes_every_socket_with_1001(tmp_path: Path, demo_db: Pa
         for client in sockets:
             await asyncio.wait_for(client.reader, 10)
             assert client.conn.close_code == 1001
-        assert time.monotonic() - started < 2.5  # well inside hypercorn's 3 s graceful timeout
-        assert server.proc.wait(15) == 0
+        assert time.monotonic() - started < 2.5  # inside hypercorn's 3 s graceful timeout
+        assert server.proc.wait(15) in server.stopped_by_sigterm
     finally:
         server.stop()
     log = server.log_path.read_text()
@@ -219,11 +223,13 @@ async def test_sigterm_closes_every_socket_with_1001(tmp_path: Path, demo_db: Pa
     assert "Traceback" not in log, log
 
 
-async def test_sigterm_under_wsfanout_serve_with_pings(tmp_path: Path, demo_db: Path) -> None:
+async def test_sigterm_under_wsfanout_serve_with_pings(
+    tmp_path: Path, demo_db: Path, server_kind: str
+) -> None:
     """`wsfanout serve` (pings every 20 s, 10 s graceful timeout): after the sockets were
     used, SIGTERM closes them with 1001 and the process exits within 5 s, with no traceback."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
-    server = Server(tmp_path, serve=True)
+    server = Server(tmp_path, serve=True, server=server_kind)
     server.start()
     try:
         clients = [await Client.open(server.ws_url, server.login(n)) for n in ("greg", "lisa")]
@@ -241,7 +247,7 @@ async def test_sigterm_under_wsfanout_serve_with_pings(tmp_path: Path, demo_db: 
         for client in clients:
             await asyncio.wait_for(client.reader, 10)
             assert client.conn.close_code == 1001
-        assert server.proc.wait(15) == 0
+        assert server.proc.wait(15) in server.stopped_by_sigterm
         assert time.monotonic() - started < 5
     finally:
         server.stop()
@@ -251,11 +257,11 @@ async def test_sigterm_under_wsfanout_serve_with_pings(tmp_path: Path, demo_db: 
 
 @pytest.mark.parametrize("size", [65_537, 200_000])
 async def test_wsfanout_serve_explains_a_too_large_frame(
-    tmp_path: Path, demo_db: Path, size: int
+    tmp_path: Path, demo_db: Path, size: int, server_kind: str
 ) -> None:
     """Under `wsfanout serve`, a frame over the limit gets a too_large error frame, then 1009."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
-    with Server(tmp_path, serve=True).running() as server:
+    with Server(tmp_path, serve=True, server=server_kind).running() as server:
         client = await Client.open(server.ws_url, server.login("mike"))
         await client.next()
         await client.conn.send("x" * size)
@@ -283,12 +289,12 @@ async def _handshakes(url: str, cookies: list[str]) -> tuple[list[Any], list[int
 
 
 async def test_connection_limit_holds_under_concurrent_handshakes(
-    tmp_path: Path, demo_db: Path
+    tmp_path: Path, demo_db: Path, server_kind: str
 ) -> None:
     """150 handshakes at once against WSFANOUT_MAX_CONNECTIONS=50: exactly 50 get in."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
     env = {"WSFANOUT_MAX_CONNECTIONS": "50", "WSFANOUT_MAX_CONNECTIONS_PER_USER": "1000"}
-    with Server(tmp_path, env).running() as server:
+    with Server(tmp_path, env, server=server_kind).running() as server:
         cookies = [server.login(name) for name in USERS]
         accepted, refused = await _handshakes(server.ws_url, cookies * 25)
         try:
@@ -297,11 +303,15 @@ async def test_connection_limit_holds_under_concurrent_handshakes(
             await asyncio.gather(*(conn.close() for conn in accepted))
 
 
-async def test_one_user_cannot_take_every_connection(tmp_path: Path, demo_db: Path) -> None:
+async def test_one_user_cannot_take_every_connection(
+    tmp_path: Path, demo_db: Path, server_kind: str
+) -> None:
     """Past WSFANOUT_MAX_CONNECTIONS_PER_USER a user's next handshake is a 429 with a reason;
     others still get in, and a closed connection gives its place back."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
-    with Server(tmp_path, {"WSFANOUT_MAX_CONNECTIONS_PER_USER": "3"}).running() as server:
+    with Server(
+        tmp_path, {"WSFANOUT_MAX_CONNECTIONS_PER_USER": "3"}, server=server_kind
+    ).running() as server:
         greg = server.login("greg")
         accepted, refused = await _handshakes(server.ws_url, [greg] * 5)
         try:
@@ -355,11 +365,13 @@ def test_parallel_guesses_get_no_more_than_the_limit(server: Server) -> None:
 
 
 async def test_a_listening_socket_is_closed_when_its_session_expires(
-    tmp_path: Path, demo_db: Path
+    tmp_path: Path, demo_db: Path, server_kind: str
 ) -> None:
     """A socket that never sends is told its session expired and closed with 1008 on time."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
-    with Server(tmp_path, {"WSFANOUT_SESSION_MAX_AGE": "2"}).running() as server:
+    with Server(
+        tmp_path, {"WSFANOUT_SESSION_MAX_AGE": "2"}, server=server_kind
+    ).running() as server:
         client = await Client.open(server.ws_url, server.login("chuck"))
         assert (await client.next())["type"] == "welcome"
         error = await client.next_of("error", timeout=5)

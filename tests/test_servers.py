@@ -1,18 +1,21 @@
-"""servers: the reaches into hypercorn, checked against the installed release and a real server.
+"""servers: the reaches into hypercorn and uvicorn, checked against the installed releases
+and real servers; ``wsfanout serve --server``.
 
-If a hypercorn upgrade moves what ``servers.py`` reaches for, the tests here fail: the
-start-up check finds the problem, a deflate offer is accepted again, or SIGTERM no longer
-closes sockets with 1001 before hypercorn's graceful timeout.
+If a hypercorn or uvicorn upgrade moves what ``servers.py`` reaches for, the tests here
+(and the end-to-end ones, which run under both) fail: the start-up check finds the
+problem, a deflate offer is accepted again, or SIGTERM no longer closes sockets with 1001.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import signal
 import socket
 import time
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,7 @@ from websockets.asyncio.client import connect
 
 from tests import asgi
 from tests.conftest import login
-from tests.server import Client, RawClient, Server, http
+from tests.server import ROOT, Client, RawClient, Server, http, wsfanout
 from wsfanout import Settings, create_app
 from wsfanout.servers import ACCEPT_KEY, ServerReach
 
@@ -138,10 +141,11 @@ def test_a_hypercorn_without_the_ping_loop_warns_about_pings_only(
     assert "cannot end hypercorn's pings" in warning and "deflate" not in warning
 
 
-def test_wsfanout_serve_still_pings(tmp_path: Path, demo_db: Path) -> None:
+def test_wsfanout_serve_still_pings(tmp_path: Path, demo_db: Path, server_kind: str) -> None:
     """Under `wsfanout serve --ping-interval 0.2`, a connection gets a ping every interval."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
-    with Server(tmp_path, serve=True, args=("--ping-interval", "0.2")).running() as server:
+    args = ("--ping-interval", "0.2")
+    with Server(tmp_path, serve=True, args=args, server=server_kind).running() as server:
         client = RawClient(server.port, server.login("chuck"))
         try:
             started = time.monotonic()
@@ -168,13 +172,15 @@ def deflate_answer(server: Server, path: str, cookie: str) -> tuple[str | None, 
 
 
 @pytest.mark.parametrize(("setting", "answered"), [("", None), ("off", None), ("on", "deflate")])
-def test_hypercorn_declines_deflate_unless_compression_is_on(
-    tmp_path: Path, demo_db: Path, setting: str, answered: str | None
+def test_the_server_declines_deflate_unless_compression_is_on(
+    tmp_path: Path, demo_db: Path, setting: str, answered: str | None, server_kind: str
 ) -> None:
-    """Under real hypercorn a deflate offer gets no extension by default, and deflate when on."""
+    """Under plain hypercorn or uvicorn (which accepts deflate unless told) a deflate offer
+    gets no extension by default, and deflate when on."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
     env = {"WSFANOUT_COMPRESSION": setting} if setting else {}
-    with Server(tmp_path, env).running() as server:
+    args = ("--ws-per-message-deflate", "true") if server_kind == "uvicorn" else ()
+    with Server(tmp_path, env, server=server_kind, args=args).running() as server:
         offered, answer = deflate_answer(server, "", server.login("greg"))
     assert offered is not None and "permessage-deflate" in offered
     if answered is None:
@@ -184,10 +190,15 @@ def test_hypercorn_declines_deflate_unless_compression_is_on(
     assert "not a release wsfanout was tested with" not in server.log_path.read_text()
 
 
-def test_mounted_in_starlette_declines_deflate(tmp_path: Path, demo_db: Path) -> None:
+def test_mounted_in_starlette_declines_deflate(
+    tmp_path: Path, demo_db: Path, server_kind: str
+) -> None:
     """Mounted at /chat in Starlette (which wraps ``send``), a deflate offer is still declined."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
-    with Server(tmp_path, app="tests.mounted:app", health_path="/chat/healthz").running() as server:
+    mounted = Server(
+        tmp_path, app="tests.mounted:app", health_path="/chat/healthz", server=server_kind
+    )
+    with mounted.running() as server:
         status, headers = http(
             "POST", server.http_url + "/chat/login", {"username": "lisa", "password": "Lisa"}
         )
@@ -197,10 +208,14 @@ def test_mounted_in_starlette_declines_deflate(tmp_path: Path, demo_db: Path) ->
     assert answer is None
 
 
-async def test_mounted_in_starlette_closes_1001_on_sigterm(tmp_path: Path, demo_db: Path) -> None:
-    """SIGTERM to hypercorn serving the Starlette mount: sockets get 1001 before the timeout."""
+async def test_mounted_in_starlette_closes_1001_on_sigterm(
+    tmp_path: Path, demo_db: Path, server_kind: str
+) -> None:
+    """SIGTERM to the server of the Starlette mount: sockets get 1001 before the timeout."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
-    server = Server(tmp_path, app="tests.mounted:app", health_path="/chat/healthz")
+    server = Server(
+        tmp_path, app="tests.mounted:app", health_path="/chat/healthz", server=server_kind
+    )
     server.start()
     try:
         status, headers = http(
@@ -215,7 +230,7 @@ async def test_mounted_in_starlette_closes_1001_on_sigterm(tmp_path: Path, demo_
         await asyncio.wait_for(client.reader, 10)
         assert client.conn.close_code == 1001
         assert time.monotonic() - started < 2.5  # hypercorn's own graceful timeout is 3 s
-        assert server.proc.wait(15) == 0
+        assert server.proc.wait(15) in server.stopped_by_sigterm
     finally:
         server.stop()
 
@@ -249,13 +264,108 @@ def raw_handshake(port: int, cookie: str, extensions: str) -> str:
     ],
 )
 def test_compression_on_declines_an_offer_it_cannot_parse(
-    tmp_path: Path, demo_db: Path, offer: str
+    tmp_path: Path, demo_db: Path, offer: str, server_kind: str
 ) -> None:
-    """With compression on, a malformed deflate offer is declined, not a dropped connection."""
+    """With compression on, a malformed deflate offer is declined (hypercorn), or answered
+    as uvicorn's websockets reads it (a 400, or deflate), not a dropped connection."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
-    with Server(tmp_path, {"WSFANOUT_COMPRESSION": "on"}).running() as server:
+    with Server(tmp_path, {"WSFANOUT_COMPRESSION": "on"}, server=server_kind).running() as server:
         head = raw_handshake(server.port, server.login("greg"), offer)
         good = raw_handshake(server.port, server.login("greg"), "permessage-deflate")
-    assert head.startswith("http/1.1 101") and "sec-websocket-extensions" not in head, head
+    if server_kind == "uvicorn":  # websockets decides: it reads '"15"' as 15, refuses '='
+        assert head.startswith(("http/1.1 101", "http/1.1 400")), head
+    else:
+        assert head.startswith("http/1.1 101") and "sec-websocket-extensions" not in head, head
     assert "sec-websocket-extensions: permessage-deflate" in good
     assert "Traceback" not in server.log_path.read_text()
+
+
+def test_without_uvicorn_serve_says_what_to_install(tmp_path: Path) -> None:
+    """`--server uvicorn` (here from WSFANOUT_SERVER) where uvicorn cannot be imported:
+    one line naming the extra to install, before anything is opened."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "uvicorn.py").write_text("raise ImportError(\"No module named 'uvicorn'\")\n")
+    result = wsfanout(tmp_path, "serve", WSFANOUT_SERVER="uvicorn", PYTHONPATH=f"{shim}:{ROOT}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "wsfanout: error: --server uvicorn needs uvicorn and websockets (No module named "
+        "'uvicorn'): pip install 'wsfanout[uvicorn]'"
+    ]
+    assert not (tmp_path / "wsfanout.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("--server", "gunicorn"), "--server 'gunicorn' (or $WSFANOUT_SERVER): expected one of"),
+        (("--proxy-headers",), "--proxy-headers needs --server uvicorn"),
+    ],
+)
+def test_serve_refuses_what_it_cannot_do(tmp_path: Path, args: tuple[str, ...], error: str) -> None:
+    """An unknown server, or proxy headers under hypercorn: one line, exit 1."""
+    result = wsfanout(tmp_path, "serve", *args)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"wsfanout: error: {error}"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def wrong_logins(server: Server, forwarded_for: list[str]) -> list[int]:
+    """A wrong password for greg from 127.0.0.1 (the proxy uvicorn trusts by default), once
+    with each X-Forwarded-For; the statuses."""
+    statuses = []
+    for address in forwarded_for:
+        connection = HTTPConnection(
+            "127.0.0.1", server.port, timeout=10, source_address=("127.0.0.1", 0)
+        )
+        try:
+            body = json.dumps({"username": "greg", "password": "wrong"})
+            headers = {"content-type": "application/json", "x-forwarded-for": address}
+            connection.request("POST", "/login", body, headers)
+            statuses.append(connection.getresponse().status)
+        finally:
+            connection.close()
+    return statuses
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["default", "proxy-headers"])
+def test_uvicorn_takes_forwarded_addresses_only_when_asked(
+    tmp_path: Path, demo_db: Path, trusted: bool
+) -> None:
+    """Under `wsfanout serve --server uvicorn`, X-Forwarded-For is ignored: a client cannot
+    escape the login throttle by naming a new address each time. With --proxy-headers
+    (trusting the sender), each named address is counted apart."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    args = ("--proxy-headers",) if trusted else ()
+    with Server(tmp_path, serve=True, server="uvicorn", args=args).running() as server:
+        statuses = wrong_logins(server, [f"203.0.113.{n}" for n in range(1, 8)])
+    assert statuses == ([401] * 7 if trusted else [401] * 5 + [429] * 2)
+
+
+def test_the_readme_gives_plain_uvicorn_the_flags_serve_passes() -> None:
+    """The README's `uvicorn wsfanout:app` command sets what `wsfanout serve --server
+    uvicorn` does (as uvicorn's own command line reads it), deflate off first."""
+    import argparse
+    import importlib
+
+    from wsfanout.cli import PING_INTERVAL, uvicorn_options
+
+    command = importlib.import_module("uvicorn.main").main  # `uvicorn.main` is a function
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("uvicorn wsfanout:app \\\n", 1)[1].split("```", 1)[0]
+    flags = block.replace("\\\n", " ").split()
+    assert flags[:2] == ["--ws-per-message-deflate", "false"]
+    read = command.make_context("uvicorn", [*flags, "wsfanout:app"]).params
+    args = argparse.Namespace(
+        ping_interval=PING_INTERVAL,
+        proxy_headers=False,
+        forwarded_allow_ips="127.0.0.1",
+        workers=1,
+        access_log=False,
+    )
+    passed = uvicorn_options(Settings(), args)
+    left_to_uvicorn = {"loop", "http", "workers", "access_log", "log_level", "forwarded_allow_ips"}
+    for name, value in passed.items():
+        if name not in left_to_uvicorn:
+            assert read[name] == value, name

@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import getpass
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import urllib.error
@@ -45,6 +47,9 @@ DEMO_GROUPS: Final = {"boys": ("Greg", "Chuck", "Mike"), "girls": ("Amanda", "Li
 DEFAULT_BIND: Final = "127.0.0.1:8000"
 PING_INTERVAL: Final = 20.0
 GRACEFUL_TIMEOUT: Final = 10.0
+BACKLOG: Final = 2048  # pending connections the listening socket holds
+SERVERS: Final = ("hypercorn", "uvicorn")
+SERVER_VARIABLE: Final = "WSFANOUT_SERVER"
 URL_VARIABLE: Final = "WSFANOUT_URL"
 KEY_VARIABLE: Final = "WSFANOUT_API_KEY"
 API_TIMEOUT: Final = 10.0  # seconds for one admin API request
@@ -226,16 +231,50 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
+    if args.ping_interval < 0:
+        raise CommandError("--ping-interval must be 0 (no pings) or a positive number of seconds")
+    if args.server not in SERVERS:
+        choices = ", ".join(SERVERS)
+        raise CommandError(
+            f"--server {args.server!r} (or ${SERVER_VARIABLE}): expected one of {choices}"
+        )
+    if args.proxy_headers and args.server != "uvicorn":
+        raise CommandError("--proxy-headers needs --server uvicorn (hypercorn has no such setting)")
+    run = _serve_hypercorn
+    if args.server == "uvicorn":
+        _need_uvicorn()
+        run = _serve_uvicorn
+    _preflight(settings)
+    if args.workers > 1 and not settings.redis_url:
+        print(
+            "warning: --workers > 1 without WSFANOUT_REDIS_URL: each worker fans out only to its "
+            "own connections",
+            file=sys.stderr,
+        )
+    bind, listening = _listen(args.bind, BACKLOG)
+    if listening is not None:
+        host, port = listening.getsockname()[:2]
+        print(
+            f"wsfanout serving on http://{_url_host(host)}:{port}/ with {args.server}", flush=True
+        )
+    try:
+        code = run(settings, args, bind)
+    finally:
+        if listening is not None:
+            with contextlib.suppress(OSError):  # the server may have closed it already
+                listening.close()
+    if code:
+        raise CommandError(f"the server stopped with exit code {code}: its log says why")
+
+
+def _serve_hypercorn(settings: Settings, args: argparse.Namespace, bind: str) -> int:
     from hypercorn.config import Config
     from hypercorn.run import run
 
-    if args.ping_interval < 0:
-        raise CommandError("--ping-interval must be 0 (no pings) or a positive number of seconds")
-    _preflight(settings)
     config = Config()
     config.application_path = "wsfanout:app"
-    bind, listening = _listen(args.bind, config.backlog)
     config.bind = [bind]
+    config.backlog = BACKLOG
     config.workers = args.workers
     config.websocket_ping_interval = args.ping_interval or None
     config.graceful_timeout = GRACEFUL_TIMEOUT  # time to close every socket with 1001
@@ -245,23 +284,107 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     config.accesslog = "-" if args.access_log else None
     config.errorlog = "-"
     config.loglevel = settings.log_level.upper()
-    if args.workers > 1 and not settings.redis_url:
-        print(
-            "warning: --workers > 1 without WSFANOUT_REDIS_URL: each worker fans out only to its "
-            "own connections",
-            file=sys.stderr,
-        )
-    if listening is not None:
-        host, port = listening.getsockname()[:2]
-        print(f"wsfanout serving on http://{_url_host(host)}:{port}/", flush=True)
+    return int(run(config))
+
+
+def uvicorn_options(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """What ``wsfanout serve --server uvicorn`` tells uvicorn, as ``uvicorn.Config``
+    arguments; the README lists the same as command-line flags."""
+    ping = args.ping_interval or None
+    return {
+        "ws": "websockets-sansio",
+        "ws_per_message_deflate": settings.compression,
+        "ws_max_size": settings.max_frame_bytes,
+        "ws_ping_interval": ping,
+        "ws_ping_timeout": ping,
+        "loop": "auto",  # uvloop where installed
+        "http": "auto",  # httptools where installed
+        "lifespan": "on",
+        "proxy_headers": args.proxy_headers,
+        "forwarded_allow_ips": args.forwarded_allow_ips,
+        "server_header": False,
+        "timeout_graceful_shutdown": GRACEFUL_TIMEOUT,
+        "backlog": BACKLOG,
+        "workers": args.workers,
+        "access_log": args.access_log,
+        "log_level": settings.log_level,
+    }
+
+
+def _need_uvicorn() -> None:
+    """One line naming what to install, if uvicorn or its websockets protocol is missing."""
     try:
-        code = run(config)
+        import uvicorn  # noqa: F401
+        import websockets  # noqa: F401  (uvicorn's websockets-sansio protocol needs it)
+    except ImportError as exc:
+        raise CommandError(
+            f"--server uvicorn needs uvicorn and websockets ({exc}): "
+            "pip install 'wsfanout[uvicorn]'"
+        ) from None
+
+
+def _serve_uvicorn(settings: Settings, args: argparse.Namespace, bind: str) -> int:
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(
+        "wsfanout:app",
+        log_config=_uvicorn_log_config(args.access_log),
+        **uvicorn_options(settings, args),
+    )
+    if bind.startswith("unix:"):
+        config.uds = bind[len("unix:") :]
+        sock = config.bind_socket()  # uvicorn's: it knows the file's permissions
+    else:  # fd://N: ours from _listen, or the caller's (which closes it)
+        sock = socket.socket(fileno=int(bind[len("fd://") :]))
+    sockets = [sock]
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the SIGTERM it handled once it has stopped, to die of it; stopping
+    # on SIGTERM is a success here, as under hypercorn: exit 0.
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        if args.workers > 1:
+            Multiprocess(config, sockets=sockets).run()  # a Server of its own per worker
+        else:
+            server.run(sockets=sockets)
+    except SystemExit as exc:  # uvicorn's own way to fail, e.g. a failed lifespan startup
+        return exc.code if isinstance(exc.code, int) else 1
     finally:
-        if listening is not None:
-            with contextlib.suppress(OSError):  # hypercorn may have closed it already
-                listening.close()
-    if code:
-        raise CommandError(f"the server stopped with exit code {code}: its log says why")
+        signal.signal(signal.SIGTERM, previous)
+        if config.uds:
+            sock.close()
+        else:
+            sock.detach()
+    if args.workers == 1 and not server.started:
+        return 3  # uvicorn's STARTUP_FAILURE
+    return 0
+
+
+def _uvicorn_log_config(access_log: bool) -> dict[str, Any]:
+    """uvicorn's logging; without --access-log, without a line per websocket (three, with
+    its open and close), as hypercorn's."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    if not access_log:
+        config.setdefault("filters", {})["connections"] = {"()": QuietConnections}
+        config["loggers"]["uvicorn.error"]["filters"] = ["connections"]
+    return config
+
+
+class QuietConnections(logging.Filter):
+    """Drops uvicorn's log lines of websockets opened, refused and closed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        return record.levelno > logging.INFO or not (
+            message in ("connection open", "connection closed")
+            or (isinstance(message, str) and message.startswith('%s - "WebSocket %s"'))
+        )
+
+
+def _stopped(signum: int, frame: Any) -> None:
+    """SIGTERM outside uvicorn's own handler: it has stopped already."""
 
 
 def _preflight(settings: Settings) -> None:
@@ -286,7 +409,7 @@ async def _nothing(store: Store) -> None:
 
 def _listen(bind: str, backlog: int) -> tuple[str, socket.socket | None]:
     """Bind HOST:PORT here (so a bad address or a taken port is one clear line) and hand
-    hypercorn the socket; ``unix:`` and ``fd://`` binds go to hypercorn as they are."""
+    the server the socket; ``unix:`` and ``fd://`` binds go to the server as they are."""
     if bind.startswith(("unix:", "fd://")):
         return bind, None
     host, sep, port = bind.rpartition(":")
@@ -582,8 +705,16 @@ def build_parser() -> argparse.ArgumentParser:
     _api_options(publish, url_help, default_url)
     publish.set_defaults(func=cmd_publish)
 
-    serve = commands.add_parser("serve", help="serve with hypercorn")
+    serve = commands.add_parser("serve", help="serve with hypercorn or uvicorn")
     serve.add_argument("--bind", default=DEFAULT_BIND, help=f"address (default {DEFAULT_BIND})")
+    serve.add_argument(
+        "--server",
+        default=os.environ.get(SERVER_VARIABLE, "hypercorn"),
+        help=(
+            f"{' or '.join(SERVERS)} (default: ${SERVER_VARIABLE}, else hypercorn); uvicorn "
+            "needs pip install 'wsfanout[uvicorn]'"
+        ),
+    )
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve.add_argument(
         "--ping-interval",
@@ -592,6 +723,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds between websocket pings, 0 for none (default {PING_INTERVAL:g})",
     )
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--proxy-headers",
+        action="store_true",
+        help="uvicorn only: take the client's address from X-Forwarded-For, when sent by "
+        "--forwarded-allow-ips (off: login throttling counts by the address that connects)",
+    )
+    serve.add_argument(
+        "--forwarded-allow-ips",
+        default="127.0.0.1",
+        help="with --proxy-headers: the proxies trusted, comma-separated (default 127.0.0.1)",
+    )
     serve.set_defaults(func=cmd_serve)
     return parser
 

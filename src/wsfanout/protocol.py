@@ -383,6 +383,11 @@ def error(code: ErrorCode, detail: str, frame_id: str | None = None) -> str:
     return encode(event)
 
 
+def too_large(limit: int) -> str:
+    """The error frame for a message over the frame limit (the connection then closes 1009)."""
+    return error(ErrorCode.TOO_LARGE, f"frames are limited to {limit} bytes")
+
+
 def batch(frames: list[str]) -> str:
     """Several encoded events as one frame: a JSON array, or the event itself if alone."""
     if len(frames) == 1:

@@ -1,6 +1,7 @@
-"""The only module that knows which ASGI server runs us: every reach into its internals.
+"""The only module that knows which ASGI server runs us (hypercorn or uvicorn): every reach
+into its internals.
 
-Theory of operation. wsfanout needs three things from its server that ASGI has no words for.
+Theory of operation. wsfanout needs these things from its server, which ASGI has no words for.
 
 1. Declining permessage-deflate. Every browser offers it, and hypercorn accepts any offer (it
    has no setting: pgjones/hypercorn#307). Then every frame is compressed again for every
@@ -55,13 +56,31 @@ Theory of operation. wsfanout needs three things from its server that ASGI has n
 The first three are checked once, at start, against hypercorn's own classes (a handshake that
 offers deflate must come back without it). If a hypercorn release moved something, one
 warning names what is lost and the service runs on: compression stays as the server
-decides, draining waits for lifespan shutdown, and pings run as hypercorn runs them. Under
-another server nothing here applies; under uvicorn, ``--ws-per-message-deflate false``
-declines deflate. ``setup.cfg`` bounds hypercorn to the releases this was tested with, and
-tests against real hypercorn fail when a reach stops working. The last two are used
-per connection and warn once, the first time one fails: without them, a frame over the
-limit gets hypercorn's bare 1009, and a client that does not read keeps its TCP
-connection until it reads or leaves.
+decides, draining waits for lifespan shutdown, and pings run as hypercorn runs them.
+``setup.cfg`` bounds hypercorn to the releases this was tested with, and tests against real
+hypercorn fail when a reach stops working. The last two are used per connection and warn
+once, the first time one fails: without them, a frame over the limit gets hypercorn's bare
+1009, and a client that does not read keeps its TCP connection until it reads or leaves.
+
+Under uvicorn (``wsfanout serve --server uvicorn``, or plain ``uvicorn wsfanout:app``) the
+same needs are met differently. The running ``uvicorn.Server`` is found through the SIGTERM
+handler it installs while it serves (a bound method of the server), at app start:
+
+- Its config is read by every new connection, so the app writes its own settings there:
+  ``ws_per_message_deflate`` follows ``WSFANOUT_COMPRESSION`` and ``ws_max_size`` is the frame
+  limit. uvicorn's websockets protocol (websockets' sans-I/O core) then declines deflate,
+  refuses a larger message from its header alone, and inflates no more than the limit.
+- Its ``shutdown`` is wrapped on that instance: stop listening, drain the app (1001), then
+  uvicorn's own, which closes whatever websocket is left with 1012 at once.
+- Pings are uvicorn's (``ws_ping_interval``, a timer per connection, gone with it).
+- Per connection, under the ``websockets-sansio`` protocol, ``receive`` is a method of the
+  connection's protocol object: ``accepted`` takes it as the handle for ``abort`` (its
+  transport), and ``_explain_refusals`` puts the app's ``too_large`` frame before the 1009
+  close that uvicorn sends for a message over the limit, and refuses a message in more than
+  ``_Frames.MAX_PIECES`` fragments (uvicorn keeps every piece, empty ones too). A client that
+  sends data before the handshake's answer leaves no ghost there: uvicorn tells the app.
+
+Under another server nothing here applies, and the start-up log says so.
 
 It also knows how servers run workers: ``warn_if_workers_are_islands`` counts the processes
 multiprocessing spawned beside this one (not its helpers, such as the resource tracker).
@@ -75,6 +94,7 @@ import functools
 import inspect
 import logging
 import multiprocessing
+import signal
 import socket
 import struct
 import sys
@@ -125,8 +145,10 @@ class ServerReach:
 
     Args:
         compression: accept permessage-deflate when offered (False: decline it).
-        on_stopping: awaited once when the server starts stopping (hypercorn's SIGTERM).
+        on_stopping: awaited once when the server starts stopping (its SIGTERM).
         frame_limit: the largest inbound message the app takes, in bytes (0: the server's).
+        too_large: the error frame that explains a message over the limit, where the
+            server refuses it before the app sees it (uvicorn).
     """
 
     def __init__(
@@ -135,10 +157,14 @@ class ServerReach:
         compression: bool,
         on_stopping: Callable[[], Awaitable[None]],
         frame_limit: int = 0,
+        too_large: str = "",
     ) -> None:
         self.compression = compression
         self.on_stopping = on_stopping
         self.frame_limit = frame_limit
+        self.too_large = too_large
+        self.name = "an unknown server"  # which server runs us, for the start-up log
+        self._uvicorn_ws: Any = None  # the class of uvicorn's sans-I/O protocol, if it runs ours
         self.can_decline = False  # hypercorn's handshake can be told to decline deflate
         self.can_watch = False  # hypercorn's stop signal can be watched
         self.can_stop_pings = False  # hypercorn's pings can be ended with the connection
@@ -150,13 +176,18 @@ class ServerReach:
 
     def start(self) -> None:
         """Find the server's internals, once per app start; warn once about what is missing."""
+        uvicorn = _uvicorn_server()
+        if uvicorn is not None:
+            self._start_under_uvicorn(uvicorn)
+            return
         if "hypercorn" not in sys.modules:
             if not self.compression:
                 log.info(
-                    "not under hypercorn: permessage-deflate is left to the server "
-                    "(under uvicorn, pass --ws-per-message-deflate false to decline it)"
+                    "neither hypercorn nor uvicorn runs wsfanout: permessage-deflate, the "
+                    "frame limit and draining on SIGTERM are left to the server"
                 )
             return
+        self.name = f"hypercorn {_version('hypercorn')}"
         problems = _install_into_hypercorn()
         problems.setdefault("deflate", _check_decline())
         problems.setdefault("stop", _check_stop_signal())
@@ -218,6 +249,21 @@ class ServerReach:
         """The ``websocket.accept`` message to send: a copy, as middleware may change it."""
         return dict(self._accept)
 
+    def accepted(self, accept: Message, receive: Any) -> Any:
+        """The server's handle on a connection just accepted (for ``abort``), or None.
+
+        Args:
+            accept: the accept message as sent (hypercorn's wrapped accept left its stream).
+            receive: the connection's ASGI ``receive`` (uvicorn's is its protocol's method).
+        """
+        stream = accept.get(STREAM_KEY)
+        if stream is None and self._uvicorn_ws is not None:
+            protocol = getattr(receive, "__self__", None)
+            if type(protocol) is self._uvicorn_ws:
+                _explain_refusals(protocol, self)
+                return protocol
+        return stream
+
     async def close(self) -> None:
         """Stop watching the server (not from inside ``on_stopping`` itself)."""
         watcher, self._watcher = self._watcher, None
@@ -231,10 +277,13 @@ class ServerReach:
         if stream is None or not self.can_abort:
             return False
         try:
-            protocol = stream.send.__self__
-            if type(protocol).__name__ != "H11Protocol":
-                return False  # HTTP/2: the connection carries other streams
-            transport = protocol.send.__self__.writer.transport
+            if type(stream) is self._uvicorn_ws:
+                transport = stream.transport
+            else:
+                protocol = stream.send.__self__
+                if type(protocol).__name__ != "H11Protocol":
+                    return False  # HTTP/2: the connection carries other streams
+                transport = protocol.send.__self__.writer.transport
         except AttributeError as exc:
             self._broke("abort", exc)
             return False
@@ -286,6 +335,46 @@ class ServerReach:
         log.info("the server is stopping: closing every websocket with 1001")
         await self.on_stopping()
 
+    def _start_under_uvicorn(self, server: Any) -> None:
+        """Tell uvicorn's config what the app needs, and drain before uvicorn stops."""
+        config = server.config
+        self.name = f"uvicorn {_version('uvicorn')}"
+        # Read by each new connection's protocol: the app's settings are the server's.
+        config.ws_per_message_deflate = self.compression
+        self.can_decline = True
+        if self.frame_limit > 0:
+            config.ws_max_size = self.frame_limit
+        lost = []
+        problem = _drain_before_uvicorn_stops(server, self)
+        self.can_watch = not problem
+        if problem:
+            lost.append(
+                f"cannot drain before uvicorn stops ({problem}): on SIGTERM, clients get "
+                "uvicorn's 1012 instead of 1001"
+            )
+        ws = getattr(config, "ws_protocol_class", None)
+        if ws is None or ws.__name__ != "WebSocketsSansIOProtocol":
+            log.warning(
+                "uvicorn runs websockets with %s, not websockets-sansio (--ws "
+                "websockets-sansio): frames over the limit get a bare 1009, and clients "
+                "that do not read keep their TCP connection after their close",
+                getattr(ws, "__name__", ws),
+            )
+        elif not all(hasattr(ws, name) for name in _SANSIO_PARTS):
+            lost.append(
+                "uvicorn's WebSocketsSansIOProtocol changed: frames over the limit get a "
+                "bare 1009, and clients that do not read keep their TCP connection"
+            )
+        else:
+            self._uvicorn_ws = ws
+            self.can_abort = self.can_bound = True
+        if lost:
+            log.warning(
+                "uvicorn %s is not a release wsfanout was tested with: %s",
+                _version("uvicorn"),
+                "; ".join(lost),
+            )
+
     def _broke(self, reach: str, exc: Exception) -> None:
         if reach == "deflate":
             self.can_decline = False
@@ -299,7 +388,7 @@ class ServerReach:
             self.can_stop_pings = False
         if reach not in self._broken:
             self._broken.add(reach)
-            log.warning("a reach into hypercorn stopped working (%s): %s", reach, exc)
+            log.warning("a reach into %s stopped working (%s): %s", self.name, reach, exc)
 
 
 def _install_into_hypercorn() -> dict[str, str]:
@@ -361,6 +450,93 @@ def _install_into_hypercorn() -> dict[str, str]:
     if "pings" not in problems:
         _wrap(WSStream, "_send_pings", _send_pings, pings)
     return problems
+
+
+_SANSIO_PARTS: Final = ("handle_parser_exception", "handle_cont", "connection_lost")
+
+
+def _uvicorn_server() -> Any:
+    """The uvicorn ``Server`` running this process, or None. It is found through the
+    SIGTERM handler it set for the time it serves (``Server.capture_signals``), so plain
+    ``uvicorn wsfanout:app`` and its workers are found as ``wsfanout serve`` is."""
+    if "uvicorn.server" not in sys.modules:
+        return None
+    from uvicorn.server import Server
+
+    with contextlib.suppress(ValueError):  # not the main thread: no signal handlers
+        owner = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+        if isinstance(owner, Server):
+            return owner
+    return None
+
+
+def _drain_before_uvicorn_stops(server: Any, reach: ServerReach) -> str:
+    """Make this uvicorn server stop listening and drain the app (1001) before its own
+    shutdown, which closes every websocket with 1012 at once. "" if done."""
+    shutdown: Any = getattr(server, "shutdown", None)
+    if not _is_method(shutdown, ["sockets"]):
+        return "Server.shutdown(sockets) is gone"
+    if getattr(shutdown, _WRAPPED, False):
+        return ""  # an earlier start of an app in this server did it
+
+    async def draining(sockets: Any = None) -> None:
+        for listener in getattr(server, "servers", ()):
+            listener.close()  # no new connections meanwhile (uvicorn's shutdown repeats it)
+        try:
+            log.info("the server is stopping: closing every websocket with 1001")
+            await reach.on_stopping()
+        finally:
+            await shutdown(sockets=sockets)
+
+    setattr(draining, _WRAPPED, True)
+    server.shutdown = draining
+    return ""
+
+
+def _explain_refusals(protocol: Any, reach: ServerReach) -> None:
+    """Teach one uvicorn connection what hypercorn's are taught by ``_Frames``.
+
+    uvicorn's websockets protocol refuses a message over ``ws_max_size`` itself (its
+    close, 1009, is queued before the app hears of it): the app's ``too_large`` error
+    frame is put before that close. A message may come in at most ``_Frames.MAX_PIECES``
+    fragments (uvicorn keeps every one, empty ones too, until the last), else it is
+    refused the same way.
+    """
+    handle_parser_exception = protocol.handle_parser_exception
+    handle_cont = protocol.handle_cont
+
+    def explain() -> None:
+        if not reach.too_large:
+            return
+        try:
+            from websockets.frames import Frame, Opcode
+
+            conn = protocol.conn
+            frame = Frame(Opcode.TEXT, reach.too_large.encode())
+            conn.writes.insert(0, frame.serialize(mask=False, extensions=conn.extensions))
+        except Exception as exc:  # websockets changed: the close goes out alone
+            reach._broke("frames", exc)
+
+    def refused() -> None:
+        from websockets.exceptions import PayloadTooBig
+
+        if isinstance(protocol.conn.parser_exc, PayloadTooBig):
+            explain()
+        handle_parser_exception()
+
+    def fragment(event: Any) -> None:
+        if len(protocol.frames) < _Frames.MAX_PIECES or protocol.close_sent:
+            handle_cont(event)
+            return
+        protocol.frames = []
+        conn = protocol.conn
+        conn.fail(1009, f"a message in more than {_Frames.MAX_PIECES} fragments")
+        if conn.close_sent is not None:  # else the client's close came first
+            explain()
+            handle_parser_exception()
+
+    protocol.handle_parser_exception = refused
+    protocol.handle_cont = fragment
 
 
 class _Frames:

@@ -256,6 +256,7 @@ class Service:
                 compression=settings.compression,
                 on_stopping=on_stopping,
                 frame_limit=settings.max_frame_bytes,
+                too_large=protocol.too_large(settings.max_frame_bytes),
             )
             server.start()
             opened.push_async_callback(server.close)
@@ -297,7 +298,8 @@ class Service:
                 svc._start_amqp()
             opened.pop_all()  # started: close() takes them down from now on
         log.info(
-            "wsfanout ready: %s %s%s, %s, permessage-deflate %s",
+            "wsfanout ready under %s: %s %s%s, %s, permessage-deflate %s",
+            server.name,
             store.kind,
             store.where,
             "" if store.ready else " (not reached yet: trying again)",

@@ -51,7 +51,7 @@ from .protocol import (
     ProtocolError,
     Publish,
 )
-from .servers import STREAM_KEY, TOO_LARGE_KEY
+from .servers import TOO_LARGE_KEY
 from .service import REVOKED, Login, Service
 from .store import DatabaseError
 from .tokens import TokenError
@@ -93,7 +93,7 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
         accept = svc.server.accept_message()
         await send(accept)
         connection = Connection(svc, login, receive, send)
-        connection.stream = accept.get(STREAM_KEY)  # the server's, for abort (or None)
+        connection.stream = svc.server.accepted(accept, receive)  # for abort (or None)
         await connection.run(seen, announce, since)
     finally:
         svc.seats.give_back(login.username)
@@ -464,7 +464,7 @@ class Connection:
                 if frame is None:  # the server dropped a frame over the limit (servers.py)
                     frame = b"" if TOO_LARGE_KEY not in message else None
             if frame is None or _size(frame, max_bytes) > max_bytes:
-                self._tell(ErrorCode.TOO_LARGE, f"frames are limited to {max_bytes} bytes")
+                self.outbox.push(item(protocol.too_large(max_bytes)))
                 return CloseCode.TOO_LARGE
             now = time.monotonic()
             if self.svc.codec.clock() >= self.expires_at:
