@@ -15,8 +15,10 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from http.client import HTTPConnection
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypercorn.protocol import ws_stream
@@ -139,6 +141,87 @@ def test_a_hypercorn_without_the_ping_loop_warns_about_pings_only(
     assert (reach.can_decline, reach.can_watch, reach.can_stop_pings) == (True, True, False)
     (warning,) = reach_warnings(caplog)
     assert "cannot end hypercorn's pings" in warning and "deflate" not in warning
+
+
+@pytest.fixture
+def uvicorn_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A uvicorn Server (not started) holding SIGTERM, as it does while it serves."""
+    import uvicorn
+
+    config = uvicorn.Config("wsfanout:app", ws="websockets-sansio")
+    config.load()
+    server = uvicorn.Server(config)
+    previous = signal.signal(signal.SIGTERM, server.handle_exit)
+    try:
+        yield server
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("compression", [False, True])
+def test_every_reach_works_with_the_installed_uvicorn(
+    uvicorn_server: Any, compression: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under uvicorn the reach writes its settings into uvicorn's config, wraps its shutdown
+    once however many apps start, and warns about nothing."""
+    for _ in range(2):
+        reach = ServerReach(compression=compression, on_stopping=_nothing, frame_limit=4096)
+        reach.start()
+    assert uvicorn_server.config.ws_per_message_deflate is compression
+    assert uvicorn_server.config.ws_max_size == 4096
+    assert (reach.can_decline, reach.can_watch, reach.can_bound, reach.can_abort) == (
+        True,
+        True,
+        True,
+        True,
+    )
+    assert reach.name.startswith("uvicorn ") and reach.deflate == (
+        "accepted" if compression else "declined"
+    )
+    assert uvicorn_server.shutdown.__name__ == "draining"
+    assert reach_warnings(caplog) == []
+
+
+def test_a_changed_uvicorn_protocol_warns_and_leaves_frames_to_uvicorn(
+    uvicorn_server: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn's protocol lost a method the reach wraps: one warning names the loss; the
+    drain still works; connections are left to uvicorn (no handle for abort)."""
+    from uvicorn.protocols.websockets import websockets_sansio_impl
+
+    monkeypatch.delattr(websockets_sansio_impl.WebSocketsSansIOProtocol, "handle_cont")
+    reach = ServerReach(compression=False, on_stopping=_nothing, frame_limit=4096)
+    reach.start()
+    assert reach.can_watch and not reach.can_bound and not reach.can_abort
+    (warning,) = reach_warnings(caplog)
+    assert "WebSocketsSansIOProtocol changed" in warning
+    receive = websockets_sansio_impl.WebSocketsSansIOProtocol.receive
+    assert reach.accepted({"type": "websocket.accept"}, receive) is None
+
+
+def test_a_uvicorn_connection_missing_its_state_warns_once(
+    uvicorn_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A protocol object without the state the reach uses: no handle, one warning per
+    reach, and later connections are left to uvicorn."""
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    reach = ServerReach(compression=False, on_stopping=_nothing, frame_limit=4096)
+    reach.start()
+    protocol = WebSocketsSansIOProtocol.__new__(WebSocketsSansIOProtocol)  # no state at all
+    for _ in range(2):
+        assert reach.accepted({"type": "websocket.accept"}, protocol.receive) is None
+    warnings = reach_warnings(caplog)
+    assert len(warnings) == 2 and all("reach into uvicorn" in w for w in warnings), warnings
+
+
+def test_under_another_server_nothing_is_reached(caplog: pytest.LogCaptureFixture) -> None:
+    """uvicorn imported but not serving (no SIGTERM handler of its own): not taken for it."""
+    import uvicorn.server  # noqa: F401
+
+    reach = ServerReach(compression=False, on_stopping=_nothing)
+    reach.start()
+    assert not reach.name.startswith("uvicorn")
 
 
 def test_wsfanout_serve_still_pings(tmp_path: Path, demo_db: Path, server_kind: str) -> None:

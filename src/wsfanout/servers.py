@@ -260,6 +260,13 @@ class ServerReach:
         if stream is None and self._uvicorn_ws is not None:
             protocol = getattr(receive, "__self__", None)
             if type(protocol) is self._uvicorn_ws:
+                missing = [name for name in _SANSIO_STATE if not hasattr(protocol, name)]
+                if missing:  # uvicorn changed: its own limits and closes from now on
+                    self._uvicorn_ws = None
+                    problem = AttributeError(f"its protocol has no {', '.join(missing)}")
+                    self._broke("frames", problem)
+                    self._broke("abort", problem)
+                    return None
                 _explain_refusals(protocol, self)
                 return protocol
         return stream
@@ -453,6 +460,7 @@ def _install_into_hypercorn() -> dict[str, str]:
 
 
 _SANSIO_PARTS: Final = ("handle_parser_exception", "handle_cont", "connection_lost")
+_SANSIO_STATE: Final = ("conn", "frames", "close_sent", "transport")  # set per connection
 
 
 def _uvicorn_server() -> Any:
