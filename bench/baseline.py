@@ -1,11 +1,12 @@
-"""The baseline: a bare ASGI broadcast app, the least an app can do under hypercorn.
+"""The baseline: a bare ASGI broadcast app, the least an app can do under a server.
 
 Inbound text frames are ``*|payload`` (to everyone) or ``group|payload`` (to the
 sockets that joined with ``?g=group``); each recipient gets ``payload`` as one
-frame, awaited in turn. No auth, no JSON, no queues: what it costs is hypercorn's
-own per-frame cost, the floor wsfanout is measured against.
+frame, awaited in turn. No auth, no JSON, no queues: what it costs is the server's
+own per-frame cost, the floor wsfanout is measured against (``baseline`` under
+hypercorn, ``baseline-uvicorn`` under uvicorn).
 
-Run: ``hypercorn bench.baseline:app``.
+Run: ``hypercorn bench.baseline:app``, or ``uvicorn --ws websockets-sansio bench.baseline:app``.
 """
 
 from __future__ import annotations

@@ -1,20 +1,40 @@
-"""The benchmark: wsfanout and a bare hypercorn app, side by side in one run.
+"""The benchmark: wsfanout and a bare ASGI app, under hypercorn and under uvicorn, side by
+side in one run.
 
 Each scenario runs against a fresh server of each system in turn (A/B/A/B …),
-repeated, and the table shows medians and the ratio wsfanout / baseline. The
+repeated, and the table shows medians and the ratio wsfanout / baseline (both under
+hypercorn); lines under it give more ratios, e.g. wsfanout-uvicorn / baseline. The
 server is pinned to core 0 and the load generator (Node ``ws``, bench/loadgen.mjs)
-to core 1. Server CPU comes from /proc (user + system time of the server process
-over the measured phase only, connection set-up excluded).
+to core 1. Server CPU comes from /proc (user + system time of the server process and its
+descendants over the measured phase only, connection set-up excluded).
 
-wsfanout's clients speak as browsers do: the handshake Chrome sends, permessage-deflate
-offered as Chrome offers it (``--plain`` drops the offer). The baseline gets plain clients:
-it is the floor. Each table shows which client a column used and what the server negotiated.
+The systems, each launched on a socket the bench binds (127.0.0.1, a free port):
+
+- ``wsfanout`` (and its variants ``-nohistory``, ``-compress``, ``-batch1``, ``-pg``,
+  ``-redis-2w``): ``python -m hypercorn --workers W --bind fd://N wsfanout:app``
+  (W 0: hypercorn serves in its own process);
+- ``baseline``, the bare app (bench/baseline.py): ``python -m hypercorn … bench.baseline:app``;
+- ``wsfanout-uvicorn`` (and ``-pg``, ``-redis-2w``): as users run it,
+  ``python -m wsfanout.cli serve --server uvicorn --bind fd://N --ping-interval 0 --workers W``:
+  uvicorn's websockets-sansio protocol, uvloop and httptools, permessage-deflate as
+  WSFANOUT_COMPRESSION says (off), the frame limit as ws_max_size, no proxy headers;
+- ``baseline-uvicorn``: ``python -m uvicorn --fd N --ws websockets-sansio
+  --ws-per-message-deflate false --no-proxy-headers --lifespan on --no-access-log
+  --log-level warning --backlog 4096 bench.baseline:app``.
+
+wsfanout's clients speak as browsers do, whichever server: the handshake Chrome sends,
+permessage-deflate offered as Chrome offers it (``--plain`` drops the offer). The baselines get
+plain clients: they are the floor. Each table shows which client a column used and what the
+server negotiated.
 
 The ``logins`` scenario has HTTP clients of its own (bench/logins.mjs) log in for a while.
 The store runs on SQLite (a file in the server's data directory) and, for ``capacity-pg`` and
-``logins``, on PostgreSQL too (``wsfanout-pg``): a database of the run's own on the machine's
-server (127.0.0.1:5432), created with the same users and dropped at the end, also on failure.
-Without PostgreSQL those columns are skipped, with a line saying so.
+``logins``, on PostgreSQL too (``wsfanout-pg``, ``wsfanout-uvicorn-pg``): a database of the run's
+own on the machine's server (127.0.0.1:5432), created with the same users and dropped at the
+end, also on failure. Without PostgreSQL those columns are skipped, with a line saying so.
+
+``--against OTHER_TREE`` adds that checkout's wsfanout, under hypercorn only (its ``wsfanout
+serve`` may have no ``--server``), as ``wsfanout-before``.
 
     python bench/run.py                  # the full run (several minutes): bench/results.json
     python bench/run.py --quick          # a small smoke run: bench/results-quick.json
@@ -63,6 +83,9 @@ class System:
     client: str = "browser"  # the loadgen's client: "browser" (offers deflate) or "plain"
     tree: Path | None = None  # another checkout's wsfanout (--against); None: this tree
     store: str = "sqlite"  # "sqlite" (the data directory's file) or "postgresql"
+    # What serves it: "hypercorn" or "uvicorn" (wsfanout through `wsfanout serve --server
+    # uvicorn`, the baseline through uvicorn's own command line; see Server).
+    server: str = "hypercorn"
 
 
 WSFANOUT_ENV = {"WSFANOUT_RATE_LIMIT": "0", "WSFANOUT_LOG_LEVEL": "warning"}
@@ -78,6 +101,10 @@ NO_BATCH = System(
 )
 WSFANOUT_PG = dataclasses.replace(WSFANOUT, name="wsfanout-pg", store="postgresql")
 BASELINE = System("baseline", "bench.baseline:app", "baseline", client="plain")
+# The same under uvicorn (websockets-sansio, uvloop, httptools), with the same clients.
+WSFANOUT_UVICORN = dataclasses.replace(WSFANOUT, name="wsfanout-uvicorn", server="uvicorn")
+WSFANOUT_UVICORN_PG = dataclasses.replace(WSFANOUT_PG, name="wsfanout-uvicorn-pg", server="uvicorn")
+BASELINE_UVICORN = dataclasses.replace(BASELINE, name="baseline-uvicorn", server="uvicorn")
 CAPACITY = 19_000  # idle connections: a process here may hold 20,000 file descriptors
 # The scenarios whose connections are users of their own (capacity ones cycle them).
 FAN_OUT = ("burst", "paced", "groups")
@@ -103,6 +130,7 @@ HISTORY_OFF = System(
 REDIS_2W_OFF = dataclasses.replace(
     REDIS_2W, name="wsfanout-redis-2w-nohist", env={**REDIS_2W.env, **NO_HISTORY}
 )
+REDIS_2W_UVICORN = dataclasses.replace(REDIS_2W, name="wsfanout-uvicorn-redis-2w", server="uvicorn")
 # Pairs whose ratio is printed: history on (the default) over history off.
 HISTORY_PAIRS = (
     ("wsfanout", "wsfanout-nohistory"),
@@ -118,6 +146,14 @@ class Scenario:
     label: str
     subject: str = "wsfanout"  # the ratio column is subject / reference
     reference: str = "baseline"
+    # More ratios printed under the table (and kept in the results), numerator / denominator,
+    # of the scenario's first two metrics (RATIO_METRICS).
+    ratios: tuple[tuple[str, str], ...] = ()
+
+
+# Each server's uvicorn system over its hypercorn one.
+UVICORN_RATIOS = (("wsfanout-uvicorn", "wsfanout"), ("baseline-uvicorn", "baseline"))
+PG_UVICORN_RATIOS = (("wsfanout-uvicorn-pg", "wsfanout-pg"), ("wsfanout-uvicorn", "wsfanout"))
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -128,19 +164,34 @@ def scenarios(quick: bool) -> list[Scenario]:
     return [
         Scenario(
             "burst",
-            (WSFANOUT, HISTORY_OFF, COMPRESS, NO_BATCH, BASELINE),
+            (
+                WSFANOUT,
+                WSFANOUT_UVICORN,
+                HISTORY_OFF,
+                COMPRESS,
+                NO_BATCH,
+                BASELINE,
+                BASELINE_UVICORN,
+            ),
             {"scenario": "burst", "connections": n, "messages": messages, "size": 100},
             f"S1 burst: {n} conns, {messages} broadcasts of 100 B",
+            ratios=(
+                ("wsfanout-uvicorn", "baseline"),  # the target: >= 15x the bare app's deliveries/s
+                ("wsfanout-uvicorn", "wsfanout"),
+                ("wsfanout-uvicorn", "baseline-uvicorn"),
+                ("baseline-uvicorn", "baseline"),
+            ),
         ),
         Scenario(
             "paced",
-            (WSFANOUT, BASELINE),
+            (WSFANOUT, WSFANOUT_UVICORN, BASELINE, BASELINE_UVICORN),
             {"scenario": "paced", "connections": n, "messages": 3 * 60, "size": 100, "rate": 60},
             f"S1 paced: {n} conns, 60 broadcasts/s = {60 * n} deliveries/s for 3 s",
+            ratios=UVICORN_RATIOS,
         ),
         Scenario(
             "groups",
-            (WSFANOUT, HISTORY_OFF, BASELINE),
+            (WSFANOUT, WSFANOUT_UVICORN, HISTORY_OFF, BASELINE, BASELINE_UVICORN),
             {
                 "scenario": "groups",
                 "connections": n,
@@ -149,18 +200,24 @@ def scenarios(quick: bool) -> list[Scenario]:
                 "senders": 10,
             },
             f"groups: {n} conns in {n // 10} groups of 10, {20 * messages} sends",
+            ratios=UVICORN_RATIOS,
         ),
         Scenario(
             "redis",
-            (WSFANOUT, REDIS_2W, REDIS_2W_OFF),
+            (WSFANOUT, WSFANOUT_UVICORN, REDIS_2W, REDIS_2W_UVICORN, REDIS_2W_OFF),
             {"scenario": "burst", "connections": n, "messages": messages, "size": 100},
             "many nodes: S1 burst on 2 workers sharing fan-out through Redis, vs 1 worker alone",
             subject="wsfanout-redis-2w",
             reference="wsfanout",
+            ratios=(
+                ("wsfanout-uvicorn-redis-2w", "wsfanout-redis-2w"),
+                ("wsfanout-uvicorn-redis-2w", "wsfanout-uvicorn"),
+                ("wsfanout-uvicorn", "wsfanout"),
+            ),
         ),
         Scenario(
             "capacity",
-            (WSFANOUT, COMPRESS, BASELINE),
+            (WSFANOUT, WSFANOUT_UVICORN, COMPRESS, BASELINE, BASELINE_UVICORN),
             {
                 "scenario": "capacity",
                 "connections": capacity,
@@ -168,10 +225,11 @@ def scenarios(quick: bool) -> list[Scenario]:
                 "sources": SOURCES,
             },
             f"capacity: {capacity:,} idle authenticated connections",
+            ratios=UVICORN_RATIOS,
         ),
         Scenario(
             "capacity-pg",
-            (WSFANOUT, WSFANOUT_PG, BASELINE),
+            (WSFANOUT, WSFANOUT_UVICORN, WSFANOUT_PG, WSFANOUT_UVICORN_PG, BASELINE),
             {
                 "scenario": "capacity",
                 "connections": capacity,
@@ -182,10 +240,11 @@ def scenarios(quick: bool) -> list[Scenario]:
             "connections (each handshake reads its session, user and groups)",
             subject="wsfanout-pg",
             reference="wsfanout",
+            ratios=PG_UVICORN_RATIOS,
         ),
         Scenario(
             "logins",
-            (WSFANOUT, WSFANOUT_PG),
+            (WSFANOUT, WSFANOUT_UVICORN, WSFANOUT_PG, WSFANOUT_UVICORN_PG),
             {
                 "scenario": "logins",
                 "connections": 0,
@@ -197,6 +256,7 @@ def scenarios(quick: bool) -> list[Scenario]:
             "the store on PostgreSQL vs SQLite (no baseline: the bare app has no login)",
             subject="wsfanout-pg",
             reference="wsfanout",
+            ratios=PG_UVICORN_RATIOS,
         ),
     ]
 
@@ -325,6 +385,28 @@ def pin(core: int) -> list[str]:
     return []
 
 
+def server_command(system: System, fd: int) -> list[str]:
+    """How a system is launched on the listening socket ``fd``, as ``python -m`` arguments.
+    wsfanout under uvicorn runs as users run it, ``wsfanout serve --server uvicorn`` (its
+    settings: websockets-sansio, uvloop, httptools, deflate as WSFANOUT_COMPRESSION says, the
+    frame limit, no proxy headers); the bare app gets the same from uvicorn's command line."""
+    workers = system.workers
+    if system.server == "hypercorn":  # workers 0: hypercorn serves in its own process
+        return f"hypercorn --workers {workers} --backlog 4096 --bind fd://{fd} {system.app}".split()
+    if system.server != "uvicorn":
+        raise ValueError(f"{system.name}: no server {system.server!r}")
+    if system.app == "wsfanout:app":  # 1 worker: uvicorn serves in wsfanout serve's process
+        return (
+            f"wsfanout.cli serve --server uvicorn --bind fd://{fd} --ping-interval 0 "
+            f"--workers {workers or 1}"
+        ).split()
+    return (
+        f"uvicorn --fd {fd} --ws websockets-sansio --ws-per-message-deflate false "
+        "--no-proxy-headers --lifespan on --no-access-log --log-level warning --backlog 4096 "
+        f"{system.app}"
+    ).split()
+
+
 class Server:
     def __init__(self, system: System, data_dir: Path, store_env: dict[str, str]) -> None:
         self.system = system
@@ -347,19 +429,7 @@ class Server:
             **system.env,
         }
         self.proc = subprocess.Popen(
-            [
-                *pin(0),
-                sys.executable,
-                "-m",
-                "hypercorn",
-                "--workers",
-                str(system.workers),
-                "--backlog",
-                "4096",
-                "--bind",
-                f"fd://{sock.fileno()}",
-                system.app,
-            ],
+            [*pin(0), sys.executable, "-m", *server_command(system, sock.fileno())],
             pass_fds=[sock.fileno()],
             env=env,
             cwd=data_dir,
@@ -477,7 +547,7 @@ def run_once(
         rss_before = rss_kib(server.proc.pid)
         cpu_start = cpu_seconds(server.proc.pid)
         pg_start = postgres_backends_cpu(users.postgres) if users.postgres else {}
-        profiled = profile_dir is not None and system.name in ("wsfanout", "wsfanout-pg")
+        profiled = profile_dir is not None and system.name in PROFILED
         profile = (profile_dir or Path()) / f"{scenario.name}-{system.name}.txt"
         profiler = None
         if profiled and config["scenario"] == "capacity":  # its measured phase: handshakes
@@ -550,6 +620,8 @@ def run_once(
         server.stop()
 
 
+# The systems --profile py-spies (a single process each: the one serving).
+PROFILED = ("wsfanout", "wsfanout-pg", "wsfanout-uvicorn", "wsfanout-uvicorn-pg")
 METRICS = {
     "burst": [
         ("deliveries_per_s", "deliveries/s", True),
@@ -602,6 +674,11 @@ METRICS["logins"] = [
     ("errors", "failed logins", None),
     ("loadgen_cpu_s", "loadgen CPU s", None),
 ]
+
+
+# A scenario's extra ratios (Scenario.ratios) are of its first two metrics: its headline
+# (throughput, or latency for paced) and what it costs or holds.
+RATIO_METRICS = 2
 
 
 def median(values: list[Any]) -> float | None:
@@ -663,6 +740,12 @@ def main() -> int:
         chosen = [
             dataclasses.replace(s, systems=(s.systems[0], before, *s.systems[1:])) for s in chosen
         ]
+        # An older tree's `wsfanout serve` may have no --server: it runs under hypercorn only.
+        print(
+            f"--against {args.against}: its wsfanout runs as wsfanout-before under hypercorn "
+            "only; the uvicorn systems run this tree's alone",
+            flush=True,
+        )
     if any(s.name == "redis" for s in chosen) and redis_cpu_seconds() is None:
         print(f"skipping the redis scenario: no Redis at {REDIS_URL}", flush=True)
         chosen = [s for s in chosen if s.name != "redis"]
@@ -712,7 +795,7 @@ def main() -> int:
                     results.setdefault(scenario.name, {}).setdefault(system.name, []).append(result)
                     note = f" ({result['note']})" if "note" in result else ""
                     print(
-                        f"rep {rep + 1}/{args.reps} {scenario.name:11} {system.name:16} "
+                        f"rep {rep + 1}/{args.reps} {scenario.name:11} {system.name:25} "
                         f"{time.monotonic() - started:5.1f} s{note}",
                         flush=True,
                     )
@@ -735,7 +818,8 @@ def main() -> int:
         by_system = results[scenario.name]
         print(f"## {scenario.label}")
         names = [s.name for s in scenario.systems]
-        header = f"{'metric':22}" + "".join(f"{n:>18}" for n in names) + f"{'ratio':>10}"
+        width = max(18, 2 + max(len(n) for n in names))
+        header = f"{'metric':22}" + "".join(f"{n:>{width}}" for n in names) + f"{'ratio':>10}"
         if scenario.reference != "baseline":
             print(f"(ratio: {scenario.subject} / {scenario.reference})")
         print(header)
@@ -745,7 +829,7 @@ def main() -> int:
             cells = []
             for n in names:
                 seen = {str(r.get(key) or "none").replace("permessage-", "") for r in by_system[n]}
-                cells.append(f"{'/'.join(sorted(seen))[:17]:>18}")
+                cells.append(f"{'/'.join(sorted(seen))[: width - 1]:>{width}}")
             print(f"{key:22}" + "".join(cells))
         table: dict[str, dict[str, float | None]] = {}
         for key, label, _higher_is_better in METRICS[scenario.name]:
@@ -753,7 +837,8 @@ def main() -> int:
             table[key] = values
             base, ours = values.get(scenario.reference), values.get(scenario.subject)
             ratio = f"{ours / base:.2f}x" if base and ours is not None else "-"
-            print(f"{label:22}" + "".join(f"{fmt(values[n]):>18}" for n in names) + f"{ratio:>10}")
+            row = "".join(f"{fmt(values[n]):>{width}}" for n in names)
+            print(f"{label:22}{row}{ratio:>10}")
         if "wsfanout-batch1" in names:
             base, ours = (
                 table["server_us_per_delivery"]["baseline"],
@@ -771,10 +856,21 @@ def main() -> int:
             on_cost, off_cost = cost.get(on), cost.get(off)
             if on_cost and off_cost:
                 print(f"{'history on / off µs/delivery (' + on + ')':40} {on_cost / off_cost:.2f}x")
+        ratios: dict[str, dict[str, float]] = {}
+        lines = []
+        for top, bottom in scenario.ratios:
+            for key, label, _higher_is_better in METRICS[scenario.name][:RATIO_METRICS]:
+                ours, base = table[key].get(top), table[key].get(bottom)
+                if base and ours:  # a 0 is below what was measured (CPU ticks), no ratio
+                    ratios.setdefault(f"{top} / {bottom}", {})[key] = ours / base
+                    lines.append((f"{top} / {bottom} {label}", f"{ours / base:.2f}x"))
+        for text, ratio in lines:
+            print(f"{text:{max(40, *(len(t) for t, _ in lines))}} {ratio}")
         print()
         summary["scenarios"][scenario.name] = {
             "label": scenario.label,
             "medians": table,
+            **({"ratios": ratios} if ratios else {}),
             "runs": by_system,
         }
     args.out.write_text(json.dumps(summary, indent=1))

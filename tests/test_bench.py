@@ -37,8 +37,9 @@ def database_exists(name: str) -> bool:
 
 
 def test_quick_bench_measures_both_systems(tmp_path: Path) -> None:
-    """`bench/run.py --quick` runs every scenario against wsfanout and the baseline, and
-    the store on PostgreSQL beside SQLite (a database of the run's own, dropped after)."""
+    """`bench/run.py --quick` runs every scenario against wsfanout and the baseline, each under
+    hypercorn and under uvicorn, and the store on PostgreSQL beside SQLite (a database of the
+    run's own, dropped after)."""
     if not (ROOT / "bench" / "node_modules" / "ws").exists():
         subprocess.run(
             ["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(ROOT / "bench")],
@@ -74,6 +75,12 @@ def test_quick_bench_measures_both_systems(tmp_path: Path) -> None:
     if with_postgres:
         expected.add("capacity-pg")
     assert set(scenarios) == expected
+    # Every scenario has wsfanout under uvicorn too, and the fan-out ones the bare app under it.
+    uvicorn = {"wsfanout-uvicorn", "baseline-uvicorn"}
+    for name in ("burst", "paced", "groups", "capacity"):
+        assert uvicorn <= set(scenarios[name]["runs"]), (name, set(scenarios[name]["runs"]))
+    if "redis" in expected:
+        assert {"wsfanout-uvicorn", "wsfanout-uvicorn-redis-2w"} <= set(scenarios["redis"]["runs"])
     for name in sorted(expected - {"capacity", "capacity-pg", "logins"}):
         for system, runs in scenarios[name]["runs"].items():
             (run,) = runs
@@ -81,20 +88,35 @@ def test_quick_bench_measures_both_systems(tmp_path: Path) -> None:
             assert run["deliveries"] == run["expected"] > 0, (name, system)
             assert run["errors"] == 0
     medians = scenarios["burst"]["medians"]
-    assert medians["deliveries_per_s"]["wsfanout"] > 0
-    assert medians["deliveries_per_s"]["baseline"] > 0
-    capacity = scenarios["capacity"]["medians"]
-    assert capacity["handshakes_per_s"]["wsfanout"] > 0
-    assert capacity["rss_kib_per_conn"]["wsfanout"] > 0
+    for system in ("wsfanout", "baseline", "wsfanout-uvicorn", "baseline-uvicorn"):
+        assert medians["deliveries_per_s"][system] > 0, system
+    # wsfanout under uvicorn over the bare app under hypercorn (the target), and over itself
+    # under hypercorn: printed, and kept in the results
+    ratios = scenarios["burst"]["ratios"]
+    assert ratios["wsfanout-uvicorn / baseline"]["deliveries_per_s"] > 0
+    assert ratios["wsfanout-uvicorn / wsfanout"]["deliveries_per_s"] > 0
+    assert "wsfanout-uvicorn / baseline deliveries/s" in result.stdout
+    capacity = scenarios["capacity"]
+    for system in ("wsfanout", "wsfanout-uvicorn", "baseline-uvicorn"):
+        (run,) = capacity["runs"][system]
+        assert run["complete"], (system, run)
+        assert capacity["medians"]["handshakes_per_s"][system] > 0, system
+    for system in ("wsfanout", "wsfanout-uvicorn"):
+        assert capacity["medians"]["rss_kib_per_conn"][system] > 0, system
     logins = scenarios["logins"]
-    assert set(logins["runs"]) == ({"wsfanout", "wsfanout-pg"} if with_postgres else {"wsfanout"})
+    assert set(logins["runs"]) == (
+        {"wsfanout", "wsfanout-uvicorn", "wsfanout-pg", "wsfanout-uvicorn-pg"}
+        if with_postgres
+        else {"wsfanout", "wsfanout-uvicorn"}
+    )
     for system, runs in logins["runs"].items():
         (run,) = runs
         assert run["logins"] > 0, (system, run)
         assert run["errors"] == 0, (system, run["failures"])
     if with_postgres:
-        assert scenarios["capacity-pg"]["medians"]["handshakes_per_s"]["wsfanout-pg"] > 0
-        assert logins["medians"]["logins_per_s"]["wsfanout-pg"] > 0
+        for system in ("wsfanout-pg", "wsfanout-uvicorn-pg"):
+            assert scenarios["capacity-pg"]["medians"]["handshakes_per_s"][system] > 0, system
+            assert logins["medians"]["logins_per_s"][system] > 0, system
         found = re.search(r"database (wsfanout_bench_[0-9a-f]+) ", result.stdout)
         assert found is not None, result.stdout
         assert not database_exists(found[1])

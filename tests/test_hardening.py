@@ -8,8 +8,11 @@ attacked and after, and the TCP connections it still holds on its port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import select
 import shutil
+import signal
 import socket
 import struct
 import threading
@@ -474,4 +477,88 @@ async def test_a_client_that_stops_reading_in_a_quiet_room_is_closed_too(
             await greg.close()
         log = server.log_path.read_text()
     assert log.count("closing a slow consumer (lisa): a send blocked for 1 s") == 5
+    assert "Traceback" not in log, log
+
+
+def test_half_sent_request_heads_do_not_hold_connections(data_dir: Path, server_kind: str) -> None:
+    """200 connections each send half a request head and wait: the server closes them all
+    (uvicorn would wait forever; wsfanout's h11 protocol gives a head 10 s)."""
+    with Server(data_dir, ENV, serve=True, server=server_kind).running() as server:
+        half = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nX-Slow: "
+        socks = []
+        try:
+            for _ in range(200):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                sock.sendall(half)
+                socks.append(sock)
+            closed: set[socket.socket] = set()
+            deadline = time.monotonic() + 20
+            while len(closed) < len(socks) and time.monotonic() < deadline:
+                waiting = [sock for sock in socks if sock not in closed]
+                readable, _, _ = select.select(waiting, [], [], 1)
+                for sock in readable:
+                    with contextlib.suppress(OSError):  # a reset is a close too
+                        if sock.recv(4096):
+                            continue  # an answer (an error status) before the close
+                    closed.add(sock)
+            assert len(closed) == len(socks)
+        finally:
+            for sock in socks:
+                sock.close()
+        assert http(server.http_url + "/healthz")  # and it still serves
+
+
+def test_a_client_that_pings_but_never_reads_is_reset(data_dir: Path, server_kind: str) -> None:
+    """A logged-in client floods pings and reads nothing: the pongs it leaves unread do not
+    grow the server (uvicorn writes each regardless); its connection ends."""
+    with Server(data_dir, ENV, serve=True, server=server_kind).running() as server:
+        raw = RawClient(server.port, server.login("mike"), rcvbuf=4096)
+        ping = bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125
+        start = peak = server.rss()
+        deadline = time.monotonic() + 15
+        ended = False
+        raw.sock.settimeout(1)
+        try:
+            while time.monotonic() < deadline:
+                raw.sock.sendall(ping * 512)
+                peak = max(peak, server.rss())
+        except OSError:
+            ended = True  # reset, or the server stopped reading: the send timed out
+        finally:
+            raw.close()
+        report(f"ping flood ({server_kind})", peak_mib=(peak - start) / MIB)
+        assert peak - start < BOUND
+        assert ended
+        assert connections_fall_to(server, 0, timeout=10)
+
+
+async def test_sigterm_with_clients_that_do_not_read_ends_in_time(
+    data_dir: Path, server_kind: str
+) -> None:
+    """SIGTERM while 10 clients never read a 4 MB burst (their sends blocked): a reading
+    client gets 1001, the stuck ones are reset, and the server exits within its drain's 5 s
+    and a little (uvicorn alone would wait for them to read)."""
+    if server_kind == "hypercorn":
+        pytest.skip("hypercorn waits for such clients past its graceful timeout (known)")
+    env = {**ENV, "WSFANOUT_OUTBOX_BYTES": str(16 * MIB)}  # not closed as slow: stuck
+    with Server(data_dir, env, serve=True, server=server_kind).running() as server:
+        stuck = [RawClient(server.port, server.login("anny"), rcvbuf=4096) for _ in range(10)]
+        reader = await Client.open(server.ws_url, server.login("greg"))
+        await reader.next()
+        for n in range(250):  # 4 MB: more than the kernel holds for a client that does not read
+            await reader.send({"type": "broadcast", "text": f"{n:03d}" + "x" * 16_000})
+        for n in range(250):
+            assert (await reader.next_of("message", timeout=30))["text"][:3] == f"{n:03d}"
+        assert server.proc is not None
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(reader.reader, 10)
+        assert reader.conn.close_code == 1001
+        assert server.proc.wait(20) == 0
+        elapsed = time.monotonic() - started
+        for client in stuck:
+            client.close()
+    report(f"SIGTERM with stuck clients ({server_kind})", seconds=elapsed)
+    assert elapsed < 8
+    log = server.log_path.read_text()
     assert "Traceback" not in log, log

@@ -144,11 +144,17 @@ def test_a_hypercorn_without_the_ping_loop_warns_about_pings_only(
 
 
 @pytest.fixture
-def uvicorn_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """A uvicorn Server (not started) holding SIGTERM, as it does while it serves."""
+def uvicorn_server(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A uvicorn Server (not started) holding SIGTERM, as it does while it serves; configured
+    as `wsfanout serve` configures it, or with uvicorn's defaults (param "defaults")."""
     import uvicorn
 
-    config = uvicorn.Config("wsfanout:app", ws="websockets-sansio")
+    if getattr(request, "param", "") == "defaults":
+        config = uvicorn.Config("wsfanout:app")
+    else:
+        config = uvicorn.Config(
+            "wsfanout:app", ws="websockets-sansio", http="h11", proxy_headers=False
+        )
     config.load()
     server = uvicorn.Server(config)
     previous = signal.signal(signal.SIGTERM, server.handle_exit)
@@ -179,7 +185,21 @@ def test_every_reach_works_with_the_installed_uvicorn(
         "accepted" if compression else "declined"
     )
     assert uvicorn_server.shutdown.__name__ == "draining"
+    assert uvicorn_server.config.http_protocol_class.__name__ == "HeadTimedH11Protocol"
     assert reach_warnings(caplog) == []
+
+
+@pytest.mark.parametrize("uvicorn_server", ["defaults"], indirect=True)
+def test_uvicorn_defaults_get_warnings(
+    uvicorn_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Plain `uvicorn wsfanout:app` (httptools, proxy headers from 127.0.0.1): a warning
+    for each, naming the flag that avoids it."""
+    reach = ServerReach(compression=False, on_stopping=_nothing, frame_limit=4096)
+    reach.start()
+    warnings = reach_warnings(caplog)
+    assert any("--http h11" in w for w in warnings), warnings
+    assert any("--no-proxy-headers" in w for w in warnings), warnings
 
 
 def test_a_changed_uvicorn_protocol_warns_and_leaves_frames_to_uvicorn(
@@ -448,7 +468,7 @@ def test_the_readme_gives_plain_uvicorn_the_flags_serve_passes() -> None:
         access_log=False,
     )
     passed = uvicorn_options(Settings(), args)
-    left_to_uvicorn = {"loop", "http", "workers", "access_log", "log_level", "forwarded_allow_ips"}
+    left_to_uvicorn = {"loop", "workers", "access_log", "log_level", "forwarded_allow_ips"}
     for name, value in passed.items():
         if name not in left_to_uvicorn:
             assert read[name] == value, name

@@ -17,6 +17,7 @@ import copy
 import getpass
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -231,13 +232,15 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
-    if args.ping_interval < 0:
+    if not 0 <= args.ping_interval < math.inf:
         raise CommandError("--ping-interval must be 0 (no pings) or a positive number of seconds")
     if args.server not in SERVERS:
         choices = ", ".join(SERVERS)
         raise CommandError(
             f"--server {args.server!r} (or ${SERVER_VARIABLE}): expected one of {choices}"
         )
+    if args.forwarded_allow_ips is not None and not args.proxy_headers:
+        raise CommandError("--forwarded-allow-ips means nothing without --proxy-headers")
     if args.proxy_headers and args.server != "uvicorn":
         raise CommandError("--proxy-headers needs --server uvicorn (hypercorn has no such setting)")
     run = _serve_hypercorn
@@ -298,10 +301,10 @@ def uvicorn_options(settings: Settings, args: argparse.Namespace) -> dict[str, A
         "ws_ping_interval": ping,
         "ws_ping_timeout": ping,
         "loop": "auto",  # uvloop where installed
-        "http": "auto",  # httptools where installed
+        "http": "h11",  # httptools bounds neither a request head's size nor its time
         "lifespan": "on",
         "proxy_headers": args.proxy_headers,
-        "forwarded_allow_ips": args.forwarded_allow_ips,
+        "forwarded_allow_ips": args.forwarded_allow_ips or "127.0.0.1",
         "server_header": False,
         "timeout_graceful_shutdown": GRACEFUL_TIMEOUT,
         "backlog": BACKLOG,
@@ -731,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--forwarded-allow-ips",
-        default="127.0.0.1",
+        default=None,
         help="with --proxy-headers: the proxies trusted, comma-separated (default 127.0.0.1)",
     )
     serve.set_defaults(func=cmd_serve)

@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import inspect
 import logging
@@ -98,6 +99,7 @@ import signal
 import socket
 import struct
 import sys
+import termios
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -359,7 +361,29 @@ class ServerReach:
                 f"cannot drain before uvicorn stops ({problem}): on SIGTERM, clients get "
                 "uvicorn's 1012 instead of 1001"
             )
+        http = getattr(config, "http_protocol_class", None)
+        if http is not None and http.__name__ in ("H11Protocol", "HeadTimedH11Protocol"):
+            config.http_protocol_class = _head_timed_h11()
+        elif http is not None and http.__name__ == "HttpToolsProtocol":
+            log.warning(
+                "uvicorn parses HTTP with httptools, which bounds neither the size nor the "
+                "time of a request's head (a client can grow this process without end): "
+                "pass --http h11, as wsfanout serve does"
+            )
+        if getattr(config, "proxy_headers", False):
+            log.warning(
+                "uvicorn takes client addresses from X-Forwarded-For sent by %s: any client "
+                "there can name a new address for each login attempt; pass --no-proxy-headers "
+                "unless that is your proxy",
+                getattr(config, "forwarded_allow_ips", "?"),
+            )
         ws = getattr(config, "ws_protocol_class", None)
+        if self.compression and getattr(ws, "__name__", "") == "WSProtocol":
+            config.ws_per_message_deflate = False  # wsproto inflates a message in full first
+            log.warning(
+                "WSFANOUT_COMPRESSION=on needs uvicorn's --ws websockets-sansio: under "
+                "wsproto a small compressed frame inflates without bound, so deflate is declined"
+            )
         if ws is None or ws.__name__ != "WebSocketsSansIOProtocol":
             log.warning(
                 "uvicorn runs websockets with %s, not websockets-sansio (--ws "
@@ -459,7 +483,14 @@ def _install_into_hypercorn() -> dict[str, str]:
     return problems
 
 
-_SANSIO_PARTS: Final = ("handle_parser_exception", "handle_cont", "connection_lost")
+_SANSIO_PARTS: Final = (
+    "handle_parser_exception",
+    "handle_cont",
+    "handle_ping",
+    "keepalive_timeout",
+)
+REQUEST_HEAD_TIMEOUT: Final = 10.0  # seconds a uvicorn HTTP connection has to send a request head
+UNSENT_MAX: Final = 1 << 20  # bytes unsent to a uvicorn websocket client that pings or is closed
 _SANSIO_STATE: Final = ("conn", "frames", "close_sent", "transport")  # set per connection
 
 
@@ -493,6 +524,12 @@ def _drain_before_uvicorn_stops(server: Any, reach: ServerReach) -> str:
         try:
             log.info("the server is stopping: closing every websocket with 1001")
             await reach.on_stopping()
+            # Left after the drain: clients that do not read their close. uvicorn would
+            # wait for them to read (forever, without --timeout-graceful-shutdown).
+            state = getattr(server, "server_state", None)
+            for connection in list(getattr(state, "connections", ())):
+                if reach._uvicorn_ws is not None and type(connection) is reach._uvicorn_ws:
+                    reach.abort(connection)
         finally:
             await shutdown(sockets=sockets)
 
@@ -512,6 +549,14 @@ def _explain_refusals(protocol: Any, reach: ServerReach) -> None:
     """
     handle_parser_exception = protocol.handle_parser_exception
     handle_cont = protocol.handle_cont
+    handle_ping = protocol.handle_ping
+    keepalive_timeout = protocol.keepalive_timeout
+
+    def reset_if_unread() -> None:
+        """uvicorn's closes are graceful: what a client that does not read was sent stays
+        in the kernel, for minutes. Past UNSENT_MAX, reset instead."""
+        if _unsent(protocol.transport) > UNSENT_MAX:
+            reach.abort(protocol)
 
     def explain() -> None:
         if not reach.too_large:
@@ -531,6 +576,21 @@ def _explain_refusals(protocol: Any, reach: ServerReach) -> None:
         if isinstance(protocol.conn.parser_exc, PayloadTooBig):
             explain()
         handle_parser_exception()
+        reset_if_unread()
+
+    def ping() -> None:
+        # websockets queued the pong; uvicorn writes it whatever the client leaves unread.
+        if protocol.transport.is_closing():
+            return
+        if _unsent(protocol.transport) > UNSENT_MAX:
+            log.info("reset a connection that pings but does not read")
+            reach.abort(protocol)
+            return
+        handle_ping()
+
+    def no_pong() -> None:
+        keepalive_timeout()
+        reset_if_unread()
 
     def fragment(event: Any) -> None:
         if len(protocol.frames) < _Frames.MAX_PIECES or protocol.close_sent:
@@ -542,9 +602,56 @@ def _explain_refusals(protocol: Any, reach: ServerReach) -> None:
         if conn.close_sent is not None:  # else the client's close came first
             explain()
             handle_parser_exception()
+            reset_if_unread()
 
     protocol.handle_parser_exception = refused
     protocol.handle_cont = fragment
+    protocol.handle_ping = ping
+    protocol.keepalive_timeout = no_pong
+
+
+def _unsent(transport: Any) -> int:
+    """Bytes written to this connection that its client has not taken yet: in the
+    transport's buffer and in the kernel's send queue."""
+    unsent = int(transport.get_write_buffer_size())
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+            unsent += struct.unpack("i", queued)[0]
+    return unsent
+
+
+@functools.cache
+def _head_timed_h11() -> type:
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head
+    within REQUEST_HEAD_TIMEOUT (uvicorn waits forever: a few thousand half-sent requests
+    would hold every file descriptor of the process)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimedH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._wait_for_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._wait_for_head()
+
+        def _wait_for_head(self) -> None:
+            self.loop.call_later(REQUEST_HEAD_TIMEOUT, self._head_late, self.cycle)
+
+        def _head_late(self, cycle: Any) -> None:
+            transport = self.transport
+            # No new request since (h11 sets a cycle per head), not upgraded, not closing.
+            if (
+                self.cycle is cycle
+                and transport.get_protocol() is self
+                and not transport.is_closing()
+            ):
+                transport.close()
+
+    return HeadTimedH11Protocol
 
 
 class _Frames:
