@@ -19,7 +19,7 @@ The systems, each launched on a socket the bench binds (127.0.0.1, a free port):
   uvicorn's websockets-sansio protocol, uvloop and httptools, permessage-deflate as
   WSFANOUT_COMPRESSION says (off), the frame limit as ws_max_size, no proxy headers;
 - ``baseline-uvicorn``: ``python -m uvicorn --fd N --ws websockets-sansio
-  --ws-per-message-deflate false --no-proxy-headers --lifespan on --no-access-log
+  --ws-per-message-deflate false --no-proxy-headers --http h11 --lifespan on --no-access-log
   --log-level warning --backlog 4096 bench.baseline:app``.
 
 wsfanout's clients speak as browsers do, whichever server: the handshake Chrome sends,
@@ -402,7 +402,8 @@ def server_command(system: System, fd: int) -> list[str]:
         ).split()
     return (
         f"uvicorn --fd {fd} --ws websockets-sansio --ws-per-message-deflate false "
-        "--no-proxy-headers --lifespan on --no-access-log --log-level warning --backlog 4096 "
+        "--no-proxy-headers --http h11 --lifespan on --no-access-log --log-level warning "
+        "--backlog 4096 "
         f"{system.app}"
     ).split()
 
