@@ -16,7 +16,7 @@ The systems, each launched on a socket the bench binds (127.0.0.1, a free port):
 - ``baseline``, the bare app (bench/baseline.py): ``python -m hypercorn … bench.baseline:app``;
 - ``wsfanout-uvicorn`` (and ``-pg``, ``-redis-2w``): as users run it,
   ``python -m wsfanout.cli serve --server uvicorn --bind fd://N --ping-interval 0 --workers W``:
-  uvicorn's websockets-sansio protocol, uvloop and httptools, permessage-deflate as
+  uvicorn's websockets-sansio protocol, uvloop and h11, permessage-deflate as
   WSFANOUT_COMPRESSION says (off), the frame limit as ws_max_size, no proxy headers;
 - ``baseline-uvicorn``: ``python -m uvicorn --fd N --ws websockets-sansio
   --ws-per-message-deflate false --no-proxy-headers --http h11 --lifespan on --no-access-log
@@ -101,7 +101,7 @@ NO_BATCH = System(
 )
 WSFANOUT_PG = dataclasses.replace(WSFANOUT, name="wsfanout-pg", store="postgresql")
 BASELINE = System("baseline", "bench.baseline:app", "baseline", client="plain")
-# The same under uvicorn (websockets-sansio, uvloop, httptools), with the same clients.
+# The same under uvicorn (websockets-sansio, uvloop, h11), with the same clients.
 WSFANOUT_UVICORN = dataclasses.replace(WSFANOUT, name="wsfanout-uvicorn", server="uvicorn")
 WSFANOUT_UVICORN_PG = dataclasses.replace(WSFANOUT_PG, name="wsfanout-uvicorn-pg", server="uvicorn")
 BASELINE_UVICORN = dataclasses.replace(BASELINE, name="baseline-uvicorn", server="uvicorn")
@@ -388,7 +388,7 @@ def pin(core: int) -> list[str]:
 def server_command(system: System, fd: int) -> list[str]:
     """How a system is launched on the listening socket ``fd``, as ``python -m`` arguments.
     wsfanout under uvicorn runs as users run it, ``wsfanout serve --server uvicorn`` (its
-    settings: websockets-sansio, uvloop, httptools, deflate as WSFANOUT_COMPRESSION says, the
+    settings: websockets-sansio, uvloop, h11, deflate as WSFANOUT_COMPRESSION says, the
     frame limit, no proxy headers); the bare app gets the same from uvicorn's command line."""
     workers = system.workers
     if system.server == "hypercorn":  # workers 0: hypercorn serves in its own process

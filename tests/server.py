@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 SERVERS = ("hypercorn", "uvicorn")
-UVICORN_FLAGS = ("--ws", "websockets-sansio", "--no-proxy-headers", "--lifespan", "on")
+UVICORN_FLAGS = ("--ws", "websockets-sansio", "--http", "h11", "--no-proxy-headers")
 
 
 class Server:

@@ -562,3 +562,29 @@ async def test_sigterm_with_clients_that_do_not_read_ends_in_time(
     assert elapsed < 8
     log = server.log_path.read_text()
     assert "Traceback" not in log, log
+
+
+async def test_uvicorn_resets_a_refused_client_that_does_not_read(data_dir: Path) -> None:
+    """10 clients leave a 4 MB burst unread, then each sends the header of a frame over the
+    limit: uvicorn refuses it and closes at once, and the TCP connections are reset, so the
+    megabytes queued for them are dropped (not held by the kernel until they read). Under
+    hypercorn the app closes such a client itself: its blocked send is reset after
+    WSFANOUT_SEND_TIMEOUT."""
+    env = {**ENV, "WSFANOUT_OUTBOX_BYTES": str(16 * MIB)}  # not closed as slow before it
+    with Server(data_dir, env, serve=True, server="uvicorn").running() as server:
+        stuck = [RawClient(server.port, server.login("anny"), rcvbuf=4096) for _ in range(10)]
+        reader = await Client.open(server.ws_url, server.login("greg"))
+        await reader.next()
+        for n in range(250):
+            await reader.send({"type": "broadcast", "text": f"{n:03d}" + "x" * 16_000})
+        for n in range(250):
+            assert (await reader.next_of("message", timeout=30))["text"][:3] == f"{n:03d}"
+        try:
+            for client in stuck:
+                client.sock.sendall(frame_header(1 << 30))
+            assert connections_fall_to(server, 1, timeout=10), server.established()
+        finally:
+            for client in stuck:
+                client.close()
+            await reader.close()
+    assert "Traceback" not in server.log_path.read_text()
