@@ -18,7 +18,7 @@ The systems, each launched on a socket the bench binds (127.0.0.1, a free port):
   ``python -m wsfanout.cli serve --server uvicorn --bind fd://N --ping-interval 0 --workers W``:
   uvicorn's websockets-sansio protocol, uvloop and h11, permessage-deflate as
   WSFANOUT_COMPRESSION says (off), the frame limit as ws_max_size, no proxy headers;
-- ``baseline-uvicorn``: ``python -m uvicorn --fd N --ws websockets-sansio
+- ``baseline-uvicorn``: ``python -m bench.uvicorn_fd --fd N --ws websockets-sansio
   --ws-per-message-deflate false --no-proxy-headers --http h11 --lifespan on --no-access-log
   --log-level warning --backlog 4096 bench.baseline:app``.
 
@@ -401,7 +401,7 @@ def server_command(system: System, fd: int) -> list[str]:
             f"--workers {workers or 1}"
         ).split()
     return (
-        f"uvicorn --fd {fd} --ws websockets-sansio --ws-per-message-deflate false "
+        f"bench.uvicorn_fd --fd {fd} --ws websockets-sansio --ws-per-message-deflate false "
         "--no-proxy-headers --http h11 --lifespan on --no-access-log --log-level warning "
         "--backlog 4096 "
         f"{system.app}"

@@ -77,7 +77,7 @@ class Server:
         """The exit statuses of a clean stop on SIGTERM: plain uvicorn re-raises the signal
         once it has stopped, to die of it, as it does for every app."""
         if self.server == "uvicorn" and not self.serve:
-            return (0, -signal.SIGTERM)
+            return (-signal.SIGTERM,)
         return (0,)
 
     @property
@@ -111,7 +111,9 @@ class Server:
                 command = ["-m", "wsfanout.cli", "serve", "--server", self.server, *workers]
                 command += ["--bind", bind]
             elif self.server == "uvicorn":  # as the README tells users of plain uvicorn
-                command = ["-m", "uvicorn", *UVICORN_FLAGS, *workers, "--fd", str(sock.fileno())]
+                # uvicorn's command line, its --fd kept a TCP socket (bench/uvicorn_fd.py)
+                fd = ["--fd", str(sock.fileno())]
+                command = ["-m", "bench.uvicorn_fd", *UVICORN_FLAGS, *workers, *fd]
                 command.append(self.app)
             else:
                 command = ["-m", "hypercorn", *workers, "--bind", bind, self.app]

@@ -532,16 +532,15 @@ def test_a_client_that_pings_but_never_reads_is_reset(data_dir: Path, server_kin
         assert connections_fall_to(server, 0, timeout=10)
 
 
-async def test_sigterm_with_clients_that_do_not_read_ends_in_time(
-    data_dir: Path, server_kind: str
+async def test_sigterm_under_uvicorn_with_clients_that_do_not_read_ends_in_time(
+    data_dir: Path,
 ) -> None:
     """SIGTERM while 10 clients never read a 4 MB burst (their sends blocked): a reading
     client gets 1001, the stuck ones are reset, and the server exits within its drain's 5 s
-    and a little (uvicorn alone would wait for them to read)."""
-    if server_kind == "hypercorn":
-        pytest.skip("hypercorn waits for such clients past its graceful timeout (known)")
+    and a little (uvicorn alone would wait for them to read). Under hypercorn such clients
+    still hold the stop past its graceful timeout: a known gap, not tested here."""
     env = {**ENV, "WSFANOUT_OUTBOX_BYTES": str(16 * MIB)}  # not closed as slow: stuck
-    with Server(data_dir, env, serve=True, server=server_kind).running() as server:
+    with Server(data_dir, env, serve=True, server="uvicorn").running() as server:
         stuck = [RawClient(server.port, server.login("anny"), rcvbuf=4096) for _ in range(10)]
         reader = await Client.open(server.ws_url, server.login("greg"))
         await reader.next()
@@ -558,7 +557,7 @@ async def test_sigterm_with_clients_that_do_not_read_ends_in_time(
         elapsed = time.monotonic() - started
         for client in stuck:
             client.close()
-    report(f"SIGTERM with stuck clients ({server_kind})", seconds=elapsed)
+    report("SIGTERM with stuck clients (uvicorn)", seconds=elapsed)
     assert elapsed < 8
     log = server.log_path.read_text()
     assert "Traceback" not in log, log

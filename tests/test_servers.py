@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from http.client import HTTPConnection
@@ -26,7 +28,7 @@ from websockets.asyncio.client import connect
 
 from tests import asgi
 from tests.conftest import login
-from tests.server import ROOT, Client, RawClient, Server, http, wsfanout
+from tests.server import ROOT, WSFANOUT, Client, RawClient, Server, http, wsfanout
 from wsfanout import Settings, create_app
 from wsfanout.servers import ACCEPT_KEY, ServerReach
 
@@ -215,11 +217,12 @@ def test_a_changed_uvicorn_protocol_warns_and_leaves_frames_to_uvicorn(
     assert reach.can_watch and not reach.can_bound and not reach.can_abort
     (warning,) = reach_warnings(caplog)
     assert "WebSocketsSansIOProtocol changed" in warning
-    receive = websockets_sansio_impl.WebSocketsSansIOProtocol.receive
-    assert reach.accepted({"type": "websocket.accept"}, receive) is None
+    cls = websockets_sansio_impl.WebSocketsSansIOProtocol
+    protocol = cls.__new__(cls)
+    assert reach.accepted({"type": "websocket.accept"}, protocol.receive) is None
 
 
-def test_a_uvicorn_connection_missing_its_state_warns_once(
+def test_a_uvicorn_connection_missing_its_state_warns_once_per_reach(
     uvicorn_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A protocol object without the state the reach uses: no handle, one warning per
@@ -359,15 +362,15 @@ def raw_handshake(port: int, cookie: str, extensions: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "offer",
+    ("offer", "under_uvicorn"),
     [
-        "permessage-deflate; client_max_window_bits=foo",
-        'permessage-deflate; client_max_window_bits="15"',
-        "permessage-deflate; server_max_window_bits=",
+        ("permessage-deflate; client_max_window_bits=foo", "declined"),
+        ('permessage-deflate; client_max_window_bits="15"', "deflate"),  # quoted 15 is 15
+        ("permessage-deflate; server_max_window_bits=", "400"),
     ],
 )
 def test_compression_on_declines_an_offer_it_cannot_parse(
-    tmp_path: Path, demo_db: Path, offer: str, server_kind: str
+    tmp_path: Path, demo_db: Path, offer: str, under_uvicorn: str, server_kind: str
 ) -> None:
     """With compression on, a malformed deflate offer is declined (hypercorn), or answered
     as uvicorn's websockets reads it (a 400, or deflate), not a dropped connection."""
@@ -375,10 +378,12 @@ def test_compression_on_declines_an_offer_it_cannot_parse(
     with Server(tmp_path, {"WSFANOUT_COMPRESSION": "on"}, server=server_kind).running() as server:
         head = raw_handshake(server.port, server.login("greg"), offer)
         good = raw_handshake(server.port, server.login("greg"), "permessage-deflate")
-    if server_kind == "uvicorn":  # websockets decides: it reads '"15"' as 15, refuses '='
-        assert head.startswith(("http/1.1 101", "http/1.1 400")), head
+    answer = "declined" if server_kind == "hypercorn" else under_uvicorn  # websockets decides
+    if answer == "400":
+        assert head.startswith("http/1.1 400"), head
     else:
-        assert head.startswith("http/1.1 101") and "sec-websocket-extensions" not in head, head
+        assert head.startswith("http/1.1 101"), head
+        assert ("sec-websocket-extensions: permessage-deflate" in head) == (answer == "deflate")
     assert "sec-websocket-extensions: permessage-deflate" in good
     assert "Traceback" not in server.log_path.read_text()
 
@@ -472,3 +477,61 @@ def test_the_readme_gives_plain_uvicorn_the_flags_serve_passes() -> None:
     for name, value in passed.items():
         if name not in left_to_uvicorn:
             assert read[name] == value, name
+
+
+async def test_every_app_in_one_uvicorn_server_is_drained(uvicorn_server: Any) -> None:
+    """Two apps started in one uvicorn server (two mounts): its shutdown drains both, then
+    runs uvicorn's own."""
+    import types
+
+    drained = []
+
+    def stopping(name: str) -> Any:
+        async def on_stopping() -> None:
+            drained.append(name)
+
+        return on_stopping
+
+    for name in ("first", "second"):
+        ServerReach(compression=False, on_stopping=stopping(name), frame_limit=4096).start()
+    uvicorn_server.servers = []
+
+    async def lifespan_shutdown() -> None:
+        drained.append("uvicorn")
+
+    uvicorn_server.lifespan = types.SimpleNamespace(shutdown=lifespan_shutdown)
+    await uvicorn_server.shutdown()
+    assert drained == ["first", "second", "uvicorn"]
+
+
+def unix_health(path: Path) -> int:
+    """GET /healthz over a unix socket; the status (0: nothing listens)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(path))
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return int(sock.recv(4096).split()[1])
+    except OSError:
+        return 0
+
+
+def test_uvicorn_serves_on_a_unix_socket_again_after_a_stop(tmp_path: Path, demo_db: Path) -> None:
+    """`--bind unix:PATH` under uvicorn: serves, stops on SIGTERM with 0 and removes the
+    socket; a stale socket file left by a killed run does not stop the next start."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    path = tmp_path / "wsfanout.sock"
+    command = [str(WSFANOUT), "serve", "--server", "uvicorn"]
+    env = {**os.environ, "WSFANOUT_DATA_DIR": str(tmp_path), "WSFANOUT_SECRET_KEY": "k" * 32}
+    for stop in (signal.SIGKILL, signal.SIGTERM):  # a killed run leaves its socket file
+        proc = subprocess.Popen([*command, "--bind", f"unix:{path}"], env=env, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 30
+            while unix_health(path) != 200:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(stop)
+            code = proc.wait(15)
+        assert code == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+    assert not path.exists()

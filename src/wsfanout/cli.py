@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import socket
+import stat
 import sys
 import urllib.error
 import urllib.parse
@@ -48,7 +49,7 @@ DEMO_GROUPS: Final = {"boys": ("Greg", "Chuck", "Mike"), "girls": ("Amanda", "Li
 DEFAULT_BIND: Final = "127.0.0.1:8000"
 PING_INTERVAL: Final = 20.0
 GRACEFUL_TIMEOUT: Final = 10.0
-BACKLOG: Final = 2048  # pending connections the listening socket holds
+BACKLOG: Final = 2048  # pending connections: a reconnect storm must not be refused
 SERVERS: Final = ("hypercorn", "uvicorn")
 SERVER_VARIABLE: Final = "WSFANOUT_SERVER"
 URL_VARIABLE: Final = "WSFANOUT_URL"
@@ -335,32 +336,49 @@ def _serve_uvicorn(settings: Settings, args: argparse.Namespace, bind: str) -> i
         log_config=_uvicorn_log_config(args.access_log),
         **uvicorn_options(settings, args),
     )
+    path = None
     if bind.startswith("unix:"):
-        config.uds = bind[len("unix:") :]
-        sock = config.bind_socket()  # uvicorn's: it knows the file's permissions
-    else:  # fd://N: ours from _listen, or the caller's (which closes it)
-        sock = socket.socket(fileno=int(bind[len("fd://") :]))
-    sockets = [sock]
+        path = Path(bind[len("unix:") :])
+        sock = _listen_unix(path)
+    else:  # fd://N, ours from _listen or the caller's: uvicorn closes what it is given
+        sock = socket.socket(fileno=os.dup(int(bind[len("fd://") :])))
     server = uvicorn.Server(config)
     # uvicorn re-raises the SIGTERM it handled once it has stopped, to die of it; stopping
-    # on SIGTERM is a success here, as under hypercorn: exit 0.
-    previous = signal.signal(signal.SIGTERM, _stopped)
+    # on SIGTERM is a success here, as under hypercorn: exit 0. Before uvicorn takes the
+    # signal (while it starts), the same handler asks it to stop once started.
+    previous = signal.signal(signal.SIGTERM, server.handle_exit)
     try:
         if args.workers > 1:
-            Multiprocess(config, sockets=sockets).run()  # a Server of its own per worker
+            Multiprocess(config, sockets=[sock]).run()  # a Server of its own per worker
         else:
-            server.run(sockets=sockets)
+            server.run(sockets=[sock])
     except SystemExit as exc:  # uvicorn's own way to fail, e.g. a failed lifespan startup
         return exc.code if isinstance(exc.code, int) else 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if config.uds:
-            sock.close()
-        else:
-            sock.detach()
+        sock.close()
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
     if args.workers == 1 and not server.started:
         return 3  # uvicorn's STARTUP_FAILURE
     return 0
+
+
+def _listen_unix(path: Path) -> socket.socket:
+    """A unix socket for uvicorn at ``path`` (a stale one from an earlier run replaced, as
+    hypercorn does); a path that cannot be bound is one line."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(path.stat().st_mode):
+            path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise CommandError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
+    return sock
 
 
 def _uvicorn_log_config(access_log: bool) -> dict[str, Any]:
@@ -384,10 +402,6 @@ class QuietConnections(logging.Filter):
             message in ("connection open", "connection closed")
             or (isinstance(message, str) and message.startswith('%s - "WebSocket %s"'))
         )
-
-
-def _stopped(signum: int, frame: Any) -> None:
-    """SIGTERM outside uvicorn's own handler: it has stopped already."""
 
 
 def _preflight(settings: Settings) -> None:

@@ -100,6 +100,8 @@ import socket
 import struct
 import sys
 import termios
+import time
+import weakref
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -167,6 +169,7 @@ class ServerReach:
         self.too_large = too_large
         self.name = "an unknown server"  # which server runs us, for the start-up log
         self._uvicorn_ws: Any = None  # the class of uvicorn's sans-I/O protocol, if it runs ours
+        self._accepted: weakref.WeakSet[Any] = weakref.WeakSet()  # uvicorn connections of ours
         self.can_decline = False  # hypercorn's handshake can be told to decline deflate
         self.can_watch = False  # hypercorn's stop signal can be watched
         self.can_stop_pings = False  # hypercorn's pings can be ended with the connection
@@ -270,6 +273,7 @@ class ServerReach:
                     self._broke("abort", problem)
                     return None
                 _explain_refusals(protocol, self)
+                self._accepted.add(protocol)
                 return protocol
         return stream
 
@@ -341,8 +345,23 @@ class ServerReach:
 
     async def _watch(self, wait: Callable[[], Awaitable[None]]) -> None:
         await wait()
-        log.info("the server is stopping: closing every websocket with 1001")
+        log.info(_STOPPING)
         await self.on_stopping()
+
+    async def stopping_under_uvicorn(self) -> None:
+        """uvicorn stops: drain the app (1001); give the closes a moment to be answered,
+        then reset the websockets still open, whose clients do not read (uvicorn would
+        wait for them, forever without --timeout-graceful-shutdown)."""
+        log.info(_STOPPING)
+        await self.on_stopping()
+        deadline = time.monotonic() + STRAGGLERS_WAIT
+        while True:
+            open_ = [p for p in list(self._accepted) if not p.disconnected]
+            if not open_ or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        for protocol in open_:
+            self.abort(protocol)
 
     def _start_under_uvicorn(self, server: Any) -> None:
         """Tell uvicorn's config what the app needs, and drain before uvicorn stops."""
@@ -380,6 +399,7 @@ class ServerReach:
         ws = getattr(config, "ws_protocol_class", None)
         if self.compression and getattr(ws, "__name__", "") == "WSProtocol":
             config.ws_per_message_deflate = False  # wsproto inflates a message in full first
+            self.compression = False
             log.warning(
                 "WSFANOUT_COMPRESSION=on needs uvicorn's --ws websockets-sansio: under "
                 "wsproto a small compressed frame inflates without bound, so deflate is declined"
@@ -491,7 +511,10 @@ _SANSIO_PARTS: Final = (
 )
 REQUEST_HEAD_TIMEOUT: Final = 10.0  # seconds a uvicorn HTTP connection has to send a request head
 UNSENT_MAX: Final = 1 << 20  # bytes unsent to a uvicorn websocket client that pings or is closed
-_SANSIO_STATE: Final = ("conn", "frames", "close_sent", "transport")  # set per connection
+_SANSIO_STATE: Final = ("conn", "frames", "close_sent", "transport", "disconnected")
+STRAGGLERS_WAIT: Final = 1.0  # seconds after a drain for closes to be answered (uvicorn)
+_STOPPING: Final = "the server is stopping: closing every websocket with 1001"
+_REACHES: Final = "__wsfanout_reaches__"  # on a wrapped uvicorn shutdown: the apps to drain
 
 
 def _uvicorn_server() -> Any:
@@ -510,30 +533,27 @@ def _uvicorn_server() -> Any:
 
 
 def _drain_before_uvicorn_stops(server: Any, reach: ServerReach) -> str:
-    """Make this uvicorn server stop listening and drain the app (1001) before its own
-    shutdown, which closes every websocket with 1012 at once. "" if done."""
+    """Make this uvicorn server stop listening and drain each app started in it before
+    its own shutdown, which closes every websocket with 1012 at once. "" if done."""
     shutdown: Any = getattr(server, "shutdown", None)
+    reaches = getattr(shutdown, _REACHES, None)
+    if reaches is not None:  # an earlier app in this server wrapped it: drain this one too
+        reaches.append(reach)
+        return ""
     if not _is_method(shutdown, ["sockets"]):
         return "Server.shutdown(sockets) is gone"
-    if getattr(shutdown, _WRAPPED, False):
-        return ""  # an earlier start of an app in this server did it
+    reaches = [reach]
 
     async def draining(sockets: Any = None) -> None:
         for listener in getattr(server, "servers", ()):
             listener.close()  # no new connections meanwhile (uvicorn's shutdown repeats it)
         try:
-            log.info("the server is stopping: closing every websocket with 1001")
-            await reach.on_stopping()
-            # Left after the drain: clients that do not read their close. uvicorn would
-            # wait for them to read (forever, without --timeout-graceful-shutdown).
-            state = getattr(server, "server_state", None)
-            for connection in list(getattr(state, "connections", ())):
-                if reach._uvicorn_ws is not None and type(connection) is reach._uvicorn_ws:
-                    reach.abort(connection)
+            for each in reaches:
+                await each.stopping_under_uvicorn()
         finally:
             await shutdown(sockets=sockets)
 
-    setattr(draining, _WRAPPED, True)
+    setattr(draining, _REACHES, reaches)
     server.shutdown = draining
     return ""
 
@@ -627,25 +647,39 @@ def _head_timed_h11() -> type:
     """uvicorn's h11 protocol, closing a connection that has not sent a whole request head
     within REQUEST_HEAD_TIMEOUT (uvicorn waits forever: a few thousand half-sent requests
     would hold every file descriptor of the process)."""
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimedH11Protocol(H11Protocol):
+        head_timer: asyncio.TimerHandle | None = None
+
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._wait_for_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._wait_for_head()
 
         def _wait_for_head(self) -> None:
-            self.loop.call_later(REQUEST_HEAD_TIMEOUT, self._head_late, self.cycle)
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(
+                REQUEST_HEAD_TIMEOUT, self._head_late, self.cycle
+            )
 
         def _head_late(self, cycle: Any) -> None:
             transport = self.transport
-            # No new request since (h11 sets a cycle per head), not upgraded, not closing.
+            # No request head since (h11 makes a cycle per head, and is IDLE until a head
+            # is whole), not upgraded to a websocket, not closing already.
             if (
                 self.cycle is cycle
+                and self.conn.their_state is h11.IDLE
                 and transport.get_protocol() is self
                 and not transport.is_closing()
             ):
