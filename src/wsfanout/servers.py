@@ -70,15 +70,22 @@ handler it installs while it serves (a bound method of the server), at app start
   ``ws_per_message_deflate`` follows ``WSFANOUT_COMPRESSION`` and ``ws_max_size`` is the frame
   limit. uvicorn's websockets protocol (websockets' sans-I/O core) then declines deflate,
   refuses a larger message from its header alone, and inflates no more than the limit.
-- Its ``shutdown`` is wrapped on that instance: stop listening, drain the app (1001), then
-  uvicorn's own, which closes whatever websocket is left with 1012 at once.
+- Its ``shutdown`` is wrapped on that instance: stop listening, drain each app started in
+  it (1001), reset its websockets still open a second later (clients that do not read:
+  uvicorn would wait for them), then uvicorn's own, which closes whatever is left with 1012.
+- Its h11 protocol becomes ``HeadTimedH11Protocol``: a connection gets REQUEST_HEAD_TIMEOUT
+  to send a whole request head (uvicorn waits forever). Under httptools (no bound on a
+  head at all) a warning says so.
 - Pings are uvicorn's (``ws_ping_interval``, a timer per connection, gone with it).
 - Per connection, under the ``websockets-sansio`` protocol, ``receive`` is a method of the
   connection's protocol object: ``accepted`` takes it as the handle for ``abort`` (its
   transport), and ``_explain_refusals`` puts the app's ``too_large`` frame before the 1009
   close that uvicorn sends for a message over the limit, and refuses a message in more than
   ``_Frames.MAX_PIECES`` fragments (uvicorn keeps every piece, empty ones too). A client that
-  sends data before the handshake's answer leaves no ghost there: uvicorn tells the app.
+  pings but does not read, or is refused or timed out with UNSENT_MAX unread, is reset
+  (uvicorn writes every pong, and closes gracefully: the kernel would keep what it holds).
+  A client that sends data before the handshake's answer leaves no ghost there: uvicorn
+  tells the app.
 
 Under another server nothing here applies, and the start-up log says so.
 
