@@ -195,8 +195,10 @@ def test_every_reach_works_with_the_installed_uvicorn(
 def test_uvicorn_defaults_get_warnings(
     uvicorn_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Plain `uvicorn wsfanout:app` (httptools, proxy headers from 127.0.0.1): a warning
-    for each, naming the flag that avoids it."""
+    """Plain `uvicorn wsfanout:app` (proxy headers from 127.0.0.1; httptools where it is
+    installed, as it is not here: its class stands in): a warning for each, naming the
+    flag that avoids it."""
+    uvicorn_server.config.http_protocol_class = type("HttpToolsProtocol", (), {})
     reach = ServerReach(compression=False, on_stopping=_nothing, frame_limit=4096)
     reach.start()
     warnings = reach_warnings(caplog)
