@@ -532,6 +532,22 @@ def test_a_client_that_pings_but_never_reads_is_reset(data_dir: Path, server_kin
         assert connections_fall_to(server, 0, timeout=10)
 
 
+STUCK_ENV = {**ENV, "WSFANOUT_OUTBOX_BYTES": str(16 * MIB)}  # not closed as slow: stuck
+
+
+async def stuck_behind_a_burst(server: Server) -> tuple[list[RawClient], Client]:
+    """10 clients that never read, then a 4 MB burst (more than the kernel holds for them,
+    so their sends block), read whole by one client; (the stuck ones, the reader)."""
+    stuck = [RawClient(server.port, server.login("anny"), rcvbuf=4096) for _ in range(10)]
+    reader = await Client.open(server.ws_url, server.login("greg"))
+    await reader.next()
+    for n in range(250):
+        await reader.send({"type": "broadcast", "text": f"{n:03d}" + "x" * 16_000})
+    for n in range(250):
+        assert (await reader.next_of("message", timeout=30))["text"][:3] == f"{n:03d}"
+    return stuck, reader
+
+
 async def test_sigterm_under_uvicorn_with_clients_that_do_not_read_ends_in_time(
     data_dir: Path,
 ) -> None:
@@ -539,15 +555,8 @@ async def test_sigterm_under_uvicorn_with_clients_that_do_not_read_ends_in_time(
     client gets 1001, the stuck ones are reset, and the server exits within its drain's 5 s
     and a little (uvicorn alone would wait for them to read). Under hypercorn such clients
     still hold the stop past its graceful timeout: a known gap, not tested here."""
-    env = {**ENV, "WSFANOUT_OUTBOX_BYTES": str(16 * MIB)}  # not closed as slow: stuck
-    with Server(data_dir, env, serve=True, server="uvicorn").running() as server:
-        stuck = [RawClient(server.port, server.login("anny"), rcvbuf=4096) for _ in range(10)]
-        reader = await Client.open(server.ws_url, server.login("greg"))
-        await reader.next()
-        for n in range(250):  # 4 MB: more than the kernel holds for a client that does not read
-            await reader.send({"type": "broadcast", "text": f"{n:03d}" + "x" * 16_000})
-        for n in range(250):
-            assert (await reader.next_of("message", timeout=30))["text"][:3] == f"{n:03d}"
+    with Server(data_dir, STUCK_ENV, serve=True, server="uvicorn").running() as server:
+        stuck, reader = await stuck_behind_a_burst(server)
         assert server.proc is not None
         started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -569,15 +578,8 @@ async def test_uvicorn_resets_a_refused_client_that_does_not_read(data_dir: Path
     megabytes queued for them are dropped (not held by the kernel until they read). Under
     hypercorn the app closes such a client itself: its blocked send is reset after
     WSFANOUT_SEND_TIMEOUT."""
-    env = {**ENV, "WSFANOUT_OUTBOX_BYTES": str(16 * MIB)}  # not closed as slow before it
-    with Server(data_dir, env, serve=True, server="uvicorn").running() as server:
-        stuck = [RawClient(server.port, server.login("anny"), rcvbuf=4096) for _ in range(10)]
-        reader = await Client.open(server.ws_url, server.login("greg"))
-        await reader.next()
-        for n in range(250):
-            await reader.send({"type": "broadcast", "text": f"{n:03d}" + "x" * 16_000})
-        for n in range(250):
-            assert (await reader.next_of("message", timeout=30))["text"][:3] == f"{n:03d}"
+    with Server(data_dir, STUCK_ENV, serve=True, server="uvicorn").running() as server:
+        stuck, reader = await stuck_behind_a_burst(server)
         try:
             for client in stuck:
                 client.sock.sendall(frame_header(1 << 30))
