@@ -414,15 +414,12 @@ class ServerReach:
         if ws is None or ws.__name__ != "WebSocketsSansIOProtocol":
             log.warning(
                 "uvicorn runs websockets with %s, not websockets-sansio (--ws "
-                "websockets-sansio): frames over the limit get a bare 1009, and clients "
-                "that do not read keep their TCP connection after their close",
+                "websockets-sansio): %s",
                 getattr(ws, "__name__", ws),
+                _LEFT_TO_UVICORN,
             )
         elif not all(hasattr(ws, name) for name in _SANSIO_PARTS):
-            lost.append(
-                "uvicorn's WebSocketsSansIOProtocol changed: frames over the limit get a "
-                "bare 1009, and clients that do not read keep their TCP connection"
-            )
+            lost.append(f"uvicorn's WebSocketsSansIOProtocol changed: {_LEFT_TO_UVICORN}")
         else:
             self._uvicorn_ws = ws
             self.can_abort = self.can_bound = True
@@ -522,6 +519,10 @@ _SANSIO_STATE: Final = ("conn", "frames", "close_sent", "transport", "disconnect
 STRAGGLERS_WAIT: Final = 1.0  # seconds after a drain for closes to be answered (uvicorn)
 _STOPPING: Final = "the server is stopping: closing every websocket with 1001"
 _REACHES: Final = "__wsfanout_reaches__"  # on a wrapped uvicorn shutdown: the apps to drain
+_LEFT_TO_UVICORN: Final = (
+    "frames over the limit get a bare 1009, and clients that do not read keep their TCP "
+    "connection after their close"
+)
 
 
 def _uvicorn_server() -> Any:
@@ -566,13 +567,15 @@ def _drain_before_uvicorn_stops(server: Any, reach: ServerReach) -> str:
 
 
 def _explain_refusals(protocol: Any, reach: ServerReach) -> None:
-    """Teach one uvicorn connection what hypercorn's are taught by ``_Frames``.
+    """Teach one uvicorn connection what hypercorn's are taught by ``_Frames``, and to
+    let go of a client that does not read.
 
     uvicorn's websockets protocol refuses a message over ``ws_max_size`` itself (its
     close, 1009, is queued before the app hears of it): the app's ``too_large`` error
     frame is put before that close. A message may come in at most ``_Frames.MAX_PIECES``
     fragments (uvicorn keeps every one, empty ones too, until the last), else it is
-    refused the same way.
+    refused the same way. A client with UNSENT_MAX unread is reset when it pings (uvicorn
+    writes every pong) and when uvicorn closes it after a refusal or an unanswered ping.
     """
     handle_parser_exception = protocol.handle_parser_exception
     handle_cont = protocol.handle_cont
