@@ -1,14 +1,16 @@
 """Users, groups, memberships, sessions and login failures, in SQLite or PostgreSQL.
 
-The SQL is written once for both (``database.py`` holds what differs: connecting,
-transactions, the schema and its versions). Names are matched case-insensitively through
+The SQL is written once for both (``sql.py``; the ``database`` package holds what differs:
+connecting, transactions, the schema and its versions). Names are matched case-insensitively through
 ``lower()``, so both backends answer alike.
 
 A session is a row: a login creates one and its id goes into the cookie; it is valid while
 the row is there. Revoking deletes rows (one at logout; all of a user's on a password change,
 an operator's disconnect, or with the user). Lookups are cached for a few seconds; a
 revocation made through this store forgets its cached answers at once, and one made by
-another node is forgotten when its word arrives (``forget_sessions``).
+another node is forgotten when its word arrives (``forget_sessions``). The session methods
+are in ``sessions.py``, the caches in ``cache.py``, what the store answers and refuses in
+``rows.py``.
 
 Every failure of the database itself is a ``DatabaseError`` (the caller answers 503); a
 change the store refuses is a ``StoreError``.
@@ -19,14 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import secrets
-import string
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Generic, TypeVar
+from typing import Final
 
-from .database import (
+from ..database import (
     RETRY_MAX,
     RETRY_MIN,
     Database,
@@ -35,135 +34,59 @@ from .database import (
     Unready,
     open_database,
 )
-from .database import DatabaseError as DatabaseError  # what callers catch, from here
+from ..database import DatabaseError as DatabaseError  # what callers catch, from here
+from .cache import CACHE_SECONDS, Cache
+from .rows import (
+    DuplicateError,
+    InvalidNameError,
+    StoreError,
+    UnknownGroupError,
+    UnknownUserError,
+    User,
+)
+from .sessions import NO_SESSION, SESSIONS_PER_USER, SessionRows
+from .sql import (
+    GROUP_SIZES,
+    IDENTITY,
+    MEMBERS_OF,
+    USER_BY_ID,
+    USER_BY_NAME,
+    USERS_LIKE,
+    fold,
+    like_prefix,
+    marks,
+)
+
+__all__ = [
+    "CACHE_SECONDS",
+    "GROUP_RE",
+    "MAX_FIRST_NAME",
+    "NO_SESSION",
+    "SESSIONS_PER_USER",
+    "USERNAME_RE",
+    "DatabaseError",
+    "DuplicateError",
+    "InvalidNameError",
+    "Store",
+    "StoreError",
+    "UnknownGroupError",
+    "UnknownUserError",
+    "User",
+]
 
 log = logging.getLogger(__name__)
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-_USER_COLUMNS: Final = "SELECT id, username, first_name, password_hash FROM users"
-_USER_BY_NAME: Final = _USER_COLUMNS + " WHERE lower(username) = ?"  # ? folded: _fold
-_USER_BY_ID: Final = _USER_COLUMNS + " WHERE id = ?"
-_IDENTITY: Final = (  # a user's row once per group (once with NULL when in none), by group
-    "SELECT u.id, u.username, u.first_name, u.password_hash, g.name FROM users u "
-    "LEFT JOIN user_groups ug ON ug.user_id = u.id LEFT JOIN groups g ON g.id = ug.group_id "
-    "WHERE u.id = ? ORDER BY g.name"
-)
 
 USERNAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 GROUP_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_FIRST_NAME: Final = 100
-SESSIONS_PER_USER: Final = 1000  # live sessions kept per user; the oldest go first
-NO_SESSION: Final = 0  # a cached "no such session" (user ids start at 1)
 
-
-class StoreError(Exception):
-    """A change the store refuses; the message is fit to show a user."""
-
-
-class DuplicateError(StoreError):
-    def __init__(self, what: str, name: str) -> None:
-        super().__init__(f"a {what} named {name!r} already exists")
-
-
-class UnknownGroupError(StoreError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"no group named {name!r}")
-        self.name = name
-
-
-class UnknownUserError(StoreError):
-    def __init__(self, name: str, matches: int = 0) -> None:
-        if matches > 1:
-            detail = f"{name!r} is the first name of {matches} users: use a username"
-        else:
-            detail = f"no user named {name!r}"
-        super().__init__(detail)
-        self.name = name
-
-
-class InvalidNameError(StoreError):
-    def __init__(self, what: str, name: str, rule: str) -> None:
-        super().__init__(f"invalid {what} {name!r}: {rule}")
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    id: int
-    username: str
-    first_name: str
-    password_hash: str
-
-
-# Groups with their member counts; ``where`` narrows them (placeholders only).
-_GROUP_SIZES: Final = (
-    "SELECT g.name, count(ug.user_id) FROM groups g "
-    "LEFT JOIN user_groups ug ON ug.group_id = g.id{where} GROUP BY g.id, g.name ORDER BY g.name"
-)
-# Users whose username or first name starts with a prefix (LIKE patterns: ``_like_prefix``);
-# ``among`` narrows them to the members of some groups (placeholders only).
-_USERS_LIKE: Final = (
-    "SELECT username, first_name FROM users u WHERE {among}(lower(username) LIKE ? ESCAPE '\\' "
-    "OR lower(first_name) LIKE ? ESCAPE '\\') ORDER BY lower(username) LIMIT ?"
-)
-_MEMBERS_OF: Final = (
-    "EXISTS (SELECT 1 FROM user_groups ug JOIN groups g ON g.id = ug.group_id "
-    "WHERE ug.user_id = u.id AND g.name IN ({marks})) AND "
-)
-# Names compare case-insensitively in ASCII only, as SQLite's lower() does, so that both
-# backends answer alike: lower(column) = ? with the value folded here.
-_ASCII_LOWER: Final = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _FAILURES: Final = "SELECT key, at FROM login_failures WHERE key IN ({marks}) AND at > ?"
 _FORGIVE: Final = "DELETE FROM login_failures WHERE key IN ({marks}) AND attempt = ?"
 _FORGIVE_ALL: Final = "DELETE FROM login_failures WHERE key IN ({marks})"
 FAILURES_PRUNE_EVERY: Final = 60.0  # seconds between drops of expired login failures
-CACHE_SECONDS: Final = 10.0
-CACHE_ENTRIES: Final = 100_000
 
 
-class _Cache(Generic[K, V]):
-    """Positive answers for a few seconds, so hot paths skip the database.
-
-    Changes made elsewhere (another process's CLI) show after at most ``ttl``. An answer
-    read from the database before a ``drop`` or ``clear`` (the change it may predate) is
-    not kept: ``put`` takes the ``generation`` seen before the read.
-    """
-
-    def __init__(self, ttl: float = CACHE_SECONDS, max_entries: int = CACHE_ENTRIES) -> None:
-        self._ttl = ttl
-        self._max = max_entries
-        self._data: dict[K, tuple[float, V]] = {}
-        self.generation = 0  # how many drops and clears so far
-
-    def get(self, key: K) -> V | None:
-        found = self._data.get(key)
-        if found is None:
-            return None
-        if found[0] < time.monotonic():
-            del self._data[key]
-            return None
-        return found[1]
-
-    def put(self, key: K, value: V, generation: int) -> V:
-        """Keep an answer read since ``generation``, unless the cache was changed since."""
-        if generation != self.generation:
-            return value
-        if len(self._data) >= self._max:
-            self._data.clear()
-        self._data[key] = (time.monotonic() + self._ttl, value)
-        return value
-
-    def drop(self, key: K) -> None:
-        self.generation += 1
-        self._data.pop(key, None)
-
-    def clear(self) -> None:
-        self.generation += 1
-        self._data.clear()
-
-
-class Store:
+class Store(SessionRows):
     """Users, groups, memberships, sessions and login failures, in SQLite or PostgreSQL
     (``database.py``), with short caches in front of the hot reads."""
 
@@ -172,11 +95,11 @@ class Store:
         self._db = db  # or, while it cannot be used yet, an ``Unready`` saying why
         self.kind = db.kind
         self.where = db.where
-        self._identities: _Cache[int, tuple[User, list[str]]] = _Cache()
-        self._groups: _Cache[str, bool] = _Cache()
-        self._names: _Cache[str, str] = _Cache()
-        self._sizes: _Cache[str, int] = _Cache()
-        self._sessions: _Cache[str, int] = _Cache()  # session id -> user id, or NO_SESSION
+        self._identities: Cache[int, tuple[User, list[str]]] = Cache()
+        self._groups: Cache[str, bool] = Cache()
+        self._names: Cache[str, str] = Cache()
+        self._sizes: Cache[str, int] = Cache()
+        self._sessions: Cache[str, int] = Cache()  # session id -> user id, or NO_SESSION
         self._failures_pruned = 0.0  # when old login failures were last dropped
         # Logins hold a pooled connection while they wait for each other: at most half the
         # pool, so that a burst of them never keeps handshakes from the database.
@@ -271,10 +194,10 @@ class Store:
 
     async def user_by_name(self, username: str) -> User | None:
         """The user with this username, whatever its case."""
-        return await self._one_user(_USER_BY_NAME, _fold(username), self._db)
+        return await self._one_user(USER_BY_NAME, fold(username), self._db)
 
     async def user_by_id(self, user_id: int) -> User | None:
-        return await self._one_user(_USER_BY_ID, user_id, self._db)
+        return await self._one_user(USER_BY_ID, user_id, self._db)
 
     async def _one_user(self, sql: str, value: object, on: Executor) -> User | None:
         row = await on.fetchone(sql, value)
@@ -286,7 +209,7 @@ class Store:
         if cached is not None:
             return cached
         since = self._identities.generation
-        rows = await self._db.fetch(_IDENTITY, user_id)  # one round trip for both
+        rows = await self._db.fetch(IDENTITY, user_id)  # one round trip for both
         if not rows:
             return None
         user = User(*rows[0][:4])
@@ -313,7 +236,7 @@ class Store:
                 sizes[name] = cached
         if missing:
             since = self._sizes.generation
-            sql = _GROUP_SIZES.format(where=f" WHERE g.name IN ({_marks(missing)})")
+            sql = GROUP_SIZES.format(where=f" WHERE g.name IN ({marks(missing)})")
             for name, count in await self._db.fetch(sql, *missing):
                 sizes[name] = self._sizes.put(name, int(count), since)
         return sizes
@@ -333,7 +256,7 @@ class Store:
         Raises:
             UnknownUserError: nobody, or several users, go by that name.
         """
-        key = _fold(name)
+        key = fold(name)
         cached = self._names.get(key)
         if cached is not None:
             return cached
@@ -342,7 +265,7 @@ class Store:
         if user is not None:
             return self._names.put(key, user.username, since)
         rows = await self._db.fetch(
-            "SELECT username FROM users WHERE lower(first_name) = ? LIMIT 2", _fold(name)
+            "SELECT username FROM users WHERE lower(first_name) = ? LIMIT 2", fold(name)
         )
         if len(rows) != 1:
             raise UnknownUserError(name, len(rows))
@@ -351,42 +274,28 @@ class Store:
     async def directory(self, prefix: str, limit: int) -> tuple[list[str], list[tuple[str, str]]]:
         """Group names and (username, first name) pairs starting with ``prefix``
         (case-insensitively)."""
-        pattern = _like_prefix(prefix)
+        pattern = like_prefix(prefix)
         rows = await self._db.fetch(
             "SELECT name FROM groups WHERE lower(name) LIKE ? ESCAPE '\\' ORDER BY name LIMIT ?",
             pattern,
             limit,
         )
-        users = await self._db.fetch(_USERS_LIKE.format(among=""), pattern, pattern, limit)
+        users = await self._db.fetch(USERS_LIKE.format(among=""), pattern, pattern, limit)
         return [row[0] for row in rows], [(row[0], row[1]) for row in users]
-
-    async def session_user(self, session_id: str) -> int | None:
-        """The user id of a live session, or None (revoked, expired and pruned, unknown).
-
-        Both answers are cached for a few seconds; a revocation made through this store
-        (or told with ``forget_sessions``) is seen at once.
-        """
-        cached = self._sessions.get(session_id)
-        if cached is not None:
-            return cached or None
-        since = self._sessions.generation
-        row = await self._db.fetchone("SELECT user_id FROM sessions WHERE id = ?", session_id)
-        found = int(row[0]) if row else NO_SESSION
-        return self._sessions.put(session_id, found, since) or None
 
     async def list_users(self, prefix: str, limit: int) -> list[tuple[str, str]]:
         """(username, first name) of the users whose username starts with ``prefix``."""
         rows = await self._db.fetch(
             "SELECT username, first_name FROM users WHERE lower(username) LIKE ? "
             "ESCAPE '\\' ORDER BY lower(username) LIMIT ?",
-            _like_prefix(prefix),
+            like_prefix(prefix),
             limit,
         )
         return [(row[0], row[1]) for row in rows]
 
     async def list_groups(self) -> list[tuple[str, int]]:
         """Every group's name and member count, by name."""
-        rows = await self._db.fetch(_GROUP_SIZES.format(where=""))
+        rows = await self._db.fetch(GROUP_SIZES.format(where=""))
         return [(row[0], int(row[1])) for row in rows]
 
     async def users_sharing_groups(
@@ -395,9 +304,9 @@ class Store:
         """(username, first name) of the members of any of these groups, by username."""
         if not groups:
             return []
-        among = _MEMBERS_OF.format(marks=_marks(groups))  # only placeholders are formatted in
-        sql = _USERS_LIKE.format(among=among)
-        pattern = _like_prefix(prefix)
+        among = MEMBERS_OF.format(marks=marks(groups))  # only placeholders are formatted in
+        sql = USERS_LIKE.format(among=among)
+        pattern = like_prefix(prefix)
         rows = await self._db.fetch(sql, *groups, pattern, pattern, limit)
         return [(row[0], row[1]) for row in rows]
 
@@ -470,66 +379,6 @@ class Store:
             raise UnknownGroupError(name)
         return int(row[0])
 
-    async def create_session(self, user_id: int, max_age: float) -> str:
-        """A new session of this user; their sessions older than ``max_age`` seconds are
-        dropped (``trim_sessions`` drops those past SESSIONS_PER_USER).
-
-        Returns:
-            The session's id (random, for the cookie).
-
-        Raises:
-            UnknownUserError: the user was deleted meanwhile.
-        """
-        session_id = secrets.token_urlsafe(18)
-        now = time.time()
-        async with self._db.transaction() as tx:
-            await tx.execute(
-                "DELETE FROM sessions WHERE user_id = ? AND created_at < ?", user_id, now - max_age
-            )
-            added = await tx.execute(
-                "INSERT INTO sessions (id, user_id, created_at) "
-                "SELECT ?, id, ? FROM users WHERE id = ?",
-                session_id,
-                now,
-                user_id,
-            )
-        if not added:
-            raise UnknownUserError(f"#{user_id}")
-        return session_id
-
-    async def trim_sessions(self, user_id: int) -> list[str]:
-        """Drop this user's sessions but the newest SESSIONS_PER_USER; the ids dropped
-        (their open connections are the caller's to close)."""
-        async with self._db.transaction() as tx:
-            rows = await tx.fetch(
-                "DELETE FROM sessions WHERE user_id = ? AND id NOT IN "
-                "(SELECT id FROM sessions WHERE user_id = ? ORDER BY created_at DESC LIMIT ?) "
-                "RETURNING id",
-                user_id,
-                user_id,
-                SESSIONS_PER_USER,
-            )
-        dropped = [str(row[0]) for row in rows]
-        for session_id in dropped:
-            self.forget_sessions(session_id)
-        return dropped
-
-    async def prune(self, session_max_age: float, failure_window: float) -> int:
-        """Drop every session older than ``session_max_age`` seconds, and the login
-        failures older than ``failure_window``; how many sessions went."""
-        now = time.time()
-        async with self._db.transaction() as tx:
-            await tx.execute("DELETE FROM login_failures WHERE at <= ?", now - failure_window)
-            return await tx.execute(
-                "DELETE FROM sessions WHERE created_at < ?", now - session_max_age
-            )
-
-    async def revoke_session(self, session_id: str) -> None:
-        """End one session (a logout)."""
-        async with self._db.transaction() as tx:
-            await tx.execute("DELETE FROM sessions WHERE id = ?", session_id)
-        self.forget_sessions(session_id)
-
     async def revoke_user_sessions(self, username: str) -> User:
         """End every session of a user.
 
@@ -541,13 +390,6 @@ class Store:
             await tx.execute("DELETE FROM sessions WHERE user_id = ?", user.id)
         self.forget_sessions()
         return user
-
-    def forget_sessions(self, session_id: str | None = None) -> None:
-        """Forget cached session answers: one session's, or (None) all of them."""
-        if session_id is None:
-            self._sessions.clear()
-        else:
-            self._sessions.drop(session_id)
 
     def forget(self) -> None:
         """Forget every cached answer about users, groups and memberships (another node
@@ -624,7 +466,7 @@ class Store:
         return [row[0] for row in rows]
 
     async def _user(self, username: str, on: Executor) -> User:
-        user = await self._one_user(_USER_BY_NAME, _fold(username), on)
+        user = await self._one_user(USER_BY_NAME, fold(username), on)
         if user is None:
             raise UnknownUserError(username)
         return user
@@ -651,9 +493,7 @@ class Store:
                 await tx.execute("DELETE FROM login_failures WHERE at <= ?", now - window)
             # At most each key's limit of rows (no more are ever counted), in one round trip.
             stamps: dict[str, list[float]] = {key: [] for key in keys}
-            for key, at in await tx.fetch(
-                _FAILURES.format(marks=_marks(keys)), *keys, now - window
-            ):
+            for key, at in await tx.fetch(_FAILURES.format(marks=marks(keys)), *keys, now - window):
                 stamps[key].append(float(at))
             waits = [
                 sorted(stamps[key])[-limit] + window - now
@@ -673,25 +513,9 @@ class Store:
         failure under the keys in ``clear`` is forgiven too."""
         async with self._throttling, self._db.transaction() as tx:
             await tx.execute(
-                _FORGIVE.format(marks=_marks(keys)),  # only placeholders go in
+                _FORGIVE.format(marks=marks(keys)),  # only placeholders go in
                 *keys,
                 attempt,
             )
             if clear:
-                await tx.execute(_FORGIVE_ALL.format(marks=_marks(clear)), *clear)
-
-
-def _marks(values: list[str]) -> str:
-    """As many ``?`` placeholders, comma-separated, as there are values."""
-    return ",".join("?" * len(values))
-
-
-def _fold(name: str) -> str:
-    """``name`` as ``lower()`` makes a stored name on both backends (ASCII letters only)."""
-    return name.translate(_ASCII_LOWER)
-
-
-def _like_prefix(prefix: str) -> str:
-    """A LIKE pattern (ESCAPE '\\') for folded names starting with ``prefix``."""
-    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return _fold(escaped) + "%"
+                await tx.execute(_FORGIVE_ALL.format(marks=marks(clear)), *clear)
