@@ -24,9 +24,9 @@ from urllib.parse import parse_qs
 
 from . import http, passwords
 from .hub import UnavailableError
+from .protocol import USERNAME_RE
 from .service import Service
 from .store import (
-    USERNAME_RE,
     DatabaseError,
     DuplicateError,
     StoreError,

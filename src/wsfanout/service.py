@@ -42,10 +42,19 @@ from .history import History
 from .hub import Hub, UnavailableError
 from .metrics import Metrics, ServiceStats
 from .outbox import Flusher
-from .protocol import CloseCode, ErrorCode, Kind, ProtocolError, Publish, Source
+from .protocol import (
+    GROUP_RE,
+    USERNAME_RE,
+    CloseCode,
+    ErrorCode,
+    Kind,
+    ProtocolError,
+    Publish,
+    Source,
+)
 from .servers import ServerReach, warn_if_workers_are_islands
 from .sessions import COOKIE_NAME, Session, SessionCodec
-from .store import GROUP_RE, USERNAME_RE, DatabaseError, Store, UnknownUserError
+from .store import DatabaseError, Store, UnknownUserError
 from .throttle import LoginThrottle
 from .tokens import Claims, TokenError, TokenVerifier
 from .types import Scope

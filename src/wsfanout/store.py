@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 import string
 import time
@@ -36,6 +35,7 @@ from .database import (
     open_database,
 )
 from .database import DatabaseError as DatabaseError  # what callers catch, from here
+from .protocol import GROUP_RE, MAX_FIRST_NAME, USERNAME_RE
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,6 @@ _IDENTITY: Final = (  # a user's row once per group (once with NULL when in none
     "WHERE u.id = ? ORDER BY g.name"
 )
 
-USERNAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
-GROUP_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-MAX_FIRST_NAME: Final = 100
 SESSIONS_PER_USER: Final = 1000  # live sessions kept per user; the oldest go first
 NO_SESSION: Final = 0  # a cached "no such session" (user ids start at 1)
 
