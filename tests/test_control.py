@@ -1,5 +1,6 @@
 """Control (DESIGN 5.3, 6): revocation, live membership and connection tokens, on real
-hypercorn; across two nodes through real Redis."""
+hypercorn, across two nodes through real Redis; and control.py's own doors on one node,
+in process."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from tests import asgi
+from tests.conftest import login
 from tests.server import Client, Server, delete_redis_keys, http, need_redis
+from wsfanout import App
+from wsfanout.control import REVOKED
 
 KEY = "control-test-key"
 SECRET = "a-jwt-secret-of-at-least-thirty-two-bytes"
@@ -375,3 +380,91 @@ async def test_concurrent_membership_changes_end_as_the_store_says(nodes: list[S
     assert wrong == 0
     for client in sockets:
         await client.close()
+
+
+# One node, in process: the collaborator through its own doors (control.py)
+
+
+def session_of(app: App, cookie: str) -> str:
+    """The session id a ``Cookie`` header names."""
+    assert app.service is not None
+    session = app.service.codec.verify(cookie.partition("=")[2])
+    assert session is not None
+    return session.session_id
+
+
+async def test_make_revoke_closes_that_session_only(app: App) -> None:
+    """Revoking one session closes its sockets (a `forbidden` frame, then 1008); the same
+    user's other session keeps its socket."""
+    assert app.service is not None
+    first, second = await login(app, "greg"), await login(app, "greg")
+    async with (
+        asgi.WebSocket(app, headers={"cookie": first}) as a,
+        asgi.WebSocket(app, headers={"cookie": second}) as b,
+    ):
+        await a.receive(), await b.receive()
+        change = {"op": "revoke", "user": "greg", "session": session_of(app, first)}
+        await app.service.control.make(change)
+        events = await a.until_closed()
+        assert a.close_code == 1008
+        assert [(e["type"], e["code"], e["detail"]) for e in events] == [
+            ("error", "forbidden", REVOKED)
+        ]
+        assert await b.nothing()
+        await app.service.control.make({"op": "revoke", "user": "GREG", "session": None})
+        await b.until_closed()
+        assert b.close_code == 1008
+
+
+async def test_membership_changes_reach_open_connections(app: App) -> None:
+    """A member change makes the user's sockets take the store's groups (`joined`, `left`);
+    a deleted group is left by its members."""
+    assert app.service is not None
+    svc = app.service
+    cookie = await login(app, "greg")
+    async with asgi.WebSocket(app, headers={"cookie": cookie}) as greg:
+        await greg.receive()
+        await svc.store.set_member("greg", "girls", True)
+        await svc.control.make({"op": "member", "user": "Greg"})
+        assert await greg.receive() == {"type": "joined", "group": "girls"}
+        await svc.store.set_member("greg", "girls", False)
+        await svc.control.make({"op": "member", "user": "greg"})
+        assert await greg.receive() == {"type": "left", "group": "girls"}
+        await svc.control.make({"op": "group_deleted", "group": "boys"})
+        assert await greg.receive() == {"type": "left", "group": "boys"}
+        assert await greg.nothing()
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"op": "revoke", "user": "greg", "session": "another"}, None),
+        ({"op": "revoke", "user": "mike", "session": None}, None),
+        ({"op": "revoke", "user": "Greg", "session": None}, 1008),
+        ({"op": "revoke", "user": "greg", "session": "ours"}, 1008),
+        ({"op": "member", "user": "mike"}, None),
+        ({"op": "member", "user": "GREG"}, 1012),
+        ({"op": "group_deleted", "group": "girls"}, None),
+        ({"op": "group_deleted", "group": "boys"}, 1012),
+    ],
+)
+async def test_changed_since_catches_a_handshake_under_way(
+    app: App, change: dict[str, Any], code: int | None
+) -> None:
+    """A change made after a login was checked closes the connection it is becoming: 1008
+    for its session (or all of its user's) revoked, 1012 for its user's groups changed;
+    a change made before the check, or to someone else, does not."""
+    assert app.service is not None
+    control = app.service.control
+    cookie = await login(app, "greg")
+    who = await app.service.admission.login(
+        {"type": "http", "headers": [(b"cookie", cookie.encode())]}
+    )
+    assert who is not None
+    if change.get("session") == "ours":
+        change = {**change, "session": who.session_id}
+    since = time.monotonic()
+    assert control.changed_since(who, since) is None
+    await control.make(change)
+    assert control.changed_since(who, since) == code
+    assert control.changed_since(who, time.monotonic()) is None

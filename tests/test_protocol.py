@@ -174,3 +174,25 @@ def test_a_streams_messages_begin_with_its_offset_prefix() -> None:
         assert not frame.startswith(protocol.offset_prefix(stream))
     direct = protocol.message(Publish(Kind.DIRECT, "x", "Mike", sender="greg"), 1.0, 7)
     assert direct.startswith(protocol.offset_prefix("user:mike"))  # one stream per user
+
+
+@pytest.mark.parametrize(
+    ("name", "username", "group"),
+    [
+        ("amanda", True, True),
+        ("a.b-c_d", True, True),
+        ("greg@example.org", True, False),
+        ("x+tag", True, False),
+        ("9lives", True, True),
+        ("a" * 64, True, True),
+        ("a" * 65, False, False),
+        ("", False, False),
+        ("_lead", False, False),
+        ("two words", False, False),
+        ("café", False, False),
+    ],
+)
+def test_name_rules(name: str, username: bool, group: bool) -> None:
+    """Usernames and group names: ASCII letters and digits first, a few marks after, 1-64."""
+    assert bool(protocol.USERNAME_RE.fullmatch(name)) is username
+    assert bool(protocol.GROUP_RE.fullmatch(name)) is group

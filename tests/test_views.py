@@ -351,7 +351,7 @@ async def test_an_outage_is_a_few_log_lines(
         assert response.status == 503
     lines = [r.getMessage() for r in caplog.records if "connection refused" in r.getMessage()]
     assert lines == ["GET /api/directory failed: PostgreSQL postgresql://h/db: connection refused"]
-    monkeypatch.setattr("wsfanout.service.OUTAGE_LOG_EVERY", 0.0)
+    monkeypatch.setattr(app.service.outages, "every", 0.0)
     await asgi.request(app, "GET", "/api/directory", headers={"cookie": cookie})
     assert caplog.records[-1].getMessage().endswith("(49 more failed since the last such line)")
 

@@ -8,7 +8,7 @@ as ``POST /api/publish``), reading and parsing a bounded body, and turning the s
 refusals into statuses. Every error is ``{"error": text, "code": code}``; the OpenAPI
 document (``openapi.json``, served at ``/api/openapi.json``) says which route answers what.
 
-A change takes effect on open connections through ``Service.control``: here at once, and
+A change takes effect on open connections through ``Control.make``: here at once, and
 on every other node through the backplane, within a second.
 """
 
@@ -24,9 +24,9 @@ from urllib.parse import parse_qs
 
 from . import http, passwords
 from .hub import UnavailableError
+from .protocol import USERNAME_RE
 from .service import Service
 from .store import (
-    USERNAME_RE,
     DatabaseError,
     DuplicateError,
     StoreError,
@@ -88,7 +88,7 @@ def route(handler: AdminRoute, *, body: bool = False) -> Handler:
             await http.api_error(send, 503, "unavailable", f"done, but not everywhere yet: {exc}")
             return
         except DatabaseError as exc:
-            svc.unavailable(f"{scope['method']} {scope['path']} failed", exc)
+            svc.outages.failed(f"{scope['method']} {scope['path']} failed", exc)
             await http.api_error(send, 503, "unavailable", "the database is unavailable, try again")
             return
         if status == 204:
@@ -191,7 +191,7 @@ async def get_user(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
 
 async def delete_user(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
     user = await svc.store.delete_user(_param(scope, "username"))
-    await svc.control({"op": "revoke", "user": user.username, "session": None})
+    await svc.control.make({"op": "revoke", "user": user.username, "session": None})
     return 204, None
 
 
@@ -201,7 +201,7 @@ async def set_password(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]
     if await svc.store.user_by_name(username) is None:  # before spending on the hash
         raise UnknownUserError(username)
     user = await svc.store.set_password(username, await _hash(password))
-    await svc.control({"op": "revoke", "user": user.username, "session": None})
+    await svc.control.make({"op": "revoke", "user": user.username, "session": None})
     return 204, None
 
 
@@ -214,14 +214,14 @@ async def disconnect(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
     except UnknownUserError:
         if not (svc.tokens.enabled and USERNAME_RE.fullmatch(username)):
             raise
-    await svc.control({"op": "revoke", "user": username, "session": None})
+    await svc.control.make({"op": "revoke", "user": username, "session": None})
     return 204, None
 
 
 async def set_member(member: bool, svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
     """PUT (``member``) or DELETE of a membership; both idempotent."""
     user, _ = await svc.store.set_member(_param(scope, "username"), _param(scope, "group"), member)
-    await svc.control({"op": "member", "user": user.username})
+    await svc.control.make({"op": "member", "user": user.username})
     return 204, None
 
 
@@ -241,7 +241,7 @@ async def list_groups(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
 
 async def delete_group(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
     await svc.store.delete_group(_param(scope, "name"))
-    await svc.control({"op": "group_deleted", "group": _param(scope, "name")})
+    await svc.control.make({"op": "group_deleted", "group": _param(scope, "name")})
     return 204, None
 
 

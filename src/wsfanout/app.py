@@ -139,7 +139,7 @@ class App:
         try:
             await handler(scope, receive, tracked_send, svc)
         except DatabaseError as exc:  # an outage, not a bug: one line, and 503
-            svc.unavailable(f"{method} {path} failed", exc)
+            svc.outages.failed(f"{method} {path} failed", exc)
             if not started:
                 await _error(
                     send, path, 503, "unavailable", "The database is unavailable, try again"

@@ -11,11 +11,15 @@ A ``message`` names its ``stream`` and, with history on, its ``offset`` (DESIGN 
 offset is known only where it is assigned (the in-memory history, or Redis), so a message
 is encoded once as two parts (``message_parts``) around the place of the offset, and whoever
 assigns it joins them (``with_offset``); nothing else is encoded per message.
+
+The rules for user and group names live here too, below both the store that keeps its rows
+to them and the connection tokens whose users and groups have no row.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -27,6 +31,11 @@ MAX_SENDER_CHARS: Final = 64  # a backend's "from"
 MAX_RESUME_CHARS: Final = 16 * 1024  # the decoded ``resume`` query value
 MAX_RESUME_STREAMS: Final = 1000
 MAX_EPOCH_CHARS: Final = 64
+# The rules for user and group names: the store's rows keep to them, and so do a connection
+# token's claims (tokens.py), which name users and groups that need no row.
+USERNAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
+GROUP_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_FIRST_NAME: Final = 100
 
 
 class Kind(enum.StrEnum):

@@ -52,7 +52,7 @@ from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import InvalidSubjectError
 from jwt.types import Options
 
-from .store import GROUP_RE, MAX_FIRST_NAME, USERNAME_RE
+from .protocol import GROUP_RE, MAX_FIRST_NAME, USERNAME_RE
 
 # Limits
 SKEW: Final = 30.0  # seconds a token's nbf / iat may lie ahead of our clock

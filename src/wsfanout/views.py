@@ -1,7 +1,8 @@
 """The HTTP handlers only: pages, login, logout, directory, publish, health, metrics, static.
 
-Each is ``async def handler(scope, receive, send, svc)``; what they share (the store,
-the hub, the throttle, publishing) lives in ``service.py``.
+Each is ``async def handler(scope, receive, send, svc)``; what they share is the
+service's parts (``service.py``): the store, the hub, the throttle, and the collaborators
+for who asks (``admission.py``), publishing (``publishing.py``) and control (``control.py``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from urllib.parse import parse_qs
 import orjson
 
 from . import http, passwords
+from .admission import Login
 from .backplane import BackplaneUnavailableError
 from .hub import UnavailableError
 from .protocol import ErrorCode, Source
-from .service import BatchError, Login, Service
+from .publishing import BatchError
+from .service import Service
 from .sessions import COOKIE_NAME
 from .store import DatabaseError, UnknownUserError, User
 from .throttle import Attempt
@@ -55,9 +58,9 @@ async def _login(scope: Scope, send: Send, svc: Service) -> tuple[bool, Login | 
     """Who makes the request (None: anonymous); False when the database failed and the
     request was answered (503)."""
     try:
-        return True, await svc.login(scope)
+        return True, await svc.admission.login(scope)
     except DatabaseError as exc:
-        svc.unavailable("a session could not be checked", exc)
+        svc.outages.failed("a session could not be checked", exc)
         await http.error_response(send, 503, "The database is unavailable, try again")
         return False, None
 
@@ -119,7 +122,7 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
     except (DatabaseError, BackplaneUnavailableError) as exc:
         if isinstance(attempt, Attempt):  # no password was checked: not a failure
             await svc.throttle.withdraw(attempt)
-        svc.unavailable(f"a login of {username!r} was refused", exc)
+        svc.outages.failed(f"a login of {username!r} was refused", exc)
         await refuse(503, "The service cannot check logins now, try again")
         return
     if isinstance(attempt, int):
@@ -142,13 +145,13 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
         for dropped in await svc.store.trim_sessions(user.id):
             change = {"op": "revoke", "user": user.username, "session": dropped}
             with contextlib.suppress(UnavailableError):  # ended here and in the store
-                await svc.control(change)
+                await svc.control.make(change)
     except UnknownUserError:  # deleted while its password was checked
         await refuse(401, "User or password wrong")
         return
     except (DatabaseError, BackplaneUnavailableError) as exc:
         await svc.throttle.withdraw(attempt)  # the password was right: no failure
-        svc.unavailable(f"a login of {username!r} failed", exc)
+        svc.outages.failed(f"a login of {username!r} failed", exc)
         await refuse(503, "The service cannot check logins now, try again")
         return
     token = svc.codec.issue(user.id, user.username, session_id)
@@ -206,12 +209,12 @@ async def logout(scope: Scope, receive: Receive, send: Send, svc: Service) -> No
         try:
             await svc.store.revoke_session(session.session_id)
         except DatabaseError as exc:
-            svc.unavailable("a logout could not end its session", exc)
+            svc.outages.failed("a logout could not end its session", exc)
             await http.error_response(send, 503, "The database is unavailable, try again")
             return
         change = {"op": "revoke", "user": session.username, "session": session.session_id}
         try:
-            await svc.control(change)
+            await svc.control.make(change)
         except UnavailableError as exc:  # revoked here and in the store all the same
             log.warning("logout of %s not told to other nodes: %s", session.username, exc)
     cookie = http.session_cookie(
@@ -286,20 +289,20 @@ async def healthz(scope: Scope, receive: Receive, send: Send, svc: Service) -> N
 
 async def publish_api(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
     """POST /api/publish: backends publish with a bearer key; a batch is validated all or
-    nothing, and queued all or none (see ``Service.publish_batch``)."""
+    nothing, and queued all or none (see ``Publishing.publish_batch``)."""
     if not await http.api_key_ok(scope, send, svc.settings.api_keys):
         return
     ok, data = await http.read_json(receive, send, API_BODY_LIMIT)
     if not ok:
         return
     try:
-        batch = await svc.validate_batch(data, Source.API)
+        batch = await svc.publishing.validate_batch(data, Source.API)
     except BatchError as exc:
         status = 503 if exc.code is ErrorCode.UNAVAILABLE else 400
         await _api_error(send, status, exc.code, exc.detail, exc.index)
         return
     try:
-        await svc.publish_batch(batch)
+        await svc.publishing.publish_batch(batch)
     except UnavailableError as exc:
         await _api_error(send, 503, ErrorCode.UNAVAILABLE, str(exc))
         return

@@ -1,4 +1,4 @@
-"""The websocket endpoint: handshake checks, the receive loop, cleanup.
+"""The websocket endpoint: the handshake's outcome, the receive loop, cleanup.
 
 Theory of operation: a connection is two tasks. The reader (the endpoint's own
 task) awaits ``receive()``, validates each frame and publishes it (awaiting only
@@ -12,19 +12,19 @@ cancelling it, and the reader takes that cancellation back):
 - reader finds a fatal frame (1009, 1008) -> flush queued frames, then close;
 - outbox overflows (the client does not read fast enough) -> writer cancelled, 1013;
 - hub shuts down -> writer flushes, 1001;
-- the session's max age (or the token's ``exp``) passes (``Service.deadlines``) -> a
+- the session's max age (or the token's ``exp``) passes (``Admission.deadlines``) -> a
   ``forbidden`` frame is queued, writer flushes, 1008;
 - the session is revoked (``Hub.disconnect``, on every node) -> the same, 1008; the reader
   publishes nothing it reads after that;
 - anything raises -> logged, 1011; no other connection notices.
 
-The handshake takes a seat (``Service.seats``) before it awaits anything, so the
-connection limits hold under concurrent handshakes; the seat is given back only once
-the connection is closed. Closing is the close frame, then the client's answer (its
-close, or leaving); a client that has not answered within ``WSFANOUT_CLOSE_TIMEOUT``
-(it does not read, or floods) has its TCP connection reset (``ServerReach.abort``), so
-what the kernel held for it is freed with its seat. Cleanup (leaving the hub, cancelling
-the writer, the seat) runs in ``finally``.
+The handshake is checked by ``Admission.admit`` (admission.py), which takes a seat
+before it awaits anything, so the connection limits hold under concurrent handshakes; the
+seat is given back here, only once the connection is closed. Closing is the close frame,
+then the client's answer (its close, or leaving); a client that has not answered within
+``WSFANOUT_CLOSE_TIMEOUT`` (it does not read, or floods) has its TCP connection reset
+(``ServerReach.abort``), so what the kernel held for it is freed with its seat. Cleanup
+(leaving the hub, cancelling the writer, the seat) runs in ``finally``.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ import enum
 import functools
 import logging
 import time
-import urllib.parse
 from typing import Any, Final
 
-from . import http, protocol
+from . import protocol
+from .admission import Login, Refusal
+from .control import REVOKED
 from .hub import UnavailableError
 from .outbox import Outbox, item
 from .protocol import (
@@ -52,9 +53,7 @@ from .protocol import (
     Publish,
 )
 from .servers import TOO_LARGE_KEY
-from .service import REVOKED, Login, Service
-from .store import DatabaseError
-from .tokens import TokenError
+from .service import Service
 from .types import Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -67,23 +66,13 @@ ABORT_GRACE: Final = 1.0  # seconds to read on after a reset, until the server s
 PRESENCE_NAMES: Final = 1000  # names in a presence answer (its count is exact)
 
 
-class Refusal(Exception):
-    """A handshake we turn down before accepting; ``label`` names it in metrics."""
-
-    def __init__(self, status: int, label: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.label = label
-        self.reason = reason
-
-
 async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
     """Serve one websocket from handshake to close."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
     try:
-        login, seen, announce, since = await _admit(scope, svc)
+        login, seen, announce, since = await svc.admission.admit(scope)
     except Refusal as refusal:
         svc.stats.refuse(refusal.label)
         log.info("websocket refused (%s): %s", refusal.status, refusal.reason)
@@ -96,81 +85,7 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
         connection.stream = svc.server.accepted(accept, receive)  # for abort (or None)
         await connection.run(seen, announce, since)
     finally:
-        svc.seats.give_back(login.username)
-
-
-async def _admit(
-    scope: Scope, svc: Service
-) -> tuple[Login, dict[str, Position] | None, tuple[str, ...], float]:
-    """Check the handshake; on success a seat is taken for the login's user.
-
-    Returns who connects (a live session's user and their groups, or a token's), what
-    the client asks to resume (None: it does not), the groups to tell of the user's
-    presence, and when (``time.monotonic()``) the login was checked: a revocation from
-    then on must still reach the connection (``Service.changed_since``).
-
-    Everything up to taking the seat runs without awaiting, so the connection limits
-    hold however many handshakes run at once.
-    """
-    if svc.hub.closed:
-        raise Refusal(503, "shutting_down", "the server is shutting down")
-    if not http.origin_allowed(scope, svc.settings.allowed_origins):
-        raise Refusal(403, "origin", "origin not allowed")
-    try:
-        found = svc.credentials(scope)
-    except TokenError as exc:
-        log.info("token refused: %s", exc.reason)  # the client is told no more than this:
-        raise Refusal(403, "bad_token", "invalid token") from None
-    if found is None:
-        raise Refusal(403, "no_session", "log in first")
-    seen = _resume(scope)
-    username = found.username
-    full = svc.seats.take(username)
-    if full == "total":
-        raise Refusal(503, "full", "too many connections, try again later")
-    if full == "user":
-        limit = svc.seats.per_user
-        raise Refusal(429, "user_full", f"at most {limit} connections per user: close one first")
-    since = time.monotonic()
-    try:
-        login = await svc.confirm(found)
-        if login is None:
-            raise Refusal(403, "revoked", "the session was revoked, or its user deleted")
-        largest = svc.settings.presence_events_max
-        groups = list(login.groups)
-        sizes = await svc.store.group_sizes(groups) if largest and groups else {}
-        announce = tuple(group for group in groups if sizes.get(group, largest + 1) <= largest)
-    except DatabaseError as exc:
-        svc.seats.give_back(username)
-        svc.unavailable("a websocket handshake was refused", exc)
-        raise Refusal(503, "database", "the database is unavailable") from None
-    except BaseException:
-        svc.seats.give_back(username)
-        raise
-    return login, seen, announce, since
-
-
-def _resume(scope: Scope) -> dict[str, Position] | None:
-    """The positions in the handshake's ``resume`` query parameter, if it has one.
-
-    Raises:
-        Refusal: 400, a malformed ``resume``.
-    """
-    query = scope.get("query_string", b"")
-    if not query:
-        return None
-    # Other parameters are not ours to judge: decoding never fails, and only a resume
-    # whose bytes were not UTF-8 (replaced by U+FFFD) is refused.
-    pairs = urllib.parse.parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    values = [value for name, value in pairs if name == "resume"]
-    try:
-        if len(values) > 1:
-            raise protocol.ResumeError("give resume once")
-        if values and "\ufffd" in values[0]:
-            raise protocol.ResumeError("resume is not URL-encoded UTF-8")
-        return protocol.parse_resume(values[0]) if values else None
-    except protocol.ResumeError as exc:
-        raise Refusal(400, "bad_resume", str(exc)) from None
+        svc.admission.seats.give_back(login.username)
 
 
 async def refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
@@ -273,7 +188,7 @@ class Connection:
             # Joined before the welcome: messages from now on queue up behind it (and
             # behind the replay, which join() makes sure they do not repeat).
             joined = await hub.join(outbox, streams, seen or {}, announce)
-            changed = self.svc.changed_since(user, since)
+            changed = self.svc.control.changed_since(user, since)
             timeout = self.svc.settings.send_timeout
             try:
                 async with asyncio.timeout(timeout):  # as the writer's sends are (outbox.py)
@@ -378,7 +293,7 @@ class Connection:
         outbox.on_overflow = writer.cancel
         writer.add_done_callback(self._writer_done)
         # The session ends when it says, even on a socket that only listens.
-        deadlines = self.svc.deadlines
+        deadlines = self.svc.admission.deadlines
         deadlines.add(self.expires_at, self)
         try:
             self._move(Stage.READING)
@@ -506,7 +421,9 @@ class Connection:
                 f"only members of {publish.target!r} write to it",
                 publish.frame_id,
             )
-        pending = await self.svc.publish(dataclasses.replace(publish, sender=self.login.username))
+        pending = await self.svc.publishing.publish(
+            dataclasses.replace(publish, sender=self.login.username)
+        )
         if pending is None:
             if publish.frame_id is not None:
                 self.outbox.push(item(protocol.ack(publish.frame_id)))

@@ -1,5 +1,5 @@
 """A RabbitMQ consumer (optional: ``WSFANOUT_AMQP_URL``) whose handler publishes through
-the service, and so through the hub's one door like every other source.
+``publishing.py``, and so through the hub's one door like every other source (``start()``).
 
 Each message body is one publish (or an array of up to 1000), in the same JSON as
 ``POST /api/publish``. Delivery is at least once:
@@ -24,12 +24,18 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from ..config import Settings
+from ..hub import UnavailableError
+from ..protocol import ErrorCode, Source
+from ..publishing import BatchError, Publishing
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +194,30 @@ class AmqpSource:
         log.warning("rejecting message %s (not requeued): %s", message.delivery_tag, reason)
         await message.reject(requeue=False)
         self.stats["rejected"] += 1
+
+
+def start(settings: Settings, publishing: Publishing) -> AmqpSource:
+    """Consume the configured queue into the hub (through the backplane, if any): each
+    body validated and published as ``POST /api/publish`` does."""
+
+    async def handle(data: object) -> None:
+        try:
+            batch = await publishing.validate_batch(data, Source.AMQP)
+        except BatchError as exc:
+            if exc.code is ErrorCode.UNAVAILABLE:
+                raise Retry(exc.detail) from None
+            raise Rejected(f"item {exc.index}: {exc.code}: {exc.detail}") from None
+        try:
+            await publishing.publish_batch(batch)
+        except UnavailableError as exc:
+            raise Retry(str(exc)) from None
+
+    source = AmqpSource(
+        settings.amqp_url,
+        settings.amqp_queue,
+        settings.amqp_prefetch,
+        handle,
+        connection_name=f"wsfanout {settings.amqp_queue} pid {os.getpid()}",
+    )
+    source.start()
+    return source

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Final
@@ -35,6 +34,7 @@ from ..database import (
     open_database,
 )
 from ..database import DatabaseError as DatabaseError  # what callers catch, from here
+from ..protocol import GROUP_RE, MAX_FIRST_NAME, USERNAME_RE
 from .cache import CACHE_SECONDS, Cache
 from .rows import (
     DuplicateError,
@@ -59,11 +59,8 @@ from .sql import (
 
 __all__ = [
     "CACHE_SECONDS",
-    "GROUP_RE",
-    "MAX_FIRST_NAME",
     "NO_SESSION",
     "SESSIONS_PER_USER",
-    "USERNAME_RE",
     "DatabaseError",
     "DuplicateError",
     "InvalidNameError",
@@ -76,9 +73,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-USERNAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
-GROUP_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-MAX_FIRST_NAME: Final = 100
 
 _FAILURES: Final = "SELECT key, at FROM login_failures WHERE key IN ({marks}) AND at > ?"
 _FORGIVE: Final = "DELETE FROM login_failures WHERE key IN ({marks}) AND attempt = ?"

@@ -1,0 +1,165 @@
+"""Publishing: a message's target resolved, a backend's batch validated, then handed to
+the hub's one door.
+
+``publish()`` serves a websocket's frames: it resolves the target (the local index first,
+then the store) and publishes. A backend's body (``POST /api/publish``, RabbitMQ, the host
+app) goes through ``validate_batch()`` (every item checked and resolved, or a ``BatchError``
+naming the first bad one: nothing is published then) and ``publish_batch()`` (paced, all
+or nothing as far as the hub can say beforehand).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any, Final
+
+from . import protocol
+from .config import Settings
+from .hub import Hub, UnavailableError
+from .outage import OutageLog
+from .protocol import GROUP_RE, USERNAME_RE, ErrorCode, Kind, ProtocolError, Publish, Source
+from .store import DatabaseError, Store, UnknownUserError
+from .tokens import TokenVerifier
+
+MAX_BATCH: Final = 1000  # messages in one backend publish
+
+
+class BatchError(Exception):
+    """One item of a backend's batch is bad; ``index`` says which."""
+
+    def __init__(self, index: int, code: ErrorCode, detail: str) -> None:
+        super().__init__(f"item {index}: {code}: {detail}")
+        self.index = index
+        self.code = code
+        self.detail = detail
+
+
+class Publishing:
+    """Every source's way to the hub: websockets, the HTTP API, RabbitMQ, the host app."""
+
+    def __init__(
+        self, settings: Settings, store: Store, hub: Hub, tokens: TokenVerifier, outages: OutageLog
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.tokens = tokens
+        self.outages = outages
+        self.pacing = asyncio.Lock()  # paced batches, one at a time
+
+    async def resolve(self, publish: Publish) -> Publish:
+        """The publish with its target resolved: a group that exists, an exact username.
+        With connection tokens on, groups and users need no row in the store: a group or
+        a username someone is online in (or as), on any node, is taken as given (before
+        first names, as a username always is). Names nobody holds are refused, so that
+        no one can fill Redis with the history of streams nobody listens to.
+
+        Raises:
+            ProtocolError: unknown group or user, or the database failing.
+        """
+        store, hub = self.store, self.hub
+        target = publish.target
+        try:
+            # Who is connected here answers most lookups without the database.
+            tokens = self.tokens.enabled
+            if publish.kind is Kind.GROUP:
+                if (
+                    not hub.has_group(target)
+                    and not await store.group_exists(target)
+                    and not (
+                        tokens
+                        and GROUP_RE.fullmatch(target)
+                        and await hub.present(Kind.GROUP, target)
+                    )
+                ):
+                    raise ProtocolError(
+                        ErrorCode.UNKNOWN_GROUP, f"no group named {target!r}", publish.frame_id
+                    )
+                return publish
+            if publish.kind is Kind.DIRECT:
+                name = hub.local_username(target)
+                if (
+                    name is None
+                    and tokens
+                    and USERNAME_RE.fullmatch(target)
+                    and await hub.present(Kind.DIRECT, target)
+                ):
+                    name = target  # a token user, online on another node
+                target = name or await store.resolve_user(target)
+        except UnknownUserError as exc:
+            raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
+        except DatabaseError as exc:
+            self.outages.failed("a message could not be resolved", exc)
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE, "the database is unavailable, try again", publish.frame_id
+            ) from None
+        return publish if target == publish.target else dataclasses.replace(publish, target=target)
+
+    async def publish(self, publish: Publish) -> asyncio.Future[None] | None:
+        """Resolve the target, then hand the message to the hub's door.
+
+        Returns:
+            What ``Hub.publish`` returns: None once delivered here, or a future that
+            settles when the backplane has it.
+
+        Raises:
+            ProtocolError: unknown group or user, or the service cannot take it now.
+        """
+        resolved = await self.resolve(publish)
+        try:
+            return self.hub.publish(resolved)
+        except UnavailableError as exc:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), publish.frame_id) from None
+
+    async def validate_batch(self, data: Any, source: Source) -> list[Publish]:
+        """A backend's publish body (one object or an array), each item checked and resolved.
+
+        Raises:
+            BatchError: the first bad item, with its index; nothing is published then.
+        """
+        items = data if isinstance(data, list) else [data]
+        if not 1 <= len(items) <= MAX_BATCH:
+            raise BatchError(
+                0,
+                ErrorCode.TOO_LARGE if items else ErrorCode.BAD_MESSAGE,
+                f"send 1 to {MAX_BATCH} messages at a time, not {len(items)}",
+            )
+        checked = []
+        limit = self.settings.max_frame_bytes
+        for index, raw in enumerate(items):
+            try:
+                publish = protocol.parse_backend_object(raw, source, limit)
+                checked.append(await self.resolve(publish))
+            except ProtocolError as exc:
+                raise BatchError(index, exc.code, exc.detail) from None
+        return checked
+
+    async def publish_batch(self, batch: list[Publish]) -> None:
+        """Publish validated messages in order, paced (hub.py): return once every one is
+        handed over, to the local outboxes or (with a backplane) to Redis.
+
+        When the hub cannot take the whole batch now, none of it is published. Once
+        started, a shutdown or a Redis failure can still stop part of it: the caller
+        hears UnavailableError and may send it again (at least once, as with RabbitMQ).
+        Batches are paced one at a time, so each keeps its order.
+
+        Raises:
+            UnavailableError: not all were published.
+        """
+        hub = self.hub
+        hub.make_room(len(batch))
+        pending = []
+        if hub.backplane is not None:
+            # No await from here to the last publish: nothing can take the room meanwhile.
+            pending = [done for publish in batch if (done := hub.publish(publish)) is not None]
+        else:
+            waited: dict[str, float] = {}  # how long each user has held this batch up
+            async with self.pacing:
+                for publish in batch:
+                    await hub.publish_paced(publish, waited)
+        if pending:
+            results = await asyncio.gather(*pending, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result

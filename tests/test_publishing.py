@@ -1,0 +1,163 @@
+"""publishing: targets resolved, backends' batches validated all or nothing, then published."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jwt
+import pytest
+
+from tests import asgi
+from tests.conftest import login
+from wsfanout import App, Settings, create_app
+from wsfanout.protocol import ErrorCode, Kind, ProtocolError, Publish, Source
+from wsfanout.publishing import MAX_BATCH, BatchError, Publishing
+from wsfanout.store import DatabaseError
+
+SECRET = "a-jwt-secret-of-at-least-thirty-two-bytes"
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[App]:
+    """The demo users, with connection tokens on."""
+    application = create_app(dataclasses.replace(settings, jwt_secret=SECRET))
+    await application.startup()
+    yield application
+    await application.shutdown()
+
+
+def publishing(app: App) -> Publishing:
+    assert app.service is not None
+    return app.service.publishing
+
+
+@pytest.mark.parametrize(
+    ("kind", "target", "resolved"),
+    [
+        (Kind.BROADCAST, "", ""),
+        (Kind.GROUP, "girls", "girls"),
+        (Kind.DIRECT, "greg", "greg"),
+        (Kind.DIRECT, "GREG", "greg"),  # the exact username
+        (Kind.DIRECT, "Amanda", "amanda"),  # a first name
+    ],
+)
+async def test_resolve_finds_the_target(app: App, kind: Kind, target: str, resolved: str) -> None:
+    """Groups that exist stay as given; a user, by username or first name, becomes the username."""
+    publish = Publish(kind, "hi", target, frame_id="f1")
+    found = await publishing(app).resolve(publish)
+    assert found == dataclasses.replace(publish, target=resolved)
+
+
+@pytest.mark.parametrize(
+    ("kind", "target", "code"),
+    [
+        (Kind.GROUP, "chess", ErrorCode.UNKNOWN_GROUP),
+        (Kind.DIRECT, "nobody", ErrorCode.UNKNOWN_USER),
+        (Kind.DIRECT, "gre", ErrorCode.UNKNOWN_USER),  # never a substring
+    ],
+)
+async def test_resolve_refuses_names_nobody_holds(
+    app: App, kind: Kind, target: str, code: ErrorCode
+) -> None:
+    """A group or user that neither the store nor anyone online has is refused, with the id."""
+    with pytest.raises(ProtocolError) as refused:
+        await publishing(app).resolve(Publish(kind, "hi", target, frame_id="f2"))
+    assert (refused.value.code, refused.value.frame_id) == (code, "f2")
+
+
+async def test_resolve_takes_names_token_users_hold_online(app: App) -> None:
+    """With tokens on, a token user and their group need no row while someone holds them."""
+    claims = {"sub": "zed", "groups": ["chess"], "exp": time.time() + 600}
+    query = "token=" + jwt.encode(claims, SECRET, algorithm="HS256")
+    async with asgi.WebSocket(app, query=query) as zed:
+        await zed.receive()  # welcome
+        assert (await publishing(app).resolve(Publish(Kind.GROUP, "x", "chess"))).target == "chess"
+        assert (await publishing(app).resolve(Publish(Kind.DIRECT, "x", "zed"))).target == "zed"
+    with pytest.raises(ProtocolError) as refused:
+        await publishing(app).resolve(Publish(Kind.GROUP, "x", "chess"))
+    assert refused.value.code is ErrorCode.UNKNOWN_GROUP
+
+
+async def test_resolve_during_an_outage_is_unavailable(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database that fails makes the publish ``unavailable``, never a crash."""
+    assert app.service is not None
+
+    async def failing(*args: object) -> bool:
+        raise DatabaseError("connection refused")
+
+    monkeypatch.setattr(app.service.store, "group_exists", failing)
+    with pytest.raises(ProtocolError) as refused:
+        await publishing(app).resolve(Publish(Kind.GROUP, "x", "nosuch", frame_id="f3"))
+    assert (refused.value.code, refused.value.frame_id) == (ErrorCode.UNAVAILABLE, "f3")
+
+
+async def test_publish_reaches_the_target(app: App) -> None:
+    """``publish`` resolves, then hands over: here, delivered at once (no future)."""
+    cookie = await login(app, "greg")
+    async with asgi.WebSocket(app, headers={"cookie": cookie}) as greg:
+        await greg.receive()
+        done = await publishing(app).publish(Publish(Kind.DIRECT, "psst", "Greg", sender="mike"))
+        assert done is None
+        event = await greg.receive()
+        assert (event["kind"], event["from"], event["text"]) == ("direct", "mike", "psst")
+
+
+@pytest.mark.parametrize(
+    ("body", "index", "code"),
+    [
+        ([], 0, ErrorCode.BAD_MESSAGE),
+        ([{"type": "broadcast", "text": "x"}] * (MAX_BATCH + 1), 0, ErrorCode.TOO_LARGE),
+        ("broadcast", 0, ErrorCode.BAD_MESSAGE),
+        (
+            [{"type": "broadcast", "text": "x"}, {"type": "group", "text": "x"}],
+            1,
+            ErrorCode.BAD_MESSAGE,
+        ),
+        (
+            [{"type": "broadcast", "text": "x"}] * 2 + [{"type": "group", "group": "girls"}],
+            2,
+            ErrorCode.BAD_MESSAGE,
+        ),
+        ([{"type": "group", "group": "chess", "text": "x"}], 0, ErrorCode.UNKNOWN_GROUP),
+        ([{"type": "broadcast", "text": "x", "from": ""}], 0, ErrorCode.BAD_MESSAGE),
+        ([{"type": "broadcast", "text": "x" * 70_000}], 0, ErrorCode.TOO_LARGE),
+    ],
+)
+async def test_validate_batch_names_the_first_bad_item(
+    app: App, body: Any, index: int, code: ErrorCode
+) -> None:
+    """A bad batch is refused whole, with the index and code of its first bad item."""
+    with pytest.raises(BatchError) as refused:
+        await publishing(app).validate_batch(body, Source.API)
+    assert (refused.value.index, refused.value.code) == (index, code)
+
+
+async def test_validate_batch_checks_and_resolves_every_item(app: App) -> None:
+    """One object or a list; each item resolved, marked with its source and sender."""
+    one = await publishing(app).validate_batch({"type": "broadcast", "text": "a"}, Source.AMQP)
+    assert one == [Publish(Kind.BROADCAST, "a", sender="system", source=Source.AMQP)]
+    items = [
+        {"type": "Direct", "user_name": "Lisa", "text": "b", "from": "billing"},
+        {"type": "group", "group": "boys", "text": "c", "id": "x"},
+    ]
+    assert await publishing(app).validate_batch(items, Source.API) == [
+        Publish(Kind.DIRECT, "b", "lisa", sender="billing", source=Source.API),
+        Publish(Kind.GROUP, "c", "boys", frame_id="x", sender="system", source=Source.API),
+    ]
+
+
+async def test_publish_batch_delivers_in_order(app: App) -> None:
+    """Every message of a batch reaches its recipients, in the batch's order."""
+    cookie = await login(app, "amanda")
+    async with asgi.WebSocket(app, headers={"cookie": cookie}) as amanda:
+        await amanda.receive()
+        body = [{"type": "group", "group": "girls", "text": str(n)} for n in range(20)]
+        batch = await publishing(app).validate_batch(body, Source.API)
+        await publishing(app).publish_batch(batch)
+        texts = [(await amanda.receive())["text"] for _ in range(20)]
+        assert texts == [str(n) for n in range(20)]
