@@ -39,11 +39,12 @@ serve: install
 test: lint
     {{bin}}/python -m pytest
 
-# ruff (format check and lint) and mypy --strict
+# ruff (format check and lint), mypy --strict, and the layering of DESIGN section 3 (lint-imports)
 lint: install
     {{bin}}/ruff format --check src tests bench
     {{bin}}/ruff check src tests bench
     {{bin}}/mypy
+    {{bin}}/lint-imports
     {{bin}}/hadolint Containerfile
 
 # format the code
