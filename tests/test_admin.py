@@ -11,9 +11,9 @@ import pytest
 
 from tests import asgi
 from tests.conftest import login, started
-from wsfanout import store as store_module
 from wsfanout.app import App
 from wsfanout.config import Settings
+from wsfanout.store import sessions as store_sessions
 
 KEY = "admin-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -237,7 +237,7 @@ async def test_the_oldest_session_past_the_limit_ends_with_its_sockets(
 ) -> None:
     """A user keeps at most SESSIONS_PER_USER sessions: the login past it ends the oldest,
     whose open socket closes with 1008 and whose cookie is refused from then on."""
-    monkeypatch.setattr(store_module, "SESSIONS_PER_USER", 2)
+    monkeypatch.setattr(store_sessions, "SESSIONS_PER_USER", 2)
     oldest = await login(app, "mike")
     async with asgi.WebSocket(app, headers={"cookie": oldest}) as ws:
         await ws.receive()
