@@ -5,6 +5,8 @@ venv := ".venv"
 bin := venv + "/bin"
 python := env_var_or_default("PYTHON", "python3")
 bind := env_var_or_default("WSFANOUT_BIND", "127.0.0.1:8000")
+# pytest-xdist workers: most tests wait on sockets and servers, so more than the cores pay
+test_workers := env_var_or_default("TEST_WORKERS", "3")
 
 # list the recipes
 default:
@@ -35,9 +37,9 @@ serve: install
     {{bin}}/wsfanout demo
     {{bin}}/wsfanout serve --bind {{bind}}
 
-# lint, types, and the whole test suite
-test: lint
-    {{bin}}/python -m pytest
+# lint, types, and the whole test suite on TEST_WORKERS workers (pytest args may follow)
+test *args: lint
+    {{bin}}/python -m pytest -n {{test_workers}} {{args}}
 
 # ruff (format check and lint), mypy --strict, and the layering of DESIGN section 3 (lint-imports)
 lint: install

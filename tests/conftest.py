@@ -23,6 +23,13 @@ SECRET = "test-secret-key"
 DEMO_USERS = {first.lower(): group for group, members in DEMO_GROUPS.items() for first in members}
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: `just test` spreads the suite over several workers (pytest-xdist),
+    which take tests in this order, and a long one taken last would keep every other
+    worker waiting for it."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def demo_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A database holding the demo users, hashed once for the whole run."""

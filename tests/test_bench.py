@@ -18,10 +18,13 @@ from tests import postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("node") is None and os.environ.get("CI") != "true",
-    reason="the benchmark's load generator needs Node.js (node, npm)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("node") is None and os.environ.get("CI") != "true",
+        reason="the benchmark's load generator needs Node.js (node, npm)",
+    ),
+    pytest.mark.slow,
+]
 
 
 def database_exists(name: str) -> bool:
