@@ -33,8 +33,8 @@ The store runs on SQLite (a file in the server's data directory) and, for ``capa
 own on the machine's server (127.0.0.1:5432), created with the same users and dropped at the
 end, also on failure. Without PostgreSQL those columns are skipped, with a line saying so.
 
-``--against OTHER_TREE`` adds that checkout's wsfanout, under hypercorn only (its ``wsfanout
-serve`` may have no ``--server``), as ``wsfanout-before``.
+``--against OTHER_TREE`` adds that checkout's wsfanout as ``wsfanout-before`` (hypercorn) and,
+when its ``wsfanout serve`` knows ``--server``, as ``wsfanout-uvicorn-before`` (uvicorn).
 
     python bench/run.py                  # the full run (several minutes): bench/results.json
     python bench/run.py --quick          # a small smoke run: bench/results-quick.json
@@ -695,6 +695,13 @@ def fmt(value: float | None) -> str:
     return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
 
 
+def knows_uvicorn(tree: Path) -> bool:
+    """Whether another checkout's ``wsfanout serve`` takes ``--server uvicorn``."""
+    cli = tree / "src" / "wsfanout"
+    sources = [cli / "cli.py", *sorted((cli / "cli").glob("*.py"))]
+    return any(path.is_file() and '"--server"' in path.read_text() for path in sources)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -737,14 +744,19 @@ def main() -> int:
 
     chosen = [s for s in scenarios(args.quick) if not args.only or s.name in args.only]
     if args.against:
-        before = dataclasses.replace(WSFANOUT, name="wsfanout-before", tree=args.against.resolve())
+        tree = args.against.resolve()
+        before = [dataclasses.replace(WSFANOUT, name="wsfanout-before", tree=tree)]
+        # An older tree's `wsfanout serve` may have no --server: then it runs under hypercorn only.
+        if knows_uvicorn(tree):
+            before.append(
+                dataclasses.replace(WSFANOUT_UVICORN, name="wsfanout-uvicorn-before", tree=tree)
+            )
         chosen = [
-            dataclasses.replace(s, systems=(s.systems[0], before, *s.systems[1:])) for s in chosen
+            dataclasses.replace(s, systems=(s.systems[0], *before, *s.systems[1:])) for s in chosen
         ]
-        # An older tree's `wsfanout serve` may have no --server: it runs under hypercorn only.
         print(
-            f"--against {args.against}: its wsfanout runs as wsfanout-before under hypercorn "
-            "only; the uvicorn systems run this tree's alone",
+            f"--against {args.against}: its wsfanout runs as "
+            + " and ".join(system.name for system in before),
             flush=True,
         )
     if any(s.name == "redis" for s in chosen) and redis_cpu_seconds() is None:
