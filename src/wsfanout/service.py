@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from . import http, protocol
-from .backplane import Backplane, BackplaneUnavailableError
+from .backplane import Backplane, BackplaneUnavailableError, LocalBackplane
+from .backplane.redis import RedisBackplane
 from .config import Settings
 from .history import History
 from .hub import Hub, UnavailableError
@@ -46,7 +47,7 @@ from .protocol import CloseCode, ErrorCode, Kind, ProtocolError, Publish, Source
 from .servers import ServerReach, warn_if_workers_are_islands
 from .sessions import COOKIE_NAME, Session, SessionCodec
 from .store import GROUP_RE, USERNAME_RE, DatabaseError, Store, UnknownUserError
-from .throttle import LoginThrottle
+from .throttle import LoginThrottle, failure_counts
 from .tokens import Claims, TokenError, TokenVerifier
 from .types import Scope
 
@@ -218,9 +219,8 @@ class Service:
         settings = self.settings
         self.seats = Seats(settings.max_connections, settings.max_connections_per_user)
         self.deadlines = Deadlines(self.codec.clock)
-        backplane = self.hub.backplane
         self.throttle = LoginThrottle(
-            backplane if backplane is not None else self.store,
+            failure_counts(self.hub.backplane, self.store),
             self.settings.login_max_failures,
             self.settings.login_failure_window,
         )
@@ -260,9 +260,9 @@ class Service:
             )
             server.start()
             opened.push_async_callback(server.close)
-            backplane = history = None
+            backplane: Backplane
             if settings.redis_url:
-                backplane = Backplane(
+                backplane = RedisBackplane(
                     settings.redis_url,
                     settings.redis_prefix,
                     history_size=settings.history_size if settings.history_on else 0,
@@ -271,14 +271,16 @@ class Service:
                 opened.push_async_callback(backplane.close)
             else:
                 warn_if_workers_are_islands()
+                history = None
                 if settings.history_on and settings.history_bytes > 0:  # in memory
                     history = History(
                         settings.history_size,
                         settings.history_ttl,
                         max_bytes=settings.history_bytes,
                     )
+                backplane = LocalBackplane(history)
             tokens = TokenVerifier(settings.jwt_secret, settings.jwt_public_key, clock=clock)
-            hub = Hub(backplane, settings.pace_timeout, history)
+            hub = Hub(backplane, settings.pace_timeout)
             svc = cls(
                 settings=settings,
                 store=store,
@@ -332,8 +334,7 @@ class Service:
                 await self.server.close()
                 await self.deadlines.close()
                 await self.flusher.close()
-                if self.hub.backplane is not None:
-                    await self.hub.backplane.close()
+                await self.hub.backplane.close()
             finally:
                 await self.store.close()
 
@@ -436,12 +437,10 @@ class Service:
             connections were not changed.
         """
         self.apply(change)
-        backplane = self.hub.backplane
-        if backplane is not None:
-            try:
-                await backplane.control(change)
-            except BackplaneUnavailableError as exc:
-                raise UnavailableError(str(exc)) from None
+        try:
+            await self.hub.backplane.control(change)
+        except BackplaneUnavailableError as exc:
+            raise UnavailableError(str(exc)) from None
 
     def _regroup(self, user: str) -> None:
         """Bring this user's connections here to the store's groups for them, in a task;
@@ -612,14 +611,13 @@ class Service:
         hub = self.hub
         hub.make_room(len(batch))
         pending = []
-        if hub.backplane is not None:
-            # No await from here to the last publish: nothing can take the room meanwhile.
-            pending = [done for publish in batch if (done := hub.publish(publish)) is not None]
-        else:
-            waited: dict[str, float] = {}  # how long each user has held this batch up
-            async with self.pacing:
-                for publish in batch:
-                    await hub.publish_paced(publish, waited)
+        waited: dict[str, float] = {}  # how long each user has held this batch up
+        # With Redis nothing here suspends (every node paces what it receives), so nothing
+        # can take the room meanwhile; the local engine waits for room in the outboxes.
+        async with self.pacing:
+            for publish in batch:
+                if (done := await hub.publish_paced(publish, waited)) is not None:
+                    pending.append(done)
         if pending:
             results = await asyncio.gather(*pending, return_exceptions=True)
             for result in results:

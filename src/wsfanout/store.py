@@ -17,11 +17,13 @@ change the store refuses is a ``StoreError``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
 import string
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Generic, TypeVar
@@ -114,10 +116,6 @@ _MEMBERS_OF: Final = (
 # Names compare case-insensitively in ASCII only, as SQLite's lower() does, so that both
 # backends answer alike: lower(column) = ? with the value folded here.
 _ASCII_LOWER: Final = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-_FAILURES: Final = "SELECT key, at FROM login_failures WHERE key IN ({marks}) AND at > ?"
-_FORGIVE: Final = "DELETE FROM login_failures WHERE key IN ({marks}) AND attempt = ?"
-_FORGIVE_ALL: Final = "DELETE FROM login_failures WHERE key IN ({marks})"
-FAILURES_PRUNE_EVERY: Final = 60.0  # seconds between drops of expired login failures
 CACHE_SECONDS: Final = 10.0
 CACHE_ENTRIES: Final = 100_000
 
@@ -177,10 +175,7 @@ class Store:
         self._names: _Cache[str, str] = _Cache()
         self._sizes: _Cache[str, int] = _Cache()
         self._sessions: _Cache[str, int] = _Cache()  # session id -> user id, or NO_SESSION
-        self._failures_pruned = 0.0  # when old login failures were last dropped
-        # Logins hold a pooled connection while they wait for each other: at most half the
-        # pool, so that a burst of them never keeps handshakes from the database.
-        self._throttling = asyncio.Semaphore(max(1, pool_size // 2))
+        self._throttling = asyncio.Semaphore(max(1, pool_size // 2))  # ``throttling``
         self._preparing: asyncio.Task[None] | None = None
 
     @classmethod
@@ -629,56 +624,19 @@ class Store:
             raise UnknownUserError(username)
         return user
 
-    # Login failures (the throttle's counts when there is no Redis)
+    # Login failures: counted by the throttle (``throttle.py``) when there is no Redis
 
-    async def count_failure(
-        self, limits: dict[str, int], window: float, now: float, attempt: str
-    ) -> float:
-        """Count one login ``attempt`` (a failure until ``forgive_failure``) under each of
-        these keys, unless one of them already has its limit of failures in the last
-        ``window`` seconds.
+    @contextlib.asynccontextmanager
+    async def throttling(self) -> AsyncIterator[Executor]:
+        """A write transaction for the login throttle's counts (table ``login_failures``).
+        Logins hold a pooled connection while they wait for each other: at most half the
+        pool at a time, so that a burst of them never keeps handshakes from the database.
 
-        Returns:
-            0 when counted; else the seconds until every key is under its limit again
-            (nothing was counted).
+        Raises:
+            DatabaseError: the database failed.
         """
-        keys = list(limits)
         async with self._throttling, self._db.transaction() as tx:
-            await tx.serialize(keys)  # nodes counting at once see each other's counts
-            if now - self._failures_pruned > FAILURES_PRUNE_EVERY:
-                # Keys nobody tries again would otherwise keep their rows for ever.
-                self._failures_pruned = now
-                await tx.execute("DELETE FROM login_failures WHERE at <= ?", now - window)
-            # At most each key's limit of rows (no more are ever counted), in one round trip.
-            stamps: dict[str, list[float]] = {key: [] for key in keys}
-            for key, at in await tx.fetch(
-                _FAILURES.format(marks=_marks(keys)), *keys, now - window
-            ):
-                stamps[key].append(float(at))
-            waits = [
-                sorted(stamps[key])[-limit] + window - now
-                for key, limit in limits.items()
-                if len(stamps[key]) >= limit
-            ]
-            if waits:
-                return max(waits)
-            await tx.executemany(
-                "INSERT INTO login_failures (key, at, attempt) VALUES (?, ?, ?)",
-                [(key, now, attempt) for key in limits],
-            )
-        return 0.0
-
-    async def forgive_failure(self, keys: list[str], attempt: str, clear: list[str]) -> None:
-        """The ``attempt`` counted under ``keys`` was right: it is no failure. Every
-        failure under the keys in ``clear`` is forgiven too."""
-        async with self._throttling, self._db.transaction() as tx:
-            await tx.execute(
-                _FORGIVE.format(marks=_marks(keys)),  # only placeholders go in
-                *keys,
-                attempt,
-            )
-            if clear:
-                await tx.execute(_FORGIVE_ALL.format(marks=_marks(clear)), *clear)
+            yield tx
 
 
 def _marks(values: list[str]) -> str:
