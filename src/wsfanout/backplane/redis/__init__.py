@@ -79,14 +79,6 @@ class RedisBackplane:
         await self._pubsub.close_subscriber()
         await self.link.close()
 
-    async def check(self) -> None:
-        """Raise if Redis does not answer a PING.
-
-        Raises:
-            BackplaneUnavailableError: it did not.
-        """
-        await self.link.ping()
-
     async def health(self) -> dict[str, str]:
         try:
             await self.link.ping()
