@@ -172,6 +172,23 @@ async def test_a_paced_publish_keeps_room_for_users_messages() -> None:
     assert box.close_code == 1013
 
 
+async def test_a_paced_publish_waiting_when_the_hub_drains_is_refused() -> None:
+    """A backend's message waiting for room when the hub starts draining is not published:
+    its sender hears the hub is shutting down (and may send it again elsewhere)."""
+    h = Hub(LocalBackplane(), pace_timeout=5)
+    box = outbox("greg")
+    h.add(box)
+    h.publish(Publish(Kind.DIRECT, "x" * 6_000, "greg", sender="mike"))  # never paced
+    queued = box.queued_bytes
+    paced = asyncio.create_task(h.publish_paced(Publish(Kind.BROADCAST, "y", source=Source.API)))
+    await asyncio.sleep(0.05)
+    assert not paced.done()
+    await h.drain(1001, batch=10, pause=0)
+    with pytest.raises(UnavailableError, match="shutting down"):
+        await paced
+    assert box.queued_bytes == queued and h.stats.published == {("direct", "websocket"): 1}
+
+
 async def test_disconnect_closes_a_session_with_a_reason() -> None:
     """disconnect closes the user's connections of that session (or all of them) with 1008,
     after a forbidden error saying why; other users are untouched."""
