@@ -4,7 +4,7 @@ The policy is ``LoginThrottle``'s; the counting is done in the database (``Datab
 table ``login_failures``, through the store's ``throttling`` transaction) or, with the Redis
 backplane, in Redis (``RedisCounts``, sorted sets, through the engine's link). Both are
 atomic across nodes: a count and its check are one transaction (serialized per key) or one
-Lua script (``count_failure.lua``).
+Lua script (``count_failure.lua``, packaged with the Redis engine's scripts).
 """
 
 from __future__ import annotations
