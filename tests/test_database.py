@@ -12,6 +12,7 @@ import pytest
 
 from wsfanout.database import VERSION, numbered
 from wsfanout.store import DatabaseError, Store, StoreError
+from wsfanout.throttle import DatabaseCounts
 
 # The schema as wsfanout wrote it before it had versions (SQLite only).
 UNVERSIONED = """
@@ -76,7 +77,7 @@ async def test_a_database_from_before_versions_is_upgraded(tmp_path: Path) -> No
         assert await store.groups_of(user.id) == ["boys"]
         assert await store.session_user("s1") == user.id
         assert await store.resolve_user("GREG") == "Greg"
-        assert await store.count_failure({"k": 1}, 60, 100.0, "a") == 0
+        assert await DatabaseCounts(store).count_failure({"k": 1}, 60, 100.0, "a") == 0
     finally:
         await store.close()
     with contextlib.closing(sqlite3.connect(path)) as db:

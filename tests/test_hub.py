@@ -1,40 +1,31 @@
-"""hub: the local index and publish(), the one door."""
+"""hub: the local index and publish(), the one door; tested through its doors, on the
+local engine and (for what every node paces as Redis hands it over) on the Redis engine."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 
-from wsfanout import hub as hub_module
+from tests.outboxes import Reader, eventually, outbox
 from wsfanout import protocol
+from wsfanout.backplane import LocalBackplane
+from wsfanout.backplane.redis import RedisBackplane
 from wsfanout.hub import Hub, UnavailableError
-from wsfanout.outbox import Flusher, Outbox
+from wsfanout.outbox import Outbox
 from wsfanout.protocol import Kind, Publish, Source
 from wsfanout.types import Message
 
-
-async def nowhere(message: object) -> None:
-    raise AssertionError("nothing is sent in these tests")
-
-
-def outbox(user: str, *groups: str, send: Any = nowhere) -> Outbox:
-    return Outbox(
-        user=user,
-        groups=groups,
-        send=send,
-        flusher=Flusher(),
-        limit=10_000,
-        batch_max=8,
-        batch_bytes=10_000,
-    )
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture
 def hub() -> tuple[Hub, dict[str, Outbox]]:
-    h = Hub()
+    h = Hub(LocalBackplane())
     boxes = {
         "greg": outbox("greg", "boys"),
         "mike1": outbox("mike", "boys", "chess"),
@@ -81,7 +72,7 @@ async def test_encoded_once_for_everyone() -> None:
     async def record(message: Message) -> None:
         sent.append(message)
 
-    h = Hub()
+    h = Hub(LocalBackplane())
     boxes = [outbox(f"u{n}", send=record) for n in range(5)]
     writers = [asyncio.create_task(box.run()) for box in boxes]
     for box in boxes:
@@ -162,89 +153,10 @@ def test_backend_messages_are_told_apart_by_their_via() -> None:
     assert not protocol.from_backend(protocol.message(tricky, 0.0))
 
 
-async def test_a_backend_message_from_redis_waits_in_the_backlog_for_room() -> None:
-    """What Redis hands this node from a backend is paced: into an outbox past half its
-    bound, it waits in the backlog (the listener goes on) until the outbox is down to a
-    quarter, then goes in; later backend messages keep their place behind it."""
-    h = Hub(pace_timeout=5)
-    box = outbox("greg")
-    h.add(box)
-    for _ in range(2):
-        assert h._deliver(Kind.BROADCAST, "", frame_of(2_400)) is None  # 4,800 of 10,000
-    assert h._deliver(Kind.BROADCAST, "", frame_of(2_400)) is None  # to the backlog
-    assert h._deliver(Kind.BROADCAST, "", frame_of(200)) is None  # would fit: behind it
-    await asyncio.sleep(0.05)
-    assert box.queued_bytes < 5_000 and h.stats.paced == 1  # waits; pushed nothing yet
-    box._take()  # the client reads: down to a quarter of the bound
-    assert h._pacer is not None
-    await asyncio.wait_for(h._pacer, 1)
-    assert box.close_code is None
-    assert [len(f[0]) for f in box._frames] == [len(frame_of(2_400)), len(frame_of(200))]
-
-
-async def test_a_users_message_from_redis_passes_the_backlog_of_other_streams() -> None:
-    """A user's message passes the backlog at once (it is not paced), unless its own stream
-    waits there: then it keeps its place, so the stream goes out in offset order."""
-    h = Hub(pace_timeout=5)
-    box = outbox("greg", "boys")
-    h.add(box)
-    for _ in range(3):
-        h._deliver(Kind.BROADCAST, "", frame_of(2_400))
-    group = protocol.message(Publish(Kind.GROUP, "hi", "boys", sender="mike"), 0.0, 7)
-    assert h._deliver(Kind.GROUP, "boys", group) is None
-    assert box._frames[-1][0] == group and len(h._backlog) == 1
-    same_stream = frame_of(300, Source.WEBSOCKET)
-    assert h._deliver(Kind.BROADCAST, "", same_stream) is None
-    assert box._frames[-1][0] == group and len(h._backlog) == 2
-    box._take()
-    assert h._pacer is not None
-    await asyncio.wait_for(h._pacer, 1)
-    assert [f[0] for f in box._frames][-2:] == [frame_of(2_400), same_stream]
-
-
-async def test_an_outbox_that_never_drains_is_closed_after_the_pace_timeout() -> None:
-    """A client that holds the backlog up for pace_timeout is closed with 1013 (once), and
-    the event goes to everyone else."""
-    h = Hub(pace_timeout=0.2)
-    stuck, fine = outbox("greg"), outbox("mike")
-    h.add(stuck)
-    h.add(fine)
-    stuck.push((frame_of(6_000), 6_000, {}))
-    started = asyncio.get_running_loop().time()
-    assert h._deliver(Kind.BROADCAST, "", frame_of(200)) is None
-    assert h._pacer is not None
-    await h._pacer
-    assert 0.2 <= asyncio.get_running_loop().time() - started < 1
-    assert stuck.close_code == 1013 and stuck.queued_bytes == 0
-    assert fine.queued_bytes > 0 and fine.close_code is None
-
-
-async def test_past_the_backlog_bound_the_listener_waits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past BACKLOG_BYTES, _deliver hands the listener something to await: Redis holds the
-    rest until the backlog drains."""
-    monkeypatch.setattr(hub_module, "BACKLOG_BYTES", 5_000)
-    h = Hub(pace_timeout=5)
-    box = outbox("greg")
-    h.add(box)
-    for _ in range(2):
-        h._deliver(Kind.BROADCAST, "", frame_of(2_400))
-    for _ in range(2):
-        assert h._deliver(Kind.BROADCAST, "", frame_of(2_400)) is None  # backlog 4,800
-    waiting = h._deliver(Kind.BROADCAST, "", frame_of(2_400))
-    assert waiting is not None
-    task = asyncio.ensure_future(waiting)
-    await asyncio.sleep(0.05)
-    assert not task.done()
-    while h._backlog:
-        box._take()
-        await asyncio.sleep(0.01)
-    await asyncio.wait_for(task, 1)
-
-
 async def test_a_paced_publish_keeps_room_for_users_messages() -> None:
     """publish_paced fills an outbox to half its bound at most; an unpaced publish (a
     user's) still fits in the other half."""
-    h = Hub(pace_timeout=0.2)
+    h = Hub(LocalBackplane(), pace_timeout=0.2)
     box = outbox("greg")
     h.add(box)
     publish = Publish(Kind.BROADCAST, "y" * 2_000, "", source=Source.API)
@@ -260,25 +172,210 @@ async def test_a_paced_publish_keeps_room_for_users_messages() -> None:
     assert box.close_code == 1013
 
 
-async def test_the_pace_timeout_is_per_user_not_per_socket() -> None:
+async def test_a_paced_publish_waiting_when_the_hub_drains_is_refused() -> None:
+    """A backend's message waiting for room when the hub starts draining is not published:
+    its sender hears the hub is shutting down (and may send it again elsewhere)."""
+    h = Hub(LocalBackplane(), pace_timeout=5)
+    box = outbox("greg")
+    h.add(box)
+    h.publish(Publish(Kind.DIRECT, "x" * 6_000, "greg", sender="mike"))  # never paced
+    queued = box.queued_bytes
+    paced = asyncio.create_task(h.publish_paced(Publish(Kind.BROADCAST, "y", source=Source.API)))
+    await asyncio.sleep(0.05)
+    assert not paced.done()
+    await h.drain(1001, batch=10, pause=0)
+    with pytest.raises(UnavailableError, match="shutting down"):
+        await paced
+    assert box.queued_bytes == queued and h.stats.published == {("direct", "websocket"): 1}
+
+
+async def test_disconnect_closes_a_session_with_a_reason() -> None:
+    """disconnect closes the user's connections of that session (or all of them) with 1008,
+    after a forbidden error saying why; other users are untouched."""
+    h = Hub(LocalBackplane())
+    first, second, other = (outbox("greg"), outbox("greg"), outbox("mike"))
+    first.session, second.session = "s1", "s2"
+    for box in (first, second, other):
+        h.add(box)
+    assert h.disconnect("GREG", "s1", "logged out") == 1
+    assert first.close_code == 1008 and second.close_code is None
+    assert h.disconnect("greg", None, "deleted") == 2  # the first again: closing already
+    assert second.close_code == 1008 and other.close_code is None
+
+
+async def test_regroup_starts_and_stops_a_groups_messages_in_order() -> None:
+    """A user added to a group is told joined, then gets its messages; removed, told
+    left, and nothing more of it."""
+    h = Hub(LocalBackplane())
+    greg = Reader("greg", "boys")
+    h.add(greg.outbox)
+    h.publish(Publish(Kind.GROUP, "before", "chess", sender="mike"))
+    assert h.regroup("greg", "chess", True) == 1 and greg.outbox.groups == ("boys", "chess")
+    h.publish(Publish(Kind.GROUP, "in", "chess", sender="mike"))
+    h.set_groups("greg", ["boys"])
+    h.publish(Publish(Kind.GROUP, "after", "chess", sender="mike"))
+    assert not h.has_group("chess")
+    await greg.close()
+    assert [(e["type"], e.get("text")) for e in greg.events] == [
+        ("joined", None),
+        ("message", "in"),
+        ("left", None),
+    ]
+
+
+async def test_online_and_present_answer_from_the_index() -> None:
+    """On one node, online() names the group's connected users (up to a limit) and counts
+    them all; present() says whether anyone is there."""
+    h = Hub(LocalBackplane())
+    for user in ("lisa", "amanda", "lisa", "zoe"):
+        h.add(outbox(user, "girls"))
+    assert await h.online("girls", 2) == (["amanda", "lisa"], 3)
+    assert await h.online("boys", 10) == ([], 0)
+    assert await h.present(Kind.GROUP, "girls") and await h.present(Kind.DIRECT, "ZOE")
+    assert not await h.present(Kind.GROUP, "boys")
+    assert not await h.present(Kind.DIRECT, "greg")
+
+
+# Redis: every node paces the backends' events Redis hands it (the backlog)
+
+
+def api(text: str, kind: Kind = Kind.BROADCAST, target: str = "") -> Publish:
+    return Publish(kind, text, target, sender="ops", source=Source.API)
+
+
+def user(text: str, kind: Kind = Kind.BROADCAST, target: str = "") -> Publish:
+    return Publish(kind, text, target, sender="greg")
+
+
+@contextlib.asynccontextmanager
+async def redis_hub(prefix: str, **options: Any) -> AsyncIterator[tuple[Hub, list[Reader]]]:
+    """A hub on the Redis engine (with the test's key prefix), started, and a list of
+    readers that are closed afterwards."""
+    engine = RedisBackplane(REDIS_URL, prefix)
+    h = Hub(engine, **options)
+    h.start()
+    readers: list[Reader] = []
+    try:
+        await eventually(lambda: engine.healthy, 5)
+        yield h, readers
+    finally:
+        for reader in readers:
+            await reader.close()
+        await engine.close()
+
+
+async def connect(h: Hub, readers: list[Reader], name: str, *groups: str) -> Reader:
+    """A reader added to the hub, once Redis confirms this node hears its channels."""
+    reader = Reader(name, *groups)
+    readers.append(reader)
+    h.add(reader.outbox)
+    engine = h.backplane
+    assert isinstance(engine, RedisBackplane)
+    wanted = [(Kind.DIRECT, name), *((Kind.GROUP, group) for group in groups)]
+    assert await engine.subscribed(wanted)
+    return reader
+
+
+async def published(h: Hub, *publishes: Publish) -> None:
+    """Publish in order, and wait until Redis has each."""
+    for publish in publishes:
+        done = h.publish(publish)
+        assert done is not None
+        await done
+
+
+async def test_a_backend_message_from_redis_waits_in_the_backlog_for_room(
+    redis_prefix: str,
+) -> None:
+    """What Redis hands this node from a backend is paced: into an outbox past half its
+    bound, it waits in the backlog (the listener goes on) until the outbox is down to a
+    quarter, then goes in; later backend messages keep their place behind it."""
+    async with redis_hub(redis_prefix, pace_timeout=5) as (h, readers):
+        greg = await connect(h, readers, "greg")
+        mike = await connect(h, readers, "mike")
+        mike.read()
+        texts = ["a" * 2_300, "b" * 2_300, "c" * 2_300, "d" * 100]
+        await published(h, *map(api, texts), user("probe", Kind.DIRECT, "mike"))
+        await eventually(lambda: "probe" in mike.texts())  # the listener went on
+        assert greg.outbox.queued_bytes < 5_000 and h.stats.paced == 1  # c and d wait
+        greg.read()  # the client reads: the outbox empties, the backlog goes in
+        await eventually(lambda: len(greg.texts()) == 4)
+        assert greg.texts() == texts and greg.outbox.close_code is None
+
+
+async def test_a_users_message_from_redis_passes_the_backlog_of_other_streams(
+    redis_prefix: str,
+) -> None:
+    """A user's message passes the backlog at once (it is not paced), unless its own stream
+    waits there: then it keeps its place, so the stream goes out in offset order."""
+    async with redis_hub(redis_prefix, pace_timeout=5) as (h, readers):
+        greg = await connect(h, readers, "greg", "boys")
+        mike = await connect(h, readers, "mike")
+        mike.read()
+        backend = ["a" * 2_300, "b" * 2_300, "c" * 2_300]
+        await published(h, *map(api, backend), user("hi", Kind.GROUP, "boys"), user("same"))
+        await published(h, user("probe", Kind.DIRECT, "mike"))
+        await eventually(lambda: "probe" in mike.texts())
+        greg.read()
+        await eventually(lambda: len(greg.texts()) == 5)
+        assert greg.texts() == ["a" * 2_300, "b" * 2_300, "hi", "c" * 2_300, "same"]
+
+
+async def test_an_outbox_that_never_drains_is_closed_after_the_pace_timeout(
+    redis_prefix: str,
+) -> None:
+    """A client that holds the backlog up for pace_timeout is closed with 1013 (once), and
+    the event goes to everyone else."""
+    async with redis_hub(redis_prefix, pace_timeout=0.2) as (h, readers):
+        stuck = await connect(h, readers, "greg")
+        fine = await connect(h, readers, "mike")
+        await published(h, user("x" * 5_900, Kind.DIRECT, "greg"))  # never paced
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await published(h, api("y" * 100))
+        await eventually(lambda: stuck.outbox.close_code is not None)
+        assert 0.2 <= loop.time() - started < 2
+        assert stuck.outbox.close_code == 1013 and stuck.outbox.queued_bytes == 0
+        await eventually(lambda: fine.outbox.queued_bytes > 0)
+        assert fine.outbox.close_code is None
+
+
+async def test_the_pace_timeout_is_per_user_not_per_socket(redis_prefix: str) -> None:
     """A user who opens a fresh socket that never reads while the backlog waits on their
     last one gains nothing: their waiting adds up over all their sockets, and each of
     their full sockets is closed once the user's total reaches pace_timeout."""
-    h = Hub(pace_timeout=1.0)
-    first, fine = outbox("chuck"), outbox("mike")
-    h.add(first)
-    h.add(fine)
-    first.push((frame_of(6_000), 6_000, {}))
-    h._deliver(Kind.BROADCAST, "", frame_of(200))
-    await asyncio.sleep(0.6)  # chuck's first socket has held the backlog up for 0.6 s
-    second = outbox("chuck")  # a fresh one that will never read either
-    h.add(second)
-    second.push((frame_of(6_000), 6_000, {}))
-    h._deliver(Kind.BROADCAST, "", frame_of(200))
-    await asyncio.sleep(0.7)
-    # Chuck's 1 s is spent (at 1.0 s): both closed. Counted per socket, the second
-    # would hold the backlog up until 1.6 s.
-    assert first.close_code == 1013 and second.close_code == 1013
-    assert h._pacer is not None
-    await asyncio.wait_for(h._pacer, 1)
-    assert fine.close_code is None and fine.queued_bytes > 0
+    async with redis_hub(redis_prefix, pace_timeout=1.0) as (h, readers):
+        first = await connect(h, readers, "chuck")
+        fine = await connect(h, readers, "mike")
+        await published(h, user("x" * 5_900, Kind.DIRECT, "chuck"))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await published(h, api("y" * 100))
+        await asyncio.sleep(0.6)  # chuck's first socket has held the backlog up for 0.6 s
+        second = await connect(h, readers, "chuck", "late")  # a fresh one that never reads
+        await published(h, user("z" * 5_900, Kind.GROUP, "late"), api("w" * 100))
+        await eventually(lambda: None not in (first.outbox.close_code, second.outbox.close_code))
+        # Chuck's 1 s is spent (at 1.0 s): both closed. Counted per socket, the second
+        # would hold the backlog up until 1.6 s.
+        assert loop.time() - started < 1.5
+        assert first.outbox.close_code == 1013 and second.outbox.close_code == 1013
+        await eventually(lambda: fine.outbox.queued_bytes > 0)
+        assert fine.outbox.close_code is None
+
+
+async def test_past_the_backlog_bound_the_listener_waits(redis_prefix: str) -> None:
+    """Past the backlog's bound the listener waits (Redis holds the rest, even a user's
+    message) until the backlog is back under it; every stream keeps its order."""
+    async with redis_hub(redis_prefix, pace_timeout=5, backlog_bytes=5_000) as (h, readers):
+        greg = await connect(h, readers, "greg")
+        mike = await connect(h, readers, "mike")
+        mike.read()
+        backend = [letter * 2_300 for letter in "abcde"]  # a, b in; c, d, e: 7 kB backlog
+        await published(h, *map(api, backend), user("probe", Kind.DIRECT, "mike"))
+        await eventually(lambda: len(mike.texts()) >= 2)
+        await asyncio.sleep(0.1)
+        assert "probe" not in mike.texts()  # the listener waits
+        greg.read()
+        await eventually(lambda: len(greg.texts()) == 5 and "probe" in mike.texts())
+        assert greg.texts() == backend
+        assert [text for text in mike.texts() if text != "probe"] == backend

@@ -18,6 +18,7 @@ from wsfanout.store import (
     UnknownGroupError,
     UnknownUserError,
 )
+from wsfanout.throttle import DatabaseCounts
 
 
 @pytest.fixture
@@ -224,4 +225,4 @@ async def test_a_nul_in_a_name_finds_nothing(store: Store, name: str) -> None:
     assert await store.directory(name, 10) == ([], [])
     with pytest.raises(UnknownUserError):
         await store.resolve_user(name)
-    assert await store.count_failure({f"user:{name}": 5}, 60, 1.0, "a") == 0
+    assert await DatabaseCounts(store).count_failure({f"user:{name}": 5}, 60, 1.0, "a") == 0

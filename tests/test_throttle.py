@@ -1,4 +1,4 @@
-"""throttle: failed logins counted in the store (both backends) and in Redis, alike."""
+"""throttle: failed logins counted in the database (both backends) and in Redis, alike."""
 
 from __future__ import annotations
 
@@ -8,26 +8,27 @@ from pathlib import Path
 
 import pytest
 
-from wsfanout.backplane import Backplane
+from wsfanout.backplane.redis.link import Link
 from wsfanout.store import Store
-from wsfanout.throttle import Attempt, FailureCounts, LoginThrottle
+from wsfanout.throttle import Attempt, DatabaseCounts, FailureCounts, LoginThrottle, RedisCounts
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "redis"])
 async def counts(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FailureCounts]:
-    """Where the throttle counts: the store on each backend, or Redis (the backplane)."""
+    """Where the throttle counts: the database on each backend, or Redis (through the
+    Redis backplane's link)."""
     if request.param == "redis":
-        backplane = Backplane(REDIS_URL, request.getfixturevalue("redis_prefix"))
-        yield backplane
-        await backplane.close()
+        link = Link(REDIS_URL, request.getfixturevalue("redis_prefix"))
+        yield RedisCounts(link)
+        await link.close()
         return
     where = (
         tmp_path / "db.sqlite3" if request.param == "sqlite" else request.getfixturevalue("pg_url")
     )
     store = await Store.open(where)
-    yield store
+    yield DatabaseCounts(store)
     await store.close()
 
 
@@ -65,7 +66,10 @@ async def test_parallel_attempts_on_two_stores_share_one_limit(pg_url: str) -> N
     the limit get through between them."""
     first, second = await Store.open(pg_url), await Store.open(pg_url)
     try:
-        throttles = [LoginThrottle(store, max_failures=5, window=900) for store in (first, second)]
+        throttles = [
+            LoginThrottle(DatabaseCounts(store), max_failures=5, window=900)
+            for store in (first, second)
+        ]
         results = await asyncio.gather(
             *(throttles[n % 2].attempt("lisa", "10.4.4.4") for n in range(20))
         )

@@ -55,12 +55,10 @@ class Control:
             connections were not changed.
         """
         self.apply(change)
-        backplane = self.hub.backplane
-        if backplane is not None:
-            try:
-                await backplane.control(change)
-            except BackplaneUnavailableError as exc:
-                raise UnavailableError(str(exc)) from None
+        try:
+            await self.hub.backplane.control(change)
+        except BackplaneUnavailableError as exc:
+            raise UnavailableError(str(exc)) from None
 
     def apply(self, change: dict[str, Any]) -> None:
         """An operator's change, made here or on another node, reaching this node's

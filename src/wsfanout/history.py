@@ -17,8 +17,9 @@ forgotten, epoch and all (a client resuming it is told it was not recovered). So
 at most ``max_bytes`` (each message's str, plus ``ENTRY_BYTES``) plus about 250 bytes per
 stream (and 600 more for one that has carried a message), whatever is published.
 
-With the Redis backplane, ``backplane.py`` keeps the same things in Redis instead, so that
-every node agrees on offsets and any node can serve a resume.
+This is the local engine's history (``backplane/local.py``). The Redis engine keeps the same
+things in Redis instead (``backplane/redis/positions.py``), so that every node agrees on
+offsets and any node can serve a resume.
 """
 
 from __future__ import annotations

@@ -150,14 +150,13 @@ class Publishing:
         hub = self.hub
         hub.make_room(len(batch))
         pending = []
-        if hub.backplane is not None:
-            # No await from here to the last publish: nothing can take the room meanwhile.
-            pending = [done for publish in batch if (done := hub.publish(publish)) is not None]
-        else:
-            waited: dict[str, float] = {}  # how long each user has held this batch up
-            async with self.pacing:
-                for publish in batch:
-                    await hub.publish_paced(publish, waited)
+        waited: dict[str, float] = {}  # how long each user has held this batch up
+        # With Redis nothing here suspends (every node paces what it receives), so nothing
+        # can take the room meanwhile; the local engine waits for room in the outboxes.
+        async with self.pacing:
+            for publish in batch:
+                if (done := await hub.publish_paced(publish, waited)) is not None:
+                    pending.append(done)
         if pending:
             results = await asyncio.gather(*pending, return_exceptions=True)
             for result in results:

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Final
 
 from . import protocol
 from .admission import Admission
-from .backplane import Backplane
+from .backplane import Backplane, LocalBackplane
+from .backplane.redis import RedisBackplane
 from .config import Settings
 from .control import Control
 from .history import History
@@ -38,7 +39,7 @@ from .publishing import Publishing
 from .servers import ServerReach, warn_if_workers_are_islands
 from .sessions import SessionCodec
 from .store import DatabaseError, Store
-from .throttle import LoginThrottle
+from .throttle import LoginThrottle, failure_counts
 from .tokens import TokenVerifier
 
 if TYPE_CHECKING:
@@ -83,9 +84,8 @@ class Service:
         self.admission = Admission(settings, store, hub, self.codec, self.tokens, outages)
         self.publishing = Publishing(settings, store, hub, self.tokens, outages)
         self.control = Control(store, hub, outages)
-        backplane = self.hub.backplane
         self.throttle = LoginThrottle(
-            backplane if backplane is not None else self.store,
+            failure_counts(self.hub.backplane, self.store),
             self.settings.login_max_failures,
             self.settings.login_failure_window,
         )
@@ -125,9 +125,9 @@ class Service:
             )
             server.start()
             opened.push_async_callback(server.close)
-            backplane = history = None
+            backplane: Backplane
             if settings.redis_url:
-                backplane = Backplane(
+                backplane = RedisBackplane(
                     settings.redis_url,
                     settings.redis_prefix,
                     history_size=settings.history_size if settings.history_on else 0,
@@ -136,14 +136,16 @@ class Service:
                 opened.push_async_callback(backplane.close)
             else:
                 warn_if_workers_are_islands()
+                history = None
                 if settings.history_on and settings.history_bytes > 0:  # in memory
                     history = History(
                         settings.history_size,
                         settings.history_ttl,
                         max_bytes=settings.history_bytes,
                     )
+                backplane = LocalBackplane(history)
             tokens = TokenVerifier(settings.jwt_secret, settings.jwt_public_key, clock=clock)
-            hub = Hub(backplane, settings.pace_timeout, history)
+            hub = Hub(backplane, settings.pace_timeout)
             svc = cls(
                 settings=settings,
                 store=store,
@@ -200,8 +202,7 @@ class Service:
                 await self.server.close()
                 await self.admission.close()
                 await self.flusher.close()
-                if self.hub.backplane is not None:
-                    await self.hub.backplane.close()
+                await self.hub.backplane.close()
             finally:
                 await self.store.close()
 

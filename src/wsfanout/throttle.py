@@ -1,7 +1,10 @@
 """The login throttle: failed logins counted where every node sees them (DESIGN 8).
 
-The policy is here; the counting is the store's (``Store.count_failure``, a table) or the
-backplane's (``Backplane.count_failure``, Redis sorted sets), both atomic across nodes.
+The policy is ``LoginThrottle``'s; the counting is done in the database (``DatabaseCounts``,
+table ``login_failures``, through the store's ``throttling`` transaction) or, with the Redis
+backplane, in Redis (``RedisCounts``, sorted sets, through the engine's link). Both are
+atomic across nodes: a count and its check are one transaction (serialized per key) or one
+Lua script (``count_failure.lua``, packaged with the Redis engine's scripts).
 """
 
 from __future__ import annotations
@@ -15,22 +18,135 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from .backplane import BackplaneUnavailableError
-from .store import DatabaseError
+from redis.exceptions import RedisError
+
+from .backplane import Backplane, BackplaneUnavailableError
+from .backplane.redis import RedisBackplane
+from .backplane.redis.link import Link, Script, describe
+from .store import DatabaseError, Store
 
 log = logging.getLogger(__name__)
 
 NAME_KEY_MAX: Final = 64  # longer login names are counted under a digest
+FAILURES_PRUNE_EVERY: Final = 60.0  # seconds between drops of expired login failures
+
+_FAILURES: Final = "SELECT key, at FROM login_failures WHERE key IN ({marks}) AND at > ?"
+_FORGIVE: Final = "DELETE FROM login_failures WHERE key IN ({marks}) AND attempt = ?"
+_FORGIVE_ALL: Final = "DELETE FROM login_failures WHERE key IN ({marks})"
+_COUNT_FAILURE: Final = Script.packaged("count_failure")
 
 
 class FailureCounts(Protocol):
-    """Where the throttle counts: the store, or Redis (``Store`` and ``Backplane`` both)."""
+    """Where the throttle counts: the database or Redis."""
 
     async def count_failure(
         self, limits: dict[str, int], window: float, now: float, attempt: str
-    ) -> float: ...
+    ) -> float:
+        """Count one login ``attempt`` (a failure until ``forgive_failure``) under each of
+        these keys, unless one of them already has its limit of failures in the last
+        ``window`` seconds.
 
-    async def forgive_failure(self, keys: list[str], attempt: str, clear: list[str]) -> None: ...
+        Returns:
+            0 when counted; else the seconds until every key is under its limit again
+            (nothing was counted).
+
+        Raises:
+            DatabaseError, BackplaneUnavailableError: the counts cannot be reached.
+        """
+
+    async def forgive_failure(self, keys: list[str], attempt: str, clear: list[str]) -> None:
+        """The ``attempt`` counted under ``keys`` was right: it is no failure. Every
+        failure under the keys in ``clear`` is forgiven too.
+
+        Raises:
+            DatabaseError, BackplaneUnavailableError: the counts cannot be reached.
+        """
+
+
+def failure_counts(backplane: Backplane, store: Store) -> FailureCounts:
+    """Where this node counts: in Redis when the backplane is Redis (every node sees
+    them at once), else in the database (which every node of it shares)."""
+    if isinstance(backplane, RedisBackplane):
+        return RedisCounts(backplane.link)
+    return DatabaseCounts(store)
+
+
+class DatabaseCounts:
+    """Failures as rows of ``login_failures`` (``FailureCounts``)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pruned = 0.0  # when old login failures were last dropped
+
+    async def count_failure(
+        self, limits: dict[str, int], window: float, now: float, attempt: str
+    ) -> float:
+        keys = list(limits)
+        async with self._store.throttling() as tx:
+            await tx.serialize(keys)  # nodes counting at once see each other's counts
+            if now - self._pruned > FAILURES_PRUNE_EVERY:
+                # Keys nobody tries again would otherwise keep their rows for ever.
+                self._pruned = now
+                await tx.execute("DELETE FROM login_failures WHERE at <= ?", now - window)
+            # At most each key's limit of rows (no more are ever counted), in one round trip.
+            stamps: dict[str, list[float]] = {key: [] for key in keys}
+            for key, at in await tx.fetch(
+                _FAILURES.format(marks=_marks(keys)), *keys, now - window
+            ):
+                stamps[key].append(float(at))
+            waits = [
+                sorted(stamps[key])[-limit] + window - now
+                for key, limit in limits.items()
+                if len(stamps[key]) >= limit
+            ]
+            if waits:
+                return max(waits)
+            await tx.executemany(
+                "INSERT INTO login_failures (key, at, attempt) VALUES (?, ?, ?)",
+                [(key, now, attempt) for key in limits],
+            )
+        return 0.0
+
+    async def forgive_failure(self, keys: list[str], attempt: str, clear: list[str]) -> None:
+        async with self._store.throttling() as tx:
+            await tx.execute(
+                _FORGIVE.format(marks=_marks(keys)),  # only placeholders go in
+                *keys,
+                attempt,
+            )
+            if clear:
+                await tx.execute(_FORGIVE_ALL.format(marks=_marks(clear)), *clear)
+
+
+class RedisCounts:
+    """Failures as sorted sets ``<prefix>lf:<key>`` of attempts scored by time, shared by
+    every node of the Redis backplane (``FailureCounts``)."""
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+
+    async def count_failure(
+        self, limits: dict[str, int], window: float, now: float, attempt: str
+    ) -> float:
+        link = self._link
+        keys = [link.prefix + "lf:" + key for key in limits]
+        command = (_COUNT_FAILURE, len(keys), *keys, repr(now), repr(window), attempt)
+        try:
+            (wait,) = await link.pipeline([(*command, *limits.values())], client=link.queries)
+        except (RedisError, OSError) as exc:
+            raise BackplaneUnavailableError(describe(exc)) from None
+        return float(wait)
+
+    async def forgive_failure(self, keys: list[str], attempt: str, clear: list[str]) -> None:
+        link = self._link
+        prefix = link.prefix + "lf:"
+        commands: list[tuple[object, ...]] = [("ZREM", prefix + key, attempt) for key in keys]
+        if clear:
+            commands.append(("DEL", *(prefix + key for key in clear)))
+        try:
+            await link.pipeline(commands, client=link.queries)
+        except (RedisError, OSError) as exc:
+            raise BackplaneUnavailableError(describe(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +227,8 @@ class LoginThrottle:
             await self.counts.forgive_failure(attempt.keys, attempt.id, [])
         except (DatabaseError, BackplaneUnavailableError) as exc:
             log.warning("a login attempt stays counted (%s)", exc)
+
+
+def _marks(values: list[str]) -> str:
+    """As many ``?`` placeholders, comma-separated, as there are values."""
+    return ",".join("?" * len(values))

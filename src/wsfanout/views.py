@@ -270,13 +270,7 @@ async def healthz(scope: Scope, receive: Receive, send: Send, svc: Service) -> N
         if not isinstance(failure, DatabaseError):
             raise failure
         checks["database"] = f"failing: {failure}"
-    backplane = svc.hub.backplane
-    if backplane is not None:
-        try:
-            await backplane.check()
-            checks["redis"] = "ok"
-        except BackplaneUnavailableError as exc:
-            checks["redis"] = f"failing: {exc.reason}"
+    checks.update(await svc.hub.backplane.health())
     if svc.amqp is not None:
         checks["amqp"] = "ok" if svc.amqp.consuming else f"failing: {svc.amqp.reason}"
     ok = all(value == "ok" for value in checks.values())

@@ -19,10 +19,11 @@ change the store refuses is a ``StoreError``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Final
 
 from ..database import (
     RETRY_MAX,
@@ -74,12 +75,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-_FAILURES: Final = "SELECT key, at FROM login_failures WHERE key IN ({marks}) AND at > ?"
-_FORGIVE: Final = "DELETE FROM login_failures WHERE key IN ({marks}) AND attempt = ?"
-_FORGIVE_ALL: Final = "DELETE FROM login_failures WHERE key IN ({marks})"
-FAILURES_PRUNE_EVERY: Final = 60.0  # seconds between drops of expired login failures
-
-
 class Store(SessionRows):
     """Users, groups, memberships, sessions and login failures, in SQLite or PostgreSQL
     (``database.py``), with short caches in front of the hot reads."""
@@ -94,10 +89,7 @@ class Store(SessionRows):
         self._names: Cache[str, str] = Cache()
         self._sizes: Cache[str, int] = Cache()
         self._sessions: Cache[str, int] = Cache()  # session id -> user id, or NO_SESSION
-        self._failures_pruned = 0.0  # when old login failures were last dropped
-        # Logins hold a pooled connection while they wait for each other: at most half the
-        # pool, so that a burst of them never keeps handshakes from the database.
-        self._throttling = asyncio.Semaphore(max(1, pool_size // 2))
+        self._throttling = asyncio.Semaphore(max(1, pool_size // 2))  # ``throttling``
         self._preparing: asyncio.Task[None] | None = None
 
     @classmethod
@@ -465,51 +457,16 @@ class Store(SessionRows):
             raise UnknownUserError(username)
         return user
 
-    # Login failures (the throttle's counts when there is no Redis)
+    # Login failures: counted by the throttle (``throttle.py``) when there is no Redis
 
-    async def count_failure(
-        self, limits: dict[str, int], window: float, now: float, attempt: str
-    ) -> float:
-        """Count one login ``attempt`` (a failure until ``forgive_failure``) under each of
-        these keys, unless one of them already has its limit of failures in the last
-        ``window`` seconds.
+    @contextlib.asynccontextmanager
+    async def throttling(self) -> AsyncIterator[Executor]:
+        """A write transaction for the login throttle's counts (table ``login_failures``).
+        Logins hold a pooled connection while they wait for each other: at most half the
+        pool at a time, so that a burst of them never keeps handshakes from the database.
 
-        Returns:
-            0 when counted; else the seconds until every key is under its limit again
-            (nothing was counted).
+        Raises:
+            DatabaseError: the database failed.
         """
-        keys = list(limits)
         async with self._throttling, self._db.transaction() as tx:
-            await tx.serialize(keys)  # nodes counting at once see each other's counts
-            if now - self._failures_pruned > FAILURES_PRUNE_EVERY:
-                # Keys nobody tries again would otherwise keep their rows for ever.
-                self._failures_pruned = now
-                await tx.execute("DELETE FROM login_failures WHERE at <= ?", now - window)
-            # At most each key's limit of rows (no more are ever counted), in one round trip.
-            stamps: dict[str, list[float]] = {key: [] for key in keys}
-            for key, at in await tx.fetch(_FAILURES.format(marks=marks(keys)), *keys, now - window):
-                stamps[key].append(float(at))
-            waits = [
-                sorted(stamps[key])[-limit] + window - now
-                for key, limit in limits.items()
-                if len(stamps[key]) >= limit
-            ]
-            if waits:
-                return max(waits)
-            await tx.executemany(
-                "INSERT INTO login_failures (key, at, attempt) VALUES (?, ?, ?)",
-                [(key, now, attempt) for key in limits],
-            )
-        return 0.0
-
-    async def forgive_failure(self, keys: list[str], attempt: str, clear: list[str]) -> None:
-        """The ``attempt`` counted under ``keys`` was right: it is no failure. Every
-        failure under the keys in ``clear`` is forgiven too."""
-        async with self._throttling, self._db.transaction() as tx:
-            await tx.execute(
-                _FORGIVE.format(marks=marks(keys)),  # only placeholders go in
-                *keys,
-                attempt,
-            )
-            if clear:
-                await tx.execute(_FORGIVE_ALL.format(marks=marks(clear)), *clear)
+            yield tx

@@ -1,0 +1,152 @@
+"""The interface between the hub and a backplane engine, both ways.
+
+The hub talks to one ``Backplane``, always: the local engine (``local.py``, one node: the
+embedded default) or the Redis engine (``redis/``, many nodes). An engine takes what the
+hub publishes and hands it back to the hub's ``Node`` callbacks wherever it must reach:
+the local engine at once (``fan_out``), the Redis engine on every node once Redis has it
+(``deliver``, which paces backends' events through a backlog). So the hub asks no
+question about which engine it has: each does the right thing for its kind of node.
+
+What an engine must keep (the hub's docstring tells why):
+- ``publish`` is a plain ``def`` that never awaits: the local engine fans out before it
+  returns (and returns None), the Redis engine queues and returns a future;
+- ``publish_paced`` paces a backend's event where the engine's node can: the local engine
+  waits for room first (``Node.room``), the Redis engine leaves it to every receiver;
+- ``positions`` finds where a joining connection's streams stand, and what it missed,
+  without a gap or a duplicate with what reaches its outbox live;
+- presence (``arrive`` / ``regroup`` / ``depart``): a user's first and last connection,
+  over all nodes the engine spans, told once to the groups chosen by the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..outbox import Outbox
+from ..protocol import Kind, Position
+
+OnMessage = Callable[[Kind, str, str], Awaitable[None] | None]
+"""Takes (kind, target, encoded event) for what arrives from any node; what it returns,
+if anything, is awaited before the next event is handed over (the backlog is full)."""
+OnControl = Callable[[dict[str, Any]], None]
+"""Takes another node's control change (``Backplane.control``)."""
+Read = dict[str, tuple[Position, list[str] | None]]
+"""Where each stream stands and, for a stream the client had seen, what it missed since
+(None: that cannot be recovered)."""
+
+
+class BackplaneUnavailableError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the backplane is unavailable ({reason}), try again")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """The hub's side, handed to its engine once (``Backplane.bind``)."""
+
+    deliver: OnMessage
+    """An event from the backplane: pushed to the local recipients, or paced (a backend's)."""
+    fan_out: Callable[[Kind, str, str], None]
+    """An event pushed to the local recipients now, whatever their outboxes hold."""
+    room: Callable[[Kind, str, int, dict[str, float]], Awaitable[None]]
+    """Wait until the local recipients have room for a backend's event of this many
+    bytes (``waited``: how long each user has held its batch up so far)."""
+    users_in: Callable[[str], Collection[str]]
+    """The users connected here in a group."""
+    missed: Callable[[], None]
+    """Back on the backplane after losing it: what was published meanwhile never came."""
+
+
+class Backplane(Protocol):
+    """What the hub talks to: fan-out, history positions, presence, control."""
+
+    @property
+    def healthy(self) -> bool:
+        """Whether it can take publishes now."""
+
+    def bind(self, node: Node) -> None:
+        """Hand what reaches this node to ``node`` (called once, by the hub)."""
+
+    def start(self, on_control: OnControl | None) -> None:
+        """Start sharing fan-out; other nodes' control changes go to ``on_control``."""
+
+    async def close(self) -> None: ...
+
+    async def health(self) -> dict[str, str]:
+        """What ``/healthz`` says of it: each check's name and "ok" or "failing: why"."""
+
+    # Fan-out
+
+    def make_room(self, count: int) -> None:
+        """Check that ``count`` publishes can be taken now (a batch goes all or none).
+
+        Raises:
+            BackplaneUnavailableError: they cannot.
+        """
+
+    def publish(self, kind: Kind, target: str, head: str, tail: str) -> asyncio.Future[None] | None:
+        """Send one encoded message (``protocol.message_parts``) to every node, never
+        awaiting anyone: None once fanned out here, or a future that settles once the
+        backplane has it (or fails with ``BackplaneUnavailableError``).
+
+        Raises:
+            BackplaneUnavailableError: it cannot be taken now.
+        """
+
+    async def publish_paced(
+        self, kind: Kind, target: str, head: str, tail: str, waited: dict[str, float]
+    ) -> asyncio.Future[None] | None:
+        """``publish`` a backend's message, paced (see the hub's Pacing)."""
+
+    async def control(self, change: dict[str, Any]) -> None:
+        """Tell every other node of an operator's change (a JSON-able dict).
+
+        Raises:
+            BackplaneUnavailableError: the other nodes cannot be told now.
+        """
+
+    def want(self, kind: Kind, target: str) -> None:
+        """Hear this group's or user's messages (the hub has a local connection for it)."""
+
+    def unwant(self, kind: Kind, target: str) -> None:
+        """No local connection is left for this group or user."""
+
+    # History (DESIGN 5.1)
+
+    async def positions(
+        self, outbox: Outbox, streams: list[str], seen: dict[str, Position]
+    ) -> Read | None:
+        """Where a joining connection's streams stand, and (for those in ``seen``) what it
+        missed, at most ``outbox.limit`` bytes of it; the outbox was just added to the hub.
+        None when there is no history, or it cannot be read now."""
+
+    # Presence (DESIGN 5.2)
+
+    def arrive(self, user: str, groups: tuple[str, ...], announce: tuple[str, ...]) -> None:
+        """This node has its first connection of ``user``, who is in ``groups``; the groups
+        in ``announce`` are told when the user comes online and goes offline."""
+
+    def regroup(self, user: str, groups: tuple[str, ...], left: tuple[str, ...] = ()) -> None:
+        """A user present here is now in these groups, and no longer in ``left`` (told no
+        more of their comings and goings)."""
+
+    def depart(self, user: str) -> None:
+        """This node's last connection of ``user`` is gone."""
+
+    async def online(self, group: str, limit: int) -> tuple[list[str], int]:
+        """The group's online users (at most ``limit`` names) and their exact count.
+
+        Raises:
+            BackplaneUnavailableError: it cannot say now.
+        """
+
+    async def present(self, kind: Kind, target: str) -> bool:
+        """Whether someone is online in this group (or as this user) on another node.
+
+        Raises:
+            BackplaneUnavailableError: it cannot say now.
+        """

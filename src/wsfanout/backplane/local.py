@@ -1,0 +1,131 @@
+"""The local engine: one node, no other to tell (the embedded default).
+
+Theory of operation. A publish is fanned out here and now, in the same step as it is handed
+over: with history on, the in-memory ``History`` gives the message its stream's next offset
+in that step too, so every stream reaches every client in offset order. A backend's message
+(``publish_paced``) first waits for room in its recipients' outboxes (``Node.room``) and gets
+its offset only once it goes out. ``positions()`` reads the history without awaiting
+anything: the hub's ``join()`` adds the connection and reads where its streams stand in one
+step of the event loop, so nothing can be published in between (no gap, no duplicate).
+
+Presence is this node's: a user's first connection here is their first anywhere, and their
+``online`` / ``offline`` events are fanned out here, to the groups they were announced to.
+Control needs no telling: the operator's changes were applied here already.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, Final
+
+from .. import protocol
+from ..history import History
+from ..outbox import Outbox
+from ..protocol import Kind, Position
+from .base import Node, Read
+
+OFFSET_BYTES: Final = 30  # what ',"offset":N' adds to a message, at most
+
+
+class LocalBackplane:
+    """Fan-out, history and presence of one node (``Backplane``)."""
+
+    def __init__(self, history: History | None = None) -> None:
+        self.history = history
+        self.healthy = True
+        self._announce: dict[str, tuple[str, ...]] = {}  # user -> groups told of them
+        # The hub's callbacks (``bind``), kept as they are: one lookup per publish.
+        self._fan_out: Callable[[Kind, str, str], None] = _unbound
+        self._room: Callable[[Kind, str, int, dict[str, float]], Awaitable[None]] = _unbound
+        self._users_in: Callable[[str], Collection[str]] = _unbound
+
+    def bind(self, node: Node) -> None:
+        self._fan_out, self._room, self._users_in = node.fan_out, node.room, node.users_in
+
+    def start(self, on_control: Any = None) -> None:
+        """Nothing to start: no other node sends changes."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    async def health(self) -> dict[str, str]:
+        return {}
+
+    # Fan-out
+
+    def make_room(self, count: int) -> None:
+        """Always room: what does not fit an outbox is the pacing's to handle."""
+
+    def publish(self, kind: Kind, target: str, head: str, tail: str) -> None:
+        """Give the message its offset (with history on) and fan it out here, now."""
+        history = self.history
+        if history is None:
+            frame = head + tail
+        else:
+            frame = history.append(protocol.stream_of(kind, target), head, tail)
+        self._fan_out(kind, target, frame)
+
+    async def publish_paced(
+        self, kind: Kind, target: str, head: str, tail: str, waited: dict[str, float]
+    ) -> None:
+        """Wait for room in the recipients' outboxes, then ``publish``: its offset only
+        now, so each stream stays in order."""
+        size = len(head.encode()) + len(tail.encode()) + OFFSET_BYTES
+        await self._room(kind, target, size, waited)
+        self.publish(kind, target, head, tail)
+
+    async def control(self, change: dict[str, Any]) -> None:
+        """No other node to tell."""
+
+    def want(self, kind: Kind, target: str) -> None:
+        """Everything published here is heard here."""
+
+    def unwant(self, kind: Kind, target: str) -> None:
+        """Everything published here is heard here."""
+
+    # History
+
+    async def positions(
+        self, outbox: Outbox, streams: list[str], seen: dict[str, Position]
+    ) -> Read | None:
+        """Read from the history, never awaiting: the caller's step is not interrupted."""
+        history = self.history
+        if history is None:
+            return None
+        positions = [(stream, history.position(stream)) for stream in streams]
+        return {
+            stream: (where, history.since(stream, seen[stream]) if stream in seen else None)
+            for stream, where in positions
+        }
+
+    # Presence
+
+    def arrive(self, user: str, groups: tuple[str, ...], announce: tuple[str, ...]) -> None:
+        self._announce[user] = announce
+        self._arrival("online", user, announce)
+
+    def regroup(self, user: str, groups: tuple[str, ...], left: tuple[str, ...] = ()) -> None:
+        announce = self._announce.get(user)
+        if announce is not None and left:  # no more online / offline events to a group left
+            self._announce[user] = tuple(group for group in announce if group not in left)
+
+    def depart(self, user: str) -> None:
+        self._arrival("offline", user, self._announce.pop(user, ()))
+
+    def _arrival(self, kind: str, user: str, groups: tuple[str, ...]) -> None:
+        """``online`` / ``offline`` to each of these groups: one event per group."""
+        fan_out = self._fan_out
+        for group in groups:
+            fan_out(Kind.GROUP, group, protocol.arrival(kind, user, group))
+
+    async def online(self, group: str, limit: int) -> tuple[list[str], int]:
+        users = sorted(set(self._users_in(group)))
+        return users[:limit], len(users)
+
+    async def present(self, kind: Kind, target: str) -> bool:
+        """No other node: whoever is present is in the hub's own index."""
+        return False
+
+
+def _unbound(*args: object) -> Any:
+    raise RuntimeError("the local backplane is not bound to a hub yet")

@@ -1,0 +1,362 @@
+"""Redis pub/sub between nodes, and the operator's changes (DESIGN 5.3). Knows no hub.
+
+Theory of operation. Every publish from any node goes to Redis once, already encoded, on one
+channel: ``<prefix>all`` for broadcasts, ``<prefix>g:<group>`` for a group,
+``<prefix>u:<username>`` for a user's connections. Channel names are this module's alone:
+callers speak of a message's kind and target. Every node (including the sender's) receives
+it on its one subscriber connection and hands ``(kind, target, frame)`` to ``on_message``,
+which fans it out locally. Redis keeps the order of messages on a subscriber connection, and
+messages leave this node in the order queued (pipelined, many to a round trip: a sender
+need not wait for one before queueing the next), so each sender's messages reach each
+recipient in order. With history on, a message is published by ``positions.py``'s script,
+which gives it its offset.
+
+A node is subscribed to ``all`` always, and to a group's or user's channel only while it
+wants it (``want``/``unwant``, which the hub calls when a group or user gets its first or
+loses its last local connection). The wanted set is applied by one task, so a burst of
+connections becomes one SUBSCRIBE.
+
+Control. Every node also hears ``<prefix>ctl``: ``control()`` publishes a change made by the
+operator (a revocation, a membership) as a small JSON object, ahead of any queued message,
+and every other node hands it to ``on_control``; a node's own changes are not handed back.
+
+Redis going away takes nothing down: ``publish`` raises (or its future fails with)
+``BackplaneUnavailableError`` (the sender is told ``unavailable``), local connections stay
+open, and the supervisor reconnects with backoff and subscribes again to exactly what is
+wanted then (and calls ``on_missed``: what was published meanwhile never came). Each change
+of state is logged once (``Link.up`` / ``down``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any, Final
+
+import orjson
+from redis.exceptions import RedisError
+
+from ... import protocol
+from ...protocol import Kind
+from ..base import BackplaneUnavailableError, OnControl, OnMessage
+from .link import PIPELINE_MAX, STOP_TIMEOUT, SYNC_TIMEOUT, Link, describe, stop
+from .positions import Positions
+
+log = logging.getLogger(__name__)
+
+BROADCAST: Final = "all"
+CONTROL: Final = "ctl"  # the operator's changes (DESIGN 5.3), heard by every node
+BACKOFF_MIN: Final = 0.1
+BACKOFF_MAX: Final = 5.0
+IDLE_PING: Final = 5.0
+MAX_WAITING: Final = 100_000  # messages queued for Redis before senders are told unavailable
+
+Outgoing = tuple[str, str | None, str, str, asyncio.Future[None]]
+"""(channel, stream or None, head, tail, done): the stream when history is on."""
+
+
+def channel_of(kind: Kind, target: str) -> str:
+    if kind is Kind.GROUP:
+        return "g:" + target
+    if kind is Kind.DIRECT:
+        return "u:" + target.lower()
+    return BROADCAST
+
+
+def _route(channel: str) -> tuple[Kind, str]:
+    if channel == BROADCAST:
+        return Kind.BROADCAST, ""
+    prefix, _, name = channel.partition(":")
+    return (Kind.GROUP if prefix == "g" else Kind.DIRECT), name
+
+
+class PubSub:
+    """One publisher task pipelining what is queued, one subscriber connection."""
+
+    def __init__(self, link: Link, positions: Positions, node: str) -> None:
+        self._link = link
+        self._positions = positions
+        self._node = node
+        self._on_message: OnMessage | None = None
+        self._on_missed: Callable[[], None] | None = None
+        self._on_control: OnControl | None = None
+        self._wanted: set[str] = {BROADCAST, CONTROL}
+        self._subscribed: set[str] = set()
+        self._changed = asyncio.Event()
+        self._confirmed: set[str] = set()  # channels Redis said it subscribed us to
+        self._confirmation = asyncio.Event()  # set (and replaced) on each confirmation
+        self._connected_before = False
+        self._task: asyncio.Task[None] | None = None
+        self._pubsub: Any = None
+        self._closing = False
+        self._outgoing: collections.deque[Outgoing] = collections.deque()
+        self._controls: collections.deque[Outgoing] = collections.deque()  # sent first
+        self._publisher_waiter: asyncio.Future[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
+
+    # What the hub calls (plain defs: nothing here waits on Redis)
+
+    def want(self, kind: Kind, target: str) -> None:
+        channel = channel_of(kind, target)
+        if channel not in self._wanted:
+            self._wanted.add(channel)
+            self._changed.set()
+
+    def unwant(self, kind: Kind, target: str) -> None:
+        channel = channel_of(kind, target)
+        if channel not in (BROADCAST, CONTROL) and channel in self._wanted:
+            self._wanted.discard(channel)
+            self._changed.set()
+
+    async def subscribed(self, wanted: list[tuple[Kind, str]]) -> bool:
+        """Wait (up to SYNC_TIMEOUT) until Redis has confirmed that this node hears these
+        groups' and users' channels (and everyone's); False if it has not by then."""
+        channels = {BROADCAST, CONTROL, *(channel_of(kind, target) for kind, target in wanted)}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SYNC_TIMEOUT
+        while not channels <= self._confirmed:
+            left = deadline - loop.time()
+            if left <= 0 or not self._link.healthy:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._confirmation.wait(), left)
+        return True
+
+    def make_room(self, count: int) -> None:
+        """Check that ``count`` messages can be queued now (so a batch goes all or none).
+
+        Raises:
+            BackplaneUnavailableError: Redis cannot be reached now, or too much waits.
+        """
+        self._link.check()
+        if len(self._outgoing) + count > MAX_WAITING:
+            raise BackplaneUnavailableError(f"{MAX_WAITING} messages already wait for Redis")
+
+    def publish(self, kind: Kind, target: str, head: str, tail: str) -> asyncio.Future[None]:
+        """Queue one encoded message (``protocol.message_parts``) for every node; with
+        history on, Redis gives it its offset and keeps it. The future settles once Redis
+        has it.
+
+        Raises:
+            BackplaneUnavailableError: Redis cannot be reached now, or too much waits.
+        """
+        self.make_room(1)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stream = protocol.stream_of(kind, target) if self._positions.enabled else None
+        channel = self._link.prefix + channel_of(kind, target)
+        self._outgoing.append((channel, stream, head, tail, done))
+        self._wake_publisher()
+        return done
+
+    def control(self, change: dict[str, Any]) -> asyncio.Future[None]:
+        """Tell every other node of an operator's change (a JSON-able dict); the future
+        settles once Redis has it.
+
+        Raises:
+            BackplaneUnavailableError: Redis cannot be reached now.
+        """
+        self._link.check()  # but never "too much waits": changes go ahead of messages
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        frame = orjson.dumps({**change, "node": self._node}).decode()
+        self._controls.append((self._link.prefix + CONTROL, None, frame, "", done))
+        self._wake_publisher()
+        return done
+
+    # The publisher side
+
+    def _wake_publisher(self) -> None:
+        waiter = self._publisher_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _publish_loop(self) -> None:
+        """Send queued messages in pipelines, in order; fail them if Redis fails."""
+        loop = asyncio.get_running_loop()
+        outgoing, controls = self._outgoing, self._controls
+        while True:
+            if not outgoing and not controls:
+                self._publisher_waiter = loop.create_future()
+                try:
+                    await self._publisher_waiter
+                finally:
+                    self._publisher_waiter = None
+                continue
+            batch = [controls.popleft() for _ in range(min(len(controls), PIPELINE_MAX))]
+            room = PIPELINE_MAX - len(batch)
+            batch += [outgoing.popleft() for _ in range(min(len(outgoing), room))]
+            try:
+                results = await self._link.pipeline(self._commands(batch), each=True)
+            except (RedisError, OSError) as exc:
+                # Health is the subscriber's to judge (it reconnects); these messages failed.
+                _fail(batch, BackplaneUnavailableError(describe(exc)))
+                continue
+            except BaseException:  # cancelled (closing) mid-pipeline: answer every sender
+                _fail(batch, BackplaneUnavailableError("shutting down"))
+                raise
+            for (*_, done), result in zip(batch, results, strict=True):
+                if done.done():
+                    continue
+                if isinstance(result, Exception):  # this one only (out of memory, say)
+                    done.set_exception(BackplaneUnavailableError(describe(result)))
+                else:
+                    done.set_result(None)
+
+    def _commands(self, batch: list[Outgoing]) -> list[tuple[Any, ...]]:
+        positions = self._positions
+        return [
+            ("PUBLISH", channel, head + tail)
+            if stream is None
+            else positions.publish(channel, stream, head, tail)
+            for channel, stream, head, tail, _ in batch
+        ]
+
+    # Life cycle
+
+    def start(
+        self,
+        on_message: OnMessage,
+        on_missed: Callable[[], None] | None,
+        on_control: OnControl | None,
+    ) -> None:
+        """Connect and subscribe; hand every message that arrives to ``on_message``, every
+        other node's control change to ``on_control``; ``on_missed`` is called when the
+        node is subscribed again after losing Redis."""
+        self._on_message = on_message
+        self._on_missed = on_missed
+        self._on_control = on_control
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._supervise(), name="wsfanout-backplane")
+        self._publisher = loop.create_task(self._publish_loop(), name="wsfanout-publisher")
+
+    async def close_publisher(self) -> None:
+        """Stop sending; what is still queued fails (its senders are told)."""
+        self._closing = True
+        publisher, self._publisher = self._publisher, None
+        await stop(publisher)
+        for queue in (self._controls, self._outgoing):
+            _fail(list(queue), BackplaneUnavailableError("shutting down"))
+            queue.clear()
+
+    async def close_subscriber(self) -> None:
+        self._closing = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # redis-py can swallow a cancellation inside a read; closing the
+            # connection ends that read, and the loops check ``_closing``.
+            _, pending = await asyncio.wait({task}, timeout=0.5)
+            if pending and self._pubsub is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(STOP_TIMEOUT):
+                        await self._pubsub.aclose()
+            await stop(task)
+
+    # The subscriber side
+
+    async def _supervise(self) -> None:
+        link = self._link
+        backoff = BACKOFF_MIN
+        while not self._closing:
+            pubsub = self._pubsub = link.client.pubsub()
+            try:
+                if self._connected_before:
+                    await link.renew()
+                await self._subscribe(pubsub, set(self._wanted), set())
+                link.up(len(self._subscribed))
+                if self._connected_before and self._on_missed is not None:
+                    self._on_missed()
+                self._connected_before = True
+                backoff = BACKOFF_MIN
+                listen = asyncio.create_task(self._listen(pubsub))
+                manage = asyncio.create_task(self._manage(pubsub))
+                try:
+                    done, _ = await asyncio.wait(
+                        (listen, manage), return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in done:
+                        task.result()  # re-raise what ended it
+                finally:
+                    listen.cancel()
+                    manage.cancel()
+                    await asyncio.gather(listen, manage, return_exceptions=True)
+            except (RedisError, OSError) as exc:
+                link.down(exc)
+            finally:
+                self._subscribed = set()
+                self._confirmed = set()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(BACKOFF_MAX, backoff * 2)
+
+    async def _subscribe(self, pubsub: Any, add: set[str], remove: set[str]) -> None:
+        prefix = self._link.prefix
+        if add:
+            await pubsub.subscribe(*(prefix + channel for channel in sorted(add)))
+            self._subscribed |= add
+        if remove:
+            self._confirmed -= remove
+            await pubsub.unsubscribe(*(prefix + channel for channel in sorted(remove)))
+            self._subscribed -= remove
+
+    async def _manage(self, pubsub: Any) -> None:
+        """Apply changes to the wanted set, many at a time."""
+        while True:
+            wanted = set(self._wanted)
+            add, remove = wanted - self._subscribed, self._subscribed - wanted
+            if add or remove:
+                await self._subscribe(pubsub, add, remove)
+                continue
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def _listen(self, pubsub: Any) -> None:
+        prefix_length = len(self._link.prefix)
+        deliver = self._on_message
+        assert deliver is not None
+        while not self._closing:
+            message = await pubsub.get_message(timeout=IDLE_PING)
+            if message is None:
+                await pubsub.ping()  # quiet for a while: make sure the connection is alive
+                continue
+            # Deliver everything already received before letting the flusher run, so
+            # a burst arriving from Redis leaves as batches too.
+            while message is not None:
+                kind = message.get("type")
+                if kind == "message":
+                    channel = message["channel"].decode()[prefix_length:]
+                    if channel == CONTROL:
+                        self._controlled(message["data"])
+                        message = await pubsub.get_message(timeout=0)
+                        continue
+                    try:
+                        waiting = deliver(*_route(channel), message["data"].decode())
+                        if waiting is not None:  # a recipient's outbox is full: paced
+                            await waiting
+                    except Exception:
+                        log.exception("delivering a message from channel %r failed", channel)
+                elif kind == "subscribe":  # from now on, Redis sends us this channel
+                    self._confirmed.add(message["channel"].decode()[prefix_length:])
+                    self._confirmation.set()
+                    self._confirmation = asyncio.Event()
+                message = await pubsub.get_message(timeout=0)
+
+    def _controlled(self, data: bytes) -> None:
+        """Hand another node's control change on (a bad one is logged, never raised)."""
+        try:
+            change = orjson.loads(data)
+            if not isinstance(change, dict):
+                raise TypeError("not an object")
+            if change.get("node") != self._node and self._on_control is not None:
+                self._on_control(change)
+        except Exception:
+            log.exception("handling a control change %.200r failed", data)
+
+
+def _fail(batch: list[Outgoing], failure: Exception) -> None:
+    for *_, done in batch:
+        if not done.done():
+            done.set_exception(failure)
