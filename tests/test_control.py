@@ -312,8 +312,27 @@ async def test_tokens_reach_only_names_someone_holds(nodes: list[Server]) -> Non
     here, there = nodes
     sender = await Client.open(here.ws_url + "?token=" + token("sender", []), cookie="")
     holder = await Client.open(there.ws_url + "?token=" + token("holder", ["club"]), cookie="")
-    assert (await sender.next())["type"] == (await holder.next())["type"] == "welcome"
-    await asyncio.sleep(0.3)  # the holder's presence reaches Redis
+    try:
+        assert (await sender.next())["type"] == (await holder.next())["type"] == "welcome"
+        await _until_online(holder, "club", "holder")
+        await _names_someone_holds_reach(sender, holder)
+    finally:
+        for client in (sender, holder):
+            await client.close()
+
+
+async def _until_online(client: Client, group: str, user: str) -> None:
+    """Ask for the group's presence (across nodes, from Redis) until it names ``user``."""
+    deadline = time.monotonic() + 10
+    while True:
+        await client.send({"type": "presence", "group": group, "id": "p"})
+        if user in (await client.next_of("presence"))["online"]:
+            return
+        assert time.monotonic() < deadline, f"{user} never showed online in {group}"
+        await asyncio.sleep(0.05)
+
+
+async def _names_someone_holds_reach(sender: Client, holder: Client) -> None:
     frames = [
         {"type": "group", "group": "club", "text": "to club", "id": "ok1"},
         {"type": "direct", "user_name": "HOLDER", "text": "to holder", "id": "ok2"},
@@ -335,8 +354,6 @@ async def test_tokens_reach_only_names_someone_holds(nodes: list[Server]) -> Non
         ("to club", "group:club"),
         ("to holder", "user:holder"),  # one stream per user, however the name is typed
     ]
-    for client in (sender, holder):
-        await client.close()
 
 
 async def test_a_good_cookie_wins_over_a_bad_bearer_header(nodes: list[Server]) -> None:
