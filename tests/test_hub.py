@@ -154,16 +154,19 @@ def test_backend_messages_are_told_apart_by_their_via() -> None:
 
 
 async def test_a_paced_publish_keeps_room_for_users_messages() -> None:
-    """publish_paced fills an outbox to half its bound at most; an unpaced publish (a
-    user's) still fits in the other half."""
+    """publish_paced fills an outbox to half its bound at most (while there is room, it is
+    delivered at once, with nothing to await); an unpaced publish (a user's) still fits in
+    the other half."""
     h = Hub(LocalBackplane(), pace_timeout=0.2)
     box = outbox("greg")
     h.add(box)
     publish = Publish(Kind.BROADCAST, "y" * 2_000, "", source=Source.API)
     for _ in range(2):
-        await h.publish_paced(publish)
+        assert h.publish_paced(publish) is None
     assert box.queued_bytes < 5_000
-    paced = asyncio.create_task(h.publish_paced(publish))
+    waiting = h.publish_paced(publish)
+    assert asyncio.iscoroutine(waiting)  # no room: it waits
+    paced = asyncio.create_task(waiting)
     await asyncio.sleep(0.05)
     assert not paced.done()
     assert h.publish(Publish(Kind.BROADCAST, "z" * 4_000, "", sender="mike")) is None
@@ -180,7 +183,9 @@ async def test_a_paced_publish_waiting_when_the_hub_drains_is_refused() -> None:
     h.add(box)
     h.publish(Publish(Kind.DIRECT, "x" * 6_000, "greg", sender="mike"))  # never paced
     queued = box.queued_bytes
-    paced = asyncio.create_task(h.publish_paced(Publish(Kind.BROADCAST, "y", source=Source.API)))
+    waiting = h.publish_paced(Publish(Kind.BROADCAST, "y", source=Source.API))
+    assert asyncio.iscoroutine(waiting)
+    paced = asyncio.create_task(waiting)
     await asyncio.sleep(0.05)
     assert not paced.done()
     await h.drain(1001, batch=10, pause=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ import pytest
 
 from tests import asgi
 from tests.conftest import login
+from tests.outboxes import Reader, eventually
 from wsfanout import App, Settings, create_app
 from wsfanout.protocol import ErrorCode, Kind, ProtocolError, Publish, Source
 from wsfanout.publishing import MAX_BATCH, BatchError, Publishing
@@ -161,3 +163,33 @@ async def test_publish_batch_delivers_in_order(app: App) -> None:
         await publishing(app).publish_batch(batch)
         texts = [(await amanda.receive())["text"] for _ in range(20)]
         assert texts == [str(n) for n in range(20)]
+
+
+async def test_batches_waiting_for_room_go_out_one_at_a_time_in_order(app: App) -> None:
+    """A batch larger than a reader's outbox waits for room (on the local engine), and a
+    batch sent meanwhile waits behind it: each reaches the reader whole and in order."""
+    assert app.service is not None
+    hub = app.service.hub
+    reader = Reader("greg")
+    hub.add(reader.outbox)
+    try:
+        first, second = (
+            [
+                Publish(Kind.DIRECT, f"{name}{n} " + "x" * 1_500, "greg", source=Source.API)
+                for n in range(10)
+            ]
+            for name in ("a", "b")
+        )
+        sending = [
+            asyncio.create_task(publishing(app).publish_batch(batch)) for batch in (first, second)
+        ]
+        await eventually(lambda: hub.stats.paced > 0)  # the outbox is full: the first waits
+        assert not any(task.done() for task in sending)
+        reader.read()
+        await asyncio.gather(*sending)
+        await eventually(lambda: len(reader.texts()) == 20)
+        assert reader.texts() == [publish.text for publish in first + second]
+        assert reader.outbox.close_code is None
+    finally:
+        hub.remove(reader.outbox)
+        await reader.close()

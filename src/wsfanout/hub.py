@@ -13,6 +13,9 @@ Pacing (``pacing.py``). Backends' events are paced so that a batch larger than a
 does not close its clients with 1013: ``publish_paced()`` (the API and RabbitMQ, one batch at
 a time) waits for room before the local engine fans it out; with Redis, every node paces the
 backend events Redis hands it through a backlog of its own. Users' messages are never paced.
+``publish_paced()`` is a plain ``def`` as well: it hands back something to await only when it
+must wait for room (the caller awaits it before its next paced publish); a wait that the
+hub's drain ends is refused, and that event does not go out.
 
 Positions (DESIGN 5.1). With history on, a message gets its stream's next offset where it is
 fanned out from: the local engine's in-memory ``History``, in the same step as the push, or
@@ -41,14 +44,14 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Final
 
 from . import protocol
-from .backplane import Backplane, BackplaneUnavailableError, Node, OnControl
+from .backplane import Backplane, BackplaneUnavailableError, Node, OnControl, Paced
 from .outbox import Item, Outbox, item
-from .pacing import BACKLOG_BYTES, HubStats, Pacer
+from .pacing import BACKLOG_BYTES, DrainingError, HubStats, Pacer
 from .protocol import Kind, Position, Publish
 
 __all__ = ["Hub", "HubStats", "Joined", "UnavailableError"]
@@ -103,7 +106,7 @@ class Hub:
             Node(
                 deliver=self._pacer.deliver,
                 fan_out=self._fan_out,
-                room=self._room,
+                room=self._pacer.room,
                 users_in=self._users_in,
                 missed=self._missed,
             )
@@ -328,9 +331,7 @@ class Hub:
         self._count(publish)
         return None if sent is None else _settled(sent)
 
-    async def publish_paced(
-        self, publish: Publish, waited: dict[str, float] | None = None
-    ) -> asyncio.Future[None] | None:
+    def publish_paced(self, publish: Publish, waited: dict[str, float] | None = None) -> Paced:
         """``publish()`` a backend's message, paced (see Pacing): with the local engine,
         once there is room in the recipients' outboxes; with Redis at once (every node
         paces what it receives).
@@ -338,30 +339,39 @@ class Hub:
         ``waited`` carries how long each user has held this batch up so far (pass the
         same dict for every publish of a batch).
 
+        Returns:
+            None when it was delivered here and now; a future as ``publish()`` returns;
+            or, when it must wait for room first, a coroutine to await before the next
+            paced publish (it publishes once there is room).
+
         Raises:
-            UnavailableError: as ``publish()``; also when shutting down during the wait.
+            UnavailableError: as ``publish()``; the coroutine also when the hub begins
+            shutting down during the wait (then nothing of it goes out).
         """
         if self.closed:
             raise UnavailableError("the server is shutting down")
         head, tail = protocol.message_parts(publish, time.time())
         try:
-            sent = await self.backplane.publish_paced(
+            sent = self.backplane.publish_paced(
                 publish.kind, publish.target, head, tail, {} if waited is None else waited
             )
         except BackplaneUnavailableError as exc:
             raise UnavailableError(str(exc)) from None
+        if sent is None:
+            self._count(publish)
+            return None
+        if isinstance(sent, asyncio.Future):
+            self._count(publish)
+            return _settled(sent)
+        return self._paced(publish, sent)
+
+    async def _paced(self, publish: Publish, waiting: Awaitable[None]) -> None:
+        """Wait for room, then count the publish that went out."""
+        try:
+            await waiting
+        except (DrainingError, BackplaneUnavailableError) as exc:
+            raise UnavailableError(str(exc)) from None
         self._count(publish)
-        return None if sent is None else _settled(sent)
-
-    async def _room(self, kind: Kind, target: str, size: int, waited: dict[str, float]) -> None:
-        """Wait for room for a paced event (``Node.room``).
-
-        Raises:
-            UnavailableError: the hub began shutting down meanwhile.
-        """
-        await self._pacer.room(kind, target, size, waited)
-        if self.closed:
-            raise UnavailableError("the server is shutting down")
 
     def _fan_out(self, kind: Kind, target: str, frame: str) -> None:
         """Push an encoded event to the local recipients (``Node.fan_out``)."""

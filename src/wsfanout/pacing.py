@@ -3,7 +3,9 @@
 Theory of operation. A backend's batch can be larger than an outbox holds; pushed at once it
 would close every recipient with 1013, reading or not. So backends' events are paced, where
 the backplane's engine says: the local engine waits for room before it fans a paced publish
-out (``room()``: the API and RabbitMQ, one batch at a time); the Redis engine hands every
+out (``room()``: the API and RabbitMQ, one batch at a time; when there is room, it says so
+at once, with nothing to await, and a wait that the hub's drain ends raises
+``DrainingError``: that event does not go out); the Redis engine hands every
 node what Redis brings, and a backend's event that does not fit (or that others wait ahead
 of) joins this node's backlog, which a task of its own paces out in order (``deliver()``).
 A paced event fills an outbox only up to half its bound (the other half stays free for
@@ -22,9 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from . import protocol
 from .outbox import Item, Outbox, item
@@ -32,6 +34,10 @@ from .protocol import Kind
 
 PACE_POLL: Final = (0.001, 0.02)  # the first and the longest sleep while waiting for room
 BACKLOG_BYTES: Final = 16 * 1024 * 1024  # backend events from Redis held here while paced
+
+
+class DrainingError(Exception):
+    """The hub began draining while a paced event waited for room: it does not go out."""
 
 
 @dataclass(slots=True)
@@ -67,13 +73,23 @@ class Pacer:
         self._backlog_room = asyncio.Event()
         self._pacer: asyncio.Task[None] | None = None
 
-    async def room(self, kind: Kind, target: str, size: int, waited: dict[str, float]) -> None:
-        """Wait until the recipients of a paced event of ``size`` bytes have room for it
-        (``waited``: how long each user has held this batch up so far)."""
+    def room(
+        self, kind: Kind, target: str, size: int, waited: dict[str, float]
+    ) -> Coroutine[Any, Any, None] | None:
+        """None when the recipients of a paced event of ``size`` bytes have room for it now;
+        else a coroutine that waits until they have (``waited``: how long each user has
+        held this batch up so far), and raises ``DrainingError`` if the hub began draining
+        meanwhile."""
         full = _full(self._recipients(kind, target), size)
-        if full:
-            self._stats.paced += 1
-            await self._wait(full, size, waited)
+        if not full:
+            return None
+        self._stats.paced += 1
+        return self._room(full, size, waited)
+
+    async def _room(self, full: list[Outbox], size: int, waited: dict[str, float]) -> None:
+        await self._wait(full, size, waited)
+        if self.closed:
+            raise DrainingError("the server is shutting down")
 
     def deliver(self, kind: Kind, target: str, frame: str) -> Awaitable[None] | None:
         """What the backplane hands this node. A user's message, or a backend's that fits,

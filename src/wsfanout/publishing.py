@@ -152,11 +152,17 @@ class Publishing:
         pending = []
         waited: dict[str, float] = {}  # how long each user has held this batch up
         # With Redis nothing here suspends (every node paces what it receives), so nothing
-        # can take the room meanwhile; the local engine waits for room in the outboxes.
+        # can take the room meanwhile; the local engine hands back a wait only when it must
+        # wait for room in the outboxes, and the next publish waits behind it (order).
         async with self.pacing:
             for publish in batch:
-                if (done := await hub.publish_paced(publish, waited)) is not None:
-                    pending.append(done)
+                sent = hub.publish_paced(publish, waited)
+                if sent is None:
+                    continue
+                if isinstance(sent, asyncio.Future):
+                    pending.append(sent)
+                else:
+                    await sent
         if pending:
             results = await asyncio.gather(*pending, return_exceptions=True)
             for result in results:

@@ -10,7 +10,15 @@ A later engine (Redis Cluster with sharded pub/sub, NATS) is one more module her
 
 from __future__ import annotations
 
-from .base import Backplane, BackplaneUnavailableError, Node, OnControl, OnMessage, Read
+from .base import (
+    Backplane,
+    BackplaneUnavailableError,
+    Node,
+    OnControl,
+    OnMessage,
+    Paced,
+    Read,
+)
 from .local import LocalBackplane
 
 __all__ = [
@@ -20,5 +28,6 @@ __all__ = [
     "Node",
     "OnControl",
     "OnMessage",
+    "Paced",
     "Read",
 ]

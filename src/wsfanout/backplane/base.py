@@ -11,7 +11,8 @@ What an engine must keep (the hub's docstring tells why):
 - ``publish`` is a plain ``def`` that never awaits: the local engine fans out before it
   returns (and returns None), the Redis engine queues and returns a future;
 - ``publish_paced`` paces a backend's event where the engine's node can: the local engine
-  waits for room first (``Node.room``), the Redis engine leaves it to every receiver;
+  waits for room first (``Node.room``), the Redis engine leaves it to every receiver. It is
+  a plain ``def`` too: only when it must wait for room does it hand back a coroutine;
 - ``positions`` finds where a joining connection's streams stand, and what it missed,
   without a gap or a duplicate with what reaches its outbox live;
 - presence (``arrive`` / ``regroup`` / ``depart``): a user's first and last connection,
@@ -21,7 +22,7 @@ What an engine must keep (the hub's docstring tells why):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,6 +34,10 @@ OnMessage = Callable[[Kind, str, str], Awaitable[None] | None]
 if anything, is awaited before the next event is handed over (the backlog is full)."""
 OnControl = Callable[[dict[str, Any]], None]
 """Takes another node's control change (``Backplane.control``)."""
+Paced = asyncio.Future[None] | Coroutine[Any, Any, None] | None
+"""What a paced publish hands back at once: None (fanned out here), a future that settles
+once the backplane has it (as ``publish``), or, when it must wait for room here first, a
+coroutine to await before the next paced publish (it publishes once there is room)."""
 Read = dict[str, tuple[Position, list[str] | None]]
 """Where each stream stands and, for a stream the client had seen, what it missed since
 (None: that cannot be recovered)."""
@@ -52,9 +57,10 @@ class Node:
     """An event from the backplane: pushed to the local recipients, or paced (a backend's)."""
     fan_out: Callable[[Kind, str, str], None]
     """An event pushed to the local recipients now, whatever their outboxes hold."""
-    room: Callable[[Kind, str, int, dict[str, float]], Awaitable[None]]
-    """Wait until the local recipients have room for a backend's event of this many
-    bytes (``waited``: how long each user has held its batch up so far)."""
+    room: Callable[[Kind, str, int, dict[str, float]], Awaitable[None] | None]
+    """None when the local recipients have room for a backend's event of this many bytes;
+    else something to await until they have (``waited``: how long each user has held its
+    batch up so far), which raises if the hub begins draining meanwhile."""
     users_in: Callable[[str], Collection[str]]
     """The users connected here in a group."""
     missed: Callable[[], None]
@@ -97,10 +103,15 @@ class Backplane(Protocol):
             BackplaneUnavailableError: it cannot be taken now.
         """
 
-    async def publish_paced(
+    def publish_paced(
         self, kind: Kind, target: str, head: str, tail: str, waited: dict[str, float]
-    ) -> asyncio.Future[None] | None:
-        """``publish`` a backend's message, paced (see the hub's Pacing)."""
+    ) -> Paced:
+        """``publish`` a backend's message, paced (see the hub's Pacing), never awaiting:
+        what it hands back (``Paced``) is awaited only when it must wait for room first.
+
+        Raises:
+            BackplaneUnavailableError: it cannot be taken now.
+        """
 
     async def control(self, change: dict[str, Any]) -> None:
         """Tell every other node of an operator's change (a JSON-able dict).

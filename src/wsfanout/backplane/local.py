@@ -4,7 +4,8 @@ Theory of operation. A publish is fanned out here and now, in the same step as i
 over: with history on, the in-memory ``History`` gives the message its stream's next offset
 in that step too, so every stream reaches every client in offset order. A backend's message
 (``publish_paced``) first waits for room in its recipients' outboxes (``Node.room``) and gets
-its offset only once it goes out. ``positions()`` reads the history without awaiting
+its offset only once it goes out; when there is room (the usual case) it goes out at once,
+with no coroutine in its way. ``positions()`` reads the history without awaiting
 anything: the hub's ``join()`` adds the connection and reads where its streams stand in one
 step of the event loop, so nothing can be published in between (no gap, no duplicate).
 
@@ -15,7 +16,7 @@ Control needs no telling: the operator's changes were applied here already.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any, Final
 
 from .. import protocol
@@ -36,7 +37,7 @@ class LocalBackplane:
         self._announce: dict[str, tuple[str, ...]] = {}  # user -> groups told of them
         # The hub's callbacks (``bind``), kept as they are: one lookup per publish.
         self._fan_out: Callable[[Kind, str, str], None] = _unbound
-        self._room: Callable[[Kind, str, int, dict[str, float]], Awaitable[None]] = _unbound
+        self._room: Callable[[Kind, str, int, dict[str, float]], Awaitable[None] | None] = _unbound
         self._users_in: Callable[[str], Collection[str]] = _unbound
 
     def bind(self, node: Node) -> None:
@@ -65,13 +66,23 @@ class LocalBackplane:
             frame = history.append(protocol.stream_of(kind, target), head, tail)
         self._fan_out(kind, target, frame)
 
-    async def publish_paced(
+    def publish_paced(
         self, kind: Kind, target: str, head: str, tail: str, waited: dict[str, float]
-    ) -> None:
-        """Wait for room in the recipients' outboxes, then ``publish``: its offset only
-        now, so each stream stays in order."""
+    ) -> Coroutine[Any, Any, None] | None:
+        """``publish`` now if the recipients' outboxes have room (None); else a coroutine
+        that waits for it, then publishes: its offset only then, so each stream stays in
+        order."""
         size = len(head.encode()) + len(tail.encode()) + OFFSET_BYTES
-        await self._room(kind, target, size, waited)
+        waiting = self._room(kind, target, size, waited)
+        if waiting is None:
+            self.publish(kind, target, head, tail)
+            return None
+        return self._publish_after(waiting, kind, target, head, tail)
+
+    async def _publish_after(
+        self, waiting: Awaitable[None], kind: Kind, target: str, head: str, tail: str
+    ) -> None:
+        await waiting  # raises if the hub begins draining meanwhile: it does not go out
         self.publish(kind, target, head, tail)
 
     async def control(self, change: dict[str, Any]) -> None:

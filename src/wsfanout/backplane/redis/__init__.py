@@ -86,10 +86,11 @@ class RedisBackplane:
             return {"redis": f"failing: {exc.reason}"}
         return {"redis": "ok"}
 
-    async def publish_paced(
+    def publish_paced(
         self, kind: Kind, target: str, head: str, tail: str, waited: dict[str, float]
     ) -> asyncio.Future[None]:
-        """``publish``: every node paces what it receives (the hub's backlog)."""
+        """``publish``, its future as it is: every node paces what it receives (the
+        hub's backlog), so nothing waits here."""
         return self._pubsub.publish(kind, target, head, tail)
 
     async def control(self, change: dict[str, Any]) -> None:
