@@ -1,5 +1,6 @@
 """hub: the local index and publish(), the one door; tested through its doors, on the
-local engine and (for what every node paces as Redis hands it over) on the Redis engine."""
+local engine and (what every node paces as Redis hands it over, end to end) on the Redis
+engine. The pacing's rules are tested in-process in test_pacing.py."""
 
 from __future__ import annotations
 
@@ -261,7 +262,7 @@ async def redis_hub(prefix: str, **options: Any) -> AsyncIterator[tuple[Hub, lis
     h.start()
     readers: list[Reader] = []
     try:
-        await eventually(lambda: engine.healthy, 5)
+        await eventually(lambda: engine.healthy, 10)
         yield h, readers
     finally:
         for reader in readers:
@@ -294,93 +295,17 @@ async def test_a_backend_message_from_redis_waits_in_the_backlog_for_room(
 ) -> None:
     """What Redis hands this node from a backend is paced: into an outbox past half its
     bound, it waits in the backlog (the listener goes on) until the outbox is down to a
-    quarter, then goes in; later backend messages keep their place behind it."""
-    async with redis_hub(redis_prefix, pace_timeout=5) as (h, readers):
+    quarter, then goes in; later backend messages keep their place behind it. (The
+    backlog's other rules are tested in-process, in test_pacing.py; the pace timeout is
+    long here so that a loaded machine cannot overflow the outbox meanwhile.)"""
+    async with redis_hub(redis_prefix, pace_timeout=60) as (h, readers):
         greg = await connect(h, readers, "greg")
         mike = await connect(h, readers, "mike")
         mike.read()
         texts = ["a" * 2_300, "b" * 2_300, "c" * 2_300, "d" * 100]
         await published(h, *map(api, texts), user("probe", Kind.DIRECT, "mike"))
-        await eventually(lambda: "probe" in mike.texts())  # the listener went on
+        await eventually(lambda: "probe" in mike.texts(), 10)  # the listener went on
         assert greg.outbox.queued_bytes < 5_000 and h.stats.paced == 1  # c and d wait
         greg.read()  # the client reads: the outbox empties, the backlog goes in
-        await eventually(lambda: len(greg.texts()) == 4)
+        await eventually(lambda: len(greg.texts()) == 4, 10)
         assert greg.texts() == texts and greg.outbox.close_code is None
-
-
-async def test_a_users_message_from_redis_passes_the_backlog_of_other_streams(
-    redis_prefix: str,
-) -> None:
-    """A user's message passes the backlog at once (it is not paced), unless its own stream
-    waits there: then it keeps its place, so the stream goes out in offset order."""
-    async with redis_hub(redis_prefix, pace_timeout=5) as (h, readers):
-        greg = await connect(h, readers, "greg", "boys")
-        mike = await connect(h, readers, "mike")
-        mike.read()
-        backend = ["a" * 2_300, "b" * 2_300, "c" * 2_300]
-        await published(h, *map(api, backend), user("hi", Kind.GROUP, "boys"), user("same"))
-        await published(h, user("probe", Kind.DIRECT, "mike"))
-        await eventually(lambda: "probe" in mike.texts())
-        greg.read()
-        await eventually(lambda: len(greg.texts()) == 5)
-        assert greg.texts() == ["a" * 2_300, "b" * 2_300, "hi", "c" * 2_300, "same"]
-
-
-async def test_an_outbox_that_never_drains_is_closed_after_the_pace_timeout(
-    redis_prefix: str,
-) -> None:
-    """A client that holds the backlog up for pace_timeout is closed with 1013 (once), and
-    the event goes to everyone else."""
-    async with redis_hub(redis_prefix, pace_timeout=0.2) as (h, readers):
-        stuck = await connect(h, readers, "greg")
-        fine = await connect(h, readers, "mike")
-        await published(h, user("x" * 5_900, Kind.DIRECT, "greg"))  # never paced
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await published(h, api("y" * 100))
-        await eventually(lambda: stuck.outbox.close_code is not None)
-        assert 0.2 <= loop.time() - started < 2
-        assert stuck.outbox.close_code == 1013 and stuck.outbox.queued_bytes == 0
-        await eventually(lambda: fine.outbox.queued_bytes > 0)
-        assert fine.outbox.close_code is None
-
-
-async def test_the_pace_timeout_is_per_user_not_per_socket(redis_prefix: str) -> None:
-    """A user who opens a fresh socket that never reads while the backlog waits on their
-    last one gains nothing: their waiting adds up over all their sockets, and each of
-    their full sockets is closed once the user's total reaches pace_timeout."""
-    async with redis_hub(redis_prefix, pace_timeout=1.0) as (h, readers):
-        first = await connect(h, readers, "chuck")
-        fine = await connect(h, readers, "mike")
-        await published(h, user("x" * 5_900, Kind.DIRECT, "chuck"))
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await published(h, api("y" * 100))
-        await asyncio.sleep(0.6)  # chuck's first socket has held the backlog up for 0.6 s
-        second = await connect(h, readers, "chuck", "late")  # a fresh one that never reads
-        await published(h, user("z" * 5_900, Kind.GROUP, "late"), api("w" * 100))
-        await eventually(lambda: None not in (first.outbox.close_code, second.outbox.close_code))
-        # Chuck's 1 s is spent (at 1.0 s): both closed. Counted per socket, the second
-        # would hold the backlog up until 1.6 s.
-        assert loop.time() - started < 1.5
-        assert first.outbox.close_code == 1013 and second.outbox.close_code == 1013
-        await eventually(lambda: fine.outbox.queued_bytes > 0)
-        assert fine.outbox.close_code is None
-
-
-async def test_past_the_backlog_bound_the_listener_waits(redis_prefix: str) -> None:
-    """Past the backlog's bound the listener waits (Redis holds the rest, even a user's
-    message) until the backlog is back under it; every stream keeps its order."""
-    async with redis_hub(redis_prefix, pace_timeout=5, backlog_bytes=5_000) as (h, readers):
-        greg = await connect(h, readers, "greg")
-        mike = await connect(h, readers, "mike")
-        mike.read()
-        backend = [letter * 2_300 for letter in "abcde"]  # a, b in; c, d, e: 7 kB backlog
-        await published(h, *map(api, backend), user("probe", Kind.DIRECT, "mike"))
-        await eventually(lambda: len(mike.texts()) >= 2)
-        await asyncio.sleep(0.1)
-        assert "probe" not in mike.texts()  # the listener waits
-        greg.read()
-        await eventually(lambda: len(greg.texts()) == 5 and "probe" in mike.texts())
-        assert greg.texts() == backend
-        assert [text for text in mike.texts() if text != "probe"] == backend

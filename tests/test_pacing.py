@@ -1,0 +1,261 @@
+"""pacing: room for a backend's events, and the backlog of what the backplane hands a node,
+driven in-process (no Redis) through the Pacer's doors, with readers that read only when
+a test says so. Waits are for conditions, with generous timeouts; a wall-clock bound is
+used only where it is what a test is about (the pace timeout), and then as loose as the
+behaviour allows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Collection
+
+import pytest
+
+from tests.outboxes import Reader, eventually
+from wsfanout import protocol
+from wsfanout.outbox import Item, Outbox, item
+from wsfanout.pacing import BACKLOG_BYTES, DrainingError, HubStats, Pacer
+from wsfanout.protocol import Kind, Publish, Source
+
+WAIT = 10.0  # seconds a condition may take under load before a test fails
+
+
+class Node:
+    """A pacer over a few readers, indexed as the hub indexes them (everyone, by user,
+    by group), pushing to them as the hub does."""
+
+    def __init__(self, pace_timeout: float = 30.0, backlog_bytes: int = BACKLOG_BYTES) -> None:
+        self.readers: list[Reader] = []
+        self.stats = HubStats()
+        self.pacer = Pacer(self.recipients, self.push, self.stats, pace_timeout, backlog_bytes)
+
+    def connect(self, user: str, *groups: str) -> Reader:
+        reader = Reader(user, *groups)
+        self.readers.append(reader)
+        return reader
+
+    def recipients(self, kind: Kind, target: str) -> Collection[Outbox]:
+        outboxes = [reader.outbox for reader in self.readers]
+        if kind is Kind.BROADCAST:
+            return outboxes
+        if kind is Kind.GROUP:
+            return [outbox for outbox in outboxes if target in outbox.groups]
+        return [outbox for outbox in outboxes if outbox.user.lower() == target.lower()]
+
+    def push(self, recipients: Collection[Outbox], entry: Item) -> None:
+        for outbox in recipients:
+            outbox.push(entry)
+
+    def deliver(self, publish: Publish) -> Awaitable[None] | None:
+        """Hand the pacer an event as the backplane would (what it returns is awaited by
+        the backplane's listener before the next event)."""
+        frame = protocol.message(publish, 0.0)
+        return self.pacer.deliver(publish.kind, publish.target, frame)
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    n = Node()
+    yield n
+    for reader in n.readers:
+        await reader.close()  # a closed outbox holds nothing up: the backlog runs out
+
+
+def api(text: str, kind: Kind = Kind.BROADCAST, target: str = "") -> Publish:
+    return Publish(kind, text, target, sender="ops", source=Source.API)
+
+
+def user(text: str, kind: Kind = Kind.BROADCAST, target: str = "") -> Publish:
+    return Publish(kind, text, target, sender="greg")
+
+
+# room(): what the local engine asks before it fans a backend's event out
+
+
+async def test_room_is_given_at_once_while_it_fits(node: Node) -> None:
+    """Up to half an outbox's bound, room() has nothing to await; past it, it hands back
+    a wait, which ends once the client has read the outbox down to a quarter."""
+    greg = node.connect("greg")
+    assert node.pacer.room(Kind.DIRECT, "greg", 4_000, {}) is None
+    assert node.stats.paced == 0
+    greg.outbox.push(item(protocol.message(user("x" * 3_000), 0.0)))
+    waiting = node.pacer.room(Kind.DIRECT, "greg", 3_000, {})
+    assert waiting is not None and node.stats.paced == 1
+    task = asyncio.ensure_future(waiting)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not task.done()  # nobody reads
+    greg.read()
+    await asyncio.wait_for(task, WAIT)
+    assert greg.outbox.queued_bytes <= greg.outbox.limit // 4 and greg.outbox.close_code is None
+
+
+async def test_an_event_larger_than_an_outbox_is_not_waited_for(node: Node) -> None:
+    """An event that could never fit does not wait (the outbox will refuse it)."""
+    greg = node.connect("greg")
+    greg.outbox.push(item(protocol.message(user("x" * 6_000), 0.0)))
+    assert node.pacer.room(Kind.DIRECT, "greg", greg.outbox.limit + 1, {}) is None
+    waiting = node.pacer.room(Kind.DIRECT, "greg", 1_000, {})  # one that can, waits
+    assert waiting is not None
+    waiting.close()
+
+
+async def test_a_wait_the_drain_ends_raises(node: Node) -> None:
+    """When the hub begins draining, a wait for room ends in DrainingError: that event
+    does not go out."""
+    greg = node.connect("greg")
+    greg.outbox.push(item(protocol.message(user("x" * 6_000), 0.0)))
+    waiting = node.pacer.room(Kind.DIRECT, "greg", 100, {})
+    assert waiting is not None
+    task = asyncio.ensure_future(waiting)
+    await asyncio.sleep(0)
+    node.pacer.closed = True
+    with pytest.raises(DrainingError, match="shutting down"):
+        await asyncio.wait_for(task, WAIT)
+    assert greg.outbox.close_code is None  # refused, not overflowed
+
+
+async def test_a_wait_closes_an_outbox_once_its_user_has_held_the_batch_up_long_enough(
+    node: Node,
+) -> None:
+    """What each user has held a batch up is carried over its publishes (``waited``): a
+    fresh socket of a user who has nearly spent the pace timeout is closed (1013) almost
+    at once, not given a whole pace timeout of its own."""
+    node.pacer.pace_timeout = 60.0
+    chuck = node.connect("chuck")
+    chuck.outbox.push(item(protocol.message(user("x" * 6_000), 0.0)))
+    waiting = node.pacer.room(Kind.DIRECT, "chuck", 100, {"chuck": 59.9})
+    assert waiting is not None
+    await asyncio.wait_for(waiting, WAIT)  # 0.1 s left of chuck's 60
+    assert chuck.outbox.close_code == 1013
+
+
+async def test_a_users_full_sockets_are_counted_once(node: Node) -> None:
+    """A user's waiting is counted once however many of their sockets are full: two
+    sockets never reading spend the user's pace timeout no faster than one would."""
+    node.pacer.pace_timeout = 0.3
+    sockets = [node.connect("chuck"), node.connect("chuck")]
+    for socket in sockets:
+        socket.outbox.push(item(protocol.message(user("x" * 6_000), 0.0)))
+    waited: dict[str, float] = {}
+    waiting = node.pacer.room(Kind.DIRECT, "chuck", 100, waited)
+    assert waiting is not None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(waiting, WAIT)
+    assert [socket.outbox.close_code for socket in sockets] == [1013, 1013]
+    assert 0.3 <= waited["chuck"] <= loop.time() - started  # not twice the time passed
+
+
+# deliver(): what the backplane hands a node, paced through the backlog
+
+
+async def test_a_backend_event_that_does_not_fit_waits_in_the_backlog(node: Node) -> None:
+    """A backend's event into an outbox past half its bound waits in the backlog (the
+    listener goes on) until the outbox is down to a quarter; later backend events keep
+    their place behind it, and other readers get theirs meanwhile."""
+    greg, mike = node.connect("greg"), node.connect("mike")
+    mike.read()
+    texts = ["a" * 2_300, "b" * 2_300, "c" * 2_300, "d" * 100]
+    for text in texts:
+        assert node.deliver(api(text)) is None  # the listener goes on
+    assert node.deliver(user("probe", Kind.DIRECT, "mike")) is None
+    await eventually(lambda: "probe" in mike.texts(), WAIT)
+    assert greg.outbox.queued_bytes < greg.outbox.limit // 2 and node.stats.paced == 1
+    greg.read()  # the client reads: the outbox empties, the backlog goes in
+    await eventually(lambda: len(greg.texts()) == 4, WAIT)
+    assert greg.texts() == texts and greg.outbox.close_code is None
+    await eventually(lambda: len(mike.texts()) == 5, WAIT)
+    assert mike.texts() == [*texts[:2], "probe", *texts[2:]]
+
+
+async def test_a_users_event_passes_the_backlog_of_other_streams_only(node: Node) -> None:
+    """A user's event is not paced: it passes the backlog at once, unless its own stream
+    waits there; then it keeps its place, so each stream goes out in order."""
+    greg = node.connect("greg", "boys")
+    backend = ["a" * 2_300, "b" * 2_300, "c" * 2_300]
+    for text in backend:
+        node.deliver(api(text))  # c waits: everyone's stream is in the backlog
+    node.deliver(user("hi", Kind.GROUP, "boys"))  # the boys' stream: passes
+    node.deliver(user("same"))  # everyone's stream: behind c
+    greg.read()
+    await eventually(lambda: len(greg.texts()) == 5, WAIT)
+    assert greg.texts() == ["a" * 2_300, "b" * 2_300, "hi", "c" * 2_300, "same"]
+
+
+async def test_an_outbox_that_never_drains_is_closed_after_the_pace_timeout(
+    node: Node,
+) -> None:
+    """A client that holds the backlog up for the pace timeout is closed with 1013, and
+    the event goes to everyone else; not before the pace timeout."""
+    node.pacer.pace_timeout = 0.2
+    stuck, fine = node.connect("greg"), node.connect("mike")
+    node.deliver(user("x" * 5_900, Kind.DIRECT, "greg"))  # a user's: never paced
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    node.deliver(api("y" * 100))
+    await eventually(lambda: stuck.outbox.close_code is not None, WAIT)
+    assert loop.time() - started >= 0.2
+    assert stuck.outbox.close_code == 1013 and stuck.outbox.queued_bytes == 0
+    await eventually(lambda: fine.outbox.queued_bytes > 0, WAIT)
+    assert fine.outbox.close_code is None
+
+
+async def test_the_backlog_counts_a_users_waiting_over_all_their_sockets(node: Node) -> None:
+    """A user who opens a fresh socket that never reads while the backlog waits on their
+    last one gains nothing: once their first socket has spent the pace timeout, the
+    fresh one is closed as soon as the backlog reaches it, not a pace timeout later."""
+    node.pacer.pace_timeout = 1.0
+    first, fine = node.connect("chuck"), node.connect("mike")
+    node.deliver(user("x" * 5_900, Kind.DIRECT, "chuck"))
+    node.deliver(api("y" * 100))  # waits on chuck's first socket
+    second = node.connect("chuck", "late")  # a fresh one that never reads
+    second.outbox.push(item(protocol.message(user("z" * 5_900), 0.0)))
+    node.deliver(api("w" * 100, Kind.GROUP, "late"))  # behind y in the backlog
+    await eventually(lambda: first.outbox.close_code is not None, WAIT)
+    loop = asyncio.get_running_loop()
+    closed = loop.time()
+    await eventually(lambda: second.outbox.close_code is not None, WAIT)
+    # Counted per socket, the second would hold the backlog up a whole pace timeout more.
+    assert loop.time() - closed < node.pacer.pace_timeout
+    assert first.outbox.close_code == 1013 and second.outbox.close_code == 1013
+    await eventually(lambda: fine.outbox.queued_bytes > 0, WAIT)
+    assert fine.outbox.close_code is None
+
+
+async def test_past_the_backlog_bound_the_listener_waits() -> None:
+    """Past the backlog's bound the listener gets something to await, which ends only
+    once the backlog is back under it; every stream keeps its order."""
+    node = Node(backlog_bytes=5_000)
+    greg, mike = node.connect("greg"), node.connect("mike")
+    mike.read()
+    try:
+        backend = [letter * 2_300 for letter in "abcde"]  # a, b in; c, d, e: 7 kB backlog
+        waits = [node.deliver(api(text)) for text in backend]
+        assert waits[:4] == [None] * 4 and waits[4] is not None
+        assert waits[4] is not None
+        listener = asyncio.ensure_future(waits[4])
+        await eventually(lambda: len(mike.texts()) >= 2, WAIT)
+        assert not listener.done()  # greg's outbox holds the backlog (and the listener) up
+        greg.read()
+        await asyncio.wait_for(listener, WAIT)
+        await eventually(lambda: len(greg.texts()) == 5 and len(mike.texts()) == 5, WAIT)
+        assert greg.texts() == backend and mike.texts() == backend
+    finally:
+        for reader in node.readers:
+            await reader.close()
+
+
+async def test_a_drain_empties_the_backlog_without_pushing(node: Node) -> None:
+    """Once the hub drains, the backlog goes out to nobody (every connection is closing),
+    and a listener waiting on it is let go."""
+    node.pacer.backlog_bytes = 3_000
+    greg = node.connect("greg")
+    node.deliver(user("x" * 5_900, Kind.DIRECT, "greg"))
+    wait = node.deliver(api("y" * 3_100))
+    assert wait is not None
+    listener = asyncio.ensure_future(wait)
+    queued = greg.outbox.queued_bytes
+    node.pacer.closed = True
+    await asyncio.wait_for(listener, WAIT)
+    assert greg.outbox.queued_bytes == queued and greg.outbox.close_code is None
