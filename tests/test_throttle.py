@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from wsfanout import Settings, create_app
+from wsfanout.backplane.redis import RedisBackplane
+from wsfanout.backplane.redis.counts import RedisCounts
 from wsfanout.backplane.redis.link import Link
 from wsfanout.store import Store
-from wsfanout.throttle import Attempt, DatabaseCounts, FailureCounts, LoginThrottle, RedisCounts
+from wsfanout.throttle import Attempt, DatabaseCounts, FailureCounts, LoginThrottle
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -99,3 +103,30 @@ def test_long_names_are_counted_under_a_short_key() -> None:
     assert max(len(key) for key in long_a) < 100
     assert set(long_a).isdisjoint(long_b)
     assert "user:mike" in throttle.limits("MIKE", "10.0.0.1")
+
+
+async def test_the_redis_engine_counts_in_redis() -> None:
+    """The Redis engine offers counts in Redis, on its own link (every node sees them)."""
+    engine = RedisBackplane(REDIS_URL, "unused:")
+    try:
+        assert isinstance(engine.failure_counts(), RedisCounts)
+    finally:
+        await engine.close()
+
+
+@pytest.mark.parametrize("redis", [False, True])
+async def test_the_service_counts_where_its_engine_says(
+    settings: Settings, redis_prefix: str, redis: bool
+) -> None:
+    """A started service counts failed logins in Redis with the Redis engine, else in the
+    database (which every node of it shares)."""
+    if redis:
+        settings = dataclasses.replace(settings, redis_url=REDIS_URL, redis_prefix=redis_prefix)
+    app = create_app(settings)
+    await app.startup()
+    try:
+        assert app.service is not None
+        expected = RedisCounts if redis else DatabaseCounts
+        assert isinstance(app.service.throttle.counts, expected)
+    finally:
+        await app.shutdown()

@@ -18,7 +18,7 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -39,7 +39,7 @@ from .publishing import Publishing
 from .servers import ServerReach, warn_if_workers_are_islands
 from .sessions import SessionCodec
 from .store import DatabaseError, Store
-from .throttle import LoginThrottle, failure_counts
+from .throttle import DatabaseCounts, FailureCounts, LoginThrottle
 from .tokens import TokenVerifier
 
 if TYPE_CHECKING:
@@ -73,19 +73,22 @@ class Service:
     stats: ServiceStats = field(default_factory=ServiceStats)
     tokens: TokenVerifier = field(default_factory=TokenVerifier)
     outages: OutageLog = field(default_factory=OutageLog)
+    # Where failed logins are counted: given by start() (in Redis with the Redis engine),
+    # else in the database.
+    failure_counts: InitVar[FailureCounts | None] = None
     throttle: LoginThrottle = field(init=False)
     admission: Admission = field(init=False)
     publishing: Publishing = field(init=False)
     control: Control = field(init=False)
     metrics: Metrics = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, failure_counts: FailureCounts | None) -> None:
         settings, store, hub, outages = self.settings, self.store, self.hub, self.outages
         self.admission = Admission(settings, store, hub, self.codec, self.tokens, outages)
         self.publishing = Publishing(settings, store, hub, self.tokens, outages)
         self.control = Control(store, hub, outages)
         self.throttle = LoginThrottle(
-            failure_counts(self.hub.backplane, self.store),
+            failure_counts if failure_counts is not None else DatabaseCounts(store),
             self.settings.login_max_failures,
             self.settings.login_failure_window,
         )
@@ -126,6 +129,7 @@ class Service:
             server.start()
             opened.push_async_callback(server.close)
             backplane: Backplane
+            counts: FailureCounts
             if settings.redis_url:
                 backplane = RedisBackplane(
                     settings.redis_url,
@@ -134,6 +138,7 @@ class Service:
                     history_ttl=settings.history_ttl,
                 )
                 opened.push_async_callback(backplane.close)
+                counts = backplane.failure_counts()  # every node sees them at once
             else:
                 warn_if_workers_are_islands()
                 history = None
@@ -144,6 +149,7 @@ class Service:
                         max_bytes=settings.history_bytes,
                     )
                 backplane = LocalBackplane(history)
+                counts = DatabaseCounts(store)  # every node of the database shares them
             tokens = TokenVerifier(settings.jwt_secret, settings.jwt_public_key, clock=clock)
             hub = Hub(backplane, settings.pace_timeout)
             svc = cls(
@@ -154,6 +160,7 @@ class Service:
                 web=web,
                 server=server,
                 tokens=tokens,
+                failure_counts=counts,
             )
             hub.start(svc.control.apply, svc.control.missed)
             with contextlib.suppress(DatabaseError):  # not reached yet: it says so itself

@@ -1,10 +1,10 @@
 """The login throttle: failed logins counted where every node sees them (DESIGN 8).
 
-The policy is ``LoginThrottle``'s; the counting is done in the database (``DatabaseCounts``,
-table ``login_failures``, through the store's ``throttling`` transaction) or, with the Redis
-backplane, in Redis (``RedisCounts``, sorted sets, through the engine's link). Both are
-atomic across nodes: a count and its check are one transaction (serialized per key) or one
-Lua script (``count_failure.lua``, packaged with the Redis engine's scripts).
+The policy is ``LoginThrottle``'s; the counting is done where ``Service.start`` says: in the
+database (``DatabaseCounts`` here, table ``login_failures``, through the store's ``throttling``
+transaction) or, with the Redis backplane, in Redis (the engine's ``failure_counts()``:
+``backplane/redis/counts.py``, sorted sets through its link). Both are atomic across nodes:
+a count and its check are one transaction (serialized per key) or one Lua script.
 """
 
 from __future__ import annotations
@@ -18,12 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from redis.exceptions import RedisError
-
-from .backplane import Backplane, BackplaneUnavailableError
-from .backplane.redis import RedisBackplane
-from .backplane.redis.link import Link, Script, describe
+from .backplane import BackplaneUnavailableError
 from .store import DatabaseError, Store
+from .store.sql import marks
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +30,6 @@ FAILURES_PRUNE_EVERY: Final = 60.0  # seconds between drops of expired login fai
 _FAILURES: Final = "SELECT key, at FROM login_failures WHERE key IN ({marks}) AND at > ?"
 _FORGIVE: Final = "DELETE FROM login_failures WHERE key IN ({marks}) AND attempt = ?"
 _FORGIVE_ALL: Final = "DELETE FROM login_failures WHERE key IN ({marks})"
-_COUNT_FAILURE: Final = Script.packaged("count_failure")
 
 
 class FailureCounts(Protocol):
@@ -63,14 +59,6 @@ class FailureCounts(Protocol):
         """
 
 
-def failure_counts(backplane: Backplane, store: Store) -> FailureCounts:
-    """Where this node counts: in Redis when the backplane is Redis (every node sees
-    them at once), else in the database (which every node of it shares)."""
-    if isinstance(backplane, RedisBackplane):
-        return RedisCounts(backplane.link)
-    return DatabaseCounts(store)
-
-
 class DatabaseCounts:
     """Failures as rows of ``login_failures`` (``FailureCounts``)."""
 
@@ -90,9 +78,7 @@ class DatabaseCounts:
                 await tx.execute("DELETE FROM login_failures WHERE at <= ?", now - window)
             # At most each key's limit of rows (no more are ever counted), in one round trip.
             stamps: dict[str, list[float]] = {key: [] for key in keys}
-            for key, at in await tx.fetch(
-                _FAILURES.format(marks=_marks(keys)), *keys, now - window
-            ):
+            for key, at in await tx.fetch(_FAILURES.format(marks=marks(keys)), *keys, now - window):
                 stamps[key].append(float(at))
             waits = [
                 sorted(stamps[key])[-limit] + window - now
@@ -110,43 +96,12 @@ class DatabaseCounts:
     async def forgive_failure(self, keys: list[str], attempt: str, clear: list[str]) -> None:
         async with self._store.throttling() as tx:
             await tx.execute(
-                _FORGIVE.format(marks=_marks(keys)),  # only placeholders go in
+                _FORGIVE.format(marks=marks(keys)),  # only placeholders go in
                 *keys,
                 attempt,
             )
             if clear:
-                await tx.execute(_FORGIVE_ALL.format(marks=_marks(clear)), *clear)
-
-
-class RedisCounts:
-    """Failures as sorted sets ``<prefix>lf:<key>`` of attempts scored by time, shared by
-    every node of the Redis backplane (``FailureCounts``)."""
-
-    def __init__(self, link: Link) -> None:
-        self._link = link
-
-    async def count_failure(
-        self, limits: dict[str, int], window: float, now: float, attempt: str
-    ) -> float:
-        link = self._link
-        keys = [link.prefix + "lf:" + key for key in limits]
-        command = (_COUNT_FAILURE, len(keys), *keys, repr(now), repr(window), attempt)
-        try:
-            (wait,) = await link.pipeline([(*command, *limits.values())], client=link.queries)
-        except (RedisError, OSError) as exc:
-            raise BackplaneUnavailableError(describe(exc)) from None
-        return float(wait)
-
-    async def forgive_failure(self, keys: list[str], attempt: str, clear: list[str]) -> None:
-        link = self._link
-        prefix = link.prefix + "lf:"
-        commands: list[tuple[object, ...]] = [("ZREM", prefix + key, attempt) for key in keys]
-        if clear:
-            commands.append(("DEL", *(prefix + key for key in clear)))
-        try:
-            await link.pipeline(commands, client=link.queries)
-        except (RedisError, OSError) as exc:
-            raise BackplaneUnavailableError(describe(exc)) from None
+                await tx.execute(_FORGIVE_ALL.format(marks=marks(clear)), *clear)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,8 +182,3 @@ class LoginThrottle:
             await self.counts.forgive_failure(attempt.keys, attempt.id, [])
         except (DatabaseError, BackplaneUnavailableError) as exc:
             log.warning("a login attempt stays counted (%s)", exc)
-
-
-def _marks(values: list[str]) -> str:
-    """As many ``?`` placeholders, comma-separated, as there are values."""
-    return ",".join("?" * len(values))

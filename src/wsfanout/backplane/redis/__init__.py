@@ -2,7 +2,8 @@
 
 Its jobs, each in a module of its own: the connection pools, pipelines and Lua scripts
 (``link.py``); pub/sub between nodes and the operator's changes (``pubsub.py``); streams'
-offsets and history (``positions.py``); who is online (``presence.py``). The scripts are
+offsets and history (``positions.py``); who is online (``presence.py``); failed logins,
+for the login throttle (``counts.py``). The scripts are
 the ``.lua`` files beside them. ``RedisBackplane`` puts them together behind the hub's
 ``Backplane`` interface.
 
@@ -22,6 +23,7 @@ from typing import Any
 from ...outbox import Outbox
 from ...protocol import Kind, Position
 from ..base import BackplaneUnavailableError, Node, OnControl, Read
+from .counts import RedisCounts
 from .link import Link
 from .positions import Positions
 from .presence import Presence
@@ -57,9 +59,10 @@ class RedisBackplane:
     def healthy(self) -> bool:
         return self.link.healthy
 
-    @property
-    def reason(self) -> str:
-        return self.link.reason
+    def failure_counts(self) -> RedisCounts:
+        """Where the login throttle counts with this engine: in Redis, through its link,
+        so that every node sees the counts at once."""
+        return RedisCounts(self.link)
 
     def bind(self, node: Node) -> None:
         self._node = node
