@@ -255,9 +255,10 @@ def user(text: str, kind: Kind = Kind.BROADCAST, target: str = "") -> Publish:
 
 @contextlib.asynccontextmanager
 async def redis_hub(prefix: str, **options: Any) -> AsyncIterator[tuple[Hub, list[Reader]]]:
-    """A hub on the Redis engine (with the test's key prefix), started, and a list of
-    readers that are closed afterwards."""
-    engine = RedisBackplane(REDIS_URL, prefix)
+    """A hub on the Redis engine (with the test's key prefix and history, so that a join
+    waits for Redis to confirm the subscriptions), started, and a list of readers that
+    are closed afterwards."""
+    engine = RedisBackplane(REDIS_URL, prefix, history_size=100, history_ttl=60)
     h = Hub(engine, **options)
     h.start()
     readers: list[Reader] = []
@@ -271,14 +272,12 @@ async def redis_hub(prefix: str, **options: Any) -> AsyncIterator[tuple[Hub, lis
 
 
 async def connect(h: Hub, readers: list[Reader], name: str, *groups: str) -> Reader:
-    """A reader added to the hub, once Redis confirms this node hears its channels."""
+    """A reader joined to the hub: positions come back only once Redis has confirmed that
+    this node hears its channels."""
     reader = Reader(name, *groups)
     readers.append(reader)
-    h.add(reader.outbox)
-    engine = h.backplane
-    assert isinstance(engine, RedisBackplane)
-    wanted = [(Kind.DIRECT, name), *((Kind.GROUP, group) for group in groups)]
-    assert await engine.subscribed(wanted)
+    joined = await h.join(reader.outbox, [protocol.stream_of(Kind.DIRECT, name)], {})
+    assert joined.positions is not None
     return reader
 
 

@@ -99,11 +99,6 @@ class RedisBackplane:
     async def control(self, change: dict[str, Any]) -> None:
         await self._pubsub.control(change)
 
-    async def subscribed(self, wanted: list[tuple[Kind, str]]) -> bool:
-        """Whether Redis has confirmed (within a short wait) that this node hears these
-        groups' and users' channels."""
-        return await self._pubsub.subscribed(wanted)
-
     async def positions(
         self, outbox: Outbox, streams: list[str], seen: dict[str, Position]
     ) -> Read | None:
