@@ -1,6 +1,6 @@
 """The two databases the store runs on, behind one small interface, with their schemas.
 
-Theory of operation. ``store.py`` writes each statement once, with ``?`` placeholders, in
+Theory of operation. The store (``store/sql.py``) writes each statement once, with ``?`` placeholders, in
 the SQL that SQLite and PostgreSQL both speak (``lower()`` for case-insensitive names,
 ``ON CONFLICT DO NOTHING``, ``RETURNING``); PostgreSQL gets the placeholders numbered
 (``$1``, ``$2``…) and keeps each statement prepared on each pooled connection. What they
