@@ -385,6 +385,30 @@ async def test_mounted_in_starlette_closes_1001_on_sigterm(
         server.stop()
 
 
+async def test_wsfanout_serve_uvicorn_workers_drain_on_sigterm(
+    tmp_path: Path, demo_db: Path
+) -> None:
+    """`wsfanout serve --server uvicorn --workers 2`: each worker gets wsfanout's protocol
+    classes through its config and drains on SIGTERM (uvicorn's Multiprocess builds a plain
+    Server per worker), with no warning about a reach."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    server = Server(tmp_path, serve=True, server="uvicorn", workers=2)
+    server.start()
+    try:
+        client = await Client.open(server.ws_url, server.login("anny"))
+        assert (await client.next())["type"] == "welcome"
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(client.reader, 10)
+        assert client.conn.close_code == 1001
+        assert server.proc.wait(15) in server.stopped_by_sigterm
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert "not a release wsfanout was tested with" not in log, log
+    assert "not websockets-sansio" not in log and "Traceback" not in log, log
+
+
 def raw_handshake(port: int, cookie: str, extensions: str) -> str:
     """Send a websocket upgrade with these extension offers; the response head, lower-cased."""
     request = (
