@@ -2,11 +2,12 @@
 it is configured, not patched: ``uvicorn.Config(http=HeadTimedH11Protocol,
 ws=ExplainingSansIOProtocol)`` and ``DrainingServer`` (a ``uvicorn.Server`` that drains
 the app before its own shutdown). Under plain ``uvicorn wsfanout:app`` the same is done to
-the running server at the app's start, as uvicorn offers no other door: its config's
-classes are replaced, its ``shutdown`` wrapped on the instance, and each connection
-becomes an ``ExplainingSansIOProtocol`` at accept. So is each worker of ``wsfanout serve
---workers N``'s drain: uvicorn's ``Multiprocess`` builds a plain ``uvicorn.Server`` per
-worker and takes no server class (the config's classes reach the workers as they are).
+the running server at the app's start, as uvicorn offers no other door: its config's h11
+protocol class is replaced, its ``shutdown`` wrapped on the instance, and each connection
+becomes an ``ExplainingSansIOProtocol`` at accept. The drain of each worker of ``wsfanout
+serve --workers N`` is the runtime one too: uvicorn's ``Multiprocess`` builds a plain
+``uvicorn.Server`` per worker and takes no server class (the config's classes reach the
+workers as they are).
 
 Theory of operation. The running ``uvicorn.Server`` is found through the SIGTERM handler
 it installs while it serves (a bound method of the server), at app start:
