@@ -302,7 +302,12 @@ async def test_clients_that_never_read_do_not_keep_their_connections(
         cookie = server.login("anny")  # a login costs 16 MiB for a moment (scrypt)
         start = server.rss()
         stalled = [RawClient(server.port, cookie, rcvbuf=4096) for _ in range(STALLED)]
-        assert server.established() == STALLED + 1
+        # Exactly these connections: one more was listed once in a full run on a busy
+        # machine (passing alone); give the kernel's table a moment, and name what is there.
+        deadline = time.monotonic() + 5
+        while server.established() != STALLED + 1:
+            assert time.monotonic() < deadline, server_sockets(server)
+            await asyncio.sleep(0.05)
         peak = start
         done = asyncio.Event()
 
