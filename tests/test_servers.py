@@ -1,7 +1,7 @@
 """servers: the reaches into hypercorn and uvicorn, checked against the installed releases
 and real servers; ``wsfanout serve --server``.
 
-If a hypercorn or uvicorn upgrade moves what ``servers.py`` reaches for, the tests here
+If a hypercorn or uvicorn upgrade moves what ``servers/`` reaches for, the tests here
 (and the end-to-end ones, which run under both) fail: the start-up check finds the
 problem, a deflate offer is accepted again, or SIGTERM no longer closes sockets with 1001.
 """
@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from http.client import HTTPConnection
@@ -31,6 +32,7 @@ from tests.conftest import login
 from tests.server import ROOT, WSFANOUT, Client, RawClient, Server, http, wsfanout
 from wsfanout import Settings, create_app
 from wsfanout.servers import ACCEPT_KEY, ServerReach
+from wsfanout.servers import hypercorn as hypercorn_adapter  # wraps hypercorn's classes now
 
 DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
 
@@ -56,7 +58,9 @@ def test_every_reach_works_with_the_installed_hypercorn(
     reach.start()
     assert (reach.can_decline, reach.can_watch, reach.can_stop_pings) == (True, True, True)
     assert (reach.can_bound, reach.can_abort) == (True, True)
-    assert reach.accept_message() == {"type": "websocket.accept", ACCEPT_KEY: reach}
+    accept = reach.accept_message()
+    assert accept == {"type": "websocket.accept", ACCEPT_KEY: accept[ACCEPT_KEY]}
+    assert isinstance(accept[ACCEPT_KEY], hypercorn_adapter.HypercornAdapter)
     assert reach_warnings(caplog) == []
 
 
@@ -151,14 +155,23 @@ def uvicorn_server(request: pytest.FixtureRequest) -> Iterator[Any]:
     as `wsfanout serve` configures it, or with uvicorn's defaults (param "defaults")."""
     import uvicorn
 
-    if getattr(request, "param", "") == "defaults":
+    from wsfanout.servers.uvicorn import DrainingServer, HeadTimedH11Protocol
+    from wsfanout.servers.uvicorn_sansio import ExplainingSansIOProtocol
+
+    kind = getattr(request, "param", "")
+    if kind == "defaults":
         config = uvicorn.Config("wsfanout:app")
+    elif kind == "serve":  # as `wsfanout serve` builds it: its classes, passed in
+        config = uvicorn.Config(
+            "wsfanout:app", ws=ExplainingSansIOProtocol, http=HeadTimedH11Protocol
+        )
+        config.proxy_headers = False
     else:
         config = uvicorn.Config(
             "wsfanout:app", ws="websockets-sansio", http="h11", proxy_headers=False
         )
     config.load()
-    server = uvicorn.Server(config)
+    server = DrainingServer(config) if kind == "serve" else uvicorn.Server(config)
     previous = signal.signal(signal.SIGTERM, server.handle_exit)
     try:
         yield server
@@ -191,14 +204,43 @@ def test_every_reach_works_with_the_installed_uvicorn(
     assert reach_warnings(caplog) == []
 
 
-@pytest.mark.parametrize("uvicorn_server", ["defaults"], indirect=True)
-def test_uvicorn_defaults_get_warnings(
+@pytest.mark.parametrize("uvicorn_server", ["serve"], indirect=True)
+def test_wsfanout_serve_configures_uvicorn_and_patches_nothing(
     uvicorn_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Under the server `wsfanout serve` builds (its classes passed to uvicorn's Config and
+    a DrainingServer), every reach works and nothing of uvicorn's is replaced at start."""
+    from wsfanout.servers.uvicorn import HeadTimedH11Protocol
+    from wsfanout.servers.uvicorn_sansio import ExplainingSansIOProtocol
+
+    reach = ServerReach(compression=False, on_stopping=_nothing, frame_limit=4096)
+    reach.start()
+    assert (reach.can_decline, reach.can_watch, reach.can_bound, reach.can_abort) == (
+        True,
+        True,
+        True,
+        True,
+    )
+    assert "shutdown" not in vars(uvicorn_server)  # its own method drains, not a wrapper
+    assert len(uvicorn_server.drains) == 1
+    assert uvicorn_server.config.http_protocol_class is HeadTimedH11Protocol
+    assert uvicorn_server.config.ws_protocol_class is ExplainingSansIOProtocol
+    assert reach_warnings(caplog) == []
+
+
+@pytest.mark.parametrize("uvicorn_server", ["defaults"], indirect=True)
+def test_uvicorn_defaults_get_warnings(
+    uvicorn_server: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """Plain `uvicorn wsfanout:app` (proxy headers from 127.0.0.1; httptools where it is
-    installed, as it is not here: its class stands in): a warning for each, naming the
-    flag that avoids it."""
-    uvicorn_server.config.http_protocol_class = type("HttpToolsProtocol", (), {})
+    installed, as it is not here: uvicorn's module of it stands in): a warning for each,
+    naming the flag that avoids it."""
+    import types
+
+    httptools = type("HttpToolsProtocol", (), {})
+    module = types.SimpleNamespace(HttpToolsProtocol=httptools)
+    monkeypatch.setitem(sys.modules, "uvicorn.protocols.http.httptools_impl", module)
+    uvicorn_server.config.http_protocol_class = httptools
     reach = ServerReach(compression=False, on_stopping=_nothing, frame_limit=4096)
     reach.start()
     warnings = reach_warnings(caplog)
@@ -343,6 +385,30 @@ async def test_mounted_in_starlette_closes_1001_on_sigterm(
         server.stop()
 
 
+async def test_wsfanout_serve_uvicorn_workers_drain_on_sigterm(
+    tmp_path: Path, demo_db: Path
+) -> None:
+    """`wsfanout serve --server uvicorn --workers 2`: each worker gets wsfanout's protocol
+    classes through its config and drains on SIGTERM (uvicorn's Multiprocess builds a plain
+    Server per worker), with no warning about a reach."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    server = Server(tmp_path, serve=True, server="uvicorn", workers=2)
+    server.start()
+    try:
+        client = await Client.open(server.ws_url, server.login("anny"))
+        assert (await client.next())["type"] == "welcome"
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(client.reader, 10)
+        assert client.conn.close_code == 1001
+        assert server.proc.wait(15) in server.stopped_by_sigterm
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert "not a release wsfanout was tested with" not in log, log
+    assert "not websockets-sansio" not in log and "Traceback" not in log, log
+
+
 def raw_handshake(port: int, cookie: str, extensions: str) -> str:
     """Send a websocket upgrade with these extension offers; the response head, lower-cased."""
     request = (
@@ -458,7 +524,7 @@ def test_the_readme_gives_plain_uvicorn_the_flags_serve_passes() -> None:
     import argparse
     import importlib
 
-    from wsfanout.cli import PING_INTERVAL, uvicorn_options
+    from wsfanout.cli.serve import PING_INTERVAL, uvicorn_options
 
     command = importlib.import_module("uvicorn.main").main  # `uvicorn.main` is a function
 
@@ -481,9 +547,10 @@ def test_the_readme_gives_plain_uvicorn_the_flags_serve_passes() -> None:
             assert read[name] == value, name
 
 
+@pytest.mark.parametrize("uvicorn_server", ["plain", "serve"], indirect=True)
 async def test_every_app_in_one_uvicorn_server_is_drained(uvicorn_server: Any) -> None:
     """Two apps started in one uvicorn server (two mounts): its shutdown drains both, then
-    runs uvicorn's own."""
+    runs uvicorn's own; under plain uvicorn (a wrapped shutdown) and `wsfanout serve`'s."""
     import types
 
     drained = []

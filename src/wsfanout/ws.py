@@ -376,7 +376,7 @@ class Connection:
             frame: str | bytes | None = message.get("text")
             if frame is None:
                 frame = message.get("bytes")
-                if frame is None:  # the server dropped a frame over the limit (servers.py)
+                if frame is None:  # the server dropped a frame over the limit (servers/)
                     frame = b"" if TOO_LARGE_KEY not in message else None
             if frame is None or _size(frame, max_bytes) > max_bytes:
                 self.outbox.push(item(protocol.too_large(max_bytes)))

@@ -1,11 +1,11 @@
 """The two databases the store runs on, behind one small interface, with their schemas.
 
-Theory of operation. ``store.py`` writes each statement once, with ``?`` placeholders, in
-the SQL that SQLite and PostgreSQL both speak (``lower()`` for case-insensitive names,
-``ON CONFLICT DO NOTHING``, ``RETURNING``); PostgreSQL gets the placeholders numbered
-(``$1``, ``$2``…) and keeps each statement prepared on each pooled connection. What they
-do not share is apart: how to connect and how a write transaction is made safe
-(``sqlite.py``, ``postgres.py``), and the DDL (``schema.py``). ``base.py`` holds the
+Theory of operation. The store (``store/sql.py``) writes each statement once, with ``?``
+placeholders, in the SQL that SQLite and PostgreSQL both speak (``lower()`` for
+case-insensitive names, ``ON CONFLICT DO NOTHING``, ``RETURNING``); PostgreSQL gets the
+placeholders numbered (``$1``, ``$2``…) and keeps each statement prepared on each pooled
+connection. What they do not share is apart: how to connect and how a write transaction is
+made safe (``sqlite.py``, ``postgres.py``), and the DDL (``schema.py``). ``base.py`` holds the
 interface both answer and the schema upgrade they share.
 
 - **SQLite** (the default): one aiosqlite connection (its own thread, never the event

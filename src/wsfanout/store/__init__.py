@@ -1,8 +1,9 @@
-"""Users, groups, memberships, sessions and login failures, in SQLite or PostgreSQL.
+"""Users, groups, memberships and sessions, in SQLite or PostgreSQL.
 
 The SQL is written once for both (``sql.py``; the ``database`` package holds what differs:
-connecting, transactions, the schema and its versions). Names are matched case-insensitively through
-``lower()``, so both backends answer alike.
+connecting, transactions, the schema and its versions). Names are matched
+case-insensitively through ``lower()``, so both backends answer alike. The login
+throttle's counts (table ``login_failures``) are ``throttle.py``'s, through ``throttling()``.
 
 A session is a row: a login creates one and its id goes into the cookie; it is valid while
 the row is there. Revoking deletes rows (one at logout; all of a user's on a password change,
@@ -76,8 +77,8 @@ log = logging.getLogger(__name__)
 
 
 class Store(SessionRows):
-    """Users, groups, memberships, sessions and login failures, in SQLite or PostgreSQL
-    (``database.py``), with short caches in front of the hot reads."""
+    """Users, groups, memberships and sessions, in SQLite or PostgreSQL
+    (the ``database`` package), with short caches in front of the hot reads."""
 
     def __init__(self, db: Database, pool_size: int = 10) -> None:
         self._database = db

@@ -1,0 +1,151 @@
+"""``ServerReach``: what one app asks of the ASGI server that runs it, and whether that server
+can give it. At the app's start it finds which server runs us and attaches that server's
+adapter (hypercorn.py, uvicorn.py), which checks its reaches once and warns once about what
+is lost; afterwards the app talks to the reach only, whatever the server.
+
+Under another server nothing here applies, and the start-up log says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from ..types import Message
+from .checks import release
+from .keys import ACCEPT_KEY, STREAM_KEY
+from .resets import reset
+
+if TYPE_CHECKING:
+    from .hypercorn import HypercornAdapter
+    from .uvicorn import UvicornAdapter
+
+log = logging.getLogger(__package__)  # one logger for the servers package: "wsfanout.servers"
+
+_STOPPING: Final = "the server is stopping: closing every websocket with 1001"
+
+
+class ServerReach:
+    """What one app asks of the server that runs it, and whether the server can give it.
+
+    Args:
+        compression: accept permessage-deflate when offered (False: decline it).
+        on_stopping: awaited once when the server starts stopping (its SIGTERM).
+        frame_limit: the largest inbound message the app takes, in bytes (0: the server's).
+        too_large: the error frame that explains a message over the limit, where the
+            server refuses it before the app sees it (uvicorn).
+    """
+
+    def __init__(
+        self,
+        *,
+        compression: bool,
+        on_stopping: Callable[[], Awaitable[None]],
+        frame_limit: int = 0,
+        too_large: str = "",
+    ) -> None:
+        self.compression = compression
+        self.on_stopping = on_stopping
+        self.frame_limit = frame_limit
+        self.too_large = too_large
+        self.name = "an unknown server"  # which server runs us, for the start-up log
+        self.can_decline = False  # the server can be told to decline deflate
+        self.can_watch = False  # the server's stop signal can be watched (or its stop drained)
+        self.can_stop_pings = False  # hypercorn's pings can be ended with the connection
+        self.can_bound = False  # inbound messages (and their inflation) can be bounded
+        self.can_abort = False  # a connection can be reset
+        self._server: HypercornAdapter | UvicornAdapter | None = None
+        self._accept: Message = {"type": "websocket.accept"}
+        self._broken: set[str] = set()
+
+    def start(self) -> None:
+        """Find the server's internals, once per app start; warn once about what is missing."""
+        if "uvicorn.server" in sys.modules:
+            from . import uvicorn
+
+            server = uvicorn.running_server()
+            if server is not None:
+                self.name = f"uvicorn {release('uvicorn')}"
+                self._server = uvicorn.attach(self, server)
+                return
+        if "hypercorn" not in sys.modules:
+            if not self.compression:
+                log.info(
+                    "neither hypercorn nor uvicorn runs wsfanout: permessage-deflate, the "
+                    "frame limit and draining on SIGTERM are left to the server"
+                )
+            return
+        from . import hypercorn  # wraps hypercorn's classes, once per process
+
+        self.name = f"hypercorn {release('hypercorn')}"
+        adapter = self._server = hypercorn.attach(self)
+        if any(
+            (self.can_decline, self.can_watch, self.can_stop_pings, self.can_bound, self.can_abort)
+        ):
+            self._accept = {"type": "websocket.accept", ACCEPT_KEY: adapter}
+
+    @property
+    def deflate(self) -> str:
+        """What happens to a client's permessage-deflate offer, for the start-up log."""
+        if self.compression:
+            return "accepted"
+        return "declined" if self.can_decline else "left to the server"
+
+    def accept_message(self) -> Message:
+        """The ``websocket.accept`` message to send: a copy, as middleware may change it."""
+        return dict(self._accept)
+
+    def accepted(self, accept: Message, receive: Any) -> Any:
+        """The server's handle on a connection just accepted (for ``abort``), or None.
+
+        Args:
+            accept: the accept message as sent (hypercorn's wrapped accept left its stream).
+            receive: the connection's ASGI ``receive`` (uvicorn's is its protocol's method).
+        """
+        stream = accept.get(STREAM_KEY)
+        if stream is None and self._server is not None:
+            return self._server.accepted(receive)
+        return stream
+
+    async def close(self) -> None:
+        """Stop watching the server (not from inside ``on_stopping`` itself)."""
+        if self._server is not None:
+            await self._server.close()
+
+    async def stopping(self) -> None:
+        """The server starts stopping: drain the app (every socket gets 1001)."""
+        log.info(_STOPPING)
+        await self.on_stopping()
+
+    def abort(self, stream: Any) -> bool:
+        """Reset the TCP connection under ``stream`` (from ``accepted``): the kernel drops
+        what it still holds for the client. False if that cannot be done here."""
+        if stream is None or not self.can_abort or self._server is None:
+            return False
+        try:
+            transport = self._server.transport(stream)
+        except AttributeError as exc:
+            self.broke("abort", exc)
+            return False
+        if transport is None:
+            return False
+        reset(transport)
+        return True
+
+    def broke(self, reach: str, exc: Exception) -> None:
+        """A reach failed on a connection: use it no more, and warn the first time."""
+        if reach == "deflate":
+            self.can_decline = False
+        elif reach == "stop":
+            self.can_watch = False
+        elif reach == "frames":
+            self.can_bound = False
+        elif reach == "abort":
+            self.can_abort = False
+        else:
+            self.can_stop_pings = False
+        if reach not in self._broken:
+            self._broken.add(reach)
+            log.warning("a reach into %s stopped working (%s): %s", self.name, reach, exc)

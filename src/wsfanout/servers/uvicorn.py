@@ -1,0 +1,323 @@
+"""The uvicorn adapter: every reach into uvicorn. Where ``wsfanout serve`` builds the server
+it is configured, not patched: ``uvicorn.Config(http=HeadTimedH11Protocol,
+ws=ExplainingSansIOProtocol)`` and ``DrainingServer`` (a ``uvicorn.Server`` that drains
+the app before its own shutdown). Under plain ``uvicorn wsfanout:app`` the same is done to
+the running server at the app's start, as uvicorn offers no other door: its config's h11
+protocol class is replaced, its ``shutdown`` wrapped on the instance, and each connection
+becomes an ``ExplainingSansIOProtocol`` at accept. The drain of each worker of ``wsfanout
+serve --workers N`` is the runtime one too: uvicorn's ``Multiprocess`` builds a plain
+``uvicorn.Server`` per worker and takes no server class (the config's classes reach the
+workers as they are).
+
+Theory of operation. The running ``uvicorn.Server`` is found through the SIGTERM handler
+it installs while it serves (a bound method of the server), at app start:
+
+- Its config is read by every new connection, so the app writes its own settings there:
+  ``ws_per_message_deflate`` follows ``WSFANOUT_COMPRESSION`` and ``ws_max_size`` is the frame
+  limit. uvicorn's websockets protocol (websockets' sans-I/O core) then declines deflate,
+  refuses a larger message from its header alone, and inflates no more than the limit.
+- On SIGTERM, before uvicorn's own shutdown (which closes every websocket with 1012 at
+  once): stop listening, drain each app started in it (1001), reset its websockets still
+  open a second later (clients that do not read: uvicorn would wait for them).
+- Its h11 protocol is ``HeadTimedH11Protocol``: a connection gets REQUEST_HEAD_TIMEOUT
+  to send a whole request head (uvicorn waits forever). Under httptools (no bound on a
+  head at all) a warning says so.
+- Pings are uvicorn's (``ws_ping_interval``, a timer per connection, gone with it).
+- Per connection, under the ``websockets-sansio`` protocol, ``receive`` is a method of the
+  connection's protocol object: ``accepted`` takes it as the handle for ``abort`` (its
+  transport) and tells it which app it serves (uvicorn_sansio.py: the ``too_large`` frame
+  before uvicorn's 1009, the bound on fragments, the resets of clients that do not read).
+  A client that sends data before the handshake's answer leaves no ghost there: uvicorn
+  tells the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import h11
+from uvicorn.config import Config
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import Server
+
+from .checks import is_method
+
+if TYPE_CHECKING:
+    from .reach import ServerReach
+
+log = logging.getLogger(__package__)  # one logger for the servers package: "wsfanout.servers"
+
+REQUEST_HEAD_TIMEOUT: Final = 10.0  # seconds a uvicorn HTTP connection has to send a request head
+STRAGGLERS_WAIT: Final = 1.0  # seconds after a drain for closes to be answered
+_DRAINS: Final = "__wsfanout_drains__"  # on a wrapped uvicorn shutdown: the apps to drain
+_LEFT_TO_UVICORN: Final = (
+    "frames over the limit get a bare 1009, and clients that do not read keep their TCP "
+    "connection after their close"
+)
+
+Drain = Callable[[], Awaitable[None]]
+
+
+class HeadTimedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head
+    within REQUEST_HEAD_TIMEOUT (uvicorn waits forever: a few thousand half-sent requests
+    would hold every file descriptor of the process)."""
+
+    head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._wait_for_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._wait_for_head()
+
+    def _wait_for_head(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        self.head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT, self._head_late, self.cycle)
+
+    def _head_late(self, cycle: Any) -> None:
+        transport = self.transport
+        # No request head since (h11 makes a cycle per head, and is IDLE until a head
+        # is whole), not upgraded to a websocket, not closing already.
+        if (
+            self.cycle is cycle
+            and self.conn.their_state is h11.IDLE
+            and transport.get_protocol() is self
+            and not transport.is_closing()
+        ):
+            transport.close()
+
+
+class DrainingServer(Server):
+    """uvicorn's ``Server`` that, when it stops, stops listening and drains each wsfanout
+    app started in it before its own shutdown (which would close every websocket with 1012)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.drains: list[Drain] = []
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await _drain(self, self.drains)
+        finally:
+            await super().shutdown(sockets=sockets)
+
+
+async def _drain(server: Server, drains: list[Drain]) -> None:
+    for listener in getattr(server, "servers", ()):
+        listener.close()  # no new connections meanwhile (uvicorn's shutdown repeats it)
+    for drain in drains:
+        await drain()
+
+
+def running_server() -> Server | None:
+    """The uvicorn ``Server`` running this process, or None. It is found through the
+    SIGTERM handler it set for the time it serves (``Server.capture_signals``), so plain
+    ``uvicorn wsfanout:app`` and its workers are found as ``wsfanout serve`` is."""
+    with contextlib.suppress(ValueError):  # not the main thread: no signal handlers
+        owner = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+        if isinstance(owner, Server):
+            return owner
+    return None
+
+
+class UvicornAdapter:
+    """What one app needs of the uvicorn server that runs it, per connection and when it
+    stops."""
+
+    def __init__(self, reach: ServerReach) -> None:
+        self.reach = reach
+        self.explains = False  # connections of ours can be ExplainingSansIOProtocol
+        self._accepted: weakref.WeakSet[Any] = weakref.WeakSet()  # connections of ours
+
+    def accepted(self, receive: Any) -> Any:
+        """The connection's protocol object (for ``abort``), now serving this app; or None."""
+        if not self.explains:
+            return None
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+        from .uvicorn_sansio import STATE, ExplainingSansIOProtocol
+
+        protocol = getattr(receive, "__self__", None)
+        if not isinstance(protocol, WebSocketsSansIOProtocol):
+            return None
+        missing = [name for name in STATE if not hasattr(protocol, name)]
+        if missing:  # uvicorn changed: its own limits and closes from now on
+            self.explains = False
+            problem = AttributeError(f"its protocol has no {', '.join(missing)}")
+            self.reach.broke("frames", problem)
+            self.reach.broke("abort", problem)
+            return None
+        if type(protocol) is WebSocketsSansIOProtocol:  # plain uvicorn built its own
+            protocol.__class__ = ExplainingSansIOProtocol
+        if not isinstance(protocol, ExplainingSansIOProtocol):  # someone else's subclass
+            return None
+        protocol.wsfanout = self.reach
+        self._accepted.add(protocol)
+        return protocol
+
+    def transport(self, stream: Any) -> Any:
+        """The asyncio transport of a connection ``accepted`` returned.
+
+        Raises:
+            AttributeError: it has none.
+        """
+        return stream.transport
+
+    async def stopping(self) -> None:
+        """uvicorn stops: drain the app (1001); give the closes a moment to be answered,
+        then reset the websockets still open, whose clients do not read (uvicorn would
+        wait for them, forever without --timeout-graceful-shutdown)."""
+        await self.reach.stopping()
+        deadline = time.monotonic() + STRAGGLERS_WAIT
+        while True:
+            open_ = [p for p in list(self._accepted) if not p.disconnected]
+            if not open_ or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        for protocol in open_:
+            self.reach.abort(protocol)
+
+    async def close(self) -> None:
+        """Nothing to stop: uvicorn's shutdown calls the drain."""
+
+
+def attach(reach: ServerReach, server: Server) -> UvicornAdapter:
+    """Tell uvicorn's config what the app needs, and drain before uvicorn stops; set what
+    the reach can do and warn once about what it cannot."""
+    adapter = UvicornAdapter(reach)
+    config = server.config
+    # Read by each new connection's protocol: the app's settings are the server's.
+    config.ws_per_message_deflate = reach.compression
+    reach.can_decline = True
+    if reach.frame_limit > 0:
+        config.ws_max_size = reach.frame_limit
+    lost = []
+    if isinstance(server, DrainingServer):  # wsfanout serve's: the drain is its own
+        server.drains.append(adapter.stopping)
+        problem = ""
+    else:
+        problem = _drain_before_uvicorn_stops(server, adapter.stopping)
+    reach.can_watch = not problem
+    if problem:
+        lost.append(
+            f"cannot drain before uvicorn stops ({problem}): on SIGTERM, clients get "
+            "uvicorn's 1012 instead of 1001"
+        )
+    http = getattr(config, "http_protocol_class", None)
+    if http is H11Protocol:
+        config.http_protocol_class = HeadTimedH11Protocol
+    elif http is not None and http is _httptools():
+        log.warning(
+            "uvicorn parses HTTP with httptools, which bounds neither the size nor the "
+            "time of a request's head (a client can grow this process without end): "
+            "pass --http h11, as wsfanout serve does"
+        )
+    if getattr(config, "proxy_headers", False):
+        log.warning(
+            "uvicorn takes client addresses from X-Forwarded-For sent by %s: any client "
+            "there can name a new address for each login attempt; pass --no-proxy-headers "
+            "unless that is your proxy",
+            getattr(config, "forwarded_allow_ips", "?"),
+        )
+    ws = getattr(config, "ws_protocol_class", None)
+    if reach.compression and ws is not None and ws is _wsproto():
+        config.ws_per_message_deflate = False  # wsproto inflates a message in full first
+        reach.compression = False
+        log.warning(
+            "WSFANOUT_COMPRESSION=on needs uvicorn's --ws websockets-sansio: under "
+            "wsproto a small compressed frame inflates without bound, so deflate is declined"
+        )
+    if not _serves_sansio(ws):
+        log.warning(
+            "uvicorn runs websockets with %s, not websockets-sansio (--ws websockets-sansio): %s",
+            getattr(ws, "__name__", ws),
+            _LEFT_TO_UVICORN,
+        )
+    elif not _sansio_unchanged():
+        lost.append(f"uvicorn's WebSocketsSansIOProtocol changed: {_LEFT_TO_UVICORN}")
+    else:
+        adapter.explains = True
+        reach.can_abort = reach.can_bound = True
+    if lost:
+        log.warning("%s is not a release wsfanout was tested with: %s", reach.name, "; ".join(lost))
+    return adapter
+
+
+def _drain_before_uvicorn_stops(server: Server, drain: Drain) -> str:
+    """Make this uvicorn server (not ``wsfanout serve``'s) stop listening and drain each app
+    started in it before its own shutdown, by wrapping ``shutdown`` on the instance. "" if
+    done."""
+    shutdown: Any = getattr(server, "shutdown", None)
+    drains = getattr(shutdown, _DRAINS, None)
+    if drains is not None:  # an earlier app in this server wrapped it: drain this one too
+        drains.append(drain)
+        return ""
+    if not is_method(shutdown, ["sockets"]):
+        return "Server.shutdown(sockets) is gone"
+    drains = [drain]
+
+    async def draining(sockets: Any = None) -> None:
+        try:
+            await _drain(server, drains)
+        finally:
+            await shutdown(sockets=sockets)
+
+    setattr(draining, _DRAINS, drains)
+    server.shutdown = draining  # type: ignore[method-assign]
+    return ""
+
+
+def _serves_sansio(ws: Any) -> bool:
+    """Whether this websocket protocol class is uvicorn's websockets-sansio one (or ours)."""
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+        from .uvicorn_sansio import ExplainingSansIOProtocol
+    except ImportError:  # websockets is not installed
+        return False
+    return ws is WebSocketsSansIOProtocol or ws is ExplainingSansIOProtocol
+
+
+def _sansio_unchanged() -> bool:
+    """Whether uvicorn's websockets-sansio protocol has every method ours extends."""
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    from .uvicorn_sansio import PARTS
+
+    return all(hasattr(WebSocketsSansIOProtocol, name) for name in PARTS)
+
+
+def _httptools() -> type | None:
+    """uvicorn's httptools protocol, or None where httptools is not installed (then uvicorn
+    cannot be running it)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+    return HttpToolsProtocol
+
+
+def _wsproto() -> type | None:
+    """uvicorn's wsproto protocol, or None where wsproto is not installed."""
+    try:
+        from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
+    except ImportError:
+        return None
+    return WSProtocol

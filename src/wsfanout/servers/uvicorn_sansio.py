@@ -1,0 +1,102 @@
+"""uvicorn's websockets-sansio protocol, taught what hypercorn's connections are taught by
+``Frames``, and to let go of a client that does not read. ``wsfanout serve`` passes it to
+``uvicorn.Config(ws=...)``; under plain ``uvicorn wsfanout:app`` the uvicorn adapter makes
+each of wsfanout's connections one at accept (see uvicorn.py). It needs ``websockets``.
+
+uvicorn's websockets protocol refuses a message over ``ws_max_size`` itself (its close,
+1009, is queued before the app hears of it): the app's ``too_large`` error frame is put
+before that close. A message may come in at most ``Frames.MAX_PIECES`` fragments (uvicorn
+keeps every one, empty ones too, until the last), else it is refused the same way. A client
+with UNSENT_MAX unread is reset when it pings (uvicorn writes every pong) and when uvicorn
+closes it after a refusal or an unanswered ping (uvicorn's closes are graceful: what the
+client was sent would stay in the kernel, for minutes).
+
+Until the app has accepted the connection (``wsfanout`` is None), it is uvicorn's protocol
+unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Final
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import PayloadTooBig
+from websockets.frames import Frame, Opcode
+
+from .frames import Frames
+from .resets import UNSENT_MAX, unsent
+
+if TYPE_CHECKING:
+    from .reach import ServerReach
+
+log = logging.getLogger(__package__)  # one logger for the servers package: "wsfanout.servers"
+
+PARTS: Final = ("handle_parser_exception", "handle_cont", "handle_ping", "keepalive_timeout")
+"""The methods of uvicorn's protocol this class extends (checked at start)."""
+
+STATE: Final = ("conn", "frames", "close_sent", "transport", "disconnected")
+"""What it reads of a connection's state (checked per connection)."""
+
+
+class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol that explains its refusals and resets clients
+    that leave too much unread, once the app's reach has accepted the connection."""
+
+    wsfanout: ServerReach | None = None  # the app that accepted this connection
+
+    def handle_parser_exception(self) -> None:
+        reach = self.wsfanout
+        if reach is not None and isinstance(self.conn.parser_exc, PayloadTooBig):
+            self._explain(reach)
+        super().handle_parser_exception()
+        if reach is not None:
+            self._reset_if_unread(reach)
+
+    def handle_cont(self, event: Frame) -> None:
+        reach = self.wsfanout
+        if reach is None or len(self.frames) < Frames.MAX_PIECES or self.close_sent:
+            super().handle_cont(event)
+            return
+        self.frames = []
+        conn = self.conn
+        conn.fail(1009, f"a message in more than {Frames.MAX_PIECES} fragments")
+        if conn.close_sent is not None:  # else the client's close came first
+            self._explain(reach)
+            super().handle_parser_exception()
+            self._reset_if_unread(reach)
+
+    def handle_ping(self) -> None:
+        reach = self.wsfanout
+        if reach is not None:
+            # websockets queued the pong; uvicorn writes it whatever the client leaves unread.
+            if self.transport.is_closing():
+                return
+            if unsent(self.transport) > UNSENT_MAX:
+                log.info("reset a connection that pings but does not read")
+                reach.abort(self)
+                return
+        super().handle_ping()
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        reach = self.wsfanout
+        if reach is not None:
+            self._reset_if_unread(reach)
+
+    def _reset_if_unread(self, reach: ServerReach) -> None:
+        """uvicorn's closes are graceful: what a client that does not read was sent stays
+        in the kernel, for minutes. Past UNSENT_MAX, reset instead."""
+        if unsent(self.transport) > UNSENT_MAX:
+            reach.abort(self)
+
+    def _explain(self, reach: ServerReach) -> None:
+        """Put the app's ``too_large`` frame before the 1009 close uvicorn queued."""
+        if not reach.too_large:
+            return
+        try:
+            conn = self.conn
+            frame = Frame(Opcode.TEXT, reach.too_large.encode())
+            conn.writes.insert(0, frame.serialize(mask=False, extensions=conn.extensions))
+        except Exception as exc:  # websockets changed: the close goes out alone
+            reach.broke("frames", exc)
