@@ -136,7 +136,7 @@ class Publishing:
         return checked
 
     async def publish_batch(self, batch: list[Publish]) -> None:
-        """Publish validated messages in order, paced (hub.py): return once every one is
+        """Publish validated messages in order, paced (pacing.py): return once every one is
         handed over, to the local outboxes or (with a backplane) to Redis.
 
         When the hub cannot take the whole batch now, none of it is published. Once

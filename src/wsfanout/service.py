@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Final
 from . import protocol
 from .admission import Admission
 from .backplane import Backplane, LocalBackplane
-from .backplane.redis import RedisBackplane
 from .config import Settings
 from .control import Control
 from .history import History
@@ -131,6 +130,8 @@ class Service:
             backplane: Backplane
             counts: FailureCounts
             if settings.redis_url:
+                from .backplane.redis import RedisBackplane  # only where Redis is configured
+
                 backplane = RedisBackplane(
                     settings.redis_url,
                     settings.redis_prefix,
