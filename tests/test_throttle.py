@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 
 from wsfanout import Settings, create_app
-from wsfanout.backplane.redis import RedisBackplane
-from wsfanout.backplane.redis.counts import RedisCounts
 from wsfanout.backplane.redis.link import Link
 from wsfanout.store import Store
-from wsfanout.throttle import Attempt, DatabaseCounts, FailureCounts, LoginThrottle
+from wsfanout.throttle import Attempt, DatabaseCounts, FailureCounts, LoginThrottle, RedisCounts
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -103,15 +101,6 @@ def test_long_names_are_counted_under_a_short_key() -> None:
     assert max(len(key) for key in long_a) < 100
     assert set(long_a).isdisjoint(long_b)
     assert "user:mike" in throttle.limits("MIKE", "10.0.0.1")
-
-
-async def test_the_redis_engine_counts_in_redis() -> None:
-    """The Redis engine offers counts in Redis, on its own link (every node sees them)."""
-    engine = RedisBackplane(REDIS_URL, "unused:")
-    try:
-        assert isinstance(engine.failure_counts(), RedisCounts)
-    finally:
-        await engine.close()
 
 
 @pytest.mark.parametrize("redis", [False, True])

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Final
 from . import protocol
 from .admission import Admission
 from .backplane import Backplane, LocalBackplane
+from .backplane.redis import RedisBackplane
 from .config import Settings
 from .control import Control
 from .history import History
@@ -38,7 +39,7 @@ from .publishing import Publishing
 from .servers import ServerReach, warn_if_workers_are_islands
 from .sessions import SessionCodec
 from .store import DatabaseError, Store
-from .throttle import DatabaseCounts, FailureCounts, LoginThrottle
+from .throttle import DatabaseCounts, FailureCounts, LoginThrottle, RedisCounts
 from .tokens import TokenVerifier
 
 if TYPE_CHECKING:
@@ -130,8 +131,6 @@ class Service:
             backplane: Backplane
             counts: FailureCounts
             if settings.redis_url:
-                from .backplane.redis import RedisBackplane  # only where Redis is configured
-
                 backplane = RedisBackplane(
                     settings.redis_url,
                     settings.redis_prefix,
@@ -139,7 +138,7 @@ class Service:
                     history_ttl=settings.history_ttl,
                 )
                 opened.push_async_callback(backplane.close)
-                counts = backplane.failure_counts()  # every node sees them at once
+                counts = RedisCounts(backplane.link)  # every node sees them at once
             else:
                 warn_if_workers_are_islands()
                 history = None

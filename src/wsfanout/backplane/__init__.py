@@ -3,7 +3,7 @@
 - ``base.py``: the interface (``Backplane``), what the hub hands an engine (``Node``), and
   the one error an engine raises (``BackplaneUnavailableError``);
 - ``local.py``: one node, the embedded default (history in memory, presence local);
-- ``redis/``: many nodes through Redis (imported only where Redis is configured).
+- ``redis/``: many nodes through Redis.
 
 A later engine (Redis Cluster with sharded pub/sub, NATS) is one more module here.
 """

@@ -2,9 +2,9 @@
 
 Its jobs, each in a module of its own: the connection pools, pipelines and Lua scripts
 (``link.py``); pub/sub between nodes and the operator's changes (``pubsub.py``); streams'
-offsets and history (``positions.py``); who is online (``presence.py``); failed logins,
-for the login throttle (``counts.py``). The scripts are
-the ``.lua`` files beside them. ``RedisBackplane`` puts them together behind the hub's
+offsets and history (``positions.py``); who is online (``presence.py``). The scripts are
+the ``.lua`` files beside them (``count_failure.lua`` is the login throttle's, run through
+the link by ``throttle.RedisCounts``). ``RedisBackplane`` puts them together behind the hub's
 ``Backplane`` interface.
 
 Joining (DESIGN 5.1). A joining connection's positions are read only once this node hears
@@ -23,7 +23,6 @@ from typing import Any
 from ...outbox import Outbox
 from ...protocol import Kind, Position
 from ..base import BackplaneUnavailableError, Node, OnControl, Read
-from .counts import RedisCounts
 from .link import Link
 from .positions import Positions
 from .presence import Presence
@@ -58,11 +57,6 @@ class RedisBackplane:
     @property
     def healthy(self) -> bool:
         return self.link.healthy
-
-    def failure_counts(self) -> RedisCounts:
-        """Where the login throttle counts with this engine: in Redis, through its link,
-        so that every node sees the counts at once."""
-        return RedisCounts(self.link)
 
     def bind(self, node: Node) -> None:
         self._node = node
