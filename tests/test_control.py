@@ -437,6 +437,29 @@ async def test_make_revoke_closes_that_session_only(app: App) -> None:
         assert b.close_code == 1008
 
 
+async def test_closing_stops_regroup_reads_under_way(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A membership change reads the user's groups in a task of its own; closing the
+    collaborator (the service closing) cancels a read still waiting on the store."""
+    assert app.service is not None
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def stuck(name: str) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # a database that never answers
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monkeypatch.setattr(app.service.store, "user_by_name", stuck)
+    app.service.control.apply({"op": "member", "user": "mike"})
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.wait_for(app.service.control.close(), 10)
+    assert cancelled.is_set()
+
+
 async def test_membership_changes_reach_open_connections(app: App) -> None:
     """A member change makes the user's sockets take the store's groups (`joined`, `left`);
     a deleted group is left by its members."""

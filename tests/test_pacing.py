@@ -259,3 +259,20 @@ async def test_a_drain_empties_the_backlog_without_pushing(node: Node) -> None:
     node.pacer.closed = True
     await asyncio.wait_for(listener, WAIT)
     assert greg.outbox.queued_bytes == queued and greg.outbox.close_code is None
+
+
+def backlog_tasks() -> list[asyncio.Task[object]]:
+    return [task for task in asyncio.all_tasks() if task.get_name() == "wsfanout-pacer"]
+
+
+async def test_closing_stops_the_backlogs_task(node: Node) -> None:
+    """A backlog held up by a client that never reads has a task pacing it out; closing
+    the pacer (the service closing) ends that task, and nothing more is pushed."""
+    greg = node.connect("greg")
+    node.deliver(user("x" * 5_900, Kind.DIRECT, "greg"))
+    assert node.deliver(api("y" * 3_100)) is None  # into the backlog
+    assert len(backlog_tasks()) == 1
+    queued = greg.outbox.queued_bytes
+    await asyncio.wait_for(node.pacer.close(), WAIT)
+    assert backlog_tasks() == []
+    assert greg.outbox.queued_bytes == queued

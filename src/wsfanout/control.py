@@ -123,6 +123,14 @@ class Control:
         changes.pop(key, None)  # re-added last: the dict stays in time order
         changes[key] = now
 
+    async def close(self) -> None:
+        """Stop the regroup reads under way (the service is closing: their answers would
+        reach no connection, and the store is about to close)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _regroup(self, user: str) -> None:
         """Bring this user's connections here to the store's groups for them, in a task;
         a change told meanwhile makes it read again, so the last read is the newest."""

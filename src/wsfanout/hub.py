@@ -416,6 +416,15 @@ class Hub:
         self._close_code = code
         await self._close_all(code, batch, pause)
 
+    async def close(self) -> None:
+        """After ``drain``: stop the tasks the hub runs (the backlog's pacing, closing
+        connections after Redis came back), so none outlives the service."""
+        self.closed = True
+        await self._pacer.close()
+        if (resync := self._resync) is not None and not resync.done():
+            resync.cancel()
+            await asyncio.gather(resync, return_exceptions=True)
+
     async def _close_all(self, code: int, batch: int, pause: float) -> None:
         outboxes = self.outboxes()
         for start in range(0, len(outboxes), batch):

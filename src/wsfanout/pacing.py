@@ -71,7 +71,7 @@ class Pacer:
         self._backlog_streams: dict[tuple[Kind, str], int] = {}  # events of each in the backlog
         self._backlog_size = 0
         self._backlog_room = asyncio.Event()
-        self._pacer: asyncio.Task[None] | None = None
+        self._backlog_task: asyncio.Task[None] | None = None
 
     def room(
         self, kind: Kind, target: str, size: int, waited: dict[str, float]
@@ -111,8 +111,8 @@ class Pacer:
         backlog.append((kind, target, entry))
         self._backlog_streams[key] = self._backlog_streams.get(key, 0) + 1
         self._backlog_size += entry[1]
-        if self._pacer is None or self._pacer.done():
-            self._pacer = asyncio.get_running_loop().create_task(
+        if self._backlog_task is None or self._backlog_task.done():
+            self._backlog_task = asyncio.get_running_loop().create_task(
                 self._pace_backlog(), name="wsfanout-pacer"
             )
         if self._backlog_size > self.backlog_bytes:
@@ -122,6 +122,11 @@ class Pacer:
 
     async def _backlog_drains(self) -> None:
         await self._backlog_room.wait()
+
+    async def close(self) -> None:
+        """Stop pacing the backlog out (the hub has drained: nobody is left to get it)."""
+        self.closed = True
+        await _cancel(self._backlog_task)
 
     async def _pace_backlog(self) -> None:
         """Fan the backlog out in order, each event once its recipients have room."""
@@ -195,3 +200,10 @@ def _resume(outbox: Outbox, size: int) -> int:
     quarter of its bound (so that events go in many at a time), and room for this one."""
     limit = outbox.limit
     return min(limit // 4, limit - size)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel a task and wait until it has ended (whatever it raised on the way out)."""
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -208,6 +208,8 @@ class Service:
             try:
                 await self.server.close()
                 await self.admission.close()
+                await self.control.close()
+                await self.hub.close()
                 await self.flusher.close()
                 await self.hub.backplane.close()
             finally:
