@@ -14,6 +14,7 @@ from typing import Any
 
 import jwt
 import pytest
+import redis.asyncio
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -174,7 +175,7 @@ async def test_membership_is_live_on_every_node(nodes: list[Server]) -> None:
     assert api(here, "PUT", "/api/users/joiner/groups/boys")[0] == 204
     for client in sockets:
         assert await client.next(CLOSED_WITHIN) == {"type": "joined", "group": "boys"}
-    await asyncio.sleep(0.2)  # the other node's SUBSCRIBE to the group's channel
+    await _until_subscribed(here, "g:boys", 2)  # both nodes hear the group's channel
     body = {"type": "group", "group": "boys", "text": "to boys", "from": "ops"}
     assert api(here, "POST", "/api/publish", body)[0] == 202
     for client in sockets:
@@ -240,7 +241,7 @@ async def test_token_users_need_no_row(nodes: list[Server]) -> None:
         ["backend"],
     )
     assert (await bob.next())["user"] == "bob"
-    await asyncio.sleep(0.2)
+    await _until_subscribed(here, "g:backend", 2)  # both nodes hear the group's channel
     await bob.send({"type": "group", "group": "backend", "text": "hi team", "id": "g"})
     assert (await alice.next_of("message"))["text"] == "hi team"
     assert (await bob.next_of("message"))["text"] == "hi team"
@@ -323,6 +324,20 @@ async def test_tokens_reach_only_names_someone_holds(nodes: list[Server]) -> Non
     finally:
         for client in (sender, holder):
             await client.close()
+
+
+async def _until_subscribed(node: Server, channel: str, nodes: int) -> None:
+    """Wait until this many nodes are subscribed to one of the backplane's channels in Redis
+    (``PUBSUB NUMSUB``), instead of guessing how long a SUBSCRIBE takes."""
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    name = node.env["WSFANOUT_REDIS_PREFIX"] + channel
+    deadline = time.monotonic() + 10
+    try:
+        while (await client.pubsub_numsub(name))[0][1] < nodes:
+            assert time.monotonic() < deadline, f"{channel}: not {nodes} subscribers"
+            await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
 
 
 async def _until_online(client: Client, group: str, user: str) -> None:
