@@ -421,7 +421,8 @@ class Hub:
         connections after Redis came back), so none outlives the service."""
         self.closed = True
         await self._pacer.close()
-        if (resync := self._resync) is not None and not resync.done():
+        resync, self._resync = self._resync, None
+        if resync is not None:
             resync.cancel()
             await asyncio.gather(resync, return_exceptions=True)
 

@@ -126,7 +126,10 @@ class Pacer:
     async def close(self) -> None:
         """Stop pacing the backlog out (the hub has drained: nobody is left to get it)."""
         self.closed = True
-        await _cancel(self._backlog_task)
+        task, self._backlog_task = self._backlog_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _pace_backlog(self) -> None:
         """Fan the backlog out in order, each event once its recipients have room."""
@@ -200,10 +203,3 @@ def _resume(outbox: Outbox, size: int) -> int:
     quarter of its bound (so that events go in many at a time), and room for this one."""
     limit = outbox.limit
     return min(limit // 4, limit - size)
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    """Cancel a task and wait until it has ended (whatever it raised on the way out)."""
-    if task is not None and not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
