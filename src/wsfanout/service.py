@@ -129,7 +129,7 @@ class Service:
             server.start()
             opened.push_async_callback(server.close)
             backplane: Backplane
-            counts: FailureCounts
+            counts: FailureCounts | None = None  # None: in the database (every node shares it)
             if settings.redis_url:
                 backplane = RedisBackplane(
                     settings.redis_url,
@@ -149,7 +149,6 @@ class Service:
                         max_bytes=settings.history_bytes,
                     )
                 backplane = LocalBackplane(history)
-                counts = DatabaseCounts(store)  # every node of the database shares them
             tokens = TokenVerifier(settings.jwt_secret, settings.jwt_public_key, clock=clock)
             hub = Hub(backplane, settings.pace_timeout)
             svc = cls(
