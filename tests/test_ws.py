@@ -151,17 +151,102 @@ async def test_too_large_frame_closes_1009(app: App) -> None:
 
 
 async def test_rate_limit(settings: Settings) -> None:
-    """Past the burst, frames get rate_limited and are not published."""
+    """Past the burst, frames are not published: the first gets rate_limited, the rest of
+    that second are dropped without an answer (a flood must not be answered frame by frame)."""
     async with (
         started(settings, rate_limit=1.0, rate_burst=3) as app,
         connect(app, await login(app, "greg")) as ws,
     ):
         await ws.receive()
-        for n in range(5):
+        for n in range(6):
             await ws.send_json({"type": "direct", "user_name": "greg", "text": str(n)})
-        events = [await ws.receive() for _ in range(5)]
+        events = [await ws.receive() for _ in range(4)]
         assert [e["text"] for e in events if e["type"] == "message"] == ["0", "1", "2"]
-        assert [e["code"] for e in events if e["type"] == "error"] == ["rate_limited"] * 2
+        assert [e["code"] for e in events if e["type"] == "error"] == ["rate_limited"]
+        assert await ws.nothing(0.3)
+        assert ws.close_code is None
+
+
+async def test_a_client_that_keeps_flooding_is_closed_1008(settings: Settings) -> None:
+    """More than the burst of frames over the rate within a second of the rate_limited
+    error: a last rate_limited error and a 1008 close; counted in /metrics."""
+    async with started(settings, rate_limit=1.0, rate_burst=3) as app:
+        async with connect(app, await login(app, "greg")) as ws:
+            await ws.receive()
+            for _ in range(3 + 1 + 3):  # the burst, the one told, and three dropped: still open
+                await ws.send_text("{")
+            codes = [(await ws.receive())["code"] for _ in range(4)]
+            assert codes == ["bad_json"] * 3 + ["rate_limited"]
+            assert await ws.nothing(0.2)
+            await ws.send_text("{")  # the fourth over the burst
+            last = await ws.receive()
+            assert (last["code"], last["detail"]) == (
+                "rate_limited",
+                "more than 3 messages over the rate limit in 1 s: closing",
+            )
+            with pytest.raises(asgi.Closed) as caught:
+                await ws.receive()
+            assert caught.value.code == 1008
+        metrics = await asgi.request(app, "GET", "/metrics")
+        assert "wsfanout_flood_disconnects_total 1.0" in metrics.body.decode()
+
+
+async def test_a_client_sending_only_refused_messages_is_closed_1008(settings: Settings) -> None:
+    """Within the rate, but nothing but refused messages (a flood of bad frames processed
+    slowly, or a client that never reads its errors): after the burst's worth in a row, a
+    last error and a 1008 close. A good message in between starts the count again."""
+    async with (
+        started(settings, rate_limit=0.0, rate_burst=3) as app,
+        connect(app, await login(app, "greg")) as ws,
+    ):
+        await ws.receive()
+        for text in ["{", "{", "{", '{"type": "broadcast", "text": "ok"}', "{", "{", "{"]:
+            await ws.send_text(text)
+        events = [await ws.receive() for _ in range(7)]
+        assert [e.get("code", e["type"]) for e in events] == ["bad_json"] * 3 + ["message"] + [
+            "bad_json"
+        ] * 3
+        assert await ws.nothing(0.2)
+        await ws.send_json({"type": "group", "group": "nobody", "text": "x"})
+        assert (await ws.receive())["code"] == "unknown_group"
+        last = await ws.receive()
+        assert (last["code"], last["detail"]) == (
+            "bad_message",
+            "4 messages in a row refused: closing",
+        )
+        with pytest.raises(asgi.Closed) as caught:
+            await ws.receive()
+        assert caught.value.code == 1008
+
+
+async def test_reading_pauses_while_the_outbox_is_full(settings: Settings) -> None:
+    """A client that does not read what it is sent has its own frames left unread (the
+    server's queue, then TCP, hold them back) until its outbox is down to a quarter."""
+    async with (
+        started(settings, outbox_bytes=8192) as app,
+        connect(app, await login(app, "greg")) as greg,
+        connect(app, await login(app, "mike")) as mike,
+    ):
+        await greg.receive()
+        await mike.receive()
+        mike.reading.clear()
+        for n in range(41):  # the first is mike's send in flight; the rest, 7 KiB, queue
+            await greg.send_json(
+                {"type": "direct", "user_name": "mike", "text": f"{n:03d}" + "x" * 60}
+            )
+            if n == 0:  # greg's frames are all read (and sent on) once he has this one
+                await greg.send_json({"type": "direct", "user_name": "greg", "text": "sent"})
+                assert (await greg.receive())["text"] == "sent"
+        await greg.send_json({"type": "direct", "user_name": "greg", "text": "all sent"})
+        assert (await greg.receive())["text"] == "all sent"
+        await mike.send_json({"type": "direct", "user_name": "greg", "text": "held back"})
+        assert await greg.nothing(0.3)
+        mike.reading.set()  # mike reads again: his outbox drains, his frame is read
+        event = await greg.receive()
+        assert (event["type"], event["text"]) == ("message", "held back")
+        assert [(await mike.receive())["text"][:3] for _ in range(41)] == [
+            f"{n:03d}" for n in range(41)
+        ]
 
 
 async def test_expired_session_closes_1008(settings: Settings) -> None:

@@ -168,7 +168,7 @@ class UvicornAdapter:
             protocol.__class__ = ExplainingSansIOProtocol
         if not isinstance(protocol, ExplainingSansIOProtocol):  # someone else's subclass
             return None
-        protocol.wsfanout = self.reach
+        protocol.adopt(self.reach)
         self._accepted.add(protocol)
         return protocol
 
@@ -179,6 +179,10 @@ class UvicornAdapter:
             AttributeError: it has none.
         """
         return stream.transport
+
+    def aborted(self, stream: Any) -> None:
+        """Nothing more to do after a reset: uvicorn's protocol stops reading with its
+        transport, and drops what it parsed once the app has sent its close."""
 
     async def stopping(self) -> None:
         """uvicorn stops: drain the app (1001); give the closes a moment to be answered,
