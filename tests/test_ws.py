@@ -150,6 +150,43 @@ async def test_too_large_frame_closes_1009(app: App) -> None:
         assert caught.value.code == 1009
 
 
+def largest_frame(limit: int, escape: str) -> str:
+    """A publish frame of exactly ``limit`` bytes whose text is ``escape`` repeated (after
+    an ``a``, so that no text is all whitespace)."""
+    head, tail = '{"type": "broadcast", "id": "big", "text": "a', '"}'
+    room = limit - len(head) - len(tail)
+    size = len(escape.encode())
+    return head + escape * (room // size) + "a" * (room % size) + tail
+
+
+@pytest.mark.parametrize("escape", ["\\u0001", '\\"', "\\n", "\\u00e9", "\\u2028", "é"])
+async def test_a_frame_within_the_limit_is_never_too_large_afterwards(
+    app: App, settings: Settings, escape: str
+) -> None:
+    """The largest frame a user may send, its text all escapes (or all non-ASCII), is
+    published: its text goes out in no more bytes than the frame held it in, so the size
+    check below every door never refuses what the inbound check took. The issue's 65,536
+    escaped U+0001 are one frame over the limit: too_large, 1009, nothing published."""
+    limit = settings.max_frame_bytes
+    frame = largest_frame(limit, escape)
+    assert len(frame.encode()) == limit
+    async with (
+        connect(app, await login(app, "greg")) as greg,
+        connect(app, await login(app, "mike")) as mike,
+    ):
+        await greg.receive(), await mike.receive()
+        await mike.send_text(frame)
+        event = await expect_message(greg)
+        assert event["text"] == orjson.loads(frame)["text"]
+        assert (await until(mike, "ack"))[1]["id"] == "big"
+        await mike.send_text('{"type": "broadcast", "text": "' + "\\u0001" * 65_536 + '"}')
+        assert (await until(mike, "error"))[1]["code"] == "too_large"
+        with pytest.raises(asgi.Closed) as caught:
+            await mike.receive()
+        assert caught.value.code == 1009
+        assert await greg.nothing(0.2)
+
+
 async def test_rate_limit(settings: Settings) -> None:
     """Past the burst, frames are not published: the first gets rate_limited, the rest of
     that second are dropped without an answer (a flood must not be answered frame by frame)."""
