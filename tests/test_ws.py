@@ -632,3 +632,38 @@ async def test_a_client_that_does_not_read_its_welcome_is_closed_1013(settings: 
             ws.reading.set()
             assert await ws.until_closed() == []
             assert ws.close_code == 1013
+
+
+async def test_a_replay_is_batched_by_bytes_as_the_outbox_batches(settings: Settings) -> None:
+    """A replay of non-ASCII messages goes out in frames of at most WSFANOUT_BATCH_BYTES
+    bytes of UTF-8 (not characters), as live frames do."""
+    async with started(settings, batch_bytes=1000) as app:
+        greg, amanda = await login(app, "greg"), await login(app, "amanda")
+        async with connect(app, greg) as g:
+            positions = dict((await g.receive())["streams"])
+        async with connect(app, amanda) as a:
+            await a.receive()
+            for n in range(6):  # about 330 characters and 530 bytes each, as an event
+                await a.send_json(
+                    {
+                        "type": "direct",
+                        "user_name": "greg",
+                        "text": f"{n}" + "é" * 200,
+                        "id": str(n),
+                    }
+                )
+            await until(a, "ack")
+        async with asgi.WebSocket(
+            app, headers={"cookie": greg}, query=resume_query(positions)
+        ) as g:
+            frames = []
+            while not frames or '"resumed"' not in frames[-1]:
+                frames.append((await asyncio.wait_for(g.from_app.get(), 5))["text"])
+    replayed = [orjson.loads(frame) for frame in frames[1:-1]]
+    events = [
+        event for frame in replayed for event in (frame if isinstance(frame, list) else [frame])
+    ]
+    assert [event["text"][0] for event in events] == list("012345")
+    assert all(len(frame.encode()) <= 1000 for frame in frames[1:-1]), [
+        len(f.encode()) for f in frames
+    ]

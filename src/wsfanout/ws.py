@@ -233,15 +233,15 @@ class Connection:
         """Send frames before the writer starts (the welcome, a replay), batched as it would."""
         settings = self.svc.settings
         stats = self.svc.flusher.stats
-        start = 0
+        sizes, start = [item(frame)[1] for frame in frames], 0  # bytes, as the outbox counts
         while start < len(frames):
-            end, size = start + 1, len(frames[start])
+            end, size = start + 1, sizes[start]
             while (
                 end < len(frames)
                 and end - start < settings.batch_max
-                and size + len(frames[end]) <= settings.batch_bytes
+                and size + sizes[end] <= settings.batch_bytes
             ):
-                size += len(frames[end])
+                size += sizes[end]
                 end += 1
             await self.send({"type": "websocket.send", "text": protocol.batch(frames[start:end])})
             stats.count(end - start)
