@@ -21,6 +21,8 @@ Theory of operation.
    sends lifespan shutdown. Its worker context's ``terminated`` event is set when stopping
    starts; the first marked accept gives the adapter that context, and the adapter waits on
    the event and calls ``on_stopping`` (the app's drain: every socket gets 1001 in time).
+   How the stop starts (a signal to the master, to a worker, or to both, once or more) is
+   hypercorn_signals.py's.
 
 3. Hypercorn's pings end with the connection. With ``--websocket-ping-interval`` (as
    ``wsfanout serve`` and the Containerfile set it), hypercorn pings each connection from a
@@ -70,6 +72,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ..types import Message
+from . import hypercorn_signals  # takes the workers' stop signals, once per process
 from .checks import is_method
 from .frames import Frames, bounded_deflate
 from .keys import ACCEPT_KEY, GONE, STREAM_KEY
@@ -103,6 +106,11 @@ _LOST: Final = (
         "them (up to its own websocket_max_message_size)",
     ),
     ("abort", "a client that does not read keeps its TCP connection after its close"),
+    (
+        "signals",
+        "a worker sent SIGTERM itself (as a signal to the process group does) dies at once, "
+        "without closing its sockets",
+    ),
 )
 
 
@@ -206,7 +214,7 @@ async def _reset(message: Message) -> None:
 def attach(reach: ServerReach) -> HypercornAdapter:
     """Check every reach for one app's start, set what it can do, and warn once about
     what it cannot."""
-    problems = check()
+    problems = check() | hypercorn_signals.check()
     reach.can_decline = not problems["deflate"]
     reach.can_watch = not problems["stop"]
     reach.can_stop_pings = not problems.get("pings")
