@@ -656,7 +656,7 @@ async def test_a_replay_is_batched_by_bytes_as_the_outbox_batches(settings: Sett
         async with asgi.WebSocket(
             app, headers={"cookie": greg}, query=resume_query(positions)
         ) as g:
-            frames = []
+            frames: list[str] = []
             while not frames or '"resumed"' not in frames[-1]:
                 frames.append((await asyncio.wait_for(g.from_app.get(), 5))["text"])
     replayed = [orjson.loads(frame) for frame in frames[1:-1]]
