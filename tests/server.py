@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -58,6 +59,7 @@ class Server:
         serve: bool = False,
         args: tuple[str, ...] = (),
         server: str = "hypercorn",
+        descriptors: int | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.env = env or {}
@@ -68,6 +70,7 @@ class Server:
         self.serve = serve  # `wsfanout serve` (pings every 20 s, its own limits) instead
         self.args = args  # more arguments for the server command
         self.server = server  # hypercorn or uvicorn (with its websockets-sansio protocol)
+        self.descriptors = descriptors  # the server's file descriptor limit (None: ours)
         self.log_path = data_dir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -120,6 +123,7 @@ class Server:
             self.proc = subprocess.Popen(
                 [sys.executable, *command, *self.args],
                 pass_fds=[sock.fileno()],
+                preexec_fn=self._limit_descriptors if self.descriptors else None,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -137,6 +141,12 @@ class Server:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"server did not start: {self.log_path.read_text()}")
+
+    def _limit_descriptors(self) -> None:
+        """In the server's process, before it runs: its lower file descriptor limit."""
+        assert self.descriptors is not None
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.descriptors, hard))
 
     def stop(self) -> None:
         if self.proc is None:

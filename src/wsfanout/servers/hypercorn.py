@@ -1,5 +1,6 @@
 """The hypercorn adapter: every reach into hypercorn. It patches hypercorn's ``WSStream``
-(its accept, its ping loop and its error response), once, when this module is imported
+(its accept, its ping loop and its error response), and through hypercorn_tcp.py its
+``TCPServer.run``, once, when this module is imported
 (``ServerReach.start`` imports it when hypercorn runs us), because hypercorn has no setting
 or hook for any of what follows, and ASGI no words for it.
 
@@ -47,6 +48,11 @@ Theory of operation.
    on ``receive()`` forever and its connection stays counted. The wrapped
    ``WSStream._send_error_response`` hands the app a ``websocket.disconnect`` then.
 
+7. Connections per address. hypercorn_tcp.py wraps hypercorn's ``TCPServer.run`` for every
+   connection of the process, before any app sees it: the per-address caps on connections
+   waiting for a request head and on all connections, and the first head's timeout
+   (peers.py). Checked at each app's start, which sets the caps.
+
 The first three are checked at each app's start, against hypercorn's own classes (a
 handshake that offers deflate must come back without it, and the wraps must still be in
 place). If a hypercorn release moved something, one warning names what is lost and the
@@ -67,6 +73,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ..types import Message
+from . import hypercorn_tcp
 from .checks import is_method
 from .frames import Frames, bounded_deflate
 from .keys import ACCEPT_KEY, GONE, STREAM_KEY
@@ -100,6 +107,11 @@ _LOST: Final = (
         "them (up to its own websocket_max_message_size)",
     ),
     ("abort", "a client that does not read keeps its TCP connection after its close"),
+    (
+        "peers",
+        "connections are not counted per address: one address can hold every descriptor "
+        "of the process with half-sent request heads",
+    ),
 )
 
 
@@ -182,6 +194,7 @@ def attach(reach: ServerReach) -> HypercornAdapter:
     """Check every reach for one app's start, set what it can do, and warn once about
     what it cannot."""
     problems = check()
+    problems["peers"] = hypercorn_tcp.configure(reach.peer_limits)
     reach.can_decline = not problems["deflate"]
     reach.can_watch = not problems["stop"]
     reach.can_stop_pings = not problems.get("pings")
