@@ -8,7 +8,7 @@ into a server's internals, one adapter per server.
   configures uvicorn with; the same applied to a running plain ``uvicorn wsfanout:app``).
 - ``hypercorn_tcp.py``: the hypercorn adapter's reach into its TCP connections.
 - ``keys.py``: the marks on ASGI messages; ``frames.py``: bounded message buffer and
-  inflation; ``peers.py``: per-address caps on connections;
+  inflation, and closes for invalid frames; ``peers.py``: per-address caps on connections;
   ``resets.py``: TCP resets; ``checks.py``: what the start-up checks share;
   ``workers.py``: counting a server's worker processes.
 

@@ -48,7 +48,13 @@ Theory of operation.
    on ``receive()`` forever and its connection stays counted. The wrapped
    ``WSStream._send_error_response`` hands the app a ``websocket.disconnect`` then.
 
-7. Connections per address. hypercorn_tcp.py wraps hypercorn's ``TCPServer.run`` for every
+7. Invalid frames. On wsfanout's streams, the wsproto connection hypercorn builds at accept
+   becomes frames.py's ``closing_connection()``: a client whose data wsproto cannot parse
+   (invalid UTF-8 in a text message: 1007) gets the close frame wsproto asks for, where
+   hypercorn sent none (the client saw 1006), and the log gets one line. Checked at start:
+   such a connection fed invalid UTF-8 must close as hypercorn answers a client's close.
+
+8. Connections per address. hypercorn_tcp.py wraps hypercorn's ``TCPServer.run`` for every
    connection of the process, before any app sees it: the per-address caps on connections
    waiting for a request head and on all connections, and the first head's timeout
    (peers.py). Checked at each app's start, which sets the caps.
@@ -67,6 +73,7 @@ read keeps its TCP connection until it reads or leaves.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -75,7 +82,12 @@ from typing import TYPE_CHECKING, Any, Final
 from ..types import Message
 from . import hypercorn_tcp
 from .checks import is_method
-from .frames import Frames, bounded_deflate
+from .frames import (
+    Frames,
+    bounded_deflate,
+    check_closing_connection,
+    closing_connection,
+)
 from .keys import ACCEPT_KEY, GONE, STREAM_KEY
 
 if TYPE_CHECKING:
@@ -83,7 +95,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__package__)  # one logger for the servers package: "wsfanout.servers"
 
-REACHES: Final = ("deflate", "stop", "pings", "frames", "abort", "ghosts")
+REACHES: Final = ("deflate", "stop", "pings", "frames", "abort", "ghosts", "closes")
 _WRAPPED: Final = "__wsfanout_wrapped__"
 _APP_TASK: Final = "_wsfanout_app_task"  # set on a hypercorn WSStream: the app's handler task
 _DISCONNECTS: set[asyncio.Task[Any]] = set()  # disconnects being handed over (kept alive)
@@ -108,6 +120,11 @@ _LOST: Final = (
     ),
     ("abort", "a client that does not read keeps its TCP connection after its close"),
     (
+        "closes",
+        "a client's invalid data (invalid UTF-8 in a text message) ends its connection "
+        "without a close frame (the client sees 1006)",
+    ),
+    (
         "peers",
         "connections are not counted per address: one address can hold every descriptor "
         "of the process with half-sent request heads",
@@ -118,8 +135,9 @@ _LOST: Final = (
 class HypercornAdapter:
     """What one app needs of hypercorn, per stream: carried by the app's accept messages."""
 
-    def __init__(self, reach: ServerReach) -> None:
+    def __init__(self, reach: ServerReach, *, closes: bool = True) -> None:
         self.reach = reach
+        self.closes = closes  # connections send the close wsproto asks for (frames.py)
         self._watcher: asyncio.Task[None] | None = None
 
     def accepting(self, stream: Any) -> None:
@@ -135,13 +153,16 @@ class HypercornAdapter:
                     handshake.extensions = None
             except AttributeError as exc:
                 reach.broke("deflate", exc)
+        frames = None
         if reach.can_bound:
             try:
                 frames = Frames(stream, min(stream.buffer.max_length, reach.frame_limit))
                 stream.buffer = frames
-                handshake = stream.handshake
-                if handshake.extensions:  # deflate may be accepted: bound its inflation too
-                    _bound_inflation(handshake, frames, reach)
+            except AttributeError as exc:
+                reach.broke("frames", exc)
+        if frames is not None or self.closes:
+            try:
+                _on_accept(stream, frames, self.closes, reach)
             except AttributeError as exc:
                 reach.broke("frames", exc)
         if reach.can_stop_pings:
@@ -221,7 +242,7 @@ def attach(reach: ServerReach) -> HypercornAdapter:
             lost.append(f"{what} ({problems[name]})")
     if lost:
         log.warning("%s is not a release wsfanout was tested with: %s", reach.name, "; ".join(lost))
-    return HypercornAdapter(reach)
+    return HypercornAdapter(reach, closes=not problems.get("closes"))
 
 
 def check() -> dict[str, str]:
@@ -242,6 +263,7 @@ def check() -> dict[str, str]:
         problems.setdefault(reach, problem)
     problems.setdefault("deflate", _check_decline())
     problems.setdefault("stop", _check_stop_signal())
+    problems.setdefault("closes", check_closing_connection())
     return problems
 
 
@@ -313,27 +335,42 @@ def _wrap(cls: type, name: str, wrapper: Any, original: Any) -> None:
     setattr(cls, name, wrapper)
 
 
-def _bound_inflation(handshake: Any, frames: Frames, reach: ServerReach) -> None:
-    """Once hypercorn's handshake has built the connection, bound its permessage-deflate."""
-    accept = handshake.accept
+def _on_accept(stream: Any, frames: Frames | None, closes: bool, reach: ServerReach) -> None:
+    """Once hypercorn's handshake has built the connection: make it send the close wsproto
+    asks for (``closes``), and bound its permessage-deflate (``frames``)."""
+    handshake = stream.handshake
+    # A partial, not a closure: one object more per connection for the collector, not eight.
+    handshake.accept = functools.partial(_accepted, handshake.accept, stream, frames, closes, reach)
 
-    def bounded(*args: Any) -> Any:
-        status, headers, connection = accept(*args)
-        try:
-            extensions: list[Any] = connection._proto.extensions
-        except AttributeError as exc:
-            reach.broke("frames", exc)
-        else:
-            cls = bounded_deflate()
-            deflate: Any = cls.__base__  # wsproto's own
-            for extension in extensions:
-                if type(extension) is deflate:  # exactly wsproto's: not one already bounded
-                    extension.wsfanout_frames = frames
-                    extension.wsfanout_left = frames.limit
-                    extension.__class__ = cls
-        return status, headers, connection
 
-    handshake.accept = bounded
+def _accepted(
+    accept: Any, stream: Any, frames: Frames | None, closes: bool, reach: ServerReach, *args: Any
+) -> Any:
+    status, headers, connection = accept(*args)
+    if closes:
+        cls: Any = closing_connection()
+        if type(connection) is cls.__base__:  # exactly wsproto's
+            connection.__class__ = cls
+            connection.wsfanout_client = stream.client
+    if frames is not None and stream.handshake.extensions:  # deflate may be accepted: bound it
+        _bound_inflation(connection, frames, reach)
+    return status, headers, connection
+
+
+def _bound_inflation(connection: Any, frames: Frames, reach: ServerReach) -> None:
+    """Bound the inflation of a connection's permessage-deflate to the frame limit."""
+    try:
+        extensions: list[Any] = connection._proto.extensions
+    except AttributeError as exc:
+        reach.broke("frames", exc)
+        return
+    cls = bounded_deflate()
+    deflate: Any = cls.__base__  # wsproto's own
+    for extension in extensions:
+        if type(extension) is deflate:  # exactly wsproto's: not one already bounded
+            extension.wsfanout_frames = frames
+            extension.wsfanout_left = frames.limit
+            extension.__class__ = cls
 
 
 def _check_frames_and_abort() -> dict[str, str]:
