@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -59,6 +60,7 @@ class Server:
         args: tuple[str, ...] = (),
         server: str = "hypercorn",
         session: bool = False,
+        descriptors: int | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.env = env or {}
@@ -70,6 +72,7 @@ class Server:
         self.args = args  # more arguments for the server command
         self.server = server  # hypercorn or uvicorn (with its websockets-sansio protocol)
         self.session = session  # a session (and process group) of its own, as under systemd
+        self.descriptors = descriptors  # the server's file descriptor limit (None: ours)
         self.log_path = data_dir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -123,6 +126,7 @@ class Server:
             self.proc = subprocess.Popen(
                 [sys.executable, *command, *self.args],
                 pass_fds=[sock.fileno()],
+                preexec_fn=self._limit_descriptors if self.descriptors else None,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -141,6 +145,12 @@ class Server:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"server did not start: {self.log_path.read_text()}")
+
+    def _limit_descriptors(self) -> None:
+        """In the server's process, before it runs: its lower file descriptor limit."""
+        assert self.descriptors is not None
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.descriptors, hard))
 
     def stop(self) -> None:
         if self.proc is None:

@@ -502,7 +502,7 @@ async def test_a_client_that_stops_reading_in_a_quiet_room_is_closed_too(
 
 def test_half_sent_request_heads_do_not_hold_connections(data_dir: Path, server_kind: str) -> None:
     """200 connections each send half a request head and wait: the server closes them all
-    (uvicorn would wait forever; wsfanout's h11 protocol gives a head 10 s)."""
+    (uvicorn would wait forever; wsfanout gives a head WSFANOUT_HEAD_TIMEOUT, 5 s)."""
     with Server(data_dir, ENV, serve=True, server=server_kind).running() as server:
         half = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nX-Slow: "
         socks = []

@@ -75,6 +75,11 @@ class Settings:
     pace_timeout: float = 5 * SECONDS  # how long a paced publish waits for a full outbox
     send_timeout: float = 30 * SECONDS  # a send blocked this long: the client does not read
 
+    # TCP connections, before any request (servers/peers.py): per address, per process
+    head_timeout: float = 5 * SECONDS  # a new connection's time to send a whole request head
+    max_waiting_per_address: int = 256  # one address's connections waiting for a head; 0: any
+    max_connections_per_address: int = 0  # one address's connections in all; 0: any
+
     # Positions, history and presence (DESIGN 5.1, 5.2)
     history_size: int = 100  # messages kept per stream for resume; 0: no history, no offsets
     history_ttl: float = 300 * SECONDS  # and for how long; 0: no history
@@ -152,6 +157,13 @@ class Settings:
             close_timeout=reader.number("CLOSE_TIMEOUT", defaults.close_timeout, low=0.1),
             pace_timeout=reader.number("PACE_TIMEOUT", defaults.pace_timeout, low=0.1),
             send_timeout=reader.number("SEND_TIMEOUT", defaults.send_timeout, low=0.1),
+            head_timeout=reader.number("HEAD_TIMEOUT", defaults.head_timeout, low=0.1),
+            max_waiting_per_address=reader.integer(
+                "MAX_WAITING_PER_ADDRESS", defaults.max_waiting_per_address, low=0
+            ),
+            max_connections_per_address=reader.integer(
+                "MAX_CONNECTIONS_PER_ADDRESS", defaults.max_connections_per_address, low=0
+            ),
             history_size=reader.integer("HISTORY_SIZE", defaults.history_size, low=0),
             history_ttl=reader.number("HISTORY_TTL", defaults.history_ttl, low=0),
             history_bytes=reader.integer("HISTORY_BYTES", defaults.history_bytes, low=0),

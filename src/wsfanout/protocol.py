@@ -64,6 +64,7 @@ class Source(enum.StrEnum):
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001  # server shutting down
+    INVALID_DATA = 1007  # a text message that is not UTF-8
     POLICY = 1008  # origin, auth expired or revoked
     TOO_LARGE = 1009
     INTERNAL_ERROR = 1011

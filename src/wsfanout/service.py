@@ -36,7 +36,7 @@ from .outage import OutageLog
 from .outbox import Flusher
 from .protocol import CloseCode
 from .publishing import Publishing
-from .servers import ServerReach, warn_if_workers_are_islands
+from .servers import PeerLimits, ServerReach, warn_if_workers_are_islands
 from .sessions import SessionCodec
 from .store import DatabaseError, Store
 from .throttle import DatabaseCounts, FailureCounts, LoginThrottle, RedisCounts
@@ -125,6 +125,11 @@ class Service:
                 on_stopping=on_stopping,
                 frame_limit=settings.max_frame_bytes,
                 too_large=protocol.too_large(settings.max_frame_bytes),
+                peers=PeerLimits(
+                    head_timeout=settings.head_timeout,
+                    waiting=settings.max_waiting_per_address,
+                    connections=settings.max_connections_per_address,
+                ),
             )
             server.start()
             opened.push_async_callback(server.close)

@@ -7,8 +7,10 @@ into a server's internals, one adapter per server.
   ``hypercorn_signals.py``: how its master and workers take SIGTERM and SIGINT.
 - ``uvicorn.py``, ``uvicorn_sansio.py``: the uvicorn adapter (classes ``wsfanout serve``
   configures uvicorn with; the same applied to a running plain ``uvicorn wsfanout:app``).
+- ``hypercorn_tcp.py``: the hypercorn adapter's reach into its TCP connections.
 - ``keys.py``: the marks on ASGI messages; ``frames.py``: bounded message buffer and
-  inflation; ``resets.py``: TCP resets; ``checks.py``: what the start-up checks share;
+  inflation, and closes for invalid frames; ``peers.py``: per-address caps on connections;
+  ``resets.py``: TCP resets; ``checks.py``: what the start-up checks share;
   ``workers.py``: counting a server's worker processes.
 
 Each reach is checked at the app's start against the installed server, and a warning names
@@ -18,6 +20,7 @@ what is lost when a release moved something; tests run against both real servers
 from __future__ import annotations
 
 from .keys import ACCEPT_KEY, STREAM_KEY, TOO_LARGE_KEY
+from .peers import PeerLimits
 from .reach import ServerReach
 from .workers import warn_if_workers_are_islands
 
@@ -25,6 +28,7 @@ __all__ = [
     "ACCEPT_KEY",
     "STREAM_KEY",
     "TOO_LARGE_KEY",
+    "PeerLimits",
     "ServerReach",
     "warn_if_workers_are_islands",
 ]

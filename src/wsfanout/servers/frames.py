@@ -10,17 +10,32 @@ to fragments too) it drops everything the client sends and hands the app a
 error frame and closes with 1009 whatever the frame's size. With compression on, the
 connection's ``PerMessageDeflate`` becomes ``bounded_deflate()``'s class, which inflates no
 more than that limit per message (a 0.5 MB deflate bomb otherwise inflates 1000-fold first).
+
+Invalid frames. When a client's data cannot be parsed (invalid UTF-8 in a text message, a
+protocol error), wsproto hands hypercorn a close event with the code RFC 6455 asks for
+(1007, 1002, ...) but sends nothing itself, and hypercorn sends a close frame only in answer
+to a client's: the connection ended without one (the client saw 1006). A connection of
+``closing_connection()``'s class puts itself, for such a close, in the state hypercorn
+answers: the client gets the code, and the log one line (``FAILED``). uvicorn_sansio.py
+does the same under uvicorn, whose own answer to invalid UTF-8 was a traceback per message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import zlib
+from collections.abc import Generator
 from typing import Any, Final
 
 from ..types import Message
 from .keys import TOO_LARGE
+
+log = logging.getLogger(__package__)  # one logger for the servers package: "wsfanout.servers"
+
+FAILED: Final = "closed a websocket with %d, from %s: %s"  # a client's invalid data, logged
+_INVALID_UTF8: Final = bytes([0x81, 0x81, 0, 0, 0, 0, 0xFF])  # a masked text frame: 1 bad byte
 
 
 class Frames:
@@ -148,3 +163,57 @@ def bounded_deflate() -> type:
             return result
 
     return BoundedDeflate
+
+
+@functools.cache
+def closing_connection() -> type:
+    """wsproto's ``Connection`` that sends the close frame wsproto asks for when it cannot
+    parse what the client sent (hypercorn sends none): a connection becomes one at accept."""
+    from wsproto.connection import Connection, ConnectionState
+    from wsproto.events import CloseConnection, Event
+
+    class ClosingConnection(Connection):
+        wsfanout_client: object = None  # the client's address, for the log (None: no log)
+
+        def events(self) -> Generator[Event, None, None]:
+            for event in super().events():
+                # Only wsproto's failure to parse yields a close while the connection is
+                # still open (a client's close frame changes the state first). Hypercorn
+                # answers a close event in REMOTE_CLOSING with the same code: take it there.
+                if isinstance(event, CloseConnection) and self._state is ConnectionState.OPEN:
+                    if self.wsfanout_client is not None:
+                        client = client_text(self.wsfanout_client)
+                        log.info(FAILED, event.code, client, event.reason)
+                    self._state = ConnectionState.REMOTE_CLOSING
+                yield event
+
+    return ClosingConnection
+
+
+def check_closing_connection() -> str:
+    """Does a connection of ``closing_connection()``'s class answer invalid UTF-8 with a
+    close hypercorn sends? ("" if so)"""
+    try:
+        from wsproto.connection import Connection, ConnectionState, ConnectionType
+        from wsproto.events import CloseConnection
+
+        connection = Connection(ConnectionType.SERVER)
+        connection.__class__ = closing_connection()
+        connection.receive_data(_INVALID_UTF8)
+        events = list(connection.events())
+        if connection.state is not ConnectionState.REMOTE_CLOSING:
+            return f"invalid UTF-8 left wsproto's connection {connection.state!r}"
+        close = events[0] if len(events) == 1 else None
+        if not isinstance(close, CloseConnection) or close.code != 1007:
+            return f"invalid UTF-8 made wsproto yield {events!r}"
+        connection.send(close.response())  # what hypercorn sends
+    except Exception as exc:  # any change in wsproto's Connection is a broken reach
+        return f"wsproto's Connection changed: {exc!r}"
+    return ""
+
+
+def client_text(client: object) -> str:
+    """A connection's client address (ASGI's ``(host, port)``) for a log line."""
+    if isinstance(client, tuple) and len(client) == 2:
+        return f"{client[0]}:{client[1]}"
+    return str(client)

@@ -1,5 +1,6 @@
 """The hypercorn adapter: every reach into hypercorn. It patches hypercorn's ``WSStream``
-(its accept, its ping loop and its error response), once, when this module is imported
+(its accept, its ping loop and its error response), and through hypercorn_tcp.py its
+``TCPServer.run``, once, when this module is imported
 (``ServerReach.start`` imports it when hypercorn runs us), because hypercorn has no setting
 or hook for any of what follows, and ASGI no words for it.
 
@@ -52,6 +53,17 @@ Theory of operation.
    on ``receive()`` forever and its connection stays counted. The wrapped
    ``WSStream._send_error_response`` hands the app a ``websocket.disconnect`` then.
 
+7. Invalid frames. On wsfanout's streams, the wsproto connection hypercorn builds at accept
+   becomes frames.py's ``closing_connection()``: a client whose data wsproto cannot parse
+   (invalid UTF-8 in a text message: 1007) gets the close frame wsproto asks for, where
+   hypercorn sent none (the client saw 1006), and the log gets one line. Checked at start:
+   such a connection fed invalid UTF-8 must close as hypercorn answers a client's close.
+
+8. Connections per address. hypercorn_tcp.py wraps hypercorn's ``TCPServer.run`` for every
+   connection of the process, before any app sees it: the per-address caps on connections
+   waiting for a request head and on all connections, and the first head's timeout
+   (peers.py). Checked at each app's start, which sets the caps.
+
 The first three are checked at each app's start, against hypercorn's own classes (a
 handshake that offers deflate must come back without it, and the wraps must still be in
 place). If a hypercorn release moved something, one warning names what is lost and the
@@ -66,6 +78,7 @@ read keeps its TCP connection until it reads or leaves.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -73,8 +86,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..types import Message
 from . import hypercorn_signals  # takes the workers' stop signals, once per process
+from . import hypercorn_tcp
 from .checks import is_method
-from .frames import Frames, bounded_deflate
+from .frames import (
+    Frames,
+    bounded_deflate,
+    check_closing_connection,
+    closing_connection,
+)
 from .keys import ACCEPT_KEY, GONE, STREAM_KEY
 
 if TYPE_CHECKING:
@@ -82,7 +101,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__package__)  # one logger for the servers package: "wsfanout.servers"
 
-REACHES: Final = ("deflate", "stop", "pings", "frames", "abort", "ghosts")
+REACHES: Final = ("deflate", "stop", "pings", "frames", "abort", "ghosts", "closes")
 _WRAPPED: Final = "__wsfanout_wrapped__"
 _APP_TASK: Final = "_wsfanout_app_task"  # set on a hypercorn WSStream: the app's handler task
 _DISCONNECTS: set[asyncio.Task[Any]] = set()  # disconnects being handed over (kept alive)
@@ -111,14 +130,25 @@ _LOST: Final = (
         "a worker sent SIGTERM itself (as a signal to the process group does) dies at once, "
         "without closing its sockets",
     ),
+    (
+        "closes",
+        "a client's invalid data (invalid UTF-8 in a text message) ends its connection "
+        "without a close frame (the client sees 1006)",
+    ),
+    (
+        "peers",
+        "connections are not counted per address: one address can hold every descriptor "
+        "of the process with half-sent request heads",
+    ),
 )
 
 
 class HypercornAdapter:
     """What one app needs of hypercorn, per stream: carried by the app's accept messages."""
 
-    def __init__(self, reach: ServerReach) -> None:
+    def __init__(self, reach: ServerReach, *, closes: bool = True) -> None:
         self.reach = reach
+        self.closes = closes  # connections send the close wsproto asks for (frames.py)
         self._watcher: asyncio.Task[None] | None = None
 
     def accepting(self, stream: Any) -> None:
@@ -134,13 +164,16 @@ class HypercornAdapter:
                     handshake.extensions = None
             except AttributeError as exc:
                 reach.broke("deflate", exc)
+        frames = None
         if reach.can_bound:
             try:
                 frames = Frames(stream, min(stream.buffer.max_length, reach.frame_limit))
                 stream.buffer = frames
-                handshake = stream.handshake
-                if handshake.extensions:  # deflate may be accepted: bound its inflation too
-                    _bound_inflation(handshake, frames, reach)
+            except AttributeError as exc:
+                reach.broke("frames", exc)
+        if frames is not None or self.closes:
+            try:
+                _on_accept(stream, frames, self.closes, reach)
             except AttributeError as exc:
                 reach.broke("frames", exc)
         if reach.can_stop_pings:
@@ -215,6 +248,7 @@ def attach(reach: ServerReach) -> HypercornAdapter:
     """Check every reach for one app's start, set what it can do, and warn once about
     what it cannot."""
     problems = check() | hypercorn_signals.check()
+    problems["peers"] = hypercorn_tcp.configure(reach.peer_limits)
     reach.can_decline = not problems["deflate"]
     reach.can_watch = not problems["stop"]
     reach.can_stop_pings = not problems.get("pings")
@@ -241,7 +275,7 @@ def attach(reach: ServerReach) -> HypercornAdapter:
             lost.append(f"{what} ({problems[name]})")
     if lost:
         log.warning("%s is not a release wsfanout was tested with: %s", reach.name, "; ".join(lost))
-    return HypercornAdapter(reach)
+    return HypercornAdapter(reach, closes=not problems.get("closes"))
 
 
 def check() -> dict[str, str]:
@@ -262,6 +296,7 @@ def check() -> dict[str, str]:
         problems.setdefault(reach, problem)
     problems.setdefault("deflate", _check_decline())
     problems.setdefault("stop", _check_stop_signal())
+    problems.setdefault("closes", check_closing_connection())
     return problems
 
 
@@ -333,27 +368,42 @@ def _wrap(cls: type, name: str, wrapper: Any, original: Any) -> None:
     setattr(cls, name, wrapper)
 
 
-def _bound_inflation(handshake: Any, frames: Frames, reach: ServerReach) -> None:
-    """Once hypercorn's handshake has built the connection, bound its permessage-deflate."""
-    accept = handshake.accept
+def _on_accept(stream: Any, frames: Frames | None, closes: bool, reach: ServerReach) -> None:
+    """Once hypercorn's handshake has built the connection: make it send the close wsproto
+    asks for (``closes``), and bound its permessage-deflate (``frames``)."""
+    handshake = stream.handshake
+    # A partial, not a closure: one object more per connection for the collector, not eight.
+    handshake.accept = functools.partial(_accepted, handshake.accept, stream, frames, closes, reach)
 
-    def bounded(*args: Any) -> Any:
-        status, headers, connection = accept(*args)
-        try:
-            extensions: list[Any] = connection._proto.extensions
-        except AttributeError as exc:
-            reach.broke("frames", exc)
-        else:
-            cls = bounded_deflate()
-            deflate: Any = cls.__base__  # wsproto's own
-            for extension in extensions:
-                if type(extension) is deflate:  # exactly wsproto's: not one already bounded
-                    extension.wsfanout_frames = frames
-                    extension.wsfanout_left = frames.limit
-                    extension.__class__ = cls
-        return status, headers, connection
 
-    handshake.accept = bounded
+def _accepted(
+    accept: Any, stream: Any, frames: Frames | None, closes: bool, reach: ServerReach, *args: Any
+) -> Any:
+    status, headers, connection = accept(*args)
+    if closes:
+        cls: Any = closing_connection()
+        if type(connection) is cls.__base__:  # exactly wsproto's
+            connection.__class__ = cls
+            connection.wsfanout_client = stream.client
+    if frames is not None and stream.handshake.extensions:  # deflate may be accepted: bound it
+        _bound_inflation(connection, frames, reach)
+    return status, headers, connection
+
+
+def _bound_inflation(connection: Any, frames: Frames, reach: ServerReach) -> None:
+    """Bound the inflation of a connection's permessage-deflate to the frame limit."""
+    try:
+        extensions: list[Any] = connection._proto.extensions
+    except AttributeError as exc:
+        reach.broke("frames", exc)
+        return
+    cls = bounded_deflate()
+    deflate: Any = cls.__base__  # wsproto's own
+    for extension in extensions:
+        if type(extension) is deflate:  # exactly wsproto's: not one already bounded
+            extension.wsfanout_frames = frames
+            extension.wsfanout_left = frames.limit
+            extension.__class__ = cls
 
 
 def _check_frames_and_abort() -> dict[str, str]:

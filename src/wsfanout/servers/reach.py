@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ..types import Message
 from .checks import release
 from .keys import ACCEPT_KEY, STREAM_KEY
+from .peers import PeerLimits
 from .resets import reset
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ class ServerReach:
         frame_limit: the largest inbound message the app takes, in bytes (0: the server's).
         too_large: the error frame that explains a message over the limit, where the
             server refuses it before the app sees it (uvicorn).
+        peers: the per-address caps and the head timeout, for every connection of the
+            process (the last app to start sets them).
     """
 
     def __init__(
@@ -45,11 +48,13 @@ class ServerReach:
         on_stopping: Callable[[], Awaitable[None]],
         frame_limit: int = 0,
         too_large: str = "",
+        peers: PeerLimits | None = None,
     ) -> None:
         self.compression = compression
         self.on_stopping = on_stopping
         self.frame_limit = frame_limit
         self.too_large = too_large
+        self.peer_limits = peers or PeerLimits()
         self.name = "an unknown server"  # which server runs us, for the start-up log
         self.can_decline = False  # the server can be told to decline deflate
         self.can_watch = False  # the server's stop signal can be watched (or its stop drained)

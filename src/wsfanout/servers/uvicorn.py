@@ -21,9 +21,13 @@ it installs while it serves (a bound method of the server), at app start:
   open a second later (clients that do not read: uvicorn would wait for them). uvicorn's
   handlers only record a signal; a SIGINT repeated during the drain is the same stop, not
   uvicorn's "force exit", which would skip the app's lifespan shutdown.
-- Its h11 protocol is ``HeadTimedH11Protocol``: a connection gets REQUEST_HEAD_TIMEOUT
-  to send a whole request head (uvicorn waits forever). Under httptools (no bound on a
-  head at all) a warning says so.
+- Its h11 protocol is ``HeadTimedH11Protocol``: a connection gets ``WSFANOUT_HEAD_TIMEOUT``
+  to send a whole request head (uvicorn waits forever), and is counted in the per-address
+  caps of the ``Peers`` the app leaves in the config (peers.py): from ``connection_made``
+  (over a cap it is reset there) to ``connection_lost``, or, once upgraded, to its websocket
+  protocol's ``connection_lost`` (wrapped on that instance: the transport tells only the
+  protocol it was handed to). Under httptools (no bound on a head at all, and no count)
+  a warning says so.
 - Pings are uvicorn's (``ws_ping_interval``, a timer per connection, gone with it).
 - Per connection, under the ``websockets-sansio`` protocol, ``receive`` is a method of the
   connection's protocol object: ``accepted`` takes it as the handle for ``abort`` (its
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -52,13 +57,23 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import Server
 
 from .checks import is_method
+from .peers import Peer, PeerLimits, Peers
+from .resets import reset
 
 if TYPE_CHECKING:
     from .reach import ServerReach
 
 log = logging.getLogger(__package__)  # one logger for the servers package: "wsfanout.servers"
 
-REQUEST_HEAD_TIMEOUT: Final = 10.0  # seconds a uvicorn HTTP connection has to send a request head
+PEERS: Final = "_wsfanout_peers"  # on uvicorn's config: the Peers of its connections
+H11_PARTS: Final = (
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "handle_websocket_upgrade",
+    "on_response_complete",
+)
+"""The methods of uvicorn's h11 protocol ``HeadTimedH11Protocol`` extends (checked at start)."""
 STRAGGLERS_WAIT: Final = 1.0  # seconds after a drain for closes to be answered
 _DRAINS: Final = "__wsfanout_drains__"  # on a wrapped uvicorn shutdown: the apps to drain
 _LEFT_TO_UVICORN: Final = (
@@ -71,28 +86,70 @@ Drain = Callable[[], Awaitable[None]]
 
 class HeadTimedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, closing a connection that has not sent a whole request head
-    within REQUEST_HEAD_TIMEOUT (uvicorn waits forever: a few thousand half-sent requests
-    would hold every file descriptor of the process)."""
+    in time (uvicorn waits forever: a few thousand half-sent requests would hold every file
+    descriptor of the process), and counting each connection in the per-address caps of the
+    ``Peers`` the app left in the server's config (peers.py): over a cap it is reset at once."""
 
     head_timer: asyncio.TimerHandle | None = None
+    peer: Peer | None = None  # this connection's place in its address's counts
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self._wait_for_head()
+        peers: Peers | None = getattr(self.config, PEERS, None)  # None until the app starts
+        if peers is not None:
+            self.peer = peers.arrive(transport.get_extra_info("peername"))
+            if self.peer is None:  # its address holds too much already
+                reset(transport)
+                return
+        self._wait_for_head(self._head_timeout(peers))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head_timer is not None:
             self.head_timer.cancel()
+        if self.peer is not None:
+            self.peer.left()
         super().connection_lost(exc)
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._wait_for_head()
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._head_done()
 
-    def _wait_for_head(self) -> None:
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        super().handle_websocket_upgrade(event)
+        peer = self.peer
+        protocol = self.transport.get_protocol()
+        if peer is None or protocol is self:
+            return
+        peer.started()
+        # From now on the transport tells the websocket protocol, not this one, that the
+        # connection is gone; its class may be any of uvicorn's (the app has not accepted
+        # yet, and may never): this instance's method is wrapped.
+        lost = functools.partial(_left, peer, protocol.connection_lost)
+        protocol.connection_lost = lost  # type: ignore[method-assign]
+
+    def on_response_complete(self) -> None:
+        if self.peer is not None:
+            self.peer.waiting()  # unless a pipelined head is already whole (below)
+        super().on_response_complete()
+        self._head_done()
+        # A head begun on a kept-alive connection: uvicorn's keep-alive timer stops at its
+        # first byte. Whichever is longer, so that a longer --timeout-keep-alive holds.
+        peers = getattr(self.config, PEERS, None)
+        self._wait_for_head(max(self._head_timeout(peers), self.timeout_keep_alive))
+
+    def _head_done(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.is_waiting and self.conn.their_state is not h11.IDLE:
+            peer.started()
+
+    @staticmethod
+    def _head_timeout(peers: Peers | None) -> float:
+        return (peers.limits if peers is not None else PeerLimits()).head_timeout
+
+    def _wait_for_head(self, timeout: float) -> None:
         if self.head_timer is not None:
             self.head_timer.cancel()
-        self.head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT, self._head_late, self.cycle)
+        self.head_timer = self.loop.call_later(timeout, self._head_late, self.cycle)
 
     def _head_late(self, cycle: Any) -> None:
         transport = self.transport
@@ -105,6 +162,12 @@ class HeadTimedH11Protocol(H11Protocol):
             and not transport.is_closing()
         ):
             transport.close()
+
+
+def _left(peer: Peer, connection_lost: Callable[[Exception | None], None], exc: Any) -> None:
+    """An upgraded connection is gone: its place in the counts too."""
+    peer.left()
+    connection_lost(exc)
 
 
 class DrainingServer(Server):
@@ -241,13 +304,32 @@ def attach(reach: ServerReach, server: Server) -> UvicornAdapter:
         )
     http = getattr(config, "http_protocol_class", None)
     if http is H11Protocol:
-        config.http_protocol_class = HeadTimedH11Protocol
-    elif http is not None and http is _httptools():
+        config.http_protocol_class = http = HeadTimedH11Protocol
+    if http is not None and http is _httptools():
         log.warning(
             "uvicorn parses HTTP with httptools, which bounds neither the size nor the "
-            "time of a request's head (a client can grow this process without end): "
-            "pass --http h11, as wsfanout serve does"
+            "time of a request's head (a client can grow this process without end), and "
+            "wsfanout cannot count its connections per address: pass --http h11, as "
+            "wsfanout serve does"
         )
+    elif http is not None and not (
+        isinstance(http, type) and issubclass(http, HeadTimedH11Protocol)
+    ):
+        log.warning(
+            "uvicorn's HTTP protocol is %r, not h11: wsfanout cannot bound the time of a "
+            "request's head nor count connections per address",
+            http,
+        )
+    elif not _h11_unchanged():
+        lost.append(
+            "uvicorn's H11Protocol changed: request heads may take forever, and "
+            "connections are not counted per address"
+        )
+    peers = getattr(config, PEERS, None)  # an earlier app in this server made them
+    if isinstance(peers, Peers):
+        peers.limits = reach.peer_limits
+    else:
+        setattr(config, PEERS, Peers(reach.peer_limits))
     if getattr(config, "proxy_headers", False):
         log.warning(
             "uvicorn takes client addresses from X-Forwarded-For sent by %s: any client "
@@ -321,6 +403,11 @@ def _sansio_unchanged() -> bool:
     from .uvicorn_sansio import PARTS
 
     return all(hasattr(WebSocketsSansIOProtocol, name) for name in PARTS)
+
+
+def _h11_unchanged() -> bool:
+    """Whether uvicorn's h11 protocol has every method ``HeadTimedH11Protocol`` extends."""
+    return all(hasattr(H11Protocol, name) for name in H11_PARTS)
 
 
 def _httptools() -> type | None:

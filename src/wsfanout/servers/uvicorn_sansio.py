@@ -9,7 +9,9 @@ before that close. A message may come in at most ``Frames.MAX_PIECES`` fragments
 keeps every one, empty ones too, until the last), else it is refused the same way. A client
 with UNSENT_MAX unread is reset when it pings (uvicorn writes every pong) and when uvicorn
 closes it after a refusal or an unanswered ping (uvicorn's closes are graceful: what the
-client was sent would stay in the kernel, for minutes).
+client was sent would stay in the kernel, for minutes). A text message that is not UTF-8
+is closed with 1007 as uvicorn closes it, but logged in one line (frames.py's ``FAILED``)
+where uvicorn logged a traceback per message.
 
 uvicorn parses every read whole (uvloop reads up to 256 KiB at a time) and queues every
 message in it for the app, without bound and without letting other tasks run: a flood of
@@ -26,13 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import PayloadTooBig
 from websockets.frames import Frame, Opcode
 
-from .frames import Frames
+from ..protocol import CloseCode
+from .frames import FAILED, Frames, client_text
 from .resets import UNSENT_MAX, unsent
 
 if TYPE_CHECKING:
@@ -46,10 +49,21 @@ PARTS: Final = (
     "handle_ping",
     "keepalive_timeout",
     "data_received",
+    "send_receive_event_to_app",
 )
 """The methods of uvicorn's protocol this class extends (checked at start)."""
 
-STATE: Final = ("conn", "frames", "close_sent", "transport", "disconnected", "queue", "read_paused")
+STATE: Final = (
+    "conn",
+    "frames",
+    "close_sent",
+    "transport",
+    "disconnected",
+    "curr_msg_data_type",
+    "client",
+    "queue",
+    "read_paused",
+)
 """What it reads of a connection's state (checked per connection)."""
 
 SLICE: Final = 4096  # bytes of a read parsed at a time, once the app has accepted
@@ -141,6 +155,22 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
             super().handle_parser_exception()
             self._reset_if_unread(reach)
 
+    def send_receive_event_to_app(self) -> None:
+        # uvicorn decodes a text message here and answers invalid UTF-8 with 1007 after
+        # logging a traceback: one per message. Checked first, the close is the same and
+        # the log one line.
+        if self.wsfanout is not None and self.curr_msg_data_type == "text" and not self.close_sent:
+            problem = _not_utf8(self.frames)
+            if problem:
+                self.frames = []
+                code = CloseCode.INVALID_DATA
+                log.info(FAILED, code, client_text(self.client), problem)
+                self.conn.fail(code, "invalid UTF-8")
+                if self.conn.close_sent is not None:  # else the client's close came first
+                    self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
+
     def handle_ping(self) -> None:
         reach = self.wsfanout
         if reach is not None:
@@ -175,3 +205,15 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
             conn.writes.insert(0, frame.serialize(mask=False, extensions=conn.extensions))
         except Exception as exc:  # websockets changed: the close goes out alone
             reach.broke("frames", exc)
+
+
+def _not_utf8(frames: list[Any]) -> str:
+    """Why a text message's fragments are not UTF-8 ("" if they are)."""
+    data = frames[0] if len(frames) == 1 else b"".join(frames)
+    if data.isascii():  # the common case, checked in C without decoding
+        return ""
+    try:
+        bytes(data).decode()
+    except UnicodeDecodeError as exc:
+        return str(exc)
+    return ""

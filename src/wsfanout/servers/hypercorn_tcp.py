@@ -1,0 +1,130 @@
+"""The hypercorn adapter's reach into hypercorn's TCP connections (its asyncio workers, uvloop
+included): the per-address caps and the head timeout of peers.py. It wraps
+``hypercorn.asyncio.tcp_server.TCPServer.run`` once, when this module is imported (hypercorn.py
+imports it), because hypercorn has no hook where a connection is accepted, nor a cap per
+address.
+
+Theory of operation. Hypercorn makes a ``TCPServer`` for each accepted connection and awaits
+its ``run``. The wrapped ``run`` first counts the connection in the process's ``PEERS``, by
+the address its socket is connected to; over a cap, it resets the connection before
+hypercorn reads a byte of it, and returns. Hypercorn restarts a connection's ``idle_task``
+each time the connection waits for a request head (at its start and after each response)
+and stops it when a head is whole: exactly when the peer's count of waiting connections
+changes, so that task is wrapped in ``_Idle``, which tells the peer and hands on. A first
+head has ``PeerLimits.head_timeout`` (a timer closes the connection, as hypercorn closes an
+idle one); between two requests hypercorn's own idle timeout applies (``keep_alive_timeout``,
+5 s unless told). Under hypercorn's trio worker none of this applies.
+
+The caps are the process's: the last wsfanout app to start in it sets them (``configure``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Final
+
+from .checks import is_method
+from .peers import Peer, PeerLimits, Peers
+from .resets import reset
+
+PEERS: Final = Peers()  # what each address holds of this process's hypercorn connections
+_WRAPPED: Final = "__wsfanout_wrapped__"
+
+
+class _Idle:
+    """Stands in for a hypercorn connection's idle task: tells the peer when the connection
+    starts and stops waiting for a request head, and hands each call on."""
+
+    __slots__ = ("_idle", "_peer", "late")
+
+    def __init__(self, idle: Any, peer: Peer) -> None:
+        self._idle = idle
+        self._peer = peer
+        self.late: asyncio.TimerHandle | None = None  # the first head's timeout
+
+    async def restart(self, task_group: Any, action: Any) -> None:
+        self._peer.waiting()
+        await self._idle.restart(task_group, action)
+
+    async def stop(self) -> None:
+        self._peer.started()
+        if self.late is not None:
+            self.late.cancel()
+            self.late = None
+        await self._idle.stop()
+
+
+def configure(limits: PeerLimits) -> str:
+    """Set this process's caps and head timeout. Returns the problem ("" if none) when
+    hypercorn's connections cannot be counted."""
+    PEERS.limits = limits
+    return check()
+
+
+def check() -> str:
+    """Is ``TCPServer.run`` still wrapped, and a connection's idle task what it was? ("" if
+    so)."""
+    if _INSTALLED:
+        return _INSTALLED
+    try:
+        from hypercorn.asyncio.tcp_server import TCPServer
+        from hypercorn.asyncio.worker_context import WorkerContext
+        from hypercorn.config import Config
+
+        if not getattr(TCPServer.run, _WRAPPED, False):
+            return "TCPServer.run is not wrapped"
+        cls: Any = TCPServer  # made here with nothing but what it keeps
+        server = cls(None, None, Config(), WorkerContext(None), None, None, None)
+        idle = server.idle_task
+        if "writer" not in vars(server):
+            return "TCPServer has no 'writer'"
+    except Exception as exc:  # any change in how hypercorn makes a connection
+        return f"hypercorn's TCPServer changed: {exc!r}"
+    restart = getattr(idle, "restart", None)
+    stop = getattr(idle, "stop", None)
+    if not is_method(restart, ["task_group", "action"]) or not is_method(stop, []):
+        return "a connection's idle_task has no 'restart(task_group, action)' and 'stop()'"
+    return ""
+
+
+def _install() -> str:
+    """Wrap ``TCPServer.run``. Returns the problem, or "" when done."""
+    try:
+        from hypercorn.asyncio.tcp_server import TCPServer
+    except ImportError as exc:
+        return str(exc)
+    run: Any = getattr(TCPServer, "run", None)
+    if not is_method(run, ["self"]):
+        return "TCPServer.run(self) is gone"
+
+    async def _run(server: Any) -> None:
+        writer = server.writer
+        peer = PEERS.arrive(writer.get_extra_info("peername"))
+        if peer is None:  # its address holds too much already
+            reset(writer.transport)
+            writer.close()
+            return
+        idle = server.idle_task = _Idle(server.idle_task, peer)
+        idle.late = asyncio.get_running_loop().call_later(
+            PEERS.limits.head_timeout, _head_late, writer.transport, peer
+        )
+        try:
+            await run(server)
+        finally:
+            if idle.late is not None:
+                idle.late.cancel()
+            peer.left()
+
+    setattr(_run, _WRAPPED, True)
+    _run.__wrapped__ = run  # type: ignore[attr-defined]
+    setattr(TCPServer, "run", _run)  # noqa: B010 - mypy: not a method of its own
+    return ""
+
+
+def _head_late(transport: Any, peer: Peer) -> None:
+    """No whole request head in time: close the connection (hypercorn sees its end)."""
+    if peer.fresh and not transport.is_closing():
+        transport.close()
+
+
+_INSTALLED: Final = _install()  # once per process, at import: "" if wrapped
