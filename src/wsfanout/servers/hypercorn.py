@@ -85,8 +85,10 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ..types import Message
-from . import hypercorn_signals  # takes the workers' stop signals, once per process
-from . import hypercorn_tcp
+from . import (
+    hypercorn_signals,  # takes the workers' stop signals, once per process
+    hypercorn_tcp,
+)
 from .checks import is_method
 from .frames import (
     Frames,
