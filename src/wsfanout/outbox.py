@@ -158,6 +158,7 @@ class Outbox:
         "limit",
         "on_overflow",
         "queued_bytes",
+        "reason",
         "send_timeout",
         "session",
         "state",
@@ -194,6 +195,7 @@ class Outbox:
         self.queued_bytes = 0
         self.state = State.OPEN
         self.close_code: int | None = None  # why it closes, once it stops taking events
+        self.reason: str | None = None  # what overflowed it, when not its bound (the log says)
         self.on_overflow = on_overflow
         # The offset a joining client's reply already covers, by the stream's message
         # prefix (``floor``); None once there are none.
@@ -254,10 +256,12 @@ class Outbox:
                 return False
         return False
 
-    def overflow(self) -> None:
-        """The client does not read: drop what is queued, take no more, close with 1013."""
+    def overflow(self, reason: str | None = None) -> None:
+        """The client does not read: drop what is queued, take no more, close with 1013.
+        ``reason``: why, when it is not the outbox's bound (pacing closes it, for one)."""
         if self.close_code is not None:
             return
+        self.reason = reason
         self._frames.clear()
         self.queued_bytes = 0
         self._move(State.CLOSED, protocol.CloseCode.TRY_AGAIN_LATER)

@@ -339,9 +339,11 @@ class Connection:
             code = writer.result()
             if code != CloseCode.TRY_AGAIN_LATER:
                 return code
-            why = f"a send blocked for {settings.send_timeout:g} s"  # Outbox._stalled
+            # Outbox._stalled, or pacing overflowed it before the writer could be cancelled
+            why = self.outbox.reason or f"a send blocked for {settings.send_timeout:g} s"
         elif self.outbox.close_code == CloseCode.TRY_AGAIN_LATER:
-            why = f"more than {settings.outbox_bytes} bytes queued"  # overflow cancelled it
+            # overflow cancelled it: past its bound, or pacing found it too far behind
+            why = self.outbox.reason or f"more than {settings.outbox_bytes} bytes queued"
         else:
             return CloseCode.INTERNAL_ERROR
         self.svc.hub.stats.slow_consumers += 1

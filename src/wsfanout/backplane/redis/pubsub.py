@@ -20,6 +20,11 @@ Control. Every node also hears ``<prefix>ctl``: ``control()`` publishes a change
 operator (a revocation, a membership) as a small JSON object, ahead of any queued message,
 and every other node hands it to ``on_control``; a node's own changes are not handed back.
 
+Keeping up. The listener hands every message on without awaiting anything (what a node's
+connections cannot take yet waits in the hub's bounded backlog): a subscriber that stops
+reading is dropped by Redis once its output buffer passes ``client-output-buffer-limit
+pubsub``, and its node misses what came meanwhile.
+
 Redis going away takes nothing down: ``publish`` raises (or its future fails with)
 ``BackplaneUnavailableError`` (the sender is told ``unavailable``), local connections stay
 open, and the supervisor reconnects with backoff and subscribes again to exactly what is
@@ -333,9 +338,8 @@ class PubSub:
                         message = await pubsub.get_message(timeout=0)
                         continue
                     try:
-                        waiting = deliver(*_route(channel), message["data"].decode())
-                        if waiting is not None:  # a recipient's outbox is full: paced
-                            await waiting
+                        # Never awaits: a subscriber that stops reading is dropped by Redis.
+                        deliver(*_route(channel), message["data"].decode())
                     except Exception:
                         log.exception("delivering a message from channel %r failed", channel)
                 elif kind == "subscribe":  # from now on, Redis sends us this channel
