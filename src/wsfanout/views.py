@@ -34,9 +34,9 @@ LOGIN_BODY_LIMIT: Final = 16 * 1024
 MAX_CREDENTIAL_CHARS: Final = 1024
 DIRECTORY_LIMIT: Final = 200
 API_BODY_LIMIT: Final = 4 * 1024 * 1024
-# A publish the service cannot take now (Redis away or too much waiting for it, the database
-# away, shutting down) is refused with 503 and this Retry-After, in seconds: soon enough for
-# the backplane's first reconnects, late enough not to spin.
+# A publish the service cannot take now (Redis away or too much waiting for it, a node behind
+# Redis, the database away, shutting down) is refused with 503 and this Retry-After, in
+# seconds: soon enough for the backplane's first reconnects, late enough not to spin.
 PUBLISH_RETRY_AFTER: Final = 1
 HEALTH_TIMEOUT: Final = 5.0  # seconds /healthz waits for the database
 
