@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Collection
 
 import pytest
 
-from tests.outboxes import Reader, eventually
+from tests.outboxes import Reader, eventually, outbox
 from wsfanout import protocol
-from wsfanout.outbox import Item, Outbox, item
+from wsfanout.outbox import Flusher, Item, Outbox, item
 from wsfanout.pacing import BACKLOG_BYTES, GRACE, DrainingError, HubStats, Pacer
 from wsfanout.protocol import Kind, Publish, Source
 
@@ -25,7 +25,7 @@ class Node:
     by group), pushing to them as the hub does."""
 
     def __init__(self, pace_timeout: float = 30.0, backlog_bytes: int = BACKLOG_BYTES) -> None:
-        self.readers: list[Reader] = []
+        self.readers: list[Reader | Gated] = []
         self.stats = HubStats()
         self.pacer = Pacer(self.recipients, self.push, self.stats, pace_timeout, backlog_bytes)
 
@@ -43,8 +43,8 @@ class Node:
         return [outbox for outbox in outboxes if outbox.user.lower() == target.lower()]
 
     def push(self, recipients: Collection[Outbox], entry: Item) -> None:
-        for outbox in recipients:
-            outbox.push(entry)
+        for recipient in recipients:
+            recipient.push(entry)
 
     def deliver(self, publish: Publish) -> None:
         """Hand the pacer an event as the backplane would (its listener never waits)."""
@@ -121,7 +121,7 @@ def full_socket(node: Node, name: str) -> Reader:
     return socket
 
 
-async def hold_up(node: Node, socket: Reader, seconds: float) -> float:
+async def hold_up(node: Node, socket: Reader | Gated, seconds: float) -> float:
     """A paced event waits for this socket, which reads after ``seconds``: how long the
     wait took (the socket may have been closed first)."""
     waiting = node.pacer.room(Kind.DIRECT, socket.outbox.user, 100)
@@ -139,8 +139,8 @@ async def hold_up(node: Node, socket: Reader, seconds: float) -> float:
 async def test_a_user_who_drains_within_the_grace_owes_nothing(node: Node) -> None:
     """Waits that a user's connections end within the grace are free, however many: a
     client that reads is never closed for the waits a large batch brings (were they
-    charged, 20 of these would spend an allowance of 0.3 s)."""
-    node.pacer.pace_timeout = 0.3
+    charged, 20 of these would spend an allowance of 0.1 s and the grace)."""
+    node.pacer.pace_timeout = 0.1
     for _ in range(20):
         socket = full_socket(node, "greg")
         await hold_up(node, socket, 0.02)
@@ -149,22 +149,78 @@ async def test_a_user_who_drains_within_the_grace_owes_nothing(node: Node) -> No
 
 async def test_a_users_allowance_follows_them_over_waits_and_sockets(node: Node) -> None:
     """What a wait lasts past the grace is owed, over every wait and every socket of the
-    user: a client that drains late each time holds up its first waits, then is closed
-    (1013) before it drains; a fresh socket of a user who has spent their allowance is
-    closed almost at once, not given a whole allowance again."""
-    node.pacer.pace_timeout = 1.0  # 1.1 s with the grace: 0.4 s owed for each late drain
-    for _ in range(2):
-        socket = full_socket(node, "chuck")
-        assert await hold_up(node, socket, 0.5) >= 0.5
-        assert socket.outbox.close_code is None
-    third = full_socket(node, "chuck")
-    assert await hold_up(node, third, 0.5) < 0.5  # 0.3 s was left, and a little came back
-    assert third.outbox.close_code == 1013
+    user: a client that drains late holds up its first wait, then a new socket of the
+    same user is closed (1013) before it drains, with what was left; a fresh socket of a
+    user who has spent their allowance is closed at once, not given another."""
+    node.pacer.pace_timeout = 1.0  # 1.25 s with the grace: a drain after 1 s owes 0.75 s
+    first = full_socket(node, "chuck")
+    assert await hold_up(node, first, 1.0) >= 1.0
+    assert first.outbox.close_code is None
+    second = full_socket(node, "chuck")
+    assert await hold_up(node, second, 1.0) < 0.8  # 0.5 s was left, and a little came back
+    assert second.outbox.close_code == 1013
     fresh = full_socket(node, "chuck")
-    assert await hold_up(node, fresh, 0.5) < 0.2  # all of it is owed
+    assert await hold_up(node, fresh, 1.0) < 0.2  # all of it is owed
     assert fresh.outbox.close_code == 1013
     other = full_socket(node, "mike")  # others owe nothing
     assert await hold_up(node, other, 0.5) >= 0.5 and other.outbox.close_code is None
+
+
+class Gated:
+    """A connection whose client reads only while its gate is open: it can stop reading
+    and start again (``Reader`` reads for good once told to)."""
+
+    def __init__(self, node: Node, name: str) -> None:
+        self.gate = asyncio.Event()
+        self.flusher = Flusher()
+        self.outbox = outbox(name, send=self._send, flusher=self.flusher)
+        self._writer = asyncio.get_running_loop().create_task(self.outbox.run())
+        node.readers.append(self)
+
+    async def _send(self, message: object) -> None:
+        await self.gate.wait()
+
+    async def fill(self) -> None:
+        """Stop reading, and be sent enough to be past half the outbox's bound: the first
+        event waits in the send, the second in the outbox."""
+        self.gate.clear()
+        frame = item(protocol.message(user("x" * 6_000, Kind.DIRECT, self.outbox.user), 0.0))
+        self.outbox.push(frame)
+        await eventually(lambda: self.outbox.queued_bytes == 0, WAIT)  # in the send
+        self.outbox.push(frame)
+
+    def read(self) -> None:
+        self.gate.set()
+
+    async def close(self) -> None:
+        self.outbox.close(1000)
+        self.gate.set()
+        await self._writer
+        await self.flusher.close()
+
+
+async def test_a_socket_that_has_kept_pace_keeps_the_grace(node: Node) -> None:
+    """A user whose socket that never reads was closed owes the whole allowance; their
+    socket that has drained a wait before still gets the grace (a user's other tabs do not
+    pay for one that hangs), a new one gets nothing."""
+    node.pacer.pace_timeout = 0.2
+    tab = Gated(node, "greg")
+    await tab.fill()
+    waiting = node.pacer.room(Kind.DIRECT, "greg", 100)
+    assert waiting is not None
+    await asyncio.sleep(0.05)
+    tab.read()
+    await asyncio.wait_for(waiting, WAIT)
+    assert tab.outbox.close_code is None and tab.outbox.kept_pace
+    hung = full_socket(node, "greg")
+    assert await hold_up(node, hung, 5.0) < 5.0  # closed after its allowance
+    assert hung.outbox.close_code == 1013
+    await tab.fill()  # greg owes it all: the tab still has the grace
+    assert await hold_up(node, tab, 0.1) >= 0.1
+    assert tab.outbox.close_code is None
+    new = full_socket(node, "greg")
+    assert await hold_up(node, new, 1.0) < 0.2
+    assert new.outbox.close_code == 1013
 
 
 async def test_a_users_full_sockets_are_counted_once(node: Node) -> None:

@@ -155,6 +155,7 @@ class Outbox:
         "close_code",
         "floors",
         "groups",
+        "kept_pace",
         "limit",
         "on_overflow",
         "queued_bytes",
@@ -201,6 +202,7 @@ class Outbox:
         # prefix (``floor``); None once there are none.
         self.floors: dict[str, int] | None = None
         self.send_timeout = send_timeout  # a send blocked this long: the client does not read
+        self.kept_pace = False  # it has drained a paced wait: its client reads (pacing.py)
 
     def _move(self, state: State, code: int | None = None) -> None:
         if state not in _MOVES.get(self.state, ()):

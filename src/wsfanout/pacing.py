@@ -18,24 +18,28 @@ Who may hold a backend up, and for how long. A wait costs every backend (and, in
 backlog, every other recipient) what one client takes, so each user has an allowance,
 counted over all their connections, all batches and all waits: ``pace_timeout`` (0.5 s by
 default) of holding paced events up, less what they owe. A wait that a user's connections
-end within ``GRACE`` (0.1 s) is free: a client that reads drains a quarter of its outbox in
-milliseconds, so the waits that any batch larger than half an outbox brings cost readers
-nothing. What a wait lasts beyond the grace is owed. A user whose connections have not
-drained when the grace and their allowance are spent has fallen too far behind: those
-connections are closed with 1013 (``Outbox.overflow``; the client resumes from history) and
-the whole allowance is owed. What is owed comes back over ``REGAIN`` (30 s). Counting per
-user, not per socket, means many sockets buy no more than one; two waits on the same user
-at once (two batches) are each charged, never the reverse.
+end within ``GRACE`` (0.25 s) is free: a client that reads drains a quarter of its outbox
+in milliseconds, so the waits that any batch larger than half an outbox brings cost readers
+nothing. What a wait lasts beyond the grace is owed. A connection still behind when the
+grace and its user's allowance are spent has fallen too far behind: it is closed with 1013
+(``Outbox.overflow``; the client resumes from history), and its user owes the whole
+allowance. What is owed comes back over ``REGAIN`` (30 s). A connection that has drained a
+wait before (``Outbox.kept_pace``: its client reads) keeps the grace whatever its user owes,
+so a user's other tabs do not pay for one that hangs; a new one gets only what is left, so a
+user who owes it all has a socket that never reads closed as soon as it holds anything up.
+Counting per user, not per socket, means many sockets buy no more than one; two waits on
+the same user at once (two batches) are each charged, never the reverse.
 
-The numbers. A user who reopens a socket that never reads costs backends at most 0.6 s the
-first time, then only what came back meanwhile: 2% of the time, so six such users cost at
-most 0.6 s at once and 12% of the time after, if they never overlap (they did: the allowance
-per batch, 5 s, let six stall every backend nearly all the time). A reader must take a
-quarter of its outbox within the grace (2.6 MB/s with the default 1 MiB) to keep pace with a
-burst for free, and a client slower than that (a slow link under a 4 MB batch) is closed
-and resumes within about a second rather than hold everyone up. The other side of it: a
-client that drains just within the grace each time holds a stream down to that pace, and
-no further.
+The numbers. A user who reopens a socket that never reads costs backends at most 0.75 s the
+first time, then only what came back meanwhile (2.5% of the time): six such users cost at
+most 0.75 s at once, and 15% of the time after if they never overlap (they did: the
+allowance per batch, 5 s, let six stall every backend nearly all the time). A reader must
+take a quarter of its outbox within the grace (1 MB/s with the default 1 MiB) to keep pace
+with a burst for free, and a client slower than that for long (a slow link under a 4 MB
+batch) is closed and resumes within about a second rather than hold everyone up. The other
+side of it: a client that drains just within the grace each time holds a stream down to
+that pace, and no further; each socket that has kept pace and then stops reading costs the
+grace once.
 
 The backlog never makes the Redis listener wait: a node that stopped reading its
 subscription would have Redis drop it (its pub/sub output buffer limit), and everyone on the
@@ -62,7 +66,7 @@ from .protocol import Kind
 
 PACE_POLL: Final = (0.001, 0.02)  # the first and the longest sleep while waiting for room
 BACKLOG_BYTES: Final = 16 * 1024 * 1024  # backend events from Redis held here while paced
-GRACE: Final = 0.1  # seconds a wait may last, free, each time a user's connections drain
+GRACE: Final = 0.25  # seconds a wait may last, free, each time a user's connections drain
 REGAIN: Final = 30.0  # seconds over which a user gets back an allowance spent in full
 OWED_SWEEP: Final = 1024  # users in the accounts before those who owe nothing are forgotten
 
@@ -181,12 +185,13 @@ class Pacer:
         self, full: list[Outbox], size: int, hurry: Callable[[], bool] | None = None
     ) -> None:
         """Wait until each of these outboxes has room again (down to a quarter of its
-        bound), or is closed. A user whose connections hold the wait up past their
-        allowance (counted once per user, however many of their sockets are full) falls
-        too far behind: those outboxes are overflowed (closed with 1013). While ``hurry()``
-        says so (the backlog is over its bound), nobody is given more than the grace, nor
-        the grace for free. What each user held the wait up for is settled when they stop
-        holding it (see the module's docstring)."""
+        bound), or is closed. An outbox whose user has held the wait up past its allowance
+        (counted once per user, however many of their sockets are full) has fallen too far
+        behind and is overflowed (closed with 1013); one that has kept pace before keeps
+        the grace whatever its user owes. While ``hurry()`` says so (the backlog is over its
+        bound), nobody is given more than the grace, nor the grace for free. What each user
+        held the wait up for is settled when they stop holding it (see the module's
+        docstring)."""
         loop = asyncio.get_running_loop()
         delay, longest = PACE_POLL
         last = loop.time()
@@ -198,25 +203,36 @@ class Pacer:
             now = loop.time()
             spent, last = now - last, now
             free = 0.0 if hurry is not None and hurry() else GRACE
-            full = [o for o in full if o.close_code is None and o.queued_bytes > _resume(o, size)]
+            still = []
+            for outbox in full:
+                if outbox.queued_bytes > _resume(outbox, size) and outbox.close_code is None:
+                    still.append(outbox)
+                elif outbox.close_code is None:
+                    outbox.kept_pace = True  # it drained a wait: a client that reads
+            full = still
             users = {outbox.user.lower() for outbox in full}
             for user in held.keys() - users:  # drained: what is past the grace is owed
                 self._owe(user, held.pop(user) - free, now)
-            behind = {}
             for user in users:
-                spent_by = held[user] = held.get(user, 0.0) + spent
+                held[user] = held.get(user, 0.0) + spent
+            closed = set()
+            for outbox in full:
+                user = outbox.user.lower()
                 allowance = GRACE + self.pace_timeout - self._owes(user, now)
-                if spent_by >= (allowance if free else min(allowance, GRACE)):
-                    behind[user] = f"it held backends' messages up for {spent_by:.2f} s" + (
-                        "" if free else " while the backlog was over its bound"
+                if outbox.kept_pace:
+                    allowance = max(allowance, GRACE)
+                if held[user] >= (allowance if free else min(allowance, GRACE)):
+                    outbox.overflow(
+                        f"it held backends' messages up for {held[user]:.2f} s"
+                        + ("" if free else " while the backlog was over its bound")
                     )
-                    del held[user]
-                    self._owe(user, GRACE + self.pace_timeout, now)  # all of it
-            if behind:
-                for outbox in full:
-                    if (why := behind.get(outbox.user.lower())) is not None:
-                        outbox.overflow(why)
+                    if user not in closed:
+                        closed.add(user)
+                        self._owe(user, GRACE + self.pace_timeout, now)  # all of it
+            if closed:
                 full = [outbox for outbox in full if outbox.close_code is None]
+                for user in closed - {outbox.user.lower() for outbox in full}:
+                    del held[user]  # settled
         now = loop.time()
         for user, spent_by in held.items():
             self._owe(user, spent_by - free, now)
