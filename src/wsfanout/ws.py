@@ -339,10 +339,9 @@ class Connection:
             code = writer.result()
             if code != CloseCode.TRY_AGAIN_LATER:
                 return code
-            # Outbox._stalled, or pacing overflowed it before the writer could be cancelled
+            # Outbox._stalled, or pacing overflowed it before its writer could be cancelled
             why = self.outbox.reason or f"a send blocked for {settings.send_timeout:g} s"
-        elif self.outbox.close_code == CloseCode.TRY_AGAIN_LATER:
-            # overflow cancelled it: past its bound, or pacing found it too far behind
+        elif self.outbox.close_code == CloseCode.TRY_AGAIN_LATER:  # overflowed; Outbox.reason
             why = self.outbox.reason or f"more than {settings.outbox_bytes} bytes queued"
         else:
             return CloseCode.INTERNAL_ERROR
