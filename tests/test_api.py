@@ -153,6 +153,26 @@ async def test_the_largest_text_goes_out_within_the_documented_bound(api: App, c
         assert await ws.nothing(0.2)
 
 
+async def test_a_publish_the_service_cannot_take_is_503_with_retry_after(
+    settings: Settings,
+) -> None:
+    """Redis away: the batch is refused with 503 ``unavailable`` and a Retry-After, so the
+    backend knows to send it again later (not a 202 for messages that would be lost)."""
+    app = create_app(
+        dataclasses.replace(
+            settings, api_keys=(KEY,), redis_url="redis://127.0.0.1:1/0", redis_prefix="none:"
+        )
+    )
+    await app.startup()
+    try:
+        response = await post(app, [{"type": "broadcast", "text": "hi"}])
+        assert response.status == 503, response
+        assert response.json()["code"] == "unavailable"
+        assert response.header("retry-after") == "1"
+    finally:
+        await app.shutdown()
+
+
 async def test_body_limit_is_413(api: App) -> None:
     """A body over the limit is refused with 413 while it streams in."""
     response = await asgi.request(

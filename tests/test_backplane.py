@@ -26,7 +26,10 @@ from tests import asgi
 from tests.asgi import resume_query, until
 from tests.conftest import login
 from tests.server import Client, RedisServer, Server, delete_redis_keys, http, need_redis
-from wsfanout import App, Settings, create_app
+from wsfanout import App, Settings, create_app, protocol
+from wsfanout.backplane import BackplaneUnavailableError, Node
+from wsfanout.backplane.redis import RedisBackplane
+from wsfanout.protocol import Kind, Publish, Source
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -243,9 +246,11 @@ async def test_node_survives_a_redis_restart(
                 channels = {c.decode() if isinstance(c, bytes) else c for c in raw}
             finally:
                 await client.aclose()
+            # (and its own, whose ticks tell how far behind Redis it is)
+            node = next(c for c in channels if c.startswith(prefix + "n:"))
             assert channels == {
                 prefix + name for name in ("all", "ctl", "g:boys", "g:girls", "u:greg", "u:amanda")
-            }
+            } | {node}
             await g.send_json({"type": "group", "group": "girls", "text": "after"})
             assert (await messages(a, 1))[0]["text"] == "after"
             await g.send_json({"type": "broadcast", "text": "everyone again"})
@@ -259,6 +264,62 @@ async def test_node_survives_a_redis_restart(
     assert resyncs == [
         "back on Redis: closing 2 connections with 1012 so that they reconnect and resume"
     ]
+
+
+async def test_a_node_behind_redis_has_backends_batches_refused_everywhere(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose listener cannot keep up with what Redis sends (its CPU starved: here
+    each message costs it 2 ms) says so, and every node refuses backends' batches for a
+    while (the API answers 503, RabbitMQ requeues) rather than take messages that Redis
+    would lose with the subscriber it drops; users' messages are still taken, and batches
+    again once the node has caught up."""
+    caplog.set_level(logging.WARNING, logger="wsfanout")
+    delivered: list[str] = []
+
+    def crawl(kind: Kind, target: str, frame: str) -> None:
+        time.sleep(0.002)
+        delivered.append(frame)
+
+    engines = [RedisBackplane(REDIS_URL, prefix), RedisBackplane(REDIS_URL, prefix)]
+    for engine, deliver in zip(engines, (lambda *_: None, crawl), strict=True):
+        engine.bind(Node(deliver, lambda *_: None, lambda *_: None, lambda _: (), lambda: None))
+        engine.start()
+    entry = engines[0]
+    try:
+        async with asyncio.timeout(10):
+            while not all(engine.healthy for engine in engines):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        entry.make_room(1000)
+        head, tail = protocol.message_parts(
+            Publish(Kind.BROADCAST, "x" * 4000, source=Source.API), 0.0
+        )
+        sent = [entry.publish(Kind.BROADCAST, "", head, tail) for _ in range(1000)]
+        await asyncio.gather(*sent)
+        refused: BackplaneUnavailableError | None = None
+        async with asyncio.timeout(10):
+            while refused is None:
+                try:
+                    entry.make_room(1)
+                except BackplaneUnavailableError as exc:
+                    refused = exc
+                else:
+                    await asyncio.sleep(0.01)
+        assert "behind Redis" in str(refused)
+        assert len(delivered) < 1000  # said while it was behind, not after
+        await entry.publish(Kind.BROADCAST, "", head, tail)  # a user's message goes
+        async with asyncio.timeout(20):
+            while True:
+                with contextlib.suppress(BackplaneUnavailableError):
+                    entry.make_room(1000)
+                    break
+                await asyncio.sleep(0.05)
+        assert len(delivered) == 1001
+    finally:
+        for engine in engines:
+            await engine.close()
+    # Both engines share this test's event loop, so the entry may say so too.
+    assert any("s behind Redis" in r.getMessage() for r in caplog.records), caplog.records
 
 
 async def test_each_senders_order_is_kept_across_nodes(nodes: tuple[App, App]) -> None:

@@ -72,7 +72,7 @@ class Settings:
     rate_limit: float = 50.0  # inbound messages per second per connection; 0 disables
     rate_burst: int = 100
     close_timeout: float = 5 * SECONDS  # how long a close may wait on a client that does not read
-    pace_timeout: float = 5 * SECONDS  # how long a paced publish waits for a full outbox
+    pace_timeout: float = 0.5 * SECONDS  # how long one user may hold backends up (pacing.py)
     send_timeout: float = 30 * SECONDS  # a send blocked this long: the client does not read
 
     # TCP connections, before any request (servers/peers.py): per address, per process

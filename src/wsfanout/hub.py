@@ -10,9 +10,10 @@ to Redis once, every node (this one included) fans it out locally when it comes 
 cannot take now (it is shutting down, Redis is away) raises ``UnavailableError``.
 
 Pacing (``pacing.py``). Backends' events are paced so that a batch larger than an outbox
-does not close its clients with 1013: ``publish_paced()`` (the API and RabbitMQ, one batch at
-a time) waits for room before the local engine fans it out; with Redis, every node paces the
-backend events Redis hands it through a backlog of its own. Users' messages are never paced.
+does not close its clients with 1013: ``publish_paced()`` (the API and RabbitMQ) waits for
+room before the local engine fans it out; with Redis, every node paces the backend events
+Redis hands it through a backlog of its own. Either way a client that holds backends up past
+its small allowance is closed (1013), and users' messages are never paced.
 ``publish_paced()`` is a plain ``def`` as well: it hands back something to await only when it
 must wait for room (the caller awaits it before its next paced publish); a wait that the
 hub's drain ends is refused, and that event does not go out.
@@ -87,7 +88,7 @@ class Hub:
     def __init__(
         self,
         backplane: Backplane,
-        pace_timeout: float = 5.0,
+        pace_timeout: float = 0.5,
         backlog_bytes: int = BACKLOG_BYTES,
     ) -> None:
         self.backplane = backplane
@@ -331,13 +332,10 @@ class Hub:
         self._count(publish)
         return None if sent is None else _settled(sent)
 
-    def publish_paced(self, publish: Publish, waited: dict[str, float] | None = None) -> Paced:
+    def publish_paced(self, publish: Publish) -> Paced:
         """``publish()`` a backend's message, paced (see Pacing): with the local engine,
         once there is room in the recipients' outboxes; with Redis at once (every node
         paces what it receives).
-
-        ``waited`` carries how long each user has held this batch up so far (pass the
-        same dict for every publish of a batch).
 
         Returns:
             None when it was delivered here and now; a future as ``publish()`` returns;
@@ -352,9 +350,7 @@ class Hub:
             raise UnavailableError("the server is shutting down")
         head, tail = protocol.message_parts(publish, time.time())
         try:
-            sent = self.backplane.publish_paced(
-                publish.kind, publish.target, head, tail, {} if waited is None else waited
-            )
+            sent = self.backplane.publish_paced(publish.kind, publish.target, head, tail)
         except BackplaneUnavailableError as exc:
             raise UnavailableError(str(exc)) from None
         if sent is None:

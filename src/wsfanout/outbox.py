@@ -156,9 +156,11 @@ class Outbox:
         "close_code",
         "floors",
         "groups",
+        "kept_pace",
         "limit",
         "on_overflow",
         "queued_bytes",
+        "reason",
         "send_timeout",
         "session",
         "state",
@@ -195,11 +197,13 @@ class Outbox:
         self.queued_bytes = 0
         self.state = State.OPEN
         self.close_code: int | None = None  # why it closes, once it stops taking events
+        self.reason: str | None = None  # what overflowed it, when not its bound (the log says)
         self.on_overflow = on_overflow
         # The offset a joining client's reply already covers, by the stream's message
         # prefix (``floor``); None once there are none.
         self.floors: dict[str, int] | None = None
         self.send_timeout = send_timeout  # a send blocked this long: the client does not read
+        self.kept_pace = False  # it has drained a paced wait: its client reads (pacing.py)
 
     def _move(self, state: State, code: int | None = None) -> None:
         if state not in _MOVES.get(self.state, ()):
@@ -265,10 +269,12 @@ class Outbox:
             await asyncio.sleep(delay)
             delay = min(delay * 2, longest)
 
-    def overflow(self) -> None:
-        """The client does not read: drop what is queued, take no more, close with 1013."""
+    def overflow(self, reason: str | None = None) -> None:
+        """The client does not read: drop what is queued, take no more, close with 1013.
+        ``reason``: why, when it is not the outbox's bound (pacing closes it, for one)."""
         if self.close_code is not None:
             return
+        self.reason = reason
         self._frames.clear()
         self.queued_bytes = 0
         self._move(State.CLOSED, protocol.CloseCode.TRY_AGAIN_LATER)

@@ -51,7 +51,6 @@ class Publishing:
         self.hub = hub
         self.tokens = tokens
         self.outages = outages
-        self.pacing = asyncio.Lock()  # paced batches, one at a time
 
     async def check(self, publish: Publish) -> Publish:
         """What every message must pass, whichever door it came in by: its size on the
@@ -156,7 +155,9 @@ class Publishing:
         When the hub cannot take the whole batch now, none of it is published. Once
         started, a shutdown or a Redis failure can still stop part of it: the caller
         hears UnavailableError and may send it again (at least once, as with RabbitMQ).
-        Batches are paced one at a time, so each keeps its order.
+        A batch keeps its order; batches sent at once are paced side by side, none behind
+        another (a source whose batches have an order, RabbitMQ's queue, sends one at a
+        time), and each stream still goes out in offset order.
 
         Raises:
             UnavailableError: not all were published.
@@ -164,19 +165,17 @@ class Publishing:
         hub = self.hub
         hub.make_room(len(batch))
         pending = []
-        waited: dict[str, float] = {}  # how long each user has held this batch up
         # With Redis nothing here suspends (every node paces what it receives), so nothing
         # can take the room meanwhile; the local engine hands back a wait only when it must
         # wait for room in the outboxes, and the next publish waits behind it (order).
-        async with self.pacing:
-            for publish in batch:
-                sent = hub.publish_paced(publish, waited)
-                if sent is None:
-                    continue
-                if isinstance(sent, asyncio.Future):
-                    pending.append(sent)
-                else:
-                    await sent
+        for publish in batch:
+            sent = hub.publish_paced(publish)
+            if sent is None:
+                continue
+            if isinstance(sent, asyncio.Future):
+                pending.append(sent)
+            else:
+                await sent
         if pending:
             results = await asyncio.gather(*pending, return_exceptions=True)
             for result in results:

@@ -34,6 +34,10 @@ LOGIN_BODY_LIMIT: Final = 16 * 1024
 MAX_CREDENTIAL_CHARS: Final = 1024
 DIRECTORY_LIMIT: Final = 200
 API_BODY_LIMIT: Final = 4 * 1024 * 1024
+# A publish the service cannot take now (Redis away or too much waiting for it, a node behind
+# Redis, the database away, shutting down) is refused with 503 and this Retry-After, in
+# seconds: soon enough for the backplane's first reconnects, late enough not to spin.
+PUBLISH_RETRY_AFTER: Final = 1
 HEALTH_TIMEOUT: Final = 5.0  # seconds /healthz waits for the database
 
 
@@ -289,27 +293,35 @@ async def publish_api(scope: Scope, receive: Receive, send: Send, svc: Service) 
     ok, data = await http.read_json(receive, send, API_BODY_LIMIT)
     if not ok:
         return
+    retry = [(b"retry-after", str(PUBLISH_RETRY_AFTER).encode())]
     try:
         batch = await svc.publishing.validate_batch(data, Source.API)
     except BatchError as exc:
-        status = 503 if exc.code is ErrorCode.UNAVAILABLE else 400
-        await _api_error(send, status, exc.code, exc.detail, exc.index)
+        if exc.code is ErrorCode.UNAVAILABLE:
+            await _api_error(send, 503, exc.code, exc.detail, exc.index, retry)
+        else:
+            await _api_error(send, 400, exc.code, exc.detail, exc.index)
         return
     try:
         await svc.publishing.publish_batch(batch)
     except UnavailableError as exc:
-        await _api_error(send, 503, ErrorCode.UNAVAILABLE, str(exc))
+        await _api_error(send, 503, ErrorCode.UNAVAILABLE, str(exc), headers=retry)
         return
     await http.json_response(send, 202, {"accepted": len(batch)})
 
 
 async def _api_error(
-    send: Send, status: int, code: ErrorCode, detail: str, index: int | None = None
+    send: Send,
+    status: int,
+    code: ErrorCode,
+    detail: str,
+    index: int | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     body: dict[str, Any] = {"error": detail, "code": code.value}
     if index is not None:
         body["index"] = index
-    await http.json_response(send, status, body)
+    await http.json_response(send, status, body, headers or ())
 
 
 async def metrics(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:

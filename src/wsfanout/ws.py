@@ -349,9 +349,10 @@ class Connection:
             code = writer.result()
             if code != CloseCode.TRY_AGAIN_LATER:
                 return code
-            why = f"a send blocked for {settings.send_timeout:g} s"  # Outbox._stalled
-        elif self.outbox.close_code == CloseCode.TRY_AGAIN_LATER:
-            why = f"more than {settings.outbox_bytes} bytes queued"  # overflow cancelled it
+            # Outbox._stalled, or pacing overflowed it before its writer could be cancelled
+            why = self.outbox.reason or f"a send blocked for {settings.send_timeout:g} s"
+        elif self.outbox.close_code == CloseCode.TRY_AGAIN_LATER:  # overflowed; Outbox.reason
+            why = self.outbox.reason or f"more than {settings.outbox_bytes} bytes queued"
         else:
             return CloseCode.INTERNAL_ERROR
         self.svc.hub.stats.slow_consumers += 1

@@ -29,9 +29,9 @@ from typing import Any, Protocol
 from ..outbox import Outbox
 from ..protocol import Kind, Position
 
-OnMessage = Callable[[Kind, str, str], Awaitable[None] | None]
-"""Takes (kind, target, encoded event) for what arrives from any node; what it returns,
-if anything, is awaited before the next event is handed over (the backlog is full)."""
+OnMessage = Callable[[Kind, str, str], None]
+"""Takes (kind, target, encoded event) for what arrives from any node, never awaiting: a
+node that stopped reading Redis would have its subscription dropped."""
 OnControl = Callable[[dict[str, Any]], None]
 """Takes another node's control change (``Backplane.control``)."""
 Paced = asyncio.Future[None] | Coroutine[Any, Any, None] | None
@@ -57,10 +57,10 @@ class Node:
     """An event from the backplane: pushed to the local recipients, or paced (a backend's)."""
     fan_out: Callable[[Kind, str, str], None]
     """An event pushed to the local recipients now, whatever their outboxes hold."""
-    room: Callable[[Kind, str, int, dict[str, float]], Awaitable[None] | None]
+    room: Callable[[Kind, str, int], Awaitable[None] | None]
     """None when the local recipients have room for a backend's event of this many bytes;
-    else something to await until they have (``waited``: how long each user has held its
-    batch up so far), which raises if the hub begins draining meanwhile."""
+    else something to await until they have (or those that fall behind are closed), which
+    raises if the hub begins draining meanwhile."""
     users_in: Callable[[str], Collection[str]]
     """The users connected here in a group."""
     missed: Callable[[], None]
@@ -103,9 +103,7 @@ class Backplane(Protocol):
             BackplaneUnavailableError: it cannot be taken now.
         """
 
-    def publish_paced(
-        self, kind: Kind, target: str, head: str, tail: str, waited: dict[str, float]
-    ) -> Paced:
+    def publish_paced(self, kind: Kind, target: str, head: str, tail: str) -> Paced:
         """``publish`` a backend's message, paced (see the hub's Pacing), never awaiting:
         what it hands back (``Paced``) is awaited only when it must wait for room first.
 

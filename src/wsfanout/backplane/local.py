@@ -37,7 +37,7 @@ class LocalBackplane:
         self._announce: dict[str, tuple[str, ...]] = {}  # user -> groups told of them
         # The hub's callbacks (``bind``), kept as they are: one lookup per publish.
         self._fan_out: Callable[[Kind, str, str], None] = _unbound
-        self._room: Callable[[Kind, str, int, dict[str, float]], Awaitable[None] | None] = _unbound
+        self._room: Callable[[Kind, str, int], Awaitable[None] | None] = _unbound
         self._users_in: Callable[[str], Collection[str]] = _unbound
 
     def bind(self, node: Node) -> None:
@@ -67,13 +67,13 @@ class LocalBackplane:
         self._fan_out(kind, target, frame)
 
     def publish_paced(
-        self, kind: Kind, target: str, head: str, tail: str, waited: dict[str, float]
+        self, kind: Kind, target: str, head: str, tail: str
     ) -> Coroutine[Any, Any, None] | None:
         """``publish`` now if the recipients' outboxes have room (None); else a coroutine
         that waits for it, then publishes: its offset only then, so each stream stays in
         order."""
         size = len(head.encode()) + len(tail.encode()) + OFFSET_BYTES
-        waiting = self._room(kind, target, size, waited)
+        waiting = self._room(kind, target, size)
         if waiting is None:
             self.publish(kind, target, head, tail)
             return None

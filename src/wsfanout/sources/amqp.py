@@ -4,7 +4,10 @@
 Each message body is one publish (or an array of up to 1000), in the same JSON as
 ``POST /api/publish``. Delivery is at least once:
 
-- a message is acked only after the hub (or the backplane) has taken all of it;
+- a message is acked only after the hub (or the backplane) has taken all of it; they are
+  published one at a time, in the queue's order, and while one is paced (its recipients'
+  outboxes are full) the others wait unacked: past ``prefetch`` the broker keeps the rest,
+  so a node that cannot take more stops consuming rather than lose anything;
 - an invalid body is rejected without requeue, and logged with the reason;
 - when the backplane cannot take it, or the node is stopping, it is nacked with
   requeue (after a pause, so an outage does not spin), and comes back;
@@ -198,19 +201,22 @@ class AmqpSource:
 
 def start(settings: Settings, publishing: Publishing) -> AmqpSource:
     """Consume the configured queue into the hub (through the backplane, if any): each
-    body validated and published as ``POST /api/publish`` does."""
+    body validated and published as ``POST /api/publish`` does, one at a time in the
+    queue's order (aio-pika hands over up to ``prefetch`` at once)."""
+    order = asyncio.Lock()  # FIFO: taken in the order the broker delivered
 
     async def handle(data: object) -> None:
-        try:
-            batch = await publishing.validate_batch(data, Source.AMQP)
-        except BatchError as exc:
-            if exc.code is ErrorCode.UNAVAILABLE:
-                raise Retry(exc.detail) from None
-            raise Rejected(f"item {exc.index}: {exc.code}: {exc.detail}") from None
-        try:
-            await publishing.publish_batch(batch)
-        except UnavailableError as exc:
-            raise Retry(str(exc)) from None
+        async with order:
+            try:
+                batch = await publishing.validate_batch(data, Source.AMQP)
+            except BatchError as exc:
+                if exc.code is ErrorCode.UNAVAILABLE:
+                    raise Retry(exc.detail) from None
+                raise Rejected(f"item {exc.index}: {exc.code}: {exc.detail}") from None
+            try:
+                await publishing.publish_batch(batch)
+            except UnavailableError as exc:
+                raise Retry(str(exc)) from None
 
     source = AmqpSource(
         settings.amqp_url,

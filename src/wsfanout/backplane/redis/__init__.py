@@ -83,9 +83,7 @@ class RedisBackplane:
             return {"redis": f"failing: {exc.reason}"}
         return {"redis": "ok"}
 
-    def publish_paced(
-        self, kind: Kind, target: str, head: str, tail: str, waited: dict[str, float]
-    ) -> asyncio.Future[None]:
+    def publish_paced(self, kind: Kind, target: str, head: str, tail: str) -> asyncio.Future[None]:
         """``publish``, its future as it is: every node paces what it receives (the
         hub's backlog), so nothing waits here."""
         return self._pubsub.publish(kind, target, head, tail)

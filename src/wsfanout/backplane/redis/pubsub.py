@@ -20,6 +20,19 @@ Control. Every node also hears ``<prefix>ctl``: ``control()`` publishes a change
 operator (a revocation, a membership) as a small JSON object, ahead of any queued message,
 and every other node hands it to ``on_control``; a node's own changes are not handed back.
 
+Keeping up. The listener hands every message on without awaiting anything (what a node's
+connections cannot take yet waits in the hub's bounded backlog): a subscriber that stops
+reading is dropped by Redis once its output buffer passes ``client-output-buffer-limit
+pubsub``, and its node misses what came meanwhile. A node can still fall behind by itself
+(its CPU is starved). To know, while messages flow it sends itself a tick every ``TICK``
+seconds on a channel only it hears (``<prefix>n:<node>``): the tick comes back behind all
+that Redis holds for this node, so its round trip is how far behind the node is, on one
+clock. Past ``BEHIND`` seconds the node says so on ``ctl`` (``{"op": "behind"}``, at most
+that often), and for ``BEHIND_HOLD`` seconds every node refuses backends' batches
+(``make_room``: the API answers 503 with Retry-After, RabbitMQ requeues) rather than take
+messages that would be lost when Redis drops the subscriber. Users' own messages are still
+taken.
+
 Redis going away takes nothing down: ``publish`` raises (or its future fails with)
 ``BackplaneUnavailableError`` (the sender is told ``unavailable``), local connections stay
 open, and the supervisor reconnects with backoff and subscribes again to exactly what is
@@ -53,6 +66,9 @@ BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 5.0
 IDLE_PING: Final = 5.0
 MAX_WAITING: Final = 100_000  # messages queued for Redis before senders are told unavailable
+TICK: Final = 0.25  # seconds between the ticks a node sends itself while messages flow
+BEHIND: Final = 0.5  # seconds a tick may take to come back before the node says it is behind
+BEHIND_HOLD: Final = 2.0  # seconds every node refuses backends' batches after hearing it
 
 Outgoing = tuple[str, str | None, str, str, asyncio.Future[None]]
 """(channel, stream or None, head, tail, done): the stream when history is on."""
@@ -83,7 +99,8 @@ class PubSub:
         self._on_message: OnMessage | None = None
         self._on_missed: Callable[[], None] | None = None
         self._on_control: OnControl | None = None
-        self._wanted: set[str] = {BROADCAST, CONTROL}
+        self._own = "n:" + node  # this node's ticks (see Keeping up)
+        self._wanted: set[str] = {BROADCAST, CONTROL, self._own}
         self._subscribed: set[str] = set()
         self._changed = asyncio.Event()
         self._confirmed: set[str] = set()  # channels Redis said it subscribed us to
@@ -96,6 +113,10 @@ class PubSub:
         self._controls: collections.deque[Outgoing] = collections.deque()  # sent first
         self._publisher_waiter: asyncio.Future[None] | None = None
         self._publisher: asyncio.Task[None] | None = None
+        self._refuse_until = 0.0  # a node fell behind Redis: backends' batches wait till then
+        self._said_behind = -BEHIND_HOLD  # when this node last said it fell behind
+        self._tick_sent: float | None = None  # the tick on its way back, if any
+        self._heard = 0  # messages the listener handled (ticks are sent only while they flow)
 
     # What the hub calls (plain defs: nothing here waits on Redis)
 
@@ -107,7 +128,7 @@ class PubSub:
 
     def unwant(self, kind: Kind, target: str) -> None:
         channel = channel_of(kind, target)
-        if channel not in (BROADCAST, CONTROL) and channel in self._wanted:
+        if channel not in (BROADCAST, CONTROL, self._own) and channel in self._wanted:
             self._wanted.discard(channel)
             self._changed.set()
 
@@ -126,11 +147,18 @@ class PubSub:
         return True
 
     def make_room(self, count: int) -> None:
-        """Check that ``count`` messages can be queued now (so a batch goes all or none).
+        """Check that a backend's batch of ``count`` messages can be queued now (so it goes
+        all or none).
 
         Raises:
-            BackplaneUnavailableError: Redis cannot be reached now, or too much waits.
+            BackplaneUnavailableError: Redis cannot be reached now, too much waits, or a
+            node said it fell behind Redis (see Keeping up).
         """
+        self._room(count)
+        if asyncio.get_running_loop().time() < self._refuse_until:
+            raise BackplaneUnavailableError("a node is behind Redis")
+
+    def _room(self, count: int) -> None:
         self._link.check()
         if len(self._outgoing) + count > MAX_WAITING:
             raise BackplaneUnavailableError(f"{MAX_WAITING} messages already wait for Redis")
@@ -143,7 +171,7 @@ class PubSub:
         Raises:
             BackplaneUnavailableError: Redis cannot be reached now, or too much waits.
         """
-        self.make_room(1)
+        self._room(1)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         stream = protocol.stream_of(kind, target) if self._positions.enabled else None
         channel = self._link.prefix + channel_of(kind, target)
@@ -270,18 +298,20 @@ class PubSub:
                     self._on_missed()
                 self._connected_before = True
                 backoff = BACKOFF_MIN
-                listen = asyncio.create_task(self._listen(pubsub))
-                manage = asyncio.create_task(self._manage(pubsub))
+                self._tick_sent = None
+                tasks = (
+                    asyncio.create_task(self._listen(pubsub)),
+                    asyncio.create_task(self._manage(pubsub)),
+                    asyncio.create_task(self._tick()),
+                )
                 try:
-                    done, _ = await asyncio.wait(
-                        (listen, manage), return_when=asyncio.FIRST_COMPLETED
-                    )
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     for task in done:
                         task.result()  # re-raise what ended it
                 finally:
-                    listen.cancel()
-                    manage.cancel()
-                    await asyncio.gather(listen, manage, return_exceptions=True)
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
             except (RedisError, OSError) as exc:
                 link.down(exc)
             finally:
@@ -330,30 +360,84 @@ class PubSub:
                     channel = message["channel"].decode()[prefix_length:]
                     if channel == CONTROL:
                         self._controlled(message["data"])
-                        message = await pubsub.get_message(timeout=0)
-                        continue
-                    try:
-                        waiting = deliver(*_route(channel), message["data"].decode())
-                        if waiting is not None:  # a recipient's outbox is full: paced
-                            await waiting
-                    except Exception:
-                        log.exception("delivering a message from channel %r failed", channel)
+                    elif channel == self._own:
+                        self._ticked()
+                    else:
+                        self._heard += 1
+                        try:
+                            # Never awaits: a subscriber that stops reading is dropped.
+                            deliver(*_route(channel), message["data"].decode())
+                        except Exception:
+                            log.exception("delivering a message from channel %r failed", channel)
                 elif kind == "subscribe":  # from now on, Redis sends us this channel
                     self._confirmed.add(message["channel"].decode()[prefix_length:])
                     self._confirmation.set()
                     self._confirmation = asyncio.Event()
                 message = await pubsub.get_message(timeout=0)
 
+    async def _tick(self) -> None:
+        """While messages flow, send this node a tick every TICK seconds and see how long
+        it takes to come back (see Keeping up); one at a time."""
+        loop = asyncio.get_running_loop()
+        channel = self._link.prefix + self._own
+        heard = self._heard
+        while True:
+            await asyncio.sleep(TICK)
+            now = loop.time()
+            sent = self._tick_sent
+            if sent is not None:
+                if now - sent > BEHIND:  # not back yet
+                    self._fell_behind(now - sent)
+            elif self._heard != heard:
+                heard = self._heard
+                self._tick_sent = now
+                try:
+                    await self._link.client.publish(channel, b"")
+                except (RedisError, OSError):
+                    self._tick_sent = None  # Redis's health is the listener's to judge
+
+    def _ticked(self) -> None:
+        """This node's tick is back: it was that far behind Redis."""
+        sent, self._tick_sent = self._tick_sent, None
+        if sent is not None and (took := asyncio.get_running_loop().time() - sent) > BEHIND:
+            self._fell_behind(took)
+
+    def _fell_behind(self, seconds: float) -> None:
+        """This node's subscriber is ``seconds`` behind Redis: refuse backends' batches
+        here and tell every other node to (see Keeping up)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._said_behind < BEHIND:
+            return
+        if now - self._said_behind > BEHIND_HOLD:  # once per spell, not every BEHIND
+            log.warning(
+                "this node is %.1f s behind Redis: backends' batches are refused on every "
+                "node until it catches up",
+                seconds,
+            )
+        self._said_behind = now
+        self._refuse_until = now + BEHIND_HOLD
+        with contextlib.suppress(BackplaneUnavailableError):
+            self.control({"op": "behind"}).add_done_callback(_retrieved)
+
     def _controlled(self, data: bytes) -> None:
-        """Hand another node's control change on (a bad one is logged, never raised)."""
+        """Hand another node's control change on (a bad one is logged, never raised); a
+        node that fell behind makes this one refuse backends' batches for a while."""
         try:
             change = orjson.loads(data)
             if not isinstance(change, dict):
                 raise TypeError("not an object")
-            if change.get("node") != self._node and self._on_control is not None:
+            if change.get("op") == "behind":
+                self._refuse_until = asyncio.get_running_loop().time() + BEHIND_HOLD
+            elif change.get("node") != self._node and self._on_control is not None:
                 self._on_control(change)
         except Exception:
             log.exception("handling a control change %.200r failed", data)
+
+
+def _retrieved(done: asyncio.Future[None]) -> None:
+    """A notice nobody awaits: its failure (Redis away) is the subscriber's to report."""
+    if not done.cancelled():
+        done.exception()
 
 
 def _fail(batch: list[Outgoing], failure: Exception) -> None:
