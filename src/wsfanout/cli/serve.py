@@ -160,7 +160,8 @@ def _serve_uvicorn(settings: Settings, args: argparse.Namespace, bind: str) -> i
     # (SIGINT as a KeyboardInterrupt, with tracebacks); stopping on either is a success
     # here, as under hypercorn: exit 0. Before uvicorn takes the signals (while it starts),
     # the same handler (it only records) asks it to stop once started.
-    previous = {signum: signal.signal(signum, server.handle_exit) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, server.handle_exit)
     try:
         if args.workers > 1:
             # A uvicorn.Server of its own per worker (Multiprocess takes no server class):
@@ -174,8 +175,10 @@ def _serve_uvicorn(settings: Settings, args: argparse.Namespace, bind: str) -> i
     except SystemExit as exc:  # uvicorn's own way to fail, e.g. a failed lifespan startup
         return exc.code if isinstance(exc.code, int) else 1
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        # Stopped: a stop signal still arriving (a supervisor repeating it) must not turn
+        # the exit 0 into a death by that signal, as their default would.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         sock.close()
         if path is not None:
             with contextlib.suppress(OSError):

@@ -229,6 +229,9 @@ def run_master(config: Any) -> int:
     Returns:
         hypercorn's exit code; 0 when a worker died of the stop signal it was sent after
         the master was asked to stop (a signal that came after the worker's own drain).
+        SIGINT and SIGTERM are ignored from then on: the master is done and about to exit,
+        and a signal still arriving (a supervisor repeating it) must not turn its exit 0
+        into a death by that signal, as their default would.
     """
     master: Any = importlib.import_module("hypercorn.run")
     problem = check_master()
@@ -241,7 +244,8 @@ def run_master(config: Any) -> int:
         )
         return int(master.run(config))
     deferred = _Deferred()
-    previous = {signum: signal.signal(signum, deferred.record) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, deferred.record)
     master.signal = _SignalModule(deferred)
     try:
         code = int(master.run(config))
@@ -252,8 +256,8 @@ def run_master(config: Any) -> int:
             child.join()
     finally:
         master.signal = signal
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)  # see "Returns"
         deferred.close()
     if deferred.received and code in (-signal.SIGTERM, -signal.SIGINT):
         return 0
