@@ -58,6 +58,7 @@ class Server:
         serve: bool = False,
         args: tuple[str, ...] = (),
         server: str = "hypercorn",
+        session: bool = False,
     ) -> None:
         self.data_dir = data_dir
         self.env = env or {}
@@ -68,6 +69,7 @@ class Server:
         self.serve = serve  # `wsfanout serve` (pings every 20 s, its own limits) instead
         self.args = args  # more arguments for the server command
         self.server = server  # hypercorn or uvicorn (with its websockets-sansio protocol)
+        self.session = session  # a session (and process group) of its own, as under systemd
         self.log_path = data_dir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -75,8 +77,9 @@ class Server:
     @property
     def stopped_by_sigterm(self) -> tuple[int, ...]:
         """The exit statuses of a clean stop on SIGTERM: plain uvicorn re-raises the signal
-        once it has stopped, to die of it, as it does for every app."""
-        if self.server == "uvicorn" and not self.serve:
+        once it has stopped, to die of it, as it does for every app (its supervisor of
+        several workers does not)."""
+        if self.server == "uvicorn" and not self.serve and self.workers == 1:
             return (-signal.SIGTERM,)
         return (0,)
 
@@ -124,6 +127,7 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
+                start_new_session=self.session,
             )
         sock.close()
         deadline = time.monotonic() + timeout

@@ -139,6 +139,35 @@ async def test_bad_messages_are_rejected_and_the_next_flows(
     assert any("no group named 'chess'" in r for r in reasons)
 
 
+async def test_a_text_too_large_on_the_wire_is_rejected(
+    consumer: tuple[App, str],
+    broker: aio_pika.abc.AbstractChannel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 24: 65,536 x U+0001 is 64 KiB of UTF-8 but 393,216 bytes once JSON-escaped
+    on the wire: rejected as too_large (not requeued), nothing of its batch published;
+    the largest text that fits on the wire goes out, and the next message flows."""
+    app, queue = consumer
+    largest = "\x01" * 10_922 + "a" * 4  # 65,536 bytes on the wire
+    async with asgi.WebSocket(app, headers={"cookie": await login(app, "greg")}) as ws:
+        await ws.receive()
+        too_large = [
+            {"type": "broadcast", "text": "first"},
+            {"type": "broadcast", "text": "\x01" * 65_536},
+        ]
+        await put(broker, queue, too_large)
+        await put(broker, queue, {"type": "broadcast", "text": largest + "a"})
+        await put(broker, queue, {"type": "broadcast", "text": largest})
+        await put(broker, queue, {"type": "broadcast", "text": "next"})
+        assert await texts(ws, 2) == [largest, "next"]
+        assert await ws.nothing(0.3)
+    svc = app.service
+    assert svc is not None and svc.amqp is not None
+    assert svc.amqp.stats["rejected"] == 2
+    reasons = [r.getMessage() for r in caplog.records if "rejecting" in r.getMessage()]
+    assert len(reasons) == 2 and all("too_large" in r and "65536 bytes" in r for r in reasons)
+
+
 async def test_a_thousand_messages_exactly_once(
     consumer: tuple[App, str], broker: aio_pika.abc.AbstractChannel
 ) -> None:

@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from websockets.asyncio.client import ClientConnection, connect
 
 from tests import asgi
 from tests.conftest import login
 from tests.server import Client, Server, http
-from wsfanout import App, Settings, create_app
+from wsfanout import App, Settings, create_app, protocol
 
 KEY = "backend-key-1"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -106,6 +108,12 @@ async def test_publishes_reach_the_right_sockets(api: App) -> None:
         ([{"type": "broadcast", "text": "ok"}, {"type": "broadcast"}], "bad_message", 1),
         ([{"type": "broadcast", "text": "x", "from": ""}], "bad_message", 0),
         ([{"type": "broadcast", "text": "x" * 70_000}], "too_large", 0),
+        # Issue 24: 64 KiB of UTF-8 that JSON escapes to 393,216 bytes on the wire.
+        (
+            [{"type": "broadcast", "text": "ok"}, {"type": "broadcast", "text": "\x01" * 65_536}],
+            "too_large",
+            1,
+        ),
         ([], "bad_message", 0),
         ([{"type": "broadcast", "text": "x"}] * 1001, "too_large", 0),
         ("just a string", "bad_message", 0),
@@ -145,12 +153,86 @@ async def test_a_publish_the_service_cannot_take_is_503_with_retry_after(
         await app.shutdown()
 
 
+@pytest.mark.parametrize("char", ["a", "\x01", "\n", '"', "\\", "é", "\u2028", "😀"])
+async def test_the_largest_text_goes_out_within_the_documented_bound(api: App, char: str) -> None:
+    """The longest run of one character the API takes (the limit counts the text as it is
+    written on the wire: JSON-escaped UTF-8) reaches a client in a frame of at most the
+    limit plus ``ENVELOPE_BYTES``; one character more is ``too_large``, and not sent."""
+    limit = 65_536
+    text = "a" + char * ((limit - 1) // (len(orjson.dumps(char)) - 2))  # not all whitespace
+    async with asgi.WebSocket(api, headers={"cookie": await login(api, "greg")}) as ws:
+        await ws.receive()
+        item = {"type": "group", "group": "boys", "text": text, "from": "\x01" * 64}
+        assert (await post(api, item)).status == 202
+        frame = (await asyncio.wait_for(ws.from_app.get(), 5))["text"]  # the frame as sent
+        assert orjson.loads(frame)["text"] == text
+        assert len(frame.encode()) <= limit + protocol.ENVELOPE_BYTES
+        response = await post(api, {**item, "text": text + char})
+        assert (response.status, response.json().get("code")) == (400, "too_large")
+        assert f"{limit} bytes" in response.json()["error"]
+        assert await ws.nothing(0.2)
+
+
 async def test_body_limit_is_413(api: App) -> None:
     """A body over the limit is refused with 413 while it streams in."""
     response = await asgi.request(
         api, "POST", "/api/publish", body=b"[" + b" " * 5_000_000 + b"]", headers=AUTH, chunks=50
     )
     assert response.status == 413
+
+
+async def message_frames(conn: ClientConnection, count: int) -> list[tuple[int, str]]:
+    """The next ``count`` messages' texts, each with the size in bytes of its frame."""
+    found: list[tuple[int, str]] = []
+    while len(found) < count:
+        frame = await asyncio.wait_for(conn.recv(), 10)
+        size = len(frame.encode() if isinstance(frame, str) else frame)
+        data = orjson.loads(frame)
+        for event in data if isinstance(data, list) else [data]:
+            if event["type"] == "message":
+                found.append((size, event["text"]))
+    return found
+
+
+async def test_sizes_on_the_wire_over_real_servers(
+    tmp_path: Path, demo_db: Path, server_kind: str
+) -> None:
+    """Under hypercorn and uvicorn: a user's largest frame (its text all escapes) and the
+    API's largest text (65,536 bytes once escaped) reach a client in frames of at most the
+    limit plus ``ENVELOPE_BYTES``; the issue's 65,536 x U+0001 is refused at both doors
+    (too_large; 1009 for the socket) and never goes out."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    limit = 65_536
+    env = {"WSFANOUT_API_KEYS": KEY, "WSFANOUT_CLOSE_TIMEOUT": "1"}
+    with Server(tmp_path, env=env, server=server_kind).running() as server:
+
+        async def publish(item: dict[str, str]) -> tuple[int, dict[str, str]]:
+            url = server.http_url + "/api/publish"
+            return await asyncio.to_thread(http, "POST", url, item, AUTH)
+
+        cookie = server.login("greg")
+        async with connect(server.ws_url, additional_headers={"cookie": cookie}) as greg:
+            await greg.recv()  # welcome
+            mike = await Client.open(server.ws_url, server.login("mike"))
+            await mike.next_of("welcome")
+            head, tail = '{"type": "broadcast", "id": "big", "text": "', '"}'
+            room = limit - len(head) - len(tail)
+            frame = head + "\\u0001" * (room // 6) + "a" * (room % 6) + tail
+            await mike.conn.send(frame)
+            assert (await mike.next_of("ack"))["id"] == "big"
+            largest = {"type": "broadcast", "text": "\x01" * 10_922 + "a" * 4, "from": "\x01" * 64}
+            assert (await publish(largest))[0] == 202
+            status, answer = await publish({"type": "broadcast", "text": "\x01" * 65_536})
+            assert (status, orjson.loads(answer["_body"])["code"]) == (400, "too_large")
+            await mike.conn.send('{"type": "broadcast", "text": "' + "\\u0001" * 65_536 + '"}')
+            assert (await mike.next_of("error"))["code"] == "too_large"
+            await asyncio.wait_for(mike.reader, 10)
+            assert mike.conn.close_code == 1009
+            assert (await publish({"type": "broadcast", "text": "end"}))[0] == 202
+            received = await message_frames(greg, 3)
+            texts = [orjson.loads(frame)["text"], largest["text"], "end"]
+            assert [text for _, text in received] == texts
+            assert max(size for size, _ in received) <= limit + protocol.ENVELOPE_BYTES
 
 
 async def test_over_real_hypercorn_and_the_cli(tmp_path: Path, demo_db: Path) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from wsfanout import protocol
 from wsfanout.protocol import (
@@ -90,6 +93,101 @@ def test_message_event_shapes() -> None:
     assert direct["to"] == "mike" and "group" not in direct and "via" not in direct
     backend = Publish(Kind.BROADCAST, "hi", sender="billing", source=Source.AMQP)
     assert orjson.loads(protocol.message(backend, 1.0))["via"] == "amqp"
+
+
+def shortest_json(char: str) -> int:
+    """The fewest bytes any JSON text can spell this character with (RFC 8259 section 7):
+    quote, backslash and controls must be escaped (two bytes where a short escape exists,
+    else six); everything else may be written as it is, in UTF-8."""
+    if char in '"\\\b\f\n\r\t':
+        return 2
+    if ord(char) < 0x20:
+        return 6
+    return len(char.encode())
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("a", 1),
+        ("\x01", 6),
+        ("\x1f", 6),
+        ("\n", 2),
+        ('"', 2),
+        ("\\", 2),
+        ("/", 1),
+        ("\x7f", 1),
+        ("é", 2),
+        ("\u2028", 3),
+        ("😀", 4),
+    ],
+)
+def test_wire_bytes_of_each_kind_of_character(text: str, size: int) -> None:
+    """A text's size on the wire is its JSON string's UTF-8 bytes, escapes included."""
+    assert protocol.wire_bytes(text) == size
+
+
+@given(st.text())
+def test_wire_bytes_is_the_shortest_json_and_what_goes_out(text: str) -> None:
+    """wsfanout writes every character in the fewest bytes JSON allows, so a client's frame
+    always holds its text in at least as many bytes as the text takes going out (a frame
+    the inbound limit accepts is never too large afterwards); and the size is exactly what
+    the text takes in the encoded event."""
+    size = protocol.wire_bytes(text)
+    assert size == sum(shortest_json(char) for char in text)
+    for client in (json.dumps(text), json.dumps(text, ensure_ascii=False)):
+        assert size <= len(client.encode()) - 2
+    event = protocol.message(Publish(Kind.BROADCAST, text, sender="greg"), 1.0).encode()
+    bare = protocol.message(Publish(Kind.BROADCAST, "", sender="greg"), 1.0).encode()
+    assert len(event) - len(bare) == size
+
+
+LIMIT = 65_536
+
+
+@pytest.mark.parametrize(
+    ("text", "fits"),
+    [
+        ("a" * LIMIT, True),
+        ("a" * (LIMIT + 1), False),
+        ("\x01" * 10_922 + "a" * 4, True),  # 65,532 + 4 bytes
+        ("\x01" * 10_922 + "a" * 5, False),
+        ("\x01" * LIMIT, False),  # issue 24: 393,216 bytes on the wire
+        ('"' * (LIMIT // 2), True),
+        ('"' * (LIMIT // 2) + "a", False),
+        ("\\" * (LIMIT // 2) + "a", False),
+        ("é" * (LIMIT // 2), True),
+        ("é" * (LIMIT // 2) + "a", False),
+        ("😀" * (LIMIT // 4), True),
+        ("😀" * (LIMIT // 4) + "a", False),
+        ("\u2028" * (LIMIT // 3) + "a", True),
+        ("\u2028" * (LIMIT // 3) + "aa", False),
+    ],
+)
+def test_check_size_counts_wire_bytes(text: str, fits: bool) -> None:
+    """The limit holds for the text as it goes out: the largest that fits, one byte more."""
+    publish = Publish(Kind.BROADCAST, text, frame_id="f1")
+    if fits:
+        protocol.check_size(publish, LIMIT)
+        return
+    with pytest.raises(ProtocolError) as caught:
+        protocol.check_size(publish, LIMIT)
+    assert caught.value.code is ErrorCode.TOO_LARGE
+    assert caught.value.frame_id == "f1"
+    assert f"{LIMIT} bytes" in caught.value.detail
+    assert f"{protocol.wire_bytes(text)}" in caught.value.detail
+
+
+def test_a_message_event_is_its_text_and_at_most_the_envelope() -> None:
+    """The largest envelope a message can have (longest names, a backend's escaped
+    ``from``, the largest offset, a far timestamp) stays within ``ENVELOPE_BYTES``."""
+    sender = "\x01" * protocol.MAX_SENDER_CHARS
+    name = "g" * 64  # USERNAME_RE and GROUP_RE: at most 64 characters
+    text = "\x01" * 10_000
+    for kind, target in ((Kind.BROADCAST, ""), (Kind.GROUP, name), (Kind.DIRECT, name)):
+        publish = Publish(kind, text, target, sender=sender, source=Source.AMQP)
+        event = protocol.message(publish, 9_999_999_999.999, 2**53 - 1).encode()
+        assert len(event) - protocol.wire_bytes(text) <= protocol.ENVELOPE_BYTES
 
 
 def test_error_and_ack_events() -> None:

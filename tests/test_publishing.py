@@ -128,6 +128,13 @@ async def test_publish_reaches_the_target(app: App) -> None:
         ([{"type": "group", "group": "chess", "text": "x"}], 0, ErrorCode.UNKNOWN_GROUP),
         ([{"type": "broadcast", "text": "x", "from": ""}], 0, ErrorCode.BAD_MESSAGE),
         ([{"type": "broadcast", "text": "x" * 70_000}], 0, ErrorCode.TOO_LARGE),
+        # Issue 24: 64 KiB of UTF-8, 393,216 bytes once JSON-escaped on the wire.
+        (
+            [{"type": "broadcast", "text": "ok"}, {"type": "broadcast", "text": "\x01" * 65_536}],
+            1,
+            ErrorCode.TOO_LARGE,
+        ),
+        ([{"type": "broadcast", "text": '"' * 32_768 + "a"}], 0, ErrorCode.TOO_LARGE),
     ],
 )
 async def test_validate_batch_names_the_first_bad_item(
@@ -137,6 +144,33 @@ async def test_validate_batch_names_the_first_bad_item(
     with pytest.raises(BatchError) as refused:
         await publishing(app).validate_batch(body, Source.API)
     assert (refused.value.index, refused.value.code) == (index, code)
+
+
+async def test_validate_batch_takes_the_largest_text_on_the_wire(app: App) -> None:
+    """A text of exactly the limit on the wire (escapes counted) passes; one byte more
+    does not, and the error names the limit in wire bytes."""
+    largest = "\x01" * 10_922 + "a" * 4  # 65,532 + 4 bytes, once escaped
+    batch = await publishing(app).validate_batch({"type": "broadcast", "text": largest}, Source.API)
+    assert batch[0].text == largest
+    with pytest.raises(BatchError) as refused:
+        await publishing(app).validate_batch(
+            {"type": "broadcast", "text": largest + "a"}, Source.API
+        )
+    assert refused.value.code is ErrorCode.TOO_LARGE
+    assert "65536 bytes" in refused.value.detail and "65537" in refused.value.detail
+
+
+async def test_publish_refuses_a_text_too_large_on_the_wire(app: App) -> None:
+    """The one check is below every door: a publish handed to ``Publishing.publish``
+    directly (as a websocket's is) is measured as it would go out; nothing is sent."""
+    cookie = await login(app, "greg")
+    async with asgi.WebSocket(app, headers={"cookie": cookie}) as greg:
+        await greg.receive()
+        big = Publish(Kind.BROADCAST, "\x01" * 65_536, frame_id="f9", sender="mike")
+        with pytest.raises(ProtocolError) as refused:
+            await publishing(app).publish(big)
+        assert (refused.value.code, refused.value.frame_id) == (ErrorCode.TOO_LARGE, "f9")
+        assert await greg.nothing(0.2)
 
 
 async def test_validate_batch_checks_and_resolves_every_item(app: App) -> None:

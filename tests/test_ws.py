@@ -150,18 +150,140 @@ async def test_too_large_frame_closes_1009(app: App) -> None:
         assert caught.value.code == 1009
 
 
+def largest_frame(limit: int, escape: str) -> str:
+    """A publish frame of exactly ``limit`` bytes whose text is ``escape`` repeated (after
+    an ``a``, so that no text is all whitespace)."""
+    head, tail = '{"type": "broadcast", "id": "big", "text": "a', '"}'
+    room = limit - len(head) - len(tail)
+    size = len(escape.encode())
+    return head + escape * (room // size) + "a" * (room % size) + tail
+
+
+@pytest.mark.parametrize("escape", ["\\u0001", '\\"', "\\n", "\\u00e9", "\\u2028", "é"])
+async def test_a_frame_within_the_limit_is_never_too_large_afterwards(
+    app: App, settings: Settings, escape: str
+) -> None:
+    """The largest frame a user may send, its text all escapes (or all non-ASCII), is
+    published: its text goes out in no more bytes than the frame held it in, so the size
+    check below every door never refuses what the inbound check took. The issue's 65,536
+    escaped U+0001 are one frame over the limit: too_large, 1009, nothing published."""
+    limit = settings.max_frame_bytes
+    frame = largest_frame(limit, escape)
+    assert len(frame.encode()) == limit
+    async with (
+        connect(app, await login(app, "greg")) as greg,
+        connect(app, await login(app, "mike")) as mike,
+    ):
+        await greg.receive(), await mike.receive()
+        await mike.send_text(frame)
+        event = await expect_message(greg)
+        assert event["text"] == orjson.loads(frame)["text"]
+        assert (await until(mike, "ack"))[1]["id"] == "big"
+        await mike.send_text('{"type": "broadcast", "text": "' + "\\u0001" * 65_536 + '"}')
+        assert (await until(mike, "error"))[1]["code"] == "too_large"
+        with pytest.raises(asgi.Closed) as caught:
+            await mike.receive()
+        assert caught.value.code == 1009
+        assert await greg.nothing(0.2)
+
+
 async def test_rate_limit(settings: Settings) -> None:
-    """Past the burst, frames get rate_limited and are not published."""
+    """Past the burst, frames are not published: the first gets rate_limited, the rest of
+    that second are dropped without an answer (a flood must not be answered frame by frame)."""
     async with (
         started(settings, rate_limit=1.0, rate_burst=3) as app,
         connect(app, await login(app, "greg")) as ws,
     ):
         await ws.receive()
-        for n in range(5):
+        for n in range(6):
             await ws.send_json({"type": "direct", "user_name": "greg", "text": str(n)})
-        events = [await ws.receive() for _ in range(5)]
+        events = [await ws.receive() for _ in range(4)]
         assert [e["text"] for e in events if e["type"] == "message"] == ["0", "1", "2"]
-        assert [e["code"] for e in events if e["type"] == "error"] == ["rate_limited"] * 2
+        assert [e["code"] for e in events if e["type"] == "error"] == ["rate_limited"]
+        assert await ws.nothing(0.3)
+        assert ws.close_code is None
+
+
+async def test_a_client_that_keeps_flooding_is_closed_1008(settings: Settings) -> None:
+    """More than the burst of frames over the rate within a second of the rate_limited
+    error: a last rate_limited error and a 1008 close; counted in /metrics."""
+    async with started(settings, rate_limit=1.0, rate_burst=3) as app:
+        async with connect(app, await login(app, "greg")) as ws:
+            await ws.receive()
+            for _ in range(3 + 1 + 3):  # the burst, the one told, and three dropped: still open
+                await ws.send_text("{")
+            codes = [(await ws.receive())["code"] for _ in range(4)]
+            assert codes == ["bad_json"] * 3 + ["rate_limited"]
+            assert await ws.nothing(0.2)
+            await ws.send_text("{")  # the fourth over the burst
+            last = await ws.receive()
+            assert (last["code"], last["detail"]) == (
+                "rate_limited",
+                "more than 3 messages over the rate limit in 1 s: closing",
+            )
+            with pytest.raises(asgi.Closed) as caught:
+                await ws.receive()
+            assert caught.value.code == 1008
+        metrics = await asgi.request(app, "GET", "/metrics")
+        assert "wsfanout_flood_disconnects_total 1.0" in metrics.body.decode()
+
+
+async def test_a_client_sending_only_refused_messages_is_closed_1008(settings: Settings) -> None:
+    """Within the rate, but nothing but refused messages (a flood of bad frames processed
+    slowly, or a client that never reads its errors): after the burst's worth in a row, a
+    last error and a 1008 close. A good message in between starts the count again."""
+    async with (
+        started(settings, rate_limit=0.0, rate_burst=3) as app,
+        connect(app, await login(app, "greg")) as ws,
+    ):
+        await ws.receive()
+        for text in ["{", "{", "{", '{"type": "broadcast", "text": "ok"}', "{", "{", "{"]:
+            await ws.send_text(text)
+        events = [await ws.receive() for _ in range(7)]
+        assert [e.get("code", e["type"]) for e in events] == ["bad_json"] * 3 + ["message"] + [
+            "bad_json"
+        ] * 3
+        assert await ws.nothing(0.2)
+        await ws.send_json({"type": "group", "group": "nobody", "text": "x"})
+        assert (await ws.receive())["code"] == "unknown_group"
+        last = await ws.receive()
+        assert (last["code"], last["detail"]) == (
+            "bad_message",
+            "4 messages in a row refused: closing",
+        )
+        with pytest.raises(asgi.Closed) as caught:
+            await ws.receive()
+        assert caught.value.code == 1008
+
+
+async def test_reading_pauses_while_the_outbox_is_full(settings: Settings) -> None:
+    """A client that does not read what it is sent has its own frames left unread (the
+    server's queue, then TCP, hold them back) until its outbox is down to a quarter."""
+    async with (
+        started(settings, outbox_bytes=8192) as app,
+        connect(app, await login(app, "greg")) as greg,
+        connect(app, await login(app, "mike")) as mike,
+    ):
+        await greg.receive()
+        await mike.receive()
+        mike.reading.clear()
+        for n in range(41):  # the first is mike's send in flight; the rest, 7 KiB, queue
+            await greg.send_json(
+                {"type": "direct", "user_name": "mike", "text": f"{n:03d}" + "x" * 60}
+            )
+            if n == 0:  # greg's frames are all read (and sent on) once he has this one
+                await greg.send_json({"type": "direct", "user_name": "greg", "text": "sent"})
+                assert (await greg.receive())["text"] == "sent"
+        await greg.send_json({"type": "direct", "user_name": "greg", "text": "all sent"})
+        assert (await greg.receive())["text"] == "all sent"
+        await mike.send_json({"type": "direct", "user_name": "greg", "text": "held back"})
+        assert await greg.nothing(0.3)
+        mike.reading.set()  # mike reads again: his outbox drains, his frame is read
+        event = await greg.receive()
+        assert (event["type"], event["text"]) == ("message", "held back")
+        assert [(await mike.receive())["text"][:3] for _ in range(41)] == [
+            f"{n:03d}" for n in range(41)
+        ]
 
 
 async def test_expired_session_closes_1008(settings: Settings) -> None:
@@ -510,3 +632,38 @@ async def test_a_client_that_does_not_read_its_welcome_is_closed_1013(settings: 
             ws.reading.set()
             assert await ws.until_closed() == []
             assert ws.close_code == 1013
+
+
+async def test_a_replay_is_batched_by_bytes_as_the_outbox_batches(settings: Settings) -> None:
+    """A replay of non-ASCII messages goes out in frames of at most WSFANOUT_BATCH_BYTES
+    bytes of UTF-8 (not characters), as live frames do."""
+    async with started(settings, batch_bytes=1000) as app:
+        greg, amanda = await login(app, "greg"), await login(app, "amanda")
+        async with connect(app, greg) as g:
+            positions = dict((await g.receive())["streams"])
+        async with connect(app, amanda) as a:
+            await a.receive()
+            for n in range(6):  # about 330 characters and 530 bytes each, as an event
+                await a.send_json(
+                    {
+                        "type": "direct",
+                        "user_name": "greg",
+                        "text": f"{n}" + "é" * 200,
+                        "id": str(n),
+                    }
+                )
+            await until(a, "ack")
+        async with asgi.WebSocket(
+            app, headers={"cookie": greg}, query=resume_query(positions)
+        ) as g:
+            frames: list[str] = []
+            while not frames or '"resumed"' not in frames[-1]:
+                frames.append((await asyncio.wait_for(g.from_app.get(), 5))["text"])
+    replayed = [orjson.loads(frame) for frame in frames[1:-1]]
+    events = [
+        event for frame in replayed for event in (frame if isinstance(frame, list) else [frame])
+    ]
+    assert [event["text"][0] for event in events] == list("012345")
+    assert all(len(frame.encode()) <= 1000 for frame in frames[1:-1]), [
+        len(f.encode()) for f in frames
+    ]

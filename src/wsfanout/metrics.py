@@ -32,6 +32,7 @@ class ServiceStats:
         self.login_failures: dict[str, int] = {}
         self.resumes = {"recovered": 0, "lost": 0}  # resumed connections, by outcome
         self.replayed = 0  # messages sent by those resumes
+        self.floods = 0  # connections closed for sending far past the rate limit
 
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -94,6 +95,11 @@ class Metrics(Collector):
             "wsfanout_slow_consumer_disconnects",
             "Connections closed with 1013 because their outbox overflowed.",
             hub.stats.slow_consumers,
+        )
+        yield CounterMetricFamily(
+            "wsfanout_flood_disconnects",
+            "Connections closed with 1008 for sending far past the rate limit.",
+            self.service.floods,
         )
         refused = CounterMetricFamily(
             "wsfanout_handshakes_refused", "Websocket handshakes refused.", labels=["reason"]

@@ -47,6 +47,7 @@ made once per publish and shared by every outbox (servers do not change messages
 log = logging.getLogger(__name__)
 
 FLUSH_CHUNK: Final = 1000  # outboxes flushed before the flusher lets other tasks run
+DRAIN_POLL: Final = (0.001, 0.05)  # the first and the longest sleep in ``drained()``
 
 
 def item(frame: str) -> Item:
@@ -257,6 +258,16 @@ class Outbox:
                     self.floors = None
                 return False
         return False
+
+    async def drained(self) -> None:
+        """Wait until this outbox is down to a quarter of its bound, or closes. Polled with a
+        short, growing sleep, as pacing waits: only a reader whose client does not read what
+        it is sent ever waits here (ws.py)."""
+        low = self.limit // 4
+        delay, longest = DRAIN_POLL
+        while self.queued_bytes > low and self.close_code is None:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, longest)
 
     def overflow(self, reason: str | None = None) -> None:
         """The client does not read: drop what is queued, take no more, close with 1013.

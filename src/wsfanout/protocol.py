@@ -12,6 +12,10 @@ offset is known only where it is assigned (the in-memory history, or Redis), so 
 is encoded once as two parts (``message_parts``) around the place of the offset, and whoever
 assigns it joins them (``with_offset``); nothing else is encoded per message.
 
+Sizes count what goes on the wire: a message's text is measured as it is written in its
+event (``wire_bytes``: JSON-escaped UTF-8), and ``check_size`` keeps it within the frame
+limit, so an event is at most that limit plus ``ENVELOPE_BYTES``.
+
 The rules for user and group names live here too, below both the store that keeps its rows
 to them and the connection tokens whose users and groups have no row.
 """
@@ -36,6 +40,11 @@ MAX_EPOCH_CHARS: Final = 64
 USERNAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 GROUP_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_FIRST_NAME: Final = 100
+# Sizes on the wire (see ``check_size``): a message's text may take the frame limit once
+# JSON-escaped, and the event around it at most this much more (653 bytes at worst today:
+# the longest names, a backend's ``from`` of 64 escaped characters, the largest offset).
+ENVELOPE_BYTES: Final = 1024
+MAX_CHAR_BYTES: Final = 6  # the most one character takes in a JSON string (``\u0001``)
 
 
 class Kind(enum.StrEnum):
@@ -237,13 +246,13 @@ def parse_object(data: Any) -> Publish:
     return Publish(kind=kind, text=text, target=target, frame_id=frame_id)
 
 
-def parse_backend_object(data: Any, source: Source, text_limit: int) -> Publish:
+def parse_backend_object(data: Any, source: Source) -> Publish:
     """Validate one publish from a backend (the HTTP API, RabbitMQ): a publish object
-    with an optional ``from`` (default ``system``) and a text of at most ``text_limit``
-    UTF-8 bytes.
+    with an optional ``from`` (default ``system``). Its size is checked apart, as every
+    door's is (``check_size``).
 
     Raises:
-        ProtocolError: as ``parse_object``, or a bad ``from``, or ``too_large``.
+        ProtocolError: as ``parse_object``, or a bad ``from``.
     """
     publish = parse_object(data)
     sender = data.get("from", "system")
@@ -251,8 +260,6 @@ def parse_backend_object(data: Any, source: Source, text_limit: int) -> Publish:
         raise ProtocolError(
             ErrorCode.BAD_MESSAGE, f"'from' must be a name of 1 to {MAX_SENDER_CHARS} characters"
         )
-    if len(publish.text.encode()) > text_limit:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"'text' is limited to {text_limit} bytes")
     return Publish(
         kind=publish.kind,
         text=publish.text,
@@ -261,6 +268,35 @@ def parse_backend_object(data: Any, source: Source, text_limit: int) -> Publish:
         sender=sender.strip(),
         source=source,
     )
+
+
+def wire_bytes(text: str) -> int:
+    """A text's size on the wire: the UTF-8 bytes of its JSON string, escapes included,
+    quotes not (``\\u0001`` takes 6, a quote or a backslash 2, ``é`` 2, an emoji 4).
+
+    orjson writes every character in the fewest bytes JSON allows, so a text never takes
+    more here than in any frame a client could have sent it in."""
+    return len(orjson.dumps(text)) - 2
+
+
+def check_size(publish: Publish, limit: int) -> None:
+    """Check that a message's text takes at most ``limit`` bytes on the wire (``wire_bytes``),
+    so that its ``message`` event takes at most ``limit + ENVELOPE_BYTES``.
+
+    Raises:
+        ProtocolError: ``too_large``, naming the limit and the text's size in wire bytes.
+    """
+    text = publish.text
+    if len(text) * MAX_CHAR_BYTES <= limit:  # most texts: fit whatever their characters
+        return
+    size = wire_bytes(text)
+    if size > limit:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"'text' is limited to {limit} bytes on the wire (UTF-8, JSON-escaped); "
+            f"this one takes {size}",
+            publish.frame_id,
+        )
 
 
 def _short(value: Any) -> str:

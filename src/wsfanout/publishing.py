@@ -6,6 +6,11 @@ then the store) and publishes. A backend's body (``POST /api/publish``, RabbitMQ
 app) goes through ``validate_batch()`` (every item checked and resolved, or a ``BatchError``
 naming the first bad one: nothing is published then) and ``publish_batch()`` (paced, all
 or nothing as far as the hub can say beforehand).
+
+Both go through ``check()``, the one place where a message's size is checked, whichever
+door it came in by: its text as it will go out (JSON-escaped UTF-8, ``protocol.check_size``)
+within ``WSFANOUT_MAX_FRAME_BYTES``. A websocket frame within that limit always passes (its
+text is in it, written at least as long), so users never meet this check; backends do.
 """
 
 from __future__ import annotations
@@ -46,6 +51,16 @@ class Publishing:
         self.hub = hub
         self.tokens = tokens
         self.outages = outages
+
+    async def check(self, publish: Publish) -> Publish:
+        """What every message must pass, whichever door it came in by: its size on the
+        wire, then its target (``resolve``).
+
+        Raises:
+            ProtocolError: ``too_large``, or as ``resolve``.
+        """
+        protocol.check_size(publish, self.settings.max_frame_bytes)
+        return await self.resolve(publish)
 
     async def resolve(self, publish: Publish) -> Publish:
         """The publish with its target resolved: a group that exists, an exact username.
@@ -96,16 +111,16 @@ class Publishing:
         return publish if target == publish.target else dataclasses.replace(publish, target=target)
 
     async def publish(self, publish: Publish) -> asyncio.Future[None] | None:
-        """Resolve the target, then hand the message to the hub's door.
+        """Check the message (its size, its target), then hand it to the hub's door.
 
         Returns:
             What ``Hub.publish`` returns: None once delivered here, or a future that
             settles when the backplane has it.
 
         Raises:
-            ProtocolError: unknown group or user, or the service cannot take it now.
+            ProtocolError: too large, unknown group or user, or the service cannot take it now.
         """
-        resolved = await self.resolve(publish)
+        resolved = await self.check(publish)
         try:
             return self.hub.publish(resolved)
         except UnavailableError as exc:
@@ -125,11 +140,10 @@ class Publishing:
                 f"send 1 to {MAX_BATCH} messages at a time, not {len(items)}",
             )
         checked = []
-        limit = self.settings.max_frame_bytes
         for index, raw in enumerate(items):
             try:
-                publish = protocol.parse_backend_object(raw, source, limit)
-                checked.append(await self.resolve(publish))
+                publish = protocol.parse_backend_object(raw, source)
+                checked.append(await self.check(publish))
             except ProtocolError as exc:
                 raise BatchError(index, exc.code, exc.detail) from None
         return checked

@@ -18,12 +18,17 @@ cancelling it, and the reader takes that cancellation back):
   publishes nothing it reads after that;
 - anything raises -> logged, 1011; no other connection notices.
 
+Inbound work is bounded like the outbox: the rate and what makes a flood (1008) are
+inbound.py's; while the outbox is over half full, the reader reads nothing (the server's
+queue fills, then TCP holds the client back).
+
 The handshake is checked by ``Admission.admit`` (admission.py), which takes a seat
 before it awaits anything, so the connection limits hold under concurrent handshakes; the
 seat is given back here, only once the connection is closed. Closing is the close frame,
 then the client's answer (its close, or leaving); a client that has not answered within
-``WSFANOUT_CLOSE_TIMEOUT`` (it does not read, or floods) has its TCP connection reset
-(``ServerReach.abort``), so what the kernel held for it is freed with its seat. Cleanup
+``WSFANOUT_CLOSE_TIMEOUT`` (it does not read), or that sends ``UNANSWERED_FRAMES`` more
+frames instead (it floods), has its TCP connection reset (``ServerReach.abort``), so what
+the kernel held for it is freed with its seat. Cleanup
 (leaving the hub, cancelling the writer, the seat) runs in ``finally``.
 """
 
@@ -42,6 +47,7 @@ from . import protocol
 from .admission import Login, Refusal
 from .control import REVOKED
 from .hub import UnavailableError
+from .inbound import FLOOD_WINDOW, Inbound, Verdict, frame_size
 from .outbox import Outbox, item
 from .protocol import (
     CloseCode,
@@ -64,6 +70,7 @@ TOKEN_EXPIRED: Final = "the token has expired: connect with a new one"  # noqa: 
 YIELD_EVERY: Final = 32  # frames a reader handles before letting other tasks run
 ABORT_GRACE: Final = 1.0  # seconds to read on after a reset, until the server says it is gone
 PRESENCE_NAMES: Final = 1000  # names in a presence answer (its count is exact)
+UNANSWERED_FRAMES: Final = 64  # frames a client may send after our close before it is reset
 
 
 async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
@@ -226,15 +233,15 @@ class Connection:
         """Send frames before the writer starts (the welcome, a replay), batched as it would."""
         settings = self.svc.settings
         stats = self.svc.flusher.stats
-        start = 0
+        sizes, start = [item(frame)[1] for frame in frames], 0  # bytes, as the outbox counts
         while start < len(frames):
-            end, size = start + 1, len(frames[start])
+            end, size = start + 1, sizes[start]
             while (
                 end < len(frames)
                 and end - start < settings.batch_max
-                and size + len(frames[end]) <= settings.batch_bytes
+                and size + sizes[end] <= settings.batch_bytes
             ):
-                size += len(frames[end])
+                size += sizes[end]
                 end += 1
             await self.send({"type": "websocket.send", "text": protocol.batch(frames[start:end])})
             stats.count(end - start)
@@ -246,26 +253,29 @@ class Connection:
         try:
             async with asyncio.timeout(self.svc.settings.close_timeout):
                 await self.send({"type": "websocket.close", "code": code})
-                await self._until_gone()
+                answered = await self._until_gone(UNANSWERED_FRAMES)
         except TimeoutError:
-            if self.svc.server.abort(self.stream):
-                log.info(
-                    "reset the connection of %s: it did not answer the close", self.login.username
-                )
-                # The server hands over the disconnect only once its queue to us has room:
-                # read on (briefly), or it would hold the connection's task forever.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(ABORT_GRACE):
-                        await self._until_gone()
+            answered = False
+        if not answered and self.svc.server.abort(self.stream):
+            log.info("reset the connection of %s: it did not answer the close", self.login.username)
+            # The server hands over the disconnect only once its queue to us has room:
+            # read on (briefly), or it would hold the connection's task forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ABORT_GRACE):
+                    await self._until_gone()
 
-    async def _until_gone(self) -> None:
-        """Drop what the client sends until it is gone (its close, or the connection's end)."""
+    async def _until_gone(self, most: int = 0) -> bool:
+        """Drop what the client sends until it is gone (its close, or the connection's
+        end): True. False once it has sent ``most`` frames more (0: no limit) without
+        answering: it floods rather than closes, and every frame costs the server parsing."""
         receive = self.receive
         seen = 0
         while (await receive())["type"] != "websocket.disconnect":
             seen += 1
-            if seen % YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # a flood must not hold the loop
+            if seen == most:
+                return False
+            await asyncio.sleep(0)  # a client that floods while closing gets one frame per turn
+        return True
 
     def expire(self) -> None:
         """The session's max age (or the token's ``exp``) has passed: say so, and close with
@@ -353,8 +363,10 @@ class Connection:
         """Read frames until the client leaves (None) or a frame ends the connection (a code)."""
         settings = self.svc.settings
         max_bytes = settings.max_frame_bytes
-        rate, burst = settings.rate_limit, float(settings.rate_burst)
-        tokens, last = burst, time.monotonic()
+        rate = settings.rate_limit
+        inbound = Inbound(rate, settings.rate_burst, time.monotonic())
+        outbox = self.outbox
+        pause_at = outbox.limit // 2
         flusher = self.svc.flusher
         frames, passes = 0, flusher.passes
         while True:
@@ -372,27 +384,38 @@ class Connection:
                 return None
             if kind != "websocket.receive":
                 continue
-            if self.outbox.close_code is not None:  # revoked, expired, draining: no more
-                return self.outbox.close_code
+            if outbox.queued_bytes > pause_at:
+                # Reading pauses while this client does not read what it is sent: what it
+                # sends meanwhile waits in the server's queue, then in the kernel (TCP's own
+                # backpressure), not in this process.
+                await outbox.drained()
+            if outbox.close_code is not None:  # revoked, expired, draining: no more
+                return outbox.close_code
             frame: str | bytes | None = message.get("text")
             if frame is None:
                 frame = message.get("bytes")
                 if frame is None:  # the server dropped a frame over the limit (servers/)
                     frame = b"" if TOO_LARGE_KEY not in message else None
-            if frame is None or _size(frame, max_bytes) > max_bytes:
-                self.outbox.push(item(protocol.too_large(max_bytes)))
+            if frame is None or frame_size(frame, max_bytes) > max_bytes:
+                outbox.push(item(protocol.too_large(max_bytes)))
                 return CloseCode.TOO_LARGE
             now = time.monotonic()
             if self.svc.codec.clock() >= self.expires_at:
                 self._tell(ErrorCode.FORBIDDEN, self._expired)
                 return CloseCode.POLICY
-            if rate > 0:
-                tokens = min(burst, tokens + (now - last) * rate)
-                last = now
-                if tokens < 1:
+            verdict = inbound.check(now)
+            if verdict is not Verdict.TAKE:
+                if verdict is Verdict.TELL:
                     self._tell(ErrorCode.RATE_LIMITED, f"at most {rate:g} messages per second")
-                    continue
-                tokens -= 1
+                elif verdict is Verdict.FLOOD:
+                    return self._flooded(
+                        ErrorCode.RATE_LIMITED,
+                        f"more than {inbound.burst} messages over the rate limit "
+                        f"in {FLOOD_WINDOW:g} s",
+                    )
+                # A flooding client gets one frame per turn of the loop, not a turn's worth.
+                await asyncio.sleep(0)
+                continue
             try:
                 if isinstance(frame, bytes):
                     raise ProtocolError(
@@ -403,8 +426,22 @@ class Connection:
                     await self._presence(request)
                 else:
                     await self._publish(request)
+                inbound.accepted()
             except ProtocolError as exc:
                 self._tell(exc.code, exc.detail, exc.frame_id)
+                if inbound.refused():  # nothing but errors: a flood, or errors never read
+                    return self._flooded(
+                        ErrorCode.BAD_MESSAGE,
+                        f"{inbound.refused_in_a_row} messages in a row refused",
+                    )
+                await asyncio.sleep(0)  # bad frames get one per turn of the loop, too
+
+    def _flooded(self, code: ErrorCode, why: str) -> int:
+        """The client floods (inbound.py): say why, and close (1008)."""
+        self.svc.stats.floods += 1
+        log.info("closing %s's connection: %s", self.login.username, why)
+        self._tell(code, f"{why}: closing")
+        return CloseCode.POLICY
 
     async def _publish(self, publish: Publish) -> None:
         """Publish through the service as this connection's user; answer with an ack.
@@ -461,10 +498,3 @@ class Connection:
     def _tell(self, code: ErrorCode, detail: str, frame_id: str | None = None) -> None:
         """An error frame to this connection only."""
         self.outbox.push(item(protocol.error(code, detail, frame_id)))
-
-
-def _size(frame: str | bytes, limit: int) -> int:
-    # A str's length in characters is at most its UTF-8 size, and at least a quarter of it.
-    if isinstance(frame, bytes) or len(frame) * 4 <= limit:
-        return len(frame)
-    return len(frame.encode())

@@ -1,9 +1,11 @@
 """``wsfanout serve``: hypercorn or uvicorn (``--server``, else ``$WSFANOUT_SERVER``), on a
 socket bound here, with the database, the secret key and the JWT keys checked first.
 
-Under uvicorn the server is configured with wsfanout's classes (servers/uvicorn.py): the
-head-timed h11 protocol, the websockets-sansio protocol that explains its refusals, and a
-``uvicorn.Server`` that drains the app before its own shutdown.
+Under hypercorn its master runs with a stop handler that cannot hang on a second signal
+(servers/hypercorn_signals.py). Under uvicorn the server is configured with wsfanout's
+classes (servers/uvicorn.py): the head-timed h11 protocol, the websockets-sansio protocol
+that explains its refusals, and a ``uvicorn.Server`` that drains the app before its own
+shutdown.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ GRACEFUL_TIMEOUT: Final = 10.0
 BACKLOG: Final = 2048  # pending connections: a reconnect storm must not be refused
 SERVERS: Final = ("hypercorn", "uvicorn")
 SERVER_VARIABLE: Final = "WSFANOUT_SERVER"
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
@@ -76,7 +79,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 
 def _serve_hypercorn(settings: Settings, args: argparse.Namespace, bind: str) -> int:
     from hypercorn.config import Config
-    from hypercorn.run import run
+
+    from ..servers.hypercorn_signals import run_master
 
     config = Config()
     config.application_path = "wsfanout:app"
@@ -91,7 +95,8 @@ def _serve_hypercorn(settings: Settings, args: argparse.Namespace, bind: str) ->
     config.accesslog = "-" if args.access_log else None
     config.errorlog = "-"
     config.loglevel = settings.log_level.upper()
-    return int(run(config))
+    # hypercorn's master, its stop handler one that cannot hang on a second signal
+    return run_master(config)
 
 
 def uvicorn_options(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
@@ -151,21 +156,26 @@ def _serve_uvicorn(settings: Settings, args: argparse.Namespace, bind: str) -> i
     else:  # fd://N, ours from _listen or the caller's: uvicorn closes what it is given
         sock = socket.socket(fileno=os.dup(int(bind[len("fd://") :])))
     server = DrainingServer(config)  # the drain before uvicorn's shutdown is its own
-    # uvicorn re-raises the SIGTERM it handled once it has stopped, to die of it; stopping
-    # on SIGTERM is a success here, as under hypercorn: exit 0. Before uvicorn takes the
-    # signal (while it starts), the same handler asks it to stop once started.
-    previous = signal.signal(signal.SIGTERM, server.handle_exit)
+    # uvicorn re-raises the SIGTERM or SIGINT it handled once it has stopped, to die of it
+    # (SIGINT as a KeyboardInterrupt, with tracebacks); stopping on either is a success
+    # here, as under hypercorn: exit 0. Before uvicorn takes the signals (while it starts),
+    # the same handler (it only records) asks it to stop once started.
+    previous = {signum: signal.signal(signum, server.handle_exit) for signum in STOP_SIGNALS}
     try:
         if args.workers > 1:
             # A uvicorn.Server of its own per worker (Multiprocess takes no server class):
             # there the app wraps that server's shutdown at its start (servers/uvicorn.py).
-            Multiprocess(config, sockets=[sock]).run()
+            supervisor = Multiprocess(config, sockets=[sock])  # its handlers only record too
+            if server.should_exit:  # a signal came before Multiprocess took them
+                supervisor.should_exit.set()
+            supervisor.run()
         else:
             server.run(sockets=[sock])
     except SystemExit as exc:  # uvicorn's own way to fail, e.g. a failed lifespan startup
         return exc.code if isinstance(exc.code, int) else 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         sock.close()
         if path is not None:
             with contextlib.suppress(OSError):

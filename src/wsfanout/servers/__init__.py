@@ -3,7 +3,8 @@ into a server's internals, one adapter per server.
 
 - ``reach.py``: ``ServerReach``, what the app talks to: it finds the server at the app's
   start, attaches that server's adapter, and resets connections through it.
-- ``hypercorn.py``: the hypercorn adapter (patches hypercorn's ``WSStream`` once, at import).
+- ``hypercorn.py``: the hypercorn adapter (patches hypercorn's ``WSStream`` once, at import);
+  ``hypercorn_signals.py``: how its master and workers take SIGTERM and SIGINT.
 - ``uvicorn.py``, ``uvicorn_sansio.py``: the uvicorn adapter (classes ``wsfanout serve``
   configures uvicorn with; the same applied to a running plain ``uvicorn wsfanout:app``).
 - ``keys.py``: the marks on ASGI messages; ``frames.py``: bounded message buffer and

@@ -37,7 +37,7 @@ class Frames:
     MAX_PIECES: Final = 4096  # a message arriving in more pieces (fragments, reads) is refused
     JOIN_EVERY: Final = 64  # pieces held before they are joined into one
 
-    __slots__ = ("_stream", "_telling", "length", "limit", "parts", "pieces", "refused")
+    __slots__ = ("_stream", "_telling", "length", "limit", "parts", "pieces", "refused", "reset")
 
     def __init__(self, stream: Any, limit: int) -> None:
         self._stream = stream
@@ -47,9 +47,16 @@ class Frames:
         self.pieces = 0
         self.parts: list[Any] = []
         self.refused = False
+        self.reset = False  # the app reset the connection: hypercorn is to stop parsing
 
     def extend(self, event: Any) -> None:
         if self.refused:
+            if self.reset:
+                # Hypercorn's own way out of its parsing loop (its buffer raises this past
+                # its limit): it stops at this frame rather than parse what it had read ahead.
+                from hypercorn.protocol.ws_stream import FrameTooLargeError
+
+                raise FrameTooLargeError
             return
         data = event.data
         self.length += len(data)

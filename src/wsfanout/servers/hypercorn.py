@@ -21,6 +21,8 @@ Theory of operation.
    sends lifespan shutdown. Its worker context's ``terminated`` event is set when stopping
    starts; the first marked accept gives the adapter that context, and the adapter waits on
    the event and calls ``on_stopping`` (the app's drain: every socket gets 1001 in time).
+   How the stop starts (a signal to the master, to a worker, or to both, once or more) is
+   hypercorn_signals.py's.
 
 3. Hypercorn's pings end with the connection. With ``--websocket-ping-interval`` (as
    ``wsfanout serve`` and the Containerfile set it), hypercorn pings each connection from a
@@ -38,8 +40,11 @@ Theory of operation.
    (for a client that does not read, megabytes in the kernel and in hypercorn's buffer)
    stays until the client reads it, for minutes. The wrapped accept hands the app its stream
    (``STREAM_KEY`` in the accept message), and ``ServerReach.abort`` resets that
-   connection's transport (resets.py). The app calls it when a client has not answered its
-   close in time. Under HTTP/2 (a stream of a connection that carries others) nothing is
+   connection's transport (resets.py) and stops hypercorn's parsing of it
+   (``HypercornAdapter.aborted``), so that hypercorn neither parses what it had already
+   read of a flood nor waits forever on a queue the app has stopped reading. The app calls
+   it when a client has not answered its close in time, or goes on sending instead of
+   answering it. Under HTTP/2 (a stream of a connection that carries others) nothing is
    reset: hypercorn's own close applies.
 
 6. Ghost connections. A client that sends data before the handshake's answer gets a 400
@@ -67,6 +72,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ..types import Message
+from . import hypercorn_signals  # takes the workers' stop signals, once per process
 from .checks import is_method
 from .frames import Frames, bounded_deflate
 from .keys import ACCEPT_KEY, GONE, STREAM_KEY
@@ -100,6 +106,11 @@ _LOST: Final = (
         "them (up to its own websocket_max_message_size)",
     ),
     ("abort", "a client that does not read keeps its TCP connection after its close"),
+    (
+        "signals",
+        "a worker sent SIGTERM itself (as a signal to the process group does) dies at once, "
+        "without closing its sockets",
+    ),
 )
 
 
@@ -170,6 +181,24 @@ class HypercornAdapter:
         sender: Any = protocol.send  # hypercorn's TCPServer.protocol_send
         return sender.__self__.writer.transport
 
+    def aborted(self, stream: Any) -> None:
+        """After a reset, hypercorn would go on parsing what it had already read of the
+        connection (up to 192 KiB: some 27,000 one-byte frames of a flood, a quarter of a
+        second of CPU each, without letting other tasks run) into the app's queue, and once
+        the app no longer reads it, wait on that queue forever. Instead its message buffer
+        (``Frames``) raises at the next frame, which ends hypercorn's parsing loop as a
+        message over its own limit does, and its hand-overs to the app are dropped.
+
+        Raises:
+            AttributeError: the stream has no ``app_put`` where it had.
+        """
+        if "app_put" not in stream.__dict__:
+            raise AttributeError("WSStream.app_put is gone")
+        stream.app_put = _reset
+        buffer = stream.buffer
+        if isinstance(buffer, Frames):  # and hypercorn's parsing stops at the next frame
+            buffer.refused = buffer.reset = True
+
     async def close(self) -> None:
         """Stop watching hypercorn's stop signal (not from inside ``on_stopping`` itself)."""
         watcher, self._watcher = self._watcher, None
@@ -178,10 +207,14 @@ class HypercornAdapter:
             await asyncio.gather(watcher, return_exceptions=True)
 
 
+async def _reset(message: Message) -> None:
+    """A reset connection's ``app_put``: nothing more reaches the app (see ``aborted``)."""
+
+
 def attach(reach: ServerReach) -> HypercornAdapter:
     """Check every reach for one app's start, set what it can do, and warn once about
     what it cannot."""
-    problems = check()
+    problems = check() | hypercorn_signals.check()
     reach.can_decline = not problems["deflate"]
     reach.can_watch = not problems["stop"]
     reach.can_stop_pings = not problems.get("pings")
@@ -343,6 +376,11 @@ def _check_frames_and_abort() -> dict[str, str]:
         problems["frames"] = "wsproto's PerMessageDeflate changed"
     if not hasattr(H11Protocol, "stream_send") or not hasattr(TCPServer, "protocol_send"):
         problems["abort"] = "H11Protocol.stream_send or TCPServer.protocol_send is gone"
+    else:
+        from hypercorn.protocol import ws_stream
+
+        if not isinstance(getattr(ws_stream, "FrameTooLargeError", None), type):
+            problems["abort"] = "hypercorn's FrameTooLargeError is gone"
     return problems
 
 

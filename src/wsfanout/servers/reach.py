@@ -132,6 +132,10 @@ class ServerReach:
         if transport is None:
             return False
         reset(transport)
+        try:
+            self._server.aborted(stream)
+        except AttributeError as exc:
+            self.broke("abort", exc)
         return True
 
     def broke(self, reach: str, exc: Exception) -> None:

@@ -18,7 +18,9 @@ it installs while it serves (a bound method of the server), at app start:
   refuses a larger message from its header alone, and inflates no more than the limit.
 - On SIGTERM, before uvicorn's own shutdown (which closes every websocket with 1012 at
   once): stop listening, drain each app started in it (1001), reset its websockets still
-  open a second later (clients that do not read: uvicorn would wait for them).
+  open a second later (clients that do not read: uvicorn would wait for them). uvicorn's
+  handlers only record a signal; a SIGINT repeated during the drain is the same stop, not
+  uvicorn's "force exit", which would skip the app's lifespan shutdown.
 - Its h11 protocol is ``HeadTimedH11Protocol``: a connection gets REQUEST_HEAD_TIMEOUT
   to send a whole request head (uvicorn waits forever). Under httptools (no bound on a
   head at all) a warning says so.
@@ -41,6 +43,7 @@ import socket
 import time
 import weakref
 from collections.abc import Awaitable, Callable
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
 import h11
@@ -112,6 +115,14 @@ class DrainingServer(Server):
         super().__init__(config)
         self.drains: list[Drain] = []
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """uvicorn's (it only records), but a repeated SIGINT does not force the exit,
+        which would skip the app's lifespan shutdown: one Ctrl-C reaches the process from
+        the terminal and again from a runner that forwards it (``just``), and the stop is
+        bounded anyway."""
+        super().handle_exit(sig, frame)
+        self.force_exit = False
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         try:
             await _drain(self, self.drains)
@@ -124,6 +135,10 @@ async def _drain(server: Server, drains: list[Drain]) -> None:
         listener.close()  # no new connections meanwhile (uvicorn's shutdown repeats it)
     for drain in drains:
         await drain()
+    # A SIGINT repeated meanwhile (a terminal's Ctrl-C, forwarded again by a runner such as
+    # `just`) is the same stop: uvicorn would take it as "force exit" and skip the app's
+    # lifespan shutdown, then end in a traceback.
+    server.force_exit = False
 
 
 def running_server() -> Server | None:
@@ -168,7 +183,7 @@ class UvicornAdapter:
             protocol.__class__ = ExplainingSansIOProtocol
         if not isinstance(protocol, ExplainingSansIOProtocol):  # someone else's subclass
             return None
-        protocol.wsfanout = self.reach
+        protocol.adopt(self.reach)
         self._accepted.add(protocol)
         return protocol
 
@@ -179,6 +194,10 @@ class UvicornAdapter:
             AttributeError: it has none.
         """
         return stream.transport
+
+    def aborted(self, stream: Any) -> None:
+        """Nothing more to do after a reset: uvicorn's protocol stops reading with its
+        transport, and drops what it parsed once the app has sent its close."""
 
     async def stopping(self) -> None:
         """uvicorn stops: drain the app (1001); give the closes a moment to be answered,

@@ -11,12 +11,20 @@ with UNSENT_MAX unread is reset when it pings (uvicorn writes every pong) and wh
 closes it after a refusal or an unanswered ping (uvicorn's closes are graceful: what the
 client was sent would stay in the kernel, for minutes).
 
+uvicorn parses every read whole (uvloop reads up to 256 KiB at a time) and queues every
+message in it for the app, without bound and without letting other tasks run: a flood of
+one-byte frames became some 37,000 queued messages per read, hundreds of MiB over a hundred
+sockets and seconds of a blocked loop. Here a read is parsed ``SLICE`` bytes at a time: once
+a slice has given the app a message, the rest is held (and reading stays paused) until the
+app has taken every queued message (``_Inbox``, which stands in for uvicorn's queue).
+
 Until the app has accepted the connection (``wsfanout`` is None), it is uvicorn's protocol
 unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Final
 
@@ -32,11 +40,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__package__)  # one logger for the servers package: "wsfanout.servers"
 
-PARTS: Final = ("handle_parser_exception", "handle_cont", "handle_ping", "keepalive_timeout")
+PARTS: Final = (
+    "handle_parser_exception",
+    "handle_cont",
+    "handle_ping",
+    "keepalive_timeout",
+    "data_received",
+)
 """The methods of uvicorn's protocol this class extends (checked at start)."""
 
-STATE: Final = ("conn", "frames", "close_sent", "transport", "disconnected")
+STATE: Final = ("conn", "frames", "close_sent", "transport", "disconnected", "queue", "read_paused")
 """What it reads of a connection's state (checked per connection)."""
+
+SLICE: Final = 4096  # bytes of a read parsed at a time, once the app has accepted
+
+
+class _Inbox(asyncio.Queue):  # type: ignore[type-arg]
+    """uvicorn's queue of a connection's ASGI events, which asks its protocol to parse more of
+    what it holds each time the app has taken the last queued event."""
+
+    def __init__(self, protocol: ExplainingSansIOProtocol) -> None:
+        super().__init__()
+        self.protocol = protocol
+
+    def get_nowait(self) -> object:
+        message = super().get_nowait()
+        if not self.qsize() and self.protocol.held:
+            self.protocol.parse_held()
+        return message
 
 
 class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
@@ -44,6 +75,50 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
     that leave too much unread, once the app's reach has accepted the connection."""
 
     wsfanout: ServerReach | None = None  # the app that accepted this connection
+    held = b""  # what a read brought that is not parsed yet
+    held_at = 0  # how much of it is parsed
+
+    def adopt(self, reach: ServerReach) -> None:
+        """The app has accepted this connection: serve it as its own."""
+        inbox = _Inbox(self)
+        queue = self.queue
+        while not queue.empty():
+            inbox.put_nowait(queue.get_nowait())
+        self.queue = inbox
+        self.wsfanout = reach
+        # Plain uvicorn built this protocol as its own class (the adapter has just changed
+        # it): uvloop's transport keeps the ``data_received`` it found at the start, and
+        # takes this class's once given the protocol again.
+        self.transport.set_protocol(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.wsfanout is None:
+            super().data_received(data)
+            return
+        if self.held:
+            self.held = self.held[self.held_at :] + data
+            self.held_at = 0
+        else:
+            self.held = data
+        self.parse_held()
+
+    def parse_held(self) -> None:
+        """Parse what is held, a slice at a time, until a slice queues an event for the app;
+        hold the rest, with reading paused, until the app has taken every queued event."""
+        data, start = self.held, self.held_at
+        queue, transport = self.queue, self.transport
+        while start < len(data):
+            end = start + SLICE
+            self.held_at = end
+            super().data_received(data[start:end])
+            start = end
+            if queue.qsize() or transport.is_closing():
+                break
+        if start >= len(data) or transport.is_closing():
+            self.held, self.held_at = b"", 0
+        elif not self.read_paused:
+            self.read_paused = True
+            transport.pause_reading()
 
     def handle_parser_exception(self) -> None:
         reach = self.wsfanout
