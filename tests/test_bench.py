@@ -39,6 +39,9 @@ def database_exists(name: str) -> bool:
     return asyncio.run(look())
 
 
+# A dozen servers and their load, one after another: about 100 s alone on 2 cores, and more
+# when the suite's other workers load the machine (the suite's 180 s per test cut it off).
+@pytest.mark.timeout(420)
 def test_quick_bench_measures_both_systems(tmp_path: Path) -> None:
     """`bench/run.py --quick` runs every scenario against wsfanout and the baseline, each under
     hypercorn and under uvicorn, and the store on PostgreSQL beside SQLite (a database of the
