@@ -2,9 +2,9 @@
 COUNT SOURCE...`` keeps COUNT TCP connections to 127.0.0.1:PORT, spread over the SOURCE
 addresses (127.0.0.x: every one of them is this machine), each sending one byte of a request
 head every TRICKLE seconds, never a whole head. A connection the server ends (or refuses) is
-opened again at once. Every second it prints one line, ``open=N ended=N``: how many
-connections are open now, and how many the server has ended so far. It runs until killed
-(SIGTERM).
+opened again at once, within RATE connections a second in all. Every second it prints
+one line, ``open=N ended=N``: how many connections are open now, and how many the server
+has ended so far. It runs until killed (SIGTERM).
 
 A process of its own so that its thousands of connections (and its reconnecting at once)
 cost the test's process neither descriptors nor the interpreter's lock.
@@ -18,6 +18,7 @@ import signal
 import sys
 
 TRICKLE = 3.0  # seconds between two bytes of a head
+RATE = 1000.0  # connections made again a second, at most, in all (the first ones at once)
 HEAD = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Trickle: " + b"a" * 4096
 
 
@@ -26,17 +27,29 @@ class Trickle:
         self.port = port
         self.open = 0
         self.ended = 0
+        self._next = 0.0  # when the next connection may be made (loop time)
+
+    async def _turn(self) -> None:
+        """Wait for this connection's turn to be made again: RATE a second in all."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        at = self._next = max(self._next + 1 / RATE, now)
+        if at > now:
+            await asyncio.sleep(at - now)
 
     async def connection(self, source: str) -> None:
         """One connection after the other from ``source``, each trickling its head."""
+        again = False
         while True:
+            if again:
+                await self._turn()
+            again = True
             try:
                 reader, writer = await asyncio.open_connection(
                     "127.0.0.1", self.port, local_addr=(source, 0)
                 )
             except OSError:  # reset as it was made
                 self.ended += 1
-                await asyncio.sleep(0)  # let the others run: then at once
                 continue
             self.open += 1
             try:

@@ -12,8 +12,9 @@ each time the connection waits for a request head (at its start and after each r
 and stops it when a head is whole: exactly when the peer's count of waiting connections
 changes, so that task is wrapped in ``_Idle``, which tells the peer and hands on. A first
 head has ``PeerLimits.head_timeout`` (a timer closes the connection, as hypercorn closes an
-idle one); between two requests hypercorn's own idle timeout applies (``keep_alive_timeout``,
-5 s unless told). Under hypercorn's trio worker none of this applies.
+idle one), or hypercorn's own idle timeout (``keep_alive_timeout``, 5 s unless told) if that
+is shorter; between two requests hypercorn's own applies. Under hypercorn's trio worker
+none of this applies.
 
 The caps are the process's: the last wsfanout app to start in it sets them (``configure``).
 """
@@ -76,8 +77,9 @@ def check() -> str:
         cls: Any = TCPServer  # made here with nothing but what it keeps
         server = cls(None, None, Config(), WorkerContext(None), None, None, None)
         idle = server.idle_task
-        if "writer" not in vars(server):
-            return "TCPServer has no 'writer'"
+        if not {"writer", "config"} <= vars(server).keys():
+            return "TCPServer has no 'writer' or 'config'"
+        float(server.config.keep_alive_timeout)
     except Exception as exc:  # any change in how hypercorn makes a connection
         return f"hypercorn's TCPServer changed: {exc!r}"
     restart = getattr(idle, "restart", None)
@@ -99,15 +101,17 @@ def _install() -> str:
 
     async def _run(server: Any) -> None:
         writer = server.writer
-        peer = PEERS.arrive(writer.get_extra_info("peername"))
+        peer = PEERS.arrive(writer.get_extra_info("peername"), writer.transport)
         if peer is None:  # its address holds too much already
             reset(writer.transport)
             writer.close()
             return
         idle = server.idle_task = _Idle(server.idle_task, peer)
-        idle.late = asyncio.get_running_loop().call_later(
-            PEERS.limits.head_timeout, _head_late, writer.transport, peer
-        )
+        timeout = PEERS.limits.head_timeout
+        if timeout < server.config.keep_alive_timeout:  # else hypercorn's own closes it first
+            idle.late = asyncio.get_running_loop().call_later(
+                timeout, _head_late, writer.transport, peer
+            )
         try:
             await run(server)
         finally:

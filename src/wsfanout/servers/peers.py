@@ -7,7 +7,9 @@ Theory of operation. A connection is counted from the moment the server accepts 
 is closed; it *waits* while it has not sent a whole request head: from its start until its
 first head is whole, and again between two requests on a kept-alive connection. A new
 connection from an address that already holds ``PeerLimits.waiting`` waiting connections (or
-``PeerLimits.connections`` in all) is reset at once, before the server reads a byte of it:
+``PeerLimits.connections`` in all) closes that address's oldest connection idle between two
+requests, if it has one (its client opens another when it needs one, as after the server's
+keep-alive timeout), and is reset at once otherwise, before the server reads a byte of it:
 its descriptor is free again at once, so a client that trickles heads from a few addresses
 can hold no more than those caps, and everyone else is still accepted. A waiting
 connection whose first head is not whole within ``PeerLimits.head_timeout`` is closed.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -42,41 +45,48 @@ class PeerLimits:
 
 
 class Address:
-    """The counts of one address: its connections, and how many of them wait."""
+    """The counts of one address: its connections, how many of them wait, and those of
+    them kept alive between two requests, oldest first."""
 
-    __slots__ = ("connections", "key", "waiting")
+    __slots__ = ("connections", "idle", "key", "waiting")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.connections = 0
         self.waiting = 0
+        self.idle: dict[Peer, None] = {}  # an ordered set
 
 
 class Peer:
     """One connection's place in its address's counts. ``started``, ``waiting`` and
     ``left`` may be called in any order, as often as the server likes."""
 
-    __slots__ = ("_address", "_peers", "fresh", "is_waiting")
+    __slots__ = ("_address", "_peers", "fresh", "is_waiting", "transport")
 
-    def __init__(self, peers: Peers, address: Address | None) -> None:
+    def __init__(self, peers: Peers, address: Address | None, transport: Any) -> None:
         self._peers = peers
         self._address = address  # None: not counted (a unix socket), or closed
+        self.transport = transport  # the connection's asyncio transport, to close it
         self.is_waiting = True
         self.fresh = True  # no request head yet
 
     def started(self) -> None:
         """A whole request head has come (the connection may be a websocket now)."""
         self.fresh = False
+        address = self._address
         if self.is_waiting:
             self.is_waiting = False
-            if self._address is not None:
-                self._address.waiting -= 1
+            if address is not None:
+                address.waiting -= 1
+                address.idle.pop(self, None)
 
     def waiting(self) -> None:
         """The connection waits for its next request head (kept alive)."""
-        if not self.is_waiting and self._address is not None:
+        address = self._address
+        if not self.is_waiting and address is not None:
             self.is_waiting = True
-            self._address.waiting += 1
+            address.waiting += 1
+            address.idle[self] = None
 
     def left(self) -> None:
         """The connection is closed."""
@@ -87,8 +97,15 @@ class Peer:
         address.connections -= 1
         if self.is_waiting:
             address.waiting -= 1
+            address.idle.pop(self, None)
         if address.connections == 0:
             self._peers.forget(address)
+
+    def close(self) -> None:
+        """Close the connection (it is idle between two requests), and count it gone now."""
+        self.left()
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 class Peers:
@@ -98,6 +115,7 @@ class Peers:
         self.limits = limits or PeerLimits()
         self._addresses: dict[str, Address] = {}
         self.refused = 0  # connections refused in all
+        self.closed = 0  # idle connections closed to make room for a new one
         self._unlogged = 0  # refused since the last log line
         self._last = ("", 0, 0)  # the last refused: its address, connections and waiting
         self._logged_at = -LOG_EVERY
@@ -107,26 +125,37 @@ class Peers:
         """How many addresses hold connections now."""
         return len(self._addresses)
 
-    def arrive(self, peername: Any) -> Peer | None:
+    def arrive(self, peername: Any, transport: Any) -> Peer | None:
         """A connection from ``peername`` (the socket's ``getpeername()``, or None) was just
-        accepted: its place in the counts, or None if its address holds too much already
-        (the caller resets it)."""
+        accepted on ``transport``: its place in the counts, or None if its address holds
+        too much already (the caller resets it). An address at a cap first loses its oldest
+        connection kept alive between two requests, if it has one (closed, as the server's
+        keep-alive timeout would have closed it)."""
         key = address_key(peername)
         if key is None:  # a unix socket: no address to count by
-            return Peer(self, None)
+            return Peer(self, None, transport)
         address = self._addresses.get(key)
         if address is None:
             address = self._addresses[key] = Address(key)
         else:
             limits = self.limits
-            if (limits.waiting and address.waiting >= limits.waiting) or (
-                limits.connections and address.connections >= limits.connections
-            ):
-                self._refuse(address)
-                return None
+            over = 0  # how many connections must go first
+            if limits.waiting:
+                over = address.waiting - limits.waiting + 1
+            if limits.connections:
+                over = max(over, address.connections - limits.connections + 1)
+            if over > 0:
+                if over > len(address.idle):
+                    self._refuse(address)
+                    return None
+                for peer in list(itertools.islice(address.idle, over)):
+                    peer.close()
+                self.closed += over
+                if address.connections == 0:  # closing its last one forgot it
+                    self._addresses[key] = address
         address.connections += 1
         address.waiting += 1
-        return Peer(self, address)
+        return Peer(self, address, transport)
 
     def counts(self, peername: Any) -> tuple[int, int]:
         """(connections, waiting) of the address of ``peername`` now."""

@@ -97,7 +97,7 @@ class HeadTimedH11Protocol(H11Protocol):
         super().connection_made(transport)
         peers: Peers | None = getattr(self.config, PEERS, None)  # None until the app starts
         if peers is not None:
-            self.peer = peers.arrive(transport.get_extra_info("peername"))
+            self.peer = peers.arrive(transport.get_extra_info("peername"), transport)
             if self.peer is None:  # its address holds too much already
                 reset(transport)
                 return
