@@ -417,10 +417,16 @@ async def test_resume_on_the_other_node_while_messages_flow(nodes: tuple[App, Ap
     async with asgi.WebSocket(a, headers={"cookie": mike}) as sender:
         await sender.receive()
         total = 400
-        sending = asyncio.Event()
+        sending, left, back = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
         async def send() -> None:
+            # However loaded the machine, some messages come while greg is away (to be
+            # replayed) and some after he is back (live): the flow waits for each step.
             for n in range(total):
+                if n == 100:
+                    await left.wait()
+                if n == 300:
+                    await back.wait()
                 await sender.send_json({"type": "broadcast", "text": str(n)})
                 if n == 50:
                     sending.set()
@@ -432,12 +438,14 @@ async def test_resume_on_the_other_node_while_messages_flow(nodes: tuple[App, Ap
             task = asyncio.create_task(send())
             await sending.wait()
             seen = [e for e in await messages_until(first, 60)]
+        left.set()
         positions = dict(welcome)
         positions["all"] = {"epoch": welcome["all"]["epoch"], "offset": seen[-1]["offset"]}
         async with asgi.WebSocket(
             b, headers={"cookie": greg}, query=resume_query(positions)
         ) as again:
             before, resumed = await until(again, "resumed")
+            back.set()
             assert resumed["recovered"] is True, resumed
             replayed = [e for e in before if e["type"] == "message"]
             assert resumed["missed"] == len(replayed)
