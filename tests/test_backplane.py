@@ -608,3 +608,51 @@ async def test_a_killed_nodes_users_go_offline_within_30_s(
     finally:
         for server in servers:
             server.stop()
+
+
+async def test_history_on_request_is_read_from_redis(settings: Settings, prefix: str) -> None:
+    """History requests on one node answer what was published on the other (DESIGN 5.4):
+    the stream's epoch and offset as every node sees them, the last N messages in order,
+    at most WSFANOUT_HISTORY_SIZE; a group nobody published to stands at offset 0."""
+    async with two_nodes(settings, prefix, history_size=4) as (a, b):
+        greg = await login(a, "greg")
+        async with (
+            asgi.WebSocket(a, headers={"cookie": greg}) as on_a,
+            asgi.WebSocket(b, headers={"cookie": greg}) as on_b,
+        ):
+            await until(on_a, "welcome")
+            _, welcome = await until(on_b, "welcome")
+            live = []
+            for text in "abcde":
+                await on_a.send_json({"type": "broadcast", "text": text})
+                live += await messages_until(on_a, 1)
+            await messages_until(on_b, 5)  # node b has heard them too
+            for limit, texts in ((2, "de"), (100, "bcde")):
+                await on_b.send_json({"type": "history", "stream": "all", "limit": limit})
+                _, answer = await until(on_b, "history")
+                assert [m["text"] for m in answer["messages"]] == list(texts)
+                assert answer["messages"] == live[-len(texts) :]
+                assert (answer["epoch"], answer["offset"]) == (
+                    welcome["streams"]["all"]["epoch"],
+                    live[-1]["offset"],
+                )
+            await on_b.send_json({"type": "history", "stream": "group:boys", "limit": 5})
+            _, answer = await until(on_b, "history")
+            assert (answer["offset"], answer["messages"]) == (0, [])
+            assert answer["epoch"] == welcome["streams"]["group:boys"]["epoch"]
+
+
+async def test_a_history_answer_from_redis_fits_the_outbox(settings: Settings, prefix: str) -> None:
+    """Read from Redis, too, an answer holds only the newest messages that fit a quarter of
+    the outbox's bound."""
+    async with (
+        two_nodes(settings, prefix, outbox_bytes=64 * 1024) as (a, _),
+        asgi.WebSocket(a, headers={"cookie": await login(a, "greg")}) as g,
+    ):
+        await until(g, "welcome")
+        for n in range(5):
+            await g.send_json({"type": "broadcast", "text": f"{n:02}" + "x" * 4000})
+            await messages_until(g, 1)
+        await g.send_json({"type": "history", "stream": "all", "limit": 5})
+        _, answer = await until(g, "history")
+        assert [m["text"][:2] for m in answer["messages"]] == ["02", "03", "04"]

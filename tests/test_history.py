@@ -127,3 +127,21 @@ def test_the_least_recently_published_stream_is_trimmed_first() -> None:
     append(history, "all", "x" * 200)
     assert history.since("group:old", Position(old.epoch, 0)) is None
     assert len(history.since("group:new", Position(new.epoch, 0)) or []) == 10
+
+
+def test_recent_is_the_newest_messages_that_are_young_enough_and_fit() -> None:
+    """``recent``: the last ``limit`` messages, oldest first, none older than the ttl,
+    only as many of the newest as fit the budget; a new stream stands at offset 0."""
+    clock = Clock()
+    history = History(10, 60, clock=clock)
+    append(history, "all", "old")
+    clock.now += 61
+    frames = [append(history, "all", text) for text in "abc"]
+    where, found = history.recent("all", 10, 10_000)
+    assert (where.offset, texts(found)) == (4, ["a", "b", "c"])  # "old" is past the ttl
+    assert texts(history.recent("all", 2, 10_000)[1]) == ["b", "c"]
+    budget = len(frames[1]) + len(frames[2])
+    assert texts(history.recent("all", 10, budget)[1]) == ["b", "c"]
+    assert texts(history.recent("all", 10, budget - 1)[1]) == ["c"]
+    fresh = history.recent("group:chess", 5, 10_000)
+    assert fresh == (history.position("group:chess"), []) and fresh[0].offset == 0

@@ -667,3 +667,103 @@ async def test_a_replay_is_batched_by_bytes_as_the_outbox_batches(settings: Sett
     assert all(len(frame.encode()) <= 1000 for frame in frames[1:-1]), [
         len(f.encode()) for f in frames
     ]
+
+
+# History on request (DESIGN 5.4)
+
+
+async def ask(ws: asgi.WebSocket, request: dict[str, Any]) -> dict[str, Any]:
+    """Send a request and return its answer (a history or an error frame with its id)."""
+    await ws.send_json({**request, "id": "h"})
+    while True:
+        event: dict[str, Any] = await ws.receive()
+        if event.get("id") == "h":
+            return event
+
+
+async def test_history_answers_a_streams_last_messages(settings: Settings) -> None:
+    """A listener asks a stream's last N messages: the epoch and offset it stands at, and
+    the messages as they went out live, oldest first; never more than the history keeps."""
+    async with started(settings, history_size=4) as app:
+        greg = await login(app, "greg")
+        async with connect(app, greg) as g:
+            welcome = await g.receive()
+            start = welcome["streams"]["all"]
+            live = []
+            for text in "abcde":
+                await g.send_json({"type": "broadcast", "text": text})
+                live.append(await expect_message(g))
+            answer = await ask(g, {"type": "history", "stream": "all", "limit": 3})
+            assert answer == {
+                "type": "history",
+                "stream": "all",
+                "epoch": start["epoch"],
+                "offset": start["offset"] + 5,
+                "messages": live[2:],
+                "id": "h",
+            }
+            assert [m["text"] for m in live[2:]] == ["c", "d", "e"]
+            kept = await ask(g, {"type": "History", "stream": "all", "limit": 1000})
+            assert [m["text"] for m in kept["messages"]] == ["b", "c", "d", "e"]  # 4 kept
+            assert (await ask(g, {"type": "history", "stream": "all"}))["messages"] == (
+                kept["messages"]
+            )
+            assert (await ask(g, {"type": "history", "stream": "all", "limit": 0}))[
+                "messages"
+            ] == []
+            own = await ask(g, {"type": "history", "stream": "user:GREG"})  # a name's any case
+            assert (own["stream"], own["offset"], own["messages"]) == ("user:greg", 0, [])
+            assert own["epoch"] == welcome["streams"]["user:greg"]["epoch"]
+
+
+@pytest.mark.parametrize(
+    ("request_", "code"),
+    [
+        ({"type": "history", "stream": "group:girls"}, "forbidden"),  # greg is in boys
+        ({"type": "history", "stream": "user:mike"}, "forbidden"),
+        ({"type": "history", "stream": "group:nobody"}, "forbidden"),
+        ({"type": "history"}, "bad_message"),
+        ({"type": "history", "stream": "chess"}, "bad_message"),
+        ({"type": "history", "stream": "group:"}, "bad_message"),
+        ({"type": "history", "stream": 7}, "bad_message"),
+        ({"type": "history", "stream": "all", "limit": -1}, "bad_message"),
+        ({"type": "history", "stream": "all", "limit": "5"}, "bad_message"),
+        ({"type": "history", "stream": "all", "limit": True}, "bad_message"),
+    ],
+)
+async def test_history_of_a_stream_not_listened_to_is_refused(
+    app: App, request_: dict[str, Any], code: str
+) -> None:
+    """Only the streams a connection listens to; a malformed request is bad_message."""
+    async with connect(app, await login(app, "greg")) as g:
+        await g.receive()
+        answer = await ask(g, request_)
+        assert (answer["type"], answer["code"]) == ("error", code)
+        await broadcast(g, "still open")
+
+
+async def test_history_off_answers_no_messages(settings: Settings) -> None:
+    async with (
+        started(settings, history_size=0) as app,
+        connect(app, await login(app, "greg")) as g,
+    ):
+        await g.receive()
+        await broadcast(g, "a")
+        answer = await ask(g, {"type": "history", "stream": "all", "limit": 5})
+        assert answer == {"type": "history", "stream": "all", "messages": [], "id": "h"}
+
+
+async def test_a_history_answer_fits_the_outbox(settings: Settings) -> None:
+    """An answer holds the newest messages that fit a quarter of the outbox's bound, so
+    asking for history never overflows a connection."""
+    async with (
+        started(settings, history_size=100, outbox_bytes=64 * 1024) as app,
+        connect(app, await login(app, "greg")) as g,
+    ):
+        await g.receive()
+        for n in range(10):
+            await g.send_json({"type": "broadcast", "text": f"{n:02}" + "x" * 4000})
+            await expect_message(g)
+        answer = await ask(g, {"type": "history", "stream": "all", "limit": 10})
+        texts = [m["text"][:2] for m in answer["messages"]]
+        assert texts == ["07", "08", "09"]  # the newest three fit 16 KiB

@@ -143,3 +143,18 @@ class History:
             return None
         start = seen.offset + 1 - entries[0][0]
         return [entries[i][2] for i in range(start, len(entries))]
+
+    def recent(self, name: str, limit: int, budget: int) -> tuple[Position, list[str]]:
+        """Where a stream stands (it is created if it is new) and its last ``limit`` kept
+        messages younger than the ttl, oldest first: as many of the newest as fit in
+        ``budget`` characters."""
+        stream = self._stream(name)
+        found: list[str] = []
+        horizon = self.clock() - self.ttl
+        for _, when, frame, _ in reversed(stream.entries or ()):
+            budget -= len(frame)
+            if len(found) >= limit or when < horizon or budget < 0:
+                break
+            found.append(frame)
+        found.reverse()
+        return Position(stream.epoch, stream.offset), found

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from . import protocol
-from .backplane import Backplane, BackplaneUnavailableError, Node, OnControl, Paced
+from .backplane import Backplane, BackplaneUnavailableError, Node, OnControl, Paced, Recent
 from .outbox import Item, Outbox, item
 from .pacing import BACKLOG_BYTES, DrainingError, HubStats, Pacer
 from .protocol import Kind, Position, Publish
@@ -265,6 +265,13 @@ class Hub:
         """
         try:
             return await self.backplane.online(group, limit)
+        except BackplaneUnavailableError as exc:
+            raise UnavailableError(str(exc)) from None
+
+    async def recent(self, stream: str, limit: int, budget: int) -> Recent | None:
+        """``Backplane.recent``; raises ``UnavailableError`` if the backplane cannot say."""
+        try:
+            return await self.backplane.recent(stream, limit, budget)
         except BackplaneUnavailableError as exc:
             raise UnavailableError(str(exc)) from None
 

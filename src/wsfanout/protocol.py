@@ -1,5 +1,5 @@
-"""The wire format (v1 and v2): inbound frames into ``Publish`` or ``PresenceQuery``,
-outbound events into text.
+"""The wire format (v1 and v2): inbound frames into ``Publish``, ``PresenceQuery`` or
+``HistoryQuery``, outbound events into text.
 
 Sans-I/O: nothing here touches a socket or the event loop. Inbound frames are
 JSON objects; ``type`` is matched case-insensitively so the seed page's
@@ -119,6 +119,15 @@ class PresenceQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    """A stream's recent messages (DESIGN 5.4): at most ``limit`` (None: as many as kept)."""
+
+    stream: str
+    limit: int | None = None
+    frame_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Position:
     """Where a stream stands: its history's epoch and the offset of its last message."""
 
@@ -130,12 +139,15 @@ _KINDS: Final = {kind.value: kind for kind in Kind}
 _TARGET_FIELD: Final = {Kind.GROUP: "group", Kind.DIRECT: "user_name"}
 
 
-def parse(frame: str | bytes) -> Publish | PresenceQuery:
-    """Validate one inbound frame: a publish, or a presence request.
+Query = PresenceQuery | HistoryQuery
+
+
+def parse(frame: str | bytes) -> Publish | Query:
+    """Validate one inbound frame: a publish, or a presence or history request.
 
     Raises:
         ProtocolError: ``bad_json`` if it is not JSON, ``bad_message`` if it is not a
-            publish of a known type with the fields that type needs, nor a presence request.
+            publish of a known type with the fields that type needs, nor a request.
     """
     try:
         data = orjson.loads(frame)
@@ -143,8 +155,11 @@ def parse(frame: str | bytes) -> Publish | PresenceQuery:
         raise ProtocolError(ErrorCode.BAD_JSON, "the frame is not valid JSON") from None
     if isinstance(data, dict):
         raw_type = data.get("type")
-        if isinstance(raw_type, str) and raw_type.lower() == "presence":
-            return _parse_presence(data)
+        if isinstance(raw_type, str):
+            if raw_type.lower() == "presence":
+                return _parse_presence(data)
+            if raw_type.lower() == "history":
+                return _parse_history(data)
     return parse_object(data)
 
 
@@ -156,6 +171,28 @@ def _parse_presence(data: dict[str, Any]) -> PresenceQuery:
             ErrorCode.BAD_MESSAGE, "a presence request needs 'group': a group's name", frame_id
         )
     return PresenceQuery(group.strip(), frame_id)
+
+
+def _parse_history(data: dict[str, Any]) -> HistoryQuery:
+    frame_id = _frame_id(data)
+    stream = data.get("stream")
+    if not isinstance(stream, str):
+        stream = ""
+    kind, _, name = stream.partition(":")
+    if not (stream == "all" or (kind in ("group", "user") and 0 < len(name) <= MAX_NAME_CHARS)):
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            "a history request needs 'stream': 'all', 'group:<name>' or 'user:<username>'",
+            frame_id,
+        )
+    limit = data.get("limit")
+    if limit is not None and (type(limit) is not int or limit < 0):
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, "'limit' must be a whole number of messages, 0 or more", frame_id
+        )
+    if kind == "user":  # one stream per user, however the name is typed (stream_of)
+        stream = "user:" + name.lower()
+    return HistoryQuery(stream, limit, frame_id)
 
 
 def _frame_id(data: dict[str, Any]) -> str | None:
@@ -416,6 +453,17 @@ def membership(kind: str, group: str) -> str:
     """``joined`` or ``left``: this connection's user was added to, or removed from, a group
     while connected (DESIGN 5.3)."""
     return encode({"type": kind, "group": group})
+
+
+def history(stream: str, where: Position | None, messages: list[str], frame_id: str | None) -> str:
+    """A stream's epoch, offset and recent ``message`` events (their text as kept), oldest
+    first; with history off (``where`` None), no position and no messages."""
+    event: dict[str, Any] = {"type": "history", "stream": stream}
+    if where is not None:
+        event["epoch"], event["offset"] = where.epoch, where.offset
+    if frame_id is not None:
+        event["id"] = frame_id
+    return encode(event)[:-1] + ',"messages":[' + ",".join(messages) + "]}"
 
 
 def ack(frame_id: str) -> str:

@@ -43,10 +43,9 @@ import logging
 import time
 from typing import Any, Final
 
-from . import protocol
+from . import protocol, queries
 from .admission import Login, Refusal
 from .control import REVOKED
-from .hub import UnavailableError
 from .inbound import FLOOD_WINDOW, Inbound, Verdict, frame_size
 from .outbox import Outbox, item
 from .protocol import (
@@ -54,7 +53,6 @@ from .protocol import (
     ErrorCode,
     Kind,
     Position,
-    PresenceQuery,
     ProtocolError,
     Publish,
 )
@@ -69,7 +67,6 @@ EXPIRED: Final = "the session has expired: log in again"
 TOKEN_EXPIRED: Final = "the token has expired: connect with a new one"  # noqa: S105
 YIELD_EVERY: Final = 32  # frames a reader handles before letting other tasks run
 ABORT_GRACE: Final = 1.0  # seconds to read on after a reset, until the server says it is gone
-PRESENCE_NAMES: Final = 1000  # names in a presence answer (its count is exact)
 UNANSWERED_FRAMES: Final = 64  # frames a client may send after our close before it is reset
 
 
@@ -186,11 +183,7 @@ class Connection:
         outbox, user, hub = self.outbox, self.login, self.svc.hub
         self.announce = announce
         groups = list(outbox.groups)
-        streams = [
-            protocol.stream_of(Kind.BROADCAST, ""),
-            *(protocol.stream_of(Kind.GROUP, group) for group in groups),
-            protocol.stream_of(Kind.DIRECT, user.username),
-        ]
+        streams = queries.streams_of(outbox)
         try:
             # Joined before the welcome: messages from now on queue up behind it (and
             # behind the replay, which join() makes sure they do not repeat).
@@ -365,7 +358,7 @@ class Connection:
         max_bytes = settings.max_frame_bytes
         rate = settings.rate_limit
         inbound = Inbound(rate, settings.rate_burst, time.monotonic())
-        outbox = self.outbox
+        outbox, hub = self.outbox, self.svc.hub
         pause_at = outbox.limit // 2
         flusher = self.svc.flusher
         frames, passes = 0, flusher.passes
@@ -422,10 +415,12 @@ class Connection:
                         ErrorCode.BAD_MESSAGE, "send JSON as text frames, not binary"
                     )
                 request = protocol.parse(frame)
-                if isinstance(request, PresenceQuery):
-                    await self._presence(request)
-                else:
+                if isinstance(request, Publish):
                     await self._publish(request)
+                else:
+                    size = settings.history_size
+                    answer = await queries.answer(hub, outbox, request, self.announce, size)
+                    outbox.push(item(answer))
                 inbound.accepted()
             except ProtocolError as exc:
                 self._tell(exc.code, exc.detail, exc.frame_id)
@@ -468,24 +463,6 @@ class Connection:
         else:
             # The next frame is read meanwhile; the answer comes once Redis has this one.
             pending.add_done_callback(functools.partial(self._published, publish.frame_id))
-
-    async def _presence(self, query: PresenceQuery) -> None:
-        """Answer who of one of this connection's groups is online.
-
-        Raises:
-            ProtocolError: not a member of the group, or the backplane cannot say now.
-        """
-        if query.group not in self.outbox.groups:
-            raise ProtocolError(
-                ErrorCode.FORBIDDEN, f"you are not in group {query.group!r}", query.frame_id
-            )
-        try:
-            names, count = await self.svc.hub.online(query.group, PRESENCE_NAMES)
-        except UnavailableError as exc:
-            raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), query.frame_id) from None
-        events = query.group in self.announce
-        answer = protocol.presence(query.group, names, count, events, query.frame_id)
-        self.outbox.push(item(answer))
 
     def _published(self, frame_id: str | None, done: asyncio.Future[None]) -> None:
         # The hub settles it with a result or UnavailableError; cancelled only at loop exit.

@@ -18,6 +18,7 @@ from .base import (
     OnMessage,
     Paced,
     Read,
+    Recent,
 )
 from .local import LocalBackplane
 
@@ -30,4 +31,5 @@ __all__ = [
     "OnMessage",
     "Paced",
     "Read",
+    "Recent",
 ]

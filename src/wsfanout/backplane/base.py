@@ -41,6 +41,8 @@ coroutine to await before the next paced publish (it publishes once there is roo
 Read = dict[str, tuple[Position, list[str] | None]]
 """Where each stream stands and, for a stream the client had seen, what it missed since
 (None: that cannot be recovered)."""
+Recent = tuple[Position, list[str]]
+"""Where a stream stands, and its last messages (oldest first)."""
 
 
 class BackplaneUnavailableError(Exception):
@@ -132,6 +134,14 @@ class Backplane(Protocol):
         """Where a joining connection's streams stand, and (for those in ``seen``) what it
         missed, at most ``outbox.limit`` bytes of it; the outbox was just added to the hub.
         None when there is no history, or it cannot be read now."""
+
+    async def recent(self, stream: str, limit: int, budget: int) -> Recent | None:
+        """Where a stream stands and its last ``limit`` messages, oldest first, as many of
+        the newest as fit in ``budget`` bytes (DESIGN 5.4). None when there is no history.
+
+        Raises:
+            BackplaneUnavailableError: it cannot be read now.
+        """
 
     # Presence (DESIGN 5.2)
 

@@ -23,7 +23,7 @@ from .. import protocol
 from ..history import History
 from ..outbox import Outbox
 from ..protocol import Kind, Position
-from .base import Node, Read
+from .base import Node, Read, Recent
 
 OFFSET_BYTES: Final = 30  # what ',"offset":N' adds to a message, at most
 
@@ -108,6 +108,10 @@ class LocalBackplane:
             stream: (where, history.since(stream, seen[stream]) if stream in seen else None)
             for stream, where in positions
         }
+
+    async def recent(self, stream: str, limit: int, budget: int) -> Recent | None:
+        history = self.history
+        return None if history is None else history.recent(stream, limit, budget)
 
     # Presence
 

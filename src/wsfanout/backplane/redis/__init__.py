@@ -22,7 +22,7 @@ from typing import Any
 
 from ...outbox import Outbox
 from ...protocol import Kind, Position
-from ..base import BackplaneUnavailableError, Node, OnControl, Read
+from ..base import BackplaneUnavailableError, Node, OnControl, Read, Recent
 from .link import Link
 from .positions import Positions
 from .presence import Presence
@@ -107,3 +107,8 @@ class RedisBackplane:
             return None
         outbox.floor({stream: where.offset for stream, (where, _) in read.items()})
         return read
+
+    async def recent(self, stream: str, limit: int, budget: int) -> Recent | None:
+        return (
+            await self._positions.recent(stream, limit, budget) if self._positions.enabled else None
+        )

@@ -1,7 +1,9 @@
 -- KEYS: meta and history of each stream. ARGV: node, meta ttl, ttl, size, most bytes to
 -- return in all, then for each stream the epoch seen ('' if none) and the offset seen.
 -- Returns for each stream {epoch, offset} and, if it was seen, a flag (1: recovered) and
--- the messages after that offset.
+-- the messages after that offset. An epoch seen of '*' asks instead for the stream's last
+-- messages, as many as the offset seen (DESIGN 5.4): the newest that fit the budget, younger
+-- than the ttl.
 -- An epoch belongs to one run of Redis: a Redis restarted from an older snapshot (or a
 -- promoted replica) may have lost messages, so its streams get new epochs here.
 local now = redis.call('TIME')
@@ -20,7 +22,20 @@ for s = 1, #KEYS / 2 do
   redis.call('EXPIRE', meta, ARGV[2])
   local top = tonumber(redis.call('HGET', meta, 'o') or '0')
   local answer = {epoch, top}
-  if seen_epoch ~= '' then
+  if seen_epoch == '*' then
+    local entries = redis.call('XREVRANGE', history, '+', '-', 'COUNT', seen)
+    local keep = 0
+    for i = 1, #entries do
+      local size = #entries[i][2][4]
+      if size > budget or tonumber(entries[i][2][2]) < tonumber(now[1]) - tonumber(ARGV[3]) then
+        break
+      end
+      budget = budget - size
+      keep = i
+    end
+    answer[3] = 1
+    for i = keep, 1, -1 do answer[keep - i + 4] = entries[i][2][4] end
+  elseif seen_epoch ~= '' then
     answer[3] = 0
     if seen_epoch == epoch and seen == top then
       answer[3] = 1

@@ -7,7 +7,8 @@ around it, appends it to the stream's history (``XADD`` with ``MAXLEN`` on
 ``<prefix>h:<stream>``, the offset as the entry's ID) and PUBLISHes it, in one atomic step.
 So two nodes never hand out the same offset, and every node receives a stream's messages in
 offset order. ``read()`` finds where streams stand and, for a resume, what a client missed
-(``positions.lua``), also in one step per stream. A stream whose meta is gone (expired, or
+(``positions.lua``), also in one step per stream; ``recent()`` a stream's last messages, with
+the same script. A stream whose meta is gone (expired, or
 Redis lost its data) gets a new epoch from Redis's clock, and its old history is dropped
 with it; so does every stream of a Redis that restarted (another run id), which may have
 lost messages.
@@ -20,7 +21,7 @@ from typing import Any, Final
 from redis.exceptions import RedisError
 
 from ...protocol import Position
-from ..base import BackplaneUnavailableError, Read
+from ..base import BackplaneUnavailableError, Read, Recent
 from .link import Link, Script, describe
 
 META_TTL: Final = 30 * 86400  # seconds a stream's epoch and offset outlive its last message
@@ -76,3 +77,15 @@ class Positions:
                 replay = [frame.decode() for frame in result[3:]]
             found[stream] = (where, replay)
         return found
+
+    async def recent(self, stream: str, limit: int, budget: int) -> Recent:
+        """Where a stream stands and its last ``limit`` messages younger than the ttl,
+        oldest first: as many of the newest as fit in ``budget`` bytes.
+
+        Raises:
+            BackplaneUnavailableError: Redis cannot be reached now.
+        """
+        (where, messages) = (await self.read([stream], {stream: Position("*", limit)}, budget))[
+            stream
+        ]
+        return where, messages or []
