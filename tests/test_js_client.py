@@ -241,7 +241,13 @@ def test_the_npm_package_types_check_and_runs_the_documented_example(
     with Server(data, server_env()).running() as server:
         env = {"WSFANOUT_URL": server.ws_url, "WSFANOUT_TOKEN": token("greg", ["boys"])}
         output = run_node(["quickstart.mjs"], env, project, timeout=30)
-    assert "greg: hello from Node" in output, output
+    assert [line.strip() for line in output.splitlines()] == [
+        "state: connecting",
+        "state: connected",
+        "greg: hello from Node",
+        "acknowledged: w1",
+        "state: closed client",
+    ], output
 
 
 def token(user: str, groups: list[str]) -> str:
@@ -252,3 +258,13 @@ def token(user: str, groups: list[str]) -> str:
 
     claims = {"sub": user, "groups": groups, "exp": int(time.time()) + 300}
     return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
+def test_the_documentation_quotes_its_examples_as_they_are_run() -> None:
+    """Every file in docs/clients/examples/ (run or type-checked by the tests above) appears
+    in docs/clients/javascript.md word for word."""
+    doc = (ROOT / "docs" / "clients" / "javascript.md").read_text()
+    examples = sorted(EXAMPLES.iterdir())
+    assert [path.name for path in examples] == ["page.html", "quickstart.mjs", "typed.ts"]
+    for example in examples:
+        assert example.read_text() in doc, f"{example.name} is not quoted as it is"
