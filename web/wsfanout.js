@@ -8,12 +8,13 @@
 // States. A client is `closed` until `connect()`; then `connecting` (an attempt is under way),
 // `connected` (the server's `welcome` came), `disconnected` (a timer will try again) and, when
 // the application closes it or the server refuses its credentials for good, `closed` again.
-// Each change is a "state" event with a reason (see REASONS in wsfanout.d.ts).
+// Each change is a "state" event with a reason (the type `Reason` in wsfanout.d.ts).
 //
-// Attempts. One socket at a time. A lost connection is tried again after a full-jitter
-// exponential backoff: a random delay between 0 and min(maxDelay, minDelay * 2^attempt), the
-// attempt counter reset once a connection has lived `resetAfter` seconds, so that clients cut
-// off together spread their handshakes instead of returning as a herd. The close code changes
+// Attempts. One socket at a time; an attempt that brings no `welcome` within `connectTimeout`
+// (a server that accepts and says nothing) is given up. A lost connection is tried again after
+// a full-jitter exponential backoff: a random delay between 0 and min(maxDelay, minDelay *
+// 2^attempt), the attempt counter reset once a connection has lived `resetAfter` seconds, so
+// that clients cut off together spread their handshakes instead of returning as a herd. The close code changes
 // the delay: 1001 and 1012 (the server goes away, or its node lost its backplane) come back
 // within a random second; 1013 (too slow a reader) backs off at least a few seconds; 1008 (the
 // session or token expired, or was revoked) asks `getToken()` for a new token once, else stops
@@ -56,11 +57,13 @@ const DEFAULTS = Object.freeze({
   maxDelay: 20, // the backoff's ceiling
   resetAfter: 10, // a connection that lived this long starts the backoff afresh
   requestTimeout: 10, // how long send(), presence() and history() wait for their answer
+  connectTimeout: 10, // how long an attempt may take, from the handshake to the welcome
 });
 const GOING_AWAY_DELAY = 1; // seconds: the most to wait after a 1001 or 1012
 const SLOW_CONSUMER_ATTEMPT = 2; // after 1013, back off as after this many failures at least
 const REFUSALS_BEFORE_FRESH = 2; // handshakes refused in a row while resuming: drop the positions
 const PROBE_TIMEOUT = 5; // seconds the probe of a refused handshake may take
+const TIMED_OUT = -1; // not a close code: an attempt that took longer than connectTimeout
 const CLOSE_CODES = Object.freeze({
   1001: "going_away",
   1008: "unauthorized",
@@ -163,6 +166,7 @@ export class Client {
     this._maxDelay = seconds(options.maxDelay, DEFAULTS.maxDelay, "maxDelay");
     this._resetAfter = seconds(options.resetAfter, DEFAULTS.resetAfter, "resetAfter");
     this._requestTimeout = seconds(options.requestTimeout, DEFAULTS.requestTimeout, "requestTimeout");
+    this._connectTimeout = seconds(options.connectTimeout, DEFAULTS.connectTimeout, "connectTimeout");
     this._positions = new Map(); // stream -> {epoch (null: not known yet), offset}
     for (const [stream, where] of Object.entries(options.positions || {})) {
       if (isPosition(where)) this._positions.set(stream, { epoch: where.epoch, offset: where.offset });
@@ -286,6 +290,11 @@ export class Client {
     // replay: the resume's messages, held until "resumed"; top: the welcome's positions
     const conn = { socket, url, asked, run, opened: false, welcomed: false, since: 0, replay: null, top: {} };
     this._conn = conn;
+    // A handshake that hangs (a server that accepts but does not answer) is given up on.
+    conn.deadline = setTimeout(() => {
+      this._closed(conn, TIMED_OUT);
+      try { socket.close(); } catch (err) { /* closed already */ }
+    }, this._connectTimeout * 1000);
     socket.onopen = () => { conn.opened = true; };
     socket.onmessage = (e) => this._frame(conn, e.data);
     // A failed connection fires "error", then "close" with 1006; but Node 20's WebSocket fires
@@ -300,10 +309,13 @@ export class Client {
   _closed(conn, code) {
     if (conn !== this._conn) return;
     this._conn = null;
+    clearTimeout(conn.deadline);
     this._endReplay(conn);
     this._failPending();
     if (conn.welcomed && (Date.now() - conn.since) / 1000 >= this._resetAfter) this._attempt = 0;
-    if (!conn.opened) {
+    if (code === TIMED_OUT) {
+      this._backOff("timeout");
+    } else if (!conn.opened) {
       this._refused(conn);
     } else if (code === 1001 || code === 1012) {
       this._retry(CLOSE_CODES[code], Math.random() * GOING_AWAY_DELAY);
@@ -390,6 +402,7 @@ export class Client {
     const conn = this._conn;
     this._conn = null;
     if (conn) {
+      clearTimeout(conn.deadline);
       this._endReplay(conn);
       try { conn.socket.close(1000); } catch (err) { /* already closing */ }
     }
@@ -440,6 +453,7 @@ export class Client {
   }
 
   _welcome(conn, event) {
+    clearTimeout(conn.deadline);
     conn.welcomed = true;
     conn.since = Date.now();
     this._authRetried = false;

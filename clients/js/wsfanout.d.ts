@@ -17,7 +17,7 @@ export type State = "connecting" | "connected" | "disconnected" | "closed";
  * (1013), "unauthorized" (1008 or a refused credential: trying once more with getToken()),
  * "connection_lost" (any other close), "unreachable" (no answer from the server), "refused"
  * (the server is up and takes the credentials, yet refused the handshake), "token_failed"
- * (getToken() threw). closed: "client" (close()) or "unauthorized" (refused for good).
+ * (getToken() threw), "timeout" (no welcome within connectTimeout). closed: "client" (close()) or "unauthorized" (refused for good).
  */
 export type Reason =
   | "retry"
@@ -29,6 +29,7 @@ export type Reason =
   | "unreachable"
   | "refused"
   | "token_failed"
+  | "timeout"
   | "client";
 
 export interface Welcome {
@@ -142,6 +143,8 @@ export interface ClientOptions {
   resetAfter?: number;
   /** seconds send(), presence() and history() wait for their answer (10) */
   requestTimeout?: number;
+  /** seconds an attempt may take, from the handshake to the welcome (10) */
+  connectTimeout?: number;
   /** a WebSocket constructor (default globalThis.WebSocket), e.g. from the `ws` package */
   WebSocket?: new (url: string) => unknown;
 }
