@@ -247,7 +247,7 @@ def test_the_npm_package_types_check_and_runs_the_documented_example(
         "state: connected",
         "greg: hello from Node",
         "acknowledged: w1",
-        "state: closed client",
+        "state: closed closed",
     ], output
 
 

@@ -36,14 +36,16 @@
 // Positions and resume. The client keeps each stream's epoch (from `welcome` and `history`
 // answers) and the offset of the last message it gave the application, and reconnects with
 // `?resume=`. A stream of the welcome that kept its epoch keeps our offset (the replay moves it
-// on); any other takes the welcome's. The replay (the messages between `welcome` and `resumed`)
-// is held until `resumed` and then delivered merged across streams by `ts`, each stream's in
-// offset order, skipping any offset already delivered. A live message is the server's word: one
-// at or below the last offset means the stream's history restarted under the connection (a new
-// epoch); it is delivered, and the stream keeps its old epoch, so the next resume reports it lost
-// rather than skipping what the new epoch brings. `resumed` gains `restarted`: the lost streams
-// whose new epoch stands at offset 0, that is whose history began anew and got no message since
-// (a single node restarted and nothing was published: nothing to warn of).
+// on); any other takes the welcome's. A message at or below a stream's last offset is never
+// given again, replayed or live (the server changes a stream's epoch only across connections:
+// a node that lost its history closes them, 1012). The replay (the messages between `welcome`
+// and `resumed`) is held until `resumed`, then delivered merged across streams by `ts`, each
+// stream's in offset order. A group joined meanwhile is resumed too: its epoch is asked for
+// (`history` with limit 0). `resumed` gains `restarted`: the lost streams whose new epoch
+// stands at offset 0, whose history began anew and got no message since (a single node
+// restarted and nothing was published: nothing to warn of). Streams the client itself could
+// not resume (positions the server refused, a joined group whose epoch it never learnt) are
+// added to `lost`; when the server sends no `resumed`, the client makes one.
 //
 // Requests. `send()`, `presence()` and `history()` give the frame an id and return a promise
 // settled by the answer with that id: resolved with the `ack` (or the `presence` or `history`
@@ -66,7 +68,6 @@ const PROBE_TIMEOUT = 5; // seconds the probe of a refused handshake may take
 const TIMED_OUT = -1; // not a close code: an attempt that took longer than connectTimeout
 const CLOSE_CODES = Object.freeze({
   1001: "going_away",
-  1008: "unauthorized",
   1012: "restart",
   1013: "slow_consumer",
 });
@@ -121,7 +122,7 @@ function socketUrl(url) {
       target = page ? new URL(String(url), page) : new URL(String(url));
     }
   } catch (err) {
-    throw new TypeError(`new Client(url): ${url === undefined ? "a URL is needed" : `bad URL ${JSON.stringify(String(url))}`} (${err.message})`);
+    throw new TypeError(`new Client(url): ${!url ? "a URL is needed" : `bad URL ${JSON.stringify(String(url))}`} (${err.message})`);
   }
   if (target.protocol === "http:") target.protocol = "ws:";
   if (target.protocol === "https:") target.protocol = "wss:";
@@ -212,7 +213,7 @@ export class Client {
   close() {
     if (this._stopped) return;
     this._stop();
-    this._set("closed", "client");
+    this._set("closed", "closed");
   }
 
   /** Listen to "state" (state, reason), to an event type, or to "event" (every event). */
@@ -254,7 +255,7 @@ export class Client {
   get positions() {
     const copy = {};
     for (const [stream, where] of this._positions) {
-      if (where.epoch) copy[stream] = { epoch: where.epoch, offset: where.offset };
+      if (where.epoch && where.offset !== null) copy[stream] = { epoch: where.epoch, offset: where.offset };
     }
     return copy;
   }
@@ -458,6 +459,11 @@ export class Client {
     conn.since = Date.now();
     this._authRetried = false;
     this._refusals = 0;
+    const dropped = this._dropped || {};
+    this._dropped = null;
+    // Streams this connection cannot resume: positions the server refused, and streams met
+    // since the last welcome (joined) whose epoch was never learnt, if anything came since.
+    conn.unresumed = [];
     const streams = event.streams && typeof event.streams === "object" ? event.streams : {};
     const next = new Map();
     for (const [stream, where] of Object.entries(streams)) {
@@ -466,55 +472,71 @@ export class Client {
       const had = this._positions.get(stream);
       const kept = had && had.epoch === where.epoch && had.offset <= where.offset;
       next.set(stream, kept ? { epoch: had.epoch, offset: had.offset } : { ...conn.top[stream] });
+      if (stream in dropped || (had && had.epoch === null && (had.offset ?? 0) !== where.offset)) {
+        conn.unresumed.push(stream);
+      }
     }
+    conn.before = { ...dropped, ...conn.asked }; // where each stream stood, for `restarted`
     this._positions = next; // streams no longer ours (or history off) are forgotten
     conn.replay = conn.asked ? [] : null;
     this._set("connected", null);
     this._emit("welcome", event);
-    const dropped = this._dropped;
-    this._dropped = null;
-    if (dropped && conn.run === this._run) {
-      const lost = Object.keys(dropped).filter((stream) => stream in conn.top);
-      const restarted = this._restarted(lost, dropped, conn.top);
-      this._emit("resumed", { type: "resumed", recovered: false, missed: 0, lost, restarted, refused: true });
+    if (!conn.asked && conn.unresumed.length && conn.run === this._run) {
+      // The server sends no resumed (nothing was asked to resume): the client makes one.
+      const resumed = { type: "resumed", recovered: false, missed: 0, lost: [] };
+      this._emit("resumed", this._amend(conn, resumed, Object.keys(dropped).length > 0));
     }
-  }
-
-  // Lost streams whose new epoch stands at offset 0: their history began anew, nothing since.
-  _restarted(lost, asked, top) {
-    return lost.filter((stream) => asked[stream] && top[stream]
-      && top[stream].epoch !== asked[stream].epoch && top[stream].offset === 0);
-  }
-
-  _message(conn, event) {
-    if (typeof event.stream !== "string" || !Number.isSafeInteger(event.offset)) {
-      this._emit("message", event); // no position: nothing to order it by
-      return;
-    }
-    if (conn.replay) {
-      conn.replay.push(event);
-      return;
-    }
-    const where = this._positions.get(event.stream);
-    if (!where) this._positions.set(event.stream, { epoch: null, offset: event.offset });
-    else where.offset = event.offset; // at or below it: a new epoch under us (see the top)
-    this._emit("message", event);
   }
 
   _resumed(conn, event) {
     this._endReplay(conn);
+    this._emit("resumed", this._amend(conn, event, false));
+  }
+
+  // A resumed event with the client's additions: the streams it could not resume itself among
+  // `lost`, and `restarted`: the lost streams whose new epoch stands at offset 0 (their history
+  // began anew and nothing was published since).
+  _amend(conn, event, refused) {
     const lost = Array.isArray(event.lost) ? event.lost.filter((s) => typeof s === "string") : [];
+    lost.push(...conn.unresumed.filter((stream) => !lost.includes(stream)));
     for (const stream of lost) {
       // Nothing of it was replayed: it goes on from where it stands now.
       const where = this._positions.get(stream);
       const top = conn.top[stream];
       if (where && top && where.epoch === top.epoch && where.offset < top.offset) where.offset = top.offset;
     }
-    const restarted = this._restarted(lost, conn.asked || {}, conn.top);
-    this._emit("resumed", { ...event, lost, restarted });
+    const restarted = lost.filter((stream) => conn.before[stream] && conn.top[stream]
+      && conn.top[stream].epoch !== conn.before[stream].epoch && conn.top[stream].offset === 0);
+    const amended = { ...event, lost, restarted };
+    if (lost.length) amended.recovered = false;
+    if (refused) amended.refused = true;
+    return amended;
   }
 
-  // The replay, merged across streams by time, each stream's in offset order, once.
+  _message(conn, event) {
+    if (typeof event.stream !== "string" || !Number.isSafeInteger(event.offset)) {
+      this._emit("message", event); // no position: nothing to order it by
+    } else if (conn.replay) {
+      conn.replay.push(event);
+    } else {
+      this._deliver(event);
+    }
+  }
+
+  // A message with a position reaches the application once: not at or below the last offset.
+  _deliver(event) {
+    const where = this._positions.get(event.stream);
+    if (!where) {
+      this._positions.set(event.stream, { epoch: null, offset: event.offset });
+    } else if (where.offset !== null && event.offset <= where.offset) {
+      return; // delivered already
+    } else {
+      where.offset = event.offset;
+    }
+    this._emit("message", event);
+  }
+
+  // The replay, merged across streams by time, each stream's in offset order.
   _endReplay(conn) {
     const replay = conn.replay;
     conn.replay = null;
@@ -530,20 +552,17 @@ export class Client {
       for (let i = 1; i < heads.length; i++) {
         if ((Number(heads[i][0].ts) || 0) < (Number(heads[next][0].ts) || 0)) next = i;
       }
-      const event = heads[next].shift();
+      this._deliver(heads[next].shift());
       if (!heads[next].length) heads.splice(next, 1);
-      const where = this._positions.get(event.stream);
-      if (where && event.offset <= where.offset) continue; // delivered already
-      if (where) where.offset = event.offset;
-      else this._positions.set(event.stream, { epoch: null, offset: event.offset });
-      this._emit("message", event);
     }
   }
 
   // Added to a group: learn its stream's epoch, so that a resume covers it too.
   _joined(event) {
     if (typeof event.group !== "string") return;
-    this.history(`group:${event.group}`, 0).catch(() => {}); // history off, or gone again: nothing to learn
+    const stream = `group:${event.group}`;
+    if (!this._positions.has(stream)) this._positions.set(stream, { epoch: null, offset: null });
+    this.history(stream, 0).catch(() => {}); // history off, or gone again: nothing to learn
   }
 
   // ---- Requests ----------------------------------------------------------------------------
@@ -589,15 +608,14 @@ export class Client {
     if (error) pending.reject(error); else pending.resolve(answer);
   }
 
-  // A history answer names the stream's epoch: the one thing a joined stream lacks.
+  // A history answer names the stream's epoch: the one thing a joined stream lacks. Its offset
+  // is taken only when no message of that stream came: one published before the answer may
+  // still be on its way from another node.
   _learn(answer) {
-    if (typeof answer.stream !== "string" || typeof answer.epoch !== "string" || !answer.epoch) return;
     const where = this._positions.get(answer.stream);
-    if (where && where.epoch === null) {
-      where.epoch = answer.epoch;
-    } else if (!where && Number.isSafeInteger(answer.offset)) {
-      this._positions.set(answer.stream, { epoch: answer.epoch, offset: answer.offset });
-    }
+    if (!where || where.epoch !== null || typeof answer.epoch !== "string" || !answer.epoch) return;
+    where.epoch = answer.epoch;
+    if (where.offset === null && Number.isSafeInteger(answer.offset)) where.offset = answer.offset;
   }
 
   _failPending() {

@@ -17,7 +17,8 @@ export type State = "connecting" | "connected" | "disconnected" | "closed";
  * (1013), "unauthorized" (1008 or a refused credential: trying once more with getToken()),
  * "connection_lost" (any other close), "unreachable" (no answer from the server), "refused"
  * (the server is up and takes the credentials, yet refused the handshake), "token_failed"
- * (getToken() threw), "timeout" (no welcome within connectTimeout). closed: "client" (close()) or "unauthorized" (refused for good).
+ * (getToken() threw), "timeout" (no welcome within connectTimeout).
+ * closed: "closed" (close() was called) or "unauthorized" (refused for good).
  */
 export type Reason =
   | "retry"
@@ -30,7 +31,7 @@ export type Reason =
   | "refused"
   | "token_failed"
   | "timeout"
-  | "client";
+  | "closed";
 
 export interface Welcome {
   type: "welcome";

@@ -38,7 +38,7 @@ test("states: closed, connecting, connected, and closed again by close()", async
   assert.equal(chat.state, "connected");
   assert.deepEqual(Object.keys(chat.positions).sort(), ["all", "group:girls", "user:amanda"]);
   chat.close();
-  assert.deepEqual(seen, ["connecting", "connected", "closed:client"]);
+  assert.deepEqual(seen, ["connecting", "connected", "closed:closed"]);
   await assert.rejects(chat.send({ type: "broadcast", text: "late" }), { code: "disconnected" });
 });
 

@@ -118,9 +118,34 @@ test("lost streams: restarted when the new epoch stands at 0, and go on from the
   socket().receive({ type: "resumed", recovered: false, missed: 0, lost: ["all", "group:girls"] });
   assert.deepEqual(delivered.at(-1).restarted, ["all"]);
   assert.deepEqual(chat.positions, streams(["A2", 0], ["G2", 3]));
-  // A live message at or below the last offset: a new epoch under the connection. Delivered.
-  socket().receive(message("group:girls", 4, "g4"), message("group:girls", 1, "anew"));
-  assert.deepEqual(delivered.slice(-2).map((event) => event.text), ["g4", "anew"]);
+  // Live, too: never at or below the last offset.
+  socket().receive(message("group:girls", 4, "g4"), message("group:girls", 4, "again"), message("group:girls", 2, "old"));
+  assert.deepEqual(delivered.slice(-1).map((event) => event.text), ["g4"]);
+  chat.close();
+});
+
+test("a group joined meanwhile: its epoch is asked for; never learnt, it counts as lost", async () => {
+  const { chat, delivered, socket } = fake("ws://example.com/", { positions: streams(["A", 1], ["G", 1]) });
+  chat.connect();
+  socket().open();
+  socket().receive({ type: "welcome", user: "greg", groups: [], streams: { all: { epoch: "A", offset: 1 } } });
+  socket().receive({ type: "resumed", recovered: true, missed: 0 });
+  socket().receive({ type: "joined", group: "chess" }, { type: "joined", group: "boys" });
+  const [chess, boys] = socket().sent;
+  assert.deepEqual([chess.type, chess.stream, chess.limit], ["history", "group:chess", 0]);
+  socket().receive({ type: "history", stream: "group:chess", epoch: "C", offset: 9, messages: [], id: chess.id });
+  socket().receive(message("group:boys", 3, "b3"));
+  assert.deepEqual(chat.positions, { all: { epoch: "A", offset: 1 }, "group:chess": { epoch: "C", offset: 9 } });
+  assert.equal(boys.stream, "group:boys"); // its answer never came: no epoch for boys
+  const first = socket();
+  first.closed(1006);
+  while (socket() === first) await new Promise((resolve) => setTimeout(resolve, 1)); // the retry
+  assert.deepEqual(JSON.parse(socket().url.searchParams.get("resume")), { all: { epoch: "A", offset: 1 }, "group:chess": { epoch: "C", offset: 9 } });
+  socket().open();
+  const welcome = { all: { epoch: "A", offset: 1 }, "group:chess": { epoch: "C", offset: 9 }, "group:boys": { epoch: "B", offset: 5 } };
+  socket().receive({ type: "welcome", user: "greg", groups: ["chess", "boys"], streams: welcome });
+  socket().receive({ type: "resumed", recovered: true, missed: 0 });
+  assert.deepEqual(delivered.at(-1), { type: "resumed", recovered: false, missed: 0, lost: ["group:boys"], restarted: [] });
   chat.close();
 });
 
@@ -138,7 +163,7 @@ test("answers settle their request by id; other errors are events", async () => 
   socket().receive({ type: "error", code: "forbidden", detail: "the session has expired" });
   await assert.rejects(sent, { code: "rate_limited", detail: "slow down" });
   assert.equal((await asked).offset, 9);
-  assert.deepEqual(chat.positions, { all: { epoch: "E", offset: 9 } }); // learnt from the answer
+  assert.deepEqual(chat.positions, {}); // history is off here: nothing to resume
   assert.deepEqual(delivered.map((event) => event.code ?? event.type), ["welcome", "forbidden"]);
   chat.close();
 });
