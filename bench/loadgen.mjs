@@ -3,6 +3,14 @@
 // hundreds of thousands of frames per second on one core, so the server, not this,
 // is what a run measures (run.py prints this process's CPU beside the server's).
 //
+// wsfanout's connections are our own JavaScript client (web/wsfanout.js, as the page uses it)
+// over a `ws` socket that opens as Chrome does: a connection counts once the client is
+// `connected` (the welcome came), a delivery is the client's "message" event, and a publish is
+// its send(), which asks for an ack as the page's does. One connection per client: a client
+// that loses its connection is an error, not something to reconnect. The bare app (baseline)
+// has no protocol: raw `ws` sockets. Node 20 before 20.19 loads web/wsfanout.js (an ES module
+// without a package.json saying so) only with --experimental-detect-module; run.py passes it.
+//
 // Config (a JSON file named by argv[2]):
 //   mode        "wsfanout" (JSON protocol, cookie auth) or "baseline" (bare app)
 //   url         ws://127.0.0.1:PORT/
@@ -25,6 +33,7 @@ import { WebSocket } from "ws";
 import { performance } from "node:perf_hooks";
 import { readFileSync } from "node:fs";
 import { createInterface } from "node:readline";
+import { Client } from "../web/wsfanout.js";
 
 const cfg = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const wsfanout = cfg.mode === "wsfanout";
@@ -44,8 +53,12 @@ const BROWSER_HEADERS = {
 // Chrome's offer is "permessage-deflate; client_max_window_bits" (ws offers exactly that by
 // default) and, once accepted, it compresses every message it sends, however small.
 const DEFLATE = { clientMaxWindowBits: true, threshold: 0 };
+// The client's timeouts, in seconds: a run's own limit is 60 s (waitFor), so neither a slow
+// welcome under 200 handshakes at once nor a late ack should end it sooner.
+const CLIENT_TIMEOUTS = { connectTimeout: 60, requestTimeout: 60 };
 const negotiated = new Map();
-const sockets = new Array(cfg.connections);
+const sockets = new Array(cfg.connections); // the ws sockets (under the clients, for wsfanout)
+const chats = new Array(cfg.connections); // wsfanout's clients
 let deliveries = 0;
 let expected = Infinity;
 let latencies = new Float64Array(0);
@@ -57,11 +70,18 @@ function payload(seq) {
   return head + "x".repeat(Math.max(0, cfg.size - head.length));
 }
 
-function publishFrame(text, group) {
-  if (!wsfanout) return group ? `${group}|${text}` : `*|${text}`;
-  return group ? JSON.stringify({ type: "group", group, text }) : JSON.stringify({ type: "broadcast", text });
+// One publish from connection `index`: to everyone, or to a group. wsfanout's goes through the
+// client's send(), whose ack (or error) settles it; the bare app's is a line of its own.
+function publish(index, text, group) {
+  if (!wsfanout) {
+    sockets[index].send(group ? `${group}|${text}` : `*|${text}`);
+    return;
+  }
+  const frame = group ? { type: "group", group, text } : { type: "broadcast", text };
+  chats[index].send(frame).catch(() => { errors += 1; });
 }
 
+// A delivery's text is "<seq>|<sent ms>|...": its latency is now minus the stamp.
 function delivered(text) {
   const now = performance.now();
   const second = text.indexOf("|", text.indexOf("|") + 1);
@@ -71,57 +91,75 @@ function delivered(text) {
   if (deliveries >= expected && finish) finish();
 }
 
-// Frames are scanned, not JSON.parse'd: the client's own cost should not decide
-// the latency it measures. A wsfanout frame is one event or an array of them; each
-// message event carries "text":"<seq>|<sent ms>|...".
-const TEXT = '"text":"';
-const ERROR = '"type":"error"';
-
-function onFrame(data) {
-  const text = data.toString();
-  if (!wsfanout) {
-    delivered(text);
-    return;
-  }
-  let at = text.indexOf(TEXT);
-  while (at !== -1) {
-    delivered(text.slice(at + TEXT.length, at + TEXT.length + 40));
-    at = text.indexOf(TEXT, at + TEXT.length);
-  }
-  if (text.includes(ERROR)) errors += 1;
+// The ws options of connection `index`: Chrome's handshake and deflate offer (or none), its
+// cookie, the local address to connect from.
+function socketOptions(index) {
+  const headers = browser ? { ...BROWSER_HEADERS } : {};
+  if (wsfanout) headers.Cookie = cfg.cookies[index % cfg.cookies.length];
+  const options = {
+    headers,
+    perMessageDeflate: browser ? DEFLATE : false,
+    maxPayload: 64 * 1024 * 1024,
+  };
+  if (cfg.sources && cfg.sources.length) options.localAddress = cfg.sources[index % cfg.sources.length];
+  return options;
 }
 
-function open(index) {
+function counted(ws) {
+  negotiated.set(ws.extensions, (negotiated.get(ws.extensions) || 0) + 1);
+}
+
+// The bare app: connected means accepted; every frame is a delivery.
+function openBaseline(index) {
   return new Promise((resolve, reject) => {
     const group = cfg.groups ? cfg.groups[index % cfg.groups.length] : "";
-    const url = wsfanout || !group ? cfg.url : `${cfg.url}?g=${encodeURIComponent(group)}`;
-    const headers = browser ? { ...BROWSER_HEADERS } : {};
-    if (wsfanout) headers.Cookie = cfg.cookies[index % cfg.cookies.length];
-    const options = {
-      headers,
-      perMessageDeflate: browser ? DEFLATE : false,
-      maxPayload: 64 * 1024 * 1024,
-    };
-    if (cfg.sources && cfg.sources.length) options.localAddress = cfg.sources[index % cfg.sources.length];
-    const ws = new WebSocket(url, options);
-    // Connected means accepted, for both systems; wsfanout's welcome (the first
-    // frame) is then skipped rather than counted as a delivery.
-    let welcome = wsfanout;
-    ws.on("message", (data) => {
-      if (welcome) {
-        welcome = false;
-        return;
-      }
-      onFrame(data);
-    });
+    const url = group ? `${cfg.url}?g=${encodeURIComponent(group)}` : cfg.url;
+    const ws = new WebSocket(url, socketOptions(index));
+    ws.on("message", (data) => delivered(data.toString()));
     ws.on("open", () => {
-      negotiated.set(ws.extensions, (negotiated.get(ws.extensions) || 0) + 1);
-      resolve(ws);
+      counted(ws);
+      resolve();
     });
     ws.on("error", reject);
     sockets[index] = ws;
   });
 }
+
+// wsfanout: a client, connected once its welcome came. The client constructs its socket with
+// the URL alone, so the socket's class carries this connection's options, and keeps the socket
+// where the run reads its bytes and resets it.
+function openClient(index) {
+  const options = socketOptions(index);
+  class BrowserSocket extends WebSocket {
+    constructor(url) {
+      super(url, options);
+      sockets[index] = this;
+    }
+  }
+  const chat = new Client(cfg.url, { WebSocket: BrowserSocket, ...CLIENT_TIMEOUTS });
+  chats[index] = chat;
+  chat.on("message", (event) => delivered(event.text));
+  chat.on("error", () => { errors += 1; }); // an error frame that answers no request of ours
+  return new Promise((resolve, reject) => {
+    let connected = false;
+    chat.on("state", (state, reason) => {
+      if (state === "connected") {
+        connected = true;
+        counted(sockets[index]);
+        resolve();
+      } else if (state === "disconnected" || (state === "closed" && reason !== "closed")) {
+        // Lost or refused: an error of the run. Closed once the client has scheduled its
+        // retry (it does so after telling its listeners), so that close() cancels it.
+        queueMicrotask(() => chat.close());
+        if (connected) errors += 1;
+        else reject(new Error(`connection ${index}: ${state} (${reason})`));
+      }
+    });
+    chat.connect();
+  });
+}
+
+const open = wsfanout ? openClient : openBaseline;
 
 async function openAll() {
   let next = 0;
@@ -143,6 +181,18 @@ function wireBytes() {
   return total;
 }
 
+// Reset rather than close: a closing client would leave every local port in TIME_WAIT for a
+// minute, and the next run's handshakes would pay for finding free ones. A client is closed
+// after its socket is reset, so that it neither sends a close frame nor reconnects.
+function resetAll() {
+  for (let index = 0; index < sockets.length; index++) {
+    const ws = sockets[index];
+    if (ws && ws._socket && ws._socket.resetAndDestroy) ws._socket.resetAndDestroy();
+    else if (ws) ws.terminate();
+    if (chats[index]) chats[index].close();
+  }
+}
+
 function quantile(sorted, q) {
   if (sorted.length === 0) return null;
   return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
@@ -160,7 +210,9 @@ function waitFor(count, timeoutMs) {
 async function run() {
   const lines = createInterface({ input: process.stdin });
   const commands = lines[Symbol.asyncIterator]();
+  const handshakeCpu0 = process.cpuUsage();
   const handshakeSeconds = await openAll();
+  const handshakeCpu = process.cpuUsage(handshakeCpu0);
   process.stdout.write(JSON.stringify({ ready: true, handshake_s: handshakeSeconds }) + "\n");
   await commands.next(); // "go"
 
@@ -172,7 +224,7 @@ async function run() {
   if (cfg.scenario === "burst") {
     latencies = new Float64Array(cfg.messages * cfg.connections);
     const done = waitFor(cfg.messages * cfg.connections, 60_000);
-    for (let i = 0; i < cfg.messages; i++) sockets[0].send(publishFrame(payload(i)));
+    for (let i = 0; i < cfg.messages; i++) publish(0, payload(i));
     sent = cfg.messages;
     complete = await done;
   } else if (cfg.scenario === "paced") {
@@ -183,7 +235,7 @@ async function run() {
       const due = t0 + i * interval;
       const wait = due - performance.now();
       if (wait > 1) await new Promise((r) => setTimeout(r, wait));
-      sockets[0].send(publishFrame(payload(i)));
+      publish(0, payload(i));
     }
     sent = cfg.messages;
     complete = await done;
@@ -198,7 +250,7 @@ async function run() {
     }
     latencies = new Float64Array(total);
     const done = waitFor(total, 60_000);
-    plan.forEach((group, i) => sockets[i % cfg.senders].send(publishFrame(payload(i), group)));
+    plan.forEach((group, i) => publish(i % cfg.senders, payload(i), group));
     sent = cfg.messages;
     complete = await done;
   }
@@ -211,6 +263,7 @@ async function run() {
     connections: cfg.connections,
     handshake_s: handshakeSeconds,
     handshakes_per_s: cfg.connections / handshakeSeconds,
+    loadgen_handshake_cpu_s: (handshakeCpu.user + handshakeCpu.system) / 1e6,
     published: sent,
     deliveries,
     expected: Number.isFinite(expected) ? expected : 0,
@@ -228,13 +281,7 @@ async function run() {
     negotiated: [...negotiated.keys()].join(" | "),
   };
   process.stdout.write(JSON.stringify(result) + "\n");
-  // Reset rather than close: a closing client would leave every local port in TIME_WAIT
-  // for a minute, and the next run's handshakes would pay for finding free ones.
-  for (const ws of sockets) {
-    if (!ws) continue;
-    if (ws._socket && ws._socket.resetAndDestroy) ws._socket.resetAndDestroy();
-    else ws.terminate();
-  }
+  resetAll();
   process.exit(0);
 }
 

@@ -557,8 +557,10 @@ def run_once(
         config_path.write_text(json.dumps(config))
         # logins.mjs speaks the same lines on stdin and stdout as loadgen.mjs
         script = "logins.mjs" if config["scenario"] == "logins" else "loadgen.mjs"
+        # loadgen.mjs imports web/wsfanout.js, an ES module without a package.json saying so:
+        # Node 20 before 20.19 loads it only with module detection on.
         loadgen = subprocess.Popen(
-            [*pin(1), "node", str(BENCH / script), str(config_path)],
+            [*pin(1), "node", "--experimental-detect-module", str(BENCH / script), str(config_path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -659,6 +661,7 @@ METRICS = {
         ("rss_kib_per_conn", "RSS KiB/conn", False),
         ("server_us_per_handshake", "server µs/handshake", False),
         ("handshake_s", "handshake wall s", None),
+        ("loadgen_handshake_cpu_s", "loadgen CPU s", None),
     ],
 }
 METRICS["capacity-pg"] = [
