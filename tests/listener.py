@@ -100,6 +100,23 @@ class Publisher:
         self.refused += 1
         return False
 
+    async def publish_batch(self, server: Server, texts: list[str]) -> bool:
+        """Publish several broadcasts in one request; whether the node took them all."""
+        items = [{"type": "broadcast", "text": text} for text in texts]
+        self.sent += len(texts)
+        status, _ = await asyncio.to_thread(
+            http,
+            "POST",
+            server.http_url + "/api/publish",
+            items,
+            {"authorization": f"Bearer {API_KEY}"},
+        )
+        if status != 202:
+            self.refused += len(texts)
+            return False
+        self.acked += texts
+        return True
+
     async def run(self, server: Callable[[], Server | str], stop: asyncio.Event) -> None:
         """Publish until ``stop`` is set, to whichever node ``server()`` names now (a node
         that is away refuses, and the next message tries again)."""

@@ -39,17 +39,20 @@ class Proxy:
 
     def reset(self) -> int:
         """Reset (RST) every connection through the proxy, both ways; how many."""
+        self.resets += 1
+        return self._reset()
+
+    def _reset(self) -> int:
         pairs, self._pairs = self._pairs, set()
         for pair in pairs:
             for writer in pair:
                 _abort(writer)
-        self.resets += 1
         return len(pairs)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        self.reset()
+        self._reset()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

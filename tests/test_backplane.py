@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -168,18 +167,6 @@ async def test_unknown_targets_are_errors_on_every_node(nodes: tuple[App, App]) 
         assert (await ws.receive())["code"] == "unknown_group"
         await ws.send_json({"type": "direct", "user_name": "nobody", "text": "x"})
         assert (await ws.receive())["code"] == "unknown_user"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed, and CI=true requires it")
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("history", [0, 100])
