@@ -9,6 +9,7 @@ import asyncio
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
@@ -19,8 +20,10 @@ from typing import Any
 import pytest
 
 from tests.listener import SERVER_ENV, Listener, Publisher, token
+from tests.proxy import Proxy
 from tests.server import ROOT, SERVERS, Server, http
 from wsfanout.client import Client, ClientError
+from wsfanout.client.inbox import Inbox
 from wsfanout.client.reconnect import (
     Action,
     Backoff,
@@ -252,6 +255,24 @@ def test_the_client_imports_nothing_of_the_server_but_protocol() -> None:
     assert forbidden == modules - {"protocol", "client"}
 
 
+async def test_the_inbox_hands_over_a_batch_larger_than_itself() -> None:
+    """A frame of more events than the inbox holds: the reader waits for room while the
+    application takes what is held, and nothing is lost or reordered; ended, the
+    application gets what was held, then the end."""
+    inbox = Inbox(3)
+    events = [{"type": "message", "n": n} for n in range(10)]
+    putting = asyncio.create_task(inbox.put(events))
+    await asyncio.sleep(0)  # the reader fills the inbox and waits for room
+    async with asyncio.timeout(5):
+        got = [await inbox.get() for _ in range(8)]  # takes what is held without yielding
+        await putting
+    inbox.end()
+    got += [await inbox.get(), await inbox.get()]
+    with pytest.raises(StopAsyncIteration):
+        await inbox.get()
+    assert got == events
+
+
 # -- against a real server ------------------------------------------------------------------
 
 
@@ -409,6 +430,52 @@ async def test_closing_ends_the_iteration_after_what_was_held(node: Server) -> N
     await chat.close()
     texts = [e["text"] async for e in chat if e["type"] == "message"]
     assert texts[-5:] == publisher.acked
+
+
+async def test_a_group_joined_while_connected_is_resumed_too(node: Server) -> None:
+    """Added to a group while connected: the client learns the new stream's epoch by itself,
+    so after a network reset it resumes that stream as well, missing nothing."""
+    admin = {"authorization": f"Bearer {SERVER_ENV['WSFANOUT_API_KEYS']}"}
+    async with Proxy(node.port) as proxy:
+        chat = Client(proxy.ws_url, username="mike", password="Mike", min_delay=0.05)
+        await chat.connect()
+        listener = Listener(chat)
+        for method, path, body in [
+            ("POST", "/api/groups", {"name": "chess"}),
+            ("PUT", "/api/users/mike/groups/chess", {}),
+        ]:
+            status, _ = await asyncio.to_thread(http, method, node.http_url + path, body, admin)
+            assert status in (200, 201, 204)
+        await listener.until(lambda: bool(listener.of("joined")))
+        await chat.presence("chess")  # answered after the client's own history request
+        assert "group:chess" in chat.positions
+
+        async def move(n: int) -> None:
+            item = {"type": "group", "group": "chess", "text": f"move {n}"}
+            status, _ = await asyncio.to_thread(
+                http, "POST", node.http_url + "/api/publish", item, admin
+            )
+            assert status == 202
+
+        await move(0)
+        await listener.got("move 0", "group:chess")
+        proxy.point(unused_port())  # the client is away while the next moves are made
+        assert proxy.reset() == 1
+        await move(1)
+        await move(2)
+        proxy.point(node.port)
+        await listener.got("move 2", "group:chess")
+        await chat.close()
+    assert listener.texts("group:chess") == ["move 0", "move 1", "move 2"]
+    assert [e["recovered"] for e in listener.of("resumed")] == [True]
+
+
+def unused_port() -> int:
+    """A port nothing listens on: connections to it are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 # -- the example in docs/clients/python.md -----------------------------------------------------

@@ -357,3 +357,44 @@ async def test_two_thousand_messages_reach_two_hundred_clients_through_three_res
     )
     assert (gaps, duplicates, disorder) == (0, 0, 0)
     assert publisher.acked == texts
+
+
+async def slow_consumers(node: Server) -> int:
+    """The node's count of connections it closed for not reading (1013)."""
+    _, answer = await asyncio.to_thread(http, "GET", node.http_url + "/metrics")
+    line = next(x for x in answer["_body"].splitlines() if x.startswith("wsfanout_slow_consumer"))
+    return int(float(line.split()[-1]))
+
+
+async def test_an_application_that_stops_reading_holds_the_reader_back(
+    tmp_path: Path, server_kind: str
+) -> None:
+    """The application stops iterating: the client holds ``max_queue`` events and stops
+    reading (its memory stays bounded), so the server closes it as a slow consumer (1013).
+    When the application reads again the client comes back and resumes: what it gets is
+    once and in order, and what the server could not replay is named lost."""
+    env = {**ENV, "WSFANOUT_OUTBOX_BYTES": str(64 * 1024)}
+    with Server(tmp_path, env, server=server_kind).running() as node:
+        chat = quick(node.ws_url, token=token("sam"), max_queue=10)
+        await chat.connect()
+        publisher = Publisher()
+        sent = 0
+        while not await slow_consumers(node):  # past the socket buffers and the outbox
+            texts = [f"{n:05d} " + "x" * 1000 for n in range(sent, sent + 200)]
+            assert await publisher.publish_batch(node, texts)
+            sent += len(texts)
+        got: list[str] = []
+        resumed: dict[str, Any] = {}
+        async for event in chat:
+            if event["type"] == "message":
+                got.append(event["text"])
+                if event["text"] == "end":
+                    break
+            elif event["type"] == "resumed":
+                resumed = event
+                assert await publisher.publish(node, "end")
+        await chat.close()
+    lost = not resumed["recovered"]
+    missing = exactly_once(got, publisher.acked, lost=lost)
+    assert resumed.get("lost", []) == (["all"] if missing else [])
+    print(f"held 10 events; published {len(publisher.acked)}, got {len(got)}, lost {len(missing)}")

@@ -8,17 +8,18 @@ until the connection ends; ``reconnect.py`` says what follows, and the runner wa
 round again, or stops. Each frame is one event or an array of them: answers to requests
 (``ack``, an ``error`` or ``presence`` or ``history`` with our ``id``) settle their futures;
 everything else goes to the application through a bounded buffer, after ``streams.py`` has
-dropped what it already gave. When the buffer is full the runner stops reading: the socket's
-buffers fill, the server finds a slow consumer and closes (1013), and the client comes back
-and resumes where the application is, so an application that reads slowly loses nothing and
-holds no unbounded memory. Requests sent while not connected fail at once with
-``disconnected``; those in flight when a connection ends fail with it.
+dropped what it already gave (a ``joined`` group's epoch, which no welcome gave, is asked
+for with a history request of no messages). When the buffer (``inbox.py``) is full the
+runner stops reading: the socket's buffers fill, the server finds a slow consumer and closes
+(1013), and the client comes back and resumes where the application is: memory stays
+bounded, and what the server can no longer replay is named lost. Requests sent while not
+connected fail at once with ``disconnected``; those in flight when a connection ends fail
+with it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import enum
 import inspect
@@ -35,6 +36,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from .inbox import Inbox
 from .login import LoginError, log_in
 from .reconnect import RESTART_JITTER, Action, Backoff, Next, after_close, after_refusal
 from .streams import Streams
@@ -110,12 +112,9 @@ class Client:
             raise ValueError("give username and password together")
         if sum(given is not None for given in (username, token, get_token)) > 1:
             raise ValueError("give one of username and password, token, get_token")
-        if max_queue < 1:
-            raise ValueError("max_queue must be at least 1")
         self.url = url
         self.request_timeout = request_timeout
         self.open_timeout = open_timeout
-        self.max_queue = max_queue
         self.max_size = max_size
         self._username, self._password = username, password
         self._token, self._get_token = token, get_token
@@ -131,9 +130,8 @@ class Client:
         self._welcomed: asyncio.Future[None] | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
-        self._events: collections.deque[dict[str, Any]] = collections.deque()
-        self._arrived, self._room = asyncio.Event(), asyncio.Event()
-        self._ended = False  # no more events will come (closed)
+        self._inbox = Inbox(max_queue)
+        self._learning: set[asyncio.Task[None]] = set()  # epochs asked for (joined groups)
         self._closing = False  # the application called close()
 
     # -- what the application sees --------------------------------------------------------
@@ -205,14 +203,7 @@ class Client:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
-        while not self._events:
-            if self._ended:
-                raise StopAsyncIteration
-            self._arrived.clear()
-            await self._arrived.wait()
-        event = self._events.popleft()
-        self._room.set()
-        return event
+        return await self._inbox.get()
 
     async def send(self, frame: Mapping[str, Any]) -> dict[str, Any]:
         """Send a frame (``broadcast``, ``group``, ``direct``); its ``ack``. The client sets
@@ -234,7 +225,8 @@ class Client:
     # -- the runner -----------------------------------------------------------------------
 
     def _start(self) -> None:
-        self._ended = self._closing = False
+        self._closing = False
+        self._inbox.reopen()
         self._welcomed = asyncio.get_running_loop().create_future()
         self._runner = asyncio.create_task(self._run(), name=f"wsfanout client {self.url}")
 
@@ -277,8 +269,7 @@ class Client:
             self._ws = None
             self._fail_pending()
             self._set_state(State.CLOSED, step.reason)
-            self._ended = True
-            self._arrived.set()
+            self._inbox.end()
             if self._welcomed is not None and not self._welcomed.done():
                 code = step.reason if step.reason in (UNAUTHORIZED, "closed") else "refused"
                 self._welcomed.set_exception(ClientError(code, step.detail or step.reason))
@@ -368,7 +359,7 @@ class Client:
                 events = self._take(frame)
                 if welcomed_at is None and self._state is State.CONNECTED:
                     welcomed_at = loop.time()
-                await self._deliver(events)
+                await self._inbox.put(events)
         finally:
             self._ws = None
             self._fail_pending()
@@ -406,7 +397,7 @@ class Client:
             elif kind == "resumed":
                 event = self._streams.resumed(event)
             elif kind == "joined" and isinstance(event.get("group"), str):
-                self._streams.joined(event["group"])
+                self._learn(self._streams.joined(event["group"]))
             elif kind == "left" and isinstance(event.get("group"), str):
                 self._streams.left(event["group"])
             out.append(event)
@@ -426,14 +417,17 @@ class Client:
             future.set_result(event)
         return True
 
-    async def _deliver(self, events: list[dict[str, Any]]) -> None:
-        for event in events:
-            while len(self._events) >= self.max_queue:
-                self._room.clear()
-                await self._room.wait()
-            self._events.append(event)
-        if events:
-            self._arrived.set()
+    def _learn(self, stream: str) -> None:
+        """Ask for a joined group's epoch (a history answer of no messages), so that it
+        can be resumed too; without an answer, the next resumed names it lost."""
+
+        async def ask() -> None:
+            with contextlib.suppress(ClientError):
+                await self.history(stream, 0)
+
+        task = asyncio.create_task(ask())
+        self._learning.add(task)
+        task.add_done_callback(self._learning.discard)
 
     async def _request(self, frame: dict[str, Any]) -> dict[str, Any]:
         ws = self._ws
