@@ -341,6 +341,7 @@ async def test_two_thousand_messages_reach_two_hundred_clients_through_three_res
                         assert proxy.reset() == CLIENTS
                     assert await publisher.publish_batch(node, texts[start : start + batch])
                 await each(listeners, lambda listener: len(listener.texts()) >= messages, 120)
+                await each(listeners, lambda listener: len(listener.of("resumed")) == 3)
             finally:
                 await asyncio.gather(*(listener.stop() for listener in listeners))
     gaps = duplicates = disorder = 0

@@ -178,12 +178,12 @@ class Client:
         if runner is None or runner.done():
             return
         self._closing = True
-        if self._ws is not None:
-            with contextlib.suppress(Exception):
-                await self._ws.close()
+        ws = self._ws
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+        if ws is not None:
+            await _goodbye(ws)
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -455,6 +455,26 @@ class Client:
                 future.set_exception(
                     ClientError("disconnected", "the connection ended before the answer")
                 )
+
+
+async def _goodbye(ws: ClientConnection) -> None:
+    """Close with 1000, reading (and dropping) what is still on its way meanwhile: with the
+    application behind, websockets has stopped reading, and the server's answer to the
+    close would wait behind the frames it did not read."""
+
+    async def drain() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.recv()
+
+    draining = asyncio.create_task(drain())
+    try:
+        with contextlib.suppress(Exception):
+            await ws.close()
+    finally:
+        draining.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await draining
 
 
 def _with_query(url: str, extra: dict[str, str]) -> str:
