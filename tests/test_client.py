@@ -9,7 +9,6 @@ import asyncio
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tomllib
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.listener import SERVER_ENV, Listener, Publisher, token
-from tests.proxy import Proxy
+from tests.proxy import Proxy, unused_port
 from tests.server import ROOT, SERVERS, Server, http
 from wsfanout.client import Client, ClientError
 from wsfanout.client.inbox import Inbox
@@ -484,14 +483,6 @@ async def test_a_group_joined_while_connected_is_resumed_too(node: Server) -> No
         await chat.close()
     assert listener.texts("group:chess") == ["move 0", "move 1", "move 2"]
     assert [e["recovered"] for e in listener.of("resumed")] == [True]
-
-
-def unused_port() -> int:
-    """A port nothing listens on: connections to it are refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # -- the example in docs/clients/python.md -----------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.listener import SERVER_ENV, Publisher, token
+from tests.proxy import Proxy, unused_port
 from tests.server import WSFANOUT, Server
 
 
@@ -80,21 +81,28 @@ async def test_listen_prints_events_and_resumes(
     positions = tmp_path / "positions.json"
     publisher = Publisher()
     with Server(tmp_path, env, server=server_kind).running() as node:
+        # Through a proxy that lets listen back once the node is ready (test_client_faults
+        # says why); the URL is the proxy's.
+        proxy = Proxy(node.port)
+        await proxy.start()
         first = await Listen.start(
-            node.ws_url, "--username", "greg", "--password", "Greg", "--positions", str(positions)
+            proxy.ws_url, "--username", "greg", "--password", "Greg", "--positions", str(positions)
         )
         try:
             assert (await first.until("welcome"))["user"] == "greg"
             assert await publisher.publish(node, "one")
             await first.until("message", "one")
+            proxy.point(unused_port())
             await asyncio.to_thread(node.stop)
             await asyncio.to_thread(node.start)
+            proxy.point(node.port)
             assert await publisher.publish(node, "two")
             assert (await first.until("resumed"))["recovered"] is True
             if "two" not in first.texts():  # not replayed: published after the client was back
                 await first.until("message", "two")
         finally:
             status, stderr = await first.stop()
+            await proxy.close()
         assert status == 0, stderr
         assert "disconnected: the server is going away (1001)" in stderr
         assert first.texts() == ["one", "two"]

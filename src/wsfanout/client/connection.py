@@ -133,6 +133,7 @@ class Client:
         self._inbox = Inbox(max_queue)
         self._learning: set[asyncio.Task[None]] = set()  # epochs asked for (joined groups)
         self._closing = False  # the application called close()
+        self._retry_in: float | None = None
 
     # -- what the application sees --------------------------------------------------------
 
@@ -144,6 +145,11 @@ class Client:
     def reason(self) -> str:
         """Why the state is what it is (``unauthorized`` when refused for good)."""
         return self._reason
+
+    @property
+    def retry_in(self) -> float | None:
+        """While ``disconnected``: the seconds it chose to wait before the next attempt."""
+        return self._retry_in
 
     @property
     def positions(self) -> dict[str, dict[str, Any]]:
@@ -246,8 +252,10 @@ class Client:
         try:
             while True:
                 if not first:
+                    self._retry_in = self._wait(step)
                     self._set_state(State.DISCONNECTED, step.reason)
-                    await asyncio.sleep(self._wait(step))
+                    await asyncio.sleep(self._retry_in)
+                    self._retry_in = None
                 self._set_state(State.CONNECTING, "" if first else "reconnecting")
                 first = False
                 step, renew = await self._attempt(renew), False
@@ -269,6 +277,7 @@ class Client:
             self._ws = None
             self._fail_pending()
             self._set_state(State.CLOSED, step.reason)
+            self._retry_in = None
             self._inbox.end()
             if self._welcomed is not None and not self._welcomed.done():
                 code = step.reason if step.reason in (UNAUTHORIZED, "closed") else "refused"
