@@ -11,11 +11,14 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
+import pytest_asyncio
 from playwright.async_api import Browser, Locator, Page, Route, async_playwright, expect
 
 from tests.server import ROOT, Client, Server, http
@@ -30,13 +33,19 @@ ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # A page a test serves through a route (the documented example) has no address of its
+    # own, so Chromium counts it as public and would block its socket to 127.0.0.1.
+    "--disable-features=LocalNetworkAccessChecks",
 ]
 XSS = '<img src=x onerror="window.pwned=1;alert(1)">'
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists() and os.environ.get("CI") != "true",
-    reason="Debian's chromium is not installed here (apt-get install chromium); CI installs it",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not CHROMIUM.exists() and os.environ.get("CI") != "true",
+        reason="Debian's chromium is not installed here (apt-get install chromium); CI installs it",
+    ),
+    pytest.mark.asyncio(loop_scope="module"),  # one browser for the module's tests
+]
 
 
 @pytest.fixture
@@ -56,14 +65,24 @@ def mounted(tmp_path: Path, demo_db: Path) -> Iterator[Server]:
         yield running
 
 
-@contextlib.asynccontextmanager
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def chromium() -> AsyncIterator[Browser]:
+    """One Chromium for the module: launching it costs more than most tests."""
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
             yield browser
         finally:
             await browser.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def browser(chromium: Browser) -> AsyncIterator[Browser]:
+    """The module's Chromium; every context a test opened is closed after it, so that no page
+    of one test goes on reconnecting during the next."""
+    yield chromium
+    for context in chromium.contexts:
+        await context.close()
 
 
 async def shot(page: Page, name: str) -> None:
@@ -108,129 +127,125 @@ def lines(page: Page, text: str) -> Locator:
     return page.locator("#messages li", has_text=text)
 
 
-async def test_group_direct_and_escaping(server: Server) -> None:
+async def test_group_direct_and_escaping(server: Server, browser: Browser) -> None:
     """Group to girls reaches amanda only; Direct to greg reaches greg only; HTML shows as
     text; each message is one line on every page, the sender's included."""
     problems: list[str] = []
     base = server.http_url + "/"
-    async with chromium() as browser:
-        login_page = await (await browser.new_context()).new_page()
-        await login_page.goto(base + "login")
-        await shot(login_page, "login-page")
+    login_page = await (await browser.new_context()).new_page()
+    await login_page.goto(base + "login")
+    await shot(login_page, "login-page")
 
-        greg = await log_in(browser, base, "greg", problems)
-        amanda = await log_in(browser, base, "amanda", problems)
+    greg = await log_in(browser, base, "greg", problems)
+    amanda = await log_in(browser, base, "amanda", problems)
 
-        # The kinds are explained where they are chosen.
-        await greg.select_option("#kind", "group")
-        await expect(greg.locator("#hint")).to_contain_text("Group: every member of the group")
-        await greg.select_option("#kind", "direct")
-        await expect(greg.locator("#hint")).to_contain_text("Direct: only this person")
-        # The people to write to: by first name and username, never yourself.
-        await expect(greg.locator("#user option[value=greg]")).to_have_count(0)
-        await expect(greg.locator("#user option[value=amanda]")).to_have_text("Amanda (amanda)")
+    # The kinds are explained where they are chosen.
+    await greg.select_option("#kind", "group")
+    await expect(greg.locator("#hint")).to_contain_text("Group: every member of the group")
+    await greg.select_option("#kind", "direct")
+    await expect(greg.locator("#hint")).to_contain_text("Direct: only this person")
+    # The people to write to: by first name and username, never yourself.
+    await expect(greg.locator("#user option[value=greg]")).to_have_count(0)
+    await expect(greg.locator("#user option[value=amanda]")).to_have_text("Amanda (amanda)")
 
-        await send(greg, "group", "nails at 5", "girls")
-        await expect(received(amanda, "nails at 5")).to_have_count(1)
-        await expect(amanda.locator("#messages li.received").last).to_contain_text("Greg → girls")
-        # greg is not in girls: his own line comes from the ack, once.
-        await expect(greg.locator("#messages li.sent", has_text="nails at 5")).to_have_count(1)
-        await expect(lines(greg, "nails at 5")).to_have_count(1)
+    await send(greg, "group", "nails at 5", "girls")
+    await expect(received(amanda, "nails at 5")).to_have_count(1)
+    await expect(amanda.locator("#messages li.received").last).to_contain_text("Greg → girls")
+    # greg is not in girls: his own line comes from the ack, once.
+    await expect(greg.locator("#messages li.sent", has_text="nails at 5")).to_have_count(1)
+    await expect(lines(greg, "nails at 5")).to_have_count(1)
 
-        await send(amanda, "group", "girls only", "girls")  # her own group: it comes back
-        await expect(received(amanda, "girls only")).to_have_count(1)
-        await expect(amanda.locator("#messages li.received").last).to_contain_text("you → girls")
+    await send(amanda, "group", "girls only", "girls")  # her own group: it comes back
+    await expect(received(amanda, "girls only")).to_have_count(1)
+    await expect(amanda.locator("#messages li.received").last).to_contain_text("you → girls")
 
-        await send(amanda, "direct", "hi greg", "greg")
-        await expect(received(greg, "hi greg")).to_have_count(1)
-        await expect(greg.locator("#messages li.received").last).to_contain_text("Amanda → you")
-        await expect(lines(amanda, "hi greg")).to_have_count(1)
+    await send(amanda, "direct", "hi greg", "greg")
+    await expect(received(greg, "hi greg")).to_have_count(1)
+    await expect(greg.locator("#messages li.received").last).to_contain_text("Amanda → you")
+    await expect(lines(amanda, "hi greg")).to_have_count(1)
 
-        await send(greg, "broadcast", XSS)
-        for page in (greg, amanda):
-            await expect(received(page, "onerror")).to_have_count(1)
-            assert (await received(page, "onerror").locator("span.text").text_content()) == XSS
-            await expect(page.locator("#messages img")).to_have_count(0)
-            assert await page.evaluate("window.pwned") is None
+    await send(greg, "broadcast", XSS)
+    for page in (greg, amanda):
+        await expect(received(page, "onerror")).to_have_count(1)
+        assert (await received(page, "onerror").locator("span.text").text_content()) == XSS
+        await expect(page.locator("#messages img")).to_have_count(0)
+        assert await page.evaluate("window.pwned") is None
 
-        # Exactly what each page received, once, and no more.
-        await greg.wait_for_timeout(300)
-        for page, text, count in (
-            (greg, "nails at 5", 1),
-            (greg, "girls only", 0),
-            (amanda, "girls only", 1),
-            (amanda, "hi greg", 1),
-            (greg, "onerror", 1),
-            (amanda, "onerror", 1),
-        ):
-            assert await lines(page, text).count() == count, (text, count)
-        await shot(greg, "message-page-greg")
-        await shot(amanda, "message-page-amanda")
-        await amanda.set_viewport_size({"width": 390, "height": 844})
-        # On a phone the message box and Send share one line, inside the screen.
-        box = await amanda.locator("#text").bounding_box()
-        button = await amanda.locator("#send").bounding_box()
-        assert box is not None and button is not None
-        assert abs(box["y"] - button["y"]) < 4 and button["x"] + button["width"] <= 390
-        await shot(amanda, "message-page-phone")
+    # Exactly what each page received, once, and no more.
+    await greg.wait_for_timeout(300)
+    for page, text, count in (
+        (greg, "nails at 5", 1),
+        (greg, "girls only", 0),
+        (amanda, "girls only", 1),
+        (amanda, "hi greg", 1),
+        (greg, "onerror", 1),
+        (amanda, "onerror", 1),
+    ):
+        assert await lines(page, text).count() == count, (text, count)
+    await shot(greg, "message-page-greg")
+    await shot(amanda, "message-page-amanda")
+    await amanda.set_viewport_size({"width": 390, "height": 844})
+    # On a phone the message box and Send share one line, inside the screen.
+    box = await amanda.locator("#text").bounding_box()
+    button = await amanda.locator("#send").bounding_box()
+    assert box is not None and button is not None
+    assert abs(box["y"] - button["y"]) < 4 and button["x"] + button["width"] <= 390
+    await shot(amanda, "message-page-phone")
     assert problems == []
 
 
-async def test_reconnects_after_a_server_restart(server: Server) -> None:
+async def test_reconnects_after_a_server_restart(server: Server, browser: Browser) -> None:
     """Server stopped: the page says it is reconnecting; restarted: messages flow again."""
     problems: list[str] = []
     base = server.http_url + "/"
-    async with chromium() as browser:
-        greg = await log_in(browser, base, "greg", problems)
-        amanda = await log_in(browser, base, "amanda", problems)
-        server.stop()
-        for page in (greg, amanda):
-            await expect(page.locator("#state")).to_have_text("reconnecting", timeout=15_000)
-            await expect(page.locator("#send")).to_be_disabled()
-        await shot(greg, "reconnecting")
-        server.start()
-        for page in (greg, amanda):
-            await expect(page.locator("#state")).to_have_text("connected", timeout=30_000)
-        await send(greg, "broadcast", "we are back")
-        await expect(received(amanda, "we are back")).to_have_count(1)
-        await shot(amanda, "after-restart")
+    greg = await log_in(browser, base, "greg", problems)
+    amanda = await log_in(browser, base, "amanda", problems)
+    server.stop()
+    for page in (greg, amanda):
+        await expect(page.locator("#state")).to_have_text("reconnecting", timeout=15_000)
+        await expect(page.locator("#send")).to_be_disabled()
+    await shot(greg, "reconnecting")
+    server.start()
+    for page in (greg, amanda):
+        await expect(page.locator("#state")).to_have_text("connected", timeout=30_000)
+    await send(greg, "broadcast", "we are back")
+    await expect(received(amanda, "we are back")).to_have_count(1)
+    await shot(amanda, "after-restart")
     assert problems == []
 
 
-async def test_form_login_without_javascript(server: Server) -> None:
+async def test_form_login_without_javascript(server: Server, browser: Browser) -> None:
     """With JavaScript off, the login form posts itself and shows the server's answer."""
     base = server.http_url + "/"
-    async with chromium() as browser:
-        page = await (await browser.new_context(java_script_enabled=False)).new_page()
-        await page.goto(base + "login")
-        await page.fill("#username", "lisa")
-        await page.fill("#password", "wrong")
-        await page.click("#login button")
-        await expect(page.locator("#result")).to_have_text("User or password wrong")
-        await shot(page, "login-failed-no-js")
-        await page.fill("#username", "lisa")
-        await page.fill("#password", "Lisa")
-        await page.click("#login button")
-        await expect(page).to_have_url(base)
-        await expect(page.locator("h1")).to_have_text("wsfanout")
-        cookies = await page.context.cookies()
-        assert [c["name"] for c in cookies] == ["wsfanout_session"]
+    page = await (await browser.new_context(java_script_enabled=False)).new_page()
+    await page.goto(base + "login")
+    await page.fill("#username", "lisa")
+    await page.fill("#password", "wrong")
+    await page.click("#login button")
+    await expect(page.locator("#result")).to_have_text("User or password wrong")
+    await shot(page, "login-failed-no-js")
+    await page.fill("#username", "lisa")
+    await page.fill("#password", "Lisa")
+    await page.click("#login button")
+    await expect(page).to_have_url(base)
+    await expect(page.locator("h1")).to_have_text("wsfanout")
+    cookies = await page.context.cookies()
+    assert [c["name"] for c in cookies] == ["wsfanout_session"]
 
 
-async def test_mounted_under_chat(mounted: Server) -> None:
+async def test_mounted_under_chat(mounted: Server, browser: Browser) -> None:
     """Inside a Starlette app at /chat: login, cookie path, pages and the socket all work."""
     problems: list[str] = []
     base = mounted.http_url + "/chat/"
-    async with chromium() as browser:
-        greg = await log_in(browser, base, "greg", problems)
-        amanda = await log_in(browser, base, "amanda", problems)
-        cookie = (await greg.context.cookies())[0]
-        assert cookie["path"] == "/chat/" and cookie["httpOnly"]
-        await send(greg, "direct", "under a mount", "amanda")
-        await expect(received(amanda, "under a mount")).to_have_count(1)
-        await shot(amanda, "mounted-chat")
-        await greg.goto(mounted.http_url + "/")
-        await expect(greg.locator("body")).to_have_text("the host application")
+    greg = await log_in(browser, base, "greg", problems)
+    amanda = await log_in(browser, base, "amanda", problems)
+    cookie = (await greg.context.cookies())[0]
+    assert cookie["path"] == "/chat/" and cookie["httpOnly"]
+    await send(greg, "direct", "under a mount", "amanda")
+    await expect(received(amanda, "under a mount")).to_have_count(1)
+    await shot(amanda, "mounted-chat")
+    await greg.goto(mounted.http_url + "/")
+    await expect(greg.locator("body")).to_have_text("the host application")
     assert problems == []
 
 
@@ -299,11 +314,13 @@ async def saved_positions(page: Page) -> Any:
     return json.loads(await page.evaluate(f"sessionStorage.getItem({POSITIONS!r}) || 'null'"))
 
 
-async def test_a_reload_while_others_write_shows_the_missed_messages_once(server: Server) -> None:
+async def test_a_reload_while_others_write_shows_the_missed_messages_once(
+    server: Server, browser: Browser
+) -> None:
     """greg writes all along; amanda reloads her tab, and the reloaded page's script is held
-    back while greg goes on writing. After the reload amanda's page shows exactly what it had
-    not shown before: what was written while no page of hers was connected (replayed), then
-    what came live; nothing twice, nothing lost."""
+    back while greg goes on writing. After the reload amanda's page shows again what it showed
+    before (its scrollback, kept in the tab), then what was written while no page of hers was
+    connected (replayed), then what came live; nothing twice, nothing lost."""
     problems: list[str] = []
     base = server.http_url + "/"
     sent: list[str] = []
@@ -323,7 +340,7 @@ async def test_a_reload_while_others_write_shows_the_missed_messages_once(server
         async with asyncio.timeout(10), progress:
             await progress.wait_for(lambda: len(sent) >= count)
 
-    async with client(server, "greg") as greg, chromium() as browser:
+    async with client(server, "greg") as greg:
         amanda = await log_in(browser, base, "amanda", problems)
         sockets: list[str] = []
         amanda.on("websocket", lambda ws: sockets.append(ws.url))
@@ -358,8 +375,9 @@ async def test_a_reload_while_others_write_shows_the_missed_messages_once(server
 
         before = await amanda.evaluate("window.shownBefore")
         after = await texts(amanda)
-        assert before + after == sent  # once each, in order, none lost
-        assert len(before) >= 5 and set(missed) <= set(after)
+        assert after == sent  # once each, in order, none lost
+        assert after[: len(before)] == before  # the scrollback, as it was
+        assert len(before) >= 5 and set(missed) <= set(after[len(before) :])
         assert "resume=" in sockets[-1]  # the reloaded page asked for what it missed
         await expect(amanda.locator("#notice")).to_be_hidden()
         stored = await saved_positions(amanda)
@@ -370,7 +388,7 @@ async def test_a_reload_while_others_write_shows_the_missed_messages_once(server
 
 
 async def test_killing_and_restarting_the_server_with_redis_shows_them_too(
-    tmp_path: Path, demo_db: Path, redis_prefix: str
+    tmp_path: Path, demo_db: Path, redis_prefix: str, browser: Browser
 ) -> None:
     """With Redis the history outlives the server: stopped, started again, and published to
     (every kind of stream) while amanda's page is cut off, the page shows what it missed
@@ -385,99 +403,109 @@ async def test_killing_and_restarting_the_server_with_redis_shows_them_too(
     server = Server(tmp_path, env=env)
     with server.running():
         base = server.http_url + "/"
-        async with chromium() as browser:
-            amanda = await log_in(browser, base, "amanda", problems)
-            await publish(server, {"type": "broadcast", "text": "before the restart"})
-            await expect(received(amanda, "before the restart")).to_have_count(1)
-            # Offline, the page cannot reconnect until the messages are published.
-            await amanda.context.set_offline(True)
-            server.stop()
-            await expect(amanda.locator("#state")).to_have_text("reconnecting", timeout=15_000)
-            port = server.port
-            server.start()
-            assert server.port == port  # the page comes back to the same address
-            missed = ["missed for all", "missed for girls", "missed for amanda", "missed again"]
-            await publish(server, {"type": "broadcast", "text": missed[0]})
-            await publish(server, {"type": "group", "group": "girls", "text": missed[1]})
-            await publish(server, {"type": "direct", "user_name": "amanda", "text": missed[2]})
-            await publish(server, {"type": "broadcast", "text": missed[3]})
-            await amanda.context.set_offline(False)
-            await expect(amanda.locator("#state")).to_have_text("connected", timeout=30_000)
-            await publish(server, {"type": "broadcast", "text": "live again"})
-            await expect(received(amanda, "live again")).to_have_count(1)
-            await amanda.wait_for_timeout(300)
-            assert await texts(amanda) == ["before the restart", *missed, "live again"]
-            await expect(amanda.locator("#notice")).to_be_hidden()
-            await shot(amanda, "restart-with-redis-resumed")
+        amanda = await log_in(browser, base, "amanda", problems)
+        await publish(server, {"type": "broadcast", "text": "before the restart"})
+        await expect(received(amanda, "before the restart")).to_have_count(1)
+        # Offline, the page cannot reconnect until the messages are published.
+        await amanda.context.set_offline(True)
+        server.stop()
+        await expect(amanda.locator("#state")).to_have_text("reconnecting", timeout=15_000)
+        port = server.port
+        server.start()
+        assert server.port == port  # the page comes back to the same address
+        missed = ["missed for all", "missed for girls", "missed for amanda", "missed again"]
+        await publish(server, {"type": "broadcast", "text": missed[0]})
+        await publish(server, {"type": "group", "group": "girls", "text": missed[1]})
+        await publish(server, {"type": "direct", "user_name": "amanda", "text": missed[2]})
+        await publish(server, {"type": "broadcast", "text": missed[3]})
+        await amanda.context.set_offline(False)
+        await expect(amanda.locator("#state")).to_have_text("connected", timeout=30_000)
+        await publish(server, {"type": "broadcast", "text": "live again"})
+        await expect(received(amanda, "live again")).to_have_count(1)
+        await amanda.wait_for_timeout(300)
+        assert await texts(amanda) == ["before the restart", *missed, "live again"]
+        await expect(amanda.locator("#notice")).to_be_hidden()
+        await shot(amanda, "restart-with-redis-resumed")
     assert problems == []
 
 
-async def test_a_restart_that_loses_the_history_says_so(server: Server) -> None:
-    """Without Redis the history is in the server's memory: after a restart every stream
-    has a new epoch, and the page says that messages could not be recovered."""
+async def test_a_restart_that_loses_the_history_says_so(server: Server, browser: Browser) -> None:
+    """Without Redis the history is in the server's memory: after a restart every stream has a
+    new epoch. Nothing sent since: the page says plainly that the server restarted. A message
+    sent after the restart while the page was cut off: the page says it could not be
+    recovered, for that stream."""
     problems: list[str] = []
     base = server.http_url + "/"
-    async with chromium() as browser:
-        amanda = await log_in(browser, base, "amanda", problems)
-        async with client(server, "greg") as greg:
-            await greg.send({"type": "broadcast", "text": "before the restart"})
-            await expect(received(amanda, "before the restart")).to_have_count(1)
-        await expect(amanda.locator("#notice")).to_be_hidden()
-        server.stop()
-        await expect(amanda.locator("#state")).to_have_text("reconnecting", timeout=15_000)
-        server.start()
-        await expect(amanda.locator("#state")).to_have_text("connected", timeout=30_000)
-        notice = amanda.locator("#notice")
-        await expect(notice).to_be_visible()
-        await expect(notice).to_contain_text("could not be recovered")
-        await expect(notice).to_contain_text("everyone")
-        await expect(notice).to_have_attribute("role", "status")
-        await shot(amanda, "restart-lost-notice")
-        # It stays until dismissed; the stream goes on from where it stands now.
-        async with client(server, "greg") as greg:
-            await greg.send({"type": "broadcast", "text": "after the restart"})
-            await expect(received(amanda, "after the restart")).to_have_count(1)
-        assert await texts(amanda) == ["before the restart", "after the restart"]
-        await amanda.click("#notice-close")
-        await expect(notice).to_be_hidden()
+    amanda = await log_in(browser, base, "amanda", problems)
+    notice = amanda.locator("#notice")
+    async with client(server, "greg") as greg:
+        await greg.send({"type": "broadcast", "text": "before the restart"})
+        await expect(received(amanda, "before the restart")).to_have_count(1)
+    server.stop()
+    await expect(amanda.locator("#state")).to_have_text("reconnecting", timeout=15_000)
+    server.start()
+    await expect(amanda.locator("#state")).to_have_text("connected", timeout=30_000)
+    await expect(lines(amanda, "the server restarted")).to_have_count(1)
+    await expect(notice).to_be_hidden()
+    await shot(amanda, "restart-said-plainly")
+
+    await amanda.context.set_offline(True)  # cut off until greg has written
+    server.stop()
+    await expect(amanda.locator("#state")).to_have_text("reconnecting", timeout=15_000)
+    server.start()
+    async with client(server, "greg") as greg:
+        await greg.send({"type": "broadcast", "text": "while you were away"})
+        await greg.next_of("message")
+    await amanda.context.set_offline(False)
+    await expect(amanda.locator("#state")).to_have_text("connected", timeout=30_000)
+    await expect(notice).to_be_visible()
+    await expect(notice).to_contain_text("could not be recovered (everyone)")
+    await expect(notice).to_have_attribute("role", "status")
+    await shot(amanda, "restart-lost-notice")
+    # It stays until dismissed; the stream goes on from where it stands now.
+    async with client(server, "greg") as greg:
+        await greg.send({"type": "broadcast", "text": "after the restart"})
+        await expect(received(amanda, "after the restart")).to_have_count(1)
+    assert await texts(amanda) == ["before the restart", "after the restart"]
+    await amanda.click("#notice-close")
+    await expect(notice).to_be_hidden()
     assert problems == []
 
 
 async def test_saved_positions_the_server_refuses_do_not_lock_the_page_out(
-    server: Server,
+    server: Server, browser: Browser
 ) -> None:
     """Positions the server turns down (an epoch longer than it allows) are dropped after
     two refused handshakes, and the page connects without them."""
     problems: list[str] = []
     base = server.http_url + "/"
-    async with chromium() as browser:
-        amanda = await log_in(browser, base, "amanda", problems)
-        sockets: list[str] = []
-        amanda.on("websocket", lambda ws: sockets.append(ws.url))
-        bad = {"user": "amanda", "streams": {"all": {"epoch": "x" * 100, "offset": 1}}}
-        # Stored before the reloaded page's script runs (the page itself would overwrite it
-        # when it unloads).
-        await amanda.add_init_script(
-            f"sessionStorage.setItem({POSITIONS!r}, {json.dumps(json.dumps(bad))})"
-        )
-        await amanda.reload()
-        await expect(amanda.locator("#state")).to_have_text("connected", timeout=20_000)
-        assert ["x" * 100 in url for url in sockets] == [True, True, False]
-        await amanda.wait_for_function(f"() => sessionStorage.getItem({POSITIONS!r}) !== null")
-        stored = await saved_positions(amanda)
-        assert stored["streams"]["all"]["epoch"] != "x" * 100
-        await expect(amanda.locator("#notice")).to_be_hidden()
+    amanda = await log_in(browser, base, "amanda", problems)
+    sockets: list[str] = []
+    amanda.on("websocket", lambda ws: sockets.append(ws.url))
+    bad = {"user": "amanda", "streams": {"all": {"epoch": "x" * 100, "offset": 1}}}
+    # Stored before the reloaded page's script runs (the page itself would overwrite it
+    # when it unloads).
+    await amanda.add_init_script(
+        f"sessionStorage.setItem({POSITIONS!r}, {json.dumps(json.dumps(bad))})"
+    )
+    await amanda.reload()
+    await expect(amanda.locator("#state")).to_have_text("connected", timeout=20_000)
+    assert ["x" * 100 in url for url in sockets] == [True, True, False]
+    await amanda.wait_for_function(f"() => sessionStorage.getItem({POSITIONS!r}) !== null")
+    stored = await saved_positions(amanda)
+    assert stored["streams"]["all"]["epoch"] != "x" * 100
+    await expect(amanda.locator("#notice")).to_be_hidden()
     assert problems == []
 
 
 async def test_the_online_list_changes_when_another_user_logs_in_and_out(
-    presence_server: Server,
+    presence_server: Server, browser: Browser
 ) -> None:
     """amanda's page lists who of her group is online: herself, then lisa once she logs in,
     and not lisa once she has logged out (which also forgets her tab's positions)."""
     problems: list[str] = []
     base = presence_server.http_url + "/"
-    async with client(presence_server, "anny") as anny, chromium() as browser:
+    async with client(presence_server, "anny") as anny:
         amanda = await log_in(browser, base, "amanda", problems)
         girls = amanda.locator("#online li[data-group=girls]")
         people = girls.locator(".person")
@@ -519,32 +547,119 @@ def admin_server(tmp_path: Path, demo_db: Path) -> Iterator[Server]:
         yield running
 
 
-async def test_an_operators_changes_show_on_the_open_page(admin_server: Server) -> None:
+async def test_an_operators_changes_show_on_the_open_page(
+    admin_server: Server, browser: Browser
+) -> None:
     """greg's open page: added to girls, it says so, offers girls as his group and shows
     their messages; taken out, it says so; disconnected by the operator, it goes to the
     login page, and its cookie no longer opens the message page."""
     problems: list[str] = []
     base = admin_server.http_url + "/"
     auth = {"authorization": "Bearer browser-key"}
-    async with chromium() as browser:
-        greg = await log_in(browser, base, "greg", problems)
-        url = admin_server.http_url + "/api/users/greg"
-        assert http("PUT", url + "/groups/girls", None, auth)[0] == 204
-        await expect(lines(greg, "you were added to girls")).to_have_count(1)
-        await expect(greg.locator("#group option[value=girls]")).to_have_text(
-            "girls (you are in it)"
-        )
-        await expect(greg.locator("#online li[data-group=girls]")).to_have_count(1)
-        body = {"type": "group", "group": "girls", "text": "for the girls", "from": "ops"}
-        assert http("POST", admin_server.http_url + "/api/publish", body, auth)[0] == 202
-        await expect(lines(greg, "for the girls")).to_have_count(1)
-        assert http("DELETE", url + "/groups/girls", None, auth)[0] == 204
-        await expect(lines(greg, "you were removed from girls")).to_have_count(1)
-        await expect(greg.locator("#group option[value=girls]")).to_have_text("girls")
-        await expect(greg.locator("#online li[data-group=girls]")).to_have_count(0)
-        await shot(greg, "membership-changes")
-        assert http("POST", url + "/disconnect", None, auth)[0] == 204
-        await expect(greg).to_have_url(base + "login")
-        await greg.goto(base)
-        await expect(greg).to_have_url(base + "login")  # the cookie is worthless now
+    greg = await log_in(browser, base, "greg", problems)
+    url = admin_server.http_url + "/api/users/greg"
+    assert http("PUT", url + "/groups/girls", None, auth)[0] == 204
+    await expect(lines(greg, "you were added to girls")).to_have_count(1)
+    await expect(greg.locator("#group option[value=girls]")).to_have_text("girls (you are in it)")
+    await expect(greg.locator("#online li[data-group=girls]")).to_have_count(1)
+    body = {"type": "group", "group": "girls", "text": "for the girls", "from": "ops"}
+    assert http("POST", admin_server.http_url + "/api/publish", body, auth)[0] == 202
+    await expect(lines(greg, "for the girls")).to_have_count(1)
+    assert http("DELETE", url + "/groups/girls", None, auth)[0] == 204
+    await expect(lines(greg, "you were removed from girls")).to_have_count(1)
+    await expect(greg.locator("#group option[value=girls]")).to_have_text("girls")
+    await expect(greg.locator("#online li[data-group=girls]")).to_have_count(0)
+    await shot(greg, "membership-changes")
+    assert http("POST", url + "/disconnect", None, auth)[0] == 204
+    await expect(greg).to_have_url(base + "login")
+    await greg.goto(base)
+    await expect(greg).to_have_url(base + "login")  # the cookie is worthless now
+    assert problems == []
+
+
+async def test_a_new_tab_shows_the_recent_history(server: Server, browser: Browser) -> None:
+    """A tab with nothing kept shows what its streams said before it opened (asked with
+    history), oldest first, then what comes live; each once."""
+    problems: list[str] = []
+    base = server.http_url + "/"
+    async with client(server, "greg") as greg:
+        await greg.send({"type": "broadcast", "text": "said before anyone came"})
+        amanda = await log_in(browser, base, "amanda", problems)
+        await expect(received(amanda, "said before anyone came")).to_have_count(1)
+        earlier = ["said before anyone came", "for the girls", "for amanda", "for everyone"]
+        for message in (
+            {"type": "group", "group": "girls", "text": earlier[1]},
+            {"type": "direct", "user_name": "amanda", "text": earlier[2]},
+            {"type": "broadcast", "text": earlier[3]},
+        ):
+            await greg.send(message)  # one after the other, as people write
+            await expect(received(amanda, str(message["text"]))).to_have_count(1)
+
+        tab = await amanda.context.new_page()  # same login, a tab of its own: nothing kept
+        tab.on("pageerror", lambda error: problems.append(f"new tab: uncaught {error}"))
+        await tab.goto(base)
+        await expect(tab.locator("#state")).to_have_text("connected")
+        await expect(tab.locator("#messages li.received")).to_have_count(4)
+        assert await texts(tab) == earlier
+        await greg.send({"type": "broadcast", "text": "live"})
+        await expect(received(tab, "live")).to_have_count(1)
+        await tab.wait_for_timeout(300)  # anything extra would show by now
+        assert await texts(tab) == [*earlier, "live"]
+        await shot(tab, "new-tab-history")
+    assert problems == []
+
+
+@pytest.fixture
+def token_server(tmp_path: Path, demo_db: Path) -> Iterator[Server]:
+    """Connection tokens on (WSFANOUT_JWT_SECRET)."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    with Server(tmp_path, {"WSFANOUT_JWT_SECRET": JWT_SECRET}).running() as running:
+        yield running
+
+
+JWT_SECRET = "browser-test-jwt-secret-0123456789"
+
+
+async def test_the_page_works_with_a_token_in_its_url(
+    token_server: Server, browser: Browser
+) -> None:
+    """Opened with ?token= and no cookie, the page connects as the token's user (the socket
+    carries the token), lists the directory and sends; a reload keeps it all."""
+    problems: list[str] = []
+    claims = {"sub": "nina", "groups": ["girls"], "name": "Nina", "exp": int(time.time()) + 600}
+    url = f"{token_server.http_url}/?token={jwt.encode(claims, JWT_SECRET, algorithm='HS256')}"
+    page = await (await browser.new_context()).new_page()
+    page.on("pageerror", lambda error: problems.append(f"uncaught {error}"))
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    await page.goto(url)
+    await expect(page.locator("#state")).to_have_text("connected")
+    await expect(page.locator("#whoami")).to_have_text("nina")
+    assert "token=" in sockets[0]
+    await expect(page.locator("#user option[value=greg]")).to_have_text("Greg (greg)")
+    await send(page, "broadcast", "a token is enough")
+    await expect(received(page, "a token is enough")).to_have_count(1)
+    await page.reload()
+    await expect(page.locator("#state")).to_have_text("connected")
+    await expect(received(page, "a token is enough")).to_have_count(1)
+    assert await page.context.cookies() == []
+    assert problems == []
+
+
+async def test_the_documented_page_example_runs(server: Server, browser: Browser) -> None:
+    """docs/clients/examples/page.html, served beside the service, connects with the page's
+    cookie and sees its own broadcast."""
+    problems: list[str] = []
+    base = server.http_url + "/"
+    greg = await log_in(browser, base, "greg", problems)
+    example = (ROOT / "docs" / "clients" / "examples" / "page.html").read_text()
+
+    async def serve(route: Route) -> None:
+        await route.fulfill(body=example, content_type="text/html")
+
+    await greg.route(base + "example.html", serve)
+    await greg.goto(base + "example.html")
+    log = greg.locator("#log li")
+    await expect(log.filter(has_text="greg: hello from a page")).to_have_count(1)
+    assert (await log.all_text_contents())[:2] == ["connecting ", "connected "]
     assert problems == []

@@ -116,9 +116,16 @@ class HeadTimedH11Protocol(H11Protocol):
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
         super().handle_websocket_upgrade(event)
-        peer = self.peer
         protocol = self.transport.get_protocol()
-        if peer is None or protocol is self:
+        if protocol is self:
+            return
+        if self.head_timer is not None:
+            # Upgraded: this protocol hears no connection_lost, so its timer would keep it
+            # (and its buffers) alive for a head timeout per handshake.
+            self.head_timer.cancel()
+            self.head_timer = None
+        peer = self.peer
+        if peer is None:
             return
         peer.started()
         # From now on the transport tells the websocket protocol, not this one, that the
