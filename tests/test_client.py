@@ -6,6 +6,7 @@ and uvicorn. What it does when the network, a node or Redis fails is test_client
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -22,6 +23,7 @@ from tests.listener import SERVER_ENV, Listener, Publisher, token
 from tests.proxy import Proxy, unused_port
 from tests.server import ROOT, SERVERS, Server, http
 from wsfanout.client import Client, ClientError
+from wsfanout.client.events import EventReader
 from wsfanout.client.inbox import Inbox
 from wsfanout.client.reconnect import (
     Action,
@@ -40,21 +42,32 @@ from wsfanout.client.streams import Streams
     ("code", "by_application", "expected"),
     [
         (1000, True, Next(Action.STOP, "closed")),
-        (1001, False, Next(Action.RETRY, "the server is going away (1001)", soon=True)),
+        (
+            1001,
+            False,
+            Next(Action.RETRY, "going_away", "the server is going away (1001)", soon=True),
+        ),
         (
             1012,
             False,
-            Next(Action.RETRY, "the node lost messages (its backplane) (1012)", soon=True),
+            Next(
+                Action.RETRY, "restart", "the node lost messages (its backplane) (1012)", soon=True
+            ),
         ),
-        (1013, False, Next(Action.RETRY, "the server asked to try again later (1013)")),
-        (1008, False, Next(Action.RENEW, "the server ended the session (1008)")),
-        (1006, False, Next(Action.RETRY, "the connection dropped (1006)")),
-        (1011, False, Next(Action.RETRY, "the server failed (1011)")),
-        (1000, False, Next(Action.RETRY, "closed (1000)")),
+        (
+            1013,
+            False,
+            Next(Action.RETRY, "slow_consumer", "the client read too slowly (1013)", failures=2),
+        ),
+        (1008, False, Next(Action.RENEW, "unauthorized", "the server ended the session (1008)")),
+        (1006, False, Next(Action.RETRY, "connection_lost", "the connection dropped (1006)")),
+        (1011, False, Next(Action.RETRY, "connection_lost", "the server failed (1011)")),
+        (1000, False, Next(Action.RETRY, "connection_lost", "closed (1000)")),
     ],
 )
 def test_what_follows_each_close_code(code: int, by_application: bool, expected: Next) -> None:
-    """Each close code leads where DESIGN 11 says: stop, retry soon, back off, renew."""
+    """Each close code leads where DESIGN 11 says (stop, retry soon, back off, renew), with
+    the JavaScript client's reason."""
     assert after_close(code, by_application) == expected
 
 
@@ -179,6 +192,7 @@ def test_refused_positions_are_dropped_and_reported() -> None:
     """After a 400 the client forgets its positions and, on the fresh welcome, makes the
     resumed the server will not send: recovered false, naming what it dropped."""
     streams = Streams({"all": {"epoch": "a1", "offset": 7}})
+    streams.resume()  # the handshake the server refused
     streams.forget()
     assert streams.resume() is None
     made = streams.welcome(welcome(all=("a1", 9)))
@@ -188,6 +202,7 @@ def test_refused_positions_are_dropped_and_reported() -> None:
         "missed": 0,
         "lost": ["all"],
         "restarted": [],
+        "refused": True,
     }
     assert streams.positions() == {"all": {"epoch": "a1", "offset": 9}}
 
@@ -219,6 +234,53 @@ def test_a_joined_stream_learns_its_epoch_or_is_reported_lost() -> None:
     }  # 3..6 may be on their way
     streams.left("poker")
     assert "group:poker" not in streams.positions()
+
+
+async def test_a_replay_is_handed_over_merged_by_time_after_the_welcome() -> None:
+    """The server replays stream after stream; the application gets the replay at resumed,
+    merged across streams by ts (each stream's in offset order), less what it had, then
+    the resumed; answers settle their requests and reach no one else."""
+    streams = Streams(
+        {"all": {"epoch": "a", "offset": 1}, "group:boys": {"epoch": "b", "offset": 0}}
+    )
+    seen: list[str] = []
+    reader = EventReader(streams, lambda: seen.append("welcomed"), seen.append)
+    streams.resume()
+    reader.begin(resuming=True)
+
+    def frame(*events: dict[str, Any]) -> str:
+        return json.dumps(list(events))
+
+    def msg(stream: str, offset: int, ts: float) -> dict[str, Any]:
+        return {
+            "type": "message",
+            "stream": stream,
+            "offset": offset,
+            "ts": ts,
+            "text": f"{stream} {offset}",
+        }
+
+    got = reader.take(frame(welcome(all=("a", 3), group_boys=("b", 2))))
+    assert [e["type"] for e in got] == ["welcome"] and seen == ["welcomed"]
+    assert reader.take(frame(msg("all", 1, 1.0), msg("all", 2, 5.0), msg("all", 3, 6.0))) == []
+    assert reader.take(frame(msg("group:boys", 1, 2.0), msg("group:boys", 2, 7.0))) == []
+    got = reader.take(frame({"type": "resumed", "recovered": True, "missed": 4}))
+    assert [e.get("text", e["type"]) for e in got] == [
+        "group:boys 1",
+        "all 2",
+        "all 3",
+        "group:boys 2",
+        "resumed",
+    ]
+    future = reader.expect("7")
+    assert reader.take(frame({"type": "ack", "id": "7"}, msg("all", 4, 8.0))) == [
+        msg("all", 4, 8.0)
+    ]
+    assert future.result() == {"type": "ack", "id": "7"}
+    assert reader.take('{"type": "joined", "group": "chess"}') == [
+        {"type": "joined", "group": "chess"}
+    ]
+    assert seen[-1] == "group:chess"
 
 
 @pytest.mark.parametrize(
@@ -293,7 +355,7 @@ def node(
 async def test_send_presence_and_history(node: Server) -> None:
     """Logged in with a password: welcome first, an ack for a send, the server's error code
     for a refused one, presence and history answered; what is sent arrives as an event."""
-    states: list[tuple[str, str]] = []
+    states: list[tuple[str, str | None]] = []
     async with Client(
         node.ws_url, username="greg", password="Greg", on_state=lambda *s: states.append(s)
     ) as chat:
@@ -322,7 +384,7 @@ async def test_send_presence_and_history(node: Server) -> None:
         assert bad.value.code == "bad_message"
     assert chat.state == "closed"
     await asyncio.wait_for(listener.task, 5)  # the iteration ended with the client
-    assert states == [("connecting", ""), ("connected", "welcome"), ("closed", "closed")]
+    assert states == [("connecting", None), ("connected", None), ("closed", "closed")]
 
 
 async def test_sent_while_not_connected_is_refused_at_once(node: Server) -> None:
@@ -340,7 +402,7 @@ async def test_sent_while_not_connected_is_refused_at_once(node: Server) -> None
 
 async def test_wrong_password_is_refused_for_good(node: Server) -> None:
     """A refused login: connect raises ``unauthorized`` with the server's reason, once."""
-    states: list[tuple[str, str]] = []
+    states: list[tuple[str, str | None]] = []
     chat = Client(
         node.ws_url, username="mike", password="wrong", on_state=lambda *s: states.append(s)
     )
@@ -348,7 +410,7 @@ async def test_wrong_password_is_refused_for_good(node: Server) -> None:
         await chat.connect()
     assert refused.value.code == "unauthorized"
     assert "401" in refused.value.detail and "wrong" in refused.value.detail
-    assert states == [("connecting", ""), ("closed", "unauthorized")]
+    assert states == [("connecting", None), ("closed", "unauthorized")]
     assert [event async for event in chat] == []
 
 
@@ -362,12 +424,14 @@ async def test_a_refused_resume_connects_afresh(node: Server) -> None:
         listener = Listener(chat)
         await listener.until(lambda: bool(listener.of("resumed")))
         assert [e["type"] for e in listener.events] == ["welcome", "resumed"]
+        fresh = listener.events[0]["streams"]["all"]["offset"] == 0  # nothing published yet
         assert listener.of("resumed")[0] == {
             "type": "resumed",
             "recovered": False,
             "missed": 0,
             "lost": ["all"],
-            "restarted": [],
+            "restarted": ["all"] if fresh else [],
+            "refused": True,
         }
         assert chat.positions["all"]["epoch"] != "x" * 65
 
@@ -377,8 +441,12 @@ async def test_a_429_is_retried_until_a_seat_frees(node: Server) -> None:
     backoff, until the first closes."""
     refused = asyncio.Event()
 
-    def on_state(state: str, reason: str) -> None:
-        if (state, reason) == ("disconnected", "the handshake was refused (429)"):
+    def on_state(state: str, reason: str | None) -> None:
+        if (state, reason, second.detail) == (
+            "disconnected",
+            "refused",
+            "the handshake was refused (429)",
+        ):
             refused.set()
 
     first = Client(node.ws_url, token=token("zoe"))

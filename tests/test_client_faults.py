@@ -179,7 +179,7 @@ async def test_an_expired_token_stops_the_client_without_a_new_one(
     the client does not retry (closed, unauthorized, one attempt); with get_token it asks
     for a new one once and carries on."""
     with Server(tmp_path, ENV, server=server_kind).running() as node:
-        fixed_states: list[tuple[str, str]] = []
+        fixed_states: list[tuple[str, str | None]] = []
         fixed = Client(
             node.ws_url, token=token("tim", lifetime=2), on_state=lambda *s: fixed_states.append(s)
         )
@@ -196,8 +196,8 @@ async def test_an_expired_token_stops_the_client_without_a_new_one(
         await asyncio.wait_for(fixed_listener.task, 15)  # the iteration ends with the client
         assert (fixed.state, fixed.reason) == ("closed", "unauthorized")
         assert fixed_states == [
-            ("connecting", ""),
-            ("connected", "welcome"),
+            ("connecting", None),
+            ("connected", None),
             ("closed", "unauthorized"),
         ]
         assert fixed_listener.events[-1]["code"] == "forbidden"  # the server said why
@@ -270,8 +270,8 @@ async def test_two_hundred_clients_come_back_spread_out(tmp_path: Path, server_k
     counting = False
     refused_enough, all_back = asyncio.Event(), asyncio.Event()
 
-    def on_state(index: int) -> Callable[[str, str], None]:
-        def changed(state: str, reason: str) -> None:
+    def on_state(index: int) -> Callable[[str, str | None], None]:
+        def changed(state: str, reason: str | None) -> None:
             if not counting:
                 return
             now = time.monotonic()

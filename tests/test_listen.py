@@ -104,7 +104,7 @@ async def test_listen_prints_events_and_resumes(
             status, stderr = await first.stop()
             await proxy.close()
         assert status == 0, stderr
-        assert "disconnected: the server is going away (1001)" in stderr
+        assert "disconnected: going_away (the server is going away (1001))" in stderr
         assert first.texts() == ["one", "two"]
         saved = json.loads(positions.read_text())
         assert set(saved) == {"all", "group:boys", "user:greg"}

@@ -37,11 +37,15 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> None:
     password = _password(args)
     positions = _read_positions(args.positions) if args.positions else None
 
-    def on_state(state: str, reason: str) -> None:
-        if state != "connecting":
-            print(f"wsfanout listen: {state}{': ' + reason if reason else ''}", file=sys.stderr)
-
     async def listen() -> None:
+        def on_state(state: str, reason: str | None) -> None:
+            if state != "connecting":
+                why = f" ({chat.detail})" if chat.detail else ""
+                print(
+                    f"wsfanout listen: {state}{': ' + reason if reason else ''}{why}",
+                    file=sys.stderr,
+                )
+
         try:
             chat = Client(
                 args.url,
@@ -73,7 +77,7 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> None:
             if args.positions:
                 _write_positions(args.positions, chat.positions)
         if chat.reason != "closed":  # refused for good while listening
-            raise CommandError(f"{args.url}: {chat.reason}")
+            raise CommandError(f"{args.url}: {chat.detail or chat.reason}")
 
     asyncio.run(listen())
 

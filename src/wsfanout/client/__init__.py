@@ -16,6 +16,7 @@ the contract). Needs ``websockets``: ``pip install 'wsfanout[client]'``.
 
 from __future__ import annotations
 
-from .connection import Client, ClientError, State
+from .connection import Client, State
+from .events import ClientError
 
 __all__ = ["Client", "ClientError", "State"]

@@ -2,19 +2,20 @@
 (events to iterate, requests to await).
 
 Theory of operation. ``connect()`` starts the runner task and waits for the first
-``welcome``. The runner loops: credentials (a token, ``get_token()``, or the session cookie
-from logging in), a handshake that carries the positions (``?resume=``), then reading frames
-until the connection ends; ``reconnect.py`` says what follows, and the runner waits and goes
-round again, or stops. Each frame is one event or an array of them: answers to requests
-(``ack``, an ``error`` or ``presence`` or ``history`` with our ``id``) settle their futures;
-everything else goes to the application through a bounded buffer, after ``streams.py`` has
-dropped what it already gave (a ``joined`` group's epoch, which no welcome gave, is asked
-for with a history request of no messages). When the buffer (``inbox.py``) is full the
-runner stops reading: the socket's buffers fill, the server finds a slow consumer and closes
-(1013), and the client comes back and resumes where the application is: memory stays
-bounded, and what the server can no longer replay is named lost. Requests sent while not
-connected fail at once with ``disconnected``; those in flight when a connection ends fail
-with it.
+``welcome``. The runner loops: credentials (``credentials.py``), a handshake that carries
+the positions (``?resume=``), then reading frames until the connection ends; an attempt that
+brings no welcome within ``connect_timeout`` is given up. ``reconnect.py`` says what follows
+each end, and the runner waits and goes round again, or stops. ``events.py`` makes the
+frames into events for the application, which go through a bounded buffer (``inbox.py``),
+and settles requests with their answers; a ``joined`` group's epoch, which no welcome gave,
+is asked for with a history request of no messages. When the inbox is full the runner stops
+reading: the socket's buffers fill, the server finds a slow consumer and closes (1013), and
+the client comes back and resumes where the application is: memory stays bounded, and what
+the server can no longer replay is named
+lost. Requests sent while not connected fail at once with ``disconnected``; those in flight
+when a connection ends fail with it.
+
+The JavaScript client (web/wsfanout.js) behaves the same, with the same state reasons.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import inspect
 import itertools
 import logging
 import ssl
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Final
 
@@ -35,19 +35,34 @@ import orjson
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.uri import parse_uri
 
+from .credentials import Credentials, NoCredential, TokenSource
+from .events import ClientError, EventReader
 from .inbox import Inbox
-from .login import LoginError, log_in
-from .reconnect import RESTART_JITTER, Action, Backoff, Next, after_close, after_refusal
+from .login import LoginError
+from .reconnect import (
+    CLOSED,
+    CONNECTION_LOST,
+    REFUSED,
+    RESTART_JITTER,
+    TIMEOUT,
+    TOKEN_FAILED,
+    UNAUTHORIZED,
+    UNREACHABLE,
+    Action,
+    Backoff,
+    Next,
+    after_close,
+    after_refusal,
+)
 from .streams import Streams
 
 log = logging.getLogger(__name__)
 
 MIB: Final = 1024 * 1024
-UNAUTHORIZED: Final = "unauthorized"
-TokenSource = Callable[[], "str | Awaitable[str | None] | None"]
-StateListener = Callable[[str, str], None]
-_ANSWERS: Final = frozenset({"ack", "error", "presence", "history"})
+CLOSE_TIMEOUT: Final = 2.0  # seconds a close waits for the server's answer
+StateListener = Callable[[str, "str | None"], None]
 
 
 class State(enum.StrEnum):
@@ -55,18 +70,6 @@ class State(enum.StrEnum):
     CONNECTED = "connected"
     DISCONNECTED = "disconnected"  # will retry
     CLOSED = "closed"  # will not: closed by the application, or refused for good
-
-
-class ClientError(Exception):
-    """A request or a connection that failed. ``code``: the server's error code
-    (``forbidden``, ``unknown_group``, …), or the client's own: ``disconnected`` (not
-    connected, or the connection ended before the answer), ``timeout``, ``unauthorized``
-    (refused for good: no credential the server takes), ``refused``, ``closed``."""
-
-    def __init__(self, code: str, detail: str = "") -> None:
-        super().__init__(f"{code}: {detail}" if detail else code)
-        self.code = code
-        self.detail = detail
 
 
 class Client:
@@ -99,41 +102,45 @@ class Client:
         reset_after: float = 10.0,  # seconds a connection lives to start the backoff over
         # Timeouts
         request_timeout: float = 10.0,  # seconds for an ack or an answer
-        open_timeout: float = 10.0,  # seconds for a login or a handshake
+        connect_timeout: float = 10.0,  # seconds from an attempt's start to its welcome
         # Limits
         max_queue: int = 10_000,  # events held for the application before reading stops
         max_size: int | None = 16 * MIB,  # bytes in one frame from the server
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        scheme = urllib.parse.urlsplit(url).scheme
-        if scheme not in ("ws", "wss"):
-            raise ValueError(f"expected a ws:// or wss:// URL, got {url!r}")
-        if (username is None) != (password is None):
-            raise ValueError("give username and password together")
-        if sum(given is not None for given in (username, token, get_token)) > 1:
-            raise ValueError("give one of username and password, token, get_token")
+        try:
+            parse_uri(url)
+        except InvalidURI:
+            raise ValueError(f"expected a ws:// or wss:// URL, got {url!r}") from None
         self.url = url
         self.request_timeout = request_timeout
-        self.open_timeout = open_timeout
+        self.connect_timeout = connect_timeout
         self.max_size = max_size
-        self._username, self._password = username, password
-        self._token, self._get_token = token, get_token
+        self._credentials = Credentials(
+            url,
+            username=username,
+            password=password,
+            token=token,
+            get_token=get_token,
+            ssl_context=ssl_context,
+        )
         self._ssl = ssl_context
         self._on_state = on_state
         self._streams = Streams(positions)
         self._backoff = Backoff(min_delay, max_delay, reset_after)
-        self._state, self._reason = State.CLOSED, "not connected yet"
-        self._cookie: str | None = None
+        self._inbox = Inbox(max_queue)
+        self._state: State = State.CLOSED
+        self._reason: str | None = None
+        self._detail = ""
+        self._retry_in: float | None = None
         self._renewed = False  # the credential was renewed since the last welcome
+        self._closing = False  # the application called close()
         self._ws: ClientConnection | None = None
+        self._events = EventReader(self._streams, self._welcome, self._learn)
         self._runner: asyncio.Task[None] | None = None
         self._welcomed: asyncio.Future[None] | None = None
-        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
-        self._inbox = Inbox(max_queue)
         self._learning: set[asyncio.Task[None]] = set()  # epochs asked for (joined groups)
-        self._closing = False  # the application called close()
-        self._retry_in: float | None = None
 
     # -- what the application sees --------------------------------------------------------
 
@@ -142,9 +149,17 @@ class Client:
         return self._state
 
     @property
-    def reason(self) -> str:
-        """Why the state is what it is (``unauthorized`` when refused for good)."""
+    def reason(self) -> str | None:
+        """Why the state changed, in the JavaScript client's words: ``closed`` or
+        ``unauthorized`` when closed; ``going_away``, ``restart``, ``slow_consumer``,
+        ``unauthorized``, ``connection_lost``, ``unreachable``, ``refused``,
+        ``token_failed``, ``timeout`` when disconnected; ``retry`` or None otherwise."""
         return self._reason
+
+    @property
+    def detail(self) -> str:
+        """What ``reason`` leaves out, for people: ``the handshake was refused (429)``."""
+        return self._detail
 
     @property
     def retry_in(self) -> float | None:
@@ -231,12 +246,14 @@ class Client:
     # -- the runner -----------------------------------------------------------------------
 
     def _start(self) -> None:
-        self._closing = False
+        self._closing = self._renewed = False
+        self._backoff.failures = 0
         self._inbox.reopen()
         self._welcomed = asyncio.get_running_loop().create_future()
         self._runner = asyncio.create_task(self._run(), name=f"wsfanout client {self.url}")
 
-    def _set_state(self, state: State, reason: str) -> None:
+    def _set_state(self, state: State, reason: str | None, detail: str = "") -> None:
+        self._detail = detail
         if (state, reason) == (self._state, self._reason):
             return
         self._state, self._reason = state, reason
@@ -247,41 +264,41 @@ class Client:
                 log.exception("on_state(%r, %r) raised", state.value, reason)
 
     async def _run(self) -> None:
-        step = Next(Action.STOP, "closed")
-        renew = first = True
+        step = Next(Action.STOP, CLOSED)
+        renew, first = False, True
         try:
             while True:
                 if not first:
                     self._retry_in = self._wait(step)
-                    self._set_state(State.DISCONNECTED, step.reason)
+                    self._set_state(State.DISCONNECTED, step.reason, step.detail)
                     await asyncio.sleep(self._retry_in)
                     self._retry_in = None
-                self._set_state(State.CONNECTING, "" if first else "reconnecting")
+                self._set_state(State.CONNECTING, None if first else "retry")
                 first = False
                 step, renew = await self._attempt(renew), False
                 if step.action is Action.RENEW:
-                    if self._renewed or (self._get_token is None and self._username is None):
-                        step = Next(Action.STOP, UNAUTHORIZED, detail=step.reason)
-                    else:
+                    if self._renewed or not self._credentials.renewable:
+                        step = Next(Action.STOP, UNAUTHORIZED, step.detail)
+                    else:  # one more try, with a new token or a new login
                         self._renewed = renew = True
-                        step = Next(Action.RETRY, step.reason, wait=0.0)
+                        wait = self._backoff.jitter(self._backoff.min_delay)
+                        step = Next(Action.RETRY, step.reason, step.detail, wait=wait)
                 elif step.action is Action.FRESH:
                     self._streams.forget()
-                    step = Next(Action.RETRY, step.reason, wait=0.0)
+                    step = Next(Action.RETRY, step.reason, step.detail, wait=0.0)
                 if step.action is Action.STOP:
                     return
         except asyncio.CancelledError:
-            step = Next(Action.STOP, "closed")
+            step = Next(Action.STOP, CLOSED)
             raise
         finally:
             self._ws = None
-            self._fail_pending()
-            self._set_state(State.CLOSED, step.reason)
+            self._events.end()
             self._retry_in = None
+            self._set_state(State.CLOSED, step.reason, step.detail)
             self._inbox.end()
             if self._welcomed is not None and not self._welcomed.done():
-                code = step.reason if step.reason in (UNAUTHORIZED, "closed") else "refused"
-                self._welcomed.set_exception(ClientError(code, step.detail or step.reason))
+                self._welcomed.set_exception(ClientError(step.reason, step.detail))
                 self._welcomed.exception()  # retrieved: connect() may never be awaited
 
     def _wait(self, step: Next) -> float:
@@ -289,142 +306,88 @@ class Client:
             return step.wait
         if step.soon:
             return self._backoff.jitter(RESTART_JITTER)
-        return self._backoff.delay()
+        return self._backoff.delay(step.failures)
 
     async def _attempt(self, renew: bool) -> Next:
         """One connection, from credentials to its end; what follows it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
         try:
-            headers, query = await self._credentials(renew)
+            headers, query = await self._credentials.handshake(renew, self.connect_timeout)
         except LoginError as exc:
+            if exc.status is None:
+                return Next(Action.RETRY, UNREACHABLE, exc.detail)
+            detail = f"the login was refused ({exc.status}): {exc.detail}"
             if exc.status in (400, 401, 403):
-                return Next(
-                    Action.STOP,
-                    UNAUTHORIZED,
-                    detail=f"the login was refused ({exc.status}): {exc.detail}",
-                )
-            return Next(Action.RETRY, str(exc), wait=exc.retry_after)
-        except ClientError as exc:
-            return Next(Action.STOP, exc.code, detail=exc.detail)
-        except Exception as exc:  # get_token failed: as if the server was not reached
+                return Next(Action.STOP, UNAUTHORIZED, detail)
+            return Next(Action.RETRY, REFUSED, detail, wait=exc.retry_after)
+        except NoCredential as exc:
+            return Next(Action.STOP, UNAUTHORIZED, str(exc))
+        except Exception as exc:  # get_token() failed: try again later
             log.warning("get_token() raised: %r", exc)
-            return Next(Action.RETRY, f"get_token() raised {exc!r}")
+            return Next(Action.RETRY, TOKEN_FAILED, f"get_token() raised {exc!r}")
         resume = self._streams.resume()
         if resume is not None:
             query["resume"] = resume
+        options: dict[str, Any] = {"ssl": self._ssl} if self._ssl is not None else {}
         try:
             ws = await ws_connect(
                 _with_query(self.url, query),
                 additional_headers=headers,
                 max_size=self.max_size,
-                ssl=self._ssl,
-                open_timeout=self.open_timeout,
+                open_timeout=max(deadline - loop.time(), 0.001),
+                close_timeout=CLOSE_TIMEOUT,
+                **options,
             )
         except InvalidStatus as exc:
             response = exc.response
             retry_after = response.headers.get("retry-after")
             return after_refusal(response.status_code, retry_after, resume is not None)
-        except InvalidURI as exc:
-            return Next(Action.STOP, str(exc))
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
-            return Next(Action.RETRY, _describe(exc))
-        return await self._serve(ws)
+        except TimeoutError:
+            return Next(Action.RETRY, TIMEOUT, "the handshake timed out")
+        except OSError as exc:
+            return Next(Action.RETRY, UNREACHABLE, str(exc) or type(exc).__name__)
+        except InvalidHandshake as exc:
+            return Next(Action.RETRY, CONNECTION_LOST, str(exc) or type(exc).__name__)
+        return await self._serve(ws, resume is not None, deadline)
 
-    async def _credentials(self, renew: bool) -> tuple[dict[str, str], dict[str, str]]:
-        """The handshake's headers and query: a token, or the session cookie."""
-        if self._get_token is not None:
-            token = self._get_token()
-            if inspect.isawaitable(token):
-                token = await token
-            if not token:
-                raise ClientError(UNAUTHORIZED, "get_token() gave no token")
-            return {}, {"token": token}
-        if self._token is not None:
-            return {}, {"token": self._token}
-        if self._username is not None and self._password is not None:
-            if renew or self._cookie is None:
-                self._cookie = None
-                self._cookie = await log_in(
-                    self.url,
-                    self._username,
-                    self._password,
-                    timeout=self.open_timeout,
-                    ssl_context=self._ssl,
-                )
-            return {"Cookie": self._cookie}, {}
-        return {}, {}
-
-    async def _serve(self, ws: ClientConnection) -> Next:
-        """Read one connection until it ends."""
+    async def _serve(self, ws: ClientConnection, resuming: bool, deadline: float) -> Next:
+        """Read one connection until it ends (or brings no welcome by ``deadline``)."""
         self._ws = ws
+        self._events.begin(resuming)
         loop = asyncio.get_running_loop()
         welcomed_at: float | None = None
         try:
             while True:
                 try:
-                    frame = await ws.recv()
+                    if welcomed_at is None:
+                        async with asyncio.timeout_at(deadline):
+                            frame = await ws.recv()
+                    else:
+                        frame = await ws.recv()
+                except TimeoutError:
+                    await _goodbye(ws)
+                    return Next(Action.RETRY, TIMEOUT, "no welcome in time")
                 except ConnectionClosed as exc:
                     code = exc.rcvd.code if exc.rcvd is not None else 1006
                     break
-                events = self._take(frame)
+                events = self._events.take(frame)
                 if welcomed_at is None and self._state is State.CONNECTED:
                     welcomed_at = loop.time()
                 await self._inbox.put(events)
         finally:
             self._ws = None
-            self._fail_pending()
+            replayed = self._events.end()
+        await self._inbox.put(replayed)  # ended before resumed: what was replayed
         if welcomed_at is not None:
             self._backoff.lived(loop.time() - welcomed_at)
         return after_close(code, by_application=self._closing)
 
-    def _take(self, frame: str | bytes) -> list[dict[str, Any]]:
-        """The events of one frame for the application; answers settle their requests."""
-        try:
-            data = orjson.loads(frame)
-        except orjson.JSONDecodeError:
-            log.warning("ignored a frame that is not JSON: %.80r", frame)
-            return []
-        out: list[dict[str, Any]] = []
-        for event in data if isinstance(data, list) else [data]:
-            if not isinstance(event, dict):
-                continue
-            kind = event.get("type")
-            if kind in _ANSWERS and self._answer(event):
-                continue
-            if kind == "message":
-                if not self._streams.message(event):
-                    continue
-            elif kind == "welcome":
-                made = self._streams.welcome(event)
-                self._renewed = False
-                self._set_state(State.CONNECTED, "welcome")
-                if self._welcomed is not None and not self._welcomed.done():
-                    self._welcomed.set_result(None)
-                out.append(event)
-                if made is not None:
-                    out.append(made)
-                continue
-            elif kind == "resumed":
-                event = self._streams.resumed(event)
-            elif kind == "joined" and isinstance(event.get("group"), str):
-                self._learn(self._streams.joined(event["group"]))
-            elif kind == "left" and isinstance(event.get("group"), str):
-                self._streams.left(event["group"])
-            out.append(event)
-        return out
-
-    def _answer(self, event: dict[str, Any]) -> bool:
-        """Settle the request this event answers; whether it answered one."""
-        future = self._pending.pop(str(event.get("id")), None)
-        if future is None or future.done():
-            return False
-        if event["type"] == "error":
-            code = event.get("code")
-            future.set_exception(ClientError(str(code), str(event.get("detail", ""))))
-        else:
-            if event["type"] == "history":
-                self._streams.history(event)
-            future.set_result(event)
-        return True
+    def _welcome(self) -> None:
+        self._renewed = False
+        self._set_state(State.CONNECTED, None)
+        if self._welcomed is not None and not self._welcomed.done():
+            self._welcomed.set_result(None)
 
     def _learn(self, stream: str) -> None:
         """Ask for a joined group's epoch (a history answer of no messages), so that it
@@ -444,8 +407,7 @@ class Client:
             raise ClientError("disconnected", f"the client is {self._state.value}")
         frame_id = str(next(self._ids))
         frame["id"] = frame_id
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[frame_id] = future
+        future = self._events.expect(frame_id)
         try:
             await ws.send(orjson.dumps(frame).decode())
             async with asyncio.timeout(self.request_timeout):
@@ -455,15 +417,7 @@ class Client:
         except TimeoutError:
             raise ClientError("timeout", f"no answer within {self.request_timeout:g} s") from None
         finally:
-            self._pending.pop(frame_id, None)
-
-    def _fail_pending(self) -> None:
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(
-                    ClientError("disconnected", "the connection ended before the answer")
-                )
+            self._events.forget(frame_id)
 
 
 async def _goodbye(ws: ClientConnection) -> None:
@@ -494,11 +448,3 @@ def _with_query(url: str, extra: dict[str, str]) -> str:
     query = [(name, value) for name, value in query if name not in extra]
     query += list(extra.items())
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, TimeoutError):
-        return "the handshake timed out"
-    return str(exc) or type(exc).__name__

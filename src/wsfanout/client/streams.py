@@ -8,15 +8,19 @@ teach the epoch of a stream the client met without one (``joined``). On reconnec
 positions go in ``?resume=``; the server replays what is newer, and answers ``resumed``.
 
 The client keeps its promise (events in offset order, never twice) by dropping any message
-whose offset is not above the last one given in the same epoch. It also adds to ``resumed``:
+whose offset is not above the last one given in the same epoch; a lost stream goes on from
+where the welcome says it stands. It also adds to ``resumed``:
 
 - ``restarted``: the lost streams whose new epoch stands at offset 0 in the new welcome. The
   server's history restarted (a single node restarted, or Redis lost its data) and nothing was
   published since, so nothing is missing that the new epoch holds: a UI can say "the server
   restarted" instead of warning of losses.
 - the streams it could not resume itself: one met after the welcome (``joined``) whose epoch
-  it never learnt, or positions the server refused (400) and the client dropped. When the
-  server sends no ``resumed`` (nothing was resumed), the client makes one.
+  it never learnt, or positions the server refused (400) and the client dropped (then also
+  ``refused: true``). When the server sends no ``resumed`` (nothing was resumed), the client
+  makes one.
+
+The JavaScript client (web/wsfanout.js) keeps the same rules.
 """
 
 from __future__ import annotations
@@ -50,8 +54,11 @@ class Streams:
                 )
             self._where[stream] = _Where(epoch, offset)
         self._sent: dict[str, Position] = {}  # what the last handshake asked to resume
-        self._restarted: list[str] = []  # candidates, from the last welcome
+        self._dropped: dict[str, Position] = {}  # positions the server refused (400)
+        self._before: dict[str, Position] = {}  # where the streams stood before the welcome
+        self._top: dict[str, Position] = {}  # where the last welcome said they stand
         self._unresumed: list[str] = []  # lost on the client's side, for the next resumed
+        self._refused = False  # the next resumed follows refused positions
 
     def positions(self) -> dict[str, dict[str, Any]]:
         """A copy: ``{stream: {"epoch", "offset"}}`` for the streams that can be resumed."""
@@ -64,15 +71,13 @@ class Streams:
     def resume(self) -> str | None:
         """The ``resume`` query value for the next handshake (JSON, not yet URL-encoded),
         or None when there is nothing to resume. Remembers what it asked."""
-        self._sent = {
-            stream: Position(where["epoch"], where["offset"])
-            for stream, where in self.positions().items()
-        }
-        return orjson.dumps(self.positions()).decode() if self._sent else None
+        asked = self.positions()
+        self._sent = {stream: Position(w["epoch"], w["offset"]) for stream, w in asked.items()}
+        return orjson.dumps(asked).decode() if asked else None
 
     def forget(self) -> None:
         """The server refused the positions (400): drop them; the next welcome says so."""
-        self._unresumed = sorted(self._where)
+        self._dropped = {**self._dropped, **self._sent}
         self._where.clear()
         self._sent = {}
 
@@ -81,38 +86,53 @@ class Streams:
         server will send none (nothing was asked to resume) but some stream was not resumed."""
         streams = event.get("streams")
         given: dict[str, Any] = streams if isinstance(streams, dict) else {}
-        unresumed, self._unresumed = self._unresumed, []
-        self._restarted = []
+        dropped, self._dropped = self._dropped, {}
+        self._before = {**dropped, **self._sent}
+        self._top, self._unresumed = {}, []
         where: dict[str, _Where] = {}
         for stream, now in given.items():
             epoch, offset = _position(now)
             if epoch is None or offset is None:
                 continue
-            old, sent = self._where.get(stream), self._sent.get(stream)
-            if sent is not None and sent.epoch == epoch and old is not None:
+            self._top[stream] = Position(epoch, offset)
+            old = self._where.get(stream)
+            if old is not None and old.epoch == epoch and (old.offset or 0) <= offset:
                 where[stream] = old  # the server replays from there
                 continue
-            if sent is not None and offset == 0:
-                self._restarted.append(stream)
-            elif old is not None and sent is None and (old.offset or 0) != offset:
-                unresumed.append(stream)  # met without an epoch: what came since is unknown
+            if stream in dropped or (
+                old is not None and old.epoch is None and (old.offset or 0) != offset
+            ):
+                self._unresumed.append(stream)  # refused, or met without an epoch
             where[stream] = _Where(epoch, offset)
-        self._where = where
-        self._unresumed = unresumed  # into the server's resumed, or the one made here
-        if self._sent or not unresumed:
-            return None
+        self._where = where  # streams no longer ours (or history off) are forgotten
+        self._refused = bool(dropped)
+        if self._sent or not self._unresumed:
+            return None  # the server's resumed will carry the additions, if any
         return self.resumed({"type": "resumed", "recovered": False, "missed": 0, "lost": []})
 
     def resumed(self, event: dict[str, Any]) -> dict[str, Any]:
-        """A ``resumed`` event with the client's additions: ``restarted``, and the streams it
-        could not resume itself added to ``lost``."""
+        """A ``resumed`` event with the client's additions: the streams it could not resume
+        itself added to ``lost``, and ``restarted``; ``refused`` after dropped positions."""
         lost = [stream for stream in event.get("lost") or [] if isinstance(stream, str)]
         lost += [stream for stream in self._unresumed if stream not in lost]
         self._unresumed = []
-        event = {**event, "restarted": [stream for stream in lost if stream in self._restarted]}
+        for stream in lost:  # nothing of it was replayed: it goes on from where it stands
+            where, top = self._where.get(stream), self._top.get(stream)
+            if where is not None and top is not None and where.epoch == top.epoch:
+                where.offset = max(where.offset or 0, top.offset)
+        event = {**event, "lost": lost, "restarted": [s for s in lost if self._restarted(s)]}
         if lost:
-            event.update(recovered=False, lost=lost)
+            event["recovered"] = False
+        if self._refused:
+            event["refused"], self._refused = True, False
         return event
+
+    def _restarted(self, stream: str) -> bool:
+        """A lost stream whose history began anew (a new epoch) and got no message since."""
+        before, top = self._before.get(stream), self._top.get(stream)
+        if before is None or top is None:
+            return False
+        return top.epoch != before.epoch and top.offset == 0
 
     def message(self, event: dict[str, Any]) -> bool:
         """Whether a message is new to the application (and if so, move its stream on)."""
