@@ -17,6 +17,7 @@ class Proxy:
         self.target = target
         self.port = 0
         self.resets = 0
+        self.hold = 0.0  # seconds a new connection waits before it is forwarded (a slow link)
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -70,6 +71,7 @@ class Proxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            await asyncio.sleep(self.hold)
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
         except OSError:  # the node is gone: the client sees a reset, as a balancer's would be
             _abort(writer)
