@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -17,6 +18,9 @@ from tests import asgi, postgres
 from wsfanout import App, Settings, create_app
 from wsfanout.cli import DEMO_GROUPS, create_demo
 from wsfanout.store import Store
+
+if TYPE_CHECKING:
+    from tests.server import RedisServer
 
 SECRET = "test-secret-key"
 # The demo users (username -> group), as `wsfanout demo` creates them.
@@ -62,6 +66,22 @@ def redis_prefix() -> Iterator[str]:
     prefix = f"wsfanout-test-{uuid.uuid4().hex[:10]}:"
     yield prefix
     delete_redis_keys(prefix)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own on a free port, to stop and start at will. Skipped
+    when redis-server is not installed, except under CI=true, which must have it."""
+    from tests.server import RedisServer
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed, and CI=true requires it")
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

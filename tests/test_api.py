@@ -18,8 +18,10 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tests import asgi
 from tests.conftest import login
+from tests.listener import Listener
 from tests.server import Client, Server, http
 from wsfanout import App, Settings, create_app, protocol
+from wsfanout.client import Client as ChatClient
 
 KEY = "backend-key-1"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -239,8 +241,9 @@ async def test_over_real_hypercorn_and_the_cli(tmp_path: Path, demo_db: Path) ->
     """Over a real server: a curl-style POST and `wsfanout publish` reach the sockets."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
     with Server(tmp_path, env={"WSFANOUT_API_KEYS": KEY}).running() as server:
-        lisa = await Client.open(server.ws_url, server.login("lisa"))
-        await lisa.next()
+        chat = ChatClient(server.ws_url, username="lisa", password="Lisa")
+        await chat.connect()
+        lisa = Listener(chat)
         cli = Path(sys.executable).parent / "wsfanout"
         env = {k: v for k, v in os.environ.items() if not k.startswith("WSFANOUT_")}
         done = await asyncio.to_thread(
@@ -266,7 +269,8 @@ async def test_over_real_hypercorn_and_the_cli(tmp_path: Path, demo_db: Path) ->
         )
         assert done.returncode == 0, done.stderr
         assert "1 accepted" in done.stdout
-        event = await lisa.next_of("message")
+        await lisa.got("from the shell", "group:girls")
+        event = lisa.of("message")[-1]
         assert (event["kind"], event["from"], event["text"]) == ("group", "ops", "from the shell")
         assert event["via"] == "api"  # a backend's "from" is never mistaken for a user's
         posed = await asyncio.to_thread(
@@ -277,7 +281,8 @@ async def test_over_real_hypercorn_and_the_cli(tmp_path: Path, demo_db: Path) ->
             {"authorization": f"Bearer {KEY}"},
         )
         assert posed[0] == 202
-        event = await lisa.next_of("message")
+        await lisa.got("trust me")
+        event = lisa.of("message")[-1]
         assert (event["from"], event["via"], event["text"]) == ("greg", "api", "trust me")
         wrong = await asyncio.to_thread(
             subprocess.run,
@@ -290,7 +295,7 @@ async def test_over_real_hypercorn_and_the_cli(tmp_path: Path, demo_db: Path) ->
         )
         assert wrong.returncode == 1
         assert "the server answered 401" in wrong.stderr
-        await lisa.close()
+        await lisa.stop()
 
 
 async def test_a_backend_cannot_pass_for_a_user(api: App) -> None:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -25,6 +24,7 @@ import redis.asyncio as redis
 from tests import asgi
 from tests.asgi import resume_query, until
 from tests.conftest import login
+from tests.proxy import Proxy
 from tests.server import Client, RedisServer, Server, delete_redis_keys, http, need_redis
 from wsfanout import App, Settings, create_app, protocol
 from wsfanout.backplane import BackplaneUnavailableError, Node
@@ -168,18 +168,6 @@ async def test_unknown_targets_are_errors_on_every_node(nodes: tuple[App, App]) 
         assert (await ws.receive())["code"] == "unknown_group"
         await ws.send_json({"type": "direct", "user_name": "nobody", "text": "x"})
         assert (await ws.receive())["code"] == "unknown_user"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed, and CI=true requires it")
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("history", [0, 100])
@@ -656,3 +644,30 @@ async def test_a_history_answer_from_redis_fits_the_outbox(settings: Settings, p
         await g.send_json({"type": "history", "stream": "all", "limit": 5})
         _, answer = await until(g, "history")
         assert [m["text"][:2] for m in answer["messages"]] == ["02", "03", "04"]
+
+
+async def test_a_resume_on_a_node_that_has_just_started_recovers(
+    settings: Settings, prefix: str
+) -> None:
+    """A node takes handshakes before its first Redis connection is up: a client resuming
+    on it at once still recovers what Redis holds, instead of being told it lost it."""
+    async with two_nodes(settings, prefix) as (a, _), Proxy(6379) as slow_link:
+        slow_link.hold = 0.3  # the new node's first connections to Redis take this long
+        url = f"redis://127.0.0.1:{slow_link.port}/0"
+        shared = dataclasses.replace(settings, redis_url=url, redis_prefix=prefix)
+        greg = await login(a, "greg")
+        async with asgi.WebSocket(a, headers={"cookie": greg}) as first:
+            _, welcome = await until(first, "welcome")
+            await first.send_json({"type": "broadcast", "text": "while greg moves"})
+            await messages_until(first, 1)
+        fresh = create_app(shared)
+        await fresh.startup()  # and at once, before its link to Redis is up:
+        try:
+            async with asgi.WebSocket(
+                fresh, headers={"cookie": greg}, query=resume_query(welcome["streams"])
+            ) as again:
+                before, resumed = await until(again, "resumed")
+                assert resumed["recovered"] is True, resumed
+                assert [e["text"] for e in before if e["type"] == "message"] == ["while greg moves"]
+        finally:
+            await fresh.shutdown()

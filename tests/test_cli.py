@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from tests.listener import Listener
 from tests.server import Client, Server, demo_server, wsfanout
 from wsfanout import passwords
+from wsfanout.client import Client as ChatClient
 from wsfanout.database import VERSION
 from wsfanout.store import Store
 
@@ -379,22 +381,21 @@ async def test_url_changes_open_connections(
 async def test_url_join_brings_the_groups_messages(node: Server) -> None:
     """After `user join` through the API greg gets what `publish --group` sends to his
     new group, and after `user leave` no more of it."""
-    greg = await Client.open(node.ws_url, node.login("greg"))
-    try:
-        assert (await greg.next())["type"] == "welcome"
+    async with ChatClient(node.ws_url, username="greg", password="Greg") as chat:
+        greg = Listener(chat)
         assert (await live(node, "user", "join", "greg", "girls")).returncode == 0
-        assert await greg.next(timeout=1) == {"type": "joined", "group": "girls"}
+        await greg.until(lambda: bool(greg.of("joined")), timeout=1)
+        assert greg.of("joined") == [{"type": "joined", "group": "girls"}]
         sent = await live(node, "publish", "hi girls", "--group", "girls")
         assert sent.stdout == "published (1 accepted)\n", sent.stderr
-        message = await greg.next_of("message", timeout=1)
-        assert (message["group"], message["text"]) == ("girls", "hi girls")
+        await greg.got("hi girls", "group:girls", timeout=1)
 
         assert (await live(node, "user", "leave", "greg", "girls")).returncode == 0
-        assert await greg.next(timeout=1) == {"type": "left", "group": "girls"}
+        await greg.until(lambda: bool(greg.of("left")), timeout=1)
+        assert greg.of("left") == [{"type": "left", "group": "girls"}]
         assert (await live(node, "publish", "again", "--group", "girls")).returncode == 0
-        assert await greg.quiet(0.5) == []
-    finally:
-        await greg.close()
+        await asyncio.sleep(0.5)  # what would have come by now
+        assert [e["type"] for e in greg.events] == ["welcome", "joined", "message", "left"]
 
 
 def test_url_lists_and_errors(node: Server) -> None:

@@ -1,7 +1,8 @@
 """The ``wsfanout`` command: ``db init``, ``db status``, ``user …``, ``group …``, ``demo``,
-``publish``, ``serve``. This module builds the command line; the commands live in
-``db.py`` (the database directly), ``admin.py`` (a running node's API, or the database)
-and ``serve.py`` (``wsfanout serve``).
+``publish``, ``listen``, ``serve``. This module builds the command line; the commands live
+in ``db.py`` (the database directly), ``admin.py`` (a running node's API, or the database),
+``listen.py`` (a node's events, through the Python client) and ``serve.py`` (``wsfanout
+serve``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .db import (
     cmd_user_add,
     create_demo,
 )
+from .listen import add_parser as add_listen
 from .serve import DEFAULT_BIND, PING_INTERVAL, SERVER_VARIABLE, SERVERS, cmd_serve, uvicorn_options
 
 __all__ = [
@@ -151,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     url_help = f"the server's URL (default: ${URL_VARIABLE}, else {default_url})"
     _api_options(publish, url_help, default_url)
     publish.set_defaults(func=cmd_publish)
+
+    add_listen(commands)
 
     serve = commands.add_parser("serve", help="serve with hypercorn or uvicorn")
     serve.add_argument("--bind", default=DEFAULT_BIND, help=f"address (default {DEFAULT_BIND})")

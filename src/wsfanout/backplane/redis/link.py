@@ -59,6 +59,7 @@ class Link:
         self.queries: Any = _client(url, QUERY_POOL_MAX)
         self.healthy = False
         self.reason = "not connected yet"
+        self.starting = True  # not connected yet, and no attempt has failed either
 
     def check(self) -> None:
         """Raise unless Redis can be used now (as far as the subscriber knows).
@@ -73,6 +74,7 @@ class Link:
         if not self.healthy:
             log.info("backplane connected: subscribed to %d channels", channels)
         self.healthy = True
+        self.starting = False
         self.reason = "ok"
 
     def down(self, exc: BaseException) -> None:
@@ -80,6 +82,7 @@ class Link:
         if self.healthy or self.reason != reason:
             log.warning("backplane unavailable (%s); reconnecting with backoff", reason)
         self.healthy = False
+        self.starting = False
         self.reason = reason
 
     async def ping(self) -> None:

@@ -134,13 +134,17 @@ class PubSub:
 
     async def subscribed(self, wanted: list[tuple[Kind, str]]) -> bool:
         """Wait (up to SYNC_TIMEOUT) until Redis has confirmed that this node hears these
-        groups' and users' channels (and everyone's); False if it has not by then."""
+        groups' and users' channels (and everyone's); False if it has not by then, or
+        Redis is known to be away. A node that has just started waits for its first
+        connection: clients resuming on it the moment it listens are not told they lost
+        what Redis still holds."""
         channels = {BROADCAST, CONTROL, *(channel_of(kind, target) for kind, target in wanted)}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SYNC_TIMEOUT
+        link = self._link
         while not channels <= self._confirmed:
             left = deadline - loop.time()
-            if left <= 0 or not self._link.healthy:
+            if left <= 0 or not (link.healthy or link.starting):
                 return False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._confirmation.wait(), left)
