@@ -66,7 +66,7 @@ bench *args: install
 locust users="50" seconds="60": install
     #!/usr/bin/env bash
     set -euo pipefail
-    {{bin}}/python -c 'import locust, websocket' 2>/dev/null || {{bin}}/python -m pip install -q -e '.[bench]'
+    {{bin}}/python -c 'import locust, websockets' 2>/dev/null || {{bin}}/python -m pip install -q -e '.[bench]'
     data=$(mktemp -d)
     export WSFANOUT_DATA_DIR="$data" WSFANOUT_LOG_LEVEL=warning
     {{bin}}/wsfanout demo >/dev/null

@@ -560,7 +560,13 @@ def run_once(
         # loadgen.mjs imports web/wsfanout.js, an ES module without a package.json saying so:
         # Node 20 before 20.19 loads it only with module detection on.
         loadgen = subprocess.Popen(
-            [*pin(1), "node", "--experimental-detect-module", str(BENCH / script), str(config_path)],
+            [
+                *pin(1),
+                "node",
+                "--experimental-detect-module",
+                str(BENCH / script),
+                str(config_path),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
