@@ -1,7 +1,7 @@
 // Load generator for bench/run.py: opens many websockets, waits for "go" on stdin,
 // runs one scenario, prints one JSON line of results. Node's `ws` keeps up with
-// hundreds of thousands of frames per second on one core, so the server, not this,
-// is what a run measures (run.py prints this process's CPU beside the server's).
+// hundreds of thousands of frames per second on one core; run.py prints this process's CPU
+// beside the server's, and notes a run in which this process, not the server, was the limit.
 //
 // wsfanout's connections are our own JavaScript client (web/wsfanout.js, as the page uses it)
 // over a `ws` socket that opens as Chrome does: a connection counts once the client is
@@ -10,6 +10,13 @@
 // that loses its connection is an error, not something to reconnect. The bare app (baseline)
 // has no protocol: raw `ws` sockets. Node 20 before 20.19 loads web/wsfanout.js (an ES module
 // without a package.json saying so) only with --experimental-detect-module; run.py passes it.
+//
+// The client parses every frame (JSON.parse, an event per message) where a hand-written reader
+// scans it for "text":": this process spends 1.2 to 1.5x the CPU per delivery, and 1.4x per
+// handshake. Where it, not the server, limits a run (wsfanout under uvicorn in the burst and
+// groups scenarios: this process at a full core, the server near half of one), `clientlib:
+// false` (run.py --raw-clients) speaks the protocol by hand instead: the cookie, the welcome
+// skipped, frames scanned, publishes without an id (so without acks).
 //
 // Config (a JSON file named by argv[2]):
 //   mode        "wsfanout" (JSON protocol, cookie auth) or "baseline" (bare app)
@@ -26,6 +33,7 @@
 //               as Chrome offers it ("permessage-deflate; client_max_window_bits") and every
 //               outbound frame compressed when the server accepts; "plain": no extensions offered
 //   sources     local addresses to connect from, in turn (127.0.0.x: more ephemeral ports)
+//   clientlib   true (default): wsfanout's connections through web/wsfanout.js; false: by hand
 //
 // The result says what the server negotiated ("negotiated": its Sec-WebSocket-Extensions
 // answer, "" for none), so a table can show which clients got compression.
@@ -37,6 +45,7 @@ import { Client } from "../web/wsfanout.js";
 
 const cfg = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const wsfanout = cfg.mode === "wsfanout";
+const clientlib = wsfanout && cfg.clientlib !== false;
 const browser = (cfg.client || "browser") === "browser";
 const origin = new URL(cfg.url.replace(/^ws/, "http")).origin;
 // What Chrome sends besides the websocket headers of its own (ws adds Host, Upgrade,
@@ -71,14 +80,16 @@ function payload(seq) {
 }
 
 // One publish from connection `index`: to everyone, or to a group. wsfanout's goes through the
-// client's send(), whose ack (or error) settles it; the bare app's is a line of its own.
+// client's send(), whose ack (or error) settles it; by hand, it is the frame alone; the bare
+// app's is a line of its own.
 function publish(index, text, group) {
   if (!wsfanout) {
     sockets[index].send(group ? `${group}|${text}` : `*|${text}`);
     return;
   }
   const frame = group ? { type: "group", group, text } : { type: "broadcast", text };
-  chats[index].send(frame).catch(() => { errors += 1; });
+  if (clientlib) chats[index].send(frame).catch(() => { errors += 1; });
+  else sockets[index].send(JSON.stringify(frame));
 }
 
 // A delivery's text is "<seq>|<sent ms>|...": its latency is now minus the stamp.
@@ -109,13 +120,34 @@ function counted(ws) {
   negotiated.set(ws.extensions, (negotiated.get(ws.extensions) || 0) + 1);
 }
 
-// The bare app: connected means accepted; every frame is a delivery.
-function openBaseline(index) {
+// wsfanout's frames by hand (clientlib: false): scanned, not JSON.parse'd. A frame is one
+// event or an array of them; each message event carries "text":"<seq>|<sent ms>|...".
+const TEXT = '"text":"';
+const ERROR = '"type":"error"';
+
+function scanned(data) {
+  const text = data.toString();
+  let at = text.indexOf(TEXT);
+  while (at !== -1) {
+    delivered(text.slice(at + TEXT.length, at + TEXT.length + 40));
+    at = text.indexOf(TEXT, at + TEXT.length);
+  }
+  if (text.includes(ERROR)) errors += 1;
+}
+
+// The bare app, and wsfanout by hand: connected means accepted. Every frame of the bare app
+// is a delivery; wsfanout's first frame, its welcome, is skipped, and the others scanned.
+function openRaw(index) {
   return new Promise((resolve, reject) => {
     const group = cfg.groups ? cfg.groups[index % cfg.groups.length] : "";
-    const url = group ? `${cfg.url}?g=${encodeURIComponent(group)}` : cfg.url;
+    const url = group && !wsfanout ? `${cfg.url}?g=${encodeURIComponent(group)}` : cfg.url;
     const ws = new WebSocket(url, socketOptions(index));
-    ws.on("message", (data) => delivered(data.toString()));
+    let welcome = wsfanout;
+    ws.on("message", (data) => {
+      if (welcome) welcome = false;
+      else if (wsfanout) scanned(data);
+      else delivered(data.toString());
+    });
     ws.on("open", () => {
       counted(ws);
       resolve();
@@ -159,7 +191,7 @@ function openClient(index) {
   });
 }
 
-const open = wsfanout ? openClient : openBaseline;
+const open = clientlib ? openClient : openRaw;
 
 async function openAll() {
   let next = 0;
@@ -277,6 +309,7 @@ async function run() {
     loadgen_cpu_s: (cpu.user + cpu.system) / 1e6,
     errors,
     client: browser ? "browser" : "plain",
+    speaks: clientlib ? "wsfanout.js" : "by hand",
     wire_bytes_per_delivery: deliveries ? wire / deliveries : null,
     negotiated: [...negotiated.keys()].join(" | "),
   };

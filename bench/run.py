@@ -25,7 +25,10 @@ The systems, each launched on a socket the bench binds (127.0.0.1, a free port):
 wsfanout's clients speak as browsers do, whichever server: the handshake Chrome sends,
 permessage-deflate offered as Chrome offers it (``--plain`` drops the offer). The baselines get
 plain clients: they are the floor. Each table shows which client a column used and what the
-server negotiated.
+server negotiated. They speak through wsfanout's JavaScript client (web/wsfanout.js), which
+costs the load generator more CPU per delivery than reading frames by hand: a run whose load
+generator was busier than the server, at nearly a full core, is noted "loadgen-bound", and
+``--raw-clients`` has wsfanout's clients speak the protocol by hand (bench/loadgen.mjs).
 
 The ``logins`` scenario has HTTP clients of its own (bench/logins.mjs) log in for a while.
 The store runs on SQLite (a file in the server's data directory) and, for ``capacity-pg`` and
@@ -108,6 +111,10 @@ BASELINE_UVICORN = dataclasses.replace(BASELINE, name="baseline-uvicorn", server
 CAPACITY = 19_000  # idle connections: a process here may hold 20,000 file descriptors
 # The scenarios whose connections are users of their own (capacity ones cycle them).
 FAN_OUT = ("burst", "paced", "groups")
+# A fan-out run whose load generator was this busy (CPU / wall), and busier than the server,
+# measured the load generator; judged on runs long enough for the server's CPU ticks (10 ms).
+LOADGEN_BOUND = 0.9
+LOADGEN_BOUND_WALL = 0.2  # seconds
 # Local addresses the capacity run connects from, in turn, so ephemeral ports never run short.
 SOURCES = [f"127.0.0.{n}" for n in range(1, 5)]
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -527,6 +534,7 @@ def run_once(
     users: Users,
     profile_dir: Path | None = None,
     plain: bool = False,
+    raw: bool = False,
 ) -> dict[str, Any]:
     server = Server(system, data_dir, users.env)
     try:
@@ -534,6 +542,7 @@ def run_once(
         config = {
             **scenario.config,
             "client": "plain" if plain else system.client,
+            "clientlib": not raw,
             "mode": system.mode,
             "url": f"ws://127.0.0.1:{server.port}/",
             "cookies": users.cookies,
@@ -624,6 +633,12 @@ def run_once(
             result["note"] = f"incomplete: {result['deliveries']} of {result['expected']}"
         if result.get("failures"):
             result["note"] = f"failed logins: {result['failures']}"
+        if config["scenario"] in FAN_OUT and result["elapsed_s"] >= LOADGEN_BOUND_WALL:
+            ours = result["loadgen_cpu_s"] / result["elapsed_s"]
+            theirs = result["server_cpu_s"] / result["elapsed_s"]
+            if ours >= LOADGEN_BOUND and ours > theirs:
+                bound = f"loadgen-bound: loadgen {ours:.0%} of a core, server {theirs:.0%}"
+                result["note"] = f"{result['note']}; {bound}" if "note" in result else bound
         return result
     finally:
         server.stop()
@@ -730,6 +745,12 @@ def main() -> int:
         help="wsfanout's clients offer no permessage-deflate (the old, non-browser client)",
     )
     parser.add_argument(
+        "--raw-clients",
+        action="store_true",
+        help="wsfanout's clients speak the protocol by hand rather than through "
+        "web/wsfanout.js: less load generator CPU per delivery, for loadgen-bound runs",
+    )
+    parser.add_argument(
         "--against",
         type=Path,
         help="another checkout (a git worktree of an earlier commit): its wsfanout runs as "
@@ -813,6 +834,7 @@ def main() -> int:
                         stores[system.store],
                         args.profile,
                         args.plain,
+                        args.raw_clients,
                     )
                     results.setdefault(scenario.name, {}).setdefault(system.name, []).append(result)
                     note = f" ({result['note']})" if "note" in result else ""
@@ -846,7 +868,9 @@ def main() -> int:
             print(f"(ratio: {scenario.subject} / {scenario.reference})")
         print(header)
         # What the websocket clients negotiated; a run that opens none has nothing to show.
-        shown = ("client", "negotiated") if scenario.config["connections"] else ("client",)
+        shown = (
+            ("client", "speaks", "negotiated") if scenario.config["connections"] else ("client",)
+        )
         for key in shown:
             cells = []
             for n in names:
@@ -888,6 +912,12 @@ def main() -> int:
                     lines.append((f"{top} / {bottom} {label}", f"{ours / base:.2f}x"))
         for text, ratio in lines:
             print(f"{text:{max(40, *(len(t) for t, _ in lines))}} {ratio}")
+        bound = {n: sum("loadgen-bound" in r.get("note", "") for r in by_system[n]) for n in names}
+        if any(bound.values()):
+            print(
+                "loadgen-bound (its figures measure the load generator; --raw-clients): "
+                + ", ".join(f"{n} {k} of {len(by_system[n])}" for n, k in bound.items() if k)
+            )
         print()
         summary["scenarios"][scenario.name] = {
             "label": scenario.label,
