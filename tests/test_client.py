@@ -60,15 +60,36 @@ from wsfanout.client.streams import Streams
             Next(Action.RETRY, "slow_consumer", "the client read too slowly (1013)", failures=2),
         ),
         (1008, False, Next(Action.RENEW, "unauthorized", "the server ended the session (1008)")),
+        (
+            1008,
+            "rate_limited",
+            Next(
+                Action.RETRY,
+                "flooded",
+                "closed for sending too fast (1008, after rate_limited)",
+                failures=2,
+            ),
+        ),
+        (
+            1008,
+            "forbidden",  # the session expired: the error before the close says so
+            Next(Action.RENEW, "unauthorized", "the server ended the session (1008)"),
+        ),
         (1006, False, Next(Action.RETRY, "connection_lost", "the connection dropped (1006)")),
         (1011, False, Next(Action.RETRY, "connection_lost", "the server failed (1011)")),
         (1000, False, Next(Action.RETRY, "connection_lost", "closed (1000)")),
     ],
 )
-def test_what_follows_each_close_code(code: int, by_application: bool, expected: Next) -> None:
+def test_what_follows_each_close_code(
+    code: int, by_application: bool | str, expected: Next
+) -> None:
     """Each close code leads where DESIGN 11 says (stop, retry soon, back off, renew), with
-    the JavaScript client's reason."""
-    assert after_close(code, by_application) == expected
+    the JavaScript client's reason; a 1008 after a flood's error backs off instead (a string
+    in the table is the code of the last error before the close)."""
+    if isinstance(by_application, str):
+        assert after_close(code, False, last_error=by_application) == expected
+    else:
+        assert after_close(code, by_application) == expected
 
 
 @pytest.mark.parametrize(
@@ -385,6 +406,40 @@ async def test_send_presence_and_history(node: Server) -> None:
     assert chat.state == "closed"
     await asyncio.wait_for(listener.task, 5)  # the iteration ended with the client
     assert states == [("connecting", None), ("connected", None), ("closed", "closed")]
+
+
+async def test_requests_over_the_rate_are_refused_and_a_flood_is_no_logout(
+    tmp_path: Path,
+) -> None:
+    """Requests sent faster than the server's rate are each answered: acks, then
+    ``rate_limited`` (none waits for a timeout). Past the flood limit the server closes with
+    1008, and the client backs off and comes back instead of giving up as unauthorized."""
+    env = {**SERVER_ENV, "WSFANOUT_RATE_LIMIT": "2", "WSFANOUT_RATE_BURST": "5"}
+    with Server(tmp_path, env).running() as server:
+        states: list[tuple[str, str | None]] = []
+        back = asyncio.Event()
+
+        def changed(state: str, reason: str | None) -> None:
+            states.append((state, reason))
+            if states.count(("connected", None)) == 2:
+                back.set()
+
+        chat = Client(server.ws_url, token=token("quick"), min_delay=0.05, on_state=changed)
+        await chat.connect()
+        try:
+            asked = [chat.send({"type": "broadcast", "text": str(n)}) for n in range(12)]
+            answers = await asyncio.gather(*asked, return_exceptions=True)
+            codes = [
+                a.code if isinstance(a, ClientError) else a["type"]
+                for a in answers
+                if not isinstance(a, BaseException) or isinstance(a, ClientError)
+            ]
+            assert codes == ["ack"] * 5 + ["rate_limited"] * 6 + ["disconnected"], codes
+            await asyncio.wait_for(back.wait(), 10)
+            assert ("disconnected", "flooded") in states
+            assert chat.state == "connected"
+        finally:
+            await chat.close()
 
 
 async def test_sent_while_not_connected_is_refused_at_once(node: Server) -> None:

@@ -357,6 +357,7 @@ class Client:
         self._events.begin(resuming)
         loop = asyncio.get_running_loop()
         welcomed_at: float | None = None
+        last_error: str | None = None  # the code of the last error frame given to the app
         try:
             while True:
                 try:
@@ -372,6 +373,9 @@ class Client:
                     code = exc.rcvd.code if exc.rcvd is not None else 1006
                     break
                 events = self._events.take(frame)
+                for event in events:
+                    if event.get("type") == "error":
+                        last_error = event.get("code")
                 if welcomed_at is None and self._state is State.CONNECTED:
                     welcomed_at = loop.time()
                 await self._inbox.put(events)
@@ -381,7 +385,7 @@ class Client:
         await self._inbox.put(replayed)  # ended before resumed: what was replayed
         if welcomed_at is not None:
             self._backoff.lived(loop.time() - welcomed_at)
-        return after_close(code, by_application=self._closing)
+        return after_close(code, by_application=self._closing, last_error=last_error)
 
     def _welcome(self) -> None:
         self._renewed = False
