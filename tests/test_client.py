@@ -442,6 +442,16 @@ async def test_requests_over_the_rate_are_refused_and_a_flood_is_no_logout(
             await chat.close()
 
 
+async def test_a_url_with_no_login_is_refused_for_good(node: Server) -> None:
+    """A wrong path (no login page there: 404) is a mistake to report, not a fault to
+    retry for ever."""
+    chat = Client(node.ws_url + "nope/", username="greg", password="Greg")
+    with pytest.raises(ClientError) as refused:
+        await asyncio.wait_for(chat.connect(), 10)
+    assert refused.value.code == "refused"
+    assert "(404)" in refused.value.detail and chat.state == "closed"
+
+
 async def test_sent_while_not_connected_is_refused_at_once(node: Server) -> None:
     """A send before connecting, or after closing, fails at once with ``disconnected``."""
     chat = Client(node.ws_url, username="chuck", password="Chuck")

@@ -16,6 +16,14 @@ the contract). Needs ``websockets``: the ``client`` extra (``pip install '.[clie
 
 from __future__ import annotations
 
+try:
+    import websockets  # noqa: F401
+except ImportError as exc:  # the extra is missing: say which
+    raise ImportError(
+        "wsfanout.client needs websockets, wsfanout's client extra: pip install '.[client]' "
+        "in wsfanout's source"
+    ) from exc
+
 from .connection import Client, State
 from .events import ClientError
 

@@ -320,6 +320,8 @@ class Client:
             detail = f"the login was refused ({exc.status}): {exc.detail}"
             if exc.status in (400, 401, 403):
                 return Next(Action.STOP, UNAUTHORIZED, detail)
+            if exc.status in (404, 405):  # no login there: a wrong URL, not a passing fault
+                return Next(Action.STOP, REFUSED, detail + f" (is {self.url} wsfanout's?)")
             return Next(Action.RETRY, REFUSED, detail, wait=exc.retry_after)
         except NoCredential as exc:
             return Next(Action.STOP, UNAUTHORIZED, str(exc))
