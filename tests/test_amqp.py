@@ -366,13 +366,21 @@ async def test_messages_across_a_node_restart_reach_a_resuming_client_or_it_is_t
         second.stop()
         delete_redis_keys(f"{queue}:")
         await broker.queue_delete(queue)
-    texts = [event["text"] for event in received]
     offsets = [event["offset"] for event in received]
-    assert len(set(texts)) == len(texts) and len(set(offsets)) == len(offsets)
+    assert len(set(offsets)) == len(offsets)  # the client got no message twice
+    # Delivery from RabbitMQ is at least once (sources/amqp.py): a message published by the
+    # stopping node whose ack did not reach the broker comes again, from the new node, as a
+    # new message. At most a prefetch's worth, each once more, right after the first's.
+    texts: list[str] = []
+    again: list[str] = []
+    for got in received:
+        (again if got["text"] in texts else texts).append(got["text"])
+    assert len(again) <= 100 and len(set(again)) == len(again)
     missing = total - len(texts)
     print(
         f"figure amqp-restart history={history}: {len(texts)} of {total} received, "
-        f"{missing} missing, recovered={event['recovered']} {event.get('lost', [])}"
+        f"{missing} missing, {len(again)} delivered again by the broker, "
+        f"recovered={event['recovered']} {event.get('lost', [])}"
     )
     assert event["recovered"] is recovered
     if recovered:

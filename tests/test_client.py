@@ -60,15 +60,36 @@ from wsfanout.client.streams import Streams
             Next(Action.RETRY, "slow_consumer", "the client read too slowly (1013)", failures=2),
         ),
         (1008, False, Next(Action.RENEW, "unauthorized", "the server ended the session (1008)")),
+        (
+            1008,
+            "rate_limited",
+            Next(
+                Action.RETRY,
+                "flooded",
+                "closed for sending too fast (1008, after rate_limited)",
+                failures=2,
+            ),
+        ),
+        (
+            1008,
+            "forbidden",  # the session expired: the error before the close says so
+            Next(Action.RENEW, "unauthorized", "the server ended the session (1008)"),
+        ),
         (1006, False, Next(Action.RETRY, "connection_lost", "the connection dropped (1006)")),
         (1011, False, Next(Action.RETRY, "connection_lost", "the server failed (1011)")),
         (1000, False, Next(Action.RETRY, "connection_lost", "closed (1000)")),
     ],
 )
-def test_what_follows_each_close_code(code: int, by_application: bool, expected: Next) -> None:
+def test_what_follows_each_close_code(
+    code: int, by_application: bool | str, expected: Next
+) -> None:
     """Each close code leads where DESIGN 11 says (stop, retry soon, back off, renew), with
-    the JavaScript client's reason."""
-    assert after_close(code, by_application) == expected
+    the JavaScript client's reason; a 1008 after a flood's error backs off instead (a string
+    in the table is the code of the last error before the close)."""
+    if isinstance(by_application, str):
+        assert after_close(code, False, last_error=by_application) == expected
+    else:
+        assert after_close(code, by_application) == expected
 
 
 @pytest.mark.parametrize(
@@ -387,6 +408,50 @@ async def test_send_presence_and_history(node: Server) -> None:
     assert states == [("connecting", None), ("connected", None), ("closed", "closed")]
 
 
+async def test_requests_over_the_rate_are_refused_and_a_flood_is_no_logout(
+    tmp_path: Path,
+) -> None:
+    """Requests sent faster than the server's rate are each answered: acks, then
+    ``rate_limited`` (none waits for a timeout). Past the flood limit the server closes with
+    1008, and the client backs off and comes back instead of giving up as unauthorized."""
+    env = {**SERVER_ENV, "WSFANOUT_RATE_LIMIT": "2", "WSFANOUT_RATE_BURST": "5"}
+    with Server(tmp_path, env).running() as server:
+        states: list[tuple[str, str | None]] = []
+        back = asyncio.Event()
+
+        def changed(state: str, reason: str | None) -> None:
+            states.append((state, reason))
+            if states.count(("connected", None)) == 2:
+                back.set()
+
+        chat = Client(server.ws_url, token=token("quick"), min_delay=0.05, on_state=changed)
+        await chat.connect()
+        try:
+            asked = [chat.send({"type": "broadcast", "text": str(n)}) for n in range(12)]
+            answers = await asyncio.gather(*asked, return_exceptions=True)
+            codes = [
+                a.code if isinstance(a, ClientError) else a["type"]
+                for a in answers
+                if not isinstance(a, BaseException) or isinstance(a, ClientError)
+            ]
+            assert codes == ["ack"] * 5 + ["rate_limited"] * 6 + ["disconnected"], codes
+            await asyncio.wait_for(back.wait(), 10)
+            assert ("disconnected", "flooded") in states
+            assert chat.state == "connected"
+        finally:
+            await chat.close()
+
+
+async def test_a_url_with_no_login_is_refused_for_good(node: Server) -> None:
+    """A wrong path (no login page there: 404) is a mistake to report, not a fault to
+    retry for ever."""
+    chat = Client(node.ws_url + "nope/", username="greg", password="Greg")
+    with pytest.raises(ClientError) as refused:
+        await asyncio.wait_for(chat.connect(), 10)
+    assert refused.value.code == "refused"
+    assert "(404)" in refused.value.detail and chat.state == "closed"
+
+
 async def test_sent_while_not_connected_is_refused_at_once(node: Server) -> None:
     """A send before connecting, or after closing, fails at once with ``disconnected``."""
     chat = Client(node.ws_url, username="chuck", password="Chuck")
@@ -564,6 +629,14 @@ def test_the_docs_quote_the_example_whole() -> None:
     what readers copy."""
     doc = (ROOT / "docs" / "clients" / "python.md").read_text()
     assert EXAMPLE.read_text().strip() in doc
+
+
+def test_the_readme_quotes_both_clients_examples_whole() -> None:
+    """The README's Clients section shows the Python and the JavaScript example as the
+    tests run them."""
+    readme = (ROOT / "README.md").read_text()
+    for example in (EXAMPLE, ROOT / "docs" / "clients" / "examples" / "quickstart.mjs"):
+        assert example.read_text().strip() in readme, f"{example.name} is not quoted as it is"
 
 
 async def test_the_example_runs(node: Server) -> None:

@@ -204,6 +204,32 @@ async def test_rate_limit(settings: Settings) -> None:
         assert ws.close_code is None
 
 
+async def test_requests_over_the_rate_are_answered_with_their_id(settings: Settings) -> None:
+    """A client's request over the rate (a frame with an ``id``) is answered rate_limited
+    with that id, so its sender learns its fate instead of waiting for an answer."""
+    async with (
+        started(settings, rate_limit=1.0, rate_burst=3) as app,
+        connect(app, await login(app, "greg")) as ws,
+    ):
+        await ws.receive()
+        for n in range(6):
+            await ws.send_json({"type": "broadcast", "text": str(n), "id": f"m{n}"})
+        answers: dict[str, str] = {}
+        while len(answers) < 6:
+            event = await ws.receive()
+            if event["type"] in ("ack", "error"):
+                answers[event["id"]] = event.get("code", "ack")
+        assert answers == {
+            "m0": "ack",
+            "m1": "ack",
+            "m2": "ack",
+            "m3": "rate_limited",
+            "m4": "rate_limited",
+            "m5": "rate_limited",
+        }
+        assert ws.close_code is None
+
+
 async def test_a_client_that_keeps_flooding_is_closed_1008(settings: Settings) -> None:
     """More than the burst of frames over the rate within a second of the rate_limited
     error: a last rate_limited error and a 1008 close; counted in /metrics."""

@@ -16,7 +16,8 @@
 // 2^attempt), the attempt counter reset once a connection has lived `resetAfter` seconds, so
 // that clients cut off together spread their handshakes instead of returning as a herd. The close code changes
 // the delay: 1001 and 1012 (the server goes away, or its node lost its backplane) come back
-// within a random second; 1013 (too slow a reader) backs off at least a few seconds; 1008 (the
+// within a random second; 1013 (too slow a reader), and 1008 right after a `rate_limited` or
+// `bad_message` error (the server's answer to a flood), back off at least a few seconds; 1008 (the
 // session or token expired, or was revoked) asks `getToken()` for a new token once, else stops
 // with reason "unauthorized".
 //
@@ -66,6 +67,8 @@ const SLOW_CONSUMER_ATTEMPT = 2; // after 1013, back off as after this many fail
 const REFUSALS_BEFORE_FRESH = 2; // handshakes refused in a row while resuming: drop the positions
 const PROBE_TIMEOUT = 5; // seconds the probe of a refused handshake may take
 const TIMED_OUT = -1; // not a close code: an attempt that took longer than connectTimeout
+// The server closes a client that floods it with 1008 too, after an error with one of these.
+const FLOOD_ERRORS = new Set(["rate_limited", "bad_message"]);
 const CLOSE_CODES = Object.freeze({
   1001: "going_away",
   1012: "restart",
@@ -191,6 +194,8 @@ export class Client {
     };
     /** "connecting" | "connected" | "disconnected" | "closed" */
     this.state = "closed";
+    /** Why: the reason of the last "state" event (null before connect()). */
+    this.reason = null;
   }
 
   // ---- Public API -----------------------------------------------------------------------
@@ -320,6 +325,11 @@ export class Client {
       this._refused(conn);
     } else if (code === 1001 || code === 1012) {
       this._retry(CLOSE_CODES[code], Math.random() * GOING_AWAY_DELAY);
+    } else if (code === 1008 && FLOOD_ERRORS.has(conn.lastError)) {
+      // Closed for sending too fast (the error before the close says so), not for its
+      // credentials: back off as a slow consumer does.
+      this._attempt = Math.max(this._attempt, SLOW_CONSUMER_ATTEMPT);
+      this._backOff("flooded");
     } else if (code === 1008) {
       this._unauthorized();
     } else if (code === 1013) {
@@ -413,6 +423,7 @@ export class Client {
   _set(state, reason) {
     if (this.state === state) return;
     this.state = state;
+    this.reason = reason === undefined ? null : reason;
     this._emit("state", state, reason === undefined ? null : reason);
   }
 
@@ -446,7 +457,10 @@ export class Client {
       case "message": this._message(conn, event); return;
       case "resumed": this._resumed(conn, event); return;
       case "ack": case "presence": case "history": this._answer(event); return;
-      case "error": if (!this._answer(event)) this._emit("error", event); return;
+      case "error":
+        conn.lastError = event.code;
+        if (!this._answer(event)) this._emit("error", event);
+        return;
       case "joined": this._joined(event); break;
       default: break;
     }

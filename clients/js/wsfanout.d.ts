@@ -25,6 +25,7 @@ export type Reason =
   | "going_away"
   | "restart"
   | "slow_consumer"
+  | "flooded"
   | "unauthorized"
   | "connection_lost"
   | "unreachable"
@@ -171,6 +172,8 @@ export declare class Client {
   constructor(url?: string | URL | null, options?: ClientOptions);
   constructor(options: ClientOptions);
   readonly state: State;
+  /** Why the state is what it is (the last "state" event's reason). */
+  readonly reason: Reason | null;
   /** a copy of where each stream stands, to save and pass back as `positions` */
   readonly positions: Positions;
   connect(): this;

@@ -3,9 +3,10 @@
 Theory of operation. A token bucket per connection (``rate`` frames a second, at most
 ``burst`` at once) decides each frame as the reader takes it. Within the rate a frame is
 taken (``TAKE``). Past it, the first frame is answered with one ``rate_limited`` error
-(``TELL``), and for ``FLOOD_WINDOW`` seconds the frames over the rate are dropped unanswered
-(``DROP``): a flood must not be answered frame by frame, with error frames the flooder never
-reads. More than ``burst`` of them within that window is a flood (``FLOOD``: the reader closes
+(``TELL``), and for ``FLOOD_WINDOW`` seconds the frames over the rate are dropped (``DROP``),
+answered only if they carry an ``id`` (a client's request must not wait in vain for its
+answer): a flood is not answered frame by frame beyond that. More than ``burst`` of them
+within that window is a flood (``FLOOD``: the reader closes
 with 1008). A run of more than ``burst`` refused frames in a row (bad JSON, unknown targets) is
 a flood too, whatever the rate: the reader takes frames only as fast as it can handle them, so a
 flood that outpaces it can look like a client within the rate, and a client that never reads
@@ -27,7 +28,7 @@ class Verdict(enum.Enum):
 
     TAKE = "take"  # within the rate
     TELL = "tell"  # over it: answered with one rate_limited error, and dropped
-    DROP = "drop"  # over it again within the window: dropped unanswered
+    DROP = "drop"  # over it again within the window: dropped (answered only if it has an id)
     FLOOD = "flood"  # more than the burst dropped within the window: close the connection
 
 

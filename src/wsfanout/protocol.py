@@ -204,6 +204,16 @@ def _frame_id(data: dict[str, Any]) -> str | None:
     return frame_id
 
 
+def frame_id_of(frame: str | bytes) -> str | None:
+    """The ``id`` of an inbound frame that will not be handled (over the rate), if it is a
+    JSON object with a valid one: so that its refusal can name it."""
+    try:
+        data = orjson.loads(frame)
+        return _frame_id(data) if isinstance(data, dict) else None
+    except (orjson.JSONDecodeError, ProtocolError):
+        return None
+
+
 class ResumeError(ValueError):
     """A ``resume`` query value that is not what DESIGN 5.1 says it is."""
 

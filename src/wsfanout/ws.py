@@ -398,8 +398,13 @@ class Connection:
                 return CloseCode.POLICY
             verdict = inbound.check(now)
             if verdict is not Verdict.TAKE:
-                if verdict is Verdict.TELL:
-                    self._tell(ErrorCode.RATE_LIMITED, f"at most {rate:g} messages per second")
+                # A request over the rate is answered if it asked (its id): its sender must
+                # not wait in vain. At most the burst are, then the flood closes (inbound.py).
+                frame_id = protocol.frame_id_of(frame) if verdict is not Verdict.FLOOD else None
+                if verdict is Verdict.TELL or frame_id is not None:
+                    self._tell(
+                        ErrorCode.RATE_LIMITED, f"at most {rate:g} messages per second", frame_id
+                    )
                 elif verdict is Verdict.FLOOD:
                     return self._flooded(
                         ErrorCode.RATE_LIMITED,

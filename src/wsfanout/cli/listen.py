@@ -33,7 +33,10 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> None:
     try:
         from ..client import Client, ClientError
     except ImportError:  # websockets is the client's extra
-        raise CommandError("wsfanout listen needs pip install 'wsfanout[client]'") from None
+        raise CommandError(
+            "wsfanout listen needs the client extra (websockets): pip install '.[client]' "
+            "in wsfanout's source"
+        ) from None
     password = _password(args)
     positions = _read_positions(args.positions) if args.positions else None
 

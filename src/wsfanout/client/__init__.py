@@ -11,10 +11,18 @@ async with Client("ws://127.0.0.1:8000/", username="greg", password="Greg") as c
 ```
 
 It imports ``wsfanout.protocol`` and nothing else of the server (``pyproject.toml`` holds
-the contract). Needs ``websockets``: ``pip install 'wsfanout[client]'``.
+the contract). Needs ``websockets``: the ``client`` extra (``pip install '.[client]'`` in a clone).
 """
 
 from __future__ import annotations
+
+try:
+    import websockets  # noqa: F401
+except ImportError as exc:  # the extra is missing: say which
+    raise ImportError(
+        "wsfanout.client needs websockets, wsfanout's client extra: pip install '.[client]' "
+        "in wsfanout's source"
+    ) from exc
 
 from .connection import Client, State
 from .events import ClientError

@@ -320,6 +320,8 @@ class Client:
             detail = f"the login was refused ({exc.status}): {exc.detail}"
             if exc.status in (400, 401, 403):
                 return Next(Action.STOP, UNAUTHORIZED, detail)
+            if exc.status in (404, 405):  # no login there: a wrong URL, not a passing fault
+                return Next(Action.STOP, REFUSED, detail + f" (is {self.url} wsfanout's?)")
             return Next(Action.RETRY, REFUSED, detail, wait=exc.retry_after)
         except NoCredential as exc:
             return Next(Action.STOP, UNAUTHORIZED, str(exc))
@@ -357,6 +359,7 @@ class Client:
         self._events.begin(resuming)
         loop = asyncio.get_running_loop()
         welcomed_at: float | None = None
+        last_error: str | None = None  # the code of the last error frame given to the app
         try:
             while True:
                 try:
@@ -372,6 +375,9 @@ class Client:
                     code = exc.rcvd.code if exc.rcvd is not None else 1006
                     break
                 events = self._events.take(frame)
+                for event in events:
+                    if event.get("type") == "error":
+                        last_error = event.get("code")
                 if welcomed_at is None and self._state is State.CONNECTED:
                     welcomed_at = loop.time()
                 await self._inbox.put(events)
@@ -381,7 +387,7 @@ class Client:
         await self._inbox.put(replayed)  # ended before resumed: what was replayed
         if welcomed_at is not None:
             self._backoff.lived(loop.time() - welcomed_at)
-        return after_close(code, by_application=self._closing)
+        return after_close(code, by_application=self._closing, last_error=last_error)
 
     def _welcome(self) -> None:
         self._renewed = False

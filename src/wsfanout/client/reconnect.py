@@ -41,6 +41,7 @@ UNAUTHORIZED: Final = "unauthorized"  # 1008, 401, 403, a refused login: renew o
 GOING_AWAY: Final = "going_away"  # 1001
 RESTART: Final = "restart"  # 1012
 SLOW_CONSUMER: Final = "slow_consumer"  # 1013
+FLOODED: Final = "flooded"  # 1008 after a rate_limited or bad_message error: sent too fast
 CONNECTION_LOST: Final = "connection_lost"  # any other close
 UNREACHABLE: Final = "unreachable"  # no answer from the server
 REFUSED: Final = "refused"  # the server answered the handshake (or the login) with an error
@@ -115,10 +116,16 @@ _CLOSES: Final[dict[int, str]] = {
 ABNORMAL: Final = 1006  # the connection dropped without a close frame
 
 
-def after_close(code: int, by_application: bool) -> Next:
+# The server closes a client that floods it with 1008 too, after an error that says so: that
+# is no reason to doubt the credentials.
+FLOOD_ERRORS: Final = frozenset({"rate_limited", "bad_message"})
+
+
+def after_close(code: int, by_application: bool, last_error: str | None = None) -> Next:
     """What follows a connection that was open and closed with ``code``.
 
-    ``by_application``: the application called ``close()``.
+    ``by_application``: the application called ``close()``; ``last_error``: the code of
+    the last error frame the connection brought, if any.
     """
     if by_application:
         return Next(Action.STOP, CLOSED)
@@ -128,6 +135,9 @@ def after_close(code: int, by_application: bool) -> Next:
         return Next(Action.RETRY, GOING_AWAY, detail, soon=True)
     if code == CloseCode.SERVICE_RESTART:
         return Next(Action.RETRY, RESTART, detail, soon=True)
+    if code == CloseCode.POLICY and last_error in FLOOD_ERRORS:
+        detail = f"closed for sending too fast ({code}, after {last_error})"
+        return Next(Action.RETRY, FLOODED, detail, failures=SLOW_CONSUMER_FAILURES)
     if code == CloseCode.POLICY:
         return Next(Action.RENEW, UNAUTHORIZED, detail)
     if code == CloseCode.TRY_AGAIN_LATER:
