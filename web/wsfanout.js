@@ -398,8 +398,9 @@ export class Client {
   }
 
   _retry(reason, delay) {
-    this._set("disconnected", reason);
+    // The timer first: a listener that calls close() on "disconnected" must find it to clear.
     this._timer = setTimeout(() => this._open("retry"), delay * 1000);
+    this._set("disconnected", reason);
   }
 
   _stop() {

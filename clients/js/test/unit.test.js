@@ -198,3 +198,15 @@ test("a 1008 right after a flood's error backs off; after a forbidden one, the c
     chat.close();
   }
 });
+
+test("close() from a 'disconnected' listener stops the reconnecting", async () => {
+  const { chat, socket } = fake("ws://127.0.0.1:9/", { token: "t" });
+  chat.on("state", (state) => { if (state === "disconnected") chat.close(); });
+  chat.connect();
+  await new Promise((resolve) => setImmediate(resolve));
+  socket().open();
+  socket().receive({ type: "welcome", user: "u", groups: [], streams: {} });
+  socket().closed(1006);
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.deepEqual([chat.state, FakeSocket.made.length], ["closed", 1]);
+});
