@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,29 +20,14 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Locator, Page, Route, async_playwright, expect
 
+from tests.chromium import ARGS, CHROMIUM, NEEDED
 from tests.server import ROOT, Client, Server, http
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    # A page a test serves through a route (the documented example) has no address of its
-    # own, so Chromium counts it as public and would block its socket to 127.0.0.1.
-    "--disable-features=LocalNetworkAccessChecks",
-]
 XSS = '<img src=x onerror="window.pwned=1;alert(1)">'
 
 pytestmark = [
-    pytest.mark.skipif(
-        not CHROMIUM.exists() and os.environ.get("CI") != "true",
-        reason="Debian's chromium is not installed here (apt-get install chromium); CI installs it",
-    ),
+    NEEDED,
     pytest.mark.asyncio(loop_scope="module"),  # one browser for the module's tests
 ]
 

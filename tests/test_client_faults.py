@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,20 @@ def folder(tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
     path.mkdir()
     return path
+
+
+@contextlib.asynccontextmanager
+async def two_nodes(
+    tmp_path: Path, server_kind: str, redis_prefix: str
+) -> AsyncIterator[tuple[Server, Server, Proxy]]:
+    """Two nodes through Redis, and the network to node a (which a test may point at b)."""
+    env = redis_env(redis_prefix)
+    with (
+        Server(folder(tmp_path, "a"), env, server=server_kind).running() as a,
+        Server(folder(tmp_path, "b"), env, server=server_kind).running() as b,
+    ):
+        async with Proxy(a.port) as proxy:
+            yield a, b, proxy
 
 
 async def cut_off(
@@ -113,20 +128,15 @@ async def test_a_restarted_node_loses_nothing(
     The network lets the client back only once the node says it is ready (/healthz): a
     node answers handshakes a moment before its Redis link is up, and a resume it answers
     then is lost whatever Redis holds (reported to the lead; not the client's to test)."""
-    env = redis_env(redis_prefix)
-    with (
-        Server(folder(tmp_path, "a"), env, server=server_kind).running() as a,
-        Server(folder(tmp_path, "b"), env, server=server_kind).running() as b,
-    ):
-        async with Proxy(a.port) as proxy:
+    async with two_nodes(tmp_path, server_kind, redis_prefix) as (a, b, proxy):
 
-            async def restart() -> None:
-                proxy.point(unused_port())
-                await asyncio.to_thread(a.stop)
-                await asyncio.to_thread(a.start)  # returns once /healthz says 200
-                proxy.point(a.port)
+        async def restart() -> None:
+            proxy.point(unused_port())
+            await asyncio.to_thread(a.stop)
+            await asyncio.to_thread(a.start)  # returns once /healthz says 200
+            proxy.point(a.port)
 
-            await cut_off(proxy.ws_url, lambda: b, restart)
+        await cut_off(proxy.ws_url, lambda: b, restart)
 
 
 async def test_a_killed_node_loses_nothing(
@@ -134,18 +144,13 @@ async def test_a_killed_node_loses_nothing(
 ) -> None:
     """The client's node is killed (SIGKILL) and the network sends it to the other node:
     it resumes there from Redis and misses nothing."""
-    env = redis_env(redis_prefix)
-    with (
-        Server(folder(tmp_path, "a"), env, server=server_kind).running() as a,
-        Server(folder(tmp_path, "b"), env, server=server_kind).running() as b,
-    ):
-        async with Proxy(a.port) as proxy:
+    async with two_nodes(tmp_path, server_kind, redis_prefix) as (a, b, proxy):
 
-            async def kill() -> None:
-                proxy.point(b.port)
-                await asyncio.to_thread(a.kill)
+        async def kill() -> None:
+            proxy.point(b.port)
+            await asyncio.to_thread(a.kill)
 
-            await cut_off(proxy.ws_url, lambda: b, kill)
+        await cut_off(proxy.ws_url, lambda: b, kill)
 
 
 async def test_a_restarted_redis_is_a_lost_stream_and_nothing_else(

@@ -15,18 +15,16 @@ from typing import Any
 import pytest
 from playwright.async_api import Page, async_playwright
 
+from tests.chromium import ARGS as BROWSER_ARGS
+from tests.chromium import CHROMIUM, NEEDED
 from tests.listener import SERVER_ENV, Listener, Publisher, token
 from tests.proxy import Proxy
 from tests.server import Server
 from wsfanout.client import Client
 
-CHROMIUM = Path("/usr/bin/chromium")
+# 50 tabs in one window: none may be treated as hidden and have its timers slowed
 ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    # 50 tabs in one window: none may be treated as hidden and have its timers slowed
+    *BROWSER_ARGS,
     "--disable-background-timer-throttling",
     "--disable-renderer-backgrounding",
     "--disable-backgrounding-occluded-windows",
@@ -41,10 +39,7 @@ ENV = {**SERVER_ENV, "WSFANOUT_HISTORY_SIZE": "5000"}
 SHOWN = "document.querySelectorAll('#messages li.received').length"
 TEXTS = "[...document.querySelectorAll('#messages li.received .text')].map((e) => e.textContent)"
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists() and os.environ.get("CI") != "true",
-    reason="Debian's chromium is not installed here (apt-get install chromium); CI installs it",
-)
+pytestmark = NEEDED
 
 
 async def every_tab_shows(pages: list[Page], count: int, timeout: float = 60) -> None:

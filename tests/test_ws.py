@@ -242,14 +242,9 @@ async def test_a_client_that_keeps_flooding_is_closed_1008(settings: Settings) -
             assert codes == ["bad_json"] * 3 + ["rate_limited"]
             assert await ws.nothing(0.2)
             await ws.send_text("{")  # the fourth over the burst
-            last = await ws.receive()
-            assert (last["code"], last["detail"]) == (
-                "rate_limited",
-                "more than 3 messages over the rate limit in 1 s: closing",
+            await closed_as_a_flood(
+                ws, "rate_limited", "more than 3 messages over the rate limit in 1 s: closing"
             )
-            with pytest.raises(asgi.Closed) as caught:
-                await ws.receive()
-            assert caught.value.code == 1008
         metrics = await asgi.request(app, "GET", "/metrics")
         assert "wsfanout_flood_disconnects_total 1.0" in metrics.body.decode()
 
@@ -272,14 +267,16 @@ async def test_a_client_sending_only_refused_messages_is_closed_1008(settings: S
         assert await ws.nothing(0.2)
         await ws.send_json({"type": "group", "group": "nobody", "text": "x"})
         assert (await ws.receive())["code"] == "unknown_group"
-        last = await ws.receive()
-        assert (last["code"], last["detail"]) == (
-            "bad_message",
-            "4 messages in a row refused: closing",
-        )
-        with pytest.raises(asgi.Closed) as caught:
-            await ws.receive()
-        assert caught.value.code == 1008
+        await closed_as_a_flood(ws, "bad_message", "4 messages in a row refused: closing")
+
+
+async def closed_as_a_flood(ws: asgi.WebSocket, code: str, detail: str) -> None:
+    """The last error says why (``code``, ``detail``), then the connection closes with 1008."""
+    last = await ws.receive()
+    assert (last["code"], last["detail"]) == (code, detail)
+    with pytest.raises(asgi.Closed) as caught:
+        await ws.receive()
+    assert caught.value.code == 1008
 
 
 async def test_reading_pauses_while_the_outbox_is_full(settings: Settings) -> None:
