@@ -271,7 +271,9 @@ async def test_a_node_behind_redis_has_backends_batches_refused_everywhere(
 
     engines = [RedisBackplane(REDIS_URL, prefix), RedisBackplane(REDIS_URL, prefix)]
     for engine, deliver in zip(engines, (lambda *_: None, crawl), strict=True):
-        engine.bind(Node(deliver, lambda *_: None, lambda *_: None, lambda _: (), lambda: None))
+        engine.bind(
+            Node(deliver, lambda *_: None, lambda *_: None, lambda _: (), lambda: None, lambda _: 1)
+        )
         engine.start()
     entry = engines[0]
     try:

@@ -220,7 +220,10 @@ async def disconnect(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
 
 async def set_member(member: bool, svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
     """PUT (``member``) or DELETE of a membership; both idempotent."""
-    user, _ = await svc.store.set_member(_param(scope, "username"), _param(scope, "group"), member)
+    group = _param(scope, "group")
+    user, changed = await svc.store.set_member(_param(scope, "username"), group, member)
+    if changed:  # the lifecycle hooks (DESIGN 12): once, from the node that changed it
+        svc.hooks.emit("joined" if member else "left", user.username, group=group)
     await svc.control.make({"op": "member", "user": user.username})
     return 204, None
 
@@ -240,8 +243,10 @@ async def list_groups(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
 
 
 async def delete_group(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
-    await svc.store.delete_group(_param(scope, "name"))
-    await svc.control.make({"op": "group_deleted", "group": _param(scope, "name")})
+    group = _param(scope, "name")
+    for member in await svc.store.delete_group(group):
+        svc.hooks.emit("left", member, group=group)
+    await svc.control.make({"op": "group_deleted", "group": group})
     return 204, None
 
 
