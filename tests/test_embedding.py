@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import orjson
 import pytest
 
 from tests import asgi
 from tests.conftest import login
+from tests.receiver import Receiver, receiving
 from wsfanout import (
     App,
     Identity,
@@ -24,6 +27,7 @@ from wsfanout import (
     UnknownGroupError,
     UnknownUserError,
     create_app,
+    verify_webhook,
 )
 from wsfanout.types import Scope
 
@@ -71,12 +75,17 @@ class Recorder:
         return self.events
 
 
-async def eventually(ask: Callable[[], Awaitable[Any]], expected: Any) -> None:
-    """Ask until the answer is ``expected`` (up to 5 s): what other tasks do takes a moment."""
-    async with asyncio.timeout(5):
-        while (answer := await ask()) != expected:  # noqa: ASYNC110 - a question, not an event
+async def eventually(ask: Callable[[], Any], expected: Any, within: float = 5) -> None:
+    """Ask (sync or async) until the answer is ``expected``: what other tasks do takes a
+    moment."""
+    async with asyncio.timeout(within):
+        while True:
+            answer = ask()
+            if inspect.isawaitable(answer):
+                answer = await answer
+            if answer == expected:
+                return
             await asyncio.sleep(0.02)
-    assert answer == expected
 
 
 @pytest.mark.parametrize("make_async", [False, True], ids=["sync", "async"])
@@ -354,3 +363,49 @@ async def test_online_and_offline_once_each_for_three_tabs_on_two_nodes(
         assert await presence() == ["online", "offline"]
         connected = [e for hook in hooks for e in hook.events if e["type"] == "connected"]
         assert len(connected) == 3
+
+
+async def test_webhooks_carry_signed_events_through_a_receivers_outage(settings: Settings) -> None:
+    """With WSFANOUT_WEBHOOK_URL, the same lifecycle events are posted in signed batches;
+    the receiver away for a while loses none of them (each id arrives), and /metrics
+    counts what was sent and retried."""
+    async with receiving() as receiver:
+        configured = dataclasses.replace(
+            settings, webhook_url=receiver.url + "/hooks?k=1", webhook_secret="shh"
+        )
+        async with embedded(configured, authenticate=host_user) as chat:
+            async with asgi.WebSocket(chat, headers={"x-host-user": "ann"}) as ws:
+                await ws.receive()
+            await eventually(
+                lambda: _posted(receiver), ["connected", "online", "disconnected", "offline"]
+            )
+            await receiver.stop()
+            for user in ("bob", "cy"):
+                async with asgi.WebSocket(chat, headers={"x-host-user": user}) as ws:
+                    await ws.receive()
+            assert chat.service is not None and chat.service.metrics.webhook is not None
+            webhook = chat.service.metrics.webhook
+            await eventually(lambda: webhook.stats["retries"] > 0, True)
+            await receiver.start()
+            await eventually(lambda: len(_posted(receiver)), 12, within=15)
+            metrics = (await asgi.request(chat, "GET", "/metrics")).body.decode()
+    for request in receiver.received:
+        stamp = request.headers["x-wsfanout-timestamp"]
+        assert verify_webhook("shh", request.body, stamp, request.headers["x-wsfanout-signature"])
+        assert request.target == "/hooks?k=1"
+        assert not verify_webhook(
+            "other", request.body, stamp, request.headers["x-wsfanout-signature"]
+        )
+    ids = [
+        event["id"]
+        for request in receiver.received
+        for event in orjson.loads(request.body)["events"]
+    ]
+    assert len(set(ids)) == 12
+    assert 'wsfanout_webhook_events_total{outcome="sent"} 12.0' in metrics
+    assert "wsfanout_webhook_queue 0.0" in metrics
+
+
+def _posted(receiver: Receiver) -> list[str]:
+    """The types of the events the receiver has had, in order."""
+    return [e["type"] for r in receiver.received for e in orjson.loads(r.body)["events"]]

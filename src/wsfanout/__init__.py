@@ -21,6 +21,7 @@ from .publishing import (
     UnknownUserError,
 )
 from .types import Receive, Scope, Send
+from .webhooks import verify as verify_webhook
 
 __all__ = [
     "App",
@@ -33,6 +34,7 @@ __all__ = [
     "UnknownUserError",
     "app",
     "create_app",
+    "verify_webhook",
 ]
 __version__ = "0.1.0"
 

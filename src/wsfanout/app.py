@@ -13,7 +13,7 @@ from typing import Any, Final, TypeVar
 
 from . import admin, http, queries, views, ws
 from .admission import Identity
-from .config import Settings
+from .config import ConfigError, Settings
 from .hub import UnavailableError
 from .protocol import ErrorCode, Source
 from .publishing import ServiceUnavailableError
@@ -281,7 +281,7 @@ class App:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.startup()
-                except (StoreError, OSError, KeyConfigError) as exc:  # the message says it
+                except (StoreError, OSError, KeyConfigError, ConfigError) as exc:  # it says it
                     log.error("cannot start: %s", exc)
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return

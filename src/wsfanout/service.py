@@ -28,7 +28,7 @@ from . import protocol
 from .admission import Admission, Authenticate
 from .backplane import Backplane, LocalBackplane
 from .backplane.redis import RedisBackplane
-from .config import Settings
+from .config import ConfigError, Settings
 from .control import Control
 from .history import History
 from .hooks import Hook, Hooks
@@ -43,6 +43,7 @@ from .sessions import SessionCodec
 from .store import DatabaseError, Store
 from .throttle import DatabaseCounts, FailureCounts, LoginThrottle, RedisCounts
 from .tokens import TokenVerifier
+from .webhooks import Webhook
 
 if TYPE_CHECKING:
     from .sources.amqp import AmqpSource
@@ -169,7 +170,19 @@ class Service:
                 backplane = LocalBackplane(history)
             tokens = TokenVerifier(settings.jwt_secret, settings.jwt_public_key, clock=clock)
             hub = Hub(backplane, settings.pace_timeout)
-            hooks = Hooks(backplane.node, hook)
+            webhook = None
+            if settings.webhook_url:
+                try:
+                    webhook = Webhook(
+                        settings.webhook_url,
+                        settings.webhook_secret,
+                        queue_max=settings.webhook_queue,
+                    )
+                except ValueError as exc:
+                    raise ConfigError(
+                        "WSFANOUT_WEBHOOK_URL", settings.webhook_url, str(exc)
+                    ) from None
+            hooks = Hooks(backplane.node, hook, webhook)
             svc = cls(
                 settings=settings,
                 store=store,
@@ -184,6 +197,7 @@ class Service:
             )
             if hook is not None:
                 svc.metrics.hooks = hooks.stats
+            svc.metrics.webhook = webhook
             hooks.start()
             opened.push_async_callback(hooks.close)
             hub.start(svc.control.apply, svc.control.missed, hooks.presence)
