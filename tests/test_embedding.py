@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import inspect
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -36,11 +37,14 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 def host_user(scope: Scope) -> Identity | None:
-    """The host's session, as a header its own middleware would have checked."""
-    for name, value in scope["headers"]:
-        if name == b"x-host-user":
-            return Identity(value.decode(), groups=("chess",), name="Host " + value.decode())
-    return None
+    """The host's session, as a header its own middleware would have checked (and
+    ``x-host-expires``, when it ends)."""
+    headers = dict(scope["headers"])
+    user = headers.get(b"x-host-user")
+    if user is None:
+        return None
+    expires = float(headers[b"x-host-expires"]) if b"x-host-expires" in headers else None
+    return Identity(user.decode(), groups=("chess",), name="Host " + user.decode(), expires=expires)
 
 
 @contextlib.asynccontextmanager
@@ -107,10 +111,11 @@ async def test_the_hosts_authenticate_logs_users_in_with_no_wsfanout_cookie(
         cookie = await login(chat, "greg")
         async with asgi.WebSocket(chat, headers={"cookie": cookie}) as ws:
             assert (await ws.receive())["user"] == "greg"
-        with pytest.raises(asgi.Refused) as refused:
-            async with asgi.WebSocket(chat):
-                pass
-        assert refused.value.status == 403
+        for headers in ({}, {"x-host-user": "late", "x-host-expires": str(time.time() - 1)}):
+            with pytest.raises(asgi.Refused) as refused:
+                async with asgi.WebSocket(chat, headers=headers):
+                    pass
+            assert refused.value.status == 403
         directory = await asgi.request(chat, "GET", "/api/directory", headers={"x-host-user": "h"})
         assert directory.status == 200  # the JS client's probe sees the host's login too
 
@@ -409,3 +414,15 @@ async def test_webhooks_carry_signed_events_through_a_receivers_outage(settings:
 def _posted(receiver: Receiver) -> list[str]:
     """The types of the events the receiver has had, in order."""
     return [e["type"] for r in receiver.received for e in orjson.loads(r.body)["events"]]
+
+
+async def test_an_identity_that_expires_closes_its_connection_then(settings: Settings) -> None:
+    """``Identity(expires=…)`` ends the connection at that time with 1008, after a
+    ``forbidden`` frame, as a session's max age does."""
+    async with embedded(settings, authenticate=host_user) as chat:
+        soon = {"x-host-user": "brief", "x-host-expires": str(time.time() + 1.2)}
+        async with asgi.WebSocket(chat, headers=soon) as ws:
+            await ws.receive()
+            events = await ws.until_closed()
+        assert ws.close_code == 1008
+        assert events[-1]["code"] == "forbidden"

@@ -279,6 +279,8 @@ class Admission:
         if not isinstance(found, Identity):
             log.error("authenticate(scope) answered %r, not an Identity or None: refused", found)
             raise Refusal(500, "authenticate_failed", "could not tell who you are")
+        if found.expires is not None and found.expires <= self.codec.clock():
+            raise Refusal(403, "expired", "the session has expired: log in again")
         return found.login()
 
     async def confirm(self, found: Session | Claims | Login) -> Login | None:

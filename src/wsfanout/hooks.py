@@ -109,6 +109,8 @@ class Hooks:
         """Start handing events to the callable and the webhook (on the running loop)."""
         if self._hook is not None and self._task is None:
             self._wake = asyncio.Event()
+            if self._queue:  # told before start
+                self._wake.set()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="wsfanout-hooks")
         if self.webhook is not None:
             self.webhook.start()
