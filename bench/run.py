@@ -716,6 +716,7 @@ METRICS = {
         ("loadgen_handshake_cpu_s", "loadgen CPU s", None),
     ],
 }
+METRICS["hooks"] = METRICS["burst"]
 METRICS["capacity-pg"] = [
     *METRICS["capacity"][:3],
     ("pg_us_per_handshake", "PostgreSQL µs/handshake", False),
