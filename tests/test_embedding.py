@@ -426,3 +426,19 @@ async def test_an_identity_that_expires_closes_its_connection_then(settings: Set
             events = await ws.until_closed()
         assert ws.close_code == 1008
         assert events[-1]["code"] == "forbidden"
+
+
+async def test_the_admin_api_disconnects_a_hosts_user(settings: Settings) -> None:
+    """A user who is only the host's (no row in the store) can still be disconnected by
+    the operator: their connections close with 1008."""
+    async with (
+        embedded(settings, authenticate=host_user) as chat,
+        asgi.WebSocket(chat, headers={"x-host-user": "ann"}) as ws,
+    ):
+        await ws.receive()
+        answer = await asgi.request(chat, "POST", "/api/users/ann/disconnect", headers=AUTH)
+        assert answer.status == 204
+        await ws.until_closed()
+        assert ws.close_code == 1008
+        nobody = await asgi.request(chat, "POST", "/api/users/no%20one/disconnect", headers=AUTH)
+        assert nobody.status == 404

@@ -207,12 +207,13 @@ async def set_password(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]
 
 async def disconnect(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
     """Revoke every session of the user and close their sockets everywhere. With tokens
-    on, a user with no row (a token's ``sub``) is disconnected too."""
+    on (or the host app's ``authenticate``), a user with no row (a token's ``sub``, the
+    host's identity) is disconnected too."""
     username = _param(scope, "username")
     try:
         username = (await svc.store.revoke_user_sessions(username)).username
     except UnknownUserError:
-        if not (svc.tokens.enabled and USERNAME_RE.fullmatch(username)):
+        if not (svc.publishing.outside and USERNAME_RE.fullmatch(username)):
             raise
     await svc.control.make({"op": "revoke", "user": username, "session": None})
     return 204, None
