@@ -7,17 +7,22 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import websockets
 
 from tests import asgi
 from tests.conftest import login
+from tests.listener import SERVER_ENV
 from tests.receiver import Receiver, receiving
+from tests.server import Server
 from wsfanout import (
     App,
     Identity,
@@ -442,3 +447,26 @@ async def test_the_admin_api_disconnects_a_hosts_user(settings: Settings) -> Non
         assert ws.close_code == 1008
         nobody = await asgi.request(chat, "POST", "/api/users/no%20one/disconnect", headers=AUTH)
         assert nobody.status == 404
+
+
+async def test_a_clients_close_code_reaches_the_webhook_under_both_servers(
+    server_kind: str, tmp_path: Path, demo_db: Path
+) -> None:
+    """Real servers: the code a client closes with is the ``disconnected`` event's (hypercorn
+    itself tells the app 1006 for any close the client starts)."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    async with receiving() as receiver:
+        env = {**SERVER_ENV, "WSFANOUT_WEBHOOK_URL": receiver.url, "WSFANOUT_WEBHOOK_SECRET": "s"}
+        with Server(tmp_path, env, app="tests.hosted:app", server=server_kind).running() as server:
+            for code in (4001, 1000):
+                async with websockets.connect(
+                    server.ws_url, additional_headers={"Cookie": "host_user=ann"}
+                ) as ws:
+                    await ws.recv()
+                    await ws.close(code=code)
+            await eventually(lambda: _codes(receiver), [4001, 1000], within=10)
+
+
+def _codes(receiver: Receiver) -> list[int]:
+    events = [e for r in receiver.received for e in orjson.loads(r.body)["events"]]
+    return [e["code"] for e in events if e["type"] == "disconnected"]

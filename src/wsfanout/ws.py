@@ -382,7 +382,8 @@ class Connection:
             message = await self.receive()
             kind = message["type"]
             if kind == "websocket.disconnect":
-                self.code = message.get("code", NO_STATUS)
+                sent = self.svc.server.client_code(self.stream)
+                self.code = message.get("code", NO_STATUS) if sent is None else sent
                 return None
             if kind != "websocket.receive":
                 continue

@@ -174,9 +174,14 @@ def closing_connection() -> type:
 
     class ClosingConnection(Connection):
         wsfanout_client: object = None  # the client's address, for the log (None: no log)
+        # The close code the client sent (or wsproto's, for what it could not parse):
+        # hypercorn tells the app 1006 for any close the client starts.
+        wsfanout_code: int | None = None
 
         def events(self) -> Generator[Event, None, None]:
             for event in super().events():
+                if isinstance(event, CloseConnection):
+                    self.wsfanout_code = event.code
                 # Only wsproto's failure to parse yields a close while the connection is
                 # still open (a client's close frame changes the state first). Hypercorn
                 # answers a close event in REMOTE_CLOSING with the same code: take it there.

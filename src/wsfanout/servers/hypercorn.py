@@ -56,7 +56,9 @@ Theory of operation.
 7. Invalid frames. On wsfanout's streams, the wsproto connection hypercorn builds at accept
    becomes frames.py's ``closing_connection()``: a client whose data wsproto cannot parse
    (invalid UTF-8 in a text message: 1007) gets the close frame wsproto asks for, where
-   hypercorn sent none (the client saw 1006), and the log gets one line. Checked at start:
+   hypercorn sent none (the client saw 1006), and the log gets one line. It also keeps the
+   code of the client's own close, which hypercorn tells the app as 1006 (for the lifecycle
+   hooks' ``disconnected``: ``ServerReach.client_code``). Checked at start:
    such a connection fed invalid UTF-8 must close as hypercorn answers a client's close.
 
 8. Connections per address. hypercorn_tcp.py wraps hypercorn's ``TCPServer.run`` for every

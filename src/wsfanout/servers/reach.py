@@ -124,6 +124,13 @@ class ServerReach:
         log.info(_STOPPING)
         await self.on_stopping()
 
+    def client_code(self, stream: Any) -> int | None:
+        """The close code the client sent on ``stream`` (from ``accepted``), where the
+        server does not say it (hypercorn's ``websocket.disconnect`` says 1006 for every
+        close the client starts); None: unknown here."""
+        code = getattr(getattr(stream, "connection", None), "wsfanout_code", None)
+        return code if isinstance(code, int) else None
+
     def abort(self, stream: Any) -> bool:
         """Reset the TCP connection under ``stream`` (from ``accepted``): the kernel drops
         what it still holds for the client. False if that cannot be done here."""
