@@ -210,8 +210,9 @@ async def home(request: Request) -> Response:
     return HTMLResponse(PAGE.format(username=html.escape(username), options=options))
 
 
-# What each refusal of chat.publish() becomes in this app's answers; the base class
-# PublishError itself is a bad message (400).
+# What each refusal of chat.publish() becomes in this app's answers (PublishError itself: a
+# bad message, 400). wsfanout knows the groups in its own store and those of the users
+# connected now, so a group of this app with nobody online is an unknown_group: nobody hears.
 PUBLISH_STATUS: dict[type[PublishError], int] = {
     UnknownGroupError: 404,
     UnknownUserError: 404,

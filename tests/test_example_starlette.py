@@ -76,9 +76,10 @@ def request(
         connection.close()
 
 
-def log_in(server: Server) -> str:
-    """Log in as greg through the host's form; the ``Cookie`` header value of its session."""
-    form = {"username": "greg", "password": "Greg"}
+def log_in(server: Server, username: str) -> str:
+    """Log in through the host's form (the demo password: the name capitalised); the
+    ``Cookie`` header value of its session."""
+    form = {"username": username, "password": username.capitalize()}
     status, headers, body = request(server, "POST", "/login", form=form)
     assert (status, headers["location"]) == (303, "/"), body
     return headers["set-cookie"].split(";")[0]
@@ -159,12 +160,12 @@ async def test_pages_off_anonymous_refused_bad_announcements_answered(host: Serv
 
     status, _, body = request(host, "POST", "/announce", form={"text": "hi"})
     assert (status, json.loads(body)["code"]) == (401, "unauthorized")
-    cookie = log_in(host)
+    cookie = log_in(host, "amanda")  # no girl connects in these tests
     refusals: list[tuple[dict[str, str] | str, int, str]] = [
         ("{not json", 400, "bad_request"),
         ({"group": "staff"}, 400, "bad_request"),
-        ({"text": "hi", "group": "girls"}, 403, "forbidden"),  # greg is not in girls
-        ({"text": "hi", "group": "boys"}, 404, "unknown_group"),  # no boy online to hear it
+        ({"text": "hi", "group": "boys"}, 403, "forbidden"),  # amanda is not in boys
+        ({"text": "hi", "group": "girls"}, 404, "unknown_group"),  # no girl online to hear it
         ({"text": " "}, 400, "bad_message"),  # wsfanout's refusal, mapped by the view
         ({"text": "x" * 100_000}, 413, "too_large"),
     ]
@@ -180,7 +181,7 @@ async def test_pages_off_anonymous_refused_bad_announcements_answered(host: Serv
 async def test_the_socket_believes_the_host_session_until_it_expires(host: Server) -> None:
     """A websocket with the host's session cookie only is greg with his host groups; one
     with a session older than its max age is refused."""
-    cookie = log_in(host)
+    cookie = log_in(host, "greg")
     async with connect(host.ws_url + "chat/", additional_headers={"cookie": cookie}) as socket:
         frame = json.loads(await socket.recv())
     welcome = frame[0] if isinstance(frame, list) else frame
