@@ -43,16 +43,16 @@ test *args: lint
 
 # ruff (format check and lint), mypy --strict, and the layering of DESIGN section 3 (lint-imports)
 lint: install
-    {{bin}}/ruff format --check src tests bench
-    {{bin}}/ruff check src tests bench
+    {{bin}}/ruff format --check src tests bench examples
+    {{bin}}/ruff check src tests bench examples
     {{bin}}/mypy
     {{bin}}/lint-imports
     {{bin}}/hadolint Containerfile
 
 # format the code
 fmt: install
-    {{bin}}/ruff format src tests bench
-    {{bin}}/ruff check --fix src tests bench
+    {{bin}}/ruff format src tests bench examples
+    {{bin}}/ruff check --fix src tests bench examples
 
 # the benchmark: wsfanout beside a bare hypercorn app, one run (add --quick, --reps N, --only NAME, --profile DIR)
 bench *args: install
