@@ -3,10 +3,13 @@ skips a module without it (except under CI, where a missing browser must fail)."
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
+from playwright.async_api import Browser, async_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -25,3 +28,14 @@ NEEDED = pytest.mark.skipif(
     not CHROMIUM.exists() and os.environ.get("CI") != "true",
     reason="Debian's chromium is not installed here (apt-get install chromium); CI installs it",
 )
+
+
+@contextlib.asynccontextmanager
+async def launched(args: Sequence[str] = ARGS) -> AsyncIterator[Browser]:
+    """Chromium, launched with ``args`` through Playwright, closed on the way out."""
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            yield browser
+        finally:
+            await browser.close()

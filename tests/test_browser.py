@@ -18,9 +18,9 @@ from typing import Any
 import jwt
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Locator, Page, Route, async_playwright, expect
+from playwright.async_api import Browser, Locator, Page, Route, expect
 
-from tests.chromium import ARGS, CHROMIUM, NEEDED
+from tests.chromium import NEEDED, launched
 from tests.server import ROOT, Client, Server, http
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -52,12 +52,8 @@ def mounted(tmp_path: Path, demo_db: Path) -> Iterator[Server]:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def chromium() -> AsyncIterator[Browser]:
     """One Chromium for the module: launching it costs more than most tests."""
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
+    async with launched() as browser:
+        yield browser
 
 
 @pytest_asyncio.fixture(loop_scope="module")
