@@ -138,6 +138,25 @@ REDIS_2W_OFF = dataclasses.replace(
     REDIS_2W, name="wsfanout-redis-2w-nohist", env={**REDIS_2W.env, **NO_HISTORY}
 )
 REDIS_2W_UVICORN = dataclasses.replace(REDIS_2W, name="wsfanout-uvicorn-redis-2w", server="uvicorn")
+# The host's lifecycle hooks (DESIGN 12) hanging or failing on every event, and a webhook
+# whose receiver is down: fan-out must not notice ("hooks", run only when named).
+HOOK_SLEEP = System(
+    "wsfanout-hook-sleep", "bench.hooked:app", "wsfanout", {**WSFANOUT_ENV, "BENCH_HOOK": "sleep"}
+)
+HOOK_RAISE = dataclasses.replace(
+    HOOK_SLEEP, name="wsfanout-hook-raise", env={**WSFANOUT_ENV, "BENCH_HOOK": "raise"}
+)
+WEBHOOK_DOWN = System(
+    "wsfanout-webhook-down",
+    "wsfanout:app",
+    "wsfanout",
+    {
+        **WSFANOUT_ENV,
+        "WSFANOUT_WEBHOOK_URL": "http://127.0.0.1:9/nobody-listens",
+        "WSFANOUT_WEBHOOK_SECRET": "bench",
+    },
+)
+OPT_IN = frozenset({"hooks"})  # scenarios run only when named with --only
 # Pairs whose ratio is printed: history on (the default) over history off.
 HISTORY_PAIRS = (
     ("wsfanout", "wsfanout-nohistory"),
@@ -187,6 +206,18 @@ def scenarios(quick: bool) -> list[Scenario]:
                 ("wsfanout-uvicorn", "wsfanout"),
                 ("wsfanout-uvicorn", "baseline-uvicorn"),
                 ("baseline-uvicorn", "baseline"),
+            ),
+        ),
+        Scenario(
+            "hooks",
+            (WSFANOUT, HOOK_SLEEP, HOOK_RAISE, WEBHOOK_DOWN, BASELINE),
+            {"scenario": "burst", "connections": n, "messages": messages, "size": 100},
+            f"hooks: S1 burst ({n} conns, {messages} broadcasts of 100 B) with the host's "
+            "hooks sleeping 5 s or raising on every event, and a webhook receiver down",
+            ratios=(
+                ("wsfanout-hook-sleep", "wsfanout"),
+                ("wsfanout-hook-raise", "wsfanout"),
+                ("wsfanout-webhook-down", "wsfanout"),
             ),
         ),
         Scenario(
@@ -685,6 +716,7 @@ METRICS = {
         ("loadgen_handshake_cpu_s", "loadgen CPU s", None),
     ],
 }
+METRICS["hooks"] = METRICS["burst"]
 METRICS["capacity-pg"] = [
     *METRICS["capacity"][:3],
     ("pg_us_per_handshake", "PostgreSQL µs/handshake", False),
@@ -772,7 +804,11 @@ def main() -> int:
         print("installing the load generator's dependencies (npm ci in bench/)", flush=True)
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(BENCH)], check=True)
 
-    chosen = [s for s in scenarios(args.quick) if not args.only or s.name in args.only]
+    chosen = [
+        s
+        for s in scenarios(args.quick)
+        if (s.name in args.only if args.only else s.name not in OPT_IN)
+    ]
     if args.against:
         tree = args.against.resolve()
         before = [dataclasses.replace(WSFANOUT, name="wsfanout-before", tree=tree)]

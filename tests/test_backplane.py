@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as redis
 
@@ -25,6 +26,7 @@ from tests import asgi
 from tests.asgi import resume_query, until
 from tests.conftest import login
 from tests.proxy import Proxy
+from tests.receiver import Receiver
 from tests.server import Client, RedisServer, Server, delete_redis_keys, http, need_redis
 from wsfanout import App, Settings, create_app, protocol
 from wsfanout.backplane import BackplaneUnavailableError, Node
@@ -271,7 +273,9 @@ async def test_a_node_behind_redis_has_backends_batches_refused_everywhere(
 
     engines = [RedisBackplane(REDIS_URL, prefix), RedisBackplane(REDIS_URL, prefix)]
     for engine, deliver in zip(engines, (lambda *_: None, crawl), strict=True):
-        engine.bind(Node(deliver, lambda *_: None, lambda *_: None, lambda _: (), lambda: None))
+        engine.bind(
+            Node(deliver, lambda *_: None, lambda *_: None, lambda _: (), lambda: None, lambda _: 1)
+        )
         engine.start()
     entry = engines[0]
     try:
@@ -553,12 +557,17 @@ async def test_a_killed_nodes_users_go_offline_within_30_s(
     tmp_path: Path, demo_db: Path, prefix: str
 ) -> None:
     """Real hypercorn, two nodes: a node killed with SIGKILL says no goodbye, yet its users
-    are offline for the other node's clients within 30 s; a client of the dead node
-    resumes on the live one with what it missed."""
+    are offline for the other node's clients within 30 s, and for the lifecycle webhooks
+    (told by the live node); a client of the dead node resumes on the live one with what
+    it missed."""
+    receiver = Receiver()
+    await receiver.start()
     env = {
         "WSFANOUT_REDIS_URL": REDIS_URL,
         "WSFANOUT_REDIS_PREFIX": prefix,
         "WSFANOUT_PRESENCE_EVENTS_MAX": "100",
+        "WSFANOUT_WEBHOOK_URL": receiver.url,
+        "WSFANOUT_WEBHOOK_SECRET": "shh",
     }
     servers = []
     for name in ("alive", "doomed"):
@@ -585,6 +594,12 @@ async def test_a_killed_nodes_users_go_offline_within_30_s(
         took = time.monotonic() - killed
         assert offline["user"] == "lisa" and took < 30, took
         print(f"figure presence: a killed node's user went offline after {took:.1f} s")
+        async with asyncio.timeout(15):
+            while not (told := posted(receiver, "offline", "lisa")):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        assert (
+            len(told) == 1 and told[0]["node"] != posted(receiver, "connected", "lisa")[0]["node"]
+        )
         await lisa.close()
         await amanda.close()
         back = await Client.open(alive.ws_url + "?" + resume_query(positions), alive.login("lisa"))
@@ -596,6 +611,13 @@ async def test_a_killed_nodes_users_go_offline_within_30_s(
     finally:
         for server in servers:
             server.stop()
+        await receiver.stop()
+
+
+def posted(receiver: Receiver, kind: str, user: str) -> list[dict[str, Any]]:
+    """The lifecycle events of this type and user the webhook receiver has had."""
+    events = [e for r in receiver.received for e in orjson.loads(r.body)["events"]]
+    return [e for e in events if (e["type"], e["user"]) == (kind, user)]
 
 
 async def test_history_on_request_is_read_from_redis(settings: Settings, prefix: str) -> None:

@@ -660,3 +660,25 @@ async def test_the_example_runs(node: Server) -> None:
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_headers_carry_the_host_apps_session(tmp_path: Path, demo_db: Path) -> None:
+    """Embedded in a host app whose ``authenticate`` reads its own session cookie
+    (tests/hosted.py), the client connects with that cookie in ``headers``; with no
+    cookie it is refused for good, unauthorized."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    with Server(tmp_path, SERVER_ENV, app="tests.hosted:app").running() as server:
+        async with Client(server.ws_url, headers={"Cookie": "host_user=ann"}) as chat:
+            welcome = await anext(chat)
+            assert (welcome["type"], welcome["user"], welcome["groups"]) == (
+                "welcome",
+                "ann",
+                ["chess"],
+            )
+            ack = await chat.send({"type": "group", "group": "chess", "text": "hi"})
+            assert ack["type"] == "ack"
+            assert (await anext(chat))["text"] == "hi"
+        anonymous = Client(server.ws_url)
+        with pytest.raises(ClientError) as refused:
+            await asyncio.wait_for(anonymous.connect(), 10)
+        assert refused.value.code == "unauthorized" and anonymous.state == "closed"

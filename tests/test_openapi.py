@@ -54,6 +54,7 @@ BODIES: dict[str, Any] = {
     "createUser": {"username": "keyless", "password": "Keyless"},
     "setPassword": {"password": "Greg2"},
     "createGroup": {"name": "keyless"},
+    "online": {"users": ["greg"]},
 }
 
 

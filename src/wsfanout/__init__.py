@@ -9,12 +9,33 @@ from __future__ import annotations
 
 import logging
 
+from .admission import Identity
 from .app import App, create_app
 from .config import ConfigError, Settings
 from .protocol import CloseCode
+from .publishing import (
+    MessageTooLargeError,
+    PublishError,
+    ServiceUnavailableError,
+    UnknownGroupError,
+    UnknownUserError,
+)
 from .types import Receive, Scope, Send
+from .webhooks import verify as verify_webhook
 
-__all__ = ["App", "Settings", "app", "create_app"]
+__all__ = [
+    "App",
+    "Identity",
+    "MessageTooLargeError",
+    "PublishError",
+    "ServiceUnavailableError",
+    "Settings",
+    "UnknownGroupError",
+    "UnknownUserError",
+    "app",
+    "create_app",
+    "verify_webhook",
+]
 __version__ = "0.1.0"
 
 

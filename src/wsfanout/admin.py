@@ -207,12 +207,13 @@ async def set_password(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]
 
 async def disconnect(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
     """Revoke every session of the user and close their sockets everywhere. With tokens
-    on, a user with no row (a token's ``sub``) is disconnected too."""
+    on (or the host app's ``authenticate``), a user with no row (a token's ``sub``, the
+    host's identity) is disconnected too."""
     username = _param(scope, "username")
     try:
         username = (await svc.store.revoke_user_sessions(username)).username
     except UnknownUserError:
-        if not (svc.tokens.enabled and USERNAME_RE.fullmatch(username)):
+        if not (svc.publishing.outside and USERNAME_RE.fullmatch(username)):
             raise
     await svc.control.make({"op": "revoke", "user": username, "session": None})
     return 204, None
@@ -220,7 +221,10 @@ async def disconnect(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
 
 async def set_member(member: bool, svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
     """PUT (``member``) or DELETE of a membership; both idempotent."""
-    user, _ = await svc.store.set_member(_param(scope, "username"), _param(scope, "group"), member)
+    group = _param(scope, "group")
+    user, changed = await svc.store.set_member(_param(scope, "username"), group, member)
+    if changed:  # the lifecycle hooks (DESIGN 12): once, from the node that changed it
+        svc.hooks.emit("joined" if member else "left", user.username, group=group)
     await svc.control.make({"op": "member", "user": user.username})
     return 204, None
 
@@ -240,8 +244,10 @@ async def list_groups(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
 
 
 async def delete_group(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
-    await svc.store.delete_group(_param(scope, "name"))
-    await svc.control.make({"op": "group_deleted", "group": _param(scope, "name")})
+    group = _param(scope, "name")
+    for member in await svc.store.delete_group(group):
+        svc.hooks.emit("left", member, group=group)
+    await svc.control.make({"op": "group_deleted", "group": group})
     return 204, None
 
 

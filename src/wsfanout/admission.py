@@ -1,12 +1,13 @@
 """Who may connect: seats, deadlines, and who a request or a handshake is.
 
 A handshake (``Admission.admit``) is checked in this order: the service still open, the
-``Origin``, the credentials as far as they go without the store (a connection token, else
-the session cookie: ``credentials``), the ``resume`` query, then a seat (``Seats``), all
-without awaiting anything, so the connection limits hold however many handshakes run at
-once; only then is the store asked whether the session is still live (``confirm``). What
-fails is a ``Refusal``: an HTTP status, a label for the metrics, a reason. An HTTP request
-asks the same two questions through ``login``.
+``Origin``, the host app's ``authenticate`` (when it was given one: ``identify``), else the
+credentials as far as they go without the store (a connection token, else the session
+cookie: ``credentials``), the ``resume`` query, then a seat (``Seats``); nothing after the
+host's answer awaits until the seat is taken, so the connection limits hold however many
+handshakes run at once. Only then is the store asked whether the session is still live
+(``confirm``). What fails is a ``Refusal``: an HTTP status, a label for the metrics, a
+reason. An HTTP request asks the same questions through ``login``.
 
 A connection's seat is given back only once it is closed. Its session's (or token's) end
 is kept in ``Deadlines``: one task for them all, checked once a second.
@@ -20,7 +21,7 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -28,7 +29,7 @@ from . import http, protocol
 from .config import Settings
 from .hub import Hub
 from .outage import OutageLog
-from .protocol import Position
+from .protocol import GROUP_RE, MAX_FIRST_NAME, USERNAME_RE, Position
 from .sessions import COOKIE_NAME, Session, SessionCodec
 from .store import DatabaseError, Store
 from .tokens import Claims, TokenError, TokenVerifier
@@ -37,6 +38,57 @@ from .types import Scope
 log = logging.getLogger(__name__)
 
 TOKEN_QUERY: Final = b"token="
+AUTHENTICATE_TIMEOUT: Final = 10.0  # seconds the host's ``authenticate`` may take
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a handshake (or request) is, as the host app's ``authenticate(scope)`` says.
+
+    ``groups`` are the user's groups (they need no row in wsfanout's store); ``name`` is
+    shown to others (default: the username); ``expires`` (seconds since the epoch) is when
+    the connection is closed (1008) for the client to come back through ``authenticate``;
+    None: never.
+
+    Raises:
+        ValueError: a username, group or name wsfanout cannot carry.
+    """
+
+    username: str
+    groups: Sequence[str] = ()
+    name: str | None = None
+    expires: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.username, str) or not USERNAME_RE.fullmatch(self.username):
+            raise ValueError(
+                f"Identity: {self.username!r} is not a username wsfanout takes (1 to 64 "
+                "letters, digits and _.@+-, starting with a letter or digit)"
+            )
+        if isinstance(self.groups, str):
+            raise ValueError(f"Identity: groups is a list of names, not the string {self.groups!r}")
+        groups = tuple(dict.fromkeys(self.groups))
+        for group in groups:
+            if not isinstance(group, str) or not GROUP_RE.fullmatch(group):
+                raise ValueError(
+                    f"Identity: {group!r} is not a group name wsfanout takes (1 to 64 "
+                    "letters, digits and _.-, starting with a letter or digit)"
+                )
+        object.__setattr__(self, "groups", groups)
+        if self.name is not None and (
+            not isinstance(self.name, str) or not 0 < len(self.name) <= MAX_FIRST_NAME
+        ):
+            raise ValueError(f"Identity: name must be 1 to {MAX_FIRST_NAME} characters")
+        if self.expires is not None and not math.isfinite(self.expires):
+            raise ValueError("Identity: expires is seconds since the epoch, or None")
+
+    def login(self) -> Login:
+        expires = math.inf if self.expires is None else float(self.expires)
+        return Login(self.username, self.name or self.username, tuple(self.groups), expires, None)
+
+
+Authenticate = Callable[[Scope], Awaitable["Identity | None"]]
+"""The host app's ``authenticate``, made async (``App`` runs a plain function in a thread)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +99,7 @@ class Login:
     first_name: str
     groups: tuple[str, ...]
     expires_at: float
-    session_id: str | None  # None: a token
+    session_id: str | None  # None: a token, or the host app's identity
 
 
 class Refusal(Exception):
@@ -114,6 +166,8 @@ class Deadlines:
         self._task: asyncio.Task[None] | None = None
 
     def add(self, when: float, item: Any) -> None:
+        if when == math.inf:
+            return  # never expires
         second = math.ceil(when)
         bucket = self._buckets.get(second)
         if bucket is None:
@@ -126,6 +180,8 @@ class Deadlines:
             )
 
     def discard(self, when: float, item: Any) -> None:
+        if when == math.inf:
+            return
         second = math.ceil(when)
         bucket = self._buckets.get(second)
         if bucket is not None:
@@ -163,6 +219,7 @@ class Admission:
         codec: SessionCodec,
         tokens: TokenVerifier,
         outages: OutageLog,
+        authenticate: Authenticate | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -170,6 +227,7 @@ class Admission:
         self.codec = codec
         self.tokens = tokens
         self.outages = outages
+        self.authenticate = authenticate
         self.seats = Seats(settings.max_connections, settings.max_connections_per_user)
         self.deadlines = Deadlines(codec.clock)
 
@@ -193,13 +251,48 @@ class Admission:
                         raise
         return session
 
-    async def confirm(self, found: Session | Claims) -> Login | None:
+    async def identify(self, scope: Scope) -> Login | None:
+        """Who the host app's ``authenticate`` says this is; None: it does not say (or the
+        app was given no ``authenticate``), and wsfanout's own credentials decide.
+
+        Raises:
+            Refusal: ``authenticate`` raised (500, logged with its traceback), answered
+            something other than an ``Identity`` or None (500), or took longer than
+            ``AUTHENTICATE_TIMEOUT`` (503).
+        """
+        authenticate = self.authenticate
+        if authenticate is None:
+            return None
+        try:
+            async with asyncio.timeout(AUTHENTICATE_TIMEOUT):
+                found = await authenticate(scope)
+        except TimeoutError:
+            log.error("authenticate(scope) took over %g s: refused", AUTHENTICATE_TIMEOUT)
+            raise Refusal(
+                503, "authenticate_timeout", "could not tell who you are in time"
+            ) from None
+        except Exception:
+            log.exception("authenticate(scope) raised: refused")
+            raise Refusal(500, "authenticate_failed", "could not tell who you are") from None
+        if found is None:
+            return None
+        if not isinstance(found, Identity):
+            log.error("authenticate(scope) answered %r, not an Identity or None: refused", found)
+            raise Refusal(500, "authenticate_failed", "could not tell who you are")
+        if found.expires is not None and found.expires <= self.codec.clock():
+            raise Refusal(403, "expired", "the session has expired: log in again")
+        return found.login()
+
+    async def confirm(self, found: Session | Claims | Login) -> Login | None:
         """The login behind checked credentials; None if its session was revoked (or
-        expired and pruned) or its user is gone. A token needs no store.
+        expired and pruned) or its user is gone. A token or the host's identity needs no
+        store.
 
         Raises:
             DatabaseError: the database failed.
         """
+        if isinstance(found, Login):
+            return found
         if isinstance(found, Claims):
             return Login(found.username, found.name, found.groups, found.expires_at, None)
         if await self.store.session_user(found.session_id) != found.user_id:
@@ -216,7 +309,11 @@ class Admission:
 
         Raises:
             DatabaseError: the database failed.
+            Refusal: the host app's ``authenticate`` failed (``identify``).
         """
+        host = await self.identify(scope)
+        if host is not None:
+            return host
         try:
             found = self.credentials(scope)
         except TokenError as exc:
@@ -241,8 +338,15 @@ class Admission:
             raise Refusal(503, "shutting_down", "the server is shutting down")
         if not http.origin_allowed(scope, self.settings.allowed_origins):
             raise Refusal(403, "origin", "origin not allowed")
+        found: Session | Claims | Login | None = None
+        if self.authenticate is not None:
+            if self.seats.taken >= self.seats.total:  # ask the host nothing when full
+                raise Refusal(503, "full", "too many connections, try again later")
+            found = await self.identify(scope)
+            if self.hub.closed:
+                raise Refusal(503, "shutting_down", "the server is shutting down")
         try:
-            found = self.credentials(scope)
+            found = found or self.credentials(scope)
         except TokenError as exc:
             log.info("token refused: %s", exc.reason)  # the client is told no more than this:
             raise Refusal(403, "bad_token", "invalid token") from None

@@ -1,15 +1,22 @@
-"""``create_app()``: the ASGI callable, its route table and its lifespan."""
+"""``create_app()``: the ASGI callable, its route table and its lifespan, and what the host
+app's own code calls on it (DESIGN 12): ``publish``, ``publish_sync``, ``online``."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final, TypeVar
 
-from . import admin, http, views, ws
-from .config import Settings
+from . import admin, http, queries, views, ws
+from .admission import Identity
+from .config import ConfigError, Settings
+from .hub import UnavailableError
+from .protocol import ErrorCode, Source
+from .publishing import ServiceUnavailableError
 from .service import Service
 from .store import DatabaseError, StoreError
 from .tokens import KeyConfigError
@@ -25,6 +32,7 @@ ROUTES: Final[dict[str, dict[str, Handler]]] = {
     "/logout": {"POST": views.logout},
     "/api/directory": {"GET": views.directory},
     "/api/publish": {"POST": views.publish_api},
+    "/api/online": {"POST": views.online_api},
     "/healthz": {"GET": views.healthz},
     "/metrics": {"GET": views.metrics},
     **{path: methods for path, methods in admin.ROUTES.items() if "{" not in path},
@@ -34,6 +42,9 @@ PATTERNS: Final = [
     (tuple(path.split("/")), methods) for path, methods in admin.ROUTES.items() if "{" in path
 ]
 WEBSOCKET_PATHS: Final = frozenset({"/"})
+PAGES: Final = frozenset({"/", "/login", "/logout"})  # not served with WSFANOUT_PAGES=off
+
+T = TypeVar("T")
 
 
 def match(scope: Scope, path: str) -> tuple[dict[str, Handler], dict[str, str]] | None:
@@ -73,11 +84,21 @@ class App:
     server (or an enclosing app) does not forward lifespan events.
     """
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+        *,
+        authenticate: Callable[[Any], Any] | None = None,
+        hooks: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.clock = clock
+        self._authenticate = None if authenticate is None else _as_async(authenticate)
+        self._hook = None if hooks is None else _as_async(hooks)
         self._service: Service | None = None
         self._starting: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -114,7 +135,7 @@ class App:
             await views.static(scope, receive, send, svc, path[len("/static/") :])
             return
         found = match(scope, path) if path is not None else None
-        if found is None:
+        if found is None or (path in PAGES and not self.settings.pages):
             await _error(send, _below_root(scope), 404, "not_found", "Not found")
             return
         methods, params = found
@@ -162,8 +183,79 @@ class App:
             self._starting = asyncio.Lock()
         async with self._starting:
             if self._service is None:
-                self._service = await Service.start(self.settings, self.drain, self.clock)
+                self._service = await Service.start(
+                    self.settings, self.drain, self.clock, self._authenticate, self._hook
+                )
+                self._loop = asyncio.get_running_loop()
         return self._service
+
+    async def publish(self, items: dict[str, Any] | list[dict[str, Any]]) -> int:
+        """Publish from the host app's own code: one item or a list of up to 1,000, each
+        as ``POST /api/publish`` takes it (``{"type": "group", "group": "girls", "text":
+        "hi", "from": "shop"}``), with its limits and pacing, marked ``"via": "app"``.
+
+        Returns:
+            How many were published.
+
+        Raises:
+            PublishError: ``UnknownGroupError``, ``UnknownUserError``,
+            ``MessageTooLargeError``, ``ServiceUnavailableError``, or ``PublishError``
+            itself for a malformed item; nothing of a refused list is published.
+        """
+        svc = self._service or await self.startup()
+        return await svc.publishing.publish_items(items, Source.APP)
+
+    def publish_sync(
+        self, items: dict[str, Any] | list[dict[str, Any]], timeout: float = 10.0
+    ) -> int:
+        """``publish()`` from synchronous code in another thread than the app's event loop
+        (a Django view under ASGI runs in one): it runs on the app's loop, and this thread
+        waits for it, up to ``timeout`` seconds.
+
+        Raises:
+            PublishError: as ``publish()``; ``ServiceUnavailableError`` after ``timeout``
+            (the publish is cancelled then: a list may have gone out in part).
+            RuntimeError: the app has not started (no loop to run on), or this is the
+            app's own loop (await ``publish()`` there).
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError(
+                "publish_sync() needs the running app: it starts with the server "
+                "(lifespan or its first request), or with `await app.startup()`"
+            )
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError(
+                "publish_sync() was called on the app's own event loop, where waiting would "
+                "block it: `await app.publish(...)` instead"
+            )
+        future = asyncio.run_coroutine_threadsafe(self.publish(items), loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise ServiceUnavailableError(
+                ErrorCode.UNAVAILABLE.value, f"not published within {timeout:g} s"
+            ) from None
+
+    async def online(self, usernames: list[str]) -> dict[str, int]:
+        """Which of these users (up to 1,000) are connected anywhere: ``{username:
+        connections}`` for those who are, keyed as given.
+
+        Raises:
+            ValueError: not a list of up to 1,000 strings.
+            ServiceUnavailableError: the backplane (Redis) cannot say now.
+        """
+        users = queries.usernames(usernames)
+        svc = self._service or await self.startup()
+        try:
+            return await queries.online(svc.hub, users)
+        except UnavailableError as exc:
+            raise ServiceUnavailableError(ErrorCode.UNAVAILABLE.value, str(exc)) from None
 
     async def drain(self) -> None:
         """Close every connection with 1001 (the server is stopping); serve nothing new."""
@@ -189,7 +281,7 @@ class App:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.startup()
-                except (StoreError, OSError, KeyConfigError) as exc:  # the message says it
+                except (StoreError, OSError, KeyConfigError, ConfigError) as exc:  # it says it
                     log.error("cannot start: %s", exc)
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
@@ -219,9 +311,42 @@ async def _error(
         await http.error_response(send, status, detail, headers or [])
 
 
-def create_app(settings: Settings | None = None, *, clock: Callable[[], float] = time.time) -> App:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    authenticate: Callable[[Any], Awaitable[Identity | None] | Identity | None] | None = None,
+    hooks: Callable[[dict[str, Any]], Awaitable[None] | None] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> App:
     """The ASGI app for these settings (default: ``Settings.from_env()``).
 
-    ``clock`` (seconds since the epoch) decides when sessions expire; tests pass their own.
+    Args:
+        authenticate: the host app's ``authenticate(scope)``, tried first at every
+            handshake and every request that asks who the user is: an ``Identity`` or
+            None (then wsfanout's own cookie or token decides). A plain function runs in a
+            worker thread (it may block); an async one on the event loop.
+        hooks: called with each lifecycle event (a dict: DESIGN 12), one at a time, off
+            the fan-out path; a plain function runs in a worker thread.
+        clock: seconds since the epoch; decides when sessions expire (tests pass their own).
     """
-    return App(settings if settings is not None else Settings.from_env(), clock)
+    return App(
+        settings if settings is not None else Settings.from_env(),
+        clock,
+        authenticate=authenticate,
+        hooks=hooks,
+    )
+
+
+def _as_async(function: Callable[[T], Any]) -> Callable[[T], Awaitable[Any]]:
+    """An async function as it is; a plain one run in a worker thread (it may block),
+    its answer awaited if it is awaitable."""
+    if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)  # noqa: B004 - an object with an async __call__
+    ):
+        return function
+
+    async def in_thread(argument: T) -> Any:
+        answer = await asyncio.to_thread(function, argument)
+        return await answer if inspect.isawaitable(answer) else answer
+
+    return in_thread

@@ -102,6 +102,12 @@ class Settings:
     jwt_public_key: str = ""  # RS256 / ES256: the PEM text, or a file holding it
     group_write: str = "any"  # who may send to a group: "any" user, or its "members" only
 
+    # Embedding (DESIGN 12)
+    pages: bool = True  # serve the page, /login and /logout (off: the host app logs users in)
+    webhook_url: str = ""  # where lifecycle events are posted; empty: no webhooks
+    webhook_secret: str = field(default="", repr=False)  # signs them (X-Wsfanout-Signature)
+    webhook_queue: int = 10_000  # events waiting to be posted, at most; past it they are dropped
+
     log_level: str = "info"
 
     @property
@@ -131,6 +137,15 @@ class Settings:
         defaults = cls()
         data_dir = Path(reader.text("DATA_DIR", str(defaults.data_dir)))
         database = reader.text("DATABASE", "")
+        webhook_url = reader.url("WEBHOOK_URL", ("http", "https"))
+        webhook_secret = reader.text("WEBHOOK_SECRET", "")
+        if webhook_url and not webhook_secret:
+            raise ConfigError(
+                "WSFANOUT_WEBHOOK_SECRET",
+                "",
+                "a secret to sign the webhooks with, since WSFANOUT_WEBHOOK_URL is set "
+                "(receivers could not tell wsfanout's posts from anyone's)",
+            )
         return cls(
             data_dir=data_dir,
             database=Path(database) if database else None,
@@ -180,6 +195,10 @@ class Settings:
             jwt_secret=reader.text("JWT_SECRET", ""),
             jwt_public_key=reader.text("JWT_PUBLIC_KEY", ""),
             group_write=reader.choice("GROUP_WRITE", defaults.group_write, ("any", "members")),
+            pages=reader.flag("PAGES", defaults.pages),
+            webhook_url=webhook_url,
+            webhook_secret=webhook_secret,
+            webhook_queue=reader.integer("WEBHOOK_QUEUE", defaults.webhook_queue),
             log_level=reader.choice(
                 "LOG_LEVEL", defaults.log_level, ("debug", "info", "warning", "error", "critical")
             ),

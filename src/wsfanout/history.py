@@ -19,7 +19,8 @@ stream (and 600 more for one that has carried a message), whatever is published.
 
 This is the local engine's history (``backplane/local.py``). The Redis engine keeps the same
 things in Redis instead (``backplane/redis/positions.py``), so that every node agrees on
-offsets and any node can serve a resume.
+offsets and any node can serve a resume. ``replay()`` is what either engine's answer comes to
+for a joining connection (the hub's ``join``): the missed messages that fit its outbox.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 from .protocol import Position, with_offset
@@ -158,3 +160,31 @@ class History:
             found.append(frame)
         found.reverse()
         return Position(stream.epoch, stream.offset), found
+
+
+@dataclass(slots=True)
+class Joined:
+    """What a connection joining the hub is told: where its streams stand (None when
+    there is no history, or Redis could not say), what it missed (in order), and which
+    of the streams it asked to resume could not be recovered."""
+
+    positions: dict[str, Position] | None
+    replay: list[str]
+    lost: list[str]
+
+
+def replay(
+    positions: dict[str, Position], found: dict[str, list[str] | None], budget: int
+) -> Joined:
+    """What a joining connection is sent: the missed messages of each stream that can be
+    recovered, within ``budget`` bytes in all (the hub's ``join``); the others are lost."""
+    frames: list[str] = []
+    lost = []
+    for stream, missed in found.items():
+        size = sum(len(frame) for frame in missed) if missed is not None else 0
+        if missed is None or size > budget:
+            lost.append(stream)
+        else:
+            frames += missed
+            budget -= size
+    return Joined(positions, frames, lost)

@@ -46,11 +46,19 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
 from typing import Final
 
 from . import protocol
-from .backplane import Backplane, BackplaneUnavailableError, Node, OnControl, Paced, Recent
+from .backplane import (
+    Backplane,
+    BackplaneUnavailableError,
+    Node,
+    OnControl,
+    OnPresence,
+    Paced,
+    Recent,
+)
+from .history import Joined, replay
 from .outbox import Item, Outbox, item
 from .pacing import BACKLOG_BYTES, DrainingError, HubStats, Pacer
 from .protocol import Kind, Position, Publish
@@ -61,17 +69,6 @@ log = logging.getLogger(__name__)
 
 RESYNC_BATCH: Final = 500  # connections closed at a time after losing Redis ...
 RESYNC_PAUSE: Final = 0.05  # ... this many seconds apart, so their resumes come in waves
-
-
-@dataclass(slots=True)
-class Joined:
-    """What a connection joining the hub is told: where its streams stand (None when
-    there is no history, or Redis could not say), what it missed (in order), and which
-    of the streams it asked to resume could not be recovered."""
-
-    positions: dict[str, Position] | None
-    replay: list[str]
-    lost: list[str]
 
 
 class UnavailableError(Exception):
@@ -110,17 +107,22 @@ class Hub:
                 room=self._pacer.room,
                 users_in=self._users_in,
                 missed=self._missed,
+                connections=self._connections,
             )
         )
 
     def start(
-        self, on_control: OnControl | None = None, on_missed: Callable[[], None] | None = None
+        self,
+        on_control: OnControl | None = None,
+        on_missed: Callable[[], None] | None = None,
+        on_presence: OnPresence | None = None,
     ) -> None:
         """Start sharing fan-out with other nodes (if the engine has any); other nodes'
         control changes go to ``on_control``; ``on_missed`` is called when this node is
-        back on the backplane after losing it."""
+        back on the backplane after losing it; users coming online and going offline
+        (``Backplane.start``) go to ``on_presence``."""
         self._on_missed = on_missed
-        self.backplane.start(on_control)
+        self.backplane.start(on_control, on_presence)
 
     def _missed(self) -> None:
         """Back on Redis after losing it: what was published meanwhile never reached this
@@ -163,6 +165,8 @@ class Hub:
             self._names[user] = outbox.user  # the name presence knows them by
             backplane.want(Kind.DIRECT, user)
             backplane.arrive(outbox.user, outbox.groups, announce)
+        else:
+            backplane.recount(self._names[user])
 
     def remove(self, outbox: Outbox) -> None:
         """Forget an outbox; unknown ones are ignored, so cleanup may run twice.
@@ -181,6 +185,8 @@ class Hub:
         if last:
             backplane.unwant(Kind.DIRECT, user)
             backplane.depart(self._names.pop(user, outbox.user))
+        else:
+            backplane.recount(self._names[user])
         if not self._all and self._empty is not None:
             self._empty.set()
 
@@ -244,6 +250,9 @@ class Hub:
         """The groups of any of this user's connections here."""
         return tuple(sorted({g for o in self._users.get(user.lower(), ()) for g in o.groups}))
 
+    def _connections(self, user: str) -> int:
+        return len(self._users.get(user.lower(), ()))
+
     def _users_in(self, group: str) -> set[str]:
         return {outbox.user for outbox in self._groups.get(group, ())}
 
@@ -293,7 +302,7 @@ class Hub:
         if read is None:
             return Joined(None, [], asked)
         positions = {stream: where for stream, (where, _) in read.items()}
-        return _replay(positions, {stream: read[stream][1] for stream in asked}, outbox.limit)
+        return replay(positions, {stream: read[stream][1] for stream in asked}, outbox.limit)
 
     async def emptied(self) -> None:
         """Wait until no connection is left."""
@@ -436,23 +445,6 @@ class Hub:
                 await asyncio.sleep(pause)
             for outbox in outboxes[start : start + batch]:
                 outbox.close(code)
-
-
-def _replay(
-    positions: dict[str, Position], found: dict[str, list[str] | None], budget: int
-) -> Joined:
-    """What a joining connection is sent: the missed messages of each stream that can be
-    recovered, within ``budget`` bytes in all; the others are lost."""
-    replay: list[str] = []
-    lost = []
-    for stream, missed in found.items():
-        size = sum(len(frame) for frame in missed) if missed is not None else 0
-        if missed is None or size > budget:
-            lost.append(stream)
-        else:
-            replay += missed
-            budget -= size
-    return Joined(positions, replay, lost)
 
 
 def _settled(sent: asyncio.Future[None]) -> asyncio.Future[None]:

@@ -7,7 +7,7 @@ until ``/metrics`` is scraped, so counting costs no lock and no call per recipie
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -41,6 +41,14 @@ class ServiceStats:
         self.login_failures[reason] = self.login_failures.get(reason, 0) + 1
 
 
+class Queue(Protocol):
+    """A queue of lifecycle events on their way out (``webhooks.Webhook``)."""
+
+    stats: dict[str, int]
+
+    def __len__(self) -> int: ...
+
+
 class Metrics(Collector):
     """One registry per app: several apps in one process do not mix their numbers."""
 
@@ -49,6 +57,8 @@ class Metrics(Collector):
         self.writers = writers
         self.service = service
         self.amqp: Mapping[str, int] | None = None  # the RabbitMQ source's counters, if any
+        self.hooks: Mapping[str, int] | None = None  # the host's hooks' counters, if any
+        self.webhook: Queue | None = None  # the webhook's queue, if any
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -139,6 +149,39 @@ class Metrics(Collector):
                 "wsfanout_amqp_reconnects",
                 "Times the RabbitMQ connection was re-established.",
                 self.amqp.get("reconnects", 0),
+            )
+        yield from self._lifecycle()
+
+    def _lifecycle(self) -> Iterator[Metric]:
+        """The lifecycle events (DESIGN 12): the host's hooks, the webhook."""
+        if self.hooks is not None:
+            hooks = CounterMetricFamily(
+                "wsfanout_hook_events",
+                "Lifecycle events handed to the host's hooks: delivered, failed (the hook "
+                "raised), dropped (its queue was full).",
+                labels=["outcome"],
+            )
+            for outcome in ("delivered", "failed", "dropped"):
+                hooks.add_metric([outcome], self.hooks.get(outcome, 0))
+            yield hooks
+        webhook = self.webhook
+        if webhook is not None:
+            events = CounterMetricFamily(
+                "wsfanout_webhook_events",
+                "Lifecycle events posted to WSFANOUT_WEBHOOK_URL: sent (answered 2xx), "
+                "rejected (answered 4xx), dropped (the queue was full, or shutting down).",
+                labels=["outcome"],
+            )
+            for outcome in ("sent", "rejected", "dropped"):
+                events.add_metric([outcome], webhook.stats.get(outcome, 0))
+            yield events
+            yield CounterMetricFamily(
+                "wsfanout_webhook_retries",
+                "Webhook posts that failed and were tried again.",
+                webhook.stats.get("retries", 0),
+            )
+            yield GaugeMetricFamily(
+                "wsfanout_webhook_queue", "Lifecycle events waiting to be posted.", len(webhook)
             )
 
 

@@ -59,6 +59,7 @@ class Source(enum.StrEnum):
     WEBSOCKET = "websocket"
     API = "api"
     AMQP = "amqp"
+    APP = "app"  # the host app's own code (``App.publish``)
 
 
 class CloseCode(enum.IntEnum):

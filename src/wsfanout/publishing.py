@@ -5,7 +5,8 @@ the hub's one door.
 then the store) and publishes. A backend's body (``POST /api/publish``, RabbitMQ, the host
 app) goes through ``validate_batch()`` (every item checked and resolved, or a ``BatchError``
 naming the first bad one: nothing is published then) and ``publish_batch()`` (paced, all
-or nothing as far as the hub can say beforehand).
+or nothing as far as the hub can say beforehand). The host app's code does both through
+``publish_items()``, which raises the public ``PublishError`` family instead.
 
 Both go through ``check()``, the one place where a message's size is checked, whichever
 door it came in by: its text as it will go out (JSON-escaped UTF-8, ``protocol.check_size``)
@@ -24,10 +25,50 @@ from .config import Settings
 from .hub import Hub, UnavailableError
 from .outage import OutageLog
 from .protocol import GROUP_RE, USERNAME_RE, ErrorCode, Kind, ProtocolError, Publish, Source
-from .store import DatabaseError, Store, UnknownUserError
-from .tokens import TokenVerifier
+from .store import DatabaseError, Store
+from .store import UnknownUserError as NoSuchUserError
 
 MAX_BATCH: Final = 1000  # messages in one backend publish
+
+
+class PublishError(Exception):
+    """The host app's publish (``App.publish``) was refused, and nothing of it published.
+
+    ``code`` is the HTTP API's error code (``bad_message``, ``unknown_group``, …),
+    ``index`` the refused item of a list (0 for one item or the whole batch), ``detail``
+    what is wrong. Each refusal has its own subclass.
+    """
+
+    def __init__(self, code: str, detail: str, index: int = 0) -> None:
+        super().__init__(f"{code}: {detail}" + (f" (item {index})" if index else ""))
+        self.code = code
+        self.detail = detail
+        self.index = index
+
+
+class UnknownGroupError(PublishError):
+    """No such group: not in the store, and nobody online in it."""
+
+
+class UnknownUserError(PublishError):
+    """No such user: not in the store, and not online."""
+
+
+class MessageTooLargeError(PublishError):
+    """A message over ``WSFANOUT_MAX_FRAME_BYTES`` on the wire, or over 1,000 in a list."""
+
+
+class ServiceUnavailableError(PublishError):
+    """The service cannot take it now (Redis or the database away, shutting down): try
+    again."""
+
+
+REFUSALS: Final[dict[ErrorCode, type[PublishError]]] = {
+    ErrorCode.UNKNOWN_GROUP: UnknownGroupError,
+    ErrorCode.UNKNOWN_USER: UnknownUserError,
+    ErrorCode.TOO_LARGE: MessageTooLargeError,
+    ErrorCode.UNAVAILABLE: ServiceUnavailableError,
+}
 
 
 class BatchError(Exception):
@@ -44,13 +85,15 @@ class Publishing:
     """Every source's way to the hub: websockets, the HTTP API, RabbitMQ, the host app."""
 
     def __init__(
-        self, settings: Settings, store: Store, hub: Hub, tokens: TokenVerifier, outages: OutageLog
+        self, settings: Settings, store: Store, hub: Hub, outages: OutageLog, *, outside: bool
     ) -> None:
         self.settings = settings
         self.store = store
         self.hub = hub
-        self.tokens = tokens
         self.outages = outages
+        # Users and groups may come from outside the store: connection tokens, or the
+        # host app's ``authenticate``.
+        self.outside = outside
 
     async def check(self, publish: Publish) -> Publish:
         """What every message must pass, whichever door it came in by: its size on the
@@ -64,8 +107,9 @@ class Publishing:
 
     async def resolve(self, publish: Publish) -> Publish:
         """The publish with its target resolved: a group that exists, an exact username.
-        With connection tokens on, groups and users need no row in the store: a group or
-        a username someone is online in (or as), on any node, is taken as given (before
+        With connection tokens on (or the host app's ``authenticate``), groups and users
+        need no row in the store: a group or a username someone is online in (or as), on
+        any node, is taken as given (before
         first names, as a username always is). Names nobody holds are refused, so that
         no one can fill Redis with the history of streams nobody listens to.
 
@@ -76,7 +120,7 @@ class Publishing:
         target = publish.target
         try:
             # Who is connected here answers most lookups without the database.
-            tokens = self.tokens.enabled
+            tokens = self.outside
             if publish.kind is Kind.GROUP:
                 if (
                     not hub.has_group(target)
@@ -101,7 +145,7 @@ class Publishing:
                 ):
                     name = target  # a token user, online on another node
                 target = name or await store.resolve_user(target)
-        except UnknownUserError as exc:
+        except NoSuchUserError as exc:
             raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
         except DatabaseError as exc:
             self.outages.failed("a message could not be resolved", exc)
@@ -181,3 +225,24 @@ class Publishing:
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
+
+    async def publish_items(self, data: Any, source: Source) -> int:
+        """Validate and publish a backend's items as ``POST /api/publish`` does: how many.
+
+        Raises:
+            PublishError: a subclass for each refusal; nothing of a refused batch is
+            published (a shutdown or a Redis failure midway aside: ServiceUnavailableError).
+        """
+        try:
+            batch = await self.validate_batch(
+                list(data) if isinstance(data, tuple) else data, source
+            )
+        except BatchError as exc:
+            raise REFUSALS.get(exc.code, PublishError)(
+                exc.code.value, exc.detail, exc.index
+            ) from None
+        try:
+            await self.publish_batch(batch)
+        except UnavailableError as exc:
+            raise ServiceUnavailableError(ErrorCode.UNAVAILABLE.value, str(exc)) from None
+        return len(batch)

@@ -1,6 +1,7 @@
 """A connection's questions: who of a group is online (DESIGN 5.2), a stream's recent
 history (DESIGN 5.4). Each is answered to the asking connection only, and only about what
-it already hears: a group it is in, a stream it listens to.
+it already hears: a group it is in, a stream it listens to. And the host app's (or a
+backend's) question, which users are connected anywhere (``online``, DESIGN 12).
 
 A history answer is bounded like a replay: it goes into the connection's outbox, so it
 holds at most the newest messages that fit in a quarter of the outbox's bound (the rest of
@@ -9,14 +10,43 @@ the outbox stays free for live messages), never more than ``WSFANOUT_HISTORY_SIZ
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from . import protocol
+from .backplane import BackplaneUnavailableError
 from .hub import Hub, UnavailableError
 from .outbox import Outbox
 from .protocol import ErrorCode, HistoryQuery, Kind, PresenceQuery, ProtocolError, Query
 
 PRESENCE_NAMES: Final = 1000  # names in a presence answer (its count is exact)
+ONLINE_USERS: Final = 1000  # users asked about at once (``online``)
+
+
+def usernames(data: Any) -> list[str]:
+    """The users an ``online`` question asks about: a list of up to ONLINE_USERS strings.
+
+    Raises:
+        ValueError: anything else, saying what was expected.
+    """
+    if not isinstance(data, list | tuple) or not all(isinstance(name, str) for name in data):
+        raise ValueError("users is a list of usernames")
+    if len(data) > ONLINE_USERS:
+        raise ValueError(f"ask about at most {ONLINE_USERS} users at a time, not {len(data)}")
+    return list(data)
+
+
+async def online(hub: Hub, users: list[str]) -> dict[str, int]:
+    """Which of these users are connected anywhere, and with how many connections, keyed
+    by the name as given; a name no user can have is not online.
+
+    Raises:
+        UnavailableError: the backplane cannot say now.
+    """
+    names = list(dict.fromkeys(name for name in users if protocol.USERNAME_RE.fullmatch(name)))
+    try:
+        return await hub.backplane.connections(names)
+    except BackplaneUnavailableError as exc:
+        raise UnavailableError(str(exc)) from None
 
 
 def streams_of(outbox: Outbox) -> list[str]:

@@ -3,10 +3,11 @@
 ``Service.start(settings)`` reads (or makes) the secret key, opens the store, finds what
 the server can do (``servers/``), builds the hub (with its backplane when Redis is
 configured) and the collaborators the handlers work through: ``admission.py`` (who may
-connect), ``publishing.py`` (resolving targets, validating batches) and ``control.py``
-(revocations, membership changes), which share one ``OutageLog``; then it starts the
-RabbitMQ source. ``close()`` takes them down in the reverse order, draining every
-connection with 1001 first.
+connect, with the host app's ``authenticate``), ``publishing.py`` (resolving targets,
+validating batches) and ``control.py`` (revocations, membership changes), which share one
+``OutageLog``, and ``hooks.py`` (lifecycle events to the host's callable and a webhook);
+then it starts the RabbitMQ source. ``close()`` takes them down in the reverse order,
+draining every connection with 1001 first; the lifecycle events last.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from . import protocol
-from .admission import Admission
+from .admission import Admission, Authenticate
 from .backplane import Backplane, LocalBackplane
 from .backplane.redis import RedisBackplane
-from .config import Settings
+from .config import ConfigError, Settings
 from .control import Control
 from .history import History
+from .hooks import Hook, Hooks
 from .hub import Hub
 from .metrics import Metrics, ServiceStats
 from .outage import OutageLog
@@ -41,6 +43,7 @@ from .sessions import SessionCodec
 from .store import DatabaseError, Store
 from .throttle import DatabaseCounts, FailureCounts, LoginThrottle, RedisCounts
 from .tokens import TokenVerifier
+from .webhooks import Webhook
 
 if TYPE_CHECKING:
     from .sources.amqp import AmqpSource
@@ -73,19 +76,26 @@ class Service:
     stats: ServiceStats = field(default_factory=ServiceStats)
     tokens: TokenVerifier = field(default_factory=TokenVerifier)
     outages: OutageLog = field(default_factory=OutageLog)
+    hooks: Hooks = field(default_factory=lambda: Hooks(""))
     # Where failed logins are counted: given by start() (in Redis with the Redis engine),
     # else in the database.
     failure_counts: InitVar[FailureCounts | None] = None
+    authenticate: InitVar[Authenticate | None] = None
     throttle: LoginThrottle = field(init=False)
     admission: Admission = field(init=False)
     publishing: Publishing = field(init=False)
     control: Control = field(init=False)
     metrics: Metrics = field(init=False)
 
-    def __post_init__(self, failure_counts: FailureCounts | None) -> None:
+    def __post_init__(
+        self, failure_counts: FailureCounts | None, authenticate: Authenticate | None
+    ) -> None:
         settings, store, hub, outages = self.settings, self.store, self.hub, self.outages
-        self.admission = Admission(settings, store, hub, self.codec, self.tokens, outages)
-        self.publishing = Publishing(settings, store, hub, self.tokens, outages)
+        self.admission = Admission(
+            settings, store, hub, self.codec, self.tokens, outages, authenticate
+        )
+        outside = self.tokens.enabled or authenticate is not None
+        self.publishing = Publishing(settings, store, hub, outages, outside=outside)
         self.control = Control(store, hub, outages)
         self.throttle = LoginThrottle(
             failure_counts if failure_counts is not None else DatabaseCounts(store),
@@ -93,6 +103,7 @@ class Service:
             self.settings.login_failure_window,
         )
         self.metrics = Metrics(self.hub, self.flusher.stats, self.stats)
+        self.metrics.hooks = self.hooks.stats
 
     @classmethod
     async def start(
@@ -100,10 +111,13 @@ class Service:
         settings: Settings,
         on_stopping: Callable[[], Awaitable[None]],
         clock: Callable[[], float] = time.time,
+        authenticate: Authenticate | None = None,
+        hook: Hook | None = None,
     ) -> Service:
         """Build every part; ``on_stopping`` is awaited when the server starts stopping.
 
-        ``clock`` tells session ages (tests pass their own instead of waiting).
+        ``clock`` tells session ages (tests pass their own instead of waiting);
+        ``authenticate`` and ``hook`` are the host app's (DESIGN 12), made async.
         """
         keys = await asyncio.to_thread(secret_keys, settings.secret_keys, settings.data_dir)
         if settings.database_url and not settings.secret_keys:
@@ -156,6 +170,19 @@ class Service:
                 backplane = LocalBackplane(history)
             tokens = TokenVerifier(settings.jwt_secret, settings.jwt_public_key, clock=clock)
             hub = Hub(backplane, settings.pace_timeout)
+            webhook = None
+            if settings.webhook_url:
+                try:
+                    webhook = Webhook(
+                        settings.webhook_url,
+                        settings.webhook_secret,
+                        queue_max=settings.webhook_queue,
+                    )
+                except ValueError as exc:
+                    raise ConfigError(
+                        "WSFANOUT_WEBHOOK_URL", settings.webhook_url, str(exc)
+                    ) from None
+            hooks = Hooks(backplane.node, hook, webhook)
             svc = cls(
                 settings=settings,
                 store=store,
@@ -164,9 +191,16 @@ class Service:
                 web=web,
                 server=server,
                 tokens=tokens,
+                hooks=hooks,
                 failure_counts=counts,
+                authenticate=authenticate,
             )
-            hub.start(svc.control.apply, svc.control.missed)
+            if hook is not None:
+                svc.metrics.hooks = hooks.stats
+            svc.metrics.webhook = webhook
+            hooks.start()
+            opened.push_async_callback(hooks.close)
+            hub.start(svc.control.apply, svc.control.missed, hooks.presence)
             with contextlib.suppress(DatabaseError):  # not reached yet: it says so itself
                 pruned = await store.prune(settings.session_max_age, settings.login_failure_window)
                 if pruned:
@@ -216,6 +250,7 @@ class Service:
                 await self.hub.close()
                 await self.flusher.close()
                 await self.hub.backplane.close()
+                await self.hooks.close()  # after the backplane: its last offline events
             finally:
                 await self.store.close()
 

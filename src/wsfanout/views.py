@@ -16,8 +16,8 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from . import http, passwords
-from .admission import Login
+from . import http, passwords, queries
+from .admission import Login, Refusal
 from .backplane import BackplaneUnavailableError
 from .hub import UnavailableError
 from .protocol import ErrorCode, Source
@@ -66,6 +66,9 @@ async def _login(scope: Scope, send: Send, svc: Service) -> tuple[bool, Login | 
     except DatabaseError as exc:
         svc.outages.failed("a session could not be checked", exc)
         await http.error_response(send, 503, "The database is unavailable, try again")
+        return False, None
+    except Refusal as refusal:  # the host app's authenticate failed (logged)
+        await http.error_response(send, refusal.status, refusal.reason)
         return False, None
 
 
@@ -308,6 +311,30 @@ async def publish_api(scope: Scope, receive: Receive, send: Send, svc: Service) 
         await _api_error(send, 503, ErrorCode.UNAVAILABLE, str(exc), headers=retry)
         return
     await http.json_response(send, 202, {"accepted": len(batch)})
+
+
+async def online_api(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
+    """POST /api/online ``{"users": [...]}``: which of up to 1,000 users are connected
+    anywhere, with how many connections (DESIGN 12)."""
+    if not await http.api_key_ok(scope, send, svc.settings.api_keys):
+        return
+    ok, data = await http.read_json(receive, send, API_BODY_LIMIT)
+    if not ok:
+        return
+    try:
+        if not isinstance(data, dict) or set(data) != {"users"}:
+            raise ValueError('expected {"users": ["greg", ...]}')
+        users = queries.usernames(data["users"])
+    except ValueError as exc:
+        await _api_error(send, 400, ErrorCode.BAD_MESSAGE, str(exc))
+        return
+    try:
+        counts = await queries.online(svc.hub, users)
+    except UnavailableError as exc:
+        retry = [(b"retry-after", str(PUBLISH_RETRY_AFTER).encode())]
+        await _api_error(send, 503, ErrorCode.UNAVAILABLE, str(exc), headers=retry)
+        return
+    await http.json_response(send, 200, {"online": counts})
 
 
 async def _api_error(

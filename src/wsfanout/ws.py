@@ -68,6 +68,7 @@ TOKEN_EXPIRED: Final = "the token has expired: connect with a new one"  # noqa: 
 YIELD_EVERY: Final = 32  # frames a reader handles before letting other tasks run
 ABORT_GRACE: Final = 1.0  # seconds to read on after a reset, until the server says it is gone
 UNANSWERED_FRAMES: Final = 64  # frames a client may send after our close before it is reset
+NO_STATUS, ABNORMAL = 1005, 1006  # closed with no code; closed with no close frame at all
 
 
 async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
@@ -126,6 +127,7 @@ class Connection:
         "_interrupted",
         "_reader",
         "announce",
+        "code",
         "expires_at",
         "login",
         "outbox",
@@ -165,6 +167,7 @@ class Connection:
         self._reader: asyncio.Task[Any] | None = None
         self._interrupted = False  # the writer finished first and cancelled the reader
         self.announce: tuple[str, ...] = ()  # groups told of this user's presence
+        self.code: int = ABNORMAL  # how it closed: ours, or the client's
 
     def _move(self, stage: Stage) -> None:
         if _NEXT_STAGE.get(self.stage) is not stage:
@@ -180,10 +183,12 @@ class Connection:
         not find this connection (it was not in the hub yet): if its session was revoked,
         it is told so and closed (1008) instead of welcomed; if its groups changed, it is
         closed with 1012, to reconnect with the new ones."""
-        outbox, user, hub = self.outbox, self.login, self.svc.hub
+        outbox, user, hub, hooks = self.outbox, self.login, self.svc.hub, self.svc.hooks
         self.announce = announce
         groups = list(outbox.groups)
         streams = queries.streams_of(outbox)
+        told = hooks.connected(user.username)  # the lifecycle hooks (DESIGN 12)
+        code: int | None = None
         try:
             # Joined before the welcome: messages from now on queue up behind it (and
             # behind the replay, which join() makes sure they do not repeat).
@@ -214,10 +219,12 @@ class Connection:
                     user.username,
                     timeout,
                 )
-                code: int | None = CloseCode.TRY_AGAIN_LATER
+                code = CloseCode.TRY_AGAIN_LATER
             else:
                 code = await self._serve()
         finally:
+            # Before leaving the hub: a user's last ``disconnected`` comes before ``offline``.
+            hooks.disconnected(user.username, told, self.code if code is None else code)
             hub.remove(outbox)
         if code is not None:
             await self._close(code)
@@ -243,6 +250,7 @@ class Connection:
     async def _close(self, code: int) -> None:
         """Send the close and wait for the client's answer (the connection holds its seat
         until then); a client that does not answer in time has its TCP connection reset."""
+        self.code = code
         try:
             async with asyncio.timeout(self.svc.settings.close_timeout):
                 await self.send({"type": "websocket.close", "code": code})
@@ -374,6 +382,7 @@ class Connection:
             message = await self.receive()
             kind = message["type"]
             if kind == "websocket.disconnect":
+                self.code = message.get("code", NO_STATUS)
                 return None
             if kind != "websocket.receive":
                 continue

@@ -16,7 +16,9 @@ What an engine must keep (the hub's docstring tells why):
 - ``positions`` finds where a joining connection's streams stand, and what it missed,
   without a gap or a duplicate with what reaches its outbox live;
 - presence (``arrive`` / ``regroup`` / ``depart``): a user's first and last connection,
-  over all nodes the engine spans, told once to the groups chosen by the caller.
+  over all nodes the engine spans, told once to the groups chosen by the caller, and once
+  to ``OnPresence`` (the lifecycle hooks) by the node that decided it; ``recount`` keeps
+  every user's number of connections, over all nodes, for ``connections``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ OnMessage = Callable[[Kind, str, str], None]
 node that stopped reading Redis would have its subscription dropped."""
 OnControl = Callable[[dict[str, Any]], None]
 """Takes another node's control change (``Backplane.control``)."""
+OnPresence = Callable[[str, str, float], None]
+"""Takes ("online" or "offline", the user, when: seconds since the epoch), once per user's
+first and last connection over all nodes, on the node that decided it; never awaiting."""
 Paced = asyncio.Future[None] | Coroutine[Any, Any, None] | None
 """What a paced publish hands back at once: None (fanned out here), a future that settles
 once the backplane has it (as ``publish``), or, when it must wait for room here first, a
@@ -67,10 +72,15 @@ class Node:
     """The users connected here in a group."""
     missed: Callable[[], None]
     """Back on the backplane after losing it: what was published meanwhile never came."""
+    connections: Callable[[str], int]
+    """How many connections a user has here."""
 
 
 class Backplane(Protocol):
     """What the hub talks to: fan-out, history positions, presence, control."""
+
+    node: str
+    """This node's name: in presence, new epochs and lifecycle events (random per process)."""
 
     @property
     def healthy(self) -> bool:
@@ -79,8 +89,9 @@ class Backplane(Protocol):
     def bind(self, node: Node) -> None:
         """Hand what reaches this node to ``node`` (called once, by the hub)."""
 
-    def start(self, on_control: OnControl | None) -> None:
-        """Start sharing fan-out; other nodes' control changes go to ``on_control``."""
+    def start(self, on_control: OnControl | None, on_presence: OnPresence | None) -> None:
+        """Start sharing fan-out; other nodes' control changes go to ``on_control``; users
+        coming online and going offline (decided here) to ``on_presence``."""
 
     async def close(self) -> None: ...
 
@@ -155,6 +166,17 @@ class Backplane(Protocol):
 
     def depart(self, user: str) -> None:
         """This node's last connection of ``user`` is gone."""
+
+    def recount(self, user: str) -> None:
+        """A user present here opened or closed a connection (``Node.connections``)."""
+
+    async def connections(self, users: list[str]) -> dict[str, int]:
+        """How many connections each of these users has over all nodes, for those with
+        any, keyed by the name as given (matched case-insensitively).
+
+        Raises:
+            BackplaneUnavailableError: it cannot say now.
+        """
 
     async def online(self, group: str, limit: int) -> tuple[list[str], int]:
         """The group's online users (at most ``limit`` names) and their exact count.

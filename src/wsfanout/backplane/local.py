@@ -10,12 +10,15 @@ anything: the hub's ``join()`` adds the connection and reads where its streams s
 step of the event loop, so nothing can be published in between (no gap, no duplicate).
 
 Presence is this node's: a user's first connection here is their first anywhere, and their
-``online`` / ``offline`` events are fanned out here, to the groups they were announced to.
+``online`` / ``offline`` events are fanned out here, to the groups they were announced to,
+and told to the lifecycle hooks (``OnPresence``); their connections are the hub's to count.
 Control needs no telling: the operator's changes were applied here already.
 """
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any, Final
 
@@ -23,7 +26,7 @@ from .. import protocol
 from ..history import History
 from ..outbox import Outbox
 from ..protocol import Kind, Position
-from .base import Node, Read, Recent
+from .base import Node, OnPresence, Read, Recent
 
 OFFSET_BYTES: Final = 30  # what ',"offset":N' adds to a message, at most
 
@@ -34,17 +37,22 @@ class LocalBackplane:
     def __init__(self, history: History | None = None) -> None:
         self.history = history
         self.healthy = True
+        self.node = secrets.token_hex(4)
+        self._on_presence: OnPresence | None = None
         self._announce: dict[str, tuple[str, ...]] = {}  # user -> groups told of them
         # The hub's callbacks (``bind``), kept as they are: one lookup per publish.
         self._fan_out: Callable[[Kind, str, str], None] = _unbound
         self._room: Callable[[Kind, str, int], Awaitable[None] | None] = _unbound
         self._users_in: Callable[[str], Collection[str]] = _unbound
+        self._connections: Callable[[str], int] = _unbound
 
     def bind(self, node: Node) -> None:
         self._fan_out, self._room, self._users_in = node.fan_out, node.room, node.users_in
+        self._connections = node.connections
 
-    def start(self, on_control: Any = None) -> None:
+    def start(self, on_control: Any = None, on_presence: OnPresence | None = None) -> None:
         """Nothing to start: no other node sends changes."""
+        self._on_presence = on_presence
 
     async def close(self) -> None:
         """Nothing to close."""
@@ -127,11 +135,21 @@ class LocalBackplane:
     def depart(self, user: str) -> None:
         self._arrival("offline", user, self._announce.pop(user, ()))
 
+    def recount(self, user: str) -> None:
+        """The hub counts them (``connections``)."""
+
     def _arrival(self, kind: str, user: str, groups: tuple[str, ...]) -> None:
-        """``online`` / ``offline`` to each of these groups: one event per group."""
+        """``online`` / ``offline`` to each of these groups (one event per group), and to
+        the lifecycle hooks."""
         fan_out = self._fan_out
         for group in groups:
             fan_out(Kind.GROUP, group, protocol.arrival(kind, user, group))
+        if self._on_presence is not None:
+            self._on_presence(kind, user, time.time())
+
+    async def connections(self, users: list[str]) -> dict[str, int]:
+        counts = {user: self._connections(user) for user in users}
+        return {user: count for user, count in counts.items() if count}
 
     async def online(self, group: str, limit: int) -> tuple[list[str], int]:
         users = sorted(set(self._users_in(group)))

@@ -84,6 +84,8 @@ class Client:
         positions: ``{stream: {"epoch", "offset"}}`` to resume from (``Client.positions``
             of an earlier run).
         on_state: called with ``(state, reason)`` at each change of ``state``.
+        headers: sent with every handshake, e.g. ``{"Cookie": "session=…"}`` when wsfanout is
+            embedded in a host app whose own session logs users in (its ``authenticate``).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Client:
         get_token: TokenSource | None = None,
         positions: Mapping[str, Mapping[str, Any]] | None = None,
         on_state: StateListener | None = None,
+        headers: Mapping[str, str] | None = None,
         # Reconnecting
         min_delay: float = 0.5,  # seconds, the first backoff ceiling
         max_delay: float = 20.0,  # seconds, the backoff's ceiling
@@ -125,6 +128,7 @@ class Client:
             ssl_context=ssl_context,
         )
         self._ssl = ssl_context
+        self._headers = dict(headers or {})
         self._on_state = on_state
         self._streams = Streams(positions)
         self._backoff = Backoff(min_delay, max_delay, reset_after)
@@ -335,7 +339,7 @@ class Client:
         try:
             ws = await ws_connect(
                 _with_query(self.url, query),
-                additional_headers=headers,
+                additional_headers={**self._headers, **headers},
                 max_size=self.max_size,
                 open_timeout=max(deadline - loop.time(), 0.001),
                 close_timeout=CLOSE_TIMEOUT,

@@ -22,7 +22,7 @@ from typing import Any
 
 from ...outbox import Outbox
 from ...protocol import Kind, Position
-from ..base import BackplaneUnavailableError, Node, OnControl, Read, Recent
+from ..base import BackplaneUnavailableError, Node, OnControl, OnPresence, Read, Recent
 from .link import Link
 from .positions import Positions
 from .presence import Presence
@@ -53,6 +53,8 @@ class RedisBackplane:
         self.depart = self._presence.depart
         self.online = self._presence.online
         self.present = self._presence.present
+        self.recount = self._presence.recount
+        self.connections = self._presence.connections
 
     @property
     def healthy(self) -> bool:
@@ -60,15 +62,19 @@ class RedisBackplane:
 
     def bind(self, node: Node) -> None:
         self._node = node
+        self._presence.count = node.connections
 
-    def start(self, on_control: OnControl | None = None) -> None:
+    def start(
+        self, on_control: OnControl | None = None, on_presence: OnPresence | None = None
+    ) -> None:
         """Connect and subscribe: what any node publishes reaches the hub's
-        ``Node.deliver``, every other node's control change ``on_control``."""
+        ``Node.deliver``, every other node's control change ``on_control``; users this
+        node brings online or sees go offline, ``on_presence``."""
         node = self._node
         if node is None:
             raise RuntimeError("the Redis backplane is not bound to a hub yet")
         self._pubsub.start(node.deliver, node.missed, on_control)
-        self._presence.start()
+        self._presence.start(on_presence)
 
     async def close(self) -> None:
         await self._pubsub.close_publisher()

@@ -1,4 +1,4 @@
-local function offline(pi, pall, user)
+local function offline(pi, pall, pn, user)
   local info = redis.call('GET', pi)
   if info then
     info = cjson.decode(info)
@@ -6,5 +6,6 @@ local function offline(pi, pall, user)
     for _, event in ipairs(info.e) do redis.call('PUBLISH', event[1], event[2]) end
     redis.call('DEL', pi)
   end
+  redis.call('DEL', pn)
   redis.call('ZREM', pall, user)
 end

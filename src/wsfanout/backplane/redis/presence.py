@@ -1,13 +1,16 @@
 """Presence in Redis (DESIGN 5.2): who is online, on any node, and their comings and goings.
 
 Theory of operation. ``<prefix>pu:<user>`` (case-folded) holds, per node, until when that
-node vouches for the user (a sorted set scored by expiry, by Redis's clock);
+node vouches for the user (a sorted set scored by expiry, by Redis's clock), and
+``<prefix>pn:<user>`` how many connections each node has of them;
 ``<prefix>pg:<group>`` the group's online users, and ``<prefix>pall`` every online user,
-scored the same way. A node says a user is here on their first local connection and again
-every ``HEARTBEAT`` seconds (``here.lua``), and gone on their last disconnection
-(``gone.lua``). The first node to make a user present publishes their ``online`` events,
-the last to let go their ``offline`` events, from inside the script, so the two can never
-cross. Every node also reaps, every ``HEARTBEAT``, the users whose every node stopped
+scored the same way. A node says a user is here on their first local connection, when
+their number of connections here changes, and again every ``HEARTBEAT`` seconds
+(``here.lua``), and gone on their last disconnection (``gone.lua``). The first node to make
+a user present publishes their ``online`` events, the last to let go their ``offline``
+events, from inside the script, so the two can never cross; the script's answer tells
+that node to hand the same news to the lifecycle hooks (``OnPresence``): once over all
+nodes. Every node also reaps, every ``HEARTBEAT``, the users whose every node stopped
 vouching for them (``reap.lua``): a node that dies without a word loses its users within
 ``PRESENCE_TTL`` plus a heartbeat. Arrivals and departures are said in order by one task.
 """
@@ -19,6 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
@@ -26,7 +30,7 @@ from redis.exceptions import RedisError
 
 from ... import protocol
 from ...protocol import Kind
-from ..base import BackplaneUnavailableError
+from ..base import BackplaneUnavailableError, OnPresence
 from .link import PIPELINE_MAX, Link, Script, describe, stop
 from .pubsub import channel_of
 
@@ -41,6 +45,7 @@ _HERE: Final = Script.packaged("here")
 _GONE: Final = Script.packaged("offline", "gone")
 _REAP: Final = Script.packaged("offline", "reap")
 _ONLINE: Final = Script.packaged("online")
+_CONNECTIONS: Final = Script.packaged("connections")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,6 +70,8 @@ class Presence:
         self._drops: list[tuple[str, str]] = []  # (group key, user) to remove now
         self._sending_gone: list[str] = []  # departures in the task's pipeline
         self._task: asyncio.Task[None] | None = None
+        self.count: Callable[[str], int] = lambda user: 1  # the hub's ``Node.connections``
+        self._on_presence: OnPresence | None = None
 
     def arrive(self, user: str, groups: tuple[str, ...], announce: tuple[str, ...]) -> None:
         """This node has its first connection of ``user``, who is in ``groups``: vouch for
@@ -104,6 +111,32 @@ class Presence:
         self._ops.append((user, None))
         self._wake.set()
 
+    def recount(self, user: str) -> None:
+        """A user present here opened or closed a connection: say how many they have."""
+        present = self._present.get(user)
+        if present is not None:
+            self._ops.append((user, present))
+            self._wake.set()
+
+    async def connections(self, users: list[str]) -> dict[str, int]:
+        """How many connections each of these users has over all live nodes (those with
+        any), keyed as given.
+
+        Raises:
+            BackplaneUnavailableError: Redis cannot be reached now.
+        """
+        link = self._link
+        link.check()
+        if not users:
+            return {}
+        keys = [link.prefix + "pu:" + user.lower() for user in users]
+        keys += [link.prefix + "pn:" + user.lower() for user in users]
+        try:
+            (counts,) = await link.pipeline([(_CONNECTIONS, len(keys), *keys)], client=link.queries)
+        except (RedisError, OSError) as exc:
+            raise BackplaneUnavailableError(describe(exc)) from None
+        return {user: int(count) for user, count in zip(users, counts, strict=True) if count}
+
     async def online(self, group: str, limit: int) -> tuple[list[str], int]:
         """The group's online users (at most ``limit`` names) and their exact count.
 
@@ -140,18 +173,39 @@ class Presence:
         info = orjson.dumps(
             {"g": [prefix + "pg:" + group for group in present.groups], "e": present.offline}
         )
-        keys = [prefix + "pu:" + user.lower(), prefix + "pall", prefix + "pi:" + user.lower()]
+        keys = [*self._keys(user)]
+        keys[3:3] = [prefix + "pn:" + user.lower()]
         keys += [prefix + "pg:" + group for group in present.groups]
         events = [part for event in present.online for part in event]
-        return (_HERE, len(keys), *keys, self._node, PRESENCE_TTL, user, info, *events)
+        count = self.count(user)
+        return (_HERE, len(keys), *keys, self._node, PRESENCE_TTL, user, info, count, *events)
 
     def _gone(self, user: str) -> tuple[Any, ...]:
-        prefix = self._link.prefix
-        keys = (prefix + "pu:" + user.lower(), prefix + "pall", prefix + "pi:" + user.lower())
+        keys = (*self._keys(user), self._link.prefix + "pn:" + user.lower())
         return (_GONE, len(keys), *keys, self._node, user)
 
-    def start(self) -> None:
+    def _keys(self, user: str) -> tuple[str, str, str]:
+        prefix, key = self._link.prefix, user.lower()
+        return prefix + "pu:" + key, prefix + "pall", prefix + "pi:" + key
+
+    def start(self, on_presence: OnPresence | None = None) -> None:
+        self._on_presence = on_presence
         self._task = asyncio.get_running_loop().create_task(self._run(), name="wsfanout-presence")
+
+    def _told(self, commands: list[tuple[Any, ...]], results: list[Any]) -> None:
+        """Hand the users these scripts made come online or go offline (their answer is
+        Redis's time then) to the lifecycle hooks."""
+        on_presence = self._on_presence
+        if on_presence is None:
+            return
+        for command, result in zip(commands, results, strict=True):
+            if command[0] is _REAP:
+                for user in result[2:]:
+                    on_presence("offline", user.decode(), float(result[1]))
+            elif isinstance(result, bytes):
+                online = command[0] is _HERE
+                user = command[2 + command[1] + 2] if online else command[-1]
+                on_presence("online" if online else "offline", user, float(result))
 
     async def _run(self) -> None:
         """Say who arrives and departs, in order; every HEARTBEAT, vouch again for everyone
@@ -177,10 +231,13 @@ class Presence:
             self._sending_gone = [command[-1] for command in commands if command[0] is _GONE]
             try:
                 for start in range(0, len(commands), PIPELINE_MAX):
-                    await link.pipeline(commands[start : start + PIPELINE_MAX])
+                    chunk = commands[start : start + PIPELINE_MAX]
+                    self._told(chunk, await link.pipeline(chunk))
                 for _ in range(REAP_CALLS if beat else 0):
-                    reap = (_REAP, 1, link.prefix + "pall", link.prefix, REAP_MAX)
-                    if (await link.pipeline([reap]))[0] < REAP_MAX:
+                    reap = [(_REAP, 1, link.prefix + "pall", link.prefix, REAP_MAX)]
+                    reaped = await link.pipeline(reap)
+                    self._told(reap, reaped)
+                    if reaped[0][0] < REAP_MAX:
                         break
             except (RedisError, OSError) as exc:
                 # The next heartbeat says again who is here; a departure said meanwhile
@@ -201,6 +258,7 @@ class Presence:
         leaving += [user for user in self._present if user not in leaving]
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(2):
-                await self._link.pipeline([self._gone(user) for user in leaving])
+                goodbyes = [self._gone(user) for user in leaving]
+                self._told(goodbyes, await self._link.pipeline(goodbyes))
         self._present.clear()
         self._ops.clear()

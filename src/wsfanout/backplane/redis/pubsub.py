@@ -69,6 +69,7 @@ MAX_WAITING: Final = 100_000  # messages queued for Redis before senders are tol
 TICK: Final = 0.25  # seconds between the ticks a node sends itself while messages flow
 BEHIND: Final = 0.5  # seconds a tick may take to come back before the node says it is behind
 BEHIND_HOLD: Final = 2.0  # seconds every node refuses backends' batches after hearing it
+LISTEN_TURN: Final = 256  # messages handed on before the listener lets other tasks run
 
 Outgoing = tuple[str, str | None, str, str, asyncio.Future[None]]
 """(channel, stream or None, head, tail, done): the stream when history is on."""
@@ -356,9 +357,14 @@ class PubSub:
             if message is None:
                 await pubsub.ping()  # quiet for a while: make sure the connection is alive
                 continue
-            # Deliver everything already received before letting the flusher run, so
-            # a burst arriving from Redis leaves as batches too.
+            # Deliver what is already received before letting the flusher run, so a burst
+            # arriving from Redis leaves as batches too; but a turn at a time, or a node
+            # with a backlog in its socket would hold the loop (and its tick) for seconds.
+            handed = 0
             while message is not None:
+                handed += 1
+                if handed % LISTEN_TURN == 0:
+                    await asyncio.sleep(0)
                 kind = message.get("type")
                 if kind == "message":
                     channel = message["channel"].decode()[prefix_length:]
