@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -31,10 +31,10 @@ NEEDED = pytest.mark.skipif(
 
 
 @contextlib.asynccontextmanager
-async def launched() -> AsyncIterator[Browser]:
-    """Chromium launched with these flags, closed (with Playwright) on the way out."""
+async def launched(args: Sequence[str] = ARGS) -> AsyncIterator[Browser]:
+    """Chromium, launched with ``args`` through Playwright, closed on the way out."""
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
         try:
             yield browser
         finally:

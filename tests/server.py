@@ -61,8 +61,10 @@ class Server:
         server: str = "hypercorn",
         session: bool = False,
         descriptors: int | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.cwd = cwd or data_dir  # where the server runs (an app module may live there)
         self.env = env or {}
         self.app = app
         self.health_path = health_path
@@ -100,16 +102,7 @@ class Server:
         sock.bind(("127.0.0.1", self.port))
         sock.listen(1024)
         self.port = sock.getsockname()[1]
-        env = {
-            **os.environ,
-            "WSFANOUT_DATA_DIR": str(self.data_dir),
-            "WSFANOUT_SECRET_KEY": SECRET,
-            "WSFANOUT_PRESENCE_EVENTS_MAX": "0",  # tests of presence turn them on
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            **self.env,
-        }
-        if self.bare:
-            env = {k: v for k, v in env.items() if not k.startswith("WSFANOUT_")}
+        env = self.environment()
         with self.log_path.open("ab") as log:
             bind = f"fd://{sock.fileno()}"
             workers = ["--workers", str(self.workers)]
@@ -130,7 +123,7 @@ class Server:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
+                cwd=self.cwd,
                 start_new_session=self.session,
             )
         sock.close()
@@ -145,6 +138,20 @@ class Server:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"server did not start: {self.log_path.read_text()}")
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment variables, built when it starts (on ``self.port``)."""
+        env = {
+            **os.environ,
+            "WSFANOUT_DATA_DIR": str(self.data_dir),
+            "WSFANOUT_SECRET_KEY": SECRET,
+            "WSFANOUT_PRESENCE_EVENTS_MAX": "0",  # tests of presence turn them on
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            **self.env,
+        }
+        if self.bare:
+            env = {k: v for k, v in env.items() if not k.startswith("WSFANOUT_")}
+        return env
 
     def _limit_descriptors(self) -> None:
         """In the server's process, before it runs: its lower file descriptor limit."""

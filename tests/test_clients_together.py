@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Page, async_playwright
+from playwright.async_api import Page
 
 from tests.chromium import ARGS as BROWSER_ARGS
-from tests.chromium import CHROMIUM, NEEDED
+from tests.chromium import NEEDED, launched
 from tests.listener import SERVER_ENV, Listener, Publisher, token
 from tests.proxy import Proxy
 from tests.server import Server
@@ -84,8 +84,7 @@ async def test_two_thousand_messages_reach_python_clients_and_page_tabs_through_
     tab shows a loss notice (in the suite: 1,000, 100 and 12)."""
     texts = [f"n{n}" for n in range(MESSAGES)]
     with Server(tmp_path, ENV).running() as node:
-        async with Proxy(node.port) as proxy, async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        async with Proxy(node.port) as proxy, launched(ARGS) as browser:
             problems: list[str] = []
             pages: list[Page] = []
             clients = [Client(proxy.ws_url, token=token(f"c{n}")) for n in range(CLIENTS)]
@@ -117,7 +116,6 @@ async def test_two_thousand_messages_reach_python_clients_and_page_tabs_through_
             finally:
                 await asyncio.gather(*(listener.stop() for listener in listeners))
                 await asyncio.gather(*(chat.close() for chat in clients))
-                await browser.close()
     results: dict[str, Any] = {}
     for name, gots in (("python", [lr.texts() for lr in listeners]), ("page", shown)):
         totals = [sum(column) for column in zip(*(check(got, texts) for got in gots), strict=True)]
