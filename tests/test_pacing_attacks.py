@@ -51,7 +51,8 @@ ENV = {
 # A subscriber holding 32 MB unread, or 16 MB for 5 s, is dropped (Redis's default: 32 MB,
 # or 8 MB for 60 s): soon enough for a test of seconds, with room for a loaded machine.
 PUBSUB_LIMIT = "pubsub 32mb 16mb 5"
-STALL_BOUND = 2.0  # seconds one batch may take: the issue saw 5-10 s stalls
+STALL_BOUND = 4.0  # seconds one batch may take: the issue saw 5-10 s stalls (2.6 s seen on a
+# loaded 2-core machine without any stall: the bound is for the failure, not for speed)
 WAIT = 60.0  # seconds the honest client may take to get everything on a loaded machine
 
 
