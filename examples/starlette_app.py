@@ -211,8 +211,8 @@ async def home(request: Request) -> Response:
 
 
 # What each refusal of chat.publish() becomes in this app's answers (PublishError itself: a
-# bad message, 400). wsfanout knows the groups in its own store and those of the users
-# connected now, so a group of this app with nobody online is an unknown_group: nobody hears.
+# bad message, 400). With authenticate, this app's own code may name any group or user, online
+# or not (kept for resume): unknown_group is a name no group can have.
 PUBLISH_STATUS: dict[type[PublishError], int] = {
     UnknownGroupError: 404,
     UnknownUserError: 404,

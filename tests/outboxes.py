@@ -16,10 +16,19 @@ async def nowhere(message: object) -> None:
     raise AssertionError("nothing is sent in these tests")
 
 
-def outbox(user: str, *groups: str, send: Any = nowhere, flusher: Flusher | None = None) -> Outbox:
+def outbox(
+    user: str,
+    *groups: str,
+    send: Any = nowhere,
+    flusher: Flusher | None = None,
+    session: str | None = "a-session",
+) -> Outbox:
+    """A connection's outbox; logged in with a session unless ``session`` is None (a
+    token's or the host app's connection)."""
     return Outbox(
         user=user,
         groups=groups,
+        session=session,
         send=send,
         flusher=flusher or Flusher(),
         limit=10_000,

@@ -59,7 +59,11 @@ from wsfanout.client.streams import Streams
             False,
             Next(Action.RETRY, "slow_consumer", "the client read too slowly (1013)", failures=2),
         ),
-        (1008, False, Next(Action.RENEW, "unauthorized", "the server ended the session (1008)")),
+        (
+            1008,
+            False,
+            Next(Action.RENEW, "unauthorized", "the server ended the session (1008)", again=True),
+        ),
         (
             1008,
             "rate_limited",
@@ -73,7 +77,7 @@ from wsfanout.client.streams import Streams
         (
             1008,
             "forbidden",  # the session expired: the error before the close says so
-            Next(Action.RENEW, "unauthorized", "the server ended the session (1008)"),
+            Next(Action.RENEW, "unauthorized", "the server ended the session (1008)", again=True),
         ),
         (1006, False, Next(Action.RETRY, "connection_lost", "the connection dropped (1006)")),
         (1011, False, Next(Action.RETRY, "connection_lost", "the server failed (1011)")),
@@ -682,3 +686,16 @@ async def test_headers_carry_the_host_apps_session(tmp_path: Path, demo_db: Path
         with pytest.raises(ClientError) as refused:
             await asyncio.wait_for(anonymous.connect(), 10)
         assert refused.value.code == "unauthorized" and anonymous.state == "closed"
+        # The host's session ends (1008) but was renewed meanwhile: one more try connects.
+        states: list[tuple[str, str | None]] = []
+        sliding = {"Cookie": "host_user=bo; host_ttl=1.2"}
+        async with Client(server.ws_url, headers=sliding, on_state=lambda *s: states.append(s)):
+            async with asyncio.timeout(10):
+                while states.count(("connected", None)) < 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        assert states[1:5] == [
+            ("connected", None),
+            ("disconnected", "unauthorized"),
+            ("connecting", "retry"),
+            ("connected", None),
+        ]

@@ -181,8 +181,9 @@ async def test_an_expired_token_stops_the_client_without_a_new_one(
     tmp_path: Path, server_kind: str
 ) -> None:
     """A token that expires while connected: the server closes 1008; with the same token
-    the client does not retry (closed, unauthorized, one attempt); with get_token it asks
-    for a new one once and carries on."""
+    the client tries it once more (a host app's session behind it might have been renewed),
+    is refused, and stops (closed, unauthorized); with get_token it asks for a new one once
+    and carries on."""
     with Server(tmp_path, ENV, server=server_kind).running() as node:
         fixed_states: list[tuple[str, str | None]] = []
         fixed = Client(
@@ -203,6 +204,8 @@ async def test_an_expired_token_stops_the_client_without_a_new_one(
         assert fixed_states == [
             ("connecting", None),
             ("connected", None),
+            ("disconnected", "unauthorized"),
+            ("connecting", "retry"),
             ("closed", "unauthorized"),
         ]
         assert fixed_listener.events[-1]["code"] == "forbidden"  # the server said why

@@ -175,15 +175,16 @@ async def test_publish_from_the_hosts_code_reaches_connections_marked_via_app(
 ) -> None:
     """``publish()`` takes the API's items, one or a list, and they go out with
     ``"via": "app"``; a refused item raises its own exception, and nothing of its list
-    is published."""
+    is published. (Without ``authenticate`` or tokens, users and groups are the store's:
+    a name it does not know is unknown.)"""
     async with (
-        embedded(settings, authenticate=host_user) as chat,
-        asgi.WebSocket(chat, headers={"x-host-user": "hostie"}) as ws,
+        embedded(settings) as chat,
+        asgi.WebSocket(chat, headers={"cookie": await login(chat, "greg")}) as ws,
     ):
         await ws.receive()
-        assert await chat.publish({"type": "group", "group": "chess", "text": "a"}) == 1
+        assert await chat.publish({"type": "group", "group": "boys", "text": "a"}) == 1
         event = await ws.receive()
-        assert (event["text"], event["via"], event["group"]) == ("a", "app", "chess")
+        assert (event["text"], event["via"], event["group"]) == ("a", "app", "boys")
         refusals: list[tuple[Any, type[PublishError], str]] = [
             ({"type": "group", "group": "nobody-here", "text": "x"}, UnknownGroupError, ""),
             ({"type": "direct", "user_name": "nobody", "text": "x"}, UnknownUserError, ""),
@@ -196,7 +197,7 @@ async def test_publish_from_the_hosts_code_reaches_connections_marked_via_app(
             assert raised.value.index == 1
             assert raised.value.code == (code or raised.value.code)
         assert await ws.nothing()  # not even the good first item went out
-        batch = [{"type": "direct", "user_name": "HOSTIE", "text": str(i)} for i in range(3)]
+        batch = [{"type": "direct", "user_name": "GREG", "text": str(i)} for i in range(3)]
         assert await chat.publish(batch) == 3
         assert [(await ws.receive())["text"] for _ in range(3)] == ["0", "1", "2"]
 
@@ -214,19 +215,46 @@ async def test_publish_sync_runs_on_the_apps_loop_from_another_thread(settings: 
         def view() -> None:
             answers.append(chat.publish_sync({"type": "broadcast", "text": "from a view"}))
             try:
-                chat.publish_sync({"type": "group", "group": "none-such", "text": "x"})
-            except UnknownGroupError as exc:
+                chat.publish_sync({"type": "group", "group": "no such", "text": "x"})
+            except PublishError as exc:
                 answers.append(exc.code)
 
         thread = threading.Thread(target=view)
         thread.start()
         assert (await ws.receive())["text"] == "from a view"
         await asyncio.to_thread(thread.join, 5)
-        assert answers == [1, "unknown_group"]
+        assert answers == [1, "unknown_group"]  # no group can have that name
         with pytest.raises(RuntimeError, match="own event loop"):
             chat.publish_sync({"type": "broadcast", "text": "x"})
     with pytest.raises(RuntimeError, match="needs the running app"):
         create_app(settings).publish_sync({"type": "broadcast", "text": "x"})
+
+
+async def test_the_hosts_code_publishes_to_its_users_and_groups_online_or_not(
+    settings: Settings,
+) -> None:
+    """With ``authenticate``, the host's own code names its users and groups with
+    authority: a user between two connections (a reload) gets what was published meanwhile
+    on resume; a backend's API publish to a name nobody holds is still refused."""
+    async with embedded(settings, authenticate=host_user) as chat:
+        frank = {"x-host-user": "frank"}
+        async with asgi.WebSocket(chat, headers=frank) as ws:
+            positions = (await ws.receive())["streams"]
+        assert await chat.publish({"type": "direct", "user_name": "frank", "text": "dm"}) == 1
+        assert await chat.publish({"type": "group", "group": "chess", "text": "all"}) == 1
+        query = asgi.resume_query(positions)
+        async with asgi.WebSocket(chat, headers=frank, query=query) as ws:
+            await ws.receive()
+            replay = [await ws.receive() for _ in range(3)]
+        assert sorted(e.get("text", e["type"]) for e in replay) == ["all", "dm", "resumed"]
+        refused = await asgi.request(
+            chat,
+            "POST",
+            "/api/publish",
+            json={"type": "group", "group": "chess", "text": "x"},
+            headers=AUTH,
+        )
+        assert (refused.status, refused.json()["code"]) == (400, "unknown_group")
 
 
 async def test_publish_while_shutting_down_raises_service_unavailable(settings: Settings) -> None:
@@ -470,3 +498,23 @@ async def test_a_clients_close_code_reaches_the_webhook_under_both_servers(
 def _codes(receiver: Receiver) -> list[int]:
     events = [e for r in receiver.received for e in orjson.loads(r.body)["events"]]
     return [e["code"] for e in events if e["type"] == "disconnected"]
+
+
+async def test_an_admin_membership_change_leaves_the_hosts_groups_alone(
+    settings: Settings,
+) -> None:
+    """greg is in the store too; connected through the host with the host's groups, an
+    operator's change of his store groups does not touch them (the host is their
+    authority), while his cookie connection follows the store as before."""
+    async with (
+        embedded(settings, authenticate=host_user) as chat,
+        asgi.WebSocket(chat, headers={"x-host-user": "greg"}) as hosted,
+        asgi.WebSocket(chat, headers={"cookie": await login(chat, "greg")}) as stored,
+    ):
+        assert (await hosted.receive())["groups"] == ["chess"]
+        await stored.receive()
+        changed = await asgi.request(chat, "PUT", "/api/users/greg/groups/girls", headers=AUTH)
+        assert changed.status == 204
+        assert await stored.receive() == {"type": "joined", "group": "girls"}
+        await chat.publish({"type": "group", "group": "chess", "text": "still chess"})
+        assert (await hosted.receive())["text"] == "still chess"  # no joined/left before it

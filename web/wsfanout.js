@@ -18,8 +18,9 @@
 // the delay: 1001 and 1012 (the server goes away, or its node lost its backplane) come back
 // within a random second; 1013 (too slow a reader), and 1008 right after a `rate_limited` or
 // `bad_message` error (the server's answer to a flood), back off at least a few seconds; 1008 (the
-// session or token expired, or was revoked) asks `getToken()` for a new token once, else stops
-// with reason "unauthorized".
+// session or token expired, or was revoked) asks `getToken()` for a new token once, or without
+// one tries the same credentials once more (a host app's session behind the cookie may have been
+// renewed), then stops with reason "unauthorized".
 //
 // Refused handshakes. Neither a browser nor Node's WebSocket lets a script see a refused
 // handshake's HTTP status: a 403, a 400 or a 429 all look like a close 1006 before open. So
@@ -183,7 +184,7 @@ export class Client {
     this._run = 0; // bumped by every attempt and by close(): stale callbacks see it changed
     this._attempt = 0; // failures since the last connection that lived resetAfter
     this._refusals = 0; // handshakes refused in a row, credentials good, while resuming
-    this._authRetried = false; // a new token was asked for after a refusal: next time, stop
+    this._authRetried = false; // one more try was given after a refusal: next time, stop
     this._dropped = null; // positions dropped after refusals: told to the app after the welcome
     this._stopped = true;
     this._online = () => {
@@ -331,7 +332,7 @@ export class Client {
       this._attempt = Math.max(this._attempt, SLOW_CONSUMER_ATTEMPT);
       this._backOff("flooded");
     } else if (code === 1008) {
-      this._unauthorized();
+      this._unauthorized(true);
     } else if (code === 1013) {
       this._attempt = Math.max(this._attempt, SLOW_CONSUMER_ATTEMPT);
       this._backOff(CLOSE_CODES[code]);
@@ -380,9 +381,10 @@ export class Client {
     }
   }
 
-  // The credentials were refused: one new token if there is a getToken, else stop.
-  _unauthorized() {
-    if (this._getToken && !this._authRetried) {
+  // The credentials were refused: one new token if there is a getToken, else stop. After the
+  // server ended an open session (`ended`, 1008), the same credentials get one more try too.
+  _unauthorized(ended = false) {
+    if ((this._getToken || ended) && !this._authRetried) {
       this._authRetried = true;
       this._retry("unauthorized", backoff(0, this._minDelay, this._maxDelay));
     } else {

@@ -45,10 +45,13 @@ AUTHENTICATE_TIMEOUT: Final = 10.0  # seconds the host's ``authenticate`` may ta
 class Identity:
     """Who a handshake (or request) is, as the host app's ``authenticate(scope)`` says.
 
-    ``groups`` are the user's groups (they need no row in wsfanout's store); ``name`` is
-    shown to others (default: the username); ``expires`` (seconds since the epoch) is when
-    the connection is closed (1008) for the client to come back through ``authenticate``;
-    None: never.
+    ``username`` is case-insensitive in wsfanout (``Alice`` and ``alice`` are one user):
+    give it something unique that way (a user id, with the display name as ``name``).
+    ``groups`` are the user's groups (they need no row in wsfanout's store, and the admin
+    API's membership changes leave them alone); ``name`` is shown to others (default: the
+    username); ``expires`` (seconds since the epoch) is when the host's session ends: the
+    connection is closed then with 1008, and the clients try once more (``authenticate``
+    decides again); None: never.
 
     Raises:
         ValueError: a username, group or name wsfanout cannot carry.

@@ -109,7 +109,9 @@ class Control:
         if any(changes.get(key, since) > since for key in (f"s:{login.session_id}", "u:" + user)):
             return CloseCode.POLICY
         regrouped = ("m:" + user, *("g:" + group for group in login.groups))
-        if any(changes.get(key, since) > since for key in regrouped):
+        if login.session_id is not None and any(  # a token's groups are its issuer's
+            changes.get(key, since) > since for key in regrouped
+        ):
             return CloseCode.SERVICE_RESTART
         return None
 

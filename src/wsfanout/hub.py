@@ -208,14 +208,16 @@ class Hub:
 
     def regroup(self, user: str, group: str, member: bool) -> int:
         """This user was added to (``member``) or removed from a group: their connections
-        here start (or stop) getting its messages, told by a ``joined`` (``left``) event
+        logged in with a session (not a token or the host's identity) here start (or stop)
+        getting its messages, told by a ``joined`` (``left``) event
         queued before any of them (after the last); how many connections changed."""
         event = item(protocol.membership("joined" if member else "left", group))
         changed = 0
         backplane = self.backplane
         outboxes = self._users.get(user.lower(), set())
         for outbox in outboxes:
-            if (group in outbox.groups) is member:
+            # A token's or the host app's connection keeps the groups its issuer gave it.
+            if outbox.session is None or (group in outbox.groups) is member:
                 continue
             if member:
                 outbox.groups = (*outbox.groups, group)

@@ -109,9 +109,11 @@ class Publishing:
         """The publish with its target resolved: a group that exists, an exact username.
         With connection tokens on (or the host app's ``authenticate``), groups and users
         need no row in the store: a group or a username someone is online in (or as), on
-        any node, is taken as given (before
-        first names, as a username always is). Names nobody holds are refused, so that
-        no one can fill Redis with the history of streams nobody listens to.
+        any node, is taken as given (before first names, as a username always is). Names
+        nobody holds are refused, so that no one can fill Redis with the history of
+        streams nobody listens to; but the host app's own code (``Source.APP``) names its
+        users and groups with authority: any well-formed name is taken, online or not, so
+        that a user between two connections gets the message on resume.
 
         Raises:
             ProtocolError: unknown group or user, or the database failing.
@@ -121,6 +123,7 @@ class Publishing:
         try:
             # Who is connected here answers most lookups without the database.
             tokens = self.outside
+            trusted = tokens and publish.source is Source.APP
             if publish.kind is Kind.GROUP:
                 if (
                     not hub.has_group(target)
@@ -128,7 +131,7 @@ class Publishing:
                     and not (
                         tokens
                         and GROUP_RE.fullmatch(target)
-                        and await hub.present(Kind.GROUP, target)
+                        and (trusted or await hub.present(Kind.GROUP, target))
                     )
                 ):
                     raise ProtocolError(
@@ -144,7 +147,14 @@ class Publishing:
                     and await hub.present(Kind.DIRECT, target)
                 ):
                     name = target  # a token user, online on another node
-                target = name or await store.resolve_user(target)
+                if name is None:
+                    try:
+                        name = await store.resolve_user(target)
+                    except NoSuchUserError:
+                        if not (trusted and USERNAME_RE.fullmatch(target)):
+                            raise
+                        name = target  # the host's own code names one of its users
+                target = name
         except NoSuchUserError as exc:
             raise ProtocolError(ErrorCode.UNKNOWN_USER, str(exc), publish.frame_id) from None
         except DatabaseError as exc:

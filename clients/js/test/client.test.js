@@ -176,7 +176,7 @@ test("a restart that loses the history: restarted when nothing was published, lo
   await proxy.close();
 });
 
-test("1008 (the token expired) stops retrying without getToken", async () => {
+test("1008 (the token expired) without getToken: the same token once more, refused, then stop", async () => {
   const chat = client(env.single, { token: token("amanda", ["girls"], { ttl: 2 }) });
   const seen = states(chat);
   const expired = next(chat, "error", (event) => event.code === "forbidden");
@@ -184,7 +184,7 @@ test("1008 (the token expired) stops retrying without getToken", async () => {
   await reach(chat, "connected");
   await expired;
   await reach(chat, "closed");
-  assert.deepEqual(seen, ["connecting", "connected", "closed:unauthorized"]);
+  assert.deepEqual(seen, ["connecting", "connected", "disconnected:unauthorized", "connecting:retry", "closed:unauthorized"]);
 });
 
 test("1008 with getToken: a new token is asked for once, and the client carries on", async () => {

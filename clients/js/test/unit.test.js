@@ -185,8 +185,8 @@ test("an attempt the server never answers is given up after connectTimeout, and 
   assert.deepEqual(seen.slice(0, 4), ["connecting", "disconnected:timeout", "connecting:retry", "disconnected:timeout"]);
 });
 
-test("a 1008 right after a flood's error backs off; after a forbidden one, the credentials are done", async () => {
-  for (const [error, state, reason] of [["rate_limited", "disconnected", "flooded"], ["forbidden", "closed", "unauthorized"]]) {
+test("a 1008 right after a flood's error backs off; after a forbidden one, the credentials get one more try", async () => {
+  for (const [error, state, reason] of [["rate_limited", "disconnected", "flooded"], ["forbidden", "disconnected", "unauthorized"]]) {
     const { chat, socket } = fake("ws://127.0.0.1:9/", { token: "t" });
     chat.connect();
     await new Promise((resolve) => setImmediate(resolve));

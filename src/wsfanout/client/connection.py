@@ -281,9 +281,9 @@ class Client:
                 first = False
                 step, renew = await self._attempt(renew), False
                 if step.action is Action.RENEW:
-                    if self._renewed or not self._credentials.renewable:
+                    if self._renewed or not (self._credentials.renewable or step.again):
                         step = Next(Action.STOP, UNAUTHORIZED, step.detail)
-                    else:  # one more try, with a new token or a new login
+                    else:  # one more try, with a new token or login (or the same: Next.again)
                         self._renewed = renew = True
                         wait = self._backoff.jitter(self._backoff.min_delay)
                         step = Next(Action.RETRY, step.reason, step.detail, wait=wait)

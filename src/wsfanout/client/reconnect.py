@@ -38,6 +38,8 @@ class Action(enum.Enum):
 # clients/js/wsfanout.d.ts), so that an application reads both alike.
 CLOSED: Final = "closed"  # close() was called
 UNAUTHORIZED: Final = "unauthorized"  # 1008, 401, 403, a refused login: renew once, else stop
+# (after a 1008, a client with nothing to renew tries its credentials once more: a host
+# app's session behind them may have been renewed)
 GOING_AWAY: Final = "going_away"  # 1001
 RESTART: Final = "restart"  # 1012
 SLOW_CONSUMER: Final = "slow_consumer"  # 1013
@@ -57,6 +59,8 @@ class Next:
     ``wait``: seconds to wait before the next attempt; None means the backoff's next delay.
     ``soon``: a short random delay instead (``RESTART_JITTER``), counted as no failure.
     ``failures``: back off as after at least this many failures in a row.
+    ``again``: with RENEW, the same credentials may be tried once more if none can be renewed
+    (the server ended a session that may since have been renewed: 1008).
     """
 
     action: Action
@@ -65,6 +69,7 @@ class Next:
     wait: float | None = None
     soon: bool = False
     failures: int = 0
+    again: bool = False
 
 
 class Backoff:
@@ -139,7 +144,7 @@ def after_close(code: int, by_application: bool, last_error: str | None = None) 
         detail = f"closed for sending too fast ({code}, after {last_error})"
         return Next(Action.RETRY, FLOODED, detail, failures=SLOW_CONSUMER_FAILURES)
     if code == CloseCode.POLICY:
-        return Next(Action.RENEW, UNAUTHORIZED, detail)
+        return Next(Action.RENEW, UNAUTHORIZED, detail, again=True)
     if code == CloseCode.TRY_AGAIN_LATER:
         return Next(Action.RETRY, SLOW_CONSUMER, detail, failures=SLOW_CONSUMER_FAILURES)
     return Next(Action.RETRY, CONNECTION_LOST, detail)
