@@ -518,3 +518,20 @@ async def test_an_admin_membership_change_leaves_the_hosts_groups_alone(
         assert await stored.receive() == {"type": "joined", "group": "girls"}
         await chat.publish({"type": "group", "group": "chess", "text": "still chess"})
         assert (await hosted.receive())["text"] == "still chess"  # no joined/left before it
+
+
+async def test_after_shutdown_nothing_starts_a_second_service(settings: Settings) -> None:
+    """Once shut down, a late request is answered 503 and a late publish raises, rather
+    than start a new service nobody would stop; ``startup()`` starts it again."""
+    chat = create_app(settings)
+    await chat.startup()
+    await chat.shutdown()
+    assert (await asgi.request(chat, "GET", "/healthz")).status == 503
+    with pytest.raises(ServiceUnavailableError):
+        await chat.publish({"type": "broadcast", "text": "late"})
+    assert chat.service is None
+    await chat.startup()
+    try:
+        assert (await asgi.request(chat, "GET", "/healthz")).status == 200
+    finally:
+        await chat.shutdown()

@@ -43,6 +43,7 @@ PATTERNS: Final = [
 ]
 WEBSOCKET_PATHS: Final = frozenset({"/"})
 PAGES: Final = frozenset({"/", "/login", "/logout"})  # not served with WSFANOUT_PAGES=off
+HOST_THREADS: Final = 16  # threads for the host's plain (blocking) authenticate and hooks
 
 T = TypeVar("T")
 
@@ -94,18 +95,26 @@ class App:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self._authenticate = None if authenticate is None else _as_async(authenticate)
-        self._hook = None if hooks is None else _as_async(hooks)
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._authenticate = None if authenticate is None else self._as_async(authenticate)
+        self._hook = None if hooks is None else self._as_async(hooks)
         self._service: Service | None = None
         self._starting: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._shut = False  # shut down: only startup() starts it again, not a late request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
             await self._lifespan(receive, send)
             return
-        svc = self._service or await self.startup()
+        svc = self._service or await self._started()
+        if svc is None:
+            if kind == "websocket":
+                await ws.refuse(scope, send, 503, "the server is shut down")
+            elif kind == "http":
+                await http.error_response(send, 503, "The server is shut down")
+            return
         path = http.route_path(scope)
         if kind == "websocket":
             if path in WEBSOCKET_PATHS:
@@ -175,8 +184,15 @@ class App:
         """The running service (its hub, store, metrics), or None before start-up."""
         return self._service
 
+    async def _started(self) -> Service | None:
+        """The service, started on first use; None once the app was shut down (a request
+        or a host's publish that comes late must not start a second service nobody stops)."""
+        return None if self._shut else await self.startup()
+
     async def startup(self) -> Service:
-        """Build the service, once, however many requests ask at once."""
+        """Build the service, once, however many requests ask at once (again after a
+        ``shutdown()``, when called)."""
+        self._shut = False
         if self._service is not None:
             return self._service
         if self._starting is None:
@@ -202,7 +218,9 @@ class App:
             ``MessageTooLargeError``, ``ServiceUnavailableError``, or ``PublishError``
             itself for a malformed item; nothing of a refused list is published.
         """
-        svc = self._service or await self.startup()
+        svc = self._service or await self._started()
+        if svc is None:
+            raise ServiceUnavailableError(ErrorCode.UNAVAILABLE.value, "the app was shut down")
         return await svc.publishing.publish_items(items, Source.APP)
 
     def publish_sync(
@@ -251,7 +269,9 @@ class App:
             ServiceUnavailableError: the backplane (Redis) cannot say now.
         """
         users = queries.usernames(usernames)
-        svc = self._service or await self.startup()
+        svc = self._service or await self._started()
+        if svc is None:
+            raise ServiceUnavailableError(ErrorCode.UNAVAILABLE.value, "the app was shut down")
         try:
             return await queries.online(svc.hub, users)
         except UnavailableError as exc:
@@ -268,12 +288,38 @@ class App:
         The service stays in place while it closes, so a request meanwhile meets a
         draining hub (503, ``unavailable``) instead of starting a second service.
         """
+        self._shut = True
         svc = self._service
         if svc is not None:
             try:
                 await svc.close()
             finally:
                 self._service = None
+                threads, self._threads = self._threads, None
+                if threads is not None:  # a host function still blocking keeps its thread
+                    threads.shutdown(wait=False, cancel_futures=True)
+
+    def _as_async(self, function: Callable[[T], Any]) -> Callable[[T], Awaitable[Any]]:
+        """The host's ``authenticate`` or ``hooks``: an async function as it is; a plain one
+        run in a worker thread of the app's own (it may block: a database query), its
+        answer awaited if it is awaitable. The app's own pool, of HOST_THREADS, so a host
+        function that blocks for long holds up neither logins' password checks nor anything
+        else on asyncio's default pool."""
+        if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+            getattr(function, "__call__", None)  # noqa: B004 - an object with an async __call__
+        ):
+            return function
+
+        async def in_thread(argument: T) -> Any:
+            if self._threads is None:
+                self._threads = concurrent.futures.ThreadPoolExecutor(
+                    HOST_THREADS, thread_name_prefix="wsfanout-host"
+                )
+            loop = asyncio.get_running_loop()
+            answer = await loop.run_in_executor(self._threads, function, argument)
+            return await answer if inspect.isawaitable(answer) else answer
+
+        return in_thread
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -335,18 +381,3 @@ def create_app(
         authenticate=authenticate,
         hooks=hooks,
     )
-
-
-def _as_async(function: Callable[[T], Any]) -> Callable[[T], Awaitable[Any]]:
-    """An async function as it is; a plain one run in a worker thread (it may block),
-    its answer awaited if it is awaitable."""
-    if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-        getattr(function, "__call__", None)  # noqa: B004 - an object with an async __call__
-    ):
-        return function
-
-    async def in_thread(argument: T) -> Any:
-        answer = await asyncio.to_thread(function, argument)
-        return await answer if inspect.isawaitable(answer) else answer
-
-    return in_thread
