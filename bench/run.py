@@ -153,7 +153,7 @@ WEBHOOK_DOWN = System(
     {
         **WSFANOUT_ENV,
         "WSFANOUT_WEBHOOK_URL": "http://127.0.0.1:9/nobody-listens",
-        "WSFANOUT_WEBHOOK_SECRET": "bench",
+        "WSFANOUT_WEBHOOK_SECRET": "bench-webhook-secret",
     },
 )
 OPT_IN = frozenset({"hooks"})  # scenarios run only when named with --only

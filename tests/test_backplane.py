@@ -567,7 +567,7 @@ async def test_a_killed_nodes_users_go_offline_within_30_s(
         "WSFANOUT_REDIS_PREFIX": prefix,
         "WSFANOUT_PRESENCE_EVENTS_MAX": "100",
         "WSFANOUT_WEBHOOK_URL": receiver.url,
-        "WSFANOUT_WEBHOOK_SECRET": "shh",
+        "WSFANOUT_WEBHOOK_SECRET": "a-test-secret-of-ours",
     }
     servers = []
     for name in ("alive", "doomed"):

@@ -142,3 +142,27 @@ def test_a_bad_database_url_is_one_line_without_its_password(value: str) -> None
     with pytest.raises(ConfigError, match="WSFANOUT_DATABASE_URL") as caught:
         Settings.from_env({"WSFANOUT_DATABASE_URL": value})
     assert "secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"WSFANOUT_WEBHOOK_URL": "http://h/hook"}, "WSFANOUT_WEBHOOK_SECRET"),
+        ({"WSFANOUT_WEBHOOK_URL": "http://h/hook", "WSFANOUT_WEBHOOK_SECRET": "short"}, "16"),
+        ({"WSFANOUT_WEBHOOK_URL": "ftp://h/", "WSFANOUT_WEBHOOK_SECRET": "s" * 16}, "http://"),
+        ({"WSFANOUT_WEBHOOK_URL": "http:///hook", "WSFANOUT_WEBHOOK_SECRET": "s" * 16}, "host"),
+        ({"WSFANOUT_WEBHOOK_URL": "https://u:pw@h/", "WSFANOUT_WEBHOOK_SECRET": "s" * 16}, "user"),
+    ],
+)
+def test_a_webhook_needs_a_url_with_a_host_and_a_real_secret(
+    env: dict[str, str], problem: str
+) -> None:
+    """A webhook URL without a secret (or a short one), of another scheme, without a host,
+    or carrying a password is refused at start, in one line that names what is wrong and
+    shows neither the password nor the secret."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert problem in str(caught.value)
+    assert "pw" not in str(caught.value) and "short" not in str(caught.value)
+    good = {"WSFANOUT_WEBHOOK_URL": "https://h:8443/hook?x=1", "WSFANOUT_WEBHOOK_SECRET": "s" * 16}
+    assert Settings.from_env(good).webhook_url == good["WSFANOUT_WEBHOOK_URL"]

@@ -484,7 +484,11 @@ async def test_a_clients_close_code_reaches_the_webhook_under_both_servers(
     itself tells the app 1006 for any close the client starts)."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
     async with receiving() as receiver:
-        env = {**SERVER_ENV, "WSFANOUT_WEBHOOK_URL": receiver.url, "WSFANOUT_WEBHOOK_SECRET": "s"}
+        env = {
+            **SERVER_ENV,
+            "WSFANOUT_WEBHOOK_URL": receiver.url,
+            "WSFANOUT_WEBHOOK_SECRET": "s" * 16,
+        }
         with Server(tmp_path, env, app="tests.hosted:app", server=server_kind).running() as server:
             for code in (4001, 1000):
                 async with websockets.connect(

@@ -13,6 +13,7 @@ KIB = 1024 * BYTES
 MIB = 1024 * KIB
 SECONDS = 1.0
 DAYS = 86400 * SECONDS
+WEBHOOK_SECRET_MIN = 16  # characters
 
 
 class ConfigError(ValueError):
@@ -138,13 +139,21 @@ class Settings:
         data_dir = Path(reader.text("DATA_DIR", str(defaults.data_dir)))
         database = reader.text("DATABASE", "")
         webhook_url = reader.url("WEBHOOK_URL", ("http", "https"))
+        parts = urllib.parse.urlsplit(webhook_url)
+        if webhook_url and (not parts.hostname or parts.username or parts.password):
+            raise ConfigError(
+                "WSFANOUT_WEBHOOK_URL",
+                redact(webhook_url),
+                "http:// or https:// with a host, and no user or password (the secret signs)",
+            )
         webhook_secret = reader.text("WEBHOOK_SECRET", "")
-        if webhook_url and not webhook_secret:
+        if webhook_url and len(webhook_secret) < WEBHOOK_SECRET_MIN:
             raise ConfigError(
                 "WSFANOUT_WEBHOOK_SECRET",
-                "",
-                "a secret to sign the webhooks with, since WSFANOUT_WEBHOOK_URL is set "
-                "(receivers could not tell wsfanout's posts from anyone's)",
+                "***" if webhook_secret else "",
+                f"a secret of at least {WEBHOOK_SECRET_MIN} characters to sign the webhooks "
+                "with, since WSFANOUT_WEBHOOK_URL is set (receivers could not tell wsfanout's "
+                "posts from anyone's)",
             )
         return cls(
             data_dir=data_dir,

@@ -28,7 +28,7 @@ from . import protocol
 from .admission import Admission, Authenticate
 from .backplane import Backplane, LocalBackplane
 from .backplane.redis import RedisBackplane
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, redact
 from .control import Control
 from .history import History
 from .hooks import Hook, Hooks
@@ -180,7 +180,9 @@ class Service:
                     )
                 except ValueError as exc:
                     raise ConfigError(
-                        "WSFANOUT_WEBHOOK_URL", settings.webhook_url, str(exc)
+                        "WSFANOUT_WEBHOOK_URL",
+                        redact(settings.webhook_url),
+                        f"a URL the webhooks can be posted to ({exc})",
                     ) from None
             hooks = Hooks(backplane.node, hook, webhook)
             svc = cls(

@@ -270,12 +270,15 @@ class Webhook:
                     status, headers, answer = await self._exchange(body)
             except _FAILURES as exc:
                 failure: BaseException = exc
+                if isinstance(exc, TimeoutError) and not str(exc):
+                    failure = DeliveryError(f"no answer within {self.timeout:g} s")
                 wait = self._backoff(attempt)
             else:
                 if 200 <= status < 300:
                     self.stats["sent"] += count
                     return
-                if status not in RETRY_STATUSES and not 500 <= status < 600:
+                if status not in RETRY_STATUSES and not 500 <= status < 600:  # 3xx too: no
+                    # redirect is followed (a signed POST is not re-sent to another URL)
                     self.stats["rejected"] += count
                     text = answer[:ANSWER_LOGGED].decode(errors="replace")
                     self._rejections.failed(
