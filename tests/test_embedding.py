@@ -123,6 +123,7 @@ async def test_the_hosts_authenticate_logs_users_in_with_no_wsfanout_cookie(
             assert refused.value.status == 403
         directory = await asgi.request(chat, "GET", "/api/directory", headers={"x-host-user": "h"})
         assert directory.status == 200  # the JS client's probe sees the host's login too
+        assert "chess" in directory.json()["groups"]  # the host's group, not in the store
 
 
 async def test_an_authenticate_that_fails_refuses_that_handshake_only(

@@ -252,6 +252,8 @@ async def directory(scope: Scope, receive: Receive, send: Send, svc: Service) ->
         )
     else:
         groups, users = await svc.store.directory(prefix, DIRECTORY_LIMIT + 1)
+        # A token's or the host app's groups may have no row in the store: theirs too.
+        groups = sorted({*groups, *(g for g in login.groups if g.startswith(prefix))})
     await http.json_response(
         send,
         200,
