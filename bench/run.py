@@ -185,8 +185,9 @@ PG_UVICORN_RATIOS = (("wsfanout-uvicorn-pg", "wsfanout-pg"), ("wsfanout-uvicorn"
 def scenarios(quick: bool) -> list[Scenario]:
     n = 100 if quick else 1000
     messages = 20 if quick else 200
-    capacity = 1000 if quick else CAPACITY
-    login_seconds = 2 if quick else 10
+    capacity = 500 if quick else CAPACITY
+    login_seconds = 1 if quick else 10
+    paced_seconds = 1 if quick else 3
     return [
         Scenario(
             "burst",
@@ -223,8 +224,14 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario(
             "paced",
             (WSFANOUT, WSFANOUT_UVICORN, BASELINE, BASELINE_UVICORN),
-            {"scenario": "paced", "connections": n, "messages": 3 * 60, "size": 100, "rate": 60},
-            f"S1 paced: {n} conns, 60 broadcasts/s = {60 * n} deliveries/s for 3 s",
+            {
+                "scenario": "paced",
+                "connections": n,
+                "messages": paced_seconds * 60,
+                "size": 100,
+                "rate": 60,
+            },
+            f"S1 paced: {n} conns, 60 broadcasts/s = {60 * n} deliveries/s for {paced_seconds} s",
             ratios=UVICORN_RATIOS,
         ),
         Scenario(

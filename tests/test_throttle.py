@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from wsfanout import Settings, create_app
+from wsfanout.backplane.redis.failures import RedisCounts
 from wsfanout.backplane.redis.link import Link
 from wsfanout.store import Store
-from wsfanout.throttle import Attempt, DatabaseCounts, FailureCounts, LoginThrottle, RedisCounts
+from wsfanout.throttle import Attempt, DatabaseCounts, FailureCounts, LoginThrottle
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Final
 from . import protocol
 from .admission import Admission, Authenticate
 from .backplane import Backplane, LocalBackplane
-from .backplane.redis import RedisBackplane
 from .config import ConfigError, Settings, redact
 from .control import Control
 from .history import History
@@ -41,7 +40,7 @@ from .publishing import Publishing
 from .servers import PeerLimits, ServerReach, warn_if_workers_are_islands
 from .sessions import SessionCodec
 from .store import DatabaseError, Store
-from .throttle import DatabaseCounts, FailureCounts, LoginThrottle, RedisCounts
+from .throttle import DatabaseCounts, FailureCounts, LoginThrottle
 from .tokens import TokenVerifier
 from .webhooks import Webhook
 
@@ -150,6 +149,10 @@ class Service:
             backplane: Backplane
             counts: FailureCounts | None = None  # None: in the database (every node shares it)
             if settings.redis_url:
+                # redis-py is imported only when it is used (as aio-pika is).
+                from .backplane.redis import RedisBackplane
+                from .backplane.redis.failures import RedisCounts
+
                 backplane = RedisBackplane(
                     settings.redis_url,
                     settings.redis_prefix,

@@ -2,8 +2,8 @@
 
 The policy is ``LoginThrottle``'s; the counting is done where ``Service.start`` says: in the
 database (``DatabaseCounts``, table ``login_failures``, through the store's ``throttling``
-transaction) or, with the Redis backplane, in Redis (``RedisCounts``, sorted sets through the
-engine's link; its script is ``backplane/redis/count_failure.lua``). Both are atomic across
+transaction) or, with the Redis backplane, in Redis (``backplane/redis/failures.py``'s
+``RedisCounts``: sorted sets through the engine's link). Both are atomic across
 nodes: a count and its check are one transaction (serialized per key) or one Lua script.
 """
 
@@ -18,10 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from redis.exceptions import RedisError
-
 from .backplane import BackplaneUnavailableError
-from .backplane.redis.link import Link, Script, describe
 from .store import DatabaseError, Store
 from .store.sql import marks
 
@@ -105,40 +102,6 @@ class DatabaseCounts:
             )
             if clear:
                 await tx.execute(_FORGIVE_ALL.format(marks=marks(clear)), *clear)
-
-
-_COUNT_FAILURE: Final = Script.packaged("count_failure")
-
-
-class RedisCounts:
-    """Failures as sorted sets ``<prefix>lf:<key>`` of attempts scored by time, shared by
-    every node of the Redis backplane (the throttle's ``FailureCounts``)."""
-
-    def __init__(self, link: Link) -> None:
-        self._link = link
-
-    async def count_failure(
-        self, limits: dict[str, int], window: float, now: float, attempt: str
-    ) -> float:
-        link = self._link
-        keys = [link.prefix + "lf:" + key for key in limits]
-        command = (_COUNT_FAILURE, len(keys), *keys, repr(now), repr(window), attempt)
-        try:
-            (wait,) = await link.pipeline([(*command, *limits.values())], client=link.queries)
-        except (RedisError, OSError) as exc:
-            raise BackplaneUnavailableError(describe(exc)) from None
-        return float(wait)
-
-    async def forgive_failure(self, keys: list[str], attempt: str, clear: list[str]) -> None:
-        link = self._link
-        prefix = link.prefix + "lf:"
-        commands: list[tuple[object, ...]] = [("ZREM", prefix + key, attempt) for key in keys]
-        if clear:
-            commands.append(("DEL", *(prefix + key for key in clear)))
-        try:
-            await link.pipeline(commands, client=link.queries)
-        except (RedisError, OSError) as exc:
-            raise BackplaneUnavailableError(describe(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ Its jobs, each in a module of its own: the connection pools, pipelines and Lua s
 (``link.py``); pub/sub between nodes and the operator's changes (``pubsub.py``); streams'
 offsets and history (``positions.py``); who is online (``presence.py``). The scripts are
 the ``.lua`` files beside them (``count_failure.lua`` is the login throttle's, run through
-the link by ``throttle.RedisCounts``). ``RedisBackplane`` puts them together behind the hub's
+the link by ``failures.RedisCounts``). ``RedisBackplane`` puts them together behind the hub's
 ``Backplane`` interface.
 
 Joining (DESIGN 5.1). A joining connection's positions are read only once this node hears
