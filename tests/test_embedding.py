@@ -4,6 +4,7 @@ own code, its lifecycle hooks, and ``WSFANOUT_PAGES=off``; in-process, through t
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import inspect
@@ -17,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 import websockets
+from itsdangerous import TimestampSigner
 
 from tests import asgi
 from tests.conftest import login
@@ -538,5 +540,39 @@ async def test_after_shutdown_nothing_starts_a_second_service(settings: Settings
     await chat.startup()
     try:
         assert (await asgi.request(chat, "GET", "/healthz")).status == 200
+    finally:
+        await chat.shutdown()
+
+
+async def test_the_readmes_embedding_example_runs_as_it_stands(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's block, as a module: a user with the host's session (Starlette's signed
+    cookie) connects to /chat/ with no wsfanout cookie, and the host's view publishes to
+    them and asks who is online."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    marker = "<!-- embedding: tests/test_embedding.py runs this block as it stands -->\n```python\n"
+    block = readme[readme.index(marker) + len(marker) :].split("```\n", 1)[0]
+    for name, value in (
+        ("WSFANOUT_DATA_DIR", str(settings.data_dir)),
+        ("WSFANOUT_SECRET_KEY", "k"),
+    ):
+        monkeypatch.setenv(name, value)
+    namespace: dict[str, Any] = {"__name__": "readme_example"}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    host, chat = namespace["app"], namespace["chat"]
+    signed = TimestampSigner("change me").sign(base64.b64encode(b'{"user": "greg"}')).decode()
+    await chat.startup()
+    try:
+        cookie = {"cookie": f"session={signed}"}
+        async with asgi.WebSocket(host, path="/chat/", headers=cookie) as ws:
+            welcome = await ws.receive()
+            assert (welcome["user"], welcome["groups"]) == ("greg", ["staff"])
+            answer = await asgi.request(host, "POST", "/deployed")
+            assert answer.json() == {"sent": 1, "online": {"greg": 1}}
+            assert (await ws.receive())["text"] == "deploy done"
+        with pytest.raises(asgi.Refused):
+            async with asgi.WebSocket(host, path="/chat/"):
+                pass
     finally:
         await chat.shutdown()

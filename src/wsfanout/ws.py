@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_BEFORE_CLOSE: Final = 2.0  # seconds a writer gets to send queued frames before a close
 EXPIRED: Final = "the session has expired: log in again"
-TOKEN_EXPIRED: Final = "the token has expired: connect with a new one"  # noqa: S105
+TOKEN_EXPIRED: Final = "the token (or the host's session) has expired: connect again"  # noqa: S105
 YIELD_EVERY: Final = 32  # frames a reader handles before letting other tasks run
 ABORT_GRACE: Final = 1.0  # seconds to read on after a reset, until the server says it is gone
 UNANSWERED_FRAMES: Final = 64  # frames a client may send after our close before it is reset
@@ -224,7 +224,7 @@ class Connection:
                 code = await self._serve()
         finally:
             # Before leaving the hub: a user's last ``disconnected`` comes before ``offline``.
-            hooks.disconnected(user.username, told, self.code if code is None else code)
+            hooks.disconnected(user.username, told, self.code if code is None else int(code))
             hub.remove(outbox)
         if code is not None:
             await self._close(code)
@@ -250,7 +250,7 @@ class Connection:
     async def _close(self, code: int) -> None:
         """Send the close and wait for the client's answer (the connection holds its seat
         until then); a client that does not answer in time has its TCP connection reset."""
-        self.code = code
+        self.code = int(code)
         try:
             async with asyncio.timeout(self.svc.settings.close_timeout):
                 await self.send({"type": "websocket.close", "code": code})

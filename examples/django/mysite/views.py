@@ -48,6 +48,12 @@ def publish(request: HttpRequest) -> JsonResponse:
     wsfanout's event loop and waits for its answer. The CSRF check is Django's own: the page
     posts the form with its token."""
     group = request.POST.get("group", "")
+    # wsfanout takes any group this app's code names (it is the authority on its users'
+    # groups): who may post where is this view's to decide.
+    if group and not request.user.groups.filter(name=group).exists():
+        return JsonResponse(
+            {"error": "forbidden", "detail": f"you are not in {group!r}"}, status=403
+        )
     item: dict[str, Any] = {"type": "group", "group": group} if group else {"type": "broadcast"}
     item |= {"text": request.POST.get("text", ""), "from": request.user.get_username()}
     try:
