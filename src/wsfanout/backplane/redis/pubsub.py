@@ -69,7 +69,8 @@ MAX_WAITING: Final = 100_000  # messages queued for Redis before senders are tol
 TICK: Final = 0.25  # seconds between the ticks a node sends itself while messages flow
 BEHIND: Final = 0.5  # seconds a tick may take to come back before the node says it is behind
 BEHIND_HOLD: Final = 2.0  # seconds every node refuses backends' batches after hearing it
-LISTEN_TURN: Final = 256  # messages handed on before the listener lets other tasks run
+LISTEN_TURN: Final = 0.02  # seconds the listener hands messages on before others may run
+LISTEN_CHECK: Final = 32  # messages between looks at the clock
 
 Outgoing = tuple[str, str | None, str, str, asyncio.Future[None]]
 """(channel, stream or None, head, tail, done): the stream when history is on."""
@@ -349,6 +350,7 @@ class PubSub:
             await self._changed.wait()
 
     async def _listen(self, pubsub: Any) -> None:
+        loop = asyncio.get_running_loop()
         prefix_length = len(self._link.prefix)
         deliver = self._on_message
         assert deliver is not None
@@ -359,12 +361,14 @@ class PubSub:
                 continue
             # Deliver what is already received before letting the flusher run, so a burst
             # arriving from Redis leaves as batches too; but a turn at a time, or a node
-            # with a backlog in its socket would hold the loop (and its tick) for seconds.
-            handed = 0
+            # with a backlog in its socket would hold the loop (and its tick, and its
+            # telling the other nodes it is behind) for seconds.
+            turn_ends, handed = loop.time() + LISTEN_TURN, 0
             while message is not None:
                 handed += 1
-                if handed % LISTEN_TURN == 0:
+                if handed % LISTEN_CHECK == 0 and loop.time() > turn_ends:
                     await asyncio.sleep(0)
+                    turn_ends = loop.time() + LISTEN_TURN
                 kind = message.get("type")
                 if kind == "message":
                     channel = message["channel"].decode()[prefix_length:]
