@@ -65,7 +65,8 @@ class Hooks:
 
     def emit(self, kind: str, user: str, when: float | None = None, **fields: Any) -> None:
         """Tell ``kind`` (``connected``, ``online``, …) of ``user`` to every consumer,
-        without waiting for any; ``when``: seconds since the epoch (default: now)."""
+        without waiting for any; ``when``: seconds since the epoch (default: now). It is
+        also the backplane's ``OnPresence``: a user online or offline over all nodes."""
         if not self.enabled:
             return
         event = {
@@ -87,10 +88,6 @@ class Hooks:
                     self._wake.set()
         if self.webhook is not None:
             self.webhook.offer(event)
-
-    def presence(self, kind: str, user: str, when: float) -> None:
-        """A user came online or went offline over all nodes (``Backplane.start``)."""
-        self.emit(kind, user, when)
 
     def connected(self, user: str) -> str | None:
         """A connection of ``user`` was accepted: its id for ``disconnected``, or None

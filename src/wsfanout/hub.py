@@ -279,6 +279,13 @@ class Hub:
         except BackplaneUnavailableError as exc:
             raise UnavailableError(str(exc)) from None
 
+    async def connections(self, users: list[str]) -> dict[str, int]:
+        """``Backplane.connections``; raises ``UnavailableError`` if it cannot say."""
+        try:
+            return await self.backplane.connections(users)
+        except BackplaneUnavailableError as exc:
+            raise UnavailableError(str(exc)) from None
+
     async def recent(self, stream: str, limit: int, budget: int) -> Recent | None:
         """``Backplane.recent``; raises ``UnavailableError`` if the backplane cannot say."""
         try:

@@ -137,14 +137,12 @@ class Metrics(Collector):
             failures.add_metric([reason], count)
         yield failures
         if self.amqp is not None:
-            amqp = CounterMetricFamily(
+            yield _outcomes(
                 "wsfanout_amqp_messages",
                 "RabbitMQ messages by outcome: acked, rejected (bad), requeued (retry later).",
-                labels=["outcome"],
+                self.amqp,
+                ("acked", "rejected", "requeued"),
             )
-            for outcome in ("acked", "rejected", "requeued"):
-                amqp.add_metric([outcome], self.amqp.get(outcome, 0))
-            yield amqp
             yield CounterMetricFamily(
                 "wsfanout_amqp_reconnects",
                 "Times the RabbitMQ connection was re-established.",
@@ -155,26 +153,22 @@ class Metrics(Collector):
     def _lifecycle(self) -> Iterator[Metric]:
         """The lifecycle events (DESIGN 12): the host's hooks, the webhook."""
         if self.hooks is not None:
-            hooks = CounterMetricFamily(
+            yield _outcomes(
                 "wsfanout_hook_events",
                 "Lifecycle events handed to the host's hooks: delivered, failed (the hook "
                 "raised), dropped (its queue was full).",
-                labels=["outcome"],
+                self.hooks,
+                ("delivered", "failed", "dropped"),
             )
-            for outcome in ("delivered", "failed", "dropped"):
-                hooks.add_metric([outcome], self.hooks.get(outcome, 0))
-            yield hooks
         webhook = self.webhook
         if webhook is not None:
-            events = CounterMetricFamily(
+            yield _outcomes(
                 "wsfanout_webhook_events",
                 "Lifecycle events posted to WSFANOUT_WEBHOOK_URL: sent (answered 2xx), "
                 "rejected (answered 4xx), dropped (the queue was full, or shutting down).",
-                labels=["outcome"],
+                webhook.stats,
+                ("sent", "rejected", "dropped"),
             )
-            for outcome in ("sent", "rejected", "dropped"):
-                events.add_metric([outcome], webhook.stats.get(outcome, 0))
-            yield events
             yield CounterMetricFamily(
                 "wsfanout_webhook_retries",
                 "Webhook posts that failed and were tried again.",
@@ -183,6 +177,16 @@ class Metrics(Collector):
             yield GaugeMetricFamily(
                 "wsfanout_webhook_queue", "Lifecycle events waiting to be posted.", len(webhook)
             )
+
+
+def _outcomes(
+    name: str, doc: str, counts: Mapping[str, int], outcomes: tuple[str, ...]
+) -> CounterMetricFamily:
+    """A counter labelled by ``outcome``: each of ``outcomes`` as ``counts`` has it (0 if not)."""
+    family = CounterMetricFamily(name, doc, labels=["outcome"])
+    for outcome in outcomes:
+        family.add_metric([outcome], counts.get(outcome, 0))
+    return family
 
 
 def _histogram(

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Final
 
 from . import protocol
-from .backplane import BackplaneUnavailableError
 from .hub import Hub, UnavailableError
 from .outbox import Outbox
 from .protocol import ErrorCode, HistoryQuery, Kind, PresenceQuery, ProtocolError, Query
@@ -43,10 +42,7 @@ async def online(hub: Hub, users: list[str]) -> dict[str, int]:
         UnavailableError: the backplane cannot say now.
     """
     names = list(dict.fromkeys(name for name in users if protocol.USERNAME_RE.fullmatch(name)))
-    try:
-        return await hub.backplane.connections(names)
-    except BackplaneUnavailableError as exc:
-        raise UnavailableError(str(exc)) from None
+    return await hub.connections(names)
 
 
 def streams_of(outbox: Outbox) -> list[str]:

@@ -205,7 +205,7 @@ class Service:
             svc.metrics.webhook = webhook
             hooks.start()
             opened.push_async_callback(hooks.close)
-            hub.start(svc.control.apply, svc.control.missed, hooks.presence)
+            hub.start(svc.control.apply, svc.control.missed, hooks.emit)
             with contextlib.suppress(DatabaseError):  # not reached yet: it says so itself
                 pruned = await store.prune(settings.session_max_age, settings.login_failure_window)
                 if pruned:
