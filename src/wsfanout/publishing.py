@@ -47,11 +47,13 @@ class PublishError(Exception):
 
 
 class UnknownGroupError(PublishError):
-    """No such group: not in the store, and nobody online in it."""
+    """No such group: not in the store (and, with tokens or ``authenticate``, a name no
+    group can have)."""
 
 
 class UnknownUserError(PublishError):
-    """No such user: not in the store, and not online."""
+    """No such user: not in the store (and, with tokens or ``authenticate``, a name no
+    user can have)."""
 
 
 class MessageTooLargeError(PublishError):
@@ -122,14 +124,14 @@ class Publishing:
         target = publish.target
         try:
             # Who is connected here answers most lookups without the database.
-            tokens = self.outside
-            trusted = tokens and publish.source is Source.APP
+            outside = self.outside
+            trusted = outside and publish.source is Source.APP
             if publish.kind is Kind.GROUP:
                 if (
                     not hub.has_group(target)
                     and not await store.group_exists(target)
                     and not (
-                        tokens
+                        outside
                         and GROUP_RE.fullmatch(target)
                         and (trusted or await hub.present(Kind.GROUP, target))
                     )
@@ -142,7 +144,7 @@ class Publishing:
                 name = hub.local_username(target)
                 if (
                     name is None
-                    and tokens
+                    and outside
                     and USERNAME_RE.fullmatch(target)
                     and await hub.present(Kind.DIRECT, target)
                 ):

@@ -173,20 +173,19 @@ class Presence:
         info = orjson.dumps(
             {"g": [prefix + "pg:" + group for group in present.groups], "e": present.offline}
         )
-        keys = [*self._keys(user)]
-        keys[3:3] = [prefix + "pn:" + user.lower()]
-        keys += [prefix + "pg:" + group for group in present.groups]
+        keys = [*self._keys(user), *(prefix + "pg:" + group for group in present.groups)]
         events = [part for event in present.online for part in event]
         count = self.count(user)
         return (_HERE, len(keys), *keys, self._node, PRESENCE_TTL, user, info, count, *events)
 
     def _gone(self, user: str) -> tuple[Any, ...]:
-        keys = (*self._keys(user), self._link.prefix + "pn:" + user.lower())
+        keys = self._keys(user)
         return (_GONE, len(keys), *keys, self._node, user)
 
-    def _keys(self, user: str) -> tuple[str, str, str]:
+    def _keys(self, user: str) -> tuple[str, str, str, str]:
+        """The keys ``here.lua`` and ``gone.lua`` begin with: pu, pall, pi, pn."""
         prefix, key = self._link.prefix, user.lower()
-        return prefix + "pu:" + key, prefix + "pall", prefix + "pi:" + key
+        return prefix + "pu:" + key, prefix + "pall", prefix + "pi:" + key, prefix + "pn:" + key
 
     def start(self, on_presence: OnPresence | None = None) -> None:
         self._on_presence = on_presence
