@@ -13,7 +13,11 @@ default:
     @just --list
 
 # create .venv and install wsfanout with its test and dev tools (skipped when up to date)
-install:
+install: (_install "dev")
+
+# .venv with what `extras` needs: "dev" (tests, lint) or "serve" (wsfanout alone); a stamp
+# per kind, so that serving after testing installs nothing and testing after serving adds the rest
+_install extras:
     #!/usr/bin/env bash
     set -euo pipefail
     if ! {{python}} -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
@@ -24,16 +28,23 @@ install:
         echo "creating {{venv}}"
         {{python}} -m venv {{venv}}
     fi
-    stamp={{venv}}/.installed
-    if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        echo "installing wsfanout and its tools into {{venv}}"
-        {{bin}}/python -m pip install -q --disable-pip-version-check --upgrade pip
-        {{bin}}/python -m pip install -q --disable-pip-version-check -e '.[dev]'
-        touch "$stamp"
+    fresh() { [ -f "$1" ] && [ ! setup.cfg -nt "$1" ] && [ ! pyproject.toml -nt "$1" ]; }
+    if [ "{{extras}}" = dev ]; then
+        spec='.[dev]' what="wsfanout and its tools"
+        fresh {{venv}}/.installed-dev && exit 0
+    else
+        spec='.' what="wsfanout"
+        # the dev install holds everything serving needs
+        fresh {{venv}}/.installed-dev && exit 0
+        fresh {{venv}}/.installed-serve && exit 0
     fi
+    echo "installing $what into {{venv}}"
+    {{bin}}/python -m pip install -q --disable-pip-version-check --upgrade pip
+    {{bin}}/python -m pip install -q --disable-pip-version-check -e "$spec"
+    touch {{venv}}/.installed-{{extras}}
 
-# create the demo users and serve on http://127.0.0.1:8000
-serve: install
+# install wsfanout alone (no test tools), create the demo users, serve on http://127.0.0.1:8000
+serve: (_install "serve")
     {{bin}}/wsfanout demo
     {{bin}}/wsfanout serve --bind {{bind}}
 
