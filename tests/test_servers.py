@@ -31,6 +31,7 @@ from tests import asgi
 from tests.conftest import login
 from tests.server import ROOT, WSFANOUT, Client, RawClient, Server, http, wsfanout
 from wsfanout import Settings, create_app
+from wsfanout.cli.command import GIT_URL
 from wsfanout.servers import ACCEPT_KEY, ServerReach
 from wsfanout.servers import hypercorn as hypercorn_adapter  # wraps hypercorn's classes now
 
@@ -456,17 +457,35 @@ def test_compression_on_declines_an_offer_it_cannot_parse(
     assert "Traceback" not in server.log_path.read_text()
 
 
-def test_without_uvicorn_serve_says_what_to_install(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("installed", "hint"),
+    [
+        ("editable", f"pip install -e '{ROOT}[uvicorn]'"),
+        (
+            "wheel",
+            "pip install -e '.[uvicorn]' in a clone of wsfanout, or "
+            f"pip install 'wsfanout[uvicorn] @ git+{GIT_URL}'",
+        ),
+    ],
+)
+def test_without_uvicorn_serve_says_what_to_install(
+    tmp_path: Path, installed: str, hint: str
+) -> None:
     """`--server uvicorn` (here from WSFANOUT_SERVER) where uvicorn cannot be imported:
-    one line naming the extra to install, before anything is opened."""
+    one line naming how to add the extra (wsfanout is on no index: into the clone it was
+    installed from, else from a clone or the git URL), before anything is opened."""
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "uvicorn.py").write_text("raise ImportError(\"No module named 'uvicorn'\")\n")
+    if installed == "wheel":  # found before the editable install's metadata; no direct_url
+        info = shim / "wsfanout-0.1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.4\nName: wsfanout\nVersion: 0.1.0\n")
     result = wsfanout(tmp_path, "serve", WSFANOUT_SERVER="uvicorn", PYTHONPATH=f"{shim}:{ROOT}")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "wsfanout: error: --server uvicorn needs uvicorn and websockets (No module named "
-        "'uvicorn'): pip install 'wsfanout[uvicorn]'"
+        f"'uvicorn'): {hint}"
     ]
     assert not (tmp_path / "wsfanout.sqlite3").exists()
 

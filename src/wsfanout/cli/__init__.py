@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get(SERVER_VARIABLE, "hypercorn"),
         help=(
             f"{' or '.join(SERVERS)} (default: ${SERVER_VARIABLE}, else hypercorn); uvicorn "
-            "needs pip install 'wsfanout[uvicorn]'"
+            "needs the extra of that name: pip install -e '.[uvicorn]' in the clone"
         ),
     )
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")

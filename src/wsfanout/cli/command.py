@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from importlib import metadata
+from typing import Final, TypeVar
 
 from ..config import Settings
 from ..database import VERSION, SchemaError
@@ -12,9 +15,28 @@ from ..store import DatabaseError, Store
 
 T = TypeVar("T")
 
+# wsfanout is not on a package index: it is installed from a clone or from its git URL
+GIT_URL: Final = "https://git.example.org/wsfanout.git"
+
 
 class CommandError(Exception):
     """A command that cannot go on; the message is printed, the exit code is 1."""
+
+
+def install_extra(extra: str) -> str:
+    """The pip command that adds ``extra`` to this wsfanout: into the clone it was
+    installed from, else from a clone or the git URL."""
+    try:
+        origin = json.loads(metadata.distribution("wsfanout").read_text("direct_url.json") or "{}")
+    except (metadata.PackageNotFoundError, ValueError):
+        origin = {}
+    url = str(origin.get("url", ""))
+    if url.startswith("file://") and origin.get("dir_info", {}).get("editable"):
+        return f"pip install -e '{urllib.parse.unquote(url[len('file://') :])}[{extra}]'"
+    return (
+        f"pip install -e '.[{extra}]' in a clone of wsfanout, or "
+        f"pip install 'wsfanout[{extra}] @ git+{GIT_URL}'"
+    )
 
 
 def configure_logging(level: str) -> None:

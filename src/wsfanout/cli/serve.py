@@ -27,7 +27,7 @@ from typing import Any, Final
 from ..config import Settings
 from ..store import Store
 from ..tokens import KeyConfigError, TokenVerifier
-from .command import CommandError, with_store
+from .command import CommandError, install_extra, with_store
 
 DEFAULT_BIND: Final = "127.0.0.1:8000"
 PING_INTERVAL: Final = 20.0
@@ -130,8 +130,7 @@ def _need_uvicorn() -> None:
         import websockets  # noqa: F401  (uvicorn's websockets-sansio protocol needs it)
     except ImportError as exc:
         raise CommandError(
-            f"--server uvicorn needs uvicorn and websockets ({exc}): "
-            "pip install 'wsfanout[uvicorn]'"
+            f"--server uvicorn needs uvicorn and websockets ({exc}): {install_extra('uvicorn')}"
         ) from None
 
 
