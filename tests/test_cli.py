@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,13 @@ ADD_BOB = ("user", "add", "bob", "--password", "pw", "--first-name", "Bob", "--g
 
 
 run = wsfanout
+
+
+def test_version_prints_the_installed_version(tmp_path: Path) -> None:
+    """`wsfanout --version` prints the version pip installed, and exits 0."""
+    result = run(tmp_path, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"wsfanout {metadata.version('wsfanout')}\n"
 
 
 def test_db_init_creates_the_database(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from .admin import (
     cmd_user_member,
     cmd_user_passwd,
 )
-from .command import CommandError, configure_logging
+from .command import CommandError, configure_logging, version
 from .db import (
     DEMO_GROUPS,
     cmd_db_init,
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="wsfanout",
         description="Websocket fan-out service. Settings come from WSFANOUT_* variables.",
     )
+    parser.add_argument("--version", action="version", version=f"wsfanout {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     db = commands.add_parser("db", help="database commands").add_subparsers(

@@ -23,6 +23,14 @@ class CommandError(Exception):
     """A command that cannot go on; the message is printed, the exit code is 1."""
 
 
+def version() -> str:
+    """This wsfanout's version, as installed."""
+    try:
+        return metadata.version("wsfanout")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def install_extra(extra: str) -> str:
     """The pip command that adds ``extra`` to this wsfanout: into the clone it was
     installed from, else from a clone or the git URL."""
