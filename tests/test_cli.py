@@ -522,3 +522,46 @@ def test_an_unreachable_database_is_one_line(tmp_path: Path, verb: tuple[str, ..
     assert result.returncode == 1
     assert result.stderr.startswith("wsfanout: error: PostgreSQL postgresql://app:***@127.0.0.1:9/")
     assert result.stderr.count("\n") == 1 and "secret" not in result.stderr
+
+
+def test_a_misspelled_variable_is_named_at_start(tmp_path: Path, demo_db: Path) -> None:
+    """A server started with misspelled WSFANOUT_* variables logs one line for each, naming
+    the variable it reads; a command says the same on stderr (not the API_KEY hint: the
+    commands read WSFANOUT_API_KEY)."""
+    env = {
+        "WSFANOUT_REDIS": "redis://127.0.0.1:6379",
+        "WSFANOUT_DATABSE_URL": "postgresql://127.0.0.1/x",
+        "WSFANOUT_API_KEY": "k",
+    }
+    with demo_server(tmp_path, demo_db, env) as server:
+        log = server.log_path.read_text()
+    for line in [
+        "WSFANOUT_REDIS is not a wsfanout setting and is ignored; did you mean WSFANOUT_REDIS_URL?",
+        "WSFANOUT_DATABSE_URL is not a wsfanout setting and is ignored; did you mean "
+        "WSFANOUT_DATABASE_URL?",
+        "WSFANOUT_API_KEY is set, but the server reads WSFANOUT_API_KEYS",
+    ]:
+        assert log.count(line) == 1, log
+    status = run(tmp_path, "db", "status", **env)
+    assert status.returncode == 0, status.stderr
+    assert status.stderr.splitlines() == [
+        "wsfanout: warning: WSFANOUT_DATABSE_URL is not a wsfanout setting and is ignored; "
+        "did you mean WSFANOUT_DATABASE_URL?",
+        "wsfanout: warning: WSFANOUT_REDIS is not a wsfanout setting and is ignored; "
+        "did you mean WSFANOUT_REDIS_URL?",
+    ]
+
+
+def test_an_allowed_origin_without_a_scheme_stops_the_start(tmp_path: Path) -> None:
+    """WSFANOUT_ALLOWED_ORIGINS=app.example.com (no scheme: it would never match a
+    browser's Origin) is refused with one line before anything is opened."""
+    result = run(
+        tmp_path, "serve", "--bind", "127.0.0.1:0", WSFANOUT_ALLOWED_ORIGINS="app.example.com"
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "wsfanout: error: WSFANOUT_ALLOWED_ORIGINS='app.example.com': expected origins as "
+        "browsers send them, comma-separated: scheme, host and any port, such as "
+        "https://app.example.com"
+    ]
+    assert not (tmp_path / "wsfanout.sqlite3").exists()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from wsfanout.config import ConfigError, Settings, redact
+from tests.server import ROOT
+from wsfanout.config import ConfigError, Settings, redact, variable_warnings
 
 
 def test_defaults_match_the_design() -> None:
@@ -70,6 +72,11 @@ def test_database_overrides_data_dir() -> None:
         ("WSFANOUT_REDIS_URL", "localhost:6379"),
         ("WSFANOUT_REDIS_URL", "http://127.0.0.1:6379"),
         ("WSFANOUT_AMQP_URL", "127.0.0.1:5672"),
+        ("WSFANOUT_ALLOWED_ORIGINS", "app.example.com"),
+        ("WSFANOUT_ALLOWED_ORIGINS", "https://app.example.com/chat"),
+        ("WSFANOUT_ALLOWED_ORIGINS", "ftp://app.example.com"),
+        ("WSFANOUT_ALLOWED_ORIGINS", "https://user@app.example.com"),
+        ("WSFANOUT_ALLOWED_ORIGINS", "https://app.example.com:port"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -166,3 +173,59 @@ def test_a_webhook_needs_a_url_with_a_host_and_a_real_secret(
     assert "pw" not in str(caught.value) and "short" not in str(caught.value)
     good = {"WSFANOUT_WEBHOOK_URL": "https://h:8443/hook?x=1", "WSFANOUT_WEBHOOK_SECRET": "s" * 16}
     assert Settings.from_env(good).webhook_url == good["WSFANOUT_WEBHOOK_URL"]
+
+
+@pytest.mark.parametrize(
+    ("env", "warnings"),
+    [
+        (
+            {"WSFANOUT_REDIS": "redis://h"},
+            [
+                "WSFANOUT_REDIS is not a wsfanout setting and is ignored; did you mean "
+                "WSFANOUT_REDIS_URL?"
+            ],
+        ),
+        (
+            {"WSFANOUT_DATABSE_URL": "postgresql://h/db"},
+            [
+                "WSFANOUT_DATABSE_URL is not a wsfanout setting and is ignored; did you mean "
+                "WSFANOUT_DATABASE_URL?"
+            ],
+        ),
+        ({"WSFANOUT_XYZZY": "1"}, ["WSFANOUT_XYZZY is not a wsfanout setting and is ignored"]),
+        (
+            {"WSFANOUT_API_KEY": "k"},
+            [
+                "WSFANOUT_API_KEY is set, but the server reads WSFANOUT_API_KEYS "
+                "(comma-separated); WSFANOUT_API_KEY is the key the wsfanout commands send"
+            ],
+        ),
+        ({"WSFANOUT_API_KEY": "k", "WSFANOUT_API_KEYS": "k"}, []),
+        ({"WSFANOUT_URL": "http://h", "WSFANOUT_SERVER": "uvicorn", "WSFANOUT_BIND": "h:1"}, []),
+        ({"WSFANOUT_URL_SINGLE": "ws://h/", "WSFANOUT_CONTROL": "http://h/"}, []),  # JS tests
+        ({"WSFANOUT_HISTORY_TTL": "1", "WSFANOUT_MAX_FRAME_BYTES": "1", "HOME": "/"}, []),
+    ],
+)
+def test_variables_nothing_reads_are_named_with_the_closest_known(
+    env: dict[str, str], warnings: list[str]
+) -> None:
+    """A WSFANOUT_* variable nothing reads gets one line naming the closest known name;
+    WSFANOUT_API_KEY alone, a hint that the server reads WSFANOUT_API_KEYS."""
+    assert variable_warnings(env) == warnings
+
+
+def test_every_variable_the_project_names_is_known() -> None:
+    """Every WSFANOUT_* name in the code, the page, the clients, the examples, the Justfile
+    and the README is one that something reads: none of them would be warned about."""
+    files = [ROOT / "Justfile", ROOT / "Containerfile", ROOT / "README.md"]
+    for folder, pattern in [("src", "*.py"), ("web", "*.js"), ("examples", "*.py")]:
+        files += (ROOT / folder).rglob(pattern)
+    files += (ROOT / "clients/js").glob("*.ts")
+    files += (ROOT / "clients/js/test").glob("*.js")
+    names = set()
+    for path in files:
+        names |= set(re.findall(r"\bWSFANOUT_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
+    for path in (ROOT / "bench").glob("*.py"):  # its own constants are named WSFANOUT_* too
+        names |= set(re.findall(r"[\"']\b(WSFANOUT_[A-Z0-9_]*[A-Z0-9])[\"']", path.read_text()))
+    assert "WSFANOUT_REDIS_URL" in names
+    assert variable_warnings(dict.fromkeys(names, "x"), serving=False) == []

@@ -11,7 +11,7 @@ import logging
 
 from .admission import Identity
 from .app import App, create_app
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, variable_warnings
 from .protocol import CloseCode
 from .publishing import (
     MessageTooLargeError,
@@ -55,6 +55,8 @@ class EnvApp:
                 await _refuse_to_start(str(exc), scope, receive, send)
                 return
             configure_logging(settings.log_level)
+            for line in variable_warnings():
+                logging.getLogger("wsfanout").warning("%s", line)
             self._app = create_app(settings)
         await self._app(scope, receive, send)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import urllib.parse
 from collections.abc import Mapping
@@ -14,6 +15,12 @@ MIB = 1024 * KIB
 SECONDS = 1.0
 DAYS = 86400 * SECONDS
 WEBHOOK_SECRET_MIN = 16  # characters
+PREFIX = "WSFANOUT_"
+# Variables read outside Settings: the command line's (URL, API_KEY: the key the admin
+# commands send; SERVER), the Justfile's (BIND), the docs' JavaScript example's (TOKEN).
+ELSEWHERE = frozenset({"URL", "API_KEY", "SERVER", "BIND", "TOKEN"})
+# Read by the JavaScript client's tests only: never suggested, never warned about.
+TESTS_ONLY = frozenset({"URL_SINGLE", "URL_REDIS", "CONTROL"})
 
 
 class ConfigError(ValueError):
@@ -134,7 +141,10 @@ class Settings:
             ConfigError: a variable is set to something unusable, naming it and the value.
         """
         env = os.environ if environ is None else environ
-        reader = _EnvReader(env)
+        return cls._read(_EnvReader(env))
+
+    @classmethod
+    def _read(cls, reader: _EnvReader) -> Settings:
         defaults = cls()
         data_dir = Path(reader.text("DATA_DIR", str(defaults.data_dir)))
         database = reader.text("DATABASE", "")
@@ -163,7 +173,7 @@ class Settings:
             secret_keys=reader.items("SECRET_KEY"),
             session_max_age=reader.number("SESSION_MAX_AGE", defaults.session_max_age, low=1),
             cookie_secure=reader.flag("COOKIE_SECURE", defaults.cookie_secure),
-            allowed_origins=frozenset(o.rstrip("/") for o in reader.items("ALLOWED_ORIGINS")),
+            allowed_origins=reader.origins("ALLOWED_ORIGINS"),
             login_max_failures=reader.integer("LOGIN_MAX_FAILURES", defaults.login_max_failures),
             login_failure_window=reader.number(
                 "LOGIN_FAILURE_WINDOW", defaults.login_failure_window, low=1
@@ -214,12 +224,40 @@ class Settings:
         )
 
 
+def variable_warnings(
+    environ: Mapping[str, str] | None = None, *, serving: bool = True
+) -> list[str]:
+    """One line for each ``WSFANOUT_*`` variable that nothing reads (a misspelling: it
+    names the closest known one), and, ``serving``, for ``WSFANOUT_API_KEY`` set where
+    the server reads ``WSFANOUT_API_KEYS``."""
+    env = os.environ if environ is None else environ
+    reader = _EnvReader({})
+    Settings._read(reader)  # the names Settings reads, as it reads them
+    known = reader.names | ELSEWHERE
+    lines = []
+    for full in sorted(env):
+        name = full.removeprefix(PREFIX)
+        if not full.startswith(PREFIX) or name in known or name in TESTS_ONLY:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {PREFIX}{close[0]}?" if close else ""
+        lines.append(f"{full} is not a wsfanout setting and is ignored{hint}")
+    if serving and env.get(f"{PREFIX}API_KEY", "").strip() and not env.get(f"{PREFIX}API_KEYS", "").strip():
+        lines.append(
+            f"{PREFIX}API_KEY is set, but the server reads {PREFIX}API_KEYS (comma-separated); "
+            f"{PREFIX}API_KEY is the key the wsfanout commands send"
+        )
+    return lines
+
+
 class _EnvReader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self._env = env
+        self.names: set[str] = set()  # every name asked for, without the prefix
 
     def _raw(self, name: str) -> tuple[str, str]:
-        full = f"WSFANOUT_{name}"
+        self.names.add(name)
+        full = f"{PREFIX}{name}"
         return full, self._env.get(full, "").strip()
 
     def text(self, name: str, default: str) -> str:
@@ -240,6 +278,34 @@ class _EnvReader:
 
     def items(self, name: str) -> tuple[str, ...]:
         return tuple(part.strip() for part in self._raw(name)[1].split(",") if part.strip())
+
+    def origins(self, name: str) -> frozenset[str]:
+        """Origins as a browser sends them: ``scheme://host[:port]``, nothing more."""
+        full = f"{PREFIX}{name}"
+        origins = set()
+        for item in self.items(name):
+            origin = item.rstrip("/")
+            try:
+                parts = urllib.parse.urlsplit(origin)
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                parts = urllib.parse.urlsplit("")
+            if (
+                parts.scheme not in {"http", "https"}
+                or not parts.hostname
+                or "@" in parts.netloc
+                or parts.path
+                or parts.query
+                or parts.fragment
+            ):
+                raise ConfigError(
+                    full,
+                    item,
+                    "origins as browsers send them, comma-separated: scheme, host and any "
+                    "port, such as https://app.example.com",
+                )
+            origins.add(origin)
+        return frozenset(origins)
 
     def integer(self, name: str, default: int, *, low: int = 1) -> int:
         full, raw = self._raw(name)

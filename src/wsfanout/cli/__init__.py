@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from ..config import ConfigError, Settings
+from ..config import ConfigError, Settings, variable_warnings
 from ..store import DatabaseError, StoreError
 from .admin import (
     KEY_VARIABLE,
@@ -196,8 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
-        if args.command != "serve":
+        if args.command != "serve":  # a server says these in its log
             configure_logging("warning" if settings.log_level == "info" else settings.log_level)
+            for line in variable_warnings(serving=False):
+                print(f"wsfanout: warning: {line}", file=sys.stderr)
         if getattr(args, "workers", 1) < 1:
             raise CommandError("--workers must be at least 1")
         args.func(settings, args)
