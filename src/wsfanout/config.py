@@ -242,7 +242,11 @@ def variable_warnings(
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
         hint = f"; did you mean {PREFIX}{close[0]}?" if close else ""
         lines.append(f"{full} is not a wsfanout setting and is ignored{hint}")
-    if serving and env.get(f"{PREFIX}API_KEY", "").strip() and not env.get(f"{PREFIX}API_KEYS", "").strip():
+    if (
+        serving
+        and env.get(f"{PREFIX}API_KEY", "").strip()
+        and not env.get(f"{PREFIX}API_KEYS", "").strip()
+    ):
         lines.append(
             f"{PREFIX}API_KEY is set, but the server reads {PREFIX}API_KEYS (comma-separated); "
             f"{PREFIX}API_KEY is the key the wsfanout commands send"
