@@ -32,7 +32,7 @@ import gevent.monkey
 from gevent.event import AsyncResult
 from locust import User, between, events, task
 
-from wsfanout.cli import DEMO_GROUPS
+from wsfanout.cli import DEMO_GROUPS, demo_password
 from wsfanout.client import Client, ClientError
 
 # username -> group, as `wsfanout demo` creates them
@@ -151,7 +151,10 @@ class ChatUser(User):
 
     async def _connect(self, url: str) -> Client:
         chat = Client(
-            url, username=self.username, password=self.username.capitalize(), on_state=self._changed
+            url,
+            username=self.username,
+            password=demo_password(self.username),
+            on_state=self._changed,
         )
         started = time.perf_counter()
         try:

@@ -16,7 +16,7 @@ import pytest
 
 from tests import asgi, postgres
 from wsfanout import App, Settings, create_app
-from wsfanout.cli import DEMO_GROUPS, create_demo
+from wsfanout.cli import DEMO_GROUPS, create_demo, demo_password
 from wsfanout.store import Store
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ async def login(
         app,
         "POST",
         "/login",
-        json={"username": username, "password": password or username.capitalize()},
+        json={"username": username, "password": password or demo_password(username)},
         client=client,
     )
     assert response.status == 200, response.body

@@ -36,6 +36,7 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 
 from tests.conftest import SECRET
+from wsfanout.cli import demo_password
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,7 +227,7 @@ class Server:
         status, headers = http(
             "POST",
             self.http_url + "/login",
-            {"username": username, "password": password or username.capitalize()},
+            {"username": username, "password": password or demo_password(username)},
         )
         assert status == 200, (status, headers)
         return headers["set-cookie"].split(";")[0]

@@ -40,7 +40,7 @@ async def call(app: App, method: str, path: str, body: Any = None, **kw: Any) ->
 
 async def test_users_round_trip(app: App) -> None:
     """Create, read, list, change the password of, and delete a user."""
-    body = {"username": "zoe", "password": "pw", "first_name": "Zoe", "groups": ["girls"]}
+    body = {"username": "zoe", "password": "zoe-password", "first_name": "Zoe", "groups": ["girls"]}
     created = await call(app, "POST", "/api/users", body)
     assert (created.status, created.json()) == (
         201,
@@ -49,8 +49,10 @@ async def test_users_round_trip(app: App) -> None:
     assert (await call(app, "GET", "/api/users/ZOE")).json()["username"] == "zoe"
     listed = (await call(app, "GET", "/api/users?q=z&limit=1")).json()
     assert listed == {"users": [{"username": "zoe", "first_name": "Zoe"}], "truncated": False}
-    assert (await call(app, "PUT", "/api/users/zoe/password", {"password": "new"})).status == 204
-    await login(app, "zoe", "new")
+    assert (
+        await call(app, "PUT", "/api/users/zoe/password", {"password": "new-password"})
+    ).status == 204
+    await login(app, "zoe", "new-password")
     deleted = await call(app, "DELETE", "/api/users/zoe")
     assert (deleted.status, deleted.body, deleted.header("content-type")) == (204, b"", None)
     assert deleted.header("content-length") is None  # a 204 says no length (RFC 9110)
@@ -81,30 +83,39 @@ ERRORS = [
     ("POST", "/api/users", {"username": "x", "password": 5}, 400, "bad_request"),
     ("POST", "/api/users", {"username": "x", "password": ""}, 400, "invalid_name"),
     ("POST", "/api/users", {"username": "x", "password": "p" * 1025}, 400, "invalid_name"),
-    ("POST", "/api/users", {"username": "bad name", "password": "p"}, 400, "invalid_name"),
+    ("POST", "/api/users", {"username": "bad name", "password": "p" * 8}, 400, "invalid_name"),
+    ("POST", "/api/users", {"username": "x", "password": "p"}, 400, "invalid_name"),
+    ("POST", "/api/users", {"username": "x", "password": "1234567"}, 400, "invalid_name"),
+    ("PUT", "/api/users/greg/password", {"password": "p"}, 400, "invalid_name"),
     (
         "POST",
         "/api/users",
-        {"username": "x", "password": "p", "groups": "boys"},
+        {"username": "x", "password": "p" * 8, "groups": "boys"},
         400,
         "bad_request",
     ),
-    ("POST", "/api/users", {"username": "x", "password": "p", "groups": [1]}, 400, "bad_request"),
     (
         "POST",
         "/api/users",
-        {"username": "x", "password": "p", "groups": ["no"]},
+        {"username": "x", "password": "p" * 8, "groups": [1]},
+        400,
+        "bad_request",
+    ),
+    (
+        "POST",
+        "/api/users",
+        {"username": "x", "password": "p" * 8, "groups": ["no"]},
         404,
         "unknown_group",
     ),
-    ("POST", "/api/users", {"username": "GREG", "password": "p"}, 409, "conflict"),
+    ("POST", "/api/users", {"username": "GREG", "password": "p" * 8}, 409, "conflict"),
     ("POST", "/api/users", b"x" * 70_000, 413, "too_large"),
     ("GET", "/api/users?limit=0", None, 400, "bad_request"),
     ("GET", "/api/users?limit=", None, 400, "bad_request"),
     ("GET", "/api/users?limit=%C2%B2", None, 400, "bad_request"),
     ("GET", "/api/users/nobody", None, 404, "unknown_user"),
     ("DELETE", "/api/users/nobody", None, 404, "unknown_user"),
-    ("PUT", "/api/users/nobody/password", {"password": "p"}, 404, "unknown_user"),
+    ("PUT", "/api/users/nobody/password", {"password": "p" * 8}, 404, "unknown_user"),
     ("PUT", "/api/users/greg/password", {"pass": "p"}, 400, "bad_request"),
     ("PUT", "/api/users/nobody/groups/boys", None, 404, "unknown_user"),
     ("PUT", "/api/users/greg/groups/nope", None, 404, "unknown_group"),
@@ -117,7 +128,7 @@ ERRORS = [
     ("PATCH", "/api/groups", None, 405, "method_not_allowed"),
     ("GET", "/api/nothing", None, 404, "not_found"),
     ("GET", "/api/users/greg%2Fgroups%2Fboys", None, 404, "not_found"),
-    ("PUT", "/api/users//password", {"password": "p"}, 404, "not_found"),
+    ("PUT", "/api/users//password", {"password": "p" * 8}, 404, "not_found"),
     ("GET", "/api/groups/", None, 404, "not_found"),
 ]
 
@@ -138,6 +149,25 @@ async def test_errors_say_what_and_why(
     assert answer["code"] == code
     assert isinstance(answer["error"], str) and answer["error"]
     assert (await call(app, "GET", "/api/users/greg")).json()["groups"] == ["boys"]
+
+
+async def test_a_password_has_the_minimum_length_set(settings: Settings) -> None:
+    """WSFANOUT_MIN_PASSWORD_LENGTH (default 8) bounds new passwords from below: a shorter
+    one is a 400 naming the setting, for a new user and for a changed password."""
+    async with started(settings, api_keys=(KEY,), min_password_length=12) as app:
+        created = await call(app, "POST", "/api/users", {"username": "x", "password": "p" * 11})
+        changed = await call(app, "PUT", "/api/users/greg/password", {"password": "p" * 11})
+        for response in (created, changed):
+            assert (response.status, response.json()) == (
+                400,
+                {
+                    "error": "a password has at least 12 characters "
+                    "(WSFANOUT_MIN_PASSWORD_LENGTH); this one has 11",
+                    "code": "invalid_name",
+                },
+            )
+        long_enough = {"username": "x", "password": "p" * 12}
+        assert (await call(app, "POST", "/api/users", long_enough)).status == 201
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic YTpi", "Bearer "])

@@ -87,7 +87,11 @@ async def test_mounted_under_a_root_path(settings: Settings) -> None:
     anonymous = await asgi.request(app, "GET", "/", root_path=root)
     assert anonymous.header("location") == "login"  # relative: /chat/login
     response = await asgi.request(
-        app, "POST", "/login", json={"username": "greg", "password": "Greg"}, root_path=root
+        app,
+        "POST",
+        "/login",
+        json={"username": "greg", "password": "greg-password"},
+        root_path=root,
     )
     assert "Path=/chat/;" in (response.header("set-cookie") or "")
     cookie = response.cookie
@@ -133,7 +137,9 @@ async def test_mounted_in_starlette_over_real_hypercorn(tmp_path: Path, demo_db:
         status, headers = http("GET", server.http_url + "/chat/")
         assert status == 200 and "<form" in headers["_body"]  # redirected to /chat/login
         status, headers = http(
-            "POST", server.http_url + "/chat/login", {"username": "greg", "password": "Greg"}
+            "POST",
+            server.http_url + "/chat/login",
+            {"username": "greg", "password": "greg-password"},
         )
         assert status == 200 and "Path=/chat/;" in headers["set-cookie"]
         cookie = headers["set-cookie"].split(";")[0]

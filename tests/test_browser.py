@@ -22,6 +22,7 @@ from playwright.async_api import Browser, Locator, Page, Route, expect
 
 from tests.chromium import NEEDED, launched
 from tests.server import ROOT, Client, Server, http
+from wsfanout.cli import demo_password
 
 ARTIFACTS = ROOT / "test-artifacts"
 XSS = '<img src=x onerror="window.pwned=1;alert(1)">'
@@ -80,7 +81,7 @@ async def log_in(browser: Browser, base: str, username: str, problems: list[str]
     await page.goto(base)
     await expect(page).to_have_url(base + "login")
     await page.fill("#username", username)
-    await page.fill("#password", username.capitalize())
+    await page.fill("#password", demo_password(username))
     await page.click("#login button")
     await expect(page).to_have_url(base)
     await expect(page.locator("#state")).to_have_text("connected")
@@ -139,7 +140,7 @@ async def test_group_direct_and_escaping(server: Server, browser: Browser) -> No
     await expect(received(amanda, "girls only")).to_have_count(1)
     await expect(amanda.locator("#messages li.received").last).to_contain_text("you → girls")
 
-    await send(amanda, "direct", "hi greg", "greg")
+    await send(amanda, "direct", "hi greg", "greg-password")
     await expect(received(greg, "hi greg")).to_have_count(1)
     await expect(greg.locator("#messages li.received").last).to_contain_text("Amanda → you")
     await expect(lines(amanda, "hi greg")).to_have_count(1)
@@ -205,7 +206,7 @@ async def test_form_login_without_javascript(server: Server, browser: Browser) -
     await expect(page.locator("#result")).to_have_text("User or password wrong")
     await shot(page, "login-failed-no-js")
     await page.fill("#username", "lisa")
-    await page.fill("#password", "Lisa")
+    await page.fill("#password", "lisa-password")
     await page.click("#login button")
     await expect(page).to_have_url(base)
     await expect(page.locator("h1")).to_have_text("wsfanout")

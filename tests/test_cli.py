@@ -17,10 +17,13 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from tests.conftest import DEMO_USERS
 from tests.listener import Listener
 from tests.server import Client, Server, demo_server, wsfanout
 from wsfanout import passwords
+from wsfanout.cli import demo_password
 from wsfanout.client import Client as ChatClient
+from wsfanout.config import Settings
 from wsfanout.database import VERSION
 from wsfanout.store import Store
 
@@ -29,7 +32,17 @@ KEY = "cli-test-key"
 NOTE = "note: changed in the database only"
 # Where the admin verbs find a node and a key: the tests say it themselves.
 API_VARIABLES = ("WSFANOUT_URL", "WSFANOUT_API_KEY", "WSFANOUT_API_KEYS")
-ADD_BOB = ("user", "add", "bob", "--password", "pw", "--first-name", "Bob", "--group", "chess")
+ADD_BOB = (
+    "user",
+    "add",
+    "bob",
+    "--password",
+    "bob-password",
+    "--first-name",
+    "Bob",
+    "--group",
+    "chess",
+)
 
 
 run = wsfanout
@@ -40,6 +53,18 @@ def test_version_prints_the_installed_version(tmp_path: Path) -> None:
     result = run(tmp_path, "--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"wsfanout {metadata.version('wsfanout')}\n"
+
+
+def test_the_demo_passwords_are_long_enough(tmp_path: Path) -> None:
+    """`wsfanout demo` says what the passwords are, and each is as long as a password must
+    be (WSFANOUT_MIN_PASSWORD_LENGTH's default): the page logs in with the one it says."""
+    demo = run(tmp_path, "demo")
+    assert "(each password is the username and -password: greg-password)" in demo.stdout
+    for username in DEMO_USERS:
+        problem = passwords.length_problem(demo_password(username), Settings().min_password_length)
+        assert problem is None
+    with Server(tmp_path).running() as server:
+        assert server.login("greg", "greg-password").startswith("wsfanout_session=")
 
 
 def test_db_init_creates_the_database(tmp_path: Path) -> None:
@@ -58,11 +83,18 @@ def test_users_and_groups(tmp_path: Path) -> None:
     assert "user 'bob' created in chess" in ok.stdout
     cases = [
         (("group", "add", "chess"), "a group named 'chess' already exists"),
-        (("user", "add", "BOB", "--password", "pw"), "a user named 'BOB' already exists"),
-        (("user", "add", "eve", "--password", "pw", "--group", "nope"), "no group named 'nope'"),
-        (("user", "add", "bad name", "--password", "pw"), "invalid username 'bad name'"),
+        (("user", "add", "BOB", "--password", "bob-password"), "a user named 'BOB' already exists"),
+        (
+            ("user", "add", "eve", "--password", "bob-password", "--group", "nope"),
+            "no group named 'nope'",
+        ),
+        (("user", "add", "bad name", "--password", "bob-password"), "invalid username 'bad name'"),
         (("user", "add", "eve"), "give --password"),
         (("user", "add", "eve", "--password", ""), "must not be empty"),
+        (
+            ("user", "add", "eve", "--password", "1234567"),
+            "a password has at least 8 characters (WSFANOUT_MIN_PASSWORD_LENGTH); this one has 7",
+        ),
     ]
     for args, message in cases:
         result = run(tmp_path, *args)
@@ -160,7 +192,7 @@ def test_user_and_group_verbs_change_the_database(tmp_path: Path) -> None:
     ok(tmp_path, "group", "add", "chess")
     ok(tmp_path, "group", "add", "go")
     ok(tmp_path, *ADD_BOB)
-    ok(tmp_path, "user", "add", "alice", "--password", "pw", "--first-name", "Alice")
+    ok(tmp_path, "user", "add", "alice", "--password", "bob-password", "--first-name", "Alice")
     listed = ok(tmp_path, "user", "list")
     assert (listed.stdout, listed.stderr) == ("alice\tAlice\nbob\tBob\n", "")
     assert ok(tmp_path, "user", "list", "--prefix", "B").stdout == "bob\tBob\n"
@@ -185,20 +217,20 @@ def test_user_and_group_verbs_change_the_database(tmp_path: Path) -> None:
 async def test_passwd_and_disconnect_revoke_stored_sessions(tmp_path: Path) -> None:
     """passwd sets the new password and ends bob's sessions; disconnect without --url ends
     them too, and says it closed no connection."""
-    ok(tmp_path, "user", "add", "bob", "--password", "old")
+    ok(tmp_path, "user", "add", "bob", "--password", "old-password")
     store = await Store.open(tmp_path / "wsfanout.sqlite3")
     try:
         bob = await store.user_by_name("bob")
         assert bob is not None
         session = await store.create_session(bob.id, 3600)
-        changed = ok(tmp_path, "user", "passwd", "bob", "--password", "new")
+        changed = ok(tmp_path, "user", "passwd", "bob", "--password", "new-password")
         assert changed.stdout == "password of 'bob' changed; their sessions are revoked\n"
         assert changed.stderr.startswith(NOTE)
         assert await store.session_user(session) is None
         bob = await store.user_by_name("bob")
         assert bob is not None
-        assert passwords.verify_password("new", bob.password_hash)
-        assert not passwords.verify_password("old", bob.password_hash)
+        assert passwords.verify_password("new-password", bob.password_hash)
+        assert not passwords.verify_password("old-password", bob.password_hash)
 
         session = await store.create_session(bob.id, 3600)
         ended = ok(tmp_path, "user", "disconnect", "bob")
@@ -257,11 +289,11 @@ def on_terminal(data_dir: Path, args: list[str], typed: list[tuple[str, bytes]])
 def test_passwd_asks_twice_in_a_terminal(tmp_path: Path) -> None:
     """Without --password a terminal is asked twice; two different answers, or Ctrl-D,
     are a one-line error and the old password stays."""
-    ok(tmp_path, "user", "add", "bob", "--password", "old")
-    asked = [("password for bob: ", b"s3cret\n"), ("again: ", b"s3cret\n")]
+    ok(tmp_path, "user", "add", "bob", "--password", "old-password")
+    asked = [("password for bob: ", b"s3cret-password\n"), ("again: ", b"s3cret-password\n")]
     code, shown = on_terminal(tmp_path, ["user", "passwd", "bob"], asked)
     assert code == 0, shown
-    assert "password of 'bob' changed" in shown and "s3cret" not in shown  # never echoed
+    assert "password of 'bob' changed" in shown and "s3cret-password" not in shown  # never echoed
     mismatch = [("password for bob: ", b"one\n"), ("again: ", b"two\n")]
     code, shown = on_terminal(tmp_path, ["user", "passwd", "bob"], mismatch)
     assert code == 1 and "wsfanout: error: the passwords were empty or did not match" in shown
@@ -280,7 +312,7 @@ def test_passwd_asks_twice_in_a_terminal(tmp_path: Path) -> None:
         finally:
             await store.close()
 
-    assert passwords.verify_password("s3cret", asyncio.run(password_hash()))
+    assert passwords.verify_password("s3cret-password", asyncio.run(password_hash()))
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +330,7 @@ def refused_port() -> Iterator[int]:
         (["user", "passwd", "zed"], "no user named 'zed'"),  # asked before the password
         (["user", "passwd", "bob"], "give --password"),
         (["user", "passwd", "bob", "--password", ""], "must not be empty"),
+        (["user", "passwd", "bob", "--password", "short"], "a password has at least 8 characters"),
         (["user", "join", "zed", "chess"], "no user named 'zed'"),
         (["user", "join", "bob", "nope"], "no group named 'nope'"),
         (["user", "leave", "zed", "chess"], "no user named 'zed'"),
@@ -360,7 +393,11 @@ async def live(node: Server, *args: str) -> subprocess.CompletedProcess[str]:
         (["group", "delete", "boys"], "group 'boys' deleted", {"type": "left", "group": "boys"}),
         (["user", "disconnect", "greg"], "'greg' disconnected", 1008),
         (["user", "delete", "greg"], "user 'greg' deleted", 1008),
-        (["user", "passwd", "greg", "--password", "Greg2"], "password of 'greg' changed", 1008),
+        (
+            ["user", "passwd", "greg", "--password", "greg-password-2"],
+            "password of 'greg' changed",
+            1008,
+        ),
     ],
 )
 async def test_url_changes_open_connections(
@@ -389,7 +426,7 @@ async def test_url_changes_open_connections(
 async def test_url_join_brings_the_groups_messages(node: Server) -> None:
     """After `user join` through the API greg gets what `publish --group` sends to his
     new group, and after `user leave` no more of it."""
-    async with ChatClient(node.ws_url, username="greg", password="Greg") as chat:
+    async with ChatClient(node.ws_url, username="greg", password="greg-password") as chat:
         greg = Listener(chat)
         assert (await live(node, "user", "join", "greg", "girls")).returncode == 0
         await greg.until(lambda: bool(greg.of("joined")), timeout=1)

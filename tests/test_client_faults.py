@@ -223,7 +223,7 @@ async def test_revoked_sessions_log_in_again_and_a_changed_password_stops(
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
     with Server(tmp_path, ENV, server=server_kind).running() as node:
         admin = {"authorization": f"Bearer {SERVER_ENV['WSFANOUT_API_KEYS']}"}
-        chat = quick(node.ws_url, username="lisa", password="Lisa")
+        chat = quick(node.ws_url, username="lisa", password="lisa-password")
         await chat.connect()
         listener = Listener(chat)
         status, _ = await asyncio.to_thread(
@@ -233,7 +233,11 @@ async def test_revoked_sessions_log_in_again_and_a_changed_password_stops(
         await listener.until(lambda: len(listener.of("welcome")) == 2)
         assert chat.state == "connected"
         status, _ = await asyncio.to_thread(
-            http, "PUT", node.http_url + "/api/users/lisa/password", {"password": "new!"}, admin
+            http,
+            "PUT",
+            node.http_url + "/api/users/lisa/password",
+            {"password": "new-password!"},
+            admin,
         )
         assert status in (200, 204)
         await asyncio.wait_for(listener.task, 15)

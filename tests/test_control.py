@@ -23,6 +23,7 @@ from tests.conftest import login
 from tests.outboxes import eventually
 from tests.server import Client, Server, delete_redis_keys, http, need_redis
 from wsfanout import App
+from wsfanout.cli import demo_password
 from wsfanout.control import REVOKED
 
 KEY = "control-test-key"
@@ -68,8 +69,8 @@ def api(node: Server, method: str, path: str, body: Any = None) -> tuple[int, st
 
 
 def add_user(node: Server, name: str, groups: list[str] | None = None) -> str:
-    """A new user (password: the name), logged in on ``node``; the cookie."""
-    body = {"username": name, "password": name.capitalize(), "groups": groups or []}
+    """A new user (password: demo_password), logged in on ``node``; the cookie."""
+    body = {"username": name, "password": demo_password(name), "groups": groups or []}
     assert api(node, "POST", "/api/users", body)[0] == 201
     return node.login(name)
 
@@ -103,7 +104,7 @@ REVOCATIONS: dict[str, Callable[[Server, str, str], tuple[int, int]]] = {
         200,
     ),
     "password": lambda node, name, cookie: (
-        api(node, "PUT", f"/api/users/{name}/password", {"password": "new"})[0],
+        api(node, "PUT", f"/api/users/{name}/password", {"password": "new-password"})[0],
         204,
     ),
     "delete": lambda node, name, cookie: (api(node, "DELETE", f"/api/users/{name}")[0], 204),

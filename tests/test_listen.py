@@ -86,7 +86,13 @@ async def test_listen_prints_events_and_resumes(
         proxy = Proxy(node.port)
         await proxy.start()
         first = await Listen.start(
-            proxy.ws_url, "--username", "greg", "--password", "Greg", "--positions", str(positions)
+            proxy.ws_url,
+            "--username",
+            "greg",
+            "--password",
+            "greg-password",
+            "--positions",
+            str(positions),
         )
         try:
             assert (await first.until("welcome"))["user"] == "greg"

@@ -70,11 +70,11 @@ async def test_two_machines_share_users_sessions_throttle_and_messages(
         folder.mkdir()
     assert wsfanout(machine_a, "group", "add", "chess", **shared).returncode == 0
     added = wsfanout(
-        machine_a, "user", "add", "bob", "--password", "pw", "--group", "chess", **shared
+        machine_a, "user", "add", "bob", "--password", "password-1", "--group", "chess", **shared
     )
     assert added.returncode == 0, added.stderr
     added = wsfanout(
-        machine_a, "user", "add", "eve", "--password", "pw2", "--group", "chess", **shared
+        machine_a, "user", "add", "eve", "--password", "password-2", "--group", "chess", **shared
     )
     assert added.returncode == 0, added.stderr
     status = wsfanout(machine_b, "db", "status", **shared)
@@ -85,8 +85,8 @@ async def test_two_machines_share_users_sessions_throttle_and_messages(
         Server(machine_a, shared).running() as a,
         Server(machine_b, shared).running() as b,
     ):
-        cookie = b.login("bob", "pw")  # created on machine A, logs in on B
-        eve = a.login("eve", "pw2")
+        cookie = b.login("bob", "password-1")  # created on machine A, logs in on B
+        eve = a.login("eve", "password-2")
         bob_on_a = await Client.open(a.ws_url, cookie)  # B's cookie, A's socket
         eve_on_b = await Client.open(b.ws_url, eve)
         try:
@@ -103,7 +103,7 @@ async def test_two_machines_share_users_sessions_throttle_and_messages(
         for node in (a, b, a, b, a):
             assert login(node, "bob", "wrong")[0] == 401
         for node in (b, a):
-            refused, headers = login(node, "bob", "pw")
+            refused, headers = login(node, "bob", "password-1")
             assert refused == 429, headers["_body"]
     written = await asyncio.to_thread(lambda: [p.name for p in tmp_path.rglob("*.sqlite3*")])
     assert written == []
@@ -118,7 +118,7 @@ async def test_postgres_down_at_start_then_restarted_while_serving(
     The database restarted while serving: logins and new handshakes get 503 meanwhile, the
     open sockets stay open and keep receiving, and all recovers without a restart."""
     env = {"WSFANOUT_DATABASE_URL": cluster.url, "WSFANOUT_API_KEYS": API_KEY}
-    refused = wsfanout(tmp_path, "user", "add", "bob", "--password", "pw", **env)
+    refused = wsfanout(tmp_path, "user", "add", "bob", "--password", "password-1", **env)
     assert refused.returncode == 1
     assert refused.stderr.count("\n") == 1 and f"127.0.0.1:{cluster.port}" in refused.stderr
 
@@ -128,16 +128,16 @@ async def test_postgres_down_at_start_then_restarted_while_serving(
         cluster.start()
         wait_health(node, 200)
         for user in ("bob", "eve"):
-            made = wsfanout(tmp_path, "user", "add", user, "--password", "pw", **env)
+            made = wsfanout(tmp_path, "user", "add", user, "--password", "password-1", **env)
             assert made.returncode == 0, made.stderr
-        bob = node.login("bob", "pw")
-        eve = node.login("eve", "pw")  # not used yet: no handshake has cached its session
+        bob = node.login("bob", "password-1")
+        eve = node.login("eve", "password-1")  # not used yet: no handshake has cached its session
         listener = await Client.open(node.ws_url, bob)
         try:
             await listener.next_of("welcome")
             cluster.stop()
             cluster.wait_stopped()
-            assert login(node, "bob", "pw")[0] == 503
+            assert login(node, "bob", "password-1")[0] == 503
             with pytest.raises(InvalidStatus) as caught:
                 await Client.open(node.ws_url, eve)
             assert caught.value.response.status_code == 503
@@ -153,7 +153,7 @@ async def test_postgres_down_at_start_then_restarted_while_serving(
 
             cluster.start()
             wait_health(node, 200)
-            assert login(node, "bob", "pw")[0] == 200
+            assert login(node, "bob", "password-1")[0] == 200
             second = await Client.open(node.ws_url, eve)
             try:
                 assert (await second.next_of("welcome"))["user"] == "eve"

@@ -191,7 +191,7 @@ def publish_batches(url: str, done: Callable[[], bool]) -> Published:
 
 
 def add_honest_user(data_dir: Path) -> None:
-    added = wsfanout(data_dir, "user", "add", HONEST, "--password", "Reader")
+    added = wsfanout(data_dir, "user", "add", HONEST, "--password", "Reader-password")
     assert added.returncode == 0, added.stderr
 
 
@@ -213,7 +213,7 @@ def attackers(server: Server) -> Iterator[list[NeverReader]]:
 async def attack(entry: Server, home: Server) -> tuple[Published, Honest, int]:
     """Publish into ``entry`` while the honest client and the six never-reading users are
     on ``home``; (the backend's answers, the honest client, sockets the six opened)."""
-    honest = Honest(home.ws_url, home.login(HONEST, "Reader"))
+    honest = Honest(home.ws_url, home.login(HONEST, "Reader-password"))
     reading = asyncio.create_task(honest.run())
     try:
         await asyncio.wait_for(honest.ready.wait(), 10)

@@ -351,7 +351,9 @@ def test_mounted_in_starlette_declines_deflate(
     )
     with mounted.running() as server:
         status, headers = http(
-            "POST", server.http_url + "/chat/login", {"username": "lisa", "password": "Lisa"}
+            "POST",
+            server.http_url + "/chat/login",
+            {"username": "lisa", "password": "lisa-password"},
         )
         assert status == 200
         offered, answer = deflate_answer(server, "chat/", headers["set-cookie"].split(";")[0])
@@ -370,7 +372,9 @@ async def test_mounted_in_starlette_closes_1001_on_sigterm(
     server.start()
     try:
         status, headers = http(
-            "POST", server.http_url + "/chat/login", {"username": "anny", "password": "Anny"}
+            "POST",
+            server.http_url + "/chat/login",
+            {"username": "anny", "password": "anny-password"},
         )
         assert status == 200
         client = await Client.open(server.ws_url + "chat/", headers["set-cookie"].split(";")[0])

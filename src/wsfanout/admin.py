@@ -38,7 +38,6 @@ from .types import Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 BODY_LIMIT: Final = 64 * 1024
-MAX_PASSWORD: Final = 1024  # as login accepts
 MAX_GROUPS: Final = 1000
 LIST_LIMIT: Final = 100  # users listed when no limit is given ...
 LIST_MAX: Final = 1000  # ... and at most
@@ -125,10 +124,11 @@ def _param(scope: Scope, name: str) -> str:
     return value
 
 
-def _password(data: dict[str, Any]) -> str:
+def _password(svc: Service, data: dict[str, Any]) -> str:
     password: str = data["password"]
-    if not 1 <= len(password) <= MAX_PASSWORD:
-        raise ApiError(400, "invalid_name", f"a password has 1 to {MAX_PASSWORD} characters")
+    problem = passwords.length_problem(password, svc.settings.min_password_length)
+    if problem is not None:
+        raise ApiError(400, "invalid_name", problem)
     return password
 
 
@@ -158,7 +158,7 @@ async def create_user(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
     groups = data.get("groups", [])
     if len(groups) > MAX_GROUPS or not all(isinstance(g, str) for g in groups):
         raise ApiError(400, "bad_request", f"'groups' is a list of at most {MAX_GROUPS} names")
-    password = _password(data)
+    password = _password(svc, data)
     username = data["username"]
     if await svc.store.user_by_name(username) is not None:  # before spending on the hash
         raise DuplicateError("user", username)
@@ -196,7 +196,7 @@ async def delete_user(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
 
 
 async def set_password(svc: Service, scope: Scope, data: Any) -> tuple[int, Any]:
-    password = _password(_object(data, {"password": str}, ("password",)))
+    password = _password(svc, _object(data, {"password": str}, ("password",)))
     username = _param(scope, "username")
     if await svc.store.user_by_name(username) is None:  # before spending on the hash
         raise UnknownUserError(username)

@@ -69,6 +69,7 @@ class Settings:
     allowed_origins: frozenset[str] = frozenset()
     login_max_failures: int = 5
     login_failure_window: float = 15 * 60 * SECONDS
+    min_password_length: int = 8  # characters, for passwords set through the API or CLI
 
     # Limits
     max_frame_bytes: int = 64 * KIB
@@ -175,6 +176,7 @@ class Settings:
             cookie_secure=reader.flag("COOKIE_SECURE", defaults.cookie_secure),
             allowed_origins=reader.origins("ALLOWED_ORIGINS"),
             login_max_failures=reader.integer("LOGIN_MAX_FAILURES", defaults.login_max_failures),
+            min_password_length=reader.integer("MIN_PASSWORD_LENGTH", defaults.min_password_length),
             login_failure_window=reader.number(
                 "LOGIN_FAILURE_WINDOW", defaults.login_failure_window, low=1
             ),

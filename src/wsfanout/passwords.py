@@ -21,6 +21,7 @@ P: Final = 1
 SALT_BYTES: Final = 16
 HASH_BYTES: Final = 32
 _MAX_N: Final = 2**20
+MAX_LENGTH: Final = 1024  # characters, as login accepts
 
 
 def _b64(data: bytes) -> str:
@@ -59,6 +60,19 @@ def verify_password(password: str, stored: str) -> bool:
         return False
     actual = _scrypt(password, salt_bytes, n_, r_, p_, len(expected))
     return hmac.compare_digest(actual, expected)
+
+
+def length_problem(password: str, minimum: int) -> str | None:
+    """Why this password may not be set (``minimum``: ``WSFANOUT_MIN_PASSWORD_LENGTH``),
+    or None when it may."""
+    if len(password) < minimum:
+        return (
+            f"a password has at least {minimum} characters (WSFANOUT_MIN_PASSWORD_LENGTH); "
+            f"this one has {len(password)}"
+        )
+    if len(password) > MAX_LENGTH:
+        return f"a password has at most {MAX_LENGTH} characters"
+    return None
 
 
 @functools.cache

@@ -35,6 +35,7 @@ from .db import (
     cmd_group_add,
     cmd_user_add,
     create_demo,
+    demo_password,
 )
 from .listen import add_parser as add_listen
 from .serve import DEFAULT_BIND, PING_INTERVAL, SERVER_VARIABLE, SERVERS, cmd_serve, uvicorn_options
@@ -46,6 +47,7 @@ __all__ = [
     "build_parser",
     "configure_logging",
     "create_demo",
+    "demo_password",
     "main",
     "uvicorn_options",
 ]

@@ -143,7 +143,7 @@ def cmd_user_passwd(settings: Settings, args: argparse.Namespace) -> None:
         _call(settings, args, "GET", _path("users", args.name))
     elif asyncio.run(with_store(settings, lambda store: store.user_by_name(args.name))) is None:
         raise UnknownUserError(args.name)
-    password = ask_password(args)
+    password = ask_password(settings, args)
 
     async def work(store: Store) -> None:
         hashed = await asyncio.to_thread(passwords.hash_password, password)

@@ -19,6 +19,11 @@ from .command import CommandError, with_store
 DEMO_GROUPS: Final = {"boys": ("Greg", "Chuck", "Mike"), "girls": ("Amanda", "Lisa", "Anny")}
 
 
+def demo_password(username: str) -> str:
+    """A demo user's password: the username and ``-password`` (greg: greg-password)."""
+    return f"{username}-password"
+
+
 def cmd_db_init(settings: Settings, args: argparse.Namespace) -> None:
     async def work(store: Store) -> None:
         print(f"database ready: {store.kind} {store.where}, schema version {VERSION}")
@@ -69,7 +74,16 @@ def cmd_group_add(settings: Settings, args: argparse.Namespace) -> None:
     asyncio.run(with_store(settings, work))
 
 
-def ask_password(args: argparse.Namespace) -> str:
+def ask_password(settings: Settings, args: argparse.Namespace) -> str:
+    """``--password``, else asked for twice at the terminal; long enough to be set."""
+    password = _typed_password(args)
+    problem = passwords.length_problem(password, settings.min_password_length)
+    if problem is not None:
+        raise CommandError(problem)
+    return password
+
+
+def _typed_password(args: argparse.Namespace) -> str:
     if args.password is not None:
         if not args.password:
             raise CommandError("the password must not be empty")
@@ -100,7 +114,7 @@ def cmd_user_add(settings: Settings, args: argparse.Namespace) -> None:
                 )
 
     asyncio.run(with_store(settings, check))
-    password = ask_password(args)
+    password = ask_password(settings, args)
 
     async def work(store: Store) -> None:
         hashed = await asyncio.to_thread(passwords.hash_password, password)
@@ -114,7 +128,7 @@ def cmd_user_add(settings: Settings, args: argparse.Namespace) -> None:
 
 
 async def create_demo(store: Store) -> list[str]:
-    """The seed's two groups and six users (password: the first name); safe to rerun.
+    """The seed's two groups and six users (password: ``demo_password``); safe to rerun.
 
     Returns:
         The usernames created now (empty when they all existed).
@@ -125,7 +139,8 @@ async def create_demo(store: Store) -> list[str]:
         for first_name in members:
             if await store.user_by_name(first_name.lower()) is not None:
                 continue
-            hashed = await asyncio.to_thread(passwords.hash_password, first_name)
+            password = demo_password(first_name.lower())
+            hashed = await asyncio.to_thread(passwords.hash_password, password)
             try:
                 await store.add_user(
                     first_name.lower(), hashed, first_name=first_name, groups=(group,)
@@ -140,7 +155,10 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
     async def work(store: Store) -> None:
         created = await create_demo(store)
         if created:
-            print(f"demo users created: {', '.join(created)} (each password is the first name)")
+            print(
+                f"demo users created: {', '.join(created)} "
+                f"(each password is the username and -password: {demo_password('greg')})"
+            )
         else:
             print("demo users already exist")
         for group, members in DEMO_GROUPS.items():
