@@ -210,6 +210,10 @@ class Service:
                 pruned = await store.prune(settings.session_max_age, settings.login_failure_window)
                 if pruned:
                     log.info("dropped %d expired sessions", pruned)
+                # Nobody could log in; with tokens or the host's authenticate, users may
+                # come from elsewhere, and an empty store is no mistake.
+                if authenticate is None and not tokens.enabled and not await store.has_users():
+                    log.warning("no users yet: run `wsfanout demo` or `wsfanout user add`")
             opened.push_async_callback(svc.flusher.close)
             if settings.amqp_url:
                 from .sources import amqp  # aio-pika is imported only when it is used

@@ -306,6 +306,10 @@ class Store(SessionRows):
         assert row is not None
         return {"users": int(row[0]), "groups": int(row[1]), "sessions": int(row[2])}
 
+    async def has_users(self) -> bool:
+        """Whether any user exists (cheaper than counting them)."""
+        return await self._db.fetchone("SELECT 1 FROM users LIMIT 1") is not None
+
     # Writes: each in one transaction of its own; the caches are forgotten afterwards.
 
     async def add_group(self, name: str, *, exist_ok: bool = False) -> None:
