@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_FLUSH: Final = 5.0  # seconds connections get to send what is queued before stopping
 CLOSE_BATCH: Final = 1000  # connections closed (1001) at a time on shutdown ...
 CLOSE_PAUSE: Final = 0.01  # ... this many seconds apart
+REDIS_FIRST_TRY: Final = 3.0  # seconds the ready line waits to know whether Redis answers
 CONTENT_TYPES: Final = {
     ".html": b"text/html; charset=utf-8",
     ".js": b"text/javascript; charset=utf-8",
@@ -147,6 +148,7 @@ class Service:
             server.start()
             opened.push_async_callback(server.close)
             backplane: Backplane
+            redis_link = None  # the Redis engine's, to tell in the ready line how it is
             counts: FailureCounts | None = None  # None: in the database (every node shares it)
             if settings.redis_url:
                 # redis-py is imported only when it is used (as aio-pika is).
@@ -160,7 +162,8 @@ class Service:
                     history_ttl=settings.history_ttl,
                 )
                 opened.push_async_callback(backplane.close)
-                counts = RedisCounts(backplane.link)  # every node sees them at once
+                redis_link = backplane.link
+                counts = RedisCounts(redis_link)  # every node sees them at once
             else:
                 warn_if_workers_are_islands()
                 history = None
@@ -221,14 +224,27 @@ class Service:
                 svc.amqp = amqp.start(settings, svc.publishing)
                 svc.metrics.amqp = svc.amqp.stats
             opened.pop_all()  # started: close() takes them down from now on
+        degraded = ""
+        if redis_link is not None:
+            # A node starts without Redis (it must outlive Redis restarts), but says so.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REDIS_FIRST_TRY):
+                    await redis_link.tried.wait()
+            if not redis_link.healthy:
+                degraded = (
+                    f" (degraded: Redis at {redact(settings.redis_url)} unreachable: "
+                    f"{redis_link.reason.rstrip('.')}; logins and publishing answer 503 "
+                    "until it is back)"
+                )
         log.info(
-            "wsfanout ready under %s: %s %s%s, %s, permessage-deflate %s",
+            "wsfanout ready under %s: %s %s%s, %s, permessage-deflate %s%s",
             server.name,
             store.kind,
             store.where,
             "" if store.ready else " (not reached yet: trying again)",
             "Redis backplane" if settings.redis_url else "one node (no backplane)",
             server.deflate,
+            degraded,
         )
         return svc
 

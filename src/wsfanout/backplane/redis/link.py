@@ -60,6 +60,7 @@ class Link:
         self.healthy = False
         self.reason = "not connected yet"
         self.starting = True  # not connected yet, and no attempt has failed either
+        self.tried = asyncio.Event()  # set once the first attempt has connected or failed
 
     def check(self) -> None:
         """Raise unless Redis can be used now (as far as the subscriber knows).
@@ -72,10 +73,12 @@ class Link:
 
     def up(self, channels: int) -> None:
         if not self.healthy:
-            log.info("backplane connected: subscribed to %d channels", channels)
+            again = "" if self.starting else " again: logins and publishing work"
+            log.info("backplane connected%s: subscribed to %d channels", again, channels)
         self.healthy = True
         self.starting = False
         self.reason = "ok"
+        self.tried.set()
 
     def down(self, exc: BaseException) -> None:
         reason = describe(exc)
@@ -84,6 +87,7 @@ class Link:
         self.healthy = False
         self.starting = False
         self.reason = reason
+        self.tried.set()
 
     async def ping(self) -> None:
         """Raise if Redis does not answer a PING (for /healthz).
