@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import shutil
 import socket
@@ -16,7 +17,7 @@ import time
 import urllib.parse
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import pytest
 
 from tests import asgi
 from tests.conftest import login
+from tests.proxy import Proxy, unused_port
 from tests.server import (
     Client,
     RedisServer,
@@ -387,3 +389,84 @@ async def test_messages_across_a_node_restart_reach_a_resuming_client_or_it_is_t
         assert texts == [str(n) for n in range(total)]
     else:
         assert event["lost"] == ["all"] and missing > 0
+
+
+LIBRARY_LOGGERS = ("aiormq", "aio_pika")
+
+
+def amqp_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the log holds about RabbitMQ: wsfanout's lines and any of aiormq's or aio-pika's."""
+    return [
+        f"{r.name}: {r.getMessage() if r.name.startswith('wsfanout') else r.msg}"
+        for r in caplog.records
+        if r.name == "wsfanout.sources.amqp" or r.name.startswith(LIBRARY_LOGGERS)
+    ]
+
+
+async def test_a_broker_away_is_one_line_per_change_of_state(
+    settings: Settings, broker: aio_pika.abc.AbstractChannel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker unreachable at start, then one that goes away and comes back: one line when
+    it cannot connect, one when consuming, one when the connection is lost, one when
+    consuming again; none of aiormq's and aio-pika's records of each attempt (an ERROR
+    and an INFO a second)."""
+    caplog.set_level(logging.INFO)
+    queue = f"wsfanout-test-{uuid.uuid4().hex[:10]}"
+    async with Proxy(unused_port()) as proxy:  # nothing listens behind it yet
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        app = create_app(dataclasses.replace(settings, amqp_url=url, amqp_queue=queue))
+        await app.startup()
+        try:
+            svc = app.service
+            assert svc is not None and svc.amqp is not None
+            await asyncio.sleep(3)  # attempts at 0, 0.5 and 1.5 s (the backoff doubles)
+            assert not svc.amqp.consuming
+            proxy.point(5672)  # the broker is there
+            await until(lambda: svc.amqp is not None and svc.amqp.consuming)
+            proxy.point(unused_port())  # and gone: aio-pika tries again every second
+            assert proxy.reset() >= 1
+            await until(lambda: svc.amqp is not None and not svc.amqp.consuming)
+            await asyncio.sleep(3)
+            proxy.point(5672)
+            await until(lambda: svc.amqp is not None and svc.amqp.consuming)
+            assert svc.amqp.stats["reconnects"] == 1
+        finally:
+            await app.shutdown()
+            await broker.queue_delete(queue)
+    lines = amqp_lines(caplog)
+    assert [line.split(": ")[1] for line in lines] == [
+        f"RabbitMQ queue '{queue}'",  # cannot connect
+        f"RabbitMQ queue '{queue}'",  # consuming
+        f"RabbitMQ queue '{queue}'",  # connection lost
+        f"RabbitMQ queue '{queue}'",  # consuming
+        f"RabbitMQ queue '{queue}'",  # stopped
+    ], "\n".join(lines)
+    assert "cannot connect: " in lines[0]
+    assert lines[1].endswith("consuming") and lines[3].endswith("consuming")
+    assert "connection lost" in lines[2] and lines[2].endswith("reconnecting")
+
+
+async def test_a_port_nothing_listens_on_is_one_line(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WSFANOUT_AMQP_URL at a port nothing listens on (connections refused): one line
+    saying it cannot connect, none of aiormq's or aio-pika's for each attempt."""
+    caplog.set_level(logging.INFO)
+    url = f"amqp://guest:guest@127.0.0.1:{unused_port()}/"
+    app = create_app(dataclasses.replace(settings, amqp_url=url, amqp_queue="never-declared"))
+    await app.startup()
+    try:
+        await asyncio.sleep(4)  # attempts at 0, 0.5, 1.5 and 3.5 s (the backoff doubles)
+    finally:
+        await app.shutdown()
+    lines = amqp_lines(caplog)
+    assert len(lines) == 2, "\n".join(lines)
+    assert "cannot connect: AMQPConnectionError: [Errno 111] Connect call failed" in lines[0]
+    assert lines[1].endswith("stopped")
+
+
+async def until(condition: Callable[[], bool], within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)

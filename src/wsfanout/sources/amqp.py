@@ -19,6 +19,11 @@ The queue is declared durable and shared: with several nodes, each message goes
 to one of them (competing consumers) and the backplane takes it everywhere. The
 connection is aio-pika's robust one: a broker restart or a dropped connection is
 reconnected and consuming resumes; the state shows in ``/healthz``.
+
+While the broker is away, aiormq and aio-pika log every attempt (an ERROR and an INFO a
+second); this source logs each change of its state once instead, with the reason, and
+filters out their attempt-by-attempt records (``_Attempts``) while it runs. What else they
+log (a broker blocking the connection, say) still shows.
 """
 
 from __future__ import annotations
@@ -45,6 +50,35 @@ log = logging.getLogger(__name__)
 RETRY_PAUSE: Final = 1.0
 CONNECT_BACKOFF_MAX: Final = 10.0
 RECONNECT_INTERVAL: Final = 1.0  # seconds between aio-pika's reconnect attempts
+# The records of connection attempts and drops that this source's state lines replace: by
+# logger, the start of the message's format string.
+ATTEMPT_RECORDS: Final = {
+    "aiormq.connection": (
+        "error when creating transport",
+        "Unexpected connection close from remote",
+        "Cancelling cause reader exited abnormally",  # the connection dropped
+    ),
+    "aio_pika.robust_connection": (
+        "Connection to %s closed. Reconnecting",
+        'Connection attempt to "%s" failed',
+        "Reconnect attempt failed",
+    ),
+    # a channel's close callback, run on a connection that is already closed (a drop)
+    "aio_pika.tools": ("Callback %r error",),
+}
+
+
+class _Attempts(logging.Filter):
+    """Drops aiormq's and aio-pika's records of connection attempts and drops."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        starts = ATTEMPT_RECORDS.get(record.name, ())
+        if not (isinstance(record.msg, str) and record.msg.startswith(starts)):
+            return True
+        if record.name == "aio_pika.tools":  # only a callback that found the connection closed
+            args = record.args if isinstance(record.args, tuple) else ()
+            return not (len(args) == 3 and args[1] == "RuntimeError" and "closed" in str(args[2]))
+        return False
 
 
 class State(enum.Enum):
@@ -99,8 +133,11 @@ class AmqpSource:
         self.state = State.CONNECTING
         self.reason = "not connected yet"
         self.stats = {"acked": 0, "rejected": 0, "requeued": 0, "reconnects": 0}
+        self._quiet = _Attempts()
 
     def start(self) -> None:
+        for name in ATTEMPT_RECORDS:
+            logging.getLogger(name).addFilter(self._quiet)
         self._task = asyncio.get_running_loop().create_task(self._connect(), name="wsfanout-amqp")
 
     async def close(self) -> None:
@@ -112,6 +149,8 @@ class AmqpSource:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+        for name in ATTEMPT_RECORDS:
+            logging.getLogger(name).removeFilter(self._quiet)
 
     async def _connect(self) -> None:
         """Connect and start consuming (retrying until it works), then let aio-pika keep
@@ -149,7 +188,9 @@ class AmqpSource:
 
     def _on_close(self, *args: Any) -> None:
         if self.state is not State.STOPPED:
-            self._move(State.RECONNECTING, "connection lost, reconnecting")
+            why = args[-1] if args and isinstance(args[-1], BaseException) else None
+            cause = f" ({type(why).__name__}: {why})" if why is not None else ""
+            self._move(State.RECONNECTING, f"connection lost{cause}, reconnecting")
 
     def _on_reconnect(self, *args: Any) -> None:
         if self.state is State.STOPPED:
