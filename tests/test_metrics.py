@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import asgi
 from tests.conftest import login
+from tests.server import ROOT, demo_server, http
 from wsfanout import App, Settings, create_app
 
 
@@ -74,7 +78,7 @@ async def test_two_apps_do_not_share_metrics(app: App, settings: Settings) -> No
     assert mine.status == 200 and failure in mine.body
     theirs = await asgi.request(other, "GET", "/metrics")
     assert theirs.status == 200 and b"wsfanout_connections" in theirs.body
-    assert b"wsfanout_login_failures_total{" not in theirs.body
+    assert b'wsfanout_login_failures_total{reason="password"} 0.0' in theirs.body
     await other.shutdown()
 
 
@@ -93,3 +97,38 @@ async def test_resumes_are_counted_by_outcome(app: App) -> None:
     assert found[("wsfanout_resumes_total", (("outcome", "recovered"),))] == 1
     assert found[("wsfanout_resumes_total", (("outcome", "lost"),))] == 1
     assert found[("wsfanout_replayed_messages_total", ())] == 1
+
+
+def documented_metrics() -> list[str]:
+    """The metrics the docs list, as /metrics names them (counters with ``_total``)."""
+    page = ROOT / "docs" / "operating" / "metrics.md"
+    if page.exists():
+        text = page.read_text()
+    else:  # before the docs site: the README's section
+        readme = (ROOT / "README.md").read_text()
+        text = readme[readme.index("## Metrics and lifecycle") :]
+    first = text[: text.index("\n\n", text.index("GET /metrics"))]
+    return re.findall(r"`(wsfanout_[a-z_]+)(?:\{[a-z,]+\})?`", first)
+
+
+def test_a_fresh_server_exports_every_documented_metric(tmp_path: Path, demo_db: Path) -> None:
+    """A server that has seen nothing lists every metric the docs name, its counters at
+    0 for each known label (kind and source, each refusal and login failure): a series
+    that appeared only with its first event would break rate() and alerts on it."""
+    names = documented_metrics()
+    assert "wsfanout_handshakes_refused_total" in names and len(names) >= 14, names
+    with demo_server(tmp_path, demo_db, {}) as server:
+        status, headers = http("GET", server.http_url + "/metrics")
+    assert status == 200
+    found = samples(headers["_body"].encode())
+    exported = {name for name, _ in found}
+    for name in names:
+        assert name in exported or f"{name}_count" in exported, name  # histograms: _count
+    for kind in ("broadcast", "group", "direct"):
+        for source in ("websocket", "api", "amqp", "app"):
+            labels = (("kind", kind), ("source", source))
+            assert found[("wsfanout_messages_published_total", labels)] == 0
+    for reason in ("origin", "no_session", "bad_token", "full", "user_full", "revoked"):
+        assert found[("wsfanout_handshakes_refused_total", (("reason", reason),))] == 0
+    for reason in ("password", "throttled"):
+        assert found[("wsfanout_login_failures_total", (("reason", reason),))] == 0

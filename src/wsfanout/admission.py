@@ -28,6 +28,7 @@ from typing import Any, Final
 from . import http, protocol
 from .config import Settings
 from .hub import Hub
+from .metrics import Refused
 from .outage import OutageLog
 from .protocol import GROUP_RE, MAX_FIRST_NAME, USERNAME_RE, Position
 from .sessions import COOKIE_NAME, Session, SessionCodec
@@ -108,7 +109,7 @@ class Login:
 class Refusal(Exception):
     """A handshake we turn down before accepting; ``label`` names it in metrics."""
 
-    def __init__(self, status: int, label: str, reason: str) -> None:
+    def __init__(self, status: int, label: Refused, reason: str) -> None:
         super().__init__(reason)
         self.status = status
         self.label = label
@@ -272,18 +273,18 @@ class Admission:
         except TimeoutError:
             log.error("authenticate(scope) took over %g s: refused", AUTHENTICATE_TIMEOUT)
             raise Refusal(
-                503, "authenticate_timeout", "could not tell who you are in time"
+                503, Refused.AUTHENTICATE_TIMEOUT, "could not tell who you are in time"
             ) from None
         except Exception:
             log.exception("authenticate(scope) raised: refused")
-            raise Refusal(500, "authenticate_failed", "could not tell who you are") from None
+            raise Refusal(500, Refused.AUTHENTICATE_FAILED, "could not tell who you are") from None
         if found is None:
             return None
         if not isinstance(found, Identity):
             log.error("authenticate(scope) answered %r, not an Identity or None: refused", found)
-            raise Refusal(500, "authenticate_failed", "could not tell who you are")
+            raise Refusal(500, Refused.AUTHENTICATE_FAILED, "could not tell who you are")
         if found.expires is not None and found.expires <= self.codec.clock():
-            raise Refusal(403, "expired", "the session has expired: log in again")
+            raise Refusal(403, Refused.EXPIRED, "the session has expired: log in again")
         return found.login()
 
     async def confirm(self, found: Session | Claims | Login) -> Login | None:
@@ -338,38 +339,38 @@ class Admission:
         hold however many handshakes run at once.
         """
         if self.hub.closed:
-            raise Refusal(503, "shutting_down", "the server is shutting down")
+            raise Refusal(503, Refused.SHUTTING_DOWN, "the server is shutting down")
         if not http.origin_allowed(scope, self.settings.allowed_origins):
-            raise Refusal(403, "origin", "origin not allowed")
+            raise Refusal(403, Refused.ORIGIN, "origin not allowed")
         found: Session | Claims | Login | None = None
         if self.authenticate is not None:
             if self.seats.taken >= self.seats.total:  # ask the host nothing when full
-                raise Refusal(503, "full", "too many connections, try again later")
+                raise Refusal(503, Refused.FULL, "too many connections, try again later")
             found = await self.identify(scope)
             if self.hub.closed:
-                raise Refusal(503, "shutting_down", "the server is shutting down")
+                raise Refusal(503, Refused.SHUTTING_DOWN, "the server is shutting down")
         try:
             found = found or self.credentials(scope)
         except TokenError as exc:
             log.info("token refused: %s", exc.reason)  # the client is told no more than this:
-            raise Refusal(403, "bad_token", "invalid token") from None
+            raise Refusal(403, Refused.BAD_TOKEN, "invalid token") from None
         if found is None:
-            raise Refusal(403, "no_session", "log in first")
+            raise Refusal(403, Refused.NO_SESSION, "log in first")
         seen = resume(scope)
         username = found.username
         full = self.seats.take(username)
         if full == "total":
-            raise Refusal(503, "full", "too many connections, try again later")
+            raise Refusal(503, Refused.FULL, "too many connections, try again later")
         if full == "user":
             limit = self.seats.per_user
             raise Refusal(
-                429, "user_full", f"at most {limit} connections per user: close one first"
+                429, Refused.USER_FULL, f"at most {limit} connections per user: close one first"
             )
         since = time.monotonic()
         try:
             login = await self.confirm(found)
             if login is None:
-                raise Refusal(403, "revoked", "the session was revoked, or its user deleted")
+                raise Refusal(403, Refused.REVOKED, "the session was revoked, or its user deleted")
             largest = self.settings.presence_events_max
             groups = list(login.groups)
             sizes = await self.store.group_sizes(groups) if largest and groups else {}
@@ -377,7 +378,7 @@ class Admission:
         except DatabaseError as exc:
             self.seats.give_back(username)
             self.outages.failed("a websocket handshake was refused", exc)
-            raise Refusal(503, "database", "the database is unavailable") from None
+            raise Refusal(503, Refused.DATABASE, "the database is unavailable") from None
         except BaseException:
             self.seats.give_back(username)
             raise
@@ -408,7 +409,7 @@ def resume(scope: Scope) -> dict[str, Position] | None:
             raise protocol.ResumeError("resume is not URL-encoded UTF-8")
         return protocol.parse_resume(values[0]) if values else None
     except protocol.ResumeError as exc:
-        raise Refusal(400, "bad_resume", str(exc)) from None
+        raise Refusal(400, Refused.BAD_RESUME, str(exc)) from None
 
 
 def _token(scope: Scope) -> tuple[str | None, bool]:

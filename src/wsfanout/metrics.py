@@ -2,10 +2,13 @@
 
 The hot path only adds to integers (per publish, per frame); nothing here runs
 until ``/metrics`` is scraped, so counting costs no lock and no call per recipient.
+Every labelled counter is exported for each of its known labels from the start, at 0:
+a series that appears only with its first event breaks ``rate()`` and alerts on it.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator, Mapping
 from typing import Final, Protocol
 
@@ -20,24 +23,50 @@ from prometheus_client.registry import Collector
 
 from .hub import Hub
 from .outbox import WriterStats
+from .protocol import Kind, Source
 
 OUTBOX_BUCKETS: Final = (0, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+
+
+class Refused(enum.StrEnum):
+    """Why a websocket handshake was refused: the ``reason`` of
+    ``wsfanout_handshakes_refused`` (``admission.Refusal`` names one)."""
+
+    SHUTTING_DOWN = "shutting_down"
+    ORIGIN = "origin"
+    FULL = "full"  # this process's connections
+    USER_FULL = "user_full"  # one user's connections
+    NO_SESSION = "no_session"
+    BAD_TOKEN = "bad_token"  # noqa: S105 - a label, not a secret
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    DATABASE = "database"
+    BAD_RESUME = "bad_resume"
+    AUTHENTICATE_TIMEOUT = "authenticate_timeout"
+    AUTHENTICATE_FAILED = "authenticate_failed"
+
+
+class LoginFailed(enum.StrEnum):
+    """Why a login failed: the ``reason`` of ``wsfanout_login_failures``."""
+
+    PASSWORD = "password"  # noqa: S105 - a label: a wrong username or password
+    THROTTLED = "throttled"
 
 
 class ServiceStats:
     """Counters kept outside the fan-out path: handshakes and logins."""
 
     def __init__(self) -> None:
-        self.refused: dict[str, int] = {}
-        self.login_failures: dict[str, int] = {}
+        self.refused: dict[str, int] = dict.fromkeys(Refused, 0)
+        self.login_failures: dict[str, int] = dict.fromkeys(LoginFailed, 0)
         self.resumes = {"recovered": 0, "lost": 0}  # resumed connections, by outcome
         self.replayed = 0  # messages sent by those resumes
         self.floods = 0  # connections closed for sending far past the rate limit
 
-    def refuse(self, reason: str) -> None:
+    def refuse(self, reason: Refused) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
-    def login_failed(self, reason: str) -> None:
+    def login_failed(self, reason: LoginFailed) -> None:
         self.login_failures[reason] = self.login_failures.get(reason, 0) + 1
 
 
@@ -71,8 +100,10 @@ class Metrics(Collector):
         published = CounterMetricFamily(
             "wsfanout_messages_published", "Messages published.", labels=["kind", "source"]
         )
-        for (kind, source), count in sorted(hub.stats.published.items()):
-            published.add_metric([kind, source], count)
+        done = hub.stats.published
+        for kind in Kind:
+            for source in Source:
+                published.add_metric([kind, source], done.get((kind, source), 0))
         yield published
         yield CounterMetricFamily(
             "wsfanout_deliveries", "Events handed to local connections.", hub.stats.deliveries

@@ -20,6 +20,7 @@ from . import http, passwords, queries
 from .admission import Login, Refusal
 from .backplane import BackplaneUnavailableError
 from .hub import UnavailableError
+from .metrics import LoginFailed
 from .protocol import ErrorCode, Source
 from .publishing import BatchError
 from .service import Service
@@ -134,14 +135,14 @@ async def login(scope: Scope, receive: Receive, send: Send, svc: Service) -> Non
         return
     if isinstance(attempt, int):
         wait = attempt
-        svc.stats.login_failed("throttled")
+        svc.stats.login_failed(LoginFailed.THROTTLED)
         log.warning("login throttled for %r from %s", username, client)
         message = f"Too many failed logins, try again in {wait} s"
         await refuse(429, message, [(b"retry-after", str(wait).encode())])
         return
     ok = await asyncio.to_thread(_password_ok, password, user)
     if user is None or not ok:
-        svc.stats.login_failed("password")
+        svc.stats.login_failed(LoginFailed.PASSWORD)
         log.info("failed login for %r from %s", username, client)
         await refuse(401, "User or password wrong")
         return
