@@ -195,6 +195,32 @@ async def test_reconnects_after_a_server_restart(server: Server, browser: Browse
     assert problems == []
 
 
+async def test_the_login_page_fits_a_phone(server: Server, browser: Browser) -> None:
+    """At 390 x 844 (a phone) the login form keeps off the top edge, spans the screen with
+    no gutter of another colour beside it, and nothing scrolls sideways."""
+    context = await browser.new_context(viewport={"width": 390, "height": 844})
+    page = await context.new_page()
+    await page.goto(server.http_url + "/login")
+    await shot(page, "login-390")
+    card = await page.evaluate(
+        """() => {
+            const main = document.querySelector("main");
+            const box = main.getBoundingClientRect();
+            const color = (element) => getComputedStyle(element).backgroundColor;
+            return {
+                top: box.top, left: box.left, right: box.right, width: innerWidth,
+                scroll: document.documentElement.scrollWidth,
+                card: color(main), body: color(document.body),
+                form: document.querySelector("#login").getBoundingClientRect().top,
+            };
+        }"""
+    )
+    assert card["top"] > 0 and card["form"] >= 16, card  # off the top edge
+    assert card["scroll"] <= card["width"], card  # no sideways scroll
+    # beside it and above it, the card's own colour: no grey gutter, no grey strip
+    assert card["body"] == card["card"], card
+
+
 async def test_form_login_without_javascript(server: Server, browser: Browser) -> None:
     """With JavaScript off, the login form posts itself and shows the server's answer."""
     base = server.http_url + "/"
