@@ -167,6 +167,8 @@ class AmqpSource:
                 )
                 channel = await connection.channel()
                 await channel.set_qos(prefetch_count=self.prefetch)
+                # Publishers declare it the same way (examples/publish_amqp.py): durable, no
+                # arguments. Any change here conflicts with queues declared so.
                 queue = await channel.declare_queue(self.queue, durable=True)
                 await queue.consume(self._on_message)
                 break
