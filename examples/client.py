@@ -5,7 +5,7 @@ from wsfanout.client import Client
 
 
 async def main(url: str) -> None:
-    async with Client(url, username="greg", password="greg-password") as chat:
+    async with Client(url, username="greg", password="Greg-demo") as chat:
         await chat.send({"type": "group", "group": "boys", "text": "hi from Python"})
         async for event in chat:  # reconnects and resumes by itself
             if event["type"] == "message":

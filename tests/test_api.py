@@ -241,7 +241,7 @@ async def test_over_real_hypercorn_and_the_cli(tmp_path: Path, demo_db: Path) ->
     """Over a real server: a curl-style POST and `wsfanout publish` reach the sockets."""
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
     with Server(tmp_path, env={"WSFANOUT_API_KEYS": KEY}).running() as server:
-        chat = ChatClient(server.ws_url, username="lisa", password="lisa-password")
+        chat = ChatClient(server.ws_url, username="lisa", password="Lisa-demo")
         await chat.connect()
         lisa = Listener(chat)
         cli = Path(sys.executable).parent / "wsfanout"

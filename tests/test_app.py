@@ -90,7 +90,7 @@ async def test_mounted_under_a_root_path(settings: Settings) -> None:
         app,
         "POST",
         "/login",
-        json={"username": "greg", "password": "greg-password"},
+        json={"username": "greg", "password": "Greg-demo"},
         root_path=root,
     )
     assert "Path=/chat/;" in (response.header("set-cookie") or "")
@@ -139,7 +139,7 @@ async def test_mounted_in_starlette_over_real_hypercorn(tmp_path: Path, demo_db:
         status, headers = http(
             "POST",
             server.http_url + "/chat/login",
-            {"username": "greg", "password": "greg-password"},
+            {"username": "greg", "password": "Greg-demo"},
         )
         assert status == 200 and "Path=/chat/;" in headers["set-cookie"]
         cookie = headers["set-cookie"].split(";")[0]

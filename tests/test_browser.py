@@ -140,7 +140,7 @@ async def test_group_direct_and_escaping(server: Server, browser: Browser) -> No
     await expect(received(amanda, "girls only")).to_have_count(1)
     await expect(amanda.locator("#messages li.received").last).to_contain_text("you → girls")
 
-    await send(amanda, "direct", "hi greg", "greg-password")
+    await send(amanda, "direct", "hi greg", "Greg-demo")
     await expect(received(greg, "hi greg")).to_have_count(1)
     await expect(greg.locator("#messages li.received").last).to_contain_text("Amanda → you")
     await expect(lines(amanda, "hi greg")).to_have_count(1)
@@ -232,7 +232,7 @@ async def test_form_login_without_javascript(server: Server, browser: Browser) -
     await expect(page.locator("#result")).to_have_text("User or password wrong")
     await shot(page, "login-failed-no-js")
     await page.fill("#username", "lisa")
-    await page.fill("#password", "lisa-password")
+    await page.fill("#password", "Lisa-demo")
     await page.click("#login button")
     await expect(page).to_have_url(base)
     await expect(page.locator("h1")).to_have_text("wsfanout")

@@ -59,12 +59,12 @@ def test_the_demo_passwords_are_long_enough(tmp_path: Path) -> None:
     """`wsfanout demo` says what the passwords are, and each is as long as a password must
     be (WSFANOUT_MIN_PASSWORD_LENGTH's default): the page logs in with the one it says."""
     demo = run(tmp_path, "demo")
-    assert "(each password is the username and -password: greg-password)" in demo.stdout
+    assert "(each password is the first name and -demo: Greg-demo)" in demo.stdout
     for username in DEMO_USERS:
         problem = passwords.length_problem(demo_password(username), Settings().min_password_length)
         assert problem is None
     with Server(tmp_path).running() as server:
-        assert server.login("greg", "greg-password").startswith("wsfanout_session=")
+        assert server.login("greg", "Greg-demo").startswith("wsfanout_session=")
 
 
 def test_db_init_creates_the_database(tmp_path: Path) -> None:
@@ -426,7 +426,7 @@ async def test_url_changes_open_connections(
 async def test_url_join_brings_the_groups_messages(node: Server) -> None:
     """After `user join` through the API greg gets what `publish --group` sends to his
     new group, and after `user leave` no more of it."""
-    async with ChatClient(node.ws_url, username="greg", password="greg-password") as chat:
+    async with ChatClient(node.ws_url, username="greg", password="Greg-demo") as chat:
         greg = Listener(chat)
         assert (await live(node, "user", "join", "greg", "girls")).returncode == 0
         await greg.until(lambda: bool(greg.of("joined")), timeout=1)

@@ -382,7 +382,7 @@ async def test_send_presence_and_history(node: Server) -> None:
     for a refused one, presence and history answered; what is sent arrives as an event."""
     states: list[tuple[str, str | None]] = []
     async with Client(
-        node.ws_url, username="greg", password="greg-password", on_state=lambda *s: states.append(s)
+        node.ws_url, username="greg", password="Greg-demo", on_state=lambda *s: states.append(s)
     ) as chat:
         assert chat.state == "connected"
         listener = Listener(chat)
@@ -449,7 +449,7 @@ async def test_requests_over_the_rate_are_refused_and_a_flood_is_no_logout(
 async def test_a_url_with_no_login_is_refused_for_good(node: Server) -> None:
     """A wrong path (no login page there: 404) is a mistake to report, not a fault to
     retry for ever."""
-    chat = Client(node.ws_url + "nope/", username="greg", password="greg-password")
+    chat = Client(node.ws_url + "nope/", username="greg", password="Greg-demo")
     with pytest.raises(ClientError) as refused:
         await asyncio.wait_for(chat.connect(), 10)
     assert refused.value.code == "refused"
@@ -458,7 +458,7 @@ async def test_a_url_with_no_login_is_refused_for_good(node: Server) -> None:
 
 async def test_sent_while_not_connected_is_refused_at_once(node: Server) -> None:
     """A send before connecting, or after closing, fails at once with ``disconnected``."""
-    chat = Client(node.ws_url, username="chuck", password="chuck-password")
+    chat = Client(node.ws_url, username="chuck", password="Chuck-demo")
     with pytest.raises(ClientError) as early:
         await chat.send({"type": "broadcast", "text": "too early"})
     assert early.value.code == "disconnected"
@@ -488,7 +488,7 @@ async def test_a_refused_resume_connects_afresh(node: Server) -> None:
     the client connects without them and says so with a resumed naming the stream."""
     positions = {"all": {"epoch": "x" * 65, "offset": 3}}
     async with Client(
-        node.ws_url, username="amanda", password="amanda-password", positions=positions
+        node.ws_url, username="amanda", password="Amanda-demo", positions=positions
     ) as chat:
         listener = Listener(chat)
         await listener.until(lambda: bool(listener.of("resumed")))
@@ -535,7 +535,7 @@ async def test_a_429_is_retried_until_a_seat_frees(node: Server) -> None:
 async def test_a_burst_arrives_one_event_at_a_time_in_order(node: Server) -> None:
     """The server batches a burst into array frames; the application gets each message once,
     in offset order."""
-    async with Client(node.ws_url, username="lisa", password="lisa-password") as chat:
+    async with Client(node.ws_url, username="lisa", password="Lisa-demo") as chat:
         listener = Listener(chat)
         texts = [f"burst {n}" for n in range(300)]
         for start in range(0, 300, 100):
@@ -558,7 +558,7 @@ async def test_a_burst_arrives_one_event_at_a_time_in_order(node: Server) -> Non
 async def test_closing_ends_the_iteration_after_what_was_held(node: Server) -> None:
     """close() while events wait: the application still gets them, then the loop ends."""
     publisher = Publisher("held ")
-    chat = Client(node.ws_url, username="anny", password="anny-password")
+    chat = Client(node.ws_url, username="anny", password="Anny-demo")
     await chat.connect()
     for _ in range(5):
         assert await publisher.publish(node)
@@ -589,7 +589,7 @@ async def test_a_group_joined_while_connected_is_resumed_too(node: Server) -> No
     so after a network reset it resumes that stream as well, missing nothing."""
     admin = {"authorization": f"Bearer {SERVER_ENV['WSFANOUT_API_KEYS']}"}
     async with Proxy(node.port) as proxy:
-        chat = Client(proxy.ws_url, username="mike", password="mike-password", min_delay=0.05)
+        chat = Client(proxy.ws_url, username="mike", password="Mike-demo", min_delay=0.05)
         await chat.connect()
         listener = Listener(chat)
         for method, path, body in [

@@ -223,7 +223,7 @@ async def test_revoked_sessions_log_in_again_and_a_changed_password_stops(
     shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
     with Server(tmp_path, ENV, server=server_kind).running() as node:
         admin = {"authorization": f"Bearer {SERVER_ENV['WSFANOUT_API_KEYS']}"}
-        chat = quick(node.ws_url, username="lisa", password="lisa-password")
+        chat = quick(node.ws_url, username="lisa", password="Lisa-demo")
         await chat.connect()
         listener = Listener(chat)
         status, _ = await asyncio.to_thread(

@@ -362,15 +362,15 @@ def test_guessing_from_one_address_does_not_lock_the_owner_out(server: Server) -
     lisa from 127.0.0.3 logs in."""
     for _ in range(5):
         assert login_from(server, "127.0.0.2", "lisa", "wrong") == 401
-    assert login_from(server, "127.0.0.2", "lisa", "lisa-password") == 429
-    assert login_from(server, "127.0.0.3", "lisa", "lisa-password") == 200
+    assert login_from(server, "127.0.0.2", "lisa", "Lisa-demo") == 429
+    assert login_from(server, "127.0.0.3", "lisa", "Lisa-demo") == 200
 
 
 def test_parallel_guesses_get_no_more_than_the_limit(server: Server) -> None:
     """100 logins for chuck at once from 127.0.0.4, the right password among them: at most
     5 are checked (counted before the password is), the rest get 429, the right one too."""
     passwords = ["wrong"] * 100
-    passwords[50] = "chuck-password"
+    passwords[50] = "Chuck-demo"
     with concurrent.futures.ThreadPoolExecutor(100) as pool:
         statuses = list(pool.map(lambda p: login_from(server, "127.0.0.4", "chuck", p), passwords))
     assert statuses.count(429) >= 95, statuses

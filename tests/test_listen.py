@@ -90,7 +90,7 @@ async def test_listen_prints_events_and_resumes(
             "--username",
             "greg",
             "--password",
-            "greg-password",
+            "Greg-demo",
             "--positions",
             str(positions),
         )

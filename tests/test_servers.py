@@ -353,7 +353,7 @@ def test_mounted_in_starlette_declines_deflate(
         status, headers = http(
             "POST",
             server.http_url + "/chat/login",
-            {"username": "lisa", "password": "lisa-password"},
+            {"username": "lisa", "password": "Lisa-demo"},
         )
         assert status == 200
         offered, answer = deflate_answer(server, "chat/", headers["set-cookie"].split(";")[0])
@@ -374,7 +374,7 @@ async def test_mounted_in_starlette_closes_1001_on_sigterm(
         status, headers = http(
             "POST",
             server.http_url + "/chat/login",
-            {"username": "anny", "password": "anny-password"},
+            {"username": "anny", "password": "Anny-demo"},
         )
         assert status == 200
         client = await Client.open(server.ws_url + "chat/", headers["set-cookie"].split(";")[0])

@@ -74,6 +74,6 @@ def log_lines(server: Server) -> list[str]:
 
 def login_status(server: Server) -> int:
     status, _ = http(
-        "POST", server.http_url + "/login", {"username": "greg", "password": "greg-password"}
+        "POST", server.http_url + "/login", {"username": "greg", "password": "Greg-demo"}
     )
     return status

@@ -43,7 +43,7 @@ async def test_pages_are_served(app: App) -> None:
 async def test_login_success_shape_and_cookie(app: App) -> None:
     """A good login answers the seed's shape and sets a scoped HttpOnly cookie."""
     response = await asgi.request(
-        app, "POST", "/login", json={"username": "Greg", "password": "greg-password"}
+        app, "POST", "/login", json={"username": "Greg", "password": "Greg-demo"}
     )
     assert response.status == 200
     assert response.json() == {"success": "Welcome back, greg"}
@@ -99,7 +99,7 @@ async def test_form_login_redirects_with_cookie(app: App) -> None:
         app,
         "POST",
         "/login",
-        body=b"username=amanda&password=amanda-password",
+        body=b"username=amanda&password=Amanda-demo",
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
     assert response.status == 303 and response.header("location") == "./"
@@ -113,7 +113,7 @@ async def test_login_switches_user(app: App) -> None:
         app,
         "POST",
         "/login",
-        json={"username": "lisa", "password": "lisa-password"},
+        json={"username": "lisa", "password": "Lisa-demo"},
         headers={"cookie": greg},
     )
     assert response.json() == {"success": "Welcome back, lisa"}
@@ -130,7 +130,7 @@ async def test_login_from_foreign_origin_is_refused(app: App) -> None:
         app,
         "POST",
         "/login",
-        json={"username": "greg", "password": "greg-password"},
+        json={"username": "greg", "password": "Greg-demo"},
         headers={"origin": "http://evil.example"},
     )
     assert response.status == 403
@@ -151,11 +151,11 @@ async def test_five_failures_lock_that_name_from_that_address_only(app: App) -> 
     even with the right password; mike from elsewhere and others from there get in."""
     for _ in range(5):
         assert (await attempt(app, "mike", "bad", "10.0.0.1")).status == 401
-    response = await attempt(app, "MIKE", "mike-password", "10.0.0.1")
+    response = await attempt(app, "MIKE", "Mike-demo", "10.0.0.1")
     assert response.status == 429
     assert 0 < int(response.header("retry-after") or 0) <= 900
-    assert (await attempt(app, "mike", "mike-password", "10.0.0.2")).status == 200
-    assert (await attempt(app, "greg", "greg-password", "10.0.0.1")).status == 200
+    assert (await attempt(app, "mike", "Mike-demo", "10.0.0.2")).status == 200
+    assert (await attempt(app, "greg", "Greg-demo", "10.0.0.1")).status == 200
 
 
 async def test_failures_outlive_a_restart(settings: Settings) -> None:
@@ -165,15 +165,15 @@ async def test_failures_outlive_a_restart(settings: Settings) -> None:
         for _ in range(5):
             assert (await attempt(first, "mike", "x", "10.5.5.5")).status == 401
     async with started(settings) as second:
-        assert (await attempt(second, "mike", "mike-password", "10.5.5.5")).status == 429
-        assert (await attempt(second, "mike", "mike-password", "10.5.5.6")).status == 200
+        assert (await attempt(second, "mike", "Mike-demo", "10.5.5.5")).status == 429
+        assert (await attempt(second, "mike", "Mike-demo", "10.5.5.6")).status == 200
 
 
 async def test_logins_answer_503_when_the_counts_cannot_be_reached(settings: Settings) -> None:
     """Redis (holding the counts) away: a login is refused with 503 and a JSON reason,
     never let through uncounted."""
     async with started(settings, redis_url="redis://127.0.0.1:9/0") as app:
-        response = await attempt(app, "mike", "mike-password", "10.6.6.6")
+        response = await attempt(app, "mike", "Mike-demo", "10.6.6.6")
     assert response.status == 503
     assert response.json()["error"] == "The service cannot check logins now, try again"
 
@@ -182,8 +182,8 @@ async def test_an_address_spraying_names_is_stopped(app: App) -> None:
     """20 failures from one address across usernames: that address gets 429, others don't."""
     for n in range(20):
         assert (await attempt(app, f"a{n}", "x", "10.1.1.1")).status == 401
-    assert (await attempt(app, "greg", "greg-password", "10.1.1.1")).status == 429
-    assert (await attempt(app, "greg", "greg-password", "10.1.1.2")).status == 200
+    assert (await attempt(app, "greg", "Greg-demo", "10.1.1.1")).status == 429
+    assert (await attempt(app, "greg", "Greg-demo", "10.1.1.2")).status == 200
 
 
 async def test_parallel_guesses_get_no_more_than_the_limit(app: App) -> None:
@@ -215,9 +215,9 @@ async def test_an_outage_locks_nobody_out(app: App, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(store, "user_by_name", failing)
     for _ in range(6):
-        assert (await attempt(app, "mike", "mike-password", "10.7.7.7")).status == 503
+        assert (await attempt(app, "mike", "Mike-demo", "10.7.7.7")).status == 503
     monkeypatch.setattr(store, "user_by_name", looked_up)
-    assert (await attempt(app, "mike", "mike-password", "10.7.7.7")).status == 200
+    assert (await attempt(app, "mike", "Mike-demo", "10.7.7.7")).status == 200
 
 
 async def test_a_database_outage_is_a_503_not_a_traceback(

@@ -20,8 +20,8 @@ DEMO_GROUPS: Final = {"boys": ("Greg", "Chuck", "Mike"), "girls": ("Amanda", "Li
 
 
 def demo_password(username: str) -> str:
-    """A demo user's password: the username and ``-password`` (greg: greg-password)."""
-    return f"{username}-password"
+    """A demo user's password: the first name and ``-demo`` (greg: Greg-demo)."""
+    return f"{username.capitalize()}-demo"
 
 
 def cmd_db_init(settings: Settings, args: argparse.Namespace) -> None:
@@ -157,7 +157,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
         if created:
             print(
                 f"demo users created: {', '.join(created)} "
-                f"(each password is the username and -password: {demo_password('greg')})"
+                f"(each password is the first name and -demo: {demo_password('greg')})"
             )
         else:
             print("demo users already exist")

@@ -4,7 +4,7 @@ order, or is told which streams it lost.
 
 ```python
 from wsfanout.client import Client
-async with Client("ws://127.0.0.1:8000/", username="greg", password="greg-password") as chat:
+async with Client("ws://127.0.0.1:8000/", username="greg", password="Greg-demo") as chat:
     ack = await chat.send({"type": "group", "group": "boys", "text": "hi"})
     async for event in chat:
         ...
