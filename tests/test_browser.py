@@ -140,7 +140,7 @@ async def test_group_direct_and_escaping(server: Server, browser: Browser) -> No
     await expect(received(amanda, "girls only")).to_have_count(1)
     await expect(amanda.locator("#messages li.received").last).to_contain_text("you → girls")
 
-    await send(amanda, "direct", "hi greg", "Greg-demo")
+    await send(amanda, "direct", "hi greg", "greg")
     await expect(received(greg, "hi greg")).to_have_count(1)
     await expect(greg.locator("#messages li.received").last).to_contain_text("Amanda → you")
     await expect(lines(amanda, "hi greg")).to_have_count(1)
