@@ -635,10 +635,10 @@ def test_the_docs_quote_the_example_whole() -> None:
     assert EXAMPLE.read_text().strip() in doc
 
 
-def test_the_readme_quotes_both_clients_examples_whole() -> None:
-    """The README's Clients section shows the Python and the JavaScript example as the
-    tests run them."""
-    readme = (ROOT / "README.md").read_text()
+def test_the_clients_page_quotes_both_clients_examples_whole() -> None:
+    """docs/clients/index.md shows the Python and the JavaScript example as the tests run
+    them."""
+    readme = (ROOT / "docs" / "clients" / "index.md").read_text()
     for example in (EXAMPLE, ROOT / "docs" / "clients" / "examples" / "quickstart.mjs"):
         assert example.read_text().strip() in readme, f"{example.name} is not quoted as it is"
 

@@ -544,13 +544,13 @@ async def test_after_shutdown_nothing_starts_a_second_service(settings: Settings
         await chat.shutdown()
 
 
-async def test_the_readmes_embedding_example_runs_as_it_stands(
+async def test_the_docs_embedding_example_runs_as_it_stands(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The README's block, as a module: a user with the host's session (Starlette's signed
+    """docs/embedding.md's block, as a module: a user with the host's session (Starlette's signed
     cookie) connects to /chat/ with no wsfanout cookie, and the host's view publishes to
     them and asks who is online."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "embedding.md").read_text()
     marker = "<!-- embedding: tests/test_embedding.py runs this block as it stands -->\n```python\n"
     block = readme[readme.index(marker) + len(marker) :].split("```\n", 1)[0]
     for name, value in (
@@ -559,7 +559,7 @@ async def test_the_readmes_embedding_example_runs_as_it_stands(
     ):
         monkeypatch.setenv(name, value)
     namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    exec(compile(block, "embedding.md", "exec"), namespace)  # noqa: S102 - the docs' own code
     host, chat = namespace["app"], namespace["chat"]
     signed = TimestampSigner("change me").sign(base64.b64encode(b'{"user": "greg"}')).decode()
     await chat.startup()

@@ -518,8 +518,8 @@ def test_uvicorn_takes_forwarded_addresses_only_when_asked(
     assert statuses == ([401] * 7 if trusted else [401] * 5 + [429] * 2)
 
 
-def test_the_readme_gives_plain_uvicorn_the_flags_serve_passes() -> None:
-    """The README's `uvicorn wsfanout:app` command sets what `wsfanout serve --server
+def test_the_docs_give_plain_uvicorn_the_flags_serve_passes() -> None:
+    """docs/operating/servers.md's `uvicorn wsfanout:app` command sets what `wsfanout serve --server
     uvicorn` does (as uvicorn's own command line reads it), deflate off first."""
     import argparse
     import importlib
@@ -528,7 +528,7 @@ def test_the_readme_gives_plain_uvicorn_the_flags_serve_passes() -> None:
 
     command = importlib.import_module("uvicorn.main").main  # `uvicorn.main` is a function
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "operating" / "servers.md").read_text()
     block = readme.split("uvicorn wsfanout:app \\\n", 1)[1].split("```", 1)[0]
     flags = block.replace("\\\n", " ").split()
     assert flags[:2] == ["--ws-per-message-deflate", "false"]
