@@ -218,8 +218,9 @@ class Service:
                 svc.metrics.amqp = svc.amqp.stats
             opened.pop_all()  # started: close() takes them down from now on
         log.info(
-            "wsfanout ready under %s: %s %s%s, %s, permessage-deflate %s",
+            "wsfanout ready under %s (%s loop): %s %s%s, %s, permessage-deflate %s",
             server.name,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],  # asyncio or uvloop
             store.kind,
             store.where,
             "" if store.ready else " (not reached yet: trying again)",
