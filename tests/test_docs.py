@@ -22,7 +22,7 @@ from typing import Any
 
 import jwt
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 from websockets.asyncio.client import connect
 
 from tests import asgi, docs
