@@ -20,7 +20,7 @@ import pytest
 import websockets
 from itsdangerous import TimestampSigner
 
-from tests import asgi
+from tests import asgi, docs
 from tests.conftest import login
 from tests.listener import SERVER_ENV
 from tests.receiver import Receiver, receiving
@@ -550,9 +550,7 @@ async def test_the_docs_embedding_example_runs_as_it_stands(
     """docs/embedding.md's block, as a module: a user with the host's session (Starlette's signed
     cookie) connects to /chat/ with no wsfanout cookie, and the host's view publishes to
     them and asks who is online."""
-    readme = (Path(__file__).parent.parent / "docs" / "embedding.md").read_text()
-    marker = "<!-- embedding: tests/test_embedding.py runs this block as it stands -->\n```python\n"
-    block = readme[readme.index(marker) + len(marker) :].split("```\n", 1)[0]
+    block = docs.block("docs/embedding.md", "test_the_docs_embedding_example_runs_as_it_stands")
     for name, value in (
         ("WSFANOUT_DATA_DIR", str(settings.data_dir)),
         ("WSFANOUT_SECRET_KEY", "k"),
