@@ -52,13 +52,18 @@ serve: (_install "serve")
 test *args: lint
     {{bin}}/python -m pytest -n {{test_workers}} {{args}}
 
-# ruff (format check and lint), mypy --strict, and the layering of DESIGN section 3 (lint-imports)
+# ruff (format check and lint), mypy --strict, the layering of DESIGN section 3 (lint-imports), the docs site
 lint: install
     {{bin}}/ruff format --check src tests bench examples
     {{bin}}/ruff check src tests bench examples
     {{bin}}/mypy
     {{bin}}/lint-imports
     {{bin}}/hadolint Containerfile
+    site=$(mktemp -d) && NO_MKDOCS_2_WARNING=1 {{bin}}/mkdocs build --strict --quiet --site-dir "$site" && rm -r "$site"
+
+# serve the documentation site on http://127.0.0.1:8001, rebuilt as docs/ changes
+docs: install
+    NO_MKDOCS_2_WARNING=1 {{bin}}/mkdocs serve --dev-addr 127.0.0.1:8001
 
 # format the code
 fmt: install

@@ -783,7 +783,8 @@ def knows_uvicorn(tree: Path) -> bool:
     return any(path.is_file() and '"--server"' in path.read_text() for path in sources)
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
+    """``just bench``'s arguments (tests/test_docs.py reads the documented ones with it)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -819,7 +820,11 @@ def main() -> int:
         help="JSON results file (default bench/results.json; bench/results-quick.json with "
         "--quick, so a smoke run never overwrites the figures the README cites)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = parser().parse_args()
     if args.out is None:
         args.out = BENCH / ("results-quick.json" if args.quick else "results.json")
 

@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Locator, Page, Route, expect
 
+from tests import docs
 from tests.chromium import NEEDED, launched
 from tests.server import ROOT, Client, Server, http
 from wsfanout.cli import demo_password
@@ -659,7 +660,8 @@ async def test_the_documented_page_example_runs(server: Server, browser: Browser
     problems: list[str] = []
     base = server.http_url + "/"
     greg = await log_in(browser, base, "greg", problems)
-    example = (ROOT / "docs" / "clients" / "examples" / "page.html").read_text()
+    example = docs.block("docs/clients/javascript.md", "test_the_documented_page_example_runs")
+    assert example == (ROOT / "docs" / "clients" / "examples" / "page.html").read_text()
 
     async def serve(route: Route) -> None:
         await route.fulfill(body=example, content_type="text/html")

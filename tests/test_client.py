@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests import docs
 from tests.listener import SERVER_ENV, Listener, Publisher, token
 from tests.proxy import Proxy, unused_port
 from tests.server import ROOT, SERVERS, Server, http
@@ -628,23 +629,11 @@ async def test_a_group_joined_while_connected_is_resumed_too(node: Server) -> No
 EXAMPLE = ROOT / "examples" / "client.py"
 
 
-def test_the_docs_quote_the_example_whole() -> None:
-    """docs/clients/python.md shows examples/client.py as it is, so what the test runs is
-    what readers copy."""
-    doc = (ROOT / "docs" / "clients" / "python.md").read_text()
-    assert EXAMPLE.read_text().strip() in doc
-
-
-def test_the_readme_quotes_both_clients_examples_whole() -> None:
-    """The README's Clients section shows the Python and the JavaScript example as the
-    tests run them."""
-    readme = (ROOT / "README.md").read_text()
-    for example in (EXAMPLE, ROOT / "docs" / "clients" / "examples" / "quickstart.mjs"):
-        assert example.read_text().strip() in readme, f"{example.name} is not quoted as it is"
-
-
 async def test_the_example_runs(node: Server) -> None:
-    """examples/client.py, run as a reader would, says hi and prints what it receives."""
+    """examples/client.py, run as a reader would, says hi and prints what it receives; the
+    clients pages quote it whole, so what runs is what readers copy."""
+    for page in ("docs/clients/index.md", "docs/clients/python.md"):
+        assert docs.block(page, "test_the_example_runs") == EXAMPLE.read_text(), page
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(EXAMPLE),

@@ -20,7 +20,7 @@ import pytest
 import websockets
 from itsdangerous import TimestampSigner
 
-from tests import asgi
+from tests import asgi, docs
 from tests.conftest import login
 from tests.listener import SERVER_ENV
 from tests.receiver import Receiver, receiving
@@ -544,22 +544,20 @@ async def test_after_shutdown_nothing_starts_a_second_service(settings: Settings
         await chat.shutdown()
 
 
-async def test_the_readmes_embedding_example_runs_as_it_stands(
+async def test_the_docs_embedding_example_runs_as_it_stands(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The README's block, as a module: a user with the host's session (Starlette's signed
+    """docs/embedding.md's block, as a module: a user with the host's session (Starlette's signed
     cookie) connects to /chat/ with no wsfanout cookie, and the host's view publishes to
     them and asks who is online."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    marker = "<!-- embedding: tests/test_embedding.py runs this block as it stands -->\n```python\n"
-    block = readme[readme.index(marker) + len(marker) :].split("```\n", 1)[0]
+    block = docs.block("docs/embedding.md", "test_the_docs_embedding_example_runs_as_it_stands")
     for name, value in (
         ("WSFANOUT_DATA_DIR", str(settings.data_dir)),
         ("WSFANOUT_SECRET_KEY", "k"),
     ):
         monkeypatch.setenv(name, value)
     namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    exec(compile(block, "embedding.md", "exec"), namespace)  # noqa: S102 - the docs' own code
     host, chat = namespace["app"], namespace["chat"]
     signed = TimestampSigner("change me").sign(base64.b64encode(b'{"user": "greg"}')).decode()
     await chat.startup()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import docs
 from tests.server import ROOT, Server, delete_redis_keys, redis_reachable
 
 JS = ROOT / "clients" / "js"
@@ -191,6 +192,12 @@ def test_the_npm_package_types_check_and_runs_the_documented_example(
         text=True,
         timeout=60,
     )
+    test = "test_the_npm_package_types_check_and_runs_the_documented_example"
+    quickstart, typed = docs.blocks("docs/clients/javascript.md", test)
+    assert [quickstart, typed] == [
+        (EXAMPLES / n).read_text() for n in ("quickstart.mjs", "typed.ts")
+    ]
+    assert docs.block("docs/clients/index.md", test) == quickstart
     tarball = tmp_path / json.loads(packed.stdout)[0]["filename"]
     with tarfile.open(tarball) as archive:
         names = set(archive.getnames())
@@ -261,11 +268,71 @@ def token(user: str, groups: list[str]) -> str:
     return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
 
 
-def test_the_documentation_quotes_its_examples_as_they_are_run() -> None:
-    """Every file in docs/clients/examples/ (run or type-checked by the tests above) appears
-    in docs/clients/javascript.md word for word."""
-    doc = (ROOT / "docs" / "clients" / "javascript.md").read_text()
-    examples = sorted(EXAMPLES.iterdir())
-    assert [path.name for path in examples] == ["page.html", "quickstart.mjs", "typed.ts"]
-    for example in examples:
-        assert example.read_text() in doc, f"{example.name} is not quoted as it is"
+HARNESS = """\
+import { Client } from "%(module)s";
+const saved = new Map();  // what a page has, and Node has not
+globalThis.sessionStorage = {
+  getItem: (k) => saved.get(k) ?? null, setItem: (k, v) => saved.set(k, String(v)),
+};
+const handlers = {};
+globalThis.addEventListener = (name, listener) => { handlers[name] = listener; };
+globalThis.location = { href: process.env.PAGE, assign: (to) => console.log("assign", to) };
+%(positions)s
+%(state)s
+await new Promise((resolve) => { chat.on("welcome", resolve); chat.connect(); });
+%(requests)s
+console.log("answers", ack.id, count, messages.length);
+handlers.pagehide();
+console.log("saved", Object.keys(JSON.parse(sessionStorage.getItem("positions"))).sort().join(" "));
+chat.close();
+const opened = [];
+globalThis.WebSocket = class extends WebSocket {
+  constructor(...args) { super(...args); opened.push(this); }
+};
+%(resume)s
+await new Promise((resolve) => opened[0].addEventListener("message", (m) => {
+  for (const event of [JSON.parse(m.data)].flat()) {
+    if (event.type === "resumed") { console.log("resumed", JSON.stringify(event)); resolve(); }
+  }
+}));
+opened[0].close();
+"""
+
+
+def test_the_documented_fragments_run(tmp_path: Path, demo_db: Path) -> None:
+    """The JavaScript page's fragments (the state listener, saved positions, the requests)
+    run in Node as one page's script, with what a page has (location with a token,
+    sessionStorage, pagehide) stubbed; and the protocol page's hand-made resume is answered
+    with a resume that says what it could not recover."""
+    page = "docs/clients/javascript.md"
+    state, positions, requests = docs.blocks(page, "test_the_documented_fragments_run")
+    resume = docs.block("docs/protocol.md", "test_the_documented_fragments_run")
+    data = tmp_path / "server"
+    data.mkdir()
+    shutil.copy(demo_db, data / "wsfanout.sqlite3")
+    with Server(data, server_env()).running() as server:
+        credential = token("nina", ["girls", "boys"])
+        resume = docs.substituted(
+            resume,
+            {"wss://chat.example.com/?resume=": f"{server.ws_url}?token={credential}&resume="},
+        )
+        script = tmp_path / "fragments.mjs"
+        script.write_text(
+            HARNESS
+            % {
+                "module": (ROOT / "web" / "wsfanout.js").as_uri(),
+                "positions": positions,
+                "state": state,
+                "requests": requests,
+                "resume": resume,
+            }
+        )
+        env = {"PAGE": f"{server.http_url}/?token={credential}"}
+        output = run_node([str(script)], env, tmp_path, timeout=30)
+    lines = output.splitlines()
+    assert "answers w1 1 1" in lines, output
+    assert "saved all group:boys group:girls user:nina" in lines, output
+    resumed = json.loads(
+        next(line for line in lines if line.startswith("resumed ")).split(" ", 1)[1]
+    )
+    assert (resumed["recovered"], sorted(resumed["lost"])) == (False, ["all", "group:boys"])

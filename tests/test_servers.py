@@ -27,7 +27,7 @@ import pytest
 from hypercorn.protocol import ws_stream
 from websockets.asyncio.client import connect
 
-from tests import asgi
+from tests import asgi, docs
 from tests.conftest import login
 from tests.server import ROOT, WSFANOUT, Client, RawClient, Server, http, wsfanout
 from wsfanout import Settings, create_app
@@ -541,9 +541,10 @@ def test_uvicorn_takes_forwarded_addresses_only_when_asked(
     assert statuses == ([401] * 7 if trusted else [401] * 5 + [429] * 2)
 
 
-def test_the_readme_gives_plain_uvicorn_the_flags_serve_passes() -> None:
-    """The README's `uvicorn wsfanout:app` command sets what `wsfanout serve --server
-    uvicorn` does (as uvicorn's own command line reads it), deflate off first."""
+def test_the_docs_give_plain_uvicorn_the_flags_serve_passes(tmp_path: Path) -> None:
+    """docs/operating/servers.md's `uvicorn wsfanout:app` command sets what `wsfanout serve --server
+    uvicorn` does (as uvicorn's own command line reads it), deflate off first; and it serves
+    (on a port of the test's own) until /healthz answers."""
     import argparse
     import importlib
 
@@ -551,9 +552,11 @@ def test_the_readme_gives_plain_uvicorn_the_flags_serve_passes() -> None:
 
     command = importlib.import_module("uvicorn.main").main  # `uvicorn.main` is a function
 
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("uvicorn wsfanout:app \\\n", 1)[1].split("```", 1)[0]
-    flags = block.replace("\\\n", " ").split()
+    page = "docs/operating/servers.md"
+    block = docs.block(page, "test_the_docs_give_plain_uvicorn_the_flags_serve_passes")
+    (line,) = docs.commands(block)
+    assert line.startswith("uvicorn wsfanout:app ")
+    flags = line.split()[2:]
     assert flags[:2] == ["--ws-per-message-deflate", "false"]
     read = command.make_context("uvicorn", [*flags, "wsfanout:app"]).params
     args = argparse.Namespace(
@@ -568,6 +571,11 @@ def test_the_readme_gives_plain_uvicorn_the_flags_serve_passes() -> None:
     for name, value in passed.items():
         if name not in left_to_uvicorn:
             assert read[name] == value, name
+    port = docs.free_port()
+    served = docs.substituted(
+        block, {"uvicorn wsfanout:app": f"uvicorn wsfanout:app --port {port}"}
+    )
+    assert json.loads(docs.run_shell(served, tmp_path).healthz[0])["status"] == "ok"
 
 
 @pytest.mark.parametrize("uvicorn_server", ["plain", "serve"], indirect=True)

@@ -237,8 +237,9 @@ class Service:
                     "until it is back)"
                 )
         log.info(
-            "wsfanout ready under %s: %s %s%s, %s, permessage-deflate %s%s",
+            "wsfanout ready under %s (%s loop): %s %s%s, %s, permessage-deflate %s%s",
             server.name,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],  # asyncio or uvloop
             store.kind,
             store.where,
             "" if store.ready else " (not reached yet: trying again)",
