@@ -16,7 +16,7 @@ from ..store import DatabaseError, Store
 T = TypeVar("T")
 
 # wsfanout is not on a package index: it is installed from a clone or from its git URL
-GIT_URL: Final = "https://git.example.org/wsfanout.git"
+GIT_URL: Final = "https://git.example.com/you/wsfanout.git"  # the docs name the same
 
 
 class CommandError(Exception):
