@@ -17,10 +17,12 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from tests import docs
 from tests.server import ROOT, Client, Server, http
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 JWT_SECRET = "examples-test-jwt-secret-0123456789"
+EXAMPLES = ROOT / "examples"
 
 
 def example(name: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -82,7 +84,11 @@ async def test_the_rabbitmq_publisher_before_and_after_a_node_starts(
 ) -> None:
     """Run before any node: the message waits in the queue the example declared; a node
     started next declares the same queue without conflict and takes it. Run again with a
-    user connected: the user sees the message."""
+    user connected: the user sees the message. The publishing page quotes it whole."""
+    quoted = docs.block(
+        "docs/publishing.md", "test_the_rabbitmq_publisher_before_and_after_a_node_starts"
+    )
+    assert quoted == (EXAMPLES / "publish_amqp.py").read_text()
     env = {"WSFANOUT_AMQP_URL": AMQP_URL, "WSFANOUT_AMQP_QUEUE": amqp_queue}
     first = example("publish_amqp.py", "sent before any node", **env)
     assert first.returncode == 0, first.stderr
@@ -111,7 +117,10 @@ async def test_the_rabbitmq_publisher_before_and_after_a_node_starts(
 
 async def test_a_minted_token_connects_to_a_node(tmp_path: Path) -> None:
     """The token examples/mint_token.py prints (the secret from WSFANOUT_JWT_SECRET) is
-    taken by a node with that secret: the socket is the token's user, in its groups."""
+    taken by a node with that secret: the socket is the token's user, in its groups. The
+    tokens page quotes it whole."""
+    quoted = docs.block("docs/embedding.md", "test_a_minted_token_connects_to_a_node")
+    assert quoted == (EXAMPLES / "mint_token.py").read_text()
     minted = example("mint_token.py", "nina", "girls", "chess", WSFANOUT_JWT_SECRET=JWT_SECRET)
     assert minted.returncode == 0, minted.stderr
     token = minted.stdout.strip()

@@ -15,8 +15,9 @@ from ..store import DatabaseError, Store
 
 T = TypeVar("T")
 
-# wsfanout is not on a package index: it is installed from a clone or from its git URL
-GIT_URL: Final = "https://git.example.com/you/wsfanout.git"  # the docs name the same
+# wsfanout is not on a package index: it is installed from a clone or from the git URL of
+# the copy a team keeps (the docs show it as https://git.example.com/you/wsfanout.git)
+GIT_URL: Final = "<the git URL of your wsfanout>"
 
 
 class CommandError(Exception):
