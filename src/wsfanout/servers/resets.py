@@ -22,7 +22,8 @@ def reset(transport: Any) -> None:
     """Reset the TCP connection under this asyncio transport: the kernel drops what it holds."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):  # already closed
+        # already closed: OSError, or ValueError from uvloop's socket (its descriptor is -1)
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
     transport.abort()
 
