@@ -15,7 +15,7 @@ default:
 # create .venv and install wsfanout with its test and dev tools (skipped when up to date)
 install: (_install "dev")
 
-# .venv with what `extras` needs: "dev" (tests, lint) or "serve" (wsfanout alone); a stamp
+# .venv with what `extras` needs: "dev" (tests, lint, docs), "docs" (MkDocs) or "serve" (wsfanout alone); a stamp
 # per kind, so that serving after testing installs nothing and testing after serving adds the rest
 _install extras:
     #!/usr/bin/env bash
@@ -32,6 +32,10 @@ _install extras:
     if [ "{{extras}}" = dev ]; then
         spec='.[dev]' what="wsfanout and its tools"
         fresh {{venv}}/.installed-dev && exit 0
+    elif [ "{{extras}}" = docs ]; then
+        spec='.[docs]' what="wsfanout and the docs tools"
+        fresh {{venv}}/.installed-dev && exit 0
+        fresh {{venv}}/.installed-docs && exit 0
     else
         spec='.' what="wsfanout"
         # the dev install holds everything serving needs
@@ -59,11 +63,11 @@ lint: install
     {{bin}}/mypy
     {{bin}}/lint-imports
     {{bin}}/hadolint Containerfile
-    site=$(mktemp -d) && NO_MKDOCS_2_WARNING=1 {{bin}}/mkdocs build --strict --quiet --site-dir "$site" && rm -r "$site"
+    site=$(mktemp -d) && NO_MKDOCS_2_WARNING=1 {{bin}}/mkdocs build --strict --site-dir "$site" && rm -r "$site"
 
-# serve the documentation site on http://127.0.0.1:8001, rebuilt as docs/ changes
-docs: install
-    NO_MKDOCS_2_WARNING=1 {{bin}}/mkdocs serve --dev-addr 127.0.0.1:8001
+# serve the documentation site on http://127.0.0.1:8008, rebuilt as docs/ changes
+docs: (_install "docs")
+    NO_MKDOCS_2_WARNING=1 {{bin}}/mkdocs serve --dev-addr 127.0.0.1:8008
 
 # format the code
 fmt: install

@@ -11,7 +11,10 @@ async def main(url: str) -> None:
             if event["type"] == "message":
                 print(f"{event['from']}: {event['text']}")
             elif event["type"] == "resumed" and not event["recovered"]:
-                print("missed messages in", event["lost"])
+                # a stream whose history began anew (its server restarted) missed nothing
+                missed = [stream for stream in event["lost"] if stream not in event["restarted"]]
+                if missed:
+                    print("missed messages in", missed)
 
 
 asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "ws://127.0.0.1:8000/"))

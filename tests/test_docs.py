@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,9 +134,8 @@ def test_install_from_a_clone(tmp_path: Path) -> None:
     clone = tmp_path / "wsfanout"
     venv = (clone / ".venv" / "bin",)
     docs.run_shell(cloned[1], clone, path=venv, timeout=300)
-    docs.run_shell(
-        docs.block("docs/clients/python.md", "test_install_from_a_clone"), clone, path=venv
-    )
+    for extra in docs.blocks("docs/clients/python.md", "test_install_from_a_clone"):
+        docs.run_shell(extra, clone, path=venv)
     check = "import uvicorn, websockets, wsfanout.client"
     subprocess.run([str(clone / ".venv" / "bin" / "python"), "-c", check], check=True)
     for tool in ("pytest", "mypy", "ruff", "playwright", "mkdocs"):  # serving needs none
@@ -429,16 +429,19 @@ async def test_the_readmes_embedding_sketch(
 
 
 def test_many_machines_commands(tmp_path: Path, pg_url: str, redis_prefix: str) -> None:
-    """The README's ``wsfanout serve --workers 2`` on PostgreSQL and Redis, and the many
+    """The README's database, key, demo users and ``wsfanout serve --workers 2`` on
+    PostgreSQL and Redis (a database of the test's own, dropped after), and the many
     machines page's ``hypercorn --workers 4`` on PostgreSQL and Redis, then on Redis and
     the local SQLite file: each up on /healthz with Redis ok (the test's own database
     schema and key prefix)."""
     env = {"WSFANOUT_REDIS_PREFIX": redis_prefix}
+    database = f"wsfanout_docs_{uuid.uuid4().hex[:10]}"  # the README creates it: its own name
     readme = docs.block("README.md", "test_many_machines_commands")
     readme = docs.substituted(
         readme,
         {
-            "postgresql://postgres@127.0.0.1:5432/wsfanout": pg_url,
+            "-U postgres wsfanout": f"-U postgres {database}",
+            "127.0.0.1:5432/wsfanout": f"127.0.0.1:5432/{database}",
             "--bind 0.0.0.0:8000": f"--bind 127.0.0.1:{docs.free_port()}",
         },
     )
@@ -453,8 +456,15 @@ def test_many_machines_commands(tmp_path: Path, pg_url: str, redis_prefix: str) 
         },
     )
     local = docs.substituted(local, {"--bind 0.0.0.0:8000": f"--bind 127.0.0.1:{docs.free_port()}"})
-    healthz = []
-    for block in (readme, page, local):
+    try:
+        healthz = docs.run_shell(readme, tmp_path, env=env).healthz
+    finally:
+        subprocess.run(
+            ["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--if-exists", "--force", database],
+            check=True,
+            timeout=30,
+        )
+    for block in (page, local):
         healthz += docs.run_shell(block, tmp_path, env=env).healthz
     assert [json.loads(body)["checks"]["redis"] for body in healthz] == ["ok"] * 3
     assert (tmp_path / "data" / "wsfanout.sqlite3").is_file()  # the last one's, and only it
