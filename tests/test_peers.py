@@ -91,6 +91,25 @@ async def test_an_address_holds_at_most_its_connections() -> None:
     assert arrive(peers)[0] is not None
 
 
+async def test_a_connection_waits_until_its_request_body_is_whole() -> None:
+    """A whole head whose body is still due: the connection still waits (its address's next
+    one is refused, and it is not the one closed to make room), until its body is whole or
+    the body timeout closes it."""
+    peers = Peers(PeerLimits(waiting=2, body_timeout=0.05))
+    (first, first_transport), (second, second_transport) = arrive(peers), arrive(peers)
+    assert first is not None and second is not None
+    first.reading()
+    second.reading()
+    assert arrive(peers)[0] is None  # both still wait, neither is idle
+    assert not first_transport.closed and not second_transport.closed
+    first.started()  # its body came whole
+    first.waiting()  # kept alive after its answer: the one closed to make room
+    assert arrive(peers)[0] is not None and first_transport.closed
+    await asyncio.sleep(0.2)
+    assert second_transport.closed  # its body never came whole
+    assert (peers.refused, peers.closed, peers.late) == (1, 1, 1)
+
+
 @pytest.mark.parametrize(
     ("peername", "key"),
     [
@@ -186,9 +205,10 @@ def data_dir(tmp_path: Path, demo_db: Path) -> Path:
 class Attack:
     """``tests/trickle.py`` in a process of its own; its last line of counts."""
 
-    def __init__(self, port: int, count: int, sources: tuple[str, ...]) -> None:
+    def __init__(self, port: int, count: int, sources: tuple[str, ...], *, body: bool) -> None:
+        form = ["--body"] if body else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.trickle", str(port), str(count), *sources],
+            [sys.executable, "-m", "tests.trickle", *form, str(port), str(count), *sources],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
@@ -215,8 +235,10 @@ class Attack:
 
 
 @contextlib.contextmanager
-def trickling(port: int, count: int, sources: tuple[str, ...]) -> Iterator[Attack]:
-    attack = Attack(port, count, sources)
+def trickling(
+    port: int, count: int, sources: tuple[str, ...], *, body: bool = False
+) -> Iterator[Attack]:
+    attack = Attack(port, count, sources, body=body)
     try:
         yield attack
     finally:
@@ -242,20 +264,23 @@ def health_time(port: int, timeout: float = 10) -> tuple[float, float]:
     return time.monotonic() - started, connected
 
 
+@pytest.mark.parametrize("form", ["head", "body"])
 def test_healthz_answers_within_a_second_while_thousands_trickle_request_heads(
-    data_dir: Path, server_kind: str
+    data_dir: Path, server_kind: str, form: str
 ) -> None:
     """5,000 connections from two addresses each send a byte of a request head every 3 s
-    and reconnect at once when ended (up to 1,000 a second in all), against a server with 4,096
-    descriptors: /healthz from a third address answers every time within 1 s, for 6 s
-    (more than a head timeout), and a websocket opens. Before, neither got in until the
-    head timeout freed descriptors (the issue measured 9 s under uvicorn; 4.7 to 13.3 s
-    under hypercorn)."""
+    (or a whole POST /login head, then a byte of its body every 3 s) and reconnect at once
+    when ended (up to 1,000 a second in all), against a server with 4,096 descriptors:
+    /healthz from a third address answers every time within 1 s, for 6 s (more than a head
+    timeout), and a websocket opens. Before, neither got in until the head timeout freed
+    descriptors (the issue measured 9 s under uvicorn; 4.7 to 13.3 s under hypercorn); a
+    trickled body was not counted at all (uvicorn held 10,018 descriptors of one address)."""
     # wsfanout serve: under hypercorn's asyncio worker each connection refused costs several
     # trips through the event loop, and a flood of them (the refused reconnecting at once)
     # delayed everyone else by seconds; serve runs its uvloop worker, which does not.
     server = Server(data_dir, server=server_kind, descriptors=DESCRIPTORS, serve=True)
-    with server.running(), trickling(server.port, ATTACKERS, ATTACK_SOURCES) as attack:
+    body = form == "body"
+    with server.running(), trickling(server.port, ATTACKERS, ATTACK_SOURCES, body=body) as attack:
         cookie = server.login("greg")
         time.sleep(2)  # the attack's connections are made, the descriptors taken
         times, connects = [], []
@@ -269,7 +294,7 @@ def test_healthz_answers_within_a_second_while_thousands_trickle_request_heads(
         under_attack = attack.last
     answered = [t for t in times if t < math.inf]
     print(
-        f"figure healthz under the trickle attack ({server_kind}): {len(answered)} of "
+        f"figure healthz under the {form} trickle attack ({server_kind}): {len(answered)} of "
         f"{len(times)} answered, median {statistics.median(times):.3f} s, max "
         f"{max(answered, default=math.inf):.3f} s; attacker {under_attack}"
     )
@@ -406,6 +431,82 @@ async def test_an_address_keeps_at_most_its_connections(data_dir: Path, server_k
         finally:
             for ws in sockets:
                 await ws.close()
+
+
+def half_body(port: int, source: str) -> socket.socket:
+    """A connection from ``source`` that sends a whole POST /login head, waits for the
+    server's 100 Continue (its head is read: hypercorn says so at once, uvicorn once the app
+    reads the body), sends one byte of its body, and waits."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    sock.sendall(login_head(100, expect=True))
+    assert sock.recv(4096).startswith(b"HTTP/1.1 100 ")
+    sock.sendall(b"{")
+    return sock
+
+
+def login_head(
+    length: int, method: bytes = b"POST", path: bytes = b"/login", *, expect: bool = False
+) -> bytes:
+    return (
+        b"%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%s\r\n"
+        % (method, path, length, b"Expect: 100-continue\r\n" if expect else b"")
+    )
+
+
+def test_an_address_keeps_at_most_its_waiting_connections_bodies_too(
+    data_dir: Path, server_kind: str
+) -> None:
+    """WSFANOUT_MAX_WAITING_PER_ADDRESS=2: two POST /login whose heads came whole but whose
+    bodies have not still wait: the address's third connection is reset at once, another
+    address is served; once one body is whole (and answered), the address gets in again.
+    Before, a connection stopped waiting with its head: one address held thousands."""
+    env = {"WSFANOUT_MAX_WAITING_PER_ADDRESS": "2"}
+    with Server(data_dir, env, server=server_kind).running() as server:
+        port = server.port
+        held = [half_body(port, "127.0.0.2"), half_body(port, "127.0.0.2")]
+        try:
+            assert refused(port, "127.0.0.2")
+            health_from(port, "127.0.0.3").close()
+            held[0].sendall(b'"username": "greg", "password": "wrong"}'.ljust(99))
+            assert held[0].recv(4096).startswith(b"HTTP/1.1 ")  # answered: it waits no more
+            assert eventually(lambda: not refused(port, "127.0.0.2"))
+        finally:
+            for sock in held:
+                sock.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [(login_head(1000), b"408"), (login_head(1000, b"GET", b"/healthz"), b"200")],
+    ids=["login-read-by-the-app", "healthz-not-read"],
+)
+def test_a_request_body_gets_the_body_timeout(
+    data_dir: Path, server_kind: str, head: bytes, status: bytes
+) -> None:
+    """A request whose body trickles, a byte every half second, is answered (POST /login:
+    408 once the app's 10 s for a body are over; GET /healthz, which reads no body, at once)
+    and closed within 30 s. Before, uvicorn went on reading the body after its answer for as
+    long as it trickled (its keep-alive timer stops at each byte)."""
+    server = Server(data_dir, server=server_kind)
+    with server.running(), socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head)
+        sock.settimeout(0.5)
+        answer, closed = b"", False
+        deadline = time.monotonic() + 30
+        while not closed and time.monotonic() < deadline:
+            try:
+                sock.sendall(b" ")
+                data = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                closed = True
+            else:
+                answer += data
+                closed = not data
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
+    assert closed
 
 
 def test_a_request_head_gets_the_head_timeout(data_dir: Path, server_kind: str) -> None:

@@ -1,10 +1,11 @@
-"""The trickle attack of issue 24, as a process of its own: ``python -m tests.trickle PORT
-COUNT SOURCE...`` keeps COUNT TCP connections to 127.0.0.1:PORT, spread over the SOURCE
+"""The trickle attack of issue 24, as a process of its own: ``python -m tests.trickle [--body]
+PORT COUNT SOURCE...`` keeps COUNT TCP connections to 127.0.0.1:PORT, spread over the SOURCE
 addresses (127.0.0.x: every one of them is this machine), each sending one byte of a request
-head every TRICKLE seconds, never a whole head. A connection the server ends (or refuses) is
-opened again at once, within RATE connections a second in all. Every second it prints
-one line, ``open=N ended=N``: how many connections are open now, and how many the server
-has ended so far. It runs until killed (SIGTERM).
+head every TRICKLE seconds, never a whole head; with ``--body``, a whole ``POST /login``
+head at once, then one byte of its body every TRICKLE seconds, never a whole body. A
+connection the server ends (or refuses) is opened again at once, within RATE connections a
+second in all. Every second it prints one line, ``open=N ended=N``: how many connections
+are open now, and how many the server has ended so far. It runs until killed (SIGTERM).
 
 A process of its own so that its thousands of connections (and its reconnecting at once)
 cost the test's process neither descriptors nor the interpreter's lock.
@@ -20,11 +21,17 @@ import sys
 TRICKLE = 3.0  # seconds between two bytes of a head
 RATE = 1000.0  # connections made again a second, at most, in all (the first ones at once)
 HEAD = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Trickle: " + b"a" * 4096
+BODY_HEAD = (
+    b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 16000\r\n\r\n"
+)
+BODY = b"{" + b" " * 15998 + b"}"
 
 
 class Trickle:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, body: bool = False) -> None:
         self.port = port
+        self.first, self.trickled = (BODY_HEAD, BODY) if body else (b"", HEAD)
         self.open = 0
         self.ended = 0
         self._next = 0.0  # when the next connection may be made (loop time)
@@ -38,7 +45,8 @@ class Trickle:
             await asyncio.sleep(at - now)
 
     async def connection(self, source: str) -> None:
-        """One connection after the other from ``source``, each trickling its head."""
+        """One connection after the other from ``source``, each trickling its head (or its
+        body)."""
         again = False
         while True:
             if again:
@@ -53,7 +61,8 @@ class Trickle:
                 continue
             self.open += 1
             try:
-                for byte in HEAD:
+                writer.write(self.first)
+                for byte in self.trickled:
                     writer.write(bytes([byte]))
                     with contextlib.suppress(TimeoutError):
                         if not await asyncio.wait_for(reader.read(4096), TRICKLE):
@@ -81,8 +90,10 @@ class Trickle:
 
 
 def main() -> None:
-    port, count, *sources = sys.argv[1:]
-    asyncio.run(Trickle(int(port)).run(int(count), sources))
+    args = sys.argv[1:]
+    body = args[:1] == ["--body"]
+    port, count, *sources = args[1:] if body else args
+    asyncio.run(Trickle(int(port), body=body).run(int(count), sources))
 
 
 if __name__ == "__main__":

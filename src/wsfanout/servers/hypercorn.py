@@ -63,8 +63,8 @@ Theory of operation.
 
 8. Connections per address. hypercorn_tcp.py wraps hypercorn's ``TCPServer.run`` for every
    connection of the process, before any app sees it: the per-address caps on connections
-   waiting for a request head and on all connections, and the first head's timeout
-   (peers.py). Checked at each app's start, which sets the caps.
+   waiting for a request (head or body) and on all connections, the first head's timeout
+   and a body's (peers.py). Checked at each app's start, which sets the caps.
 
 The first three are checked at each app's start, against hypercorn's own classes (a
 handshake that offers deflate must come back without it, and the wraps must still be in

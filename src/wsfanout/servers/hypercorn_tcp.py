@@ -1,5 +1,5 @@
 """The hypercorn adapter's reach into hypercorn's TCP connections (its asyncio workers, uvloop
-included): the per-address caps and the head timeout of peers.py. It wraps
+included): the per-address caps and the head and body timeouts of peers.py. It wraps
 ``hypercorn.asyncio.tcp_server.TCPServer.run`` once, when this module is imported (hypercorn.py
 imports it), because hypercorn has no hook where a connection is accepted, nor a cap per
 address.
@@ -9,12 +9,17 @@ its ``run``. The wrapped ``run`` first counts the connection in the process's ``
 the address its socket is connected to; over a cap, it resets the connection before
 hypercorn reads a byte of it, and returns. Hypercorn restarts a connection's ``idle_task``
 each time the connection waits for a request head (at its start and after each response)
-and stops it when a head is whole: exactly when the peer's count of waiting connections
-changes, so that task is wrapped in ``_Idle``, which tells the peer and hands on. A first
-head has ``PeerLimits.head_timeout`` (a timer closes the connection, as hypercorn closes an
-idle one), or hypercorn's own idle timeout (``keep_alive_timeout``, 5 s unless told) if that
-is shorter; between two requests hypercorn's own applies. Under hypercorn's trio worker
-none of this applies.
+and stops it when a head is whole, so that task is wrapped in ``_Idle``, which tells the
+peer and hands on. A whole head leaves the connection waiting for its body (a GET's empty
+one too); hypercorn has no hook where a body ends, but it reads from the connection again
+only once it has handled all it read before, so the connection's reader is wrapped on the
+instance (``_read``): there, the request is whole once h11 (``ProtocolWrapper.protocol
+.connection``) no longer waits for the body. A first head has ``PeerLimits.head_timeout``
+(a timer closes the connection, as hypercorn closes an idle one), or hypercorn's own idle
+timeout (``keep_alive_timeout``, 5 s unless told) if that is shorter; between two requests
+hypercorn's own applies; a body has ``PeerLimits.body_timeout`` (hypercorn itself closes a
+connection whose app answered without reading the whole body). Under hypercorn's trio
+worker none of this applies.
 
 The caps are the process's: the last wsfanout app to start in it sets them (``configure``).
 """
@@ -22,10 +27,14 @@ The caps are the process's: the last wsfanout app to start in it sets them (``co
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import h11
+
 from .checks import is_method
-from .peers import Peer, PeerLimits, Peers
+from .peers import Peer, PeerLimits, Peers, Wait
 from .resets import reset
 
 PEERS: Final = Peers()  # what each address holds of this process's hypercorn connections
@@ -34,7 +43,8 @@ _WRAPPED: Final = "__wsfanout_wrapped__"
 
 class _Idle:
     """Stands in for a hypercorn connection's idle task: tells the peer when the connection
-    starts and stops waiting for a request head, and hands each call on."""
+    starts and stops waiting for a request head (its body, if any, is ``_read``'s), and
+    hands each call on."""
 
     __slots__ = ("_idle", "_peer", "late")
 
@@ -48,7 +58,9 @@ class _Idle:
         await self._idle.restart(task_group, action)
 
     async def stop(self) -> None:
-        self._peer.started()
+        # A whole request head (or the connection closing): its body, if any, is read next.
+        if not self._peer.transport.is_closing():
+            self._peer.reading()
         if self.late is not None:
             self.late.cancel()
             self.late = None
@@ -63,8 +75,8 @@ def configure(limits: PeerLimits) -> str:
 
 
 def check() -> str:
-    """Is ``TCPServer.run`` still wrapped, and a connection's idle task what it was? ("" if
-    so)."""
+    """Is ``TCPServer.run`` still wrapped, and a connection's idle task and h11 state
+    where they were? ("" if so)."""
     if _INSTALLED:
         return _INSTALLED
     try:
@@ -77,9 +89,15 @@ def check() -> str:
         cls: Any = TCPServer  # made here with nothing but what it keeps
         server = cls(None, None, Config(), WorkerContext(None), None, None, None)
         idle = server.idle_task
-        if not {"writer", "config"} <= vars(server).keys():
-            return "TCPServer has no 'writer' or 'config'"
+        if not {"writer", "reader", "config"} <= vars(server).keys():
+            return "TCPServer has no 'writer', 'reader' or 'config'"
         float(server.config.keep_alive_timeout)
+        from hypercorn.protocol import ProtocolWrapper
+
+        made: Any = ProtocolWrapper  # as TCPServer.run makes it, but with nothing to serve
+        wrapper = made(None, Config(), WorkerContext(None), None, None, False, None, None, None)
+        if wrapper.protocol.connection.their_state is not h11.IDLE:
+            return "a connection's h11 state is not where it was"
     except Exception as exc:  # any change in how hypercorn makes a connection
         return f"hypercorn's TCPServer changed: {exc!r}"
     restart = getattr(idle, "restart", None)
@@ -107,6 +125,7 @@ def _install() -> str:
             writer.close()
             return
         idle = server.idle_task = _Idle(server.idle_task, peer)
+        server.reader.read = functools.partial(_read, server, peer, server.reader.read)
         timeout = PEERS.limits.head_timeout
         if timeout < server.config.keep_alive_timeout:  # else hypercorn's own closes it first
             idle.late = asyncio.get_running_loop().call_later(
@@ -123,6 +142,17 @@ def _install() -> str:
     _run.__wrapped__ = run  # type: ignore[attr-defined]
     setattr(TCPServer, "run", _run)  # noqa: B010 - mypy: not a method of its own
     return ""
+
+
+async def _read(server: Any, peer: Peer, read: Callable[[int], Awaitable[bytes]], n: int) -> bytes:
+    """Hypercorn reads from the connection again: it has handled all it read before, so
+    whether its request is whole, head and body, is known now."""
+    if peer.wait is Wait.BODY:
+        protocol = getattr(server.protocol, "protocol", None)  # H11Protocol or H2Protocol
+        connection = getattr(protocol, "connection", None)  # h11's (not under h2)
+        if getattr(connection, "their_state", None) is not h11.SEND_BODY:
+            peer.started()
+    return await read(n)
 
 
 def _head_late(transport: Any, peer: Peer) -> None:

@@ -22,12 +22,14 @@ it installs while it serves (a bound method of the server), at app start:
   handlers only record a signal; a SIGINT repeated during the drain is the same stop, not
   uvicorn's "force exit", which would skip the app's lifespan shutdown.
 - Its h11 protocol is ``HeadTimedH11Protocol``: a connection gets ``WSFANOUT_HEAD_TIMEOUT``
-  to send a whole request head (uvicorn waits forever), and is counted in the per-address
-  caps of the ``Peers`` the app leaves in the config (peers.py): from ``connection_made``
-  (over a cap it is reset there) to ``connection_lost``, or, once upgraded, to its websocket
-  protocol's ``connection_lost`` (wrapped on that instance: the transport tells only the
-  protocol it was handed to). Under httptools (no bound on a head at all, and no count)
-  a warning says so.
+  to send a whole request head (uvicorn waits forever), and the body's time is bounded too
+  (uvicorn reads a body for as long as it trickles, after the answer too); it is counted in
+  the per-address caps of the ``Peers`` the app leaves in the config (peers.py): from
+  ``connection_made`` (over a cap it is reset there) to ``connection_lost``, or, once
+  upgraded, to its websocket protocol's ``connection_lost`` (wrapped on that instance: the
+  transport tells only the protocol it was handed to). It waits, for the caps, until h11
+  has read its request whole, head and body. Under httptools (no bound on a head at all,
+  and no count) a warning says so.
 - Pings are uvicorn's (``ws_ping_interval``, a timer per connection, gone with it).
 - Per connection, under the ``websockets-sansio`` protocol, ``receive`` is a method of the
   connection's protocol object: ``accepted`` takes it as the handle for ``abort`` (its
@@ -88,7 +90,8 @@ class HeadTimedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, closing a connection that has not sent a whole request head
     in time (uvicorn waits forever: a few thousand half-sent requests would hold every file
     descriptor of the process), and counting each connection in the per-address caps of the
-    ``Peers`` the app left in the server's config (peers.py): over a cap it is reset at once."""
+    ``Peers`` the app left in the server's config (peers.py): over a cap it is reset at once;
+    it waits until its request is whole, head and body, and a body has its own timeout."""
 
     head_timer: asyncio.TimerHandle | None = None
     peer: Peer | None = None  # this connection's place in its address's counts
@@ -112,7 +115,7 @@ class HeadTimedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        self._head_done()
+        self._request_read()
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
         super().handle_websocket_upgrade(event)
@@ -135,18 +138,26 @@ class HeadTimedH11Protocol(H11Protocol):
         protocol.connection_lost = lost  # type: ignore[method-assign]
 
     def on_response_complete(self) -> None:
-        if self.peer is not None:
-            self.peer.waiting()  # unless a pipelined head is already whole (below)
         super().on_response_complete()
-        self._head_done()
+        self._request_read()  # kept alive, unless a pipelined request came, or a body is due
         # A head begun on a kept-alive connection: uvicorn's keep-alive timer stops at its
         # first byte. Whichever is longer, so that a longer --timeout-keep-alive holds.
         peers = getattr(self.config, PEERS, None)
         self._wait_for_head(max(self._head_timeout(peers), self.timeout_keep_alive))
 
-    def _head_done(self) -> None:
+    def _request_read(self) -> None:
+        """Tell the peer how much of its request h11 has read: the head (it waits for the
+        body, which may never come: the app may answer without reading it, and uvicorn goes
+        on reading and discarding it), or all of it."""
         peer = self.peer
-        if peer is not None and peer.is_waiting and self.conn.their_state is not h11.IDLE:
+        if peer is None or self.transport.get_protocol() is not self:  # a websocket now
+            return
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            peer.reading()
+        elif state is h11.IDLE:
+            peer.waiting()  # a body uvicorn discarded is whole: the next head may come
+        else:
             peer.started()
 
     @staticmethod
