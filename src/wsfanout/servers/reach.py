@@ -131,24 +131,35 @@ class ServerReach:
         code = getattr(getattr(stream, "connection", None), "wsfanout_code", None)
         return code if isinstance(code, int) else None
 
+    def gone(self, stream: Any) -> bool:
+        """Whether the TCP connection under ``stream`` (from ``accepted``) is lost or closing:
+        the server knows at once (its transport's ``connection_lost``), the app only once it
+        reads the disconnect, which it does not while its reading is paused (ws.py)."""
+        transport = self._transport(stream)
+        return transport is not None and bool(transport.is_closing())
+
     def abort(self, stream: Any) -> bool:
         """Reset the TCP connection under ``stream`` (from ``accepted``): the kernel drops
         what it still holds for the client. False if that cannot be done here."""
-        if stream is None or not self.can_abort or self._server is None:
-            return False
-        try:
-            transport = self._server.transport(stream)
-        except AttributeError as exc:
-            self.broke("abort", exc)
-            return False
-        if transport is None:
+        transport, server = self._transport(stream), self._server
+        if transport is None or server is None:
             return False
         reset(transport)
         try:
-            self._server.aborted(stream)
+            server.aborted(stream)
         except AttributeError as exc:
             self.broke("abort", exc)
         return True
+
+    def _transport(self, stream: Any) -> Any:
+        """The asyncio transport under ``stream``, or None where there is none to reach."""
+        if stream is None or not self.can_abort or self._server is None:
+            return None
+        try:
+            return self._server.transport(stream)
+        except AttributeError as exc:
+            self.broke("abort", exc)
+            return None
 
     def broke(self, reach: str, exc: Exception) -> None:
         """A reach failed on a connection: use it no more, and warn the first time."""
