@@ -240,11 +240,12 @@ class Connection:
             start = end
 
     async def _close(self, code: int) -> None:
-        """Send the close and wait for the client's answer (the connection holds its seat
-        until then); a client that does not answer in time has its TCP connection reset."""
+        """Send the close and wait for the client's answer (holding its seat); a client that
+        does not answer in time (``within_stop``) has its TCP connection reset."""
         self.code = int(code)
         try:
-            async with asyncio.timeout(self.svc.settings.close_timeout):
+            wait = self.svc.server.within_stop(self.svc.settings.close_timeout, ABORT_GRACE)
+            async with asyncio.timeout(wait):
                 await self.send({"type": "websocket.close", "code": code})
                 answered = await self._until_gone(UNANSWERED_FRAMES)
         except TimeoutError:
@@ -257,7 +258,7 @@ class Connection:
         """After a reset, the server hands over the disconnect only once its queue to us has
         room: read on (briefly), or it would hold the connection's task forever."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(ABORT_GRACE):
+            async with asyncio.timeout(self.svc.server.within_stop(ABORT_GRACE)):
                 await self._until_gone()
 
     async def _until_gone(self, most: int = 0) -> bool:

@@ -8,6 +8,7 @@ Under another server nothing here applies, and the start-up log says so.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__package__)  # one logger for the servers package: "wsfanout.servers"
 
 _STOPPING: Final = "the server is stopping: closing every websocket with 1001"
+STOP_MARGIN: Final = 0.5  # seconds a stopping connection ends before the server cancels it
+STOP_MIN_WAIT: Final = 0.1  # the shortest wait for a client, however late the stop
 
 
 class ServerReach:
@@ -61,6 +64,7 @@ class ServerReach:
         self.can_stop_pings = False  # hypercorn's pings can be ended with the connection
         self.can_bound = False  # inbound messages (and their inflation) can be bounded
         self.can_abort = False  # a connection can be reset
+        self.stop_at: float | None = None  # loop time a stopping server cancels what is left
         self._server: HypercornAdapter | UvicornAdapter | None = None
         self._accept: Message = {"type": "websocket.accept"}
         self._broken: set[str] = set()
@@ -123,6 +127,16 @@ class ServerReach:
         """The server starts stopping: drain the app (every socket gets 1001)."""
         log.info(_STOPPING)
         await self.on_stopping()
+
+    def within_stop(self, seconds: float, after: float = 0.0) -> float:
+        """How long a connection may wait for its client: ``seconds``, or less once the
+        server is stopping, so that the wait and ``after`` (more seconds the connection
+        needs) end ``STOP_MARGIN`` before the server cancels it (hypercorn's graceful
+        timeout: a cancelled connection task is a traceback under Python 3.11 and 3.12)."""
+        if self.stop_at is None:
+            return seconds
+        left = self.stop_at - asyncio.get_running_loop().time() - STOP_MARGIN - after
+        return max(min(seconds, left), STOP_MIN_WAIT)
 
     def client_code(self, stream: Any) -> int | None:
         """The close code the client sent on ``stream`` (from ``accepted``), where the
