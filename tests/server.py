@@ -222,6 +222,14 @@ class Server:
                 count += 1
         return count
 
+    def metric(self, name: str) -> float:
+        """The value of an unlabelled metric in the server's /metrics."""
+        _, answer = http("GET", self.http_url + "/metrics")
+        for line in answer["_body"].splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"no {name} in /metrics")
+
     def login(self, username: str, password: str | None = None) -> str:
         """Log in over HTTP; the ``Cookie`` header value."""
         status, headers = http(

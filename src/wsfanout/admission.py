@@ -34,7 +34,7 @@ from .protocol import GROUP_RE, MAX_FIRST_NAME, USERNAME_RE, Position
 from .sessions import COOKIE_NAME, Session, SessionCodec
 from .store import DatabaseError, Store
 from .tokens import Claims, TokenError, TokenVerifier
-from .types import Scope
+from .types import Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -425,3 +425,18 @@ def _token(scope: Scope) -> tuple[str | None, bool]:
     if scheme.lower() == "bearer" and given.strip():
         return given.strip(), False
     return None, False
+
+
+async def refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
+    """Turn a handshake down with an HTTP status and a JSON body where the server can;
+    otherwise with a close before accept (an HTTP 403)."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = protocol.encode({"error": reason}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": protocol.CloseCode.POLICY})

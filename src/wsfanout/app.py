@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 from . import admin, http, queries, views, ws
-from .admission import Identity
+from .admission import Identity, refuse
 from .config import ConfigError, Settings
 from .hub import UnavailableError
 from .protocol import ErrorCode, Source
@@ -111,7 +111,7 @@ class App:
         svc = self._service or await self._started()
         if svc is None:
             if kind == "websocket":
-                await ws.refuse(scope, send, 503, "the server is shut down")
+                await refuse(scope, send, 503, "the server is shut down")
             elif kind == "http":
                 await http.error_response(send, 503, "The server is shut down")
             return
@@ -120,7 +120,7 @@ class App:
             if path in WEBSOCKET_PATHS:
                 await ws.endpoint(scope, receive, send, svc)
             else:
-                await ws.refuse(scope, send, 404, "no websocket endpoint here")
+                await refuse(scope, send, 404, "no websocket endpoint here")
             return
         if kind != "http":
             return

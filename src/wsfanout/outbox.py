@@ -259,13 +259,13 @@ class Outbox:
                 return False
         return False
 
-    async def drained(self) -> None:
-        """Wait until this outbox is down to a quarter of its bound, or closes. Polled with a
-        short, growing sleep, as pacing waits: only a reader whose client does not read what
-        it is sent ever waits here (ws.py)."""
+    async def drained(self, gone: Callable[[], bool]) -> None:
+        """Wait until this outbox is down to a quarter of its bound, or closes, or ``gone()``
+        (its client has left). Polled with a short, growing sleep, as pacing waits: only a
+        reader whose client does not read what it is sent ever waits here (ws.py)."""
         low = self.limit // 4
         delay, longest = DRAIN_POLL
-        while self.queued_bytes > low and self.close_code is None:
+        while self.queued_bytes > low and self.close_code is None and not gone():
             await asyncio.sleep(delay)
             delay = min(delay * 2, longest)
 

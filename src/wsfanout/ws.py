@@ -9,6 +9,9 @@ other is cancelled (the writer wakes a reader blocked on ``receive()`` by
 cancelling it, and the reader takes that cancellation back):
 
 - reader sees the client leave          -> nothing more to send;
+- the client leaves while the reader is paused (below): the server knows
+  (``ServerReach.gone``) before its disconnect reaches us, or a send raises OSError
+  -> no close, the connection is reset and let go (one debug line);
 - reader finds a fatal frame (1009, 1008) -> flush queued frames, then close;
 - outbox overflows (the client does not read fast enough) -> writer cancelled, 1013;
 - hub shuts down -> writer flushes, 1001;
@@ -44,7 +47,7 @@ import time
 from typing import Any, Final
 
 from . import protocol, queries
-from .admission import Login, Refusal
+from .admission import Login, Refusal, refuse
 from .control import REVOKED
 from .inbound import FLOOD_WINDOW, Inbound, Verdict, frame_size
 from .outbox import Outbox, item
@@ -93,21 +96,6 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
         svc.admission.seats.give_back(login.username)
 
 
-async def refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
-    """Turn a handshake down with an HTTP status and a JSON body where the server can;
-    otherwise with a close before accept (an HTTP 403)."""
-    if "websocket.http.response" in scope.get("extensions", {}):
-        body = protocol.encode({"error": reason}).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-        await send({"type": "websocket.http.response.body", "body": body})
-    else:
-        await send({"type": "websocket.close", "code": CloseCode.POLICY})
-
-
 class Stage(enum.Enum):
     """Where a connection is in its life; it only ever moves down this list."""
 
@@ -129,6 +117,7 @@ class Connection:
         "announce",
         "code",
         "expires_at",
+        "gone",
         "login",
         "outbox",
         "receive",
@@ -168,6 +157,7 @@ class Connection:
         self._interrupted = False  # the writer finished first and cancelled the reader
         self.announce: tuple[str, ...] = ()  # groups told of this user's presence
         self.code: int = ABNORMAL  # how it closed: ours, or the client's
+        self.gone = False  # the client left while this connection was not reading (1006)
 
     def _move(self, stage: Stage) -> None:
         if _NEXT_STAGE.get(self.stage) is not stage:
@@ -228,6 +218,8 @@ class Connection:
             hub.remove(outbox)
         if code is not None:
             await self._close(code)
+        elif self.gone and self.svc.server.abort(self.stream):
+            await self._read_on()
 
     async def _send_now(self, frames: list[str]) -> None:
         """Send frames before the writer starts (the welcome, a replay), batched as it would."""
@@ -248,22 +240,26 @@ class Connection:
             start = end
 
     async def _close(self, code: int) -> None:
-        """Send the close and wait for the client's answer (the connection holds its seat
-        until then); a client that does not answer in time has its TCP connection reset."""
+        """Send the close and wait for the client's answer (holding its seat); a client that
+        does not answer in time (``within_stop``) has its TCP connection reset."""
         self.code = int(code)
         try:
-            async with asyncio.timeout(self.svc.settings.close_timeout):
+            wait = self.svc.server.within_stop(self.svc.settings.close_timeout, ABORT_GRACE)
+            async with asyncio.timeout(wait):
                 await self.send({"type": "websocket.close", "code": code})
                 answered = await self._until_gone(UNANSWERED_FRAMES)
         except TimeoutError:
             answered = False
         if not answered and self.svc.server.abort(self.stream):
             log.info("reset the connection of %s: it did not answer the close", self.login.username)
-            # The server hands over the disconnect only once its queue to us has room:
-            # read on (briefly), or it would hold the connection's task forever.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(ABORT_GRACE):
-                    await self._until_gone()
+            await self._read_on()
+
+    async def _read_on(self) -> None:
+        """After a reset, the server hands over the disconnect only once its queue to us has
+        room: read on (briefly), or it would hold the connection's task forever."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.svc.server.within_stop(ABORT_GRACE)):
+                await self._until_gone()
 
     async def _until_gone(self, most: int = 0) -> bool:
         """Drop what the client sends until it is gone (its close, or the connection's
@@ -339,11 +335,14 @@ class Connection:
         await asyncio.wait((writer,), timeout=FLUSH_BEFORE_CLOSE)
         return code
 
-    def _writer_code(self, writer: asyncio.Task[int]) -> int:
-        """The writer finished first: why, as a close code."""
+    def _writer_code(self, writer: asyncio.Task[int]) -> int | None:
+        """The writer finished first: why, as a close code (None: the client left)."""
         settings = self.svc.settings
         if not writer.cancelled():
             exc = writer.exception()
+            if isinstance(exc, OSError):  # ASGI: a send to a connection that is gone
+                self._left()
+                return None
             if exc is not None:
                 log.error("websocket writer for %s failed", self.login.username, exc_info=exc)
                 return CloseCode.INTERNAL_ERROR
@@ -391,7 +390,11 @@ class Connection:
                 # Reading pauses while this client does not read what it is sent: what it
                 # sends meanwhile waits in the server's queue, then in the kernel (TCP's own
                 # backpressure), not in this process.
-                await outbox.drained()
+                gone = functools.partial(self.svc.server.gone, self.stream)
+                await outbox.drained(gone)
+                if gone():  # the server knows; its disconnect waits behind what we do not read
+                    self._left()
+                    return None
             if outbox.close_code is not None:  # revoked, expired, draining: no more
                 return outbox.close_code
             frame: str | bytes | None = message.get("text")
@@ -445,6 +448,11 @@ class Connection:
                         f"{inbound.refused_in_a_row} messages in a row refused",
                     )
                 await asyncio.sleep(0)  # bad frames get one per turn of the loop, too
+
+    def _left(self) -> None:
+        """The client left while this connection was not reading: one debug line, no close."""
+        self.gone = True
+        log.debug("%s's client left without a close while not being read", self.login.username)
 
     def _flooded(self, code: ErrorCode, why: str) -> int:
         """The client floods (inbound.py): say why, and close (1008)."""

@@ -22,6 +22,8 @@ Theory of operation.
    sends lifespan shutdown. Its worker context's ``terminated`` event is set when stopping
    starts; the first marked accept gives the adapter that context, and the adapter waits on
    the event and calls ``on_stopping`` (the app's drain: every socket gets 1001 in time).
+   Closes wait no longer than that timeout allows (``ServerReach.within_stop``): a cancelled
+   connection is a traceback from asyncio under Python 3.11 and 3.12 (not 3.13).
    How the stop starts (a signal to the master, to a worker, or to both, once or more) is
    hypercorn_signals.py's.
 
@@ -188,15 +190,20 @@ class HypercornAdapter:
         if reach.can_watch and self._watcher is None:
             try:
                 wait = stream.context.terminated.wait
-            except AttributeError as exc:
+                graceful = float(stream.config.graceful_timeout)
+            except (AttributeError, TypeError, ValueError) as exc:
                 reach.broke("stop", exc)
             else:
                 self._watcher = asyncio.get_running_loop().create_task(
-                    self._watch(wait), name="wsfanout-server-stop"
+                    self._watch(wait, graceful), name="wsfanout-server-stop"
                 )
 
-    async def _watch(self, wait: Callable[[], Awaitable[None]]) -> None:
+    async def _watch(self, wait: Callable[[], Awaitable[None]], graceful: float) -> None:
         await wait()
+        # Hypercorn cancels the connections left ``graceful`` seconds after it set the
+        # event (a traceback each, from asyncio, under Python 3.11 and 3.12): the app's
+        # closes end before (ServerReach.within_stop).
+        self.reach.stop_at = asyncio.get_running_loop().time() + graceful
         await self.reach.stopping()
 
     def accepted(self, receive: Any) -> None:

@@ -8,6 +8,7 @@ Under another server nothing here applies, and the start-up log says so.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__package__)  # one logger for the servers package: "wsfanout.servers"
 
 _STOPPING: Final = "the server is stopping: closing every websocket with 1001"
+STOP_MARGIN: Final = 0.5  # seconds a stopping connection ends before the server cancels it
+STOP_MIN_WAIT: Final = 0.1  # the shortest wait for a client, however late the stop
 
 
 class ServerReach:
@@ -61,6 +64,7 @@ class ServerReach:
         self.can_stop_pings = False  # hypercorn's pings can be ended with the connection
         self.can_bound = False  # inbound messages (and their inflation) can be bounded
         self.can_abort = False  # a connection can be reset
+        self.stop_at: float | None = None  # loop time a stopping server cancels what is left
         self._server: HypercornAdapter | UvicornAdapter | None = None
         self._accept: Message = {"type": "websocket.accept"}
         self._broken: set[str] = set()
@@ -124,6 +128,16 @@ class ServerReach:
         log.info(_STOPPING)
         await self.on_stopping()
 
+    def within_stop(self, seconds: float, after: float = 0.0) -> float:
+        """How long a connection may wait for its client: ``seconds``, or less once the
+        server is stopping, so that the wait and ``after`` (more seconds the connection
+        needs) end ``STOP_MARGIN`` before the server cancels it (hypercorn's graceful
+        timeout: a cancelled connection task is a traceback under Python 3.11 and 3.12)."""
+        if self.stop_at is None:
+            return seconds
+        left = self.stop_at - asyncio.get_running_loop().time() - STOP_MARGIN - after
+        return max(min(seconds, left), STOP_MIN_WAIT)
+
     def client_code(self, stream: Any) -> int | None:
         """The close code the client sent on ``stream`` (from ``accepted``), where the
         server does not say it (hypercorn's ``websocket.disconnect`` says 1006 for every
@@ -131,24 +145,35 @@ class ServerReach:
         code = getattr(getattr(stream, "connection", None), "wsfanout_code", None)
         return code if isinstance(code, int) else None
 
+    def gone(self, stream: Any) -> bool:
+        """Whether the TCP connection under ``stream`` (from ``accepted``) is lost or closing:
+        the server knows at once (its transport's ``connection_lost``), the app only once it
+        reads the disconnect, which it does not while its reading is paused (ws.py)."""
+        transport = self._transport(stream)
+        return transport is not None and bool(transport.is_closing())
+
     def abort(self, stream: Any) -> bool:
         """Reset the TCP connection under ``stream`` (from ``accepted``): the kernel drops
         what it still holds for the client. False if that cannot be done here."""
-        if stream is None or not self.can_abort or self._server is None:
-            return False
-        try:
-            transport = self._server.transport(stream)
-        except AttributeError as exc:
-            self.broke("abort", exc)
-            return False
-        if transport is None:
+        transport, server = self._transport(stream), self._server
+        if transport is None or server is None:
             return False
         reset(transport)
         try:
-            self._server.aborted(stream)
+            server.aborted(stream)
         except AttributeError as exc:
             self.broke("abort", exc)
         return True
+
+    def _transport(self, stream: Any) -> Any:
+        """The asyncio transport under ``stream``, or None where there is none to reach."""
+        if stream is None or not self.can_abort or self._server is None:
+            return None
+        try:
+            return self._server.transport(stream)
+        except AttributeError as exc:
+            self.broke("abort", exc)
+            return None
 
     def broke(self, reach: str, exc: Exception) -> None:
         """A reach failed on a connection: use it no more, and warn the first time."""
