@@ -22,6 +22,7 @@ from tests.server import Client, RawClient, Server
 MIB = 1 << 20
 FLOODERS = 100  # sockets of one user: the per-user cap
 FLOOD_SECONDS = 2.0
+SLOW_RTT = 0.15  # seconds: a round trip held this long by the flood, counted in the figure
 # A masked one-byte text frame holding "{" (bad JSON), as a client must send it.
 FRAME = bytes([0x81, 0x81, 1, 2, 3, 4, ord("{") ^ 1])
 
@@ -123,11 +124,16 @@ async def test_a_tiny_frame_flood_is_cut_off(data_dir: Path, server_kind: str, s
         assert peak - start_rss <= 64 * MIB, f"+{(peak - start_rss) / MIB:.0f} MiB"
         # Generous for a shared machine: before, under uvicorn, one round trip took 13 s.
         assert max(rtts) < 3.0, [round(rtt, 3) for rtt in rtts]
+        # No bound on the slow ones: with three floods at once on two shared cores (-n 3),
+        # two round trips of 0.2-0.4 s happen after the fix too (before: 0.3-1 s). The
+        # slow lane's bound is test_ws.py's (frames per turn, counted in-process).
         print(
             f"figure flood {server_kind}: {FLOODERS} sockets closed {closed_at:.2f} s after "
             f"the flood began; peak +{(peak - start_rss) / MIB:.1f} MiB; round trips "
             f"{len(rtts)}, median {statistics.median(rtts) * 1000:.1f} ms, "
-            f"max {max(rtts) * 1000:.1f} ms"
+            f"p99 {sorted(rtts)[int(0.99 * len(rtts))] * 1000:.1f} ms, "
+            f"max {max(rtts) * 1000:.1f} ms, over {SLOW_RTT * 1000:.0f} ms "
+            f"{sum(rtt > SLOW_RTT for rtt in rtts)}"
         )
         for raw in flooders:
             raw.close()

@@ -1,10 +1,13 @@
-"""inbound: the per-connection rate, and when sending becomes a flood (sans-I/O)."""
+"""inbound: the per-connection rate, when sending becomes a flood (sans-I/O), and the slow
+lane readers wait in after a refused or over-rate frame."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from wsfanout.inbound import FLOOD_WINDOW, Inbound, Verdict, frame_size
+from wsfanout.inbound import FLOOD_WINDOW, Inbound, SlowLane, Verdict, frame_size
 
 
 def test_within_the_burst_every_frame_is_taken() -> None:
@@ -66,3 +69,26 @@ def test_a_run_of_refused_frames_is_a_flood_and_an_accepted_one_ends_it() -> Non
 def test_frame_size(frame: str | bytes, limit: int, size: int) -> None:
     """Bytes as they are; a text long enough to matter is measured in UTF-8."""
     assert frame_size(frame, limit) == size
+
+
+async def test_the_slow_lane_lets_a_few_readers_on_per_turn_in_order() -> None:
+    """30 readers wait at once: at most ``per_turn`` go on per turn of the loop, in the order
+    they came, and a cancelled one's place is skipped (it takes no one's turn)."""
+    lane, turn, went = SlowLane(per_turn=4), 0, []
+
+    async def reader(n: int) -> None:
+        await lane.wait()
+        went.append((n, turn))
+
+    readers = [asyncio.create_task(reader(n)) for n in range(30)]
+    await asyncio.sleep(0)  # every reader waits now
+    assert len(lane) == 30
+    readers[5].cancel()
+    while len(went) < 29:
+        await asyncio.sleep(0)  # one turn of the loop
+        turn += 1
+        assert turn < 100, went
+    assert [n for n, _ in went] == [n for n in range(30) if n != 5]
+    per_turn = [sum(1 for _, t in went if t == at) for at in range(turn + 1)]
+    assert max(per_turn) == 4, per_turn
+    assert len(lane) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import urllib.parse
@@ -15,6 +16,7 @@ from tests import asgi
 from tests.asgi import resume_query, until
 from tests.conftest import login, started
 from wsfanout import App, Settings, create_app
+from wsfanout.inbound import SLOW_LANE_PER_TURN
 from wsfanout.sessions import COOKIE_NAME, SessionCodec
 from wsfanout.store import DatabaseError
 
@@ -268,6 +270,39 @@ async def test_a_client_sending_only_refused_messages_is_closed_1008(settings: S
         await ws.send_json({"type": "group", "group": "nobody", "text": "x"})
         assert (await ws.receive())["code"] == "unknown_group"
         await closed_as_a_flood(ws, "bad_message", "4 messages in a row refused: closing")
+
+
+async def test_flooding_connections_share_a_few_frames_per_turn_of_the_loop(
+    settings: Settings,
+) -> None:
+    """30 connections each send 40 bad frames at once (not yet a flood: the burst is large):
+    after its first, a connection reads its next frame only when the slow lane lets it on, so
+    no more than the lane's few frames are read per turn of the loop in all (it was one per
+    connection, 30 a turn, and another user's message waited behind them each turn); and
+    every frame is still answered."""
+    flooders, frames = 30, 40
+    async with (
+        started(settings, rate_limit=0.0, rate_burst=10_000) as app,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        cookie = await login(app, "anny")
+        sockets = [await stack.enter_async_context(connect(app, cookie)) for _ in range(flooders)]
+        for ws in sockets:
+            assert (await ws.receive())["type"] == "welcome"
+            for _ in range(frames):
+                ws.to_app.put_nowait({"type": "websocket.receive", "text": "{"})
+        left, read = flooders * frames, []  # frames read in each turn of the loop
+        while left:
+            await asyncio.sleep(0)  # one turn
+            now = sum(ws.to_app.qsize() for ws in sockets)
+            read.append(left - now)
+            left = now
+            assert len(read) < 10 * flooders * frames, read
+        # Each connection's first frame is read as it arrives, in the first turn or two.
+        assert max(read[2:]) <= SLOW_LANE_PER_TURN, read
+        for ws in sockets:
+            codes = [(await ws.receive())["code"] for _ in range(frames)]
+            assert codes == ["bad_json"] * frames
 
 
 async def closed_as_a_flood(ws: asgi.WebSocket, code: str, detail: str) -> None:

@@ -12,15 +12,27 @@ a flood too, whatever the rate: the reader takes frames only as fast as it can h
 flood that outpaces it can look like a client within the rate, and a client that never reads
 its errors fills its outbox with them.
 
-Sans-I/O: the reader passes the time in; nothing here awaits.
+Sans-I/O: the reader passes the time in; nothing here awaits, but ``SlowLane``.
+
+The slow lane. A frame that is refused or over the rate costs little, but a flood is many
+connections at once (a user's 100 sockets), each ready again at every turn of the event loop:
+one frame each per turn made every turn 100 frames long (some 10-30 ms, and 100 ms at a
+flood's first read), and another user's message takes several turns to go round. So after
+such a frame a reader waits in the process's one ``SlowLane``, which lets at most
+``SLOW_LANE_PER_TURN`` readers on per turn of the loop, first come first served: a turn stays
+short whatever the number of flooding connections, and the flood is still read as fast as
+the loop has nothing else to do (it is cut off as soon, in CPU time).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import enum
 from typing import Final
 
 FLOOD_WINDOW: Final = 1.0  # seconds after a rate_limited error in which more than the burst floods
+SLOW_LANE_PER_TURN: Final = 8  # readers the slow lane lets on per turn of the event loop
 
 
 class Verdict(enum.Enum):
@@ -86,3 +98,38 @@ def frame_size(frame: str | bytes, limit: int) -> int:
     if isinstance(frame, bytes) or len(frame) * 4 <= limit:
         return len(frame)
     return len(frame.encode())
+
+
+class SlowLane:
+    """Where readers wait after a refused or over-rate frame: at most ``per_turn`` of them go
+    on per turn of the event loop, in the order they came (one per process)."""
+
+    def __init__(self, per_turn: int = SLOW_LANE_PER_TURN) -> None:
+        self.per_turn = per_turn
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._due: asyncio.AbstractEventLoop | None = None  # a release is due there next turn
+
+    async def wait(self) -> None:
+        """Let other tasks run, and come back when this reader's place in the lane comes."""
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[None] = loop.create_future()
+        self._waiting.append(turn)
+        if self._due is not loop:
+            self._due = loop
+            loop.call_soon(self._release, loop)
+        await turn  # cancelled: its place is skipped
+
+    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiting, left = self._waiting, self.per_turn
+        while waiting and left:
+            turn = waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                left -= 1
+        if waiting:
+            loop.call_soon(self._release, loop)  # the next turn: after what was woken here
+        else:
+            self._due = None
+
+    def __len__(self) -> int:
+        return len(self._waiting)

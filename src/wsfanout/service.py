@@ -32,6 +32,7 @@ from .control import Control
 from .history import History
 from .hooks import Hook, Hooks
 from .hub import Hub
+from .inbound import SlowLane
 from .metrics import Metrics, ServiceStats
 from .outage import OutageLog
 from .outbox import Flusher
@@ -72,6 +73,7 @@ class Service:
     web: dict[str, tuple[bytes, bytes]]
     server: ServerReach
     flusher: Flusher = field(default_factory=Flusher)
+    slow_lane: SlowLane = field(default_factory=SlowLane)  # refused and over-rate frames
     amqp: AmqpSource | None = None
     stats: ServiceStats = field(default_factory=ServiceStats)
     tokens: TokenVerifier = field(default_factory=TokenVerifier)

@@ -21,17 +21,17 @@ cancelling it, and the reader takes that cancellation back):
   publishes nothing it reads after that;
 - anything raises -> logged, 1011; no other connection notices.
 
-Inbound work is bounded like the outbox: the rate and what makes a flood (1008) are
-inbound.py's; while the outbox is over half full, the reader reads nothing (the server's
-queue fills, then TCP holds the client back).
+Inbound work is bounded like the outbox: the rate, what makes a flood (1008) and the slow
+lane refused frames wait in are inbound.py's; while the outbox is over half full, the
+reader reads nothing (the server's queue fills, then TCP holds the client back).
 
 The handshake is checked by ``Admission.admit`` (admission.py), which takes a seat
 before it awaits anything, so the connection limits hold under concurrent handshakes; the
 seat is given back here, only once the connection is closed. Closing is the close frame,
 then the client's answer (its close, or leaving); a client that has not answered within
 ``WSFANOUT_CLOSE_TIMEOUT`` (it does not read), or that sends ``UNANSWERED_FRAMES`` more
-frames instead (it floods), has its TCP connection reset (``ServerReach.abort``), so what
-the kernel held for it is freed with its seat. Cleanup
+frames instead (it floods; one more, if closed for a flood), has its TCP connection reset
+(``ServerReach.abort``), so what the kernel held for it is freed with its seat. Cleanup
 (leaving the hub, cancelling the writer, the seat) runs in ``finally``.
 """
 
@@ -112,6 +112,7 @@ class Connection:
 
     # Slots: tens of thousands live at once, and every object is one more for the GC to walk.
     __slots__ = (
+        "_flooding",
         "_interrupted",
         "_reader",
         "announce",
@@ -155,6 +156,7 @@ class Connection:
         self.stream: object = None
         self._reader: asyncio.Task[Any] | None = None
         self._interrupted = False  # the writer finished first and cancelled the reader
+        self._flooding = False  # closing a flood (inbound.py)
         self.announce: tuple[str, ...] = ()  # groups told of this user's presence
         self.code: int = ABNORMAL  # how it closed: ours, or the client's
         self.gone = False  # the client left while this connection was not reading (1006)
@@ -247,7 +249,8 @@ class Connection:
             wait = self.svc.server.within_stop(self.svc.settings.close_timeout, ABORT_GRACE)
             async with asyncio.timeout(wait):
                 await self.send({"type": "websocket.close", "code": code})
-                answered = await self._until_gone(UNANSWERED_FRAMES)
+                # A flood has said enough: the first frame more, and it is reset.
+                answered = await self._until_gone(1 if self._flooding else UNANSWERED_FRAMES)
         except TimeoutError:
             answered = False
         if not answered and self.svc.server.abort(self.stream):
@@ -271,7 +274,7 @@ class Connection:
             seen += 1
             if seen == most:
                 return False
-            await asyncio.sleep(0)  # a client that floods while closing gets one frame per turn
+            await self.svc.slow_lane.wait()  # a client flooding while closing: the slow lane
         return True
 
     def expire(self) -> None:
@@ -367,7 +370,7 @@ class Connection:
         inbound = Inbound(rate, settings.rate_burst, time.monotonic())
         outbox, hub = self.outbox, self.svc.hub
         pause_at = outbox.limit // 2
-        flusher = self.svc.flusher
+        flusher, slow_lane = self.svc.flusher, self.svc.slow_lane
         frames, passes = 0, flusher.passes
         while True:
             frames += 1
@@ -424,8 +427,7 @@ class Connection:
                         f"more than {inbound.burst} messages over the rate limit "
                         f"in {FLOOD_WINDOW:g} s",
                     )
-                # A flooding client gets one frame per turn of the loop, not a turn's worth.
-                await asyncio.sleep(0)
+                await slow_lane.wait()  # with every other frame over the rate (inbound.py)
                 continue
             try:
                 if isinstance(frame, bytes):
@@ -447,7 +449,7 @@ class Connection:
                         ErrorCode.BAD_MESSAGE,
                         f"{inbound.refused_in_a_row} messages in a row refused",
                     )
-                await asyncio.sleep(0)  # bad frames get one per turn of the loop, too
+                await slow_lane.wait()  # bad frames too
 
     def _left(self) -> None:
         """The client left while this connection was not reading: one debug line, no close."""
@@ -457,6 +459,7 @@ class Connection:
     def _flooded(self, code: ErrorCode, why: str) -> int:
         """The client floods (inbound.py): say why, and close (1008)."""
         self.svc.stats.floods += 1
+        self._flooding = True
         log.info("closing %s's connection: %s", self.login.username, why)
         self._tell(code, f"{why}: closing")
         return CloseCode.POLICY
