@@ -25,14 +25,13 @@ Inbound work is bounded like the outbox: the rate, what makes a flood (1008) and
 lane refused frames wait in are inbound.py's; while the outbox is over half full, the
 reader reads nothing (the server's queue fills, then TCP holds the client back).
 
-The handshake is checked by ``Admission.admit`` (admission.py), which takes a seat
-before it awaits anything, so the connection limits hold under concurrent handshakes; the
-seat is given back here, only once the connection is closed. Closing is the close frame,
-then the client's answer (its close, or leaving); a client that has not answered within
-``WSFANOUT_CLOSE_TIMEOUT`` (it does not read), or that sends ``UNANSWERED_FRAMES`` more
-frames instead (it floods; one more, if closed for a flood), has its TCP connection reset
-(``ServerReach.abort``), so what the kernel held for it is freed with its seat. Cleanup
-(leaving the hub, cancelling the writer, the seat) runs in ``finally``.
+The handshake is checked by ``Admission.admit`` (admission.py), which takes a seat before
+it awaits anything, so the limits hold under concurrent handshakes; the seat is given back
+here, once the connection is closed. Closing is the close frame, then the client's answer
+(its close, or leaving); a client that has not answered within ``WSFANOUT_CLOSE_TIMEOUT``
+(it does not read), or sends ``UNANSWERED_FRAMES`` more frames instead (one, if closed for
+a flood), has its TCP connection reset (``ServerReach.abort``), freeing what the kernel
+held for it with its seat. Cleanup (the hub, the writer, the seat) runs in ``finally``.
 """
 
 from __future__ import annotations
@@ -242,14 +241,13 @@ class Connection:
             start = end
 
     async def _close(self, code: int) -> None:
-        """Send the close and wait for the client's answer (holding its seat); a client that
-        does not answer in time (``within_stop``) has its TCP connection reset."""
+        """Send the close, await the client's answer (holding its seat), else reset it."""
         self.code = int(code)
         try:
             wait = self.svc.server.within_stop(self.svc.settings.close_timeout, ABORT_GRACE)
             async with asyncio.timeout(wait):
                 await self.send({"type": "websocket.close", "code": code})
-                # A flood has said enough: the first frame more, and it is reset.
+                # a flood has said enough: its first frame more, and it is reset
                 answered = await self._until_gone(1 if self._flooding else UNANSWERED_FRAMES)
         except TimeoutError:
             answered = False
@@ -332,8 +330,7 @@ class Connection:
         """The reader is done: None (the client left) or a close code from a fatal frame."""
         if code is None:
             return None
-        # Let the writer send what is queued (the error frame that explains the close).
-        self.outbox.close(code)
+        self.outbox.close(code)  # the writer sends what is queued (the error that explains)
         # wait() neither raises when the writer was cancelled nor hides our own cancellation.
         await asyncio.wait((writer,), timeout=FLUSH_BEFORE_CLOSE)
         return code
