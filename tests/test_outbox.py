@@ -189,6 +189,34 @@ async def test_close_flushes_then_returns_code() -> None:
     assert sink.frames == [{"n": 1}]
 
 
+async def test_a_close_by_a_deadline_ends_a_send_blocked_now() -> None:
+    """close(code, by): a send blocked with no timeout of its own gives up at ``by`` (1013,
+    and what is queued is dropped), as a writer stuck on a client that does not read must
+    when the server stops."""
+    sink = Sink()
+    outbox = make(sink, batch_max=1)
+    writer = await started(outbox)
+    sink.gate.clear()
+    for n in range(3):
+        outbox.push(event(n))
+    await asyncio.sleep(0.01)  # the writer is in the first send, which blocks
+    outbox.close(1001, by=asyncio.get_running_loop().time() + 0.05)
+    assert await asyncio.wait_for(writer, 5) == protocol.CloseCode.TRY_AGAIN_LATER
+    assert sink.cancelled and sink.frames == [] and outbox.queued_bytes == 0
+    assert outbox.reason is not None and "server stopped" in outbox.reason
+
+
+async def test_a_close_by_a_deadline_flushes_a_client_that_reads() -> None:
+    """close(code, by) for a client that reads: what is queued goes out, then the code."""
+    sink = Sink()
+    outbox = make(sink, batch_max=1)
+    for n in range(3):
+        outbox.push(event(n))
+    outbox.close(1001, by=asyncio.get_running_loop().time() + 5)
+    assert await asyncio.wait_for(outbox.run(), 1) == 1001
+    assert sink.frames == [{"n": n} for n in range(3)]
+
+
 async def test_stats_count_frames_and_batches() -> None:
     """The flusher's stats count frames, events and batch sizes."""
     sink = Sink()

@@ -429,13 +429,14 @@ class Hub:
             outbox.push(entry)
         self.stats.deliveries += len(recipients)
 
-    async def drain(self, code: int, batch: int, pause: float) -> None:
+    async def drain(self, code: int, batch: int, pause: float, by: float | None = None) -> None:
         """Stop taking publishes and ask every connection's writer to finish with ``code``,
         ``batch`` connections at a time, ``pause`` seconds apart, so a big node does not
-        send every close (and cause every reconnect) at once."""
+        send every close (and cause every reconnect) at once; a writer still sending at loop
+        time ``by`` gives up (``Outbox.close``)."""
         self.closed = self._pacer.closed = True
         self._close_code = code
-        await self._close_all(code, batch, pause)
+        await self._close_all(code, batch, pause, by)
 
     async def close(self) -> None:
         """After ``drain``: stop the tasks the hub runs (the backlog's pacing, closing
@@ -447,13 +448,15 @@ class Hub:
             resync.cancel()
             await asyncio.gather(resync, return_exceptions=True)
 
-    async def _close_all(self, code: int, batch: int, pause: float) -> None:
+    async def _close_all(
+        self, code: int, batch: int, pause: float, by: float | None = None
+    ) -> None:
         outboxes = self.outboxes()
         for start in range(0, len(outboxes), batch):
             if start:
                 await asyncio.sleep(pause)
             for outbox in outboxes[start : start + batch]:
-                outbox.close(code)
+                outbox.close(code, by)
 
 
 def _settled(sent: asyncio.Future[None]) -> asyncio.Future[None]:

@@ -25,6 +25,12 @@ what it holds, stops accepting, and calls ``on_overflow`` (which cancels the
 writer, most likely stuck on a client that does not read); the endpoint then
 closes the connection with 1013. Memory per connection therefore never grows past
 the bound plus what the server's socket buffer holds.
+
+Each send waits at most ``send_timeout`` on the client. When the server stops, the drain
+closes every outbox with a deadline (``close(code, by)``): the send in progress and those
+after it wait no later than that, so a writer stuck on a client that does not read gives
+up (1013, as a stalled send does) in time for its connection to be reset before the server
+cancels it (ws.py, ``ServerReach.flush_by``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import asyncio
 import collections
 import enum
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from types import CoroutineType
 from typing import Any, Final
 
@@ -152,6 +158,7 @@ class Outbox:
         "_inflight",
         "_scheduled",
         "_send",
+        "_sending",
         "_waiter",
         "close_code",
         "floors",
@@ -164,6 +171,7 @@ class Outbox:
         "send_timeout",
         "session",
         "state",
+        "stop_by",
         "user",
     )
 
@@ -203,6 +211,8 @@ class Outbox:
         # prefix (``floor``); None once there are none.
         self.floors: dict[str, int] | None = None
         self.send_timeout = send_timeout  # a send blocked this long: the client does not read
+        self.stop_by: float | None = None  # loop time the writer gives up by (a server's stop)
+        self._sending: asyncio.Timeout | None = None  # the bound on the send in progress
         self.kept_pace = False  # it has drained a paced wait: its client reads (pacing.py)
 
     def _move(self, state: State, code: int | None = None) -> None:
@@ -282,8 +292,10 @@ class Outbox:
             self.on_overflow()
 
     def _stalled(self) -> int:
-        """A send has been blocked for ``send_timeout``: the client does not read (however
-        little traffic there is). Drop what is queued and end with 1013."""
+        """A send has been blocked for ``send_timeout`` (or past ``stop_by``): the client
+        does not read (however little traffic there is). Drop what is queued, end with 1013."""
+        if self.stop_by is not None and self.reason is None:
+            self.reason = "it had not read what was queued for it when the server stopped"
         self._frames.clear()
         self.queued_bytes = 0
         if self.state is not State.CLOSED:
@@ -291,13 +303,24 @@ class Outbox:
         self.close_code = protocol.CloseCode.TRY_AGAIN_LATER
         return protocol.CloseCode.TRY_AGAIN_LATER
 
-    def close(self, code: int) -> None:
+    def close(self, code: int, by: float | None = None) -> None:
         """Take no more events; the writer sends what is queued, then returns ``code``.
 
         Closing again keeps the first code: the first reason to close is the one given.
+
+        Args:
+            by: the loop time the writer gives up on a client that has not read it all
+                by then (the server stops): it ends as a stalled send does (1013).
         """
         if self.state is State.OPEN:
             self._move(State.CLOSING, code)
+        if by is not None:
+            self.stop_by = by if self.stop_by is None else min(by, self.stop_by)
+            sending = self._sending
+            if sending is not None and not sending.expired():
+                when = sending.when()
+                if when is None or when > by:
+                    sending.reschedule(by)  # the send blocked now waits no longer
         self._wake()
 
     def _wake(self) -> None:
@@ -378,10 +401,7 @@ class Outbox:
             inflight = self._inflight
             if inflight is not None:
                 self._inflight = None
-                try:
-                    async with asyncio.timeout(self.send_timeout):
-                        await eager.finish(*inflight)
-                except TimeoutError:
+                if not await self._bounded(eager.finish(*inflight)):
                     return self._stalled()
             if self._error is not None:
                 raise self._error
@@ -398,9 +418,26 @@ class Outbox:
                     self._waiter = None
                 continue
             message, count = self._take()
-            try:
-                async with asyncio.timeout(self.send_timeout):
-                    await self._send(message)
-            except TimeoutError:
+            if not await self._bounded(self._send(message)):
                 return self._stalled()
             stats.count(count)
+
+    async def _bounded(self, send: Awaitable[None]) -> bool:
+        """Await one send for at most ``send_timeout``, and no later than ``stop_by``;
+        False if it took longer (the client does not read)."""
+        stop_by = self.stop_by
+        if stop_by is None:
+            bound = asyncio.timeout(self.send_timeout)
+        else:
+            if self.send_timeout is not None:
+                stop_by = min(stop_by, asyncio.get_running_loop().time() + self.send_timeout)
+            bound = asyncio.timeout_at(stop_by)
+        try:
+            async with bound:
+                self._sending = bound
+                await send
+        except TimeoutError:
+            return False
+        finally:
+            self._sending = None
+        return True

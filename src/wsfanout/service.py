@@ -253,10 +253,12 @@ class Service:
 
     async def drain(self) -> None:
         """Stop accepting and publishing; close every connection with 1001 (in batches)
-        once it has sent what is queued; wait for them up to a deadline."""
+        once it has sent what is queued; wait for them up to a deadline. A connection whose
+        client does not read what is queued is reset before the server would cancel it."""
+        by = self.server.flush_by(SHUTDOWN_FLUSH)
         try:
             async with asyncio.timeout(SHUTDOWN_FLUSH):
-                await self.hub.drain(CloseCode.GOING_AWAY, CLOSE_BATCH, CLOSE_PAUSE)
+                await self.hub.drain(CloseCode.GOING_AWAY, CLOSE_BATCH, CLOSE_PAUSE, by)
                 await self.hub.emptied()
         except TimeoutError:
             log.warning(

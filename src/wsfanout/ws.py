@@ -58,7 +58,7 @@ from .protocol import (
     ProtocolError,
     Publish,
 )
-from .servers import TOO_LARGE_KEY
+from .servers import ABORT_GRACE, TOO_LARGE_KEY
 from .service import Service
 from .types import Receive, Scope, Send
 
@@ -68,7 +68,6 @@ FLUSH_BEFORE_CLOSE: Final = 2.0  # seconds a writer gets to send queued frames b
 EXPIRED: Final = "the session has expired: log in again"
 TOKEN_EXPIRED: Final = "the token (or the host's session) has expired: connect again"  # noqa: S105
 YIELD_EVERY: Final = 32  # frames a reader handles before letting other tasks run
-ABORT_GRACE: Final = 1.0  # seconds to read on after a reset, until the server says it is gone
 UNANSWERED_FRAMES: Final = 64  # frames a client may send after our close before it is reset
 NO_STATUS, ABNORMAL = 1005, 1006  # closed with no code; closed with no close frame at all
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from .keys import ACCEPT_KEY, STREAM_KEY, TOO_LARGE_KEY
 from .peers import PeerLimits
-from .reach import ServerReach
+from .reach import ABORT_GRACE, ServerReach
 from .workers import warn_if_workers_are_islands
 
 __all__ = [
+    "ABORT_GRACE",
     "ACCEPT_KEY",
     "STREAM_KEY",
     "TOO_LARGE_KEY",

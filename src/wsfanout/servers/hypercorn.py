@@ -22,8 +22,10 @@ Theory of operation.
    sends lifespan shutdown. Its worker context's ``terminated`` event is set when stopping
    starts; the first marked accept gives the adapter that context, and the adapter waits on
    the event and calls ``on_stopping`` (the app's drain: every socket gets 1001 in time).
-   Closes wait no longer than that timeout allows (``ServerReach.within_stop``): a cancelled
-   connection is a traceback from asyncio under Python 3.11 and 3.12 (not 3.13).
+   Closes wait no longer than that timeout allows (``ServerReach.within_stop``), and a
+   writer blocked on a client that does not read gives up in time for its connection to be
+   reset (``ServerReach.flush_by``): a cancelled connection is a traceback from asyncio
+   under Python 3.11 and 3.12 (not 3.13).
    How the stop starts (a signal to the master, to a worker, or to both, once or more) is
    hypercorn_signals.py's.
 

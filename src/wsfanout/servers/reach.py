@@ -29,6 +29,7 @@ log = logging.getLogger(__package__)  # one logger for the servers package: "wsf
 _STOPPING: Final = "the server is stopping: closing every websocket with 1001"
 STOP_MARGIN: Final = 0.5  # seconds a stopping connection ends before the server cancels it
 STOP_MIN_WAIT: Final = 0.1  # the shortest wait for a client, however late the stop
+ABORT_GRACE: Final = 1.0  # seconds to read on after a reset, until the server says it is gone
 
 
 class ServerReach:
@@ -137,6 +138,16 @@ class ServerReach:
             return seconds
         left = self.stop_at - asyncio.get_running_loop().time() - STOP_MARGIN - after
         return max(min(seconds, left), STOP_MIN_WAIT)
+
+    def flush_by(self, seconds: float) -> float | None:
+        """The loop time a stopping connection's writer gives up on a client that does not
+        read what is queued for it: ``seconds`` from now, or sooner, so that its close (a
+        short wait) and reset (``ABORT_GRACE``) still end in time (``within_stop``). None
+        where the server cancels nothing (uvicorn: its adapter resets what is left)."""
+        if self.stop_at is None:
+            return None
+        wait = self.within_stop(seconds, STOP_MIN_WAIT + ABORT_GRACE)
+        return asyncio.get_running_loop().time() + wait
 
     def client_code(self, stream: Any) -> int | None:
         """The close code the client sent on ``stream`` (from ``accepted``), where the
