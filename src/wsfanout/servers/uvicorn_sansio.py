@@ -22,7 +22,11 @@ taken every queued message (``_Inbox``, which stands in for uvicorn's queue). A 
 ``SLICE`` bytes (a few dozen of a flood's 7-byte frames: 4 KiB held 585, 2 ms of parsing per
 connection, and a hundred flooding connections made one turn of the loop 200 ms), doubled
 for each slice that gave no message, up to ``SLICE_MAX`` (a large message is not parsed in
-hundreds of pieces). Nothing more is parsed once the connection is closing (reset: a flood).
+hundreds of pieces). A connection whose messages average ``TINY`` bytes or more gets a
+slice twice as large next time, up to ``SLICE_MAX``: held at 256 bytes, a client sending
+ordinary messages paused and resumed every message or two (12% more server CPU per
+delivery in the groups benchmark). Nothing more is parsed once the connection is closing
+(reset: a flood).
 
 Until the app has accepted the connection (``wsfanout`` is None), it is uvicorn's protocol
 unchanged.
@@ -72,6 +76,7 @@ STATE: Final = (
 
 SLICE: Final = 256  # bytes of a read parsed at a time, once the app has accepted ...
 SLICE_MAX: Final = 65536  # ... doubled up to this while slices give the app no message
+TINY: Final = 64  # bytes per message under which a connection's slices stay at SLICE
 
 
 class _Inbox(asyncio.Queue):  # type: ignore[type-arg]
@@ -96,6 +101,7 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
     wsfanout: ServerReach | None = None  # the app that accepted this connection
     held = b""  # what a read brought that is not parsed yet
     held_at = 0  # how much of it is parsed
+    slice_size = SLICE  # this connection's next slice: larger while its messages are not tiny
 
     def adopt(self, reach: ServerReach) -> None:
         """The app has accepted this connection: serve it as its own."""
@@ -126,13 +132,17 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
         hold the rest, with reading paused, until the app has taken every queued event."""
         data, start = self.held, self.held_at
         queue, transport = self.queue, self.transport
-        size = SLICE
+        size = self.slice_size
         while start < len(data) and not transport.is_closing():
             end = start + size
             self.held_at = end
             super().data_received(data[start:end])
-            start = end
-            if queue.qsize():
+            parsed, start = min(end, len(data)) - start, end
+            events = queue.qsize()
+            if events:
+                # A client sending messages of a usual size gets larger slices (fewer pauses
+                # per message); a flood of tiny frames stays at SLICE.
+                self.slice_size = min(size * 2, SLICE_MAX) if parsed >= TINY * events else SLICE
                 break
             size = min(size * 2, SLICE_MAX)
         if start >= len(data) or transport.is_closing():
