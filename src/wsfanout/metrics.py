@@ -64,10 +64,10 @@ class ServiceStats:
         self.floods = 0  # connections closed for sending far past the rate limit
 
     def refuse(self, reason: Refused) -> None:
-        self.refused[reason] = self.refused.get(reason, 0) + 1
+        self.refused[reason] += 1  # every reason is there from the start, at 0
 
     def login_failed(self, reason: LoginFailed) -> None:
-        self.login_failures[reason] = self.login_failures.get(reason, 0) + 1
+        self.login_failures[reason] += 1
 
 
 class Queue(Protocol):

@@ -21,7 +21,7 @@ P: Final = 1
 SALT_BYTES: Final = 16
 HASH_BYTES: Final = 32
 _MAX_N: Final = 2**20
-MAX_LENGTH: Final = 1024  # characters, as login accepts
+MAX_LENGTH: Final = 1024  # characters: the longest a password may be set to, or logged in with
 
 
 def _b64(data: bytes) -> str:

@@ -32,7 +32,7 @@ from .types import Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 LOGIN_BODY_LIMIT: Final = 16 * 1024
-MAX_CREDENTIAL_CHARS: Final = 1024
+MAX_CREDENTIAL_CHARS: Final = passwords.MAX_LENGTH  # a username or password at login
 DIRECTORY_LIMIT: Final = 200
 API_BODY_LIMIT: Final = 4 * 1024 * 1024
 # A publish the service cannot take now (Redis away or too much waiting for it, a node behind
