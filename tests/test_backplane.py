@@ -413,11 +413,13 @@ async def test_resume_on_the_other_node_while_messages_flow(nodes: tuple[App, Ap
 
         async def send() -> None:
             # However loaded the machine, some messages come while greg is away (to be
-            # replayed) and some after he is back (live): the flow waits for each step.
+            # replayed) and some after he is back (live): the flow waits for each step. He
+            # leaves after 60, and at most 90 more come before he is back: within the
+            # history's 100, however slowly his resume is read.
             for n in range(total):
                 if n == 100:
                     await left.wait()
-                if n == 300:
+                if n == 150:
                     await back.wait()
                 await sender.send_json({"type": "broadcast", "text": str(n)})
                 if n == 50:
