@@ -15,6 +15,7 @@ MIB = 1024 * KIB
 SECONDS = 1.0
 DAYS = 86400 * SECONDS
 WEBHOOK_SECRET_MIN = 16  # characters
+IDEMPOTENCY_TTL_MIN = 0.01 * SECONDS  # Redis keeps a key whole milliseconds
 PREFIX = "WSFANOUT_"
 # Variables read outside Settings: the command line's (URL, API_KEY: the key the admin
 # commands send; SERVER), the Justfile's (BIND), the docs' JavaScript example's (TOKEN).
@@ -105,6 +106,7 @@ class Settings:
     amqp_url: str = field(default="", repr=False)
     amqp_queue: str = "wsfanout"
     amqp_prefetch: int = 100
+    idempotency_ttl: float = 300 * SECONDS  # a publish's idempotency_key is kept this long
 
     # Control (DESIGN 5.3, 6)
     jwt_secret: str = field(default="", repr=False)  # HS256 connection tokens
@@ -213,6 +215,9 @@ class Settings:
             amqp_url=reader.url("AMQP_URL", ("amqp", "amqps")),
             amqp_queue=reader.text("AMQP_QUEUE", defaults.amqp_queue),
             amqp_prefetch=reader.integer("AMQP_PREFETCH", defaults.amqp_prefetch),
+            idempotency_ttl=reader.number(
+                "IDEMPOTENCY_TTL", defaults.idempotency_ttl, low=IDEMPOTENCY_TTL_MIN
+            ),
             jwt_secret=reader.text("JWT_SECRET", ""),
             jwt_public_key=reader.text("JWT_PUBLIC_KEY", ""),
             group_write=reader.choice("GROUP_WRITE", defaults.group_write, ("any", "members")),

@@ -14,9 +14,8 @@ does not close its clients with 1013: ``publish_paced()`` (the API and RabbitMQ)
 room before the local engine fans it out; with Redis, every node paces the backend events
 Redis hands it through a backlog of its own. Either way a client that holds backends up past
 its small allowance is closed (1013), and users' messages are never paced.
-``publish_paced()`` is a plain ``def`` as well: it hands back something to await only when it
-must wait for room (the caller awaits it before its next paced publish); a wait that the
-hub's drain ends is refused, and that event does not go out.
+``publish_paced()`` is a plain ``def`` too, handing back something to await (before the next
+paced publish) only when it must wait for room; a wait the hub's drain ends does not go out.
 
 Positions (DESIGN 5.1). With history on, a message gets its stream's next offset where it is
 fanned out from: the local engine's in-memory ``History``, in the same step as the push, or
@@ -351,7 +350,7 @@ class Hub:
             raise UnavailableError("the server is shutting down")
         head, tail = protocol.message_parts(publish, time.time())
         try:
-            sent = self.backplane.publish(publish.kind, publish.target, head, tail)
+            sent = self.backplane.publish(publish.kind, publish.target, head, tail, publish.key)
         except BackplaneUnavailableError as exc:
             raise UnavailableError(str(exc)) from None
         self._count(publish)
@@ -375,7 +374,9 @@ class Hub:
             raise UnavailableError("the server is shutting down")
         head, tail = protocol.message_parts(publish, time.time())
         try:
-            sent = self.backplane.publish_paced(publish.kind, publish.target, head, tail)
+            sent = self.backplane.publish_paced(
+                publish.kind, publish.target, head, tail, publish.key
+            )
         except BackplaneUnavailableError as exc:
             raise UnavailableError(str(exc)) from None
         if sent is None:

@@ -106,6 +106,13 @@ class Metrics(Collector):
                 published.add_metric([kind, source], done.get((kind, source), 0))
         yield published
         yield CounterMetricFamily(
+            "wsfanout_duplicates_dropped",
+            "Backends' publishes taken but not published: their stream had their "
+            "idempotency_key within WSFANOUT_IDEMPOTENCY_TTL (counted where they were dropped: "
+            "the node that took them, or with Redis the node that handed them to Redis).",
+            hub.backplane.duplicates,
+        )
+        yield CounterMetricFamily(
             "wsfanout_deliveries", "Events handed to local connections.", hub.stats.deliveries
         )
         yield CounterMetricFamily(

@@ -32,6 +32,7 @@ import orjson
 MAX_ID_CHARS: Final = 64
 MAX_NAME_CHARS: Final = 150
 MAX_SENDER_CHARS: Final = 64  # a backend's "from"
+MAX_KEY_CHARS: Final = 64  # a backend's "idempotency_key"
 MAX_RESUME_CHARS: Final = 16 * 1024  # the decoded ``resume`` query value
 MAX_RESUME_STREAMS: Final = 1000
 MAX_EPOCH_CHARS: Final = 64
@@ -100,7 +101,8 @@ class Publish:
 
     ``target`` is the group name for ``GROUP``, the user name as typed for
     ``DIRECT`` (the exact username once resolved against the store), and empty for
-    ``BROADCAST``. ``sender`` and ``source`` are filled in by whoever publishes it.
+    ``BROADCAST``. ``sender`` and ``source`` are filled in by whoever publishes it; ``key``
+    is a backend's idempotency key: published once per stream within its time.
     """
 
     kind: Kind
@@ -109,6 +111,7 @@ class Publish:
     frame_id: str | None = None
     sender: str = ""
     source: Source = Source.WEBSOCKET
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,30 +296,6 @@ def parse_object(data: Any) -> Publish:
             )
         target = raw.strip()
     return Publish(kind=kind, text=text, target=target, frame_id=frame_id)
-
-
-def parse_backend_object(data: Any, source: Source) -> Publish:
-    """Validate one publish from a backend (the HTTP API, RabbitMQ): a publish object
-    with an optional ``from`` (default ``system``). Its size is checked apart, as every
-    door's is (``check_size``).
-
-    Raises:
-        ProtocolError: as ``parse_object``, or a bad ``from``.
-    """
-    publish = parse_object(data)
-    sender = data.get("from", "system")
-    if not isinstance(sender, str) or not sender.strip() or len(sender) > MAX_SENDER_CHARS:
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE, f"'from' must be a name of 1 to {MAX_SENDER_CHARS} characters"
-        )
-    return Publish(
-        kind=publish.kind,
-        text=publish.text,
-        target=publish.target,
-        frame_id=publish.frame_id,
-        sender=sender.strip(),
-        source=source,
-    )
 
 
 def wire_bytes(text: str) -> int:

@@ -3,15 +3,21 @@ the hub's one door.
 
 ``publish()`` serves a websocket's frames: it resolves the target (the local index first,
 then the store) and publishes. A backend's body (``POST /api/publish``, RabbitMQ, the host
-app) goes through ``validate_batch()`` (every item checked and resolved, or a ``BatchError``
-naming the first bad one: nothing is published then) and ``publish_batch()`` (paced, all
-or nothing as far as the hub can say beforehand). The host app's code does both through
-``publish_items()``, which raises the public ``PublishError`` family instead.
+app) goes through ``validate_batch()`` (every item read by ``parse_item``, checked and
+resolved, or a ``BatchError`` naming the first bad one: nothing is published then) and
+``publish_batch()`` (paced, all or nothing as far as the hub can say beforehand). The host
+app's code does both through ``publish_items()``, which raises the public ``PublishError``
+family instead.
 
 Both go through ``check()``, the one place where a message's size is checked, whichever
 door it came in by: its text as it will go out (JSON-escaped UTF-8, ``protocol.check_size``)
 within ``WSFANOUT_MAX_FRAME_BYTES``. A websocket frame within that limit always passes (its
 text is in it, written at least as long), so users never meet this check; backends do.
+
+A backend's message may carry an ``idempotency_key``: one already published to the same
+stream within ``WSFANOUT_IDEMPOTENCY_TTL`` is taken (the caller hears it was) but not
+published again. The engine keeps the keys (``Backplane.publish``): in Redis, atomically
+with the publish, for every node; in memory on one node.
 """
 
 from __future__ import annotations
@@ -24,7 +30,17 @@ from . import protocol
 from .config import Settings
 from .hub import Hub, UnavailableError
 from .outage import OutageLog
-from .protocol import GROUP_RE, USERNAME_RE, ErrorCode, Kind, ProtocolError, Publish, Source
+from .protocol import (
+    GROUP_RE,
+    MAX_KEY_CHARS,
+    MAX_SENDER_CHARS,
+    USERNAME_RE,
+    ErrorCode,
+    Kind,
+    ProtocolError,
+    Publish,
+    Source,
+)
 from .store import DatabaseError, Store
 from .store import UnknownUserError as NoSuchUserError
 
@@ -182,8 +198,15 @@ class Publishing:
         except UnavailableError as exc:
             raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), publish.frame_id) from None
 
-    async def validate_batch(self, data: Any, source: Source) -> list[Publish]:
+    async def validate_batch(
+        self, data: Any, source: Source, key: str | None = None
+    ) -> list[Publish]:
         """A backend's publish body (one object or an array), each item checked and resolved.
+
+        Args:
+            key: the whole body's idempotency key (RabbitMQ's ``message_id``), for items
+                without one of their own: a single object's own, ``<key>#<index>`` for an
+                array's items (from 0), so that each is published once.
 
         Raises:
             BatchError: the first bad item, with its index; nothing is published then.
@@ -198,7 +221,8 @@ class Publishing:
         checked = []
         for index, raw in enumerate(items):
             try:
-                publish = protocol.parse_backend_object(raw, source)
+                given = key if key is None or data is raw else f"{key}#{index}"
+                publish = parse_item(raw, source, given)
                 checked.append(await self.check(publish))
             except ProtocolError as exc:
                 raise BatchError(index, exc.code, exc.detail) from None
@@ -258,3 +282,32 @@ class Publishing:
         except UnavailableError as exc:
             raise ServiceUnavailableError(ErrorCode.UNAVAILABLE.value, str(exc)) from None
         return len(batch)
+
+
+def parse_item(data: Any, source: Source, key: str | None = None) -> Publish:
+    """Validate one publish from a backend (the HTTP API, RabbitMQ, the host app): a
+    publish object with an optional ``from`` (default ``system``) and an optional
+    ``idempotency_key`` (else ``key``, if any). Its size is checked apart, as every
+    door's is (``protocol.check_size``).
+
+    Raises:
+        ProtocolError: as ``protocol.parse_object``, or a bad ``from`` or key.
+    """
+    publish = protocol.parse_object(data)
+    sender = data.get("from", "system")
+    if not isinstance(sender, str) or not sender.strip() or len(sender) > MAX_SENDER_CHARS:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"'from' must be a name of 1 to {MAX_SENDER_CHARS} characters",
+            publish.frame_id,
+        )
+    own = data.get("idempotency_key")
+    if own is not None:
+        if not isinstance(own, str) or not 0 < len(own) <= MAX_KEY_CHARS:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"'idempotency_key' must be a string of 1 to {MAX_KEY_CHARS} characters",
+                publish.frame_id,
+            )
+        key = own
+    return dataclasses.replace(publish, sender=sender.strip(), source=source, key=key)

@@ -32,6 +32,7 @@ from .control import Control
 from .history import History
 from .hooks import Hook, Hooks
 from .hub import Hub
+from .idempotency import RecentKeys
 from .inbound import SlowLane
 from .metrics import Metrics, ServiceStats
 from .outage import OutageLog
@@ -162,6 +163,7 @@ class Service:
                     settings.redis_prefix,
                     history_size=settings.history_size if settings.history_on else 0,
                     history_ttl=settings.history_ttl,
+                    idempotency_ttl=settings.idempotency_ttl,
                 )
                 opened.push_async_callback(backplane.close)
                 redis_link = backplane.link
@@ -175,7 +177,7 @@ class Service:
                         settings.history_ttl,
                         max_bytes=settings.history_bytes,
                     )
-                backplane = LocalBackplane(history)
+                backplane = LocalBackplane(history, RecentKeys(settings.idempotency_ttl))
             tokens = TokenVerifier(settings.jwt_secret, settings.jwt_public_key, clock=clock)
             hub = Hub(backplane, settings.pace_timeout)
             webhook = None

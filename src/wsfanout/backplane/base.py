@@ -13,6 +13,10 @@ What an engine must keep (the hub's docstring tells why):
 - ``publish_paced`` paces a backend's event where the engine's node can: the local engine
   waits for room first (``Node.room``), the Redis engine leaves it to every receiver. It is
   a plain ``def`` too: only when it must wait for room does it hand back a coroutine;
+- a publish with an idempotency ``key`` goes out only if its stream had no publish with
+  that key within the engine's ttl (else it is dropped, counted in ``duplicates``, and its
+  sender hears it was taken): the local engine keeps the keys in memory, the Redis engine
+  in Redis, set in the same script as the publish;
 - ``positions`` finds where a joining connection's streams stand, and what it missed,
   without a gap or a duplicate with what reaches its outbox live;
 - presence (``arrive`` / ``regroup`` / ``depart``): a user's first and last connection,
@@ -83,6 +87,10 @@ class Backplane(Protocol):
     """This node's name: in presence, new epochs and lifecycle events (random per process)."""
 
     @property
+    def duplicates(self) -> int:
+        """Publishes dropped because their stream had their idempotency key (``publish``)."""
+
+    @property
     def healthy(self) -> bool:
         """Whether it can take publishes now."""
 
@@ -107,16 +115,22 @@ class Backplane(Protocol):
             BackplaneUnavailableError: they cannot.
         """
 
-    def publish(self, kind: Kind, target: str, head: str, tail: str) -> asyncio.Future[None] | None:
+    def publish(
+        self, kind: Kind, target: str, head: str, tail: str, key: str | None = None
+    ) -> asyncio.Future[None] | None:
         """Send one encoded message (``protocol.message_parts``) to every node, never
         awaiting anyone: None once fanned out here, or a future that settles once the
-        backplane has it (or fails with ``BackplaneUnavailableError``).
+        backplane has it (or fails with ``BackplaneUnavailableError``). With an
+        idempotency ``key`` its stream already had within the engine's ttl, it is dropped
+        instead, and answered the same.
 
         Raises:
             BackplaneUnavailableError: it cannot be taken now.
         """
 
-    def publish_paced(self, kind: Kind, target: str, head: str, tail: str) -> Paced:
+    def publish_paced(
+        self, kind: Kind, target: str, head: str, tail: str, key: str | None = None
+    ) -> Paced:
         """``publish`` a backend's message, paced (see the hub's Pacing), never awaiting:
         what it hands back (``Paced``) is awaited only when it must wait for room first.
 

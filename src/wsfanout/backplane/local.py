@@ -9,6 +9,10 @@ with no coroutine in its way. ``positions()`` reads the history without awaiting
 anything: the hub's ``join()`` adds the connection and reads where its streams stand in one
 step of the event loop, so nothing can be published in between (no gap, no duplicate).
 
+A publish with an idempotency key is checked against the keys of the last ttl seconds
+(``idempotency.RecentKeys``) as it is handed over (a paced one before it waits for room),
+and dropped if its stream had the key.
+
 Presence is this node's: a user's first connection here is their first anywhere, and their
 ``online`` / ``offline`` events are fanned out here, to the groups they were announced to,
 and told to the lifecycle hooks (``OnPresence``); their connections are the hub's to count.
@@ -24,18 +28,22 @@ from typing import Any, Final
 
 from .. import protocol
 from ..history import History
+from ..idempotency import RecentKeys
 from ..outbox import Outbox
 from ..protocol import Kind, Position
 from .base import Node, OnPresence, Read, Recent
 
 OFFSET_BYTES: Final = 30  # what ',"offset":N' adds to a message, at most
+IDEMPOTENCY_TTL: Final = 300.0  # seconds, unless given RecentKeys of another ttl
 
 
 class LocalBackplane:
     """Fan-out, history and presence of one node (``Backplane``)."""
 
-    def __init__(self, history: History | None = None) -> None:
+    def __init__(self, history: History | None = None, keys: RecentKeys | None = None) -> None:
         self.history = history
+        self.keys = RecentKeys(IDEMPOTENCY_TTL) if keys is None else keys
+        self.duplicates = 0
         self.healthy = True
         self.node = secrets.token_hex(4)
         self._on_presence: OnPresence | None = None
@@ -65,8 +73,22 @@ class LocalBackplane:
     def make_room(self, count: int) -> None:
         """Always room: what does not fit an outbox is the pacing's to handle."""
 
-    def publish(self, kind: Kind, target: str, head: str, tail: str) -> None:
-        """Give the message its offset (with history on) and fan it out here, now."""
+    def publish(
+        self, kind: Kind, target: str, head: str, tail: str, key: str | None = None
+    ) -> None:
+        """Give the message its offset (with history on) and fan it out here, now; or drop
+        it, if its stream had its idempotency key."""
+        if key is not None and not self._new(kind, target, key):
+            return
+        self._publish(kind, target, head, tail)
+
+    def _new(self, kind: Kind, target: str, key: str) -> bool:
+        if self.keys.add(protocol.stream_of(kind, target), key):
+            return True
+        self.duplicates += 1
+        return False
+
+    def _publish(self, kind: Kind, target: str, head: str, tail: str) -> None:
         history = self.history
         if history is None:
             frame = head + tail
@@ -75,23 +97,36 @@ class LocalBackplane:
         self._fan_out(kind, target, frame)
 
     def publish_paced(
-        self, kind: Kind, target: str, head: str, tail: str
+        self, kind: Kind, target: str, head: str, tail: str, key: str | None = None
     ) -> Coroutine[Any, Any, None] | None:
         """``publish`` now if the recipients' outboxes have room (None); else a coroutine
         that waits for it, then publishes: its offset only then, so each stream stays in
-        order."""
+        order. Its idempotency key is checked first: a duplicate waits for nothing."""
+        if key is not None and not self._new(kind, target, key):
+            return None
         size = len(head.encode()) + len(tail.encode()) + OFFSET_BYTES
         waiting = self._room(kind, target, size)
         if waiting is None:
-            self.publish(kind, target, head, tail)
+            self._publish(kind, target, head, tail)
             return None
-        return self._publish_after(waiting, kind, target, head, tail)
+        return self._publish_after(waiting, kind, target, head, tail, key)
 
     async def _publish_after(
-        self, waiting: Awaitable[None], kind: Kind, target: str, head: str, tail: str
+        self,
+        waiting: Awaitable[None],
+        kind: Kind,
+        target: str,
+        head: str,
+        tail: str,
+        key: str | None,
     ) -> None:
-        await waiting  # raises if the hub begins draining meanwhile: it does not go out
-        self.publish(kind, target, head, tail)
+        try:
+            await waiting  # raises if the hub begins draining meanwhile: it does not go out
+        except BaseException:
+            if key is not None:
+                self.keys.forget(protocol.stream_of(kind, target), key)
+            raise
+        self._publish(kind, target, head, tail)
 
     async def control(self, change: dict[str, Any]) -> None:
         """No other node to tell."""

@@ -12,8 +12,11 @@ Each message body is one publish (or an array of up to 1000), in the same JSON a
 - when the backplane cannot take it, or the node is stopping, it is nacked with
   requeue (after a pause, so an outage does not spin), and comes back;
 - if the connection drops after a message was published but before its ack
-  reached the broker, the broker delivers it again: recipients can see it twice.
-  At most ``prefetch`` messages are in that window.
+  reached the broker, the broker delivers it again (to this node or another): recipients
+  can see it twice, unless it has an idempotency key. At most ``prefetch`` messages are in
+  that window. A message's ``message_id`` property is its body's idempotency key (each item
+  of an array gets ``<message_id>#<index>``) where the body gives none: a redelivery within
+  ``WSFANOUT_IDEMPOTENCY_TTL`` is acked but not published again.
 
 The queue is declared durable and shared: with several nodes, each message goes
 to one of them (competing consumers) and the backplane takes it everywhere. The
@@ -107,8 +110,9 @@ class Retry(Exception):
     """The body is fine but cannot be published now (backplane down, shutting down)."""
 
 
-Handler = Callable[[Any], Awaitable[None]]
-"""Validates and publishes one decoded body; raises Rejected or Retry."""
+Handler = Callable[[Any, str | None], Awaitable[None]]
+"""Validates and publishes one decoded body, given its message's ``message_id``; raises
+Rejected or Retry."""
 
 
 class AmqpSource:
@@ -218,7 +222,7 @@ class AmqpSource:
             await self._reject(message, "the body is not valid JSON")
             return
         try:
-            await self._handle(data)
+            await self._handle(data, message.message_id or None)
         except Rejected as exc:
             await self._reject(message, str(exc))
             return
@@ -248,10 +252,10 @@ def start(settings: Settings, publishing: Publishing) -> AmqpSource:
     queue's order (aio-pika hands over up to ``prefetch`` at once)."""
     order = asyncio.Lock()  # FIFO: taken in the order the broker delivered
 
-    async def handle(data: object) -> None:
+    async def handle(data: object, message_id: str | None) -> None:
         async with order:
             try:
-                batch = await publishing.validate_batch(data, Source.AMQP)
+                batch = await publishing.validate_batch(data, Source.AMQP, message_id)
             except BatchError as exc:
                 if exc.code is ErrorCode.UNAVAILABLE:
                     raise Retry(exc.detail) from None

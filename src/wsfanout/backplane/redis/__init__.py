@@ -35,11 +35,19 @@ class RedisBackplane:
     """Many nodes through one Redis (``Backplane``)."""
 
     def __init__(
-        self, url: str, prefix: str, *, history_size: int = 0, history_ttl: float = 0
+        self,
+        url: str,
+        prefix: str,
+        *,
+        history_size: int = 0,
+        history_ttl: float = 0,
+        idempotency_ttl: float = 300,
     ) -> None:
         self.node = secrets.token_hex(4)  # this process, in presence and new epochs
         self.link = Link(url, prefix)
-        self._positions = Positions(self.link, self.node, history_size, history_ttl)
+        self._positions = Positions(
+            self.link, self.node, history_size, history_ttl, idempotency_ttl
+        )
         self._pubsub = PubSub(self.link, self._positions, self.node)
         self._presence = Presence(self.link, self.node)
         self._node: Node | None = None
@@ -59,6 +67,10 @@ class RedisBackplane:
     @property
     def healthy(self) -> bool:
         return self.link.healthy
+
+    @property
+    def duplicates(self) -> int:
+        return self._pubsub.duplicates
 
     def bind(self, node: Node) -> None:
         self._node = node
@@ -89,10 +101,12 @@ class RedisBackplane:
             return {"redis": f"failing: {exc.reason}"}
         return {"redis": "ok"}
 
-    def publish_paced(self, kind: Kind, target: str, head: str, tail: str) -> asyncio.Future[None]:
+    def publish_paced(
+        self, kind: Kind, target: str, head: str, tail: str, key: str | None = None
+    ) -> asyncio.Future[None]:
         """``publish``, its future as it is: every node paces what it receives (the
         hub's backlog), so nothing waits here."""
-        return self._pubsub.publish(kind, target, head, tail)
+        return self._pubsub.publish(kind, target, head, tail, key)
 
     async def control(self, change: dict[str, Any]) -> None:
         await self._pubsub.control(change)

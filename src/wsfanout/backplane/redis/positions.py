@@ -12,6 +12,12 @@ the same script. A stream whose meta is gone (expired, or
 Redis lost its data) gets a new epoch from Redis's clock, and its old history is dropped
 with it; so does every stream of a Redis that restarted (another run id), which may have
 lost messages.
+
+Idempotency keys. A message with one sets ``<prefix>i:<stream>:<key>`` (``SET NX`` with the
+idempotency ttl) in the same step, and goes out only if the key was not there (the script
+replies 0 for a duplicate); with history off, through a script of its own
+(``publish_once.lua``). So a publish and its key are kept together or not at all, whichever
+node a retry reaches. (A stream's name has one colon at most: the key is all after it.)
 """
 
 from __future__ import annotations
@@ -27,25 +33,38 @@ from .link import Link, Script, describe
 META_TTL: Final = 30 * 86400  # seconds a stream's epoch and offset outlive its last message
 
 _PUBLISH: Final = Script.packaged("publish")
+_PUBLISH_ONCE: Final = Script.packaged("publish_once")
 _POSITIONS: Final = Script.packaged("positions")
 
 
 class Positions:
     """Streams' offsets and history in Redis, as ``history.History`` keeps them in memory."""
 
-    def __init__(self, link: Link, node: str, size: int, ttl: float) -> None:
+    def __init__(
+        self, link: Link, node: str, size: int, ttl: float, idempotency_ttl: float = 300
+    ) -> None:
         self._link = link
         self._node = node  # in new epochs
         self.enabled = size > 0 and ttl > 0
         self._size = size
         self._ttl = max(1, round(ttl))
+        self._key_ms = max(1, round(idempotency_ttl * 1000))
 
-    def publish(self, channel: str, stream: str, head: str, tail: str) -> tuple[Any, ...]:
-        """The command that publishes a message on ``channel`` with its stream's next
-        offset, and keeps it."""
+    def publish(
+        self, channel: str, stream: str, head: str, tail: str, key: str | None = None
+    ) -> tuple[Any, ...]:
+        """The command that publishes a message on ``channel`` (with history on: with its
+        stream's next offset, and keeps it), unless its stream had its idempotency ``key``
+        (then it replies 0)."""
         prefix = self._link.prefix
+        if not self.enabled:  # then only for a key
+            once = prefix + "i:" + stream + ":" + str(key)
+            return (_PUBLISH_ONCE, 1, once, channel, head + tail, self._key_ms)
+        args = (channel, head, tail, self._size, self._ttl, META_TTL, self._node)
         keys = (prefix + "s:" + stream, prefix + "h:" + stream)
-        return (_PUBLISH, *keys, channel, head, tail, self._size, self._ttl, META_TTL, self._node)
+        if key is None:
+            return (_PUBLISH, *keys, *args)
+        return (_PUBLISH, 3, *keys, prefix + "i:" + stream + ":" + key, *args, self._key_ms)
 
     async def read(self, streams: list[str], seen: dict[str, Position], budget: int) -> Read:
         """Where each stream stands and, for those in ``seen``, the messages after that

@@ -1,4 +1,8 @@
--- KEYS: meta, history. ARGV: channel, head, tail, size, ttl, meta ttl, node
+-- KEYS: meta, history[, idempotency key]. ARGV: channel, head, tail, size, ttl, meta ttl,
+-- node[, the key's ttl in ms]. Returns the offset, or 0 when the stream had the key.
+if KEYS[3] and not redis.call('SET', KEYS[3], '', 'NX', 'PX', ARGV[8]) then
+  return 0
+end
 local now = redis.call('TIME')
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then

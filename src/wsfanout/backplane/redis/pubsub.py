@@ -9,7 +9,8 @@ which fans it out locally. Redis keeps the order of messages on a subscriber con
 messages leave this node in the order queued (pipelined, many to a round trip: a sender
 need not wait for one before queueing the next), so each sender's messages reach each
 recipient in order. With history on, a message is published by ``positions.py``'s script,
-which gives it its offset.
+which gives it its offset; so is a message with an idempotency key, which that script drops
+if its stream had the key (``duplicates`` counts them).
 
 A node is subscribed to ``all`` always, and to a group's or user's channel only while it
 wants it (``want``/``unwant``, which the hub calls when a group or user gets its first or
@@ -72,8 +73,9 @@ BEHIND_HOLD: Final = 2.0  # seconds every node refuses backends' batches after h
 LISTEN_TURN: Final = 0.02  # seconds the listener hands messages on before others may run
 LISTEN_CHECK: Final = 32  # messages between looks at the clock
 
-Outgoing = tuple[str, str | None, str, str, asyncio.Future[None]]
-"""(channel, stream or None, head, tail, done): the stream when history is on."""
+Outgoing = tuple[str, str | None, str, str, str | None, asyncio.Future[None]]
+"""(channel, stream or None, head, tail, idempotency key or None, done): the stream when
+history is on or the message has a key."""
 
 
 def channel_of(kind: Kind, target: str) -> str:
@@ -119,6 +121,7 @@ class PubSub:
         self._said_behind = -BEHIND_HOLD  # when this node last said it fell behind
         self._tick_sent: float | None = None  # the tick on its way back, if any
         self._heard = 0  # messages the listener handled (ticks are sent only while they flow)
+        self.duplicates = 0  # keyed messages Redis dropped: their stream had the key
 
     # What the hub calls (plain defs: nothing here waits on Redis)
 
@@ -169,19 +172,24 @@ class PubSub:
         if len(self._outgoing) + count > MAX_WAITING:
             raise BackplaneUnavailableError(f"{MAX_WAITING} messages already wait for Redis")
 
-    def publish(self, kind: Kind, target: str, head: str, tail: str) -> asyncio.Future[None]:
+    def publish(
+        self, kind: Kind, target: str, head: str, tail: str, key: str | None = None
+    ) -> asyncio.Future[None]:
         """Queue one encoded message (``protocol.message_parts``) for every node; with
-        history on, Redis gives it its offset and keeps it. The future settles once Redis
-        has it.
+        history on, Redis gives it its offset and keeps it; with an idempotency ``key``
+        its stream had lately, Redis drops it. The future settles once Redis has it (or
+        has dropped it).
 
         Raises:
             BackplaneUnavailableError: Redis cannot be reached now, or too much waits.
         """
         self._room(1)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        stream = protocol.stream_of(kind, target) if self._positions.enabled else None
+        stream = None
+        if self._positions.enabled or key is not None:
+            stream = protocol.stream_of(kind, target)
         channel = self._link.prefix + channel_of(kind, target)
-        self._outgoing.append((channel, stream, head, tail, done))
+        self._outgoing.append((channel, stream, head, tail, key, done))
         self._wake_publisher()
         return done
 
@@ -195,7 +203,7 @@ class PubSub:
         self._link.check()  # but never "too much waits": changes go ahead of messages
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         frame = orjson.dumps({**change, "node": self._node}).decode()
-        self._controls.append((self._link.prefix + CONTROL, None, frame, "", done))
+        self._controls.append((self._link.prefix + CONTROL, None, frame, "", None, done))
         self._wake_publisher()
         return done
 
@@ -230,12 +238,14 @@ class PubSub:
             except BaseException:  # cancelled (closing) mid-pipeline: answer every sender
                 _fail(batch, BackplaneUnavailableError("shutting down"))
                 raise
-            for (*_, done), result in zip(batch, results, strict=True):
+            for (*_, key, done), result in zip(batch, results, strict=True):
                 if done.done():
                     continue
                 if isinstance(result, Exception):  # this one only (out of memory, say)
                     done.set_exception(BackplaneUnavailableError(describe(result)))
                 else:
+                    if key is not None and result == 0:  # its stream had the key: dropped
+                        self.duplicates += 1
                     done.set_result(None)
 
     def _commands(self, batch: list[Outgoing]) -> list[tuple[Any, ...]]:
@@ -243,8 +253,8 @@ class PubSub:
         return [
             ("PUBLISH", channel, head + tail)
             if stream is None
-            else positions.publish(channel, stream, head, tail)
-            for channel, stream, head, tail, _ in batch
+            else positions.publish(channel, stream, head, tail, key)
+            for channel, stream, head, tail, key, _ in batch
         ]
 
     # Life cycle
