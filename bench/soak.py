@@ -472,6 +472,51 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     print(f"plot: {path}")
 
 
+def markdown(results: list[dict[str, Any]], every: int = 6) -> str:
+    """The docs' tables of a run: a row per ``every`` samples and the last, per node; then
+    each node's slopes and verdict."""
+    out = []
+    for result in results:
+        nodes = result["nodes"]
+        kept = [s for s in result["samples"] if not s["clients"].get("end")]
+        rows = [s for i, s in enumerate(kept) if i % every == 0 or i == len(kept) - 1]
+        per = " | ".join(
+            f"RSS MiB{n} | fds{n} | tasks{n} | conns{n}"
+            for n in ([""] if nodes == 1 else [" (1)", " (2)"])
+        )
+        out.append(f"**{nodes} node{'s' if nodes > 1 else ''}**\n")
+        out.append(f"| t (s) | {per} | p99 (ms) | delivered |")
+        out.append("|" + " --- |" * (2 + 4 * nodes + 1))
+        for s in rows:
+            c = s["clients"]
+            cells = " | ".join(
+                f"{n['rss_mib']:.1f} | {n['fds']} | {n['tasks']:.0f} | {n['conns']:.0f}"
+                for n in s["nodes"]
+            )
+            p99 = f"{c['p99_ms']:.0f}" if c["p99_ms"] is not None else "-"
+            ratio = f"{c['delivered']}/{c['expected']}"
+            out.append(f"| {s['t']:.0f} | {cells} | {p99} | {ratio} |")
+        out.append("")
+        span = result["span_s"]
+        for i, slopes in enumerate(result["slopes_per_s"]):
+            parts = ", ".join(
+                f"{name} {60 * v:+.2f}/min" for name, v in slopes.items() if v is not None
+            )
+            out.append(f"- node {i + 1}, slopes over {span:.0f} s after the warm-up: {parts}")
+        p99 = result["p99_slope_ms_per_s"]
+        t = result["totals"]
+        out.append(
+            f"- p99 {60 * p99:+.1f} ms/min; {t['connects']} connects, {t['disconnects']} "
+            f"disconnects ({t['abrupt']} abrupt), {t['lost']} lost; delivered "
+            f"{t['delivered']} of {t['expected']} owed"
+            if p99 is not None
+            else "- p99: -"
+        )
+        verdict = "; ".join(result["failures"]) or "pass"
+        out.append(f"- verdict: **{verdict}**\n")
+    return "\n".join(out)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0])
     p.add_argument("--duration", type=float, default=600, help="seconds of churn (default 600)")
@@ -491,7 +536,10 @@ def parser() -> argparse.ArgumentParser:
         help="users, in groups of 10; connection i is user i %% users (default 1000: 5 tabs each)",
     )
     p.add_argument(
-        "--churn", type=float, default=100, help="connects and disconnects a second (default 100)"
+        "--churn",
+        type=float,
+        default=DEFAULT_CHURN,
+        help=f"connects and disconnects a second (default {DEFAULT_CHURN:g}; the issue asked 100)",
     )
     p.add_argument(
         "--abrupt",
@@ -512,7 +560,9 @@ def parser() -> argparse.ArgumentParser:
         help=f"per second (default {DEFAULT_GROUPS:g}; the issue asked 1000)",
     )
     p.add_argument(
-        "--issue-rates", action="store_true", help="100 broadcasts and 1000 group messages a second"
+        "--issue-rates",
+        action="store_true",
+        help="churn 100, 100 broadcasts and 1000 group messages a second",
     )
     p.add_argument(
         "--size", type=int, default=100, help="bytes of each message's text (default 100)"
@@ -549,12 +599,18 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--plot", type=Path, help="write the curves here (PNG, matplotlib)")
     p.add_argument("--json", type=Path, help="write the samples and verdicts here")
+    p.add_argument(
+        "--table", type=Path, help="print the docs' tables of a run saved with --json; run nothing"
+    )
     return p
 
 
-DEFAULT_BROADCASTS = 10.0
-DEFAULT_GROUPS = 1000.0
-RSS_BOUND = 16.0
+# What a 2-core machine shared with other work carried (docs/soak.md): the issue's 5,000
+# connections, half its churn, a fraction of its publishing; --issue-rates has its own.
+DEFAULT_CHURN = 50.0
+DEFAULT_BROADCASTS = 0.2
+DEFAULT_GROUPS = 10.0
+RSS_BOUND = 16.0  # MiB over the measured span (docs/soak.md: The verdict)
 FD_BOUND = 20.0
 
 
@@ -565,8 +621,11 @@ def stopped(signum: int, frame: Any) -> None:
 def main() -> int:
     signal.signal(signal.SIGTERM, stopped)
     args = parser().parse_args()
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())["results"]))
+        return 0
     if args.issue_rates:
-        args.broadcasts, args.group_messages = 100.0, 1000.0
+        args.churn, args.broadcasts, args.group_messages = 100.0, 100.0, 1000.0
     if args.warmup is None:
         args.warmup = min(60.0, args.duration / 3)
     if shutil.which("node") is None:

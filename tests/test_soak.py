@@ -124,3 +124,4 @@ def test_a_short_soak(tmp_path: Path) -> None:
     assert totals["connects"] >= 200 and totals["disconnects"] > 0 and totals["lost"] == 0
     assert len(result["samples"]) >= 3
     assert all(s["nodes"][0]["conns"] > 0 for s in result["samples"][:-1])
+    assert "- verdict: **pass**" in soak.markdown([result])
