@@ -18,10 +18,11 @@
 // Delivery, exactly. Every message's text is "<seq>|<publish ms>|…", the publish time taken
 // from this process's monotonic clock when its batch is posted. A connection expects every
 // message posted (and answered 2xx) to a stream it listens to between its welcome and its
-// doom; it delivers those of them it receives, by their stamp. Both are added up when it is
-// finished (doomed and closed, or at the end), so `expected` and `delivered` are exact, and a
-// message later than `grace` counts as missed. Latency is receipt minus stamp, for every
-// message received in the interval.
+// doom; it delivers those of them it receives, by their stamp. Both are added up once it is
+// finished (doomed and closed, or at the end) and no post stamped before its end is still in
+// flight, so `expected` and `delivered` are exact, and a message later than `grace` counts as
+// missed. A line's `delivered` and `expected` are those added up since the last line.
+// Latency is receipt minus stamp, for every message received in the interval.
 //
 // Config (a JSON file named by argv[2]):
 //   urls         ws://… per node; connection i goes to urls[i % n]
@@ -159,17 +160,32 @@ class Connection {
     }, graceMs);
   }
 
-  // Add what this connection expected and got, once.
+  // Done: what it expected is added up once no post stamped before its end is in flight.
   finish(until) {
     if (this.finished) return;
     this.finished = true;
     live.delete(this);
     if (this.from === null) return;
     connected -= 1;
-    const to = Math.min(until, this.cutoff);
-    add("expected", between(broadcastStamps, this.from, to) + between(groupStamps.get(this.group), this.from, to));
-    add("delivered", this.delivered);
+    this.to = Math.min(until, this.cutoff);
+    finished.push(this);
   }
+}
+
+// Connections finished but not yet added up, and the stamps of the posts in flight: a post
+// answered after a connection's end still adds to what it was owed.
+let finished = [];
+const posting = new Map(); // stamp -> posts in flight with it
+function account(all = false) {
+  let oldest = Infinity;
+  for (const stamp of posting.keys()) oldest = Math.min(oldest, stamp);
+  const waiting = [];
+  for (const c of finished) {
+    if (!all && c.to >= oldest) { waiting.push(c); continue; }
+    add("expected", between(broadcastStamps, c.from, c.to) + between(groupStamps.get(c.group), c.from, c.to));
+    add("delivered", c.delivered);
+  }
+  finished = waiting;
 }
 
 // The publisher: a batch per tick, to the nodes in turn; a tick whose post would exceed the
@@ -203,6 +219,7 @@ async function publishTick(tick) {
     targets.push(group);
   }
   inflight += 1;
+  posting.set(stamp, (posting.get(stamp) || 0) + 1);
   try {
     const response = await fetch(cfg.publishUrls[tick % cfg.publishUrls.length], {
       method: "POST",
@@ -224,6 +241,8 @@ async function publishTick(tick) {
     add("publishFailed", items.length);
   } finally {
     inflight -= 1;
+    if (posting.get(stamp) === 1) posting.delete(stamp);
+    else posting.set(stamp, posting.get(stamp) - 1);
   }
 }
 
@@ -234,6 +253,7 @@ function quantile(sorted, q) {
 const t0 = performance.now();
 let cpu0 = process.cpuUsage();
 function line(extra = {}) {
+  account(extra.end === true);
   const measured = latencies.subarray(0, received).sort();
   const cpu = process.cpuUsage(cpu0);
   cpu0 = process.cpuUsage();
@@ -315,6 +335,9 @@ async function run() {
   }
   // Stop publishing; let what is in flight land; then count every connection still open.
   await new Promise((r) => setTimeout(r, graceMs));
+  for (let waited = 0; inflight > 0 && waited < 30_000; waited += 100) {
+    await new Promise((r) => setTimeout(r, 100));
+  }
   const end = performance.now() - graceMs;
   const open = [...live];
   for (const c of open) c.finish(end);
