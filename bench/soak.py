@@ -334,6 +334,11 @@ def judge(
         per: dict[str, float | None] = {}
         for column in ("rss_mib", "fds", "tasks", "conns"):
             per[column] = slope([(s["t"], s["nodes"][i][column]) for s in measured])
+        # Descriptors follow the connections open, which the churn moves by a few percent:
+        # what must stay flat is the descriptors besides them.
+        per["fds_besides"] = slope(
+            [(s["t"], s["nodes"][i]["fds"] - s["nodes"][i]["conns"]) for s in measured]
+        )
         slopes.append(per)
         name = f"node {i + 1}"
         growth = (per["rss_mib"] or 0.0) * span
@@ -341,11 +346,11 @@ def judge(
             failures.append(
                 f"{name}: RSS grew {growth:.1f} MiB over {span:.0f} s (bound {args.rss_bound} MiB)"
             )
-        fd_growth = (per["fds"] or 0.0) * span
+        fd_growth = (per["fds_besides"] or 0.0) * span
         if fd_growth > args.fd_bound:
             failures.append(
-                f"{name}: descriptors grew {fd_growth:.0f} over {span:.0f} s "
-                f"(bound {args.fd_bound})"
+                f"{name}: descriptors besides its connections grew {fd_growth:.0f} over "
+                f"{span:.0f} s (bound {args.fd_bound})"
             )
         allowed = idle[i]["fds"] + FD_SLACK + 2 * args.churn / nodes
         for s in measured:
@@ -470,6 +475,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     print(f"plot: {path}")
+
+
+def rejudge(saved_args: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's result judged again by this code's verdict, from its samples."""
+    args = argparse.Namespace(**saved_args)
+    end = {"totals": result["totals"]}
+    return judge(args, result["nodes"], result["samples"], result["idle"], result["after"], end)
 
 
 def markdown(results: list[dict[str, Any]], every: int = 6) -> str:
@@ -622,7 +634,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stopped)
     args = parser().parse_args()
     if args.table:
-        print(markdown(json.loads(args.table.read_text())["results"]))
+        saved = json.loads(args.table.read_text())
+        print(markdown([rejudge(saved["args"], result) for result in saved["results"]]))
         return 0
     if args.issue_rates:
         args.churn, args.broadcasts, args.group_messages = 100.0, 100.0, 1000.0
