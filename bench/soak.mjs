@@ -195,6 +195,7 @@ let inflight = 0;
 let owedBroadcasts = 0;
 let owedGroups = 0;
 const MAX_INFLIGHT = 20;
+const failures = new Map(); // why a post failed (status and body, or the error) -> posts
 const groupNames = [...new Set(cfg.groups)];
 function pad(head) { return head + "x".repeat(Math.max(0, cfg.size - head.length)); }
 async function publishTick(tick) {
@@ -226,8 +227,13 @@ async function publishTick(tick) {
       headers: { Authorization: `Bearer ${cfg.apiKey}`, "Content-Type": "application/json" },
       body: JSON.stringify(items),
     });
-    await response.arrayBuffer();
-    if (response.status < 200 || response.status > 299) { add("publishFailed", items.length); return; }
+    const body = await response.arrayBuffer();
+    if (response.status < 200 || response.status > 299) {
+      add("publishFailed", items.length);
+      const why = `${response.status} ${new TextDecoder().decode(body).slice(0, 200)}`;
+      failures.set(why, (failures.get(why) || 0) + 1);
+      return;
+    }
     for (const group of targets) {
       if (group === null) record(broadcastStamps, stamp);
       else {
@@ -239,6 +245,8 @@ async function publishTick(tick) {
     posts.push(performance.now() - stamp);
   } catch (err) {
     add("publishFailed", items.length);
+    const why = String((err && err.cause && err.cause.code) || err);
+    failures.set(why, (failures.get(why) || 0) + 1);
   } finally {
     inflight -= 1;
     if (posting.get(stamp) === 1) posting.delete(stamp);
@@ -269,6 +277,7 @@ function line(extra = {}) {
     post_p99_ms: quantile(posts.sort((a, b) => a - b), 0.99),
     inflight,
     interval: cfg.interval,
+    publish_failures: Object.fromEntries(failures),
     loadgen_cpu: (cpu.user + cpu.system) / 1e6 / cfg.interval,
     ...extra,
   };
@@ -276,6 +285,7 @@ function line(extra = {}) {
   window = blank();
   received = 0;
   posts = [];
+  failures.clear();
 }
 
 async function fill() {
