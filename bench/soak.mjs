@@ -305,7 +305,8 @@ async function fill() {
 
 async function run() {
   await fill();
-  process.stdout.write(JSON.stringify({ ready: true, connected, refused: totals.refused }) + "\n");
+  const ready = { ready: true, t: (performance.now() - t0) / 1000, connected, refused: totals.refused };
+  process.stdout.write(JSON.stringify(ready) + "\n");
   window = blank();
   received = 0;
   const start = performance.now();
