@@ -82,6 +82,16 @@ bench *args: install
     [ -d bench/node_modules/ws ] || npm ci --no-audit --no-fund --prefix bench
     {{bin}}/python bench/run.py {{args}}
 
+# the soak: 5,000 browser-like connections churning for 10 minutes on one node and on two (Redis);
+# fails if memory or descriptors grow (add --duration S, --nodes 1|2, --plot FILE, --issue-rates, ...)
+soak *args: install
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v node >/dev/null || { echo "the soak's clients need Node.js (apt-get install nodejs npm)" >&2; exit 1; }
+    [ -d bench/node_modules/ws ] || npm ci --no-audit --no-fund --prefix bench
+    {{bin}}/python -c 'import matplotlib' 2>/dev/null || {{bin}}/python -m pip install -q -e '.[bench]'
+    {{bin}}/python bench/soak.py {{args}}
+
 # a headless locust run against a local server with the demo users (USERS, SECONDS to change)
 locust users="50" seconds="60": install
     #!/usr/bin/env bash

@@ -82,6 +82,24 @@ async def test_two_apps_do_not_share_metrics(app: App, settings: Settings) -> No
     await other.shutdown()
 
 
+async def test_tasks_gauge_counts_the_loops_tasks(app: App) -> None:
+    """wsfanout_asyncio_tasks is the event loop's live tasks: a connection's own tasks
+    raise it while it is open (what `just soak` watches for leaks)."""
+
+    async def tasks() -> float:
+        found = samples((await asgi.request(app, "GET", "/metrics")).body)
+        return found[("wsfanout_asyncio_tasks", ())]
+
+    idle = await tasks()
+    assert idle >= 1  # the test's own task, at least
+    greg = await login(app, "greg")
+    async with asgi.WebSocket(app, headers={"cookie": greg}) as g:
+        await g.receive()
+        busy = await tasks()
+        assert busy > idle
+    assert await tasks() < busy
+
+
 async def test_resumes_are_counted_by_outcome(app: App) -> None:
     """Each resumed connection counts as recovered or lost, with the messages replayed."""
     greg = await login(app, "greg")

@@ -8,6 +8,7 @@ a series that appears only with its first event breaks ``rate()`` and alerts on 
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Iterator, Mapping
 from typing import Final, Protocol
@@ -97,6 +98,12 @@ class Metrics(Collector):
     def collect(self) -> Iterator[Metric]:
         hub, writers = self.hub, self.writers
         yield GaugeMetricFamily("wsfanout_connections", "Open websocket connections.", len(hub))
+        yield GaugeMetricFamily(
+            "wsfanout_asyncio_tasks",
+            "Tasks alive on the event loop that serves this scrape (all of the process's, "
+            "the server's included): flat under steady load, or something leaks them.",
+            _tasks(),
+        )
         published = CounterMetricFamily(
             "wsfanout_messages_published", "Messages published.", labels=["kind", "source"]
         )
@@ -215,6 +222,14 @@ class Metrics(Collector):
             yield GaugeMetricFamily(
                 "wsfanout_webhook_queue", "Lifecycle events waiting to be posted.", len(webhook)
             )
+
+
+def _tasks() -> int:
+    """The running loop's live tasks; 0 when scraped outside a loop (``render()`` from a thread)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
 
 
 def _outcomes(
