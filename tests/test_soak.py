@@ -124,7 +124,7 @@ def test_a_short_soak(tmp_path: Path) -> None:
     command = [
         sys.executable,
         str(ROOT / "bench" / "soak.py"),
-        *("--nodes", "1", "--duration", "8", "--interval", "2", "--grace", "2"),
+        *("--nodes", "1", "--duration", "8", "--interval", "2", "--grace", "6"),
         *("--connections", "200", "--users", "100", "--churn", "20"),
         *("--broadcasts", "5", "--group-messages", "50", "--json", str(out)),
     ]
