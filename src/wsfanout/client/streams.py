@@ -104,7 +104,13 @@ class Streams:
             ):
                 self._unresumed.append(stream)  # refused, or met without an epoch
             where[stream] = _Where(epoch, offset)
-        self._where = where  # streams no longer ours (or history off) are forgotten
+        if given:  # streams no longer ours are forgotten
+            self._where = where
+        # A welcome with no positions at all (the server could not read them: Redis away;
+        # its resumed names every stream lost) keeps where the application stands: the next
+        # connection resumes from there, and is replayed to or told what it lost. Forgotten,
+        # the streams would start afresh at a later welcome's offsets, and what was
+        # published in between would be neither given nor reported.
         self._refused = bool(dropped)
         if self._sent or not self._unresumed:
             return None  # the server's resumed will carry the additions, if any
