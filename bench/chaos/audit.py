@@ -41,6 +41,7 @@ class Jump:
     t: float
     why: str
     to: tuple[str, float] | None = None  # for a jump to another epoch: up to here in that one
+    sent_before: float = math.inf  # covers only messages sent before this
 
 
 @dataclass
@@ -53,8 +54,10 @@ class Timeline:
     disorder: int = 0
     gaps: int = 0  # offsets skipped without a report (whatever was at them)
 
-    def covers(self, epoch: str, offset: int) -> Jump | None:
+    def covers(self, epoch: str, offset: int, sent: float) -> Jump | None:
         for jump in self.jumps:
+            if sent > jump.sent_before:
+                continue
             if jump.epoch == epoch and jump.lo < offset <= jump.hi:
                 return jump
             if jump.to is not None and jump.to[0] == epoch and offset <= jump.to[1]:
@@ -133,7 +136,12 @@ class Audit:
             reader.streams[stream].jumps.append(jump)
         for stream in lost:
             line, top = reader.streams.get(stream), reader.welcome.get(stream)
-            if stream in reader.pending or line is None or top is None:
+            if stream in reader.pending or line is None:
+                continue
+            if top is None:  # a welcome without positions: what was sent till now is lost
+                why = "reported (a welcome without positions)"
+                line.jumps.append(Jump(True, line.cur[0], line.cur[1], math.inf, t, why))
+                line.jumps[-1].sent_before = t
                 continue
             if line.cur[0] == top[0] and line.cur[1] < top[1]:  # goes on from the welcome's top
                 line.jumps.append(Jump(True, top[0], line.cur[1], top[1], t, "reported"))
@@ -234,7 +242,7 @@ class Audit:
             return "silently lost", "the reader never had that stream"
         if position is not None:
             _, epoch, offset = position
-            jump = line.covers(epoch, offset)
+            jump = line.covers(epoch, offset, t_sent)
             if jump is not None:
                 verdict = "reported lost" if jump.reported else "silently lost"
                 return verdict, f"{jump.why} at {jump.t:.3f}"
