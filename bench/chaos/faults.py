@@ -62,6 +62,8 @@ def schedule(seed: int, kinds: list[str], count: int, nodes: int) -> list[Fault]
                 how = rng.choice(LINK_FAULTS)
                 delay = round(rng.uniform(0.02, 0.3), 3) if how == "delay" else 0.0
             hold = round(rng.uniform(1.0, 6.0), 1)
+            if how == "stall" and rng.random() < 0.3:  # past the pings' timeouts, at times
+                hold = round(rng.uniform(20.0, 45.0), 1)
             pause = round(rng.uniform(1.0, 4.0), 1)
             faults.append(Fault(kind, rng.randrange(nodes), hold, how, delay, pause))
     return faults[:count]
