@@ -230,6 +230,24 @@ def test_a_welcome_without_positions_keeps_them_for_the_next_resume() -> None:
     assert (resumed["recovered"], resumed["lost"]) == (False, ["all"])
 
 
+def test_streams_first_met_in_a_welcome_without_positions_are_reported_if_moved_on() -> None:
+    """A first welcome without positions (Redis could not say in time) gives the client no
+    epoch for its streams: a later welcome that finds one of them moved on names it lost
+    (what was published meanwhile may never have come), one that did not move is taken up."""
+    streams = Streams()
+    assert streams.resume() is None
+    first = {"type": "welcome", "user": "Greg", "groups": ["boys", "chess"]}
+    assert streams.welcome(first) is None
+    assert streams.message(message("group:boys", 4))  # a live one: history is on
+    assert streams.resume() is None  # nothing with an epoch to resume
+    made = streams.welcome(
+        welcome(all=("a1", 0), group_boys=("b1", 4), group_chess=("c1", 2), user_greg=("u1", 1))
+    )
+    assert made is not None
+    assert (made["recovered"], sorted(made["lost"])) == (False, ["group:chess", "user:greg"])
+    assert streams.positions()["group:chess"] == {"epoch": "c1", "offset": 2}
+
+
 def test_refused_positions_are_dropped_and_reported() -> None:
     """After a 400 the client forgets its positions and, on the fresh welcome, makes the
     resumed the server will not send: recovered false, naming what it dropped."""
