@@ -103,6 +103,8 @@ class Audit:
             reader = self.readers[index]
             if kind == "w":
                 self._welcome(reader, t, with_row[3])
+                if not with_row[3]:
+                    self._unknown(reader, index)
             elif kind == "r":
                 self._resumed(reader, t, with_row[4])
             elif kind == "m":
@@ -128,6 +130,15 @@ class Audit:
                 False, old_epoch, old_offset, math.inf, t, "", to=(epoch, offset)
             )
             line.cur = [epoch, offset]
+
+    def _unknown(self, reader: Reader, index: int) -> None:
+        """A welcome without positions: the reader's streams it had none for are met without
+        an epoch (the client waits for a welcome that names them)."""
+        user, _ = self.population.clients[index]
+        streams = ["all", f"user:{user}", *(f"group:{g}" for g in self.population.users[user])]
+        for stream in streams:
+            if stream not in reader.streams:
+                reader.streams[stream] = Timeline(("?", 0), ["?", 0])
 
     def _resumed(self, reader: Reader, t: float, lost: list[str]) -> None:
         reader.rows.append(["resumed", t, lost])
@@ -156,7 +167,9 @@ class Audit:
         if line is None:  # a message on a stream no welcome named
             line = reader.streams[stream] = Timeline(("?", 0), ["?", 0])
         epoch, last = line.cur
-        if offset <= last:
+        if epoch == "?":  # met without an epoch: where it began is not known
+            pass
+        elif offset <= last:
             line.disorder += 1
         elif offset > last + 1:
             line.gaps += offset - last - 1
@@ -188,7 +201,7 @@ class Audit:
             if wrong:
                 examples["misdelivered"].append(f"{text} ({stream}) reached readers {wrong[:5]}")
             positions = self.where.get(text, collections.Counter())
-            published = len({(s, e, o) for s, e, o in positions})
+            published = len({(s, o) for s, _, o in positions})
             # A RabbitMQ message that a node published but whose ack never reached the broker
             # (the broker or the node went away) is delivered again and published again, at
             # another offset: a known cause, counted apart until publishes carry idempotency
