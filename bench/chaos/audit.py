@@ -169,7 +169,7 @@ class Audit:
         epoch, last = line.cur
         if epoch == "?":  # met without an epoch: where it began is not known
             pass
-        elif offset <= last:
+        elif offset < last:  # the same offset again is a duplicate, counted as one
             line.disorder += 1
         elif offset > last + 1:
             line.gaps += offset - last - 1

@@ -4,8 +4,10 @@ stopped, a drain until every reader is connected and quiet; then the audit."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -137,7 +139,7 @@ async def run(options: Options) -> int:
             order = [nodes[(home + k) % NODES] for k in range(NODES)]
             return [node.port for node in order if node.alive or node is order[0]]
 
-        client_links = [Proxy(f"node{i}", lambda i=i: targets(i)) for i in range(NODES)]
+        client_links = [Proxy(f"node{i}", functools.partial(targets, i)) for i in range(NODES)]
         for link in client_links:
             await link.start()
         links = [*redis_links, *client_links]
@@ -231,26 +233,34 @@ async def _drain(readers: list[Process], options: Options) -> None:
     say("the drain did not end in time: auditing anyway")
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="just chaos", description=__doc__)
     parser.add_argument("--duration", type=float, default=600, help="seconds of faults")
     parser.add_argument("--seed", type=int, default=None, help="replay a run (default: random)")
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=20, help="publishes per second")
     parser.add_argument("--workers", type=int, default=3, help="reader processes")
-    parser.add_argument("--faults", default=",".join(KINDS), help="kinds, comma-separated")
+    parser.add_argument(
+        "--faults", type=fault_kinds, default=list(KINDS), help="kinds, comma-separated"
+    )
     parser.add_argument("--folder", type=Path, default=None, help="keep logs here")
-    args = parser.parse_args(argv)
-    kinds = [kind for kind in args.faults.split(",") if kind]
-    unknown = set(kinds) - set(KINDS)
-    if unknown:
-        parser.error(
-            f"unknown fault kinds: {', '.join(sorted(unknown))}; known: {', '.join(KINDS)}"
-        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(3), "big")
     options = Options(
-        args.duration, seed, args.clients, args.rate, args.workers, kinds, args.folder
+        args.duration, seed, args.clients, args.rate, args.workers, args.faults, args.folder
     )
     return asyncio.run(run(options))
+
+
+def fault_kinds(text: str) -> list[str]:
+    """``--faults``: kinds, comma-separated (none: a run without faults)."""
+    kinds = [kind for kind in text.split(",") if kind]
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        known = ", ".join(KINDS)
+        raise argparse.ArgumentTypeError(f"unknown: {', '.join(sorted(unknown))}; known: {known}")
+    return kinds
