@@ -214,40 +214,6 @@ def test_resume_keeps_a_known_epoch_and_takes_a_new_one() -> None:
     assert resumed["restarted"] == []  # published to since it restarted: something is lost
 
 
-def test_a_welcome_without_positions_keeps_them_for_the_next_resume() -> None:
-    """A welcome with no positions (the node could not read them: Redis away) forgets
-    nothing: the next connection resumes from where the application stood, so what was
-    published meanwhile is replayed or reported lost, never skipped in silence."""
-    streams = Streams({"all": {"epoch": "a1", "offset": 7}})
-    streams.resume()
-    assert streams.welcome({"type": "welcome", "user": "greg", "groups": []}) is None
-    resumed = streams.resumed({"type": "resumed", "recovered": False, "missed": 0, "lost": ["all"]})
-    assert resumed["lost"] == ["all"]
-    assert streams.positions() == {"all": {"epoch": "a1", "offset": 7}}
-    assert streams.resume() == '{"all":{"epoch":"a1","offset":7}}'
-    streams.welcome(welcome(all=("a2", 1)))  # Redis came back without its data
-    resumed = streams.resumed({"type": "resumed", "recovered": False, "missed": 0, "lost": ["all"]})
-    assert (resumed["recovered"], resumed["lost"]) == (False, ["all"])
-
-
-def test_streams_first_met_in_a_welcome_without_positions_are_reported_if_moved_on() -> None:
-    """A first welcome without positions (Redis could not say in time) gives the client no
-    epoch for its streams: a later welcome that finds one of them moved on names it lost
-    (what was published meanwhile may never have come), one that did not move is taken up."""
-    streams = Streams()
-    assert streams.resume() is None
-    first = {"type": "welcome", "user": "Greg", "groups": ["boys", "chess"]}
-    assert streams.welcome(first) is None
-    assert streams.message(message("group:boys", 4))  # a live one: history is on
-    assert streams.resume() is None  # nothing with an epoch to resume
-    made = streams.welcome(
-        welcome(all=("a1", 0), group_boys=("b1", 4), group_chess=("c1", 2), user_greg=("u1", 1))
-    )
-    assert made is not None
-    assert (made["recovered"], sorted(made["lost"])) == (False, ["group:chess", "user:greg"])
-    assert streams.positions()["group:chess"] == {"epoch": "c1", "offset": 2}
-
-
 def test_refused_positions_are_dropped_and_reported() -> None:
     """After a 400 the client forgets its positions and, on the fresh welcome, makes the
     resumed the server will not send: recovered false, naming what it dropped."""

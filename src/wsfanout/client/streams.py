@@ -104,32 +104,11 @@ class Streams:
             ):
                 self._unresumed.append(stream)  # refused, or met without an epoch
             where[stream] = _Where(epoch, offset)
-        if given:  # streams no longer ours are forgotten
-            self._where = where
-        else:
-            self._unknown(event)
+        self._where = where  # streams no longer ours (or history off) are forgotten
         self._refused = bool(dropped)
         if self._sent or not self._unresumed:
             return None  # the server's resumed will carry the additions, if any
         return self.resumed({"type": "resumed", "recovered": False, "missed": 0, "lost": []})
-
-    def _unknown(self, event: dict[str, Any]) -> None:
-        """A welcome with no positions at all: the server could not read them (Redis away,
-        or its subscriptions not confirmed in time; a resumed names every stream asked
-        for lost), or history is off. Where the application stands is kept, so that the
-        next connection resumes from there and is replayed to or told what it lost; the
-        connection's other streams are met without an epoch, as a joined group is, so that
-        a later welcome that finds them moved on names them lost. Forgotten, or taken up at
-        a later welcome's offsets, what was published in between would be neither given nor
-        reported."""
-        user, groups = event.get("user"), event.get("groups")
-        streams = [stream_of(_Kind.BROADCAST, "")]
-        if isinstance(user, str):
-            streams.append(stream_of(_Kind.DIRECT, user))
-        if isinstance(groups, list):
-            streams += [stream_of(_Kind.GROUP, g) for g in groups if isinstance(g, str)]
-        for stream in streams:
-            self._where.setdefault(stream, _Where(None, None))
 
     def resumed(self, event: dict[str, Any]) -> dict[str, Any]:
         """A ``resumed`` event with the client's additions: the streams it could not resume
