@@ -85,6 +85,7 @@ class Audit:
             collections.Counter
         )
         self.unknown = 0
+        self.unpositioned = 0  # welcomes without positions (history on: there should be none)
 
     # -- reading the logs -----------------------------------------------------------------
 
@@ -104,6 +105,7 @@ class Audit:
             if kind == "w":
                 self._welcome(reader, t, with_row[3])
                 if not with_row[3]:
+                    self.unpositioned += 1
                     self._unknown(reader, index)
             elif kind == "r":
                 self._resumed(reader, t, with_row[4])
@@ -132,8 +134,9 @@ class Audit:
             line.cur = [epoch, offset]
 
     def _unknown(self, reader: Reader, index: int) -> None:
-        """A welcome without positions: the reader's streams it had none for are met without
-        an epoch (the client waits for a welcome that names them)."""
+        """A welcome without positions (history on, the node sends none): the reader's
+        streams it had none for are met without an epoch, so that a later welcome that
+        takes them up is a jump, reported only if a resumed names them."""
         user, _ = self.population.clients[index]
         streams = ["all", f"user:{user}", *(f"group:{g}" for g in self.population.users[user])]
         for stream in streams:
@@ -251,6 +254,7 @@ class Audit:
             line.gaps for r in self.readers.values() for line in r.streams.values()
         )
         counts["deliveries of unknown ids"] = self.unknown
+        counts["welcomes without positions"] = self.unpositioned
         return {"counts": counts, "vias": vias, "examples": examples}
 
     def _missing(
@@ -303,7 +307,7 @@ def main(folder: Path, population: Population, seed: int, queue_left: int) -> in
     names = ("delivered once", "reported lost", "silently lost", "duplicated", REDELIVERED,
              "out of order",
              "misdelivered", "before the reader began", "offsets skipped without a report",
-             "deliveries of unknown ids")  # fmt: skip
+             "deliveries of unknown ids", "welcomes without positions")  # fmt: skip
     for name in names:
         print(f"  {name:<36}{counts[name]}")
     print(f"  RabbitMQ queue left                 {queue_left}")
