@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,7 +98,7 @@ async def populate(url: str, population: Population) -> None:
 
 
 async def run(options: Options) -> int:
-    folder = options.folder or Path(tempfile.mkdtemp(prefix="wsfanout-chaos-"))
+    folder = options.folder = options.folder or Path(tempfile.mkdtemp(prefix="wsfanout-chaos-"))
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o755)
     kinds = ", ".join(options.kinds) or "none"
@@ -253,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(
         args.duration, seed, args.clients, args.rate, args.workers, args.faults, args.folder
     )
-    return asyncio.run(run(options))
+    code = asyncio.run(run(options))
+    if code == 0 and args.folder is None and options.folder is not None:
+        shutil.rmtree(options.folder, ignore_errors=True)  # its logs are kept when it fails
+    return code
 
 
 def fault_kinds(text: str) -> list[str]:
