@@ -106,3 +106,8 @@ locust users="50" seconds="60": install
     for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
     {{bin}}/locust -f bench/locustfile.py --headless -u {{users}} -r 10 -t {{seconds}}s \
         --host "http://127.0.0.1:$port" --only-summary
+
+# the chaos run: 3 nodes, 1,000 clients, seeded faults, an audit of every acknowledged message
+# (add --duration SECONDS, --seed N, --clients N, --faults KINDS; docs/development.md)
+chaos *args: install
+    {{bin}}/python -m bench.chaos {{args}}

@@ -488,6 +488,31 @@ async def test_a_gap_longer_than_the_history_in_redis_is_lost(
             assert resumed == {"type": "resumed", "recovered": False, "missed": 1, "lost": ["all"]}
 
 
+async def test_no_welcome_without_positions_while_redis_is_away(
+    settings: Settings, redis_server: RedisServer, prefix: str
+) -> None:
+    """With history on, a connection whose positions Redis cannot give is closed with 1013
+    before any welcome (and the next one, once Redis is back, is welcomed with them): a
+    welcome without positions would leave its client unable to know what it missed before
+    the node's subscriptions took hold (the chaos run found such silent losses)."""
+    app = create_app(dataclasses.replace(settings, redis_url=redis_server.url, redis_prefix=prefix))
+    await app.startup()
+    try:
+        await wait_healthy(app)
+        greg = await login(app, "greg")
+        redis_server.stop()
+        await wait_healthy(app, want=503)
+        async with asgi.WebSocket(app, headers={"cookie": greg}) as g:
+            assert await g.until_closed() == []
+            assert g.close_code == 1013
+        redis_server.start()
+        await wait_healthy(app, want=200, timeout=20)
+        async with asgi.WebSocket(app, headers={"cookie": greg}) as g:
+            assert "all" in (await g.receive())["streams"]
+    finally:
+        await app.shutdown()
+
+
 async def test_a_redis_that_lost_its_data_means_a_new_epoch(
     settings: Settings, redis_server: RedisServer, prefix: str
 ) -> None:

@@ -166,7 +166,13 @@ class History:
 class Joined:
     """What a connection joining the hub is told: where its streams stand (None when
     there is no history, or Redis could not say), what it missed (in order), and which
-    of the streams it asked to resume could not be recovered."""
+    of the streams it asked to resume could not be recovered.
+
+    With history on, a connection whose positions Redis could not give (Redis away, or
+    this node's subscriptions not confirmed in time) is closed with 1013 before any
+    welcome, and comes back with backoff: welcomed without positions, its client could
+    neither know what it missed before the subscriptions took hold nor be told, and the
+    next welcome would take its streams up from there in silence."""
 
     positions: dict[str, Position] | None
     replay: list[str]

@@ -45,7 +45,6 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
-from typing import Final
 
 from . import protocol
 from .backplane import (
@@ -65,9 +64,6 @@ from .protocol import Kind, Position, Publish
 __all__ = ["Hub", "HubStats", "Joined", "UnavailableError"]
 
 log = logging.getLogger(__name__)
-
-RESYNC_BATCH: Final = 500  # connections closed at a time after losing Redis ...
-RESYNC_PAUSE: Final = 0.05  # ... this many seconds apart, so their resumes come in waves
 
 
 class UnavailableError(Exception):
@@ -96,7 +92,6 @@ class Hub:
         self.closed = False
         self._close_code = 0  # what drain() closes with; a latecomer gets it too
         self._empty: asyncio.Event | None = None
-        self._resync: asyncio.Task[None] | None = None
         self._on_missed: Callable[[], None] | None = None
         self._pacer = Pacer(self._recipients, self._push, self.stats, pace_timeout, backlog_bytes)
         backplane.bind(
@@ -126,8 +121,11 @@ class Hub:
     def _missed(self) -> None:
         """Back on Redis after losing it: what was published meanwhile never reached this
         node's connections, nor did the operator's changes (revocations, memberships).
-        Close them (1012, a batch at a time) so that they reconnect, through the
-        handshake's checks, and (with history) resume what they missed."""
+        Close them (1012) so that they reconnect, through the handshake's checks, and (with
+        history) resume what they missed. All of them here and now, before the new
+        subscription hands anything on: a connection given a message published after the
+        gap would have its client move past the gap and resume after it, the gap neither
+        given nor reported. The clients spread their returns (a random 0-1 s after 1012)."""
         if self._on_missed is not None:
             self._on_missed()
         if self.closed or not self._all:
@@ -136,9 +134,8 @@ class Hub:
             "back on Redis: closing %d connections with 1012 so that they reconnect and resume",
             len(self._all),
         )
-        self._resync = asyncio.get_running_loop().create_task(
-            self._close_all(protocol.CloseCode.SERVICE_RESTART, RESYNC_BATCH, RESYNC_PAUSE)
-        )
+        for outbox in self.outboxes():
+            outbox.close(protocol.CloseCode.SERVICE_RESTART)
 
     def __len__(self) -> int:
         return len(self._all)
@@ -440,14 +437,10 @@ class Hub:
         await self._close_all(code, batch, pause, by)
 
     async def close(self) -> None:
-        """After ``drain``: stop the tasks the hub runs (the backlog's pacing, closing
-        connections after Redis came back), so none outlives the service."""
+        """After ``drain``: stop the task the hub runs (the backlog's pacing), so that it
+        does not outlive the service."""
         self.closed = True
         await self._pacer.close()
-        resync, self._resync = self._resync, None
-        if resync is not None:
-            resync.cancel()
-            await asyncio.gather(resync, return_exceptions=True)
 
     async def _close_all(
         self, code: int, batch: int, pause: float, by: float | None = None

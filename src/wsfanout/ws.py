@@ -171,8 +171,8 @@ class Connection:
 
         ``since``: when the login was checked. A change the operator made since then did
         not find this connection (it was not in the hub yet): if its session was revoked,
-        it is told so and closed (1008) instead of welcomed; if its groups changed, it is
-        closed with 1012, to reconnect with the new ones."""
+        it is told so and closed (1008) instead of welcomed; if its groups changed, 1012, to
+        reconnect with the new ones; if Redis could not say where its streams stand, 1013."""
         outbox, user, hub, hooks = self.outbox, self.login, self.svc.hub, self.svc.hooks
         self.announce = announce
         groups = list(outbox.groups)
@@ -180,10 +180,12 @@ class Connection:
         told = hooks.connected(user.username)  # the lifecycle hooks (DESIGN 12)
         code: int | None = None
         try:
-            # Joined before the welcome: messages from now on queue up behind it (and
-            # behind the replay, which join() makes sure they do not repeat).
+            # Joined before the welcome: messages from now on queue up behind it (and behind
+            # the replay, which join() makes sure they do not repeat). See Joined for 1013.
             joined = await hub.join(outbox, streams, seen or {}, announce)
             changed = self.svc.control.changed_since(user, since)
+            if changed is None and joined.positions is None and self.svc.settings.history_on:
+                changed = CloseCode.TRY_AGAIN_LATER
             timeout = self.svc.settings.send_timeout
             try:
                 async with asyncio.timeout(timeout):  # as the writer's sends are (outbox.py)
@@ -299,9 +301,8 @@ class Connection:
         writer = asyncio.create_task(outbox.run())
         outbox.on_overflow = writer.cancel
         writer.add_done_callback(self._writer_done)
-        # The session ends when it says, even on a socket that only listens.
-        deadlines = self.svc.admission.deadlines
-        deadlines.add(self.expires_at, self)
+        deadlines = self.svc.admission.deadlines  # the session ends when it says, even ...
+        deadlines.add(self.expires_at, self)  # ... on a socket that only listens
         try:
             self._move(Stage.READING)
             try:
