@@ -35,6 +35,8 @@ from .population import API_KEY, Population, token
 KINDS = (("broadcast", 0.04), ("group", 0.46), ("direct", 0.5))
 VIAS = ("ws", "http", "amqp")
 HTTP_TIMEOUT = 10.0
+HTTP_TRIES = 3  # attempts of an HTTP publish (to the next node each time) ...
+HTTP_RETRY_PAUSE = 1.0  # ... this many seconds apart
 
 
 class Publishers:
@@ -48,7 +50,7 @@ class Publishers:
         self.channel: aio_pika.abc.AbstractChannel | None = None
         self.pending: set[asyncio.Task[None]] = set()
         self.drains: list[asyncio.Task[None]] = []
-        self.counts = {"sent": 0, "ok": 0}
+        self.counts = {"sent": 0, "ok": 0, "http retries": 0}
 
     def _write(self, row: list[Any]) -> None:
         self.log.write(orjson.dumps(row) + b"\n")
@@ -92,7 +94,7 @@ class Publishers:
             if via == "ws":
                 await self.ws[number % len(self.ws)].send(body)
             elif via == "http":
-                await self._post(number % len(self.ws), {**body, "from": "chaos"})
+                await self._post_until_taken(number, {**body, "from": "chaos"})
             else:
                 await self._amqp({**body, "from": "chaos"})
             outcome = "ok"
@@ -103,6 +105,22 @@ class Publishers:
         if outcome == "ok":
             self.counts["ok"] += 1
         self._write(["a", text, time.monotonic(), outcome])
+
+    async def _post_until_taken(self, number: int, item: dict[str, Any]) -> None:
+        """POST the item, and again to the next node while no 202 came (the node died, a
+        503 while Redis is away), up to ``HTTP_TRIES`` times: as a backend that must not lose
+        a message does. Its idempotency key makes a retry of what was published already a
+        no-op; the audit fails on any reader given it twice."""
+        item = {**item, "idempotency_key": item["text"]}
+        for attempt in range(HTTP_TRIES):
+            try:
+                await self._post((number + attempt) % len(self.ws), item)
+                return
+            except Exception:
+                if attempt == HTTP_TRIES - 1:
+                    raise
+                self.counts["http retries"] += 1
+                await asyncio.sleep(HTTP_RETRY_PAUSE)
 
     async def _post(self, node: int, item: dict[str, Any]) -> None:
         port = self.config["balancers"][node]
