@@ -82,6 +82,11 @@ bench *args: install
     [ -d bench/node_modules/ws ] || npm ci --no-audit --no-fund --prefix bench
     {{bin}}/python bench/run.py {{args}}
 
+# the Autobahn|Testsuite fuzzingclient against an echo app served through wsfanout's server adapters,
+# hypercorn and uvicorn, compression off and on (--fast: the CI subset; --server, --compression, --cases)
+conformance *args: install
+    {{bin}}/python -m tests.conformance.run {{args}}
+
 # a headless locust run against a local server with the demo users (USERS, SECONDS to change)
 locust users="50" seconds="60": install
     #!/usr/bin/env bash

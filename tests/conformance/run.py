@@ -7,8 +7,9 @@ compression off (cases 1-7, 9, 10) and on (the same, plus 12 and 13: permessage-
 The fuzzingclient (``wstest``, Python 2.7) is installed on first use into ``.autobahn/venv``
 (git-ignored), a virtualenv of pyenv's Python 2.7.18 (``$AUTOBAHN_PYTHON2`` to name another),
 with the pins of its upstream requirements (requirements-py27.txt). Its reports go to
-``.autobahn/reports/``. Prints a table of results (server, compression, case group: how many
-cases OK, NON-STRICT, INFORMATIONAL, UNIMPLEMENTED, FAILED) and exits 1 if any case FAILED,
+``.autobahn/reports/AGENT/`` (index.html; AGENT: ``hypercorn-compression-off`` and so on).
+Prints a table of results (server, compression, case group: how many cases OK, NON-STRICT,
+INFORMATIONAL, UNIMPLEMENTED, FAILED) and exits 1 if any case FAILED or UNIMPLEMENTED,
 was not run, or a server logged a traceback.
 
 The echo app's frame limit is raised to 16 MiB for the run (``WSFANOUT_MAX_FRAME_BYTES``):
@@ -67,14 +68,25 @@ FAST_CASES: Final = {
 }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``just conformance``."""
+    parser = argparse.ArgumentParser(
+        prog="just conformance", description=__doc__.splitlines()[0].strip("`: ")
+    )
     parser.add_argument("--fast", action="store_true", help="the CI subset (a few minutes)")
-    parser.add_argument("--server", choices=SERVERS, action="append", help="(default: both)")
-    parser.add_argument("--compression", choices=COMPRESSION, action="append")
-    parser.add_argument("--cases", nargs="+", help="fuzzingclient case patterns, e.g. 6.4.* 7.5.1")
+    parser.add_argument(
+        "--server", choices=SERVERS, action="append", help="one server (default: both)"
+    )
+    parser.add_argument(
+        "--compression", choices=COMPRESSION, action="append", help="off or on (default: both)"
+    )
+    parser.add_argument("--cases", nargs="+", help="fuzzingclient case patterns: 6.4.* 7.5.1")
     parser.add_argument("--json", type=Path, help="also write the counts here")
-    options = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parser().parse_args(argv)
     wstest = install()
     results: list[Run] = []
     for server in options.server or SERVERS:
@@ -192,7 +204,9 @@ class Run:
         elif self.expected and len(self.cases) != self.expected:
             found.append(f"{self.agent}: {len(self.cases)} cases ran of {self.expected}")
         if "Traceback" in self.log:
-            found.append(f"{self.agent}: the server logged a traceback (.autobahn/{self.agent}.log)")
+            found.append(
+                f"{self.agent}: the server logged a traceback (.autobahn/{self.agent}.log)"
+            )
         return found
 
     def summary(self) -> dict[str, Any]:
@@ -218,8 +232,9 @@ def _order(case: str) -> tuple[int, ...]:
 def fuzz(wstest: Path, server: str, compression: str, cases: list[str], excluded: list[str]) -> Run:
     """Serve the echo app, run the fuzzingclient's ``cases`` against it, stop the server."""
     run = Run(server, compression, {})
-    reports = HOME / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
+    reports = HOME / "reports" / run.agent
+    shutil.rmtree(reports, ignore_errors=True)
+    reports.mkdir(parents=True)
     log_path = HOME / f"{run.agent}.log"
     print(f"{run.agent}: cases {' '.join(cases)}", flush=True)
     started = time.monotonic()
@@ -235,7 +250,6 @@ def fuzz(wstest: Path, server: str, compression: str, cases: list[str], excluded
         spec_path = HOME / f"{run.agent}.json"
         spec_path.write_text(json.dumps(spec, indent=2))
         index = reports / "index.json"
-        index.unlink(missing_ok=True)
         with (HOME / f"{run.agent}.wstest.log").open("w") as out:
             done = subprocess.run(
                 [str(wstest), "--mode", "fuzzingclient", "--spec", str(spec_path)],
@@ -268,7 +282,9 @@ def _planned(wstest_log: Path) -> int:
 
 
 @contextlib.contextmanager
-def echo_server(server: str, compression: str, log_path: Path) -> Iterator[int]:
+def echo_server(
+    server: str, compression: str, log_path: Path, frame_limit: int = FRAME_LIMIT
+) -> Iterator[int]:
     """The echo app under ``server`` on a socket bound to 127.0.0.1:0; yields its port."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -281,7 +297,7 @@ def echo_server(server: str, compression: str, log_path: Path) -> Iterator[int]:
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "WSFANOUT_DATA_DIR": data_dir,
         "WSFANOUT_COMPRESSION": "1" if compression == "on" else "0",
-        "WSFANOUT_MAX_FRAME_BYTES": str(FRAME_LIMIT),
+        "WSFANOUT_MAX_FRAME_BYTES": str(frame_limit),
         "WSFANOUT_LOG_LEVEL": "info",
     }
     command = [sys.executable, "-m", "tests.conformance.serve", "--server", server]
@@ -313,10 +329,10 @@ def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> N
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             sys.exit(f"the echo server exited {proc.returncode}:\n{log_path.read_text()}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
-                if answer.status == 200:
-                    return
+        url = f"http://127.0.0.1:{port}/healthz"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as answer:
+            if answer.status == 200:
+                return
         time.sleep(0.1)
     sys.exit(f"the echo server did not start:\n{log_path.read_text()}")
 

@@ -5,8 +5,9 @@ each of wsfanout's connections one at accept (see uvicorn.py). It needs ``websoc
 
 uvicorn's websockets protocol refuses a message over ``ws_max_size`` itself (its close,
 1009, is queued before the app hears of it): the app's ``too_large`` error frame is put
-before that close. A message may come in at most ``Frames.MAX_PIECES`` fragments (uvicorn
-keeps every one, empty ones too, until the last), else it is refused the same way. A client
+before that close. A message may come in no more fragments than ``too_many_pieces`` allows
+(frames.py; uvicorn keeps every one, empty ones too, until the last), else it is refused the
+same way. A client
 with UNSENT_MAX unread is reset when it pings (uvicorn writes every pong) and when uvicorn
 closes it after a refusal or an unanswered ping (uvicorn's closes are graceful: what the
 client was sent would stay in the kernel, for minutes). A text message that is not UTF-8
@@ -43,7 +44,7 @@ from websockets.exceptions import PayloadTooBig
 from websockets.frames import Frame, Opcode
 
 from ..protocol import CloseCode
-from .frames import FAILED, Frames, client_text
+from .frames import FAILED, client_text, too_many_pieces
 from .resets import UNSENT_MAX, unsent
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
     held = b""  # what a read brought that is not parsed yet
     held_at = 0  # how much of it is parsed
     slice_size = SLICE  # this connection's next slice: larger while its messages are not tiny
+    message_size = 0  # bytes of the fragmented message arriving (from its second fragment)
 
     def adopt(self, reach: ServerReach) -> None:
         """The app has accepted this connection: serve it as its own."""
@@ -161,12 +163,20 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
 
     def handle_cont(self, event: Frame) -> None:
         reach = self.wsfanout
-        if reach is None or len(self.frames) < Frames.MAX_PIECES or self.close_sent:
+        frames = self.frames
+        if reach is None or self.close_sent:
+            super().handle_cont(event)
+            return
+        # uvicorn starts a message's list with its first frame: its bytes so far, counted
+        # from there (summing the list at every fragment would be quadratic).
+        size = len(frames[0]) if len(frames) == 1 else self.message_size
+        self.message_size = size = size + len(event.data)
+        if not too_many_pieces(len(frames) + 1, size):
             super().handle_cont(event)
             return
         self.frames = []
         conn = self.conn
-        conn.fail(1009, f"a message in more than {Frames.MAX_PIECES} fragments")
+        conn.fail(1009, f"a message in {len(frames) + 1} fragments of {size} bytes")
         if conn.close_sent is not None:  # else the client's close came first
             self._explain(reach)
             super().handle_parser_exception()
