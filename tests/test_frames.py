@@ -146,3 +146,20 @@ def test_a_message_in_many_small_fragments_arrives(data_dir: Path, server_kind: 
             raw.close()
     assert any(e.get("text") == text for e in events), [e["type"] for e in events]
     assert events[-1]["type"] == "ack", events[-1]
+
+
+def test_a_close_between_fragments_is_answered_with_its_code(
+    data_dir: Path, server_kind: str
+) -> None:
+    """A client's close between two fragments of a message (RFC 6455 allows control frames
+    there) gets its own code back, 1000, not 1002 (uvicorn's websockets protocol failed it
+    as "incomplete fragmented message": Autobahn's case 7.1.5)."""
+    close = bytes([0x88, 0x82, 0, 0, 0, 0]) + (1000).to_bytes(2, "big")
+    with Server(data_dir, server=server_kind).running() as server:
+        raw = RawClient(server.port, server.login("greg"))
+        try:
+            raw.sock.sendall(frame(b'{"type": "broad', fin=False) + close)
+            code, _texts = raw.read_until_close()
+        finally:
+            raw.close()
+    assert code == 1000

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -87,6 +88,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     options = parser().parse_args(argv)
+    # Stopped (SIGTERM, as by CI's time limit): the fuzzingclient and the server stop too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     wstest = install()
     results: list[Run] = []
     for server in options.server or SERVERS:

@@ -7,12 +7,13 @@ uvicorn's websockets protocol refuses a message over ``ws_max_size`` itself (its
 1009, is queued before the app hears of it): the app's ``too_large`` error frame is put
 before that close. A message may come in no more fragments than ``too_many_pieces`` allows
 (frames.py; uvicorn keeps every one, empty ones too, until the last), else it is refused the
-same way. A client
-with UNSENT_MAX unread is reset when it pings (uvicorn writes every pong) and when uvicorn
-closes it after a refusal or an unanswered ping (uvicorn's closes are graceful: what the
-client was sent would stay in the kernel, for minutes). A text message that is not UTF-8
-is closed with 1007 as uvicorn closes it, but logged in one line (frames.py's ``FAILED``)
-where uvicorn logged a traceback per message.
+same way. A client with UNSENT_MAX unread is reset when it pings (uvicorn writes every pong)
+and when uvicorn closes it after a refusal or an unanswered ping (uvicorn's closes are
+graceful: what the client was sent would stay in the kernel, for minutes). A text message
+that is not UTF-8 is closed with 1007 as uvicorn closes it, but logged in one line
+(frames.py's ``FAILED``) where uvicorn logged a traceback per message. A client's close
+between two fragments of a message is taken as a close, its code echoed (websockets failed
+the connection with 1002, where RFC 6455 allows control frames between fragments).
 
 uvicorn parses every read whole (uvloop reads up to 256 KiB at a time) and queues every
 message in it for the app, without bound and without letting other tasks run: a flood of
@@ -36,6 +37,7 @@ unchanged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
@@ -113,6 +115,10 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
             inbox.put_nowait(queue.get_nowait())
         self.queue = inbox
         self.wsfanout = reach
+        conn = self.conn
+        if hasattr(conn, "current_size"):  # else websockets changed: its own closes
+            close = functools.partial(_close_between_fragments, conn, conn.recv_frame)
+            conn.recv_frame = close  # type: ignore[method-assign]
         # Plain uvicorn built this protocol as its own class (the adapter has just changed
         # it): uvloop's transport keeps the ``data_received`` it found at the start, and
         # takes this class's once given the protocol again.
@@ -232,6 +238,15 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
             conn.writes.insert(0, frame.serialize(mask=False, extensions=conn.extensions))
         except Exception as exc:  # websockets changed: the close goes out alone
             reach.broke("frames", exc)
+
+
+def _close_between_fragments(conn: Any, recv_frame: Any, frame: Frame) -> None:
+    """websockets' ``recv_frame``, taking a client's close between two fragments of a message
+    as a close (its code echoed, the message dropped), as RFC 6455 allows control frames
+    there: websockets failed the connection with 1002 (Autobahn's case 7.1.5)."""
+    if frame.opcode is Opcode.CLOSE:
+        conn.current_size = None  # no message arriving: the close ends it unfinished
+    recv_frame(frame)
 
 
 def _not_utf8(frames: list[Any]) -> str:
