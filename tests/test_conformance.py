@@ -93,7 +93,8 @@ def test_the_conformance_commands() -> None:
     """The conformance page's commands are not run here (``just conformance --fast`` runs in
     CI after ``just test``; a full run takes about N minutes): each one's arguments are read
     by run.py's parser, and ``just`` knows the recipe (``just --dry-run``)."""
-    commands = docs.commands(docs.block(PAGE, "test_the_conformance_commands"))
+    page = "docs/operating/conformance.md"
+    commands = docs.commands(docs.block(page, "test_the_conformance_commands"))
     assert any(c.startswith("just conformance") for c in commands), commands
     for command in commands:
         words = shlex.split(command)
