@@ -354,10 +354,8 @@ def _install() -> dict[str, str]:
             return
         interval = stream.config.websocket_ping_interval
         while True:
-            # The first ping an interval after accept, as uvicorn's (hypercorn's comes at
-            # once: a frame more per connection of a reconnect storm, and one that a client
-            # writing its first frame in pieces answers in the middle of it, as Autobahn's
-            # fuzzing client does, making its own frame invalid).
+            # The first ping an interval after accept, as uvicorn's (hypercorn's at once:
+            # Autobahn's client, writing its first frame in pieces, answered inside it).
             await asyncio.wait((app,), timeout=interval)  # wakes when the handler returns
             if stream.closed or app.done():
                 return
