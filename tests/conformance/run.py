@@ -256,6 +256,7 @@ def fuzz(wstest: Path, server: str, compression: str, cases: list[str], excluded
     started = time.monotonic()
     with echo_server(server, compression, log_path) as port:
         for pattern in cases:
+            began = time.monotonic()
             outdir = reports / pattern.replace("*", "all")
             outdir.mkdir(parents=True)
             spec = {
@@ -282,7 +283,8 @@ def fuzz(wstest: Path, server: str, compression: str, cases: list[str], excluded
             if done.returncode:
                 print(f"  wstest exited {done.returncode}: {wstest_log}")
             counts = Counter(behaviour(result) for result in found.values())
-            print(f"  {pattern}: {dict(counts)}", flush=True)
+            took = time.monotonic() - began
+            print(f"  {pattern}: {dict(counts)} in {took:.0f} s", flush=True)
     run.log = log_path.read_text()
     took = time.monotonic() - started
     counts = Counter(behaviour(result) for result in run.cases.values())
