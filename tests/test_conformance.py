@@ -91,8 +91,9 @@ def test_the_verdict_counts_every_failure() -> None:
 
 def test_the_conformance_commands() -> None:
     """The conformance page's commands are not run here (``just conformance --fast`` runs in
-    CI after ``just test``; a full run takes over an hour, most of it cases 12 and 13): each one's arguments are read
-    by run.py's parser, and ``just`` knows the recipe (``just --dry-run``)."""
+    CI after ``just test``; a full run takes over an hour, most of it cases 12 and 13): each
+    one's arguments are read by run.py's parser, and ``just`` knows the recipe
+    (``just --dry-run``)."""
     page = "docs/operating/conformance.md"
     commands = docs.commands(docs.block(page, "test_the_conformance_commands"))
     assert any(c.startswith("just conformance") for c in commands), commands
