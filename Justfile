@@ -92,6 +92,12 @@ soak *args: install
     {{bin}}/python -c 'import matplotlib' 2>/dev/null || {{bin}}/python -m pip install -q -e '.[bench]'
     {{bin}}/python bench/soak.py {{args}}
 
+# the Autobahn|Testsuite fuzzingclient against an echo app served through wsfanout's server adapters,
+# hypercorn and uvicorn, compression off and on (--fast: the CI subset; --server, --compression, --cases)
+[positional-arguments]
+conformance *args: install
+    {{bin}}/python -m tests.conformance.run "$@"
+
 # a headless locust run against a local server with the demo users (USERS, SECONDS to change)
 locust users="50" seconds="60": install
     #!/usr/bin/env bash

@@ -16,7 +16,7 @@ from tests.server import RawClient, Server
 from tests.test_servers import reach_warnings
 from wsfanout.servers import ServerReach
 from wsfanout.servers import hypercorn as hypercorn_adapter  # noqa: F401 - wraps hypercorn now
-from wsfanout.servers.frames import check_closing_connection
+from wsfanout.servers.frames import Frames, check_closing_connection, too_many_pieces
 
 TEXT, CONTINUATION = 0x1, 0x0
 E_ACUTE = "é".encode()  # two bytes: C3 A9
@@ -126,3 +126,40 @@ def test_a_changed_wsproto_warns_that_invalid_frames_get_no_close(
 
 async def _nothing() -> None:
     return None
+
+
+def test_a_message_in_many_small_fragments_arrives(data_dir: Path, server_kind: str) -> None:
+    """A message in more than ``Frames.MAX_PIECES`` fragments, each of a few bytes, arrives
+    whole (it was refused with 1009 past 4,096 pieces, as was a large frame read 64 bytes at
+    a time: Autobahn's cases 9.3, 9.4 and 9.6); empty fragments stay bounded
+    (test_hardening.py)."""
+    text = "z" * 19_000
+    payload = b'{"type": "broadcast", "id": "many", "text": "' + text.encode() + b'"}'
+    pieces = [payload[n : n + 4] for n in range(0, len(payload), 4)]
+    assert len(pieces) > Frames.MAX_PIECES and not too_many_pieces(len(pieces), len(payload))
+    with Server(data_dir, server=server_kind).running() as server:
+        raw = RawClient(server.port, server.login("greg"))
+        try:
+            raw.sock.sendall(fragments(*pieces))
+            events = events_until(raw, lambda e: e["type"] in ("ack", "error"))
+        finally:
+            raw.close()
+    assert any(e.get("text") == text for e in events), [e["type"] for e in events]
+    assert events[-1]["type"] == "ack", events[-1]
+
+
+def test_a_close_between_fragments_is_answered_with_its_code(
+    data_dir: Path, server_kind: str
+) -> None:
+    """A client's close between two fragments of a message (RFC 6455 allows control frames
+    there) gets its own code back, 1000, not 1002 (uvicorn's websockets protocol failed it
+    as "incomplete fragmented message": Autobahn's case 7.1.5)."""
+    close = bytes([0x88, 0x82, 0, 0, 0, 0]) + (1000).to_bytes(2, "big")
+    with Server(data_dir, server=server_kind).running() as server:
+        raw = RawClient(server.port, server.login("greg"))
+        try:
+            raw.sock.sendall(frame(b'{"type": "broad', fin=False) + close)
+            code, _texts = raw.read_until_close()
+        finally:
+            raw.close()
+    assert code == 1000

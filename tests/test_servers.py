@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from hypercorn.protocol import ws_stream
 from websockets.asyncio.client import connect
+from wsproto.events import Ping, TextMessage
 
 from tests import asgi, docs
 from tests.conftest import login
@@ -635,3 +636,25 @@ def test_uvicorn_serves_on_a_unix_socket_again_after_a_stop(tmp_path: Path, demo
             code = proc.wait(15)
         assert code == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
     assert not path.exists()
+
+
+def test_the_first_ping_comes_an_interval_after_accept(
+    tmp_path: Path, demo_db: Path, server_kind: str
+) -> None:
+    """Under `wsfanout serve`, a connection's first ping comes an interval after accept, not at
+    once (hypercorn pinged at accept: Autobahn's fuzzing client, writing its first frame in
+    pieces, answered in the middle of it and broke its own frame, case 6.4.3)."""
+    shutil.copy(demo_db, tmp_path / "wsfanout.sqlite3")
+    args = ("--ping-interval", "30")
+    with Server(tmp_path, serve=True, args=args, server=server_kind).running() as server:
+        client = RawClient(server.port, server.login("chuck"))
+        try:
+            frame = b'{"type": "broadcast", "id": "p", "text": "hi"}'
+            client.sock.sendall(client.ws.send(TextMessage(frame.decode())))
+            events = client._events_until(
+                lambda e: isinstance(e, TextMessage) and '"ack"' in e.data
+            )
+        finally:
+            client.close()
+    assert isinstance(events[-1], TextMessage), events  # the ack came
+    assert not [e for e in events if isinstance(e, Ping)], events

@@ -78,13 +78,19 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
         raise CommandError(f"the server stopped with exit code {code}: its log says why")
 
 
-def _serve_hypercorn(settings: Settings, args: argparse.Namespace, bind: str) -> int:
+APP: Final = "wsfanout:app"
+
+
+def _serve_hypercorn(
+    settings: Settings, args: argparse.Namespace, bind: str, app: str = APP
+) -> int:
+    """hypercorn's master serving ``app`` (another: tests/conformance's echo app)."""
     from hypercorn.config import Config
 
     from ..servers.hypercorn_signals import run_master
 
     config = Config()
-    config.application_path = "wsfanout:app"
+    config.application_path = app
     config.bind = [bind]
     config.backlog = BACKLOG
     config.workers = args.workers
@@ -140,7 +146,8 @@ def _need_uvicorn() -> None:
         ) from None
 
 
-def _serve_uvicorn(settings: Settings, args: argparse.Namespace, bind: str) -> int:
+def _serve_uvicorn(settings: Settings, args: argparse.Namespace, bind: str, app: str = APP) -> int:
+    """uvicorn serving ``app`` (another: tests/conformance's echo app)."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
@@ -151,9 +158,7 @@ def _serve_uvicorn(settings: Settings, args: argparse.Namespace, bind: str) -> i
     # The protocols the flags name ("h11", "websockets-sansio"), with what wsfanout adds to
     # them, passed as classes: nothing of uvicorn's is patched when the app starts.
     options.update(http=HeadTimedH11Protocol, ws=ExplainingSansIOProtocol)
-    config = uvicorn.Config(
-        "wsfanout:app", log_config=_uvicorn_log_config(args.access_log), **options
-    )
+    config = uvicorn.Config(app, log_config=_uvicorn_log_config(args.access_log), **options)
     path = None
     if bind.startswith("unix:"):
         path = Path(bind[len("unix:") :])

@@ -4,8 +4,8 @@ permessage-deflate that never inflates more than it.
 Hypercorn buffers a message up to its own limit (16 MiB unless told), answers a larger one
 with a bare 1009, and then goes on buffering whatever the client still sends (a frame
 declaring 1 TiB grew the server by 1 GB in 5 s). On wsfanout's streams its buffer becomes
-``Frames``: past the limit (or past ``MAX_PIECES`` pieces, which uvicorn's adapter applies
-to fragments too) it drops everything the client sends and hands the app a
+``Frames``: past the limit (or in too many pieces, ``too_many_pieces``, which uvicorn's
+adapter applies to fragments too) it drops everything the client sends and hands the app a
 ``websocket.receive`` marked with ``TOO_LARGE_KEY``, so the app sends its ``too_large``
 error frame and closes with 1009 whatever the frame's size. With compression on, the
 connection's ``PerMessageDeflate`` becomes ``bounded_deflate()``'s class, which inflates no
@@ -41,7 +41,8 @@ _INVALID_UTF8: Final = bytes([0x81, 0x81, 0, 0, 0, 0, 0xFF])  # a masked text fr
 class Frames:
     """Stands in for hypercorn's ``WebsocketBuffer`` on a wsfanout stream: the same three
     methods, but it never holds more than ``limit`` (characters of text, bytes of binary)
-    in at most ``JOIN_EVERY`` pieces, and a message may come in at most ``MAX_PIECES``.
+    in at most ``JOIN_EVERY`` pieces, and a message may come in no more pieces than
+    ``too_many_pieces`` allows.
 
     Past either bound it drops the message so far and everything the client sends after
     it, and hands the app a ``TOO_LARGE`` receive (the app answers with ``too_large``,
@@ -49,7 +50,13 @@ class Frames:
     the client end as such receives too, which the closing app drops).
     """
 
-    MAX_PIECES: Final = 4096  # a message arriving in more pieces (fragments, reads) is refused
+    # A message may come in MAX_PIECES pieces (fragments, and reads of a frame), and in one
+    # more per PIECE_SIZE characters or bytes of it: empty or one-byte fragments, which cost
+    # a frame's parsing each and bring nothing, end at about MAX_PIECES; a large message
+    # arriving in small reads or fragments (Autobahn's 4 MiB in 64-byte fragments, 1 MiB
+    # read 64 bytes at a time) is not refused for it.
+    MAX_PIECES: Final = 4096
+    PIECE_SIZE: Final = 16
     JOIN_EVERY: Final = 64  # pieces held before they are joined into one
 
     __slots__ = ("_stream", "_telling", "length", "limit", "parts", "pieces", "refused", "reset")
@@ -76,7 +83,7 @@ class Frames:
         data = event.data
         self.length += len(data)
         self.pieces += 1
-        if self.length > self.limit or self.pieces > self.MAX_PIECES:
+        if self.length > self.limit or too_many_pieces(self.pieces, self.length):
             self.refuse()
             return
         parts = self.parts
@@ -108,6 +115,12 @@ class Frames:
         if isinstance(data, str):
             return {"type": "websocket.receive", "bytes": None, "text": data}
         return {"type": "websocket.receive", "bytes": data, "text": None}
+
+
+def too_many_pieces(pieces: int, length: int) -> bool:
+    """Whether a message of ``length`` so far (characters of text, bytes of binary) has come
+    in too many pieces (fragments, or reads of a frame): see ``Frames.MAX_PIECES``."""
+    return pieces > Frames.MAX_PIECES + length // Frames.PIECE_SIZE
 
 
 def _join(parts: list[Any]) -> Any:

@@ -34,8 +34,9 @@ Theory of operation.
    task that sleeps the whole interval and only then notices the connection is gone; the
    connection's task group waits for it, so every closed connection lingers up to 20 s,
    and on SIGTERM hypercorn waits its graceful timeout and then cancels them (with
-   tracebacks). The wrapped ``WSStream._send_pings`` pings wsfanout's connections the same
-   way but stops as soon as the app's handler for that connection has returned.
+   tracebacks). The wrapped ``WSStream._send_pings`` pings wsfanout's connections every
+   interval too, but stops as soon as the app's handler for that connection has returned,
+   and sends its first ping an interval after accept, not at once (as uvicorn does).
 
 4. Bounded frames. On wsfanout's streams, ``accepting`` swaps the stream's ``buffer`` for
    ``Frames`` (frames.py: at most the app's frame limit, then a ``TOO_LARGE_KEY`` receive),
@@ -352,9 +353,13 @@ def _install() -> dict[str, str]:
             await pings(stream)
             return
         interval = stream.config.websocket_ping_interval
-        while not stream.closed and not app.done():
-            await stream._send_wsproto_event(Ping())
+        while True:
+            # The first ping an interval after accept, as uvicorn's (hypercorn's at once:
+            # Autobahn's client, writing its first frame in pieces, answered inside it).
             await asyncio.wait((app,), timeout=interval)  # wakes when the handler returns
+            if stream.closed or app.done():
+                return
+            await stream._send_wsproto_event(Ping())
 
     async def _send_error_response(stream: Any, status_code: int) -> None:
         await error_response(stream, status_code)

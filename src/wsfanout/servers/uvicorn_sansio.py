@@ -5,13 +5,15 @@ each of wsfanout's connections one at accept (see uvicorn.py). It needs ``websoc
 
 uvicorn's websockets protocol refuses a message over ``ws_max_size`` itself (its close,
 1009, is queued before the app hears of it): the app's ``too_large`` error frame is put
-before that close. A message may come in at most ``Frames.MAX_PIECES`` fragments (uvicorn
-keeps every one, empty ones too, until the last), else it is refused the same way. A client
-with UNSENT_MAX unread is reset when it pings (uvicorn writes every pong) and when uvicorn
-closes it after a refusal or an unanswered ping (uvicorn's closes are graceful: what the
-client was sent would stay in the kernel, for minutes). A text message that is not UTF-8
-is closed with 1007 as uvicorn closes it, but logged in one line (frames.py's ``FAILED``)
-where uvicorn logged a traceback per message.
+before that close. A message may come in no more fragments than ``too_many_pieces`` allows
+(frames.py; uvicorn keeps every one, empty ones too, until the last), else it is refused the
+same way. A client with UNSENT_MAX unread is reset when it pings (uvicorn writes every pong)
+and when uvicorn closes it after a refusal or an unanswered ping (uvicorn's closes are
+graceful: what the client was sent would stay in the kernel, for minutes). A text message
+that is not UTF-8 is closed with 1007 as uvicorn closes it, but logged in one line
+(frames.py's ``FAILED``) where uvicorn logged a traceback per message. A client's close
+between two fragments of a message is taken as a close, its code echoed (websockets failed
+the connection with 1002, where RFC 6455 allows control frames between fragments).
 
 uvicorn parses every read whole (uvloop reads up to 256 KiB at a time) and queues every
 message in it for the app, without bound and without letting other tasks run: a flood of
@@ -35,6 +37,7 @@ unchanged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
@@ -43,7 +46,7 @@ from websockets.exceptions import PayloadTooBig
 from websockets.frames import Frame, Opcode
 
 from ..protocol import CloseCode
-from .frames import FAILED, Frames, client_text
+from .frames import FAILED, client_text, too_many_pieces
 from .resets import UNSENT_MAX, unsent
 
 if TYPE_CHECKING:
@@ -102,6 +105,7 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
     held = b""  # what a read brought that is not parsed yet
     held_at = 0  # how much of it is parsed
     slice_size = SLICE  # this connection's next slice: larger while its messages are not tiny
+    message_size = 0  # bytes of the fragmented message arriving (from its second fragment)
 
     def adopt(self, reach: ServerReach) -> None:
         """The app has accepted this connection: serve it as its own."""
@@ -111,6 +115,10 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
             inbox.put_nowait(queue.get_nowait())
         self.queue = inbox
         self.wsfanout = reach
+        conn = self.conn
+        if hasattr(conn, "current_size"):  # else websockets changed: its own closes
+            close = functools.partial(_close_between_fragments, conn, conn.recv_frame)
+            conn.recv_frame = close  # type: ignore[method-assign]
         # Plain uvicorn built this protocol as its own class (the adapter has just changed
         # it): uvloop's transport keeps the ``data_received`` it found at the start, and
         # takes this class's once given the protocol again.
@@ -161,12 +169,20 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
 
     def handle_cont(self, event: Frame) -> None:
         reach = self.wsfanout
-        if reach is None or len(self.frames) < Frames.MAX_PIECES or self.close_sent:
+        frames = self.frames
+        if reach is None or self.close_sent:
+            super().handle_cont(event)
+            return
+        # uvicorn starts a message's list with its first frame: its bytes so far, counted
+        # from there (summing the list at every fragment would be quadratic).
+        size = len(frames[0]) if len(frames) == 1 else self.message_size
+        self.message_size = size = size + len(event.data)
+        if not too_many_pieces(len(frames) + 1, size):
             super().handle_cont(event)
             return
         self.frames = []
         conn = self.conn
-        conn.fail(1009, f"a message in more than {Frames.MAX_PIECES} fragments")
+        conn.fail(1009, f"a message in {len(frames) + 1} fragments of {size} bytes")
         if conn.close_sent is not None:  # else the client's close came first
             self._explain(reach)
             super().handle_parser_exception()
@@ -222,6 +238,15 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
             conn.writes.insert(0, frame.serialize(mask=False, extensions=conn.extensions))
         except Exception as exc:  # websockets changed: the close goes out alone
             reach.broke("frames", exc)
+
+
+def _close_between_fragments(conn: Any, recv_frame: Any, frame: Frame) -> None:
+    """websockets' ``recv_frame``, taking a client's close between two fragments of a message
+    as a close (its code echoed, the message dropped), as RFC 6455 allows control frames
+    there: websockets failed the connection with 1002 (Autobahn's case 7.1.5)."""
+    if frame.opcode is Opcode.CLOSE:
+        conn.current_size = None  # no message arriving: the close ends it unfinished
+    recv_frame(frame)
 
 
 def _not_utf8(frames: list[Any]) -> str:
