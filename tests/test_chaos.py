@@ -21,7 +21,7 @@ from bench.chaos import audit, population, run
 def test_the_chaos_commands() -> None:
     """Every ``just chaos`` line of the page is read by the run's own parser (a full run
     takes 10 minutes; CI runs the 60-second one)."""
-    lines = docs.commands(docs.block("docs/development.md", "test_the_chaos_commands"))
+    lines = docs.commands(docs.block("docs/chaos.md", "test_the_chaos_commands"))
     assert lines
     for line in lines:
         words = shlex.split(line)
