@@ -428,6 +428,11 @@ class Client:
             raise ClientError("timeout", f"no answer within {self.request_timeout:g} s") from None
         finally:
             self._events.forget(frame_id)
+            if future.done() and not future.cancelled():
+                # The connection's end may have failed the answer while send() was still
+                # waiting to write (a full socket): what was raised is the answer, so that
+                # asyncio does not log it as "never retrieved".
+                future.exception()
 
 
 async def _goodbye(ws: ClientConnection) -> None:
