@@ -573,7 +573,9 @@ def prepare(where: Path | str, users: int) -> Users:
 
 def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
     """py-spy the server (raw stacks into ``out``) until it is sent SIGINT."""
-    command = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "200"]
+    # the venv's py-spy (the bench extra) when the venv is not on PATH (`just bench`)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    command = [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200"]
     profiler = subprocess.Popen(
         [*command, "--output", str(out)],
         stdout=subprocess.DEVNULL,

@@ -58,6 +58,7 @@ class EnvApp:
             for line in variable_warnings():
                 logging.getLogger("wsfanout").warning("%s", line)
             self._app = create_app(settings)
+            self._app.owns_process = True  # WSFANOUT_GC=auto tunes the collector (collector.py)
         await self._app(scope, receive, send)
 
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
-from . import admin, http, queries, views, ws
+from . import admin, collector, http, queries, views, ws
 from .admission import Identity, refuse
 from .config import ConfigError, Settings
 from .hub import UnavailableError
@@ -102,6 +102,9 @@ class App:
         self._starting: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shut = False  # shut down: only startup() starts it again, not a late request
+        # wsfanout's own process (``wsfanout:app``), not a host's: WSFANOUT_GC=auto tunes
+        # the garbage collector there (collector.py)
+        self.owns_process = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -203,6 +206,7 @@ class App:
                     self.settings, self.drain, self.clock, self._authenticate, self._hook
                 )
                 self._loop = asyncio.get_running_loop()
+                collector.tune(self.settings.gc, self.owns_process)
         return self._service
 
     async def publish(self, items: dict[str, Any] | list[dict[str, Any]]) -> int:

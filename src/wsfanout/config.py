@@ -120,6 +120,9 @@ class Settings:
     webhook_queue: int = 10_000  # events waiting to be posted, at most; past it they are dropped
 
     log_level: str = "info"
+    # The garbage collector (collector.py): "auto" tunes it where wsfanout owns the process,
+    # "tuned" always, "untouched" never
+    gc: str = "auto"
 
     @property
     def history_on(self) -> bool:
@@ -225,6 +228,7 @@ class Settings:
             webhook_url=webhook_url,
             webhook_secret=webhook_secret,
             webhook_queue=reader.integer("WEBHOOK_QUEUE", defaults.webhook_queue),
+            gc=reader.choice("GC", defaults.gc, ("auto", "tuned", "untouched")),
             log_level=reader.choice(
                 "LOG_LEVEL", defaults.log_level, ("debug", "info", "warning", "error", "critical")
             ),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 from collections.abc import Iterator, Mapping
 from typing import Final, Protocol
 
@@ -104,6 +105,20 @@ class Metrics(Collector):
             "the server's included): flat under steady load, or something leaks them.",
             _tasks(),
         )
+        yield GaugeMetricFamily(
+            "wsfanout_gc_frozen_objects",
+            "Objects gc.freeze() moved out of the collector's reach at start-up (0: the "
+            "collector is not tuned, WSFANOUT_GC).",
+            gc.get_freeze_count(),
+        )
+        collections = CounterMetricFamily(
+            "wsfanout_gc_collections",
+            "Python garbage collections by generation (2: those that walk every object).",
+            labels=["generation"],
+        )
+        for generation, stats in enumerate(gc.get_stats()):
+            collections.add_metric([str(generation)], stats["collections"])
+        yield collections
         published = CounterMetricFamily(
             "wsfanout_messages_published", "Messages published.", labels=["kind", "source"]
         )
