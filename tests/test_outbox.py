@@ -289,3 +289,64 @@ async def test_a_floor_drops_what_a_joining_clients_reply_covers() -> None:
         ("all", 3),
         ("group:boys", 3),
     ]
+
+
+class Direct:
+    """A server connection that writes now (outbox.DirectWriter), recording each message;
+    ``open`` False makes it decline, as a full transport does."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.open = True
+
+    def write_now(self, message: Message) -> bool:
+        if self.open:
+            self.messages.append(message)
+        return self.open
+
+
+async def test_recipients_of_the_same_events_share_one_batch_message() -> None:
+    """Outboxes holding the same events are sent the same message object, so its text (and
+    the server's frame) is built once; another outbox's different events get their own."""
+    flusher = Flusher()
+    sinks = [Sink() for _ in range(4)]
+    outboxes = [make(sink, flusher=flusher) for sink in sinks]
+    directs = [Direct() for _ in outboxes]
+    for outbox, direct in zip(outboxes, directs, strict=True):
+        outbox.direct = direct
+    writers = [await started(outbox) for outbox in outboxes]
+    shared = [event(n) for n in range(3)]
+    for outbox in outboxes[:3]:
+        for entry in shared:
+            outbox.push(entry)
+    for entry in [shared[0], event(9), shared[2]]:  # same first and last, not the same events
+        outboxes[3].push(entry)
+    await asyncio.sleep(0)
+    sent = [direct.messages for direct in directs]
+    assert all(len(messages) == 1 for messages in sent), sent
+    assert sent[0][0] is sent[1][0] is sent[2][0]
+    assert orjson.loads(sent[0][0]["text"]) == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert orjson.loads(sent[3][0]["text"]) == [{"n": 0}, {"n": 9}, {"n": 2}]
+    assert all(not sink.frames for sink in sinks)  # nothing went through send()
+    for outbox, writer in zip(outboxes, writers, strict=True):
+        outbox.close(1000)
+        await writer
+
+
+async def test_a_declined_direct_write_goes_through_send() -> None:
+    """When the server's connection cannot write now (its buffer is full, say), the frame
+    goes through send() as before, in order."""
+    sink = Sink()
+    outbox = make(sink)
+    direct = Direct()
+    outbox.direct = direct
+    writer = await started(outbox)
+    outbox.push(event(0))
+    await asyncio.sleep(0)
+    direct.open = False
+    outbox.push(event(1))
+    await asyncio.sleep(0)
+    assert [orjson.loads(m["text"]) for m in direct.messages] == [{"n": 0}]
+    assert sink.frames == [{"n": 1}]
+    outbox.close(1000)
+    assert await asyncio.wait_for(writer, 1) == 1000

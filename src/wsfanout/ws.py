@@ -50,14 +50,7 @@ from .admission import Login, Refusal, refuse
 from .control import REVOKED
 from .inbound import FLOOD_WINDOW, Inbound, Verdict, frame_size
 from .outbox import Outbox, item
-from .protocol import (
-    CloseCode,
-    ErrorCode,
-    Kind,
-    Position,
-    ProtocolError,
-    Publish,
-)
+from .protocol import CloseCode, ErrorCode, Kind, Position, ProtocolError, Publish
 from .servers import ABORT_GRACE, TOO_LARGE_KEY
 from .service import Service
 from .types import Receive, Scope, Send
@@ -88,7 +81,8 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
         accept = svc.server.accept_message()
         await send(accept)
         connection = Connection(svc, login, receive, send)
-        connection.stream = svc.server.accepted(accept, receive)  # for abort (or None)
+        stream = connection.stream = svc.server.accepted(accept, receive)  # abort (or None)
+        connection.outbox.direct = svc.server.direct(stream, send)  # or None
         await connection.run(seen, announce, since)
     finally:
         svc.admission.seats.give_back(login.username)

@@ -119,6 +119,14 @@ class ServerReach:
             return self._server.accepted(receive)
         return stream
 
+    def direct(self, stream: Any, send: Any) -> Any:
+        """The connection's way to write a frame without a coroutine (``write_now``, see
+        outbox.py's ``DirectWriter``), or None: only where ``send`` is that connection's own
+        (no middleware between, which must see every message) and its server has one."""
+        if getattr(send, "__self__", None) is stream and hasattr(stream, "write_now"):
+            return stream
+        return None
+
     async def close(self) -> None:
         """Stop watching the server (not from inside ``on_stopping`` itself)."""
         if self._server is not None:

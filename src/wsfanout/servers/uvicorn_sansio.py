@@ -44,8 +44,10 @@ from typing import TYPE_CHECKING, Any, Final
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import PayloadTooBig
 from websockets.frames import Frame, Opcode
+from websockets.protocol import OPEN
 
 from ..protocol import CloseCode
+from ..types import Message
 from .frames import FAILED, client_text, too_many_pieces
 from .resets import UNSENT_MAX, unsent
 
@@ -74,12 +76,19 @@ STATE: Final = (
     "client",
     "queue",
     "read_paused",
+    "writable",
+    "disconnected",
 )
 """What it reads of a connection's state (checked per connection)."""
 
 SLICE: Final = 256  # bytes of a read parsed at a time, once the app has accepted ...
 SLICE_MAX: Final = 65536  # ... doubled up to this while slices give the app no message
 TINY: Final = 64  # bytes per message under which a connection's slices stay at SLICE
+
+
+# ``write_now``'s last frame: the message it was built for (kept alive with it) and its bytes.
+_last_message: Message | None = None
+_last_frame = b""
 
 
 class _Inbox(asyncio.Queue):  # type: ignore[type-arg]
@@ -221,6 +230,34 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
         reach = self.wsfanout
         if reach is not None:
             self._reset_if_unread(reach)
+
+    def write_now(self, message: Message) -> bool:
+        """Send a ``websocket.send`` text message as ``send`` would, without a coroutine,
+        writing the frame the last call built when it is the same message (every recipient of
+        a broadcast is sent the same one, one after another: its frame is built once). False
+        where the fast way does not apply (deflate negotiated, not open, closing, a
+        fragmented message under way, or the transport's buffer full: ``send`` waits for
+        it to drain, and the outbox's writer bounds that wait): send it through ``send``."""
+        conn = self.conn
+        if (
+            not self.writable.is_set()
+            or self.disconnected
+            or self.close_sent
+            or conn.extensions
+            or conn.expect_continuation_frame
+            or conn.state is not OPEN
+            or conn.debug
+        ):
+            return False
+        global _last_message, _last_frame
+        if message is not _last_message:
+            text = message.get("text")
+            if text is None:
+                return False
+            _last_frame = Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=())
+            _last_message = message
+        self.transport.write(_last_frame)
+        return True
 
     def _reset_if_unread(self, reach: ServerReach) -> None:
         """uvicorn's closes are graceful: what a client that does not read was sent stays
