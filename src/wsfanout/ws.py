@@ -82,6 +82,7 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
         await send(accept)
         connection = Connection(svc, login, receive, send)
         stream = connection.stream = svc.server.accepted(accept, receive)  # abort (or None)
+        del message, accept  # this frame lives as long as the connection
         connection.outbox.direct = svc.server.direct(stream, send)  # or None
         await connection.run(seen, announce, since)
     finally:
@@ -198,6 +199,8 @@ class Connection:
                         stats.replayed += len(joined.replay)
                         await self._send_now(joined.replay)
                         await self._send_now([protocol.resumed(len(joined.replay), joined.lost)])
+                # What joining needed is let go: these locals would live as long as the socket.
+                del joined, welcome, groups, streams
             except TimeoutError:
                 hub.stats.slow_consumers += 1
                 log.warning(
