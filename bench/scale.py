@@ -137,8 +137,12 @@ def sockets_at(port: int, state: str) -> set[str]:
 
 def fds_of(pid: int, inodes: set[str]) -> list[int]:
     """Which of a process's descriptors are these sockets."""
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except FileNotFoundError:  # a worker gone meanwhile holds none
+        return []
     found = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
+    for fd in descriptors:
         with contextlib.suppress(OSError):
             link = os.readlink(fd)
             if link.startswith("socket:[") and link[8:-1] in inodes:
@@ -192,145 +196,166 @@ def quantile(ordered: list[float], q: float) -> float | None:
 def run_once(
     scenario: Any, system: System, data_dir: Path, users: Users, *_: Any
 ) -> dict[str, Any]:
-    """One system at its worker count: connect, measure, broadcast (wsfanout), stop."""
+    """One system at its worker count: connect, measure, broadcast (wsfanout), stop. A
+    system that fails is a result too (``note``: why; how many connections each worker held
+    then; which workers were gone), so that one failure does not cost a long run the others'
+    results."""
     prefix = f"wsfanout-bench-scale-{secrets.token_hex(4)}:"
     system = replace(system, env={**system.env, "WSFANOUT_REDIS_PREFIX": prefix})
-    total = scenario.config["connections"] * system.workers
     loadgens: list[subprocess.Popen[str]] = []
-    server = Server(system, data_dir, users.env, pinned=False)
-    members = family(server.proc.pid)
+    seen: dict[str, Any] = {"members": [], "workers": []}
+    started = time.monotonic()
+    server = None
     try:
-        # healthz answered for one worker: wait for every one (connections would go to the
-        # first ones only, and the spread over the workers would show that).
-        deadline = time.monotonic() + 30
-        while True:
-            workers = workers_of(server.proc.pid)
-            if len(workers) >= system.workers and all(serving(w, server.port) for w in workers):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{system.name}: not every worker serves after 30 s")
-            time.sleep(0.1)
-        members = family(server.proc.pid)
-        rss_before = rss_kib(server.proc.pid)
-        cpu_start = cpu_seconds(server.proc.pid)
-        count = math.ceil(total / PER_LOADGEN)
-        shares = [total // count + (i < total % count) for i in range(count)]
-        for i, share in enumerate(shares):
-            path = data_dir / f"loadgen-{i}.json"
-            path.write_text(
-                json.dumps(
-                    {
-                        **scenario.config,
-                        "scenario": "broadcast" if system.mode == "wsfanout" else "capacity",
-                        "connections": share,
-                        "mode": system.mode,
-                        "client": system.client,
-                        "url": f"ws://127.0.0.1:{server.port}/",
-                        "cookies": users.cookies,
-                        "retries": RETRIES if system.mode == "wsfanout" else 0,
-                        "retryMs": RETRY_MS,
-                        "timeoutMs": BROADCAST_TIMEOUT_S * 1000,
-                    }
-                )
-            )
-            command = ["node", "--experimental-detect-module", str(BENCH / "loadgen.mjs")]
-            loadgens.append(
-                subprocess.Popen(
-                    [*command, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-                )
-            )
-        deadline = time.monotonic() + CONNECT_TIMEOUT_S
-        ready = []
-        try:
-            for i, loadgen in enumerate(loadgens):
-                assert loadgen.stdout is not None
-                ready.append(read_line(loadgen.stdout, deadline, f"{system.name} loadgen {i}"))
-        except RuntimeError as exc:  # a result still: how far it got, and why it stopped
-            connected = sockets_at(server.port, "01")
-            held = [len(fds_of(pid, connected)) for pid in workers]
-            return {
-                "workers": system.workers,
-                "server": system.server,
-                "connections": total,
-                "held": sum(held),
-                "per_worker": held,
-                "seconds": time.monotonic() - deadline + CONNECT_TIMEOUT_S,
-                "rss_mib": rss_kib(server.proc.pid) / 1024,
-                "server_cpu_s": cpu_seconds(server.proc.pid) - cpu_start,
-                "refused": None,
-                "errors": None,
-                "redis_prefix": prefix,
-                "pids": [*members, *(loadgen.pid for loadgen in loadgens)],
-                "note": f"failed: {exc}; {sum(held):,} connections held then",
-            }
-        wall = (max(r["opened_ms"] for r in ready) - min(r["opening_ms"] for r in ready)) / 1e3
-        time.sleep(0.5)  # let the server settle after the handshakes
-        rss_after = rss_kib(server.proc.pid)
-        handshake_cpu = cpu_seconds(server.proc.pid) - cpu_start
-        connected = sockets_at(server.port, "01")
-        spread = [len(fds_of(pid, connected)) for pid in workers]
-        for loadgen in loadgens:
-            assert loadgen.stdin is not None
-            loadgen.stdin.write("go\n")
-            loadgen.stdin.flush()
-        result: dict[str, Any] = {
+        server = Server(system, data_dir, users.env, pinned=False)
+        seen["members"] = family(server.proc.pid)
+        return measure(scenario, system, data_dir, users, server, loadgens, seen, prefix)
+    except Exception as exc:
+        connected = sockets_at(server.port, "01") if server is not None else set()
+        return {
             "workers": system.workers,
             "server": system.server,
-            "connections": total,
-            "held": total,  # every load generator connected all of its share
-            "loadgens": count,
-            "handshake_s": wall,
-            "handshakes_per_s": total / wall,
-            "server_us_per_handshake": 1e6 * handshake_cpu / total,
-            "rss_kib_per_conn": (rss_after - rss_before) / total,
-            "rss_mib": rss_after / 1024,
-            "per_worker": spread,
-            "refused": sum(r["refused"] for r in ready),
-            # what the run leaves behind, for tests/test_bench.py to check is gone
+            "connections": scenario.config["connections"] * system.workers,
+            "per_worker": [len(fds_of(pid, connected)) for pid in seen["workers"]],
+            "workers_gone": [pid for pid in seen["workers"] if not Path(f"/proc/{pid}").exists()],
+            "seconds": time.monotonic() - started,
+            "refused": None,
+            "errors": None,
             "redis_prefix": prefix,
-            "pids": [*members, *(loadgen.pid for loadgen in loadgens)],
-            "refusals": {
-                why: sum(r["refusals"].get(why, 0) for r in ready)
-                for why in sorted({why for r in ready for why in r["refusals"]})
-            },
+            "pids": [*seen["members"], *(loadgen.pid for loadgen in loadgens)],
+            "note": f"failed: {type(exc).__name__}: {exc}",
         }
-        cpu_before = cpu_seconds(server.proc.pid)
-        if system.mode == "wsfanout":
-            time.sleep(0.2)  # every load generator has read its "go"
-            sent = publish(server.port)
-        deadline = time.monotonic() + BROADCAST_TIMEOUT_S + 30
-        answers = []
-        for i, loadgen in enumerate(loadgens):
-            assert loadgen.stdout is not None
-            answers.append(read_line(loadgen.stdout, deadline, f"{system.name} loadgen {i}"))
-        result["broadcast_server_cpu_s"] = cpu_seconds(server.proc.pid) - cpu_before
-        result["errors"] = sum(a["errors"] for a in answers)
-        result["loadgen_handshake_cpu_s"] = sum(a["loadgen_handshake_cpu_s"] for a in answers)
-        result["client"] = answers[0]["client"]
-        result["speaks"] = answers[0]["speaks"]
-        result["negotiated"] = answers[0]["negotiated"]
-        if system.mode == "wsfanout":
-            latencies = sorted(t - sent for a in answers for t in a["arrivals_ms"])
-            result["received"] = len(latencies)
-            result["complete"] = len(latencies) == total
-            result["p50_ms"] = quantile(latencies, 0.5)
-            result["p99_ms"] = quantile(latencies, 0.99)
-            result["max_ms"] = latencies[-1] if latencies else None
-            if not result["complete"]:
-                result["note"] = f"broadcast reached {len(latencies)} of {total}"
-        for loadgen in loadgens:
-            loadgen.wait(30)
-        return result
     finally:
         for loadgen in loadgens:
             if loadgen.poll() is None:
                 loadgen.kill()
                 loadgen.wait()
-        server.stop()
-        for pid in members:  # a worker its master left behind
+        if server is not None:
+            server.stop()
+        for pid in seen["members"]:  # a worker its master left behind
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         forget_redis_keys(prefix)
+
+
+def measure(
+    scenario: Any,
+    system: System,
+    data_dir: Path,
+    users: Users,
+    server: Server,
+    loadgens: list[subprocess.Popen[str]],
+    seen: dict[str, Any],
+    prefix: str,
+) -> dict[str, Any]:
+    """run_once's measurement: ``loadgens`` and ``seen`` (the server's processes, its
+    workers) are filled in as they start, for run_once to report on and stop."""
+    total = scenario.config["connections"] * system.workers
+    # healthz answered for one worker: wait for every one (connections would go to the
+    # first ones only, and the spread over the workers would show that).
+    deadline = time.monotonic() + 30
+    while True:
+        workers = workers_of(server.proc.pid)
+        if len(workers) >= system.workers and all(serving(w, server.port) for w in workers):
+            seen["workers"] = workers
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{system.name}: not every worker serves after 30 s")
+        time.sleep(0.1)
+    members = seen["members"] = family(server.proc.pid)
+    rss_before = rss_kib(server.proc.pid)
+    cpu_start = cpu_seconds(server.proc.pid)
+    count = math.ceil(total / PER_LOADGEN)
+    shares = [total // count + (i < total % count) for i in range(count)]
+    for i, share in enumerate(shares):
+        path = data_dir / f"loadgen-{i}.json"
+        path.write_text(
+            json.dumps(
+                {
+                    **scenario.config,
+                    "scenario": "broadcast" if system.mode == "wsfanout" else "capacity",
+                    "connections": share,
+                    "mode": system.mode,
+                    "client": system.client,
+                    "url": f"ws://127.0.0.1:{server.port}/",
+                    "cookies": users.cookies,
+                    "retries": RETRIES if system.mode == "wsfanout" else 0,
+                    "retryMs": RETRY_MS,
+                    "timeoutMs": BROADCAST_TIMEOUT_S * 1000,
+                }
+            )
+        )
+        command = ["node", "--experimental-detect-module", str(BENCH / "loadgen.mjs")]
+        loadgens.append(
+            subprocess.Popen(
+                [*command, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+        )
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    ready = []
+    for i, loadgen in enumerate(loadgens):
+        assert loadgen.stdout is not None
+        ready.append(read_line(loadgen.stdout, deadline, f"{system.name} loadgen {i}"))
+    wall = (max(r["opened_ms"] for r in ready) - min(r["opening_ms"] for r in ready)) / 1e3
+    time.sleep(0.5)  # let the server settle after the handshakes
+    rss_after = rss_kib(server.proc.pid)
+    handshake_cpu = cpu_seconds(server.proc.pid) - cpu_start
+    connected = sockets_at(server.port, "01")
+    spread = [len(fds_of(pid, connected)) for pid in workers]
+    for loadgen in loadgens:
+        assert loadgen.stdin is not None
+        loadgen.stdin.write("go\n")
+        loadgen.stdin.flush()
+    result: dict[str, Any] = {
+        "workers": system.workers,
+        "server": system.server,
+        "connections": total,
+        "held": total,  # every load generator connected all of its share
+        "loadgens": count,
+        "handshake_s": wall,
+        "handshakes_per_s": total / wall,
+        "server_us_per_handshake": 1e6 * handshake_cpu / total,
+        "rss_kib_per_conn": (rss_after - rss_before) / total,
+        "rss_mib": rss_after / 1024,
+        "per_worker": spread,
+        # uvicorn's supervisor kills a worker that does not answer its ping within 5 s
+        "workers_gone": [pid for pid in workers if not Path(f"/proc/{pid}").exists()],
+        "refused": sum(r["refused"] for r in ready),
+        # what the run leaves behind, for tests/test_bench.py to check is gone
+        "redis_prefix": prefix,
+        "pids": [*members, *(loadgen.pid for loadgen in loadgens)],
+        "refusals": {
+            why: sum(r["refusals"].get(why, 0) for r in ready)
+            for why in sorted({why for r in ready for why in r["refusals"]})
+        },
+    }
+    cpu_before = cpu_seconds(server.proc.pid)
+    if system.mode == "wsfanout":
+        time.sleep(0.2)  # every load generator has read its "go"
+        sent = publish(server.port)
+    deadline = time.monotonic() + BROADCAST_TIMEOUT_S + 30
+    answers = []
+    for i, loadgen in enumerate(loadgens):
+        assert loadgen.stdout is not None
+        answers.append(read_line(loadgen.stdout, deadline, f"{system.name} loadgen {i}"))
+    result["broadcast_server_cpu_s"] = cpu_seconds(server.proc.pid) - cpu_before
+    result["errors"] = sum(a["errors"] for a in answers)
+    result["loadgen_handshake_cpu_s"] = sum(a["loadgen_handshake_cpu_s"] for a in answers)
+    result["client"] = answers[0]["client"]
+    result["speaks"] = answers[0]["speaks"]
+    result["negotiated"] = answers[0]["negotiated"]
+    if system.mode == "wsfanout":
+        latencies = sorted(t - sent for a in answers for t in a["arrivals_ms"])
+        result["received"] = len(latencies)
+        result["complete"] = len(latencies) == total
+        result["p50_ms"] = quantile(latencies, 0.5)
+        result["p99_ms"] = quantile(latencies, 0.99)
+        result["max_ms"] = latencies[-1] if latencies else None
+        if not result["complete"]:
+            result["note"] = f"broadcast reached {len(latencies)} of {total}"
+    for loadgen in loadgens:
+        loadgen.wait(30)
+    return result
 
 
 # The table: a row per system, its columns these results (key, heading).
