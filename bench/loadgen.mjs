@@ -24,7 +24,9 @@
 //   connections how many sockets to open
 //   cookies     cookie header per connection (cycled), wsfanout only
 //   groups      group name per connection (cycled); baseline joins it via ?g=
-//   scenario    "burst" | "paced" | "groups" | "capacity"
+//   scenario    "burst" | "paced" | "groups" | "capacity" | "broadcast" (bench/scale.py: after
+//               "go", wait for one message on every connection, published by run.py, and report
+//               when each came, in ms of CLOCK_MONOTONIC, the clock Python's time.monotonic() reads)
 //   messages    publishes to send; size: payload bytes; rate: publishes/s (paced)
 //   senders     connections that publish (groups)
 //   groupSizes  {group: members} to know how many deliveries a group send makes
@@ -34,6 +36,9 @@
 //               outbound frame compressed when the server accepts; "plain": no extensions offered
 //   sources     local addresses to connect from, in turn (127.0.0.x: more ephemeral ports)
 //   clientlib   true (default): wsfanout's connections through web/wsfanout.js; false: by hand
+//   retries     how often a refused handshake is tried again (default 0: a refusal ends the run),
+//               after a random wait of up to retryMs (default 100) ms; "refused" counts them
+//   timeoutMs   how long "broadcast" waits for its message (default 60,000)
 //
 // The result says what the server negotiated ("negotiated": its Sec-WebSocket-Extensions
 // answer, "" for none), so a table can show which clients got compression.
@@ -73,6 +78,26 @@ let expected = Infinity;
 let latencies = new Float64Array(0);
 let finish = null;
 let errors = 0;
+let refused = 0;
+const refusals = {}; // why handshakes were refused (retries), by reason
+// broadcast: when each connection's first message came (ms of the monotonic clock; 0: not yet)
+const arrivals = new Float64Array(cfg.scenario === "broadcast" ? cfg.connections : 0);
+
+// The monotonic clock Node and Python share on one machine (CLOCK_MONOTONIC), in ms.
+function monotonicMs() {
+  return Number(process.hrtime.bigint()) / 1e6;
+}
+
+// A message on connection `index`: broadcast notes when the first came; the others time it.
+function received(index, text) {
+  if (arrivals.length) {
+    if (arrivals[index] === 0) {
+      arrivals[index] = monotonicMs();
+      deliveries += 1;
+      if (deliveries >= expected && finish) finish();
+    }
+  } else delivered(text);
+}
 
 function payload(seq) {
   const head = `${seq}|${performance.now().toFixed(3)}|`;
@@ -146,7 +171,7 @@ function openRaw(index) {
     ws.on("message", (data) => {
       if (welcome) welcome = false;
       else if (wsfanout) scanned(data);
-      else delivered(data.toString());
+      else received(index, data.toString());
     });
     ws.on("open", () => {
       counted(ws);
@@ -170,7 +195,7 @@ function openClient(index) {
   }
   const chat = new Client(cfg.url, { WebSocket: BrowserSocket, ...CLIENT_TIMEOUTS });
   chats[index] = chat;
-  chat.on("message", (event) => delivered(event.text));
+  chat.on("message", (event) => received(index, event.text));
   chat.on("error", () => { errors += 1; }); // an error frame that answers no request of ours
   return new Promise((resolve, reject) => {
     let connected = false;
@@ -199,7 +224,18 @@ async function openAll() {
   async function worker() {
     while (next < cfg.connections) {
       const index = next++;
-      await open(index);
+      for (let tries = 0; ; tries++) {
+        try {
+          await open(index);
+          break;
+        } catch (err) {
+          if (tries >= (cfg.retries || 0)) throw err;
+          refused += 1;
+          const why = String(err && err.message || err).replace(/^connection \d+: /, "");
+          refusals[why] = (refusals[why] || 0) + 1;
+          await new Promise((r) => setTimeout(r, Math.random() * (cfg.retryMs || 100)));
+        }
+      }
     }
   }
   await Promise.all(Array.from({ length: Math.min(cfg.concurrency || 100, cfg.connections) }, worker));
@@ -243,9 +279,12 @@ async function run() {
   const lines = createInterface({ input: process.stdin });
   const commands = lines[Symbol.asyncIterator]();
   const handshakeCpu0 = process.cpuUsage();
+  const opening = monotonicMs();
   const handshakeSeconds = await openAll();
+  const opened = monotonicMs();
   const handshakeCpu = process.cpuUsage(handshakeCpu0);
-  process.stdout.write(JSON.stringify({ ready: true, handshake_s: handshakeSeconds }) + "\n");
+  const ready = { ready: true, handshake_s: handshakeSeconds, opening_ms: opening, opened_ms: opened };
+  process.stdout.write(JSON.stringify({ ...ready, refused, refusals }) + "\n");
   await commands.next(); // "go"
 
   const cpu0 = process.cpuUsage();
@@ -285,6 +324,8 @@ async function run() {
     plan.forEach((group, i) => publish(i % cfg.senders, payload(i), group));
     sent = cfg.messages;
     complete = await done;
+  } else if (cfg.scenario === "broadcast") {
+    complete = await waitFor(cfg.connections, cfg.timeoutMs || 60_000);
   }
   const elapsed = (performance.now() - t0) / 1000;
   const wire = wireBytes() - wire0;
@@ -312,10 +353,13 @@ async function run() {
     speaks: clientlib ? "wsfanout.js" : "by hand",
     wire_bytes_per_delivery: deliveries ? wire / deliveries : null,
     negotiated: [...negotiated.keys()].join(" | "),
+    refused,
   };
-  process.stdout.write(JSON.stringify(result) + "\n");
+  if (arrivals.length) result.arrivals_ms = Array.from(arrivals.filter((t) => t > 0));
+  // Exit once the line is written: a pipe takes 64 KiB at once, and the rest of a longer line
+  // (broadcast's arrivals) would be lost to an exit straight after the write.
+  process.stdout.write(JSON.stringify(result) + "\n", () => process.exit(0));
   resetAll();
-  process.exit(0);
 }
 
 run().catch((err) => {

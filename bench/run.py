@@ -49,6 +49,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import resource
@@ -156,7 +157,7 @@ WEBHOOK_DOWN = System(
         "WSFANOUT_WEBHOOK_SECRET": "bench-webhook-secret",
     },
 )
-OPT_IN = frozenset({"hooks"})  # scenarios run only when named with --only
+OPT_IN = frozenset({"hooks", "scale"})  # scenarios run only when named with --only
 # Pairs whose ratio is printed: history on (the default) over history off.
 HISTORY_PAIRS = (
     ("wsfanout", "wsfanout-nohistory"),
@@ -201,6 +202,7 @@ QUICK_SKIP = frozenset(
 
 
 def _scenarios(quick: bool) -> list[Scenario]:
+    scale = scale_module()
     n = 100 if quick else 1000
     messages = 20 if quick else 200
     capacity = 500 if quick else CAPACITY
@@ -321,7 +323,21 @@ def _scenarios(quick: bool) -> list[Scenario]:
             reference="wsfanout",
             ratios=PG_UVICORN_RATIOS,
         ),
+        Scenario(
+            "scale",
+            scale.systems(scale.QUICK_WORKERS if quick else scale.WORKERS),
+            scale.config(quick),
+            f"scale: {scale.config(quick)['connections']:,} browser-like connections per worker "
+            "(Redis), then one broadcast to all (bench/scale.py)",
+        ),
     ]
+
+
+def scale_module() -> Any:
+    """bench/scale.py, the scale scenario (opt-in: --only scale)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module("bench.scale")
 
 
 def family(pid: int) -> list[int]:
@@ -466,13 +482,14 @@ def server_command(system: System, fd: int) -> list[str]:
     return (
         f"bench.uvicorn_fd --fd {fd} --ws websockets-sansio --ws-per-message-deflate false "
         "--no-proxy-headers --http h11 --lifespan on --no-access-log --log-level warning "
-        "--backlog 4096 "
-        f"{system.app}"
+        "--backlog 4096 " + (f"--workers {workers} " if workers > 1 else "") + f"{system.app}"
     ).split()
 
 
 class Server:
-    def __init__(self, system: System, data_dir: Path, store_env: dict[str, str]) -> None:
+    def __init__(
+        self, system: System, data_dir: Path, store_env: dict[str, str], pinned: bool = True
+    ) -> None:
         self.system = system
         self.data_dir = data_dir
         sock = socket.socket()
@@ -493,7 +510,12 @@ class Server:
             **system.env,
         }
         self.proc = subprocess.Popen(
-            [*pin(0), sys.executable, "-m", *server_command(system, sock.fileno())],
+            [
+                *(pin(0) if pinned else []),
+                sys.executable,
+                "-m",
+                *server_command(system, sock.fileno()),
+            ],
             pass_fds=[sock.fileno()],
             env=env,
             cwd=data_dir,
@@ -791,7 +813,9 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--reps", type=int, default=3, help="repetitions of each run (median is shown)"
+        "--reps",
+        type=int,
+        help="repetitions of each run (median is shown; default 3, the scale scenario's 1)",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--only", action="append", help="run only these scenarios")
@@ -857,9 +881,10 @@ def main() -> int:
             + " and ".join(system.name for system in before),
             flush=True,
         )
-    if any(s.name == "redis" for s in chosen) and redis_cpu_seconds() is None:
-        print(f"skipping the redis scenario: no Redis at {REDIS_URL}", flush=True)
-        chosen = [s for s in chosen if s.name != "redis"]
+    for needs_redis in ("redis", "scale"):
+        if any(s.name == needs_redis for s in chosen) and redis_cpu_seconds() is None:
+            print(f"skipping the {needs_redis} scenario: no Redis at {REDIS_URL}", flush=True)
+            chosen = [s for s in chosen if s.name != needs_redis]
     if args.size:
         for scenario in chosen:
             if "size" in scenario.config:
@@ -891,11 +916,18 @@ def main() -> int:
         if postgres_url is not None:
             stores["postgresql"] = prepare(postgres_url, users)
             postgres_version = postgres_rows("SHOW server_version")[0][0]
-        for rep in range(args.reps):
+        # --reps, or 3 (the scale scenario: 1, a full run of it takes many minutes)
+        reps = {
+            s.name: args.reps or (scale_module().REPS if s.name == "scale" else 3) for s in chosen
+        }
+        for rep in range(max(reps.values(), default=0)):
             for scenario in chosen:
+                if rep >= reps[scenario.name]:
+                    continue
                 for system in scenario.systems:
                     started = time.monotonic()
-                    result = run_once(
+                    measure = scale_module().run_once if scenario.name == "scale" else run_once
+                    result = measure(
                         scenario,
                         system,
                         data_dir,
@@ -907,7 +939,7 @@ def main() -> int:
                     results.setdefault(scenario.name, {}).setdefault(system.name, []).append(result)
                     note = f" ({result['note']})" if "note" in result else ""
                     print(
-                        f"rep {rep + 1}/{args.reps} {scenario.name:11} {system.name:25} "
+                        f"rep {rep + 1}/{reps[scenario.name]} {scenario.name:11} {system.name:25} "
                         f"{time.monotonic() - started:5.1f} s{note}",
                         flush=True,
                     )
@@ -921,13 +953,21 @@ def main() -> int:
             "python": sys.version.split()[0],
             **({"postgresql": postgres_version} if postgres_version else {}),
         },
-        "reps": args.reps,
+        "reps": max(reps.values(), default=0),
         "quick": args.quick,
         "command": " ".join(["bench/run.py", *sys.argv[1:]]),
         "scenarios": {},
     }
     for scenario in chosen:
         by_system = results[scenario.name]
+        if scenario.name == "scale":  # a row per system: its own table
+            medians = scale_module().report(scenario, by_system)
+            summary["scenarios"][scenario.name] = {
+                "label": scenario.label,
+                "medians": medians,
+                "runs": by_system,
+            }
+            continue
         print(f"## {scenario.label}")
         names = [s.name for s in scenario.systems]
         width = max(18, 2 + max(len(n) for n in names))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import redis
 
 from tests import postgres
 
@@ -126,3 +127,54 @@ def test_quick_bench_measures_both_systems(tmp_path: Path) -> None:
         found = re.search(r"database (wsfanout_bench_[0-9a-f]+) ", result.stdout)
         assert found is not None, result.stdout
         assert not database_exists(found[1])
+
+
+@pytest.mark.timeout(180)
+def test_quick_scale_scenario(tmp_path: Path) -> None:
+    """`bench/run.py --quick --only scale`: 200 browser-like connections per worker at 1 and 2
+    workers sharing fan-out through Redis, under hypercorn and uvicorn, and the bare app's;
+    every connection has the broadcast, the connections are counted on every worker, and
+    neither a process nor a Redis key of the run outlives it."""
+    from tests.server import need_redis
+
+    need_redis()
+    out = tmp_path / "results.json"
+    command = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--only", "scale"]
+    result = subprocess.run(
+        [*command, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    scale = json.loads(out.read_text())["scenarios"]["scale"]
+    assert "bcast max ms" in result.stdout
+    names = {f"{kind}-{w}w" for w in (1, 2) for kind in ("wsfanout", "wsfanout-uvicorn")}
+    bare = {f"{kind}-{w}w" for w in (1, 2) for kind in ("baseline", "baseline-uvicorn")}
+    assert set(scale["runs"]) == names | bare
+    for system, runs in scale["runs"].items():
+        (run,) = runs  # one repetition: the scale scenario's default
+        assert "note" not in run and run["workers_gone"] == [], (system, run)
+        assert run["connections"] == 200 * run["workers"], system
+        assert len(run["per_worker"]) == run["workers"], (system, run["per_worker"])
+        assert sum(run["per_worker"]) >= run["connections"], (system, run["per_worker"])
+        assert run["handshakes_per_s"] > 0, system
+        assert run["errors"] == 0, (system, run)
+        if system in names:
+            assert run["complete"], (system, run)
+            assert run["received"] == run["connections"], system
+            assert 0 < run["p50_ms"] <= run["p99_ms"] <= run["max_ms"], (system, run)
+        for pid in run["pids"]:
+            assert not Path(f"/proc/{pid}").exists() or pid_is_another(pid), (system, pid)
+        keys = redis.Redis.from_url("redis://127.0.0.1:6379/0").keys(run["redis_prefix"] + "*")
+        assert keys == [], (system, keys[:5])
+
+
+def pid_is_another(pid: int) -> bool:
+    """A pid the system gave again to a process that is neither a server nor a load generator."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"loadgen.mjs" not in cmdline and b"hypercorn" not in cmdline and b"spawn" not in cmdline
