@@ -34,6 +34,9 @@ DEFAULT_BIND: Final = "127.0.0.1:8000"
 PING_INTERVAL: Final = 20.0
 GRACEFUL_TIMEOUT: Final = 10.0
 BACKLOG: Final = 2048  # pending connections: a reconnect storm must not be refused
+# Seconds uvicorn's supervisor waits for a worker's answer before it kills it (uvicorn's 5 s
+# killed a worker holding 19,000 connections on a busy machine, and every one of them).
+WORKER_HEALTHCHECK: Final = 30
 SERVERS: Final = ("hypercorn", "uvicorn")
 SERVER_VARIABLE: Final = "WSFANOUT_SERVER"
 STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
@@ -128,6 +131,7 @@ def uvicorn_options(settings: Settings, args: argparse.Namespace) -> dict[str, A
         "forwarded_allow_ips": args.forwarded_allow_ips or "127.0.0.1",
         "server_header": False,
         "timeout_graceful_shutdown": GRACEFUL_TIMEOUT,
+        "timeout_worker_healthcheck": WORKER_HEALTHCHECK,
         "backlog": BACKLOG,
         "workers": args.workers,
         "access_log": args.access_log,
