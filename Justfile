@@ -52,9 +52,12 @@ serve: (_install "serve")
     {{bin}}/wsfanout demo
     {{bin}}/wsfanout serve --bind {{bind}}
 
-# lint, types, and the whole test suite on TEST_WORKERS workers (pytest args may follow)
+# lint, types, and the whole test suite on TEST_WORKERS workers (pytest args may follow).
+# --maxschedchunk 1: pytest-xdist hands out tests one at a time, in tests/conftest.py's order
+# (the slow ones first); by default each worker gets a quarter of its share at once, and the
+# first one got every slow test in a row, running them for minutes after the others were done.
 test *args: lint
-    {{bin}}/python -m pytest -n {{test_workers}} {{args}}
+    {{bin}}/python -m pytest -n {{test_workers}} --maxschedchunk 1 {{args}}
 
 # ruff (format check and lint), mypy --strict, the layering of DESIGN section 3 (lint-imports), the docs site
 lint: install

@@ -28,10 +28,30 @@ DEMO_USERS = {first.lower(): group for group, members in DEMO_GROUPS.items() for
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first: `just test` spreads the suite over several workers (pytest-xdist),
-    which take tests in this order, and a long one taken last would keep every other
-    worker waiting for it."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Slow tests first, the longest first (``slow(seconds)``), each followed by a quick one.
+
+    `just test` spreads the suite over several workers (pytest-xdist), which take tests in
+    this order, one at a time (``--maxschedchunk 1``): a long test taken last would keep
+    every other worker waiting for it. A worker is always handed the test after the one it
+    starts (xdist keeps one queued), so a quick test between two slow ones keeps the next
+    slow one free for an idle worker rather than queued behind its neighbour."""
+
+    def seconds(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("slow")
+        return float(marker.args[0]) if marker is not None and marker.args else 0.0
+
+    slow = sorted(
+        (item for item in items if item.get_closest_marker("slow") is not None),
+        key=seconds,
+        reverse=True,
+    )
+    quick = [item for item in items if item.get_closest_marker("slow") is None]
+    between = quick[: len(slow)]
+    items[:] = [
+        *(item for pair in zip(slow, between, strict=False) for item in pair),
+        *slow[len(between) :],
+        *quick[len(between) :],
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -579,7 +579,7 @@ async def test_presence_is_counted_across_nodes(settings: Settings, prefix: str)
             assert offline == {"type": "offline", "user": "lisa", "group": "girls"}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(27)
 async def test_a_killed_nodes_users_go_offline_within_30_s(
     tmp_path: Path, demo_db: Path, prefix: str
 ) -> None:

@@ -24,7 +24,7 @@ pytestmark = [
         shutil.which("node") is None and os.environ.get("CI") != "true",
         reason="the benchmark's load generator needs Node.js (node, npm)",
     ),
-    pytest.mark.slow,
+    pytest.mark.slow(95),
 ]
 
 

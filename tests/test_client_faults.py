@@ -258,7 +258,7 @@ def histogram(times: list[float], start: float, bucket: float = 0.1) -> dict[int
     return counts
 
 
-@pytest.mark.slow
+@pytest.mark.slow(5)
 async def test_two_hundred_clients_come_back_spread_out(tmp_path: Path, server_kind: str) -> None:
     """200 clients lose their server at once (a restart, 1001), which stays away until each
     has been refused twice. Their attempts spread over the backoff window rather than
@@ -349,7 +349,7 @@ async def each(
         await listener.until(functools.partial(done, listener), timeout)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(17)
 async def test_two_thousand_messages_reach_two_hundred_clients_through_three_resets(
     tmp_path: Path, server_kind: str
 ) -> None:

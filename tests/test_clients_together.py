@@ -74,7 +74,7 @@ def check(got: list[str], sent: list[str]) -> tuple[int, int, int]:
     return len(set(sent) - set(got)), len(got) - len(set(got)), int(got != sent)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(26)
 @pytest.mark.timeout(300)
 async def test_two_thousand_messages_reach_python_clients_and_page_tabs_through_three_resets(
     tmp_path: Path,

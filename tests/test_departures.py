@@ -111,7 +111,7 @@ async def let_go(server: Server, cookie: str) -> None:
     await seats_back(server, cookie)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(4)
 @pytest.mark.parametrize(("server_kind", "serve"), SERVERS, ids=IDS)
 async def test_clients_that_leave_while_not_read_are_let_go_at_once(
     data_dir: Path, server_kind: str, serve: bool
@@ -136,7 +136,7 @@ async def test_clients_that_leave_while_not_read_are_let_go_at_once(
     assert "ERROR" not in log, log
 
 
-@pytest.mark.slow
+@pytest.mark.slow(3)
 @pytest.mark.parametrize(("server_kind", "serve"), SERVERS, ids=IDS)
 async def test_readers_that_ask_more_than_they_read_leave_quietly(
     data_dir: Path, server_kind: str, serve: bool

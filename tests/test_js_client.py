@@ -130,7 +130,7 @@ def redis_env() -> Iterator[dict[str, str]]:
     delete_redis_keys(prefix)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(19)
 def test_the_node_suite_against_real_servers(
     tmp_path: Path, demo_db: Path, redis_env: dict[str, str]
 ) -> None:

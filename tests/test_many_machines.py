@@ -52,7 +52,7 @@ def cluster() -> Iterator[postgres.Cluster]:
         own.remove()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(11)
 async def test_two_machines_share_users_sessions_throttle_and_messages(
     tmp_path: Path, pg_url: str, redis_prefix: str
 ) -> None:
@@ -109,7 +109,7 @@ async def test_two_machines_share_users_sessions_throttle_and_messages(
     assert written == []
 
 
-@pytest.mark.slow
+@pytest.mark.slow(15)
 async def test_postgres_down_at_start_then_restarted_while_serving(
     tmp_path: Path, cluster: postgres.Cluster
 ) -> None:

@@ -265,7 +265,7 @@ def data_dir(tmp_path: Path, demo_db: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.slow
+@pytest.mark.slow(8)
 async def test_never_reading_users_do_not_stall_a_nodes_backends(
     data_dir: Path, server_kind: str
 ) -> None:
@@ -278,7 +278,7 @@ async def test_never_reading_users_do_not_stall_a_nodes_backends(
     assert "Traceback" not in log, log
 
 
-@pytest.mark.slow
+@pytest.mark.slow(23)
 async def test_never_reading_users_do_not_get_a_nodes_redis_subscription_dropped(
     tmp_path: Path, demo_db: Path
 ) -> None:

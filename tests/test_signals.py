@@ -283,7 +283,7 @@ async def test_a_worker_sent_sigterm_drains_and_is_replaced(data_dir: Path, form
         assert await stopped(server, [replaced], pids) in server.stopped_by_sigterm
 
 
-@pytest.mark.slow
+@pytest.mark.slow(8)
 async def test_signal_floods_never_hang_a_stop(data_dir: Path) -> None:
     """Round after round, SIGTERM floods `wsfanout serve`'s master and its group while it
     handles the first: hypercorn's own master handler, run again inside itself, waited
@@ -297,7 +297,7 @@ async def test_signal_floods_never_hang_a_stop(data_dir: Path) -> None:
             assert status in server.stopped_by_sigterm
 
 
-@pytest.mark.slow
+@pytest.mark.slow(11)
 def test_the_master_wsfanout_serve_runs_never_hangs_in_a_flood(tmp_path: Path) -> None:
     """hypercorn's master as ``wsfanout serve`` runs it, flooded with SIGTERM round after
     round: it always stops, with 0. hypercorn's own master hung in two rounds of five."""

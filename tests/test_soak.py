@@ -108,7 +108,7 @@ def test_the_soak_commands() -> None:
 
 
 @NEEDS_NODE
-@pytest.mark.slow
+@pytest.mark.slow(23)
 @pytest.mark.timeout(180)
 def test_a_short_soak(tmp_path: Path) -> None:
     """A small pool churning for a few seconds on one node, through the JavaScript client:
