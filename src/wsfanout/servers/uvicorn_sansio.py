@@ -89,8 +89,8 @@ TINY: Final = 64  # bytes per message under which a connection's slices stay at 
 
 
 # ``write_now``'s last frame: the message it was built for (kept alive with it) and its bytes.
-_last_message: Message | None = None
-_last_frame = b""
+# One tuple, read and replaced whole: servers in several threads of one process share it.
+_last: tuple[Message | None, bytes] = (None, b"")
 
 
 class _Inbox:
@@ -284,14 +284,15 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
             or conn.debug
         ):
             return False
-        global _last_message, _last_frame
-        if message is not _last_message:
+        global _last
+        last, frame = _last
+        if message is not last:
             text = message.get("text")
             if text is None:
                 return False
-            _last_frame = Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=())
-            _last_message = message
-        self.transport.write(_last_frame)
+            frame = Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=())
+            _last = (message, frame)
+        self.transport.write(frame)
         return True
 
     def _reset_if_unread(self, reach: ServerReach) -> None:
