@@ -321,7 +321,9 @@ class Connection:
             writer.remove_done_callback(self._writer_done)
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
-            self._reader = None
+            # No cycle left (outbox -> writer -> its frames -> outbox): a closed connection is
+            # freed when its last reference goes, not at the collector's next full pass.
+            self._reader = outbox.on_overflow = None
 
     async def _after_reading(self, code: int | None, writer: asyncio.Task[int]) -> int | None:
         """The reader is done: None (the client left) or a close code from a fatal frame."""

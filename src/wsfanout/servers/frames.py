@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import weakref
 import zlib
 from collections.abc import Generator
 from typing import Any, Final
@@ -62,7 +63,8 @@ class Frames:
     __slots__ = ("_stream", "_telling", "length", "limit", "parts", "pieces", "refused", "reset")
 
     def __init__(self, stream: Any, limit: int) -> None:
-        self._stream = stream
+        # Weak: the stream holds this buffer, and a cycle is freed only by the collector.
+        self._stream = weakref.ref(stream)
         self._telling: asyncio.Task[Any] | None = None
         self.limit = limit
         self.length = 0
@@ -97,8 +99,11 @@ class Frames:
             return
         self.refused = True
         self.parts = []
+        stream = self._stream()
+        if stream is None:  # hypercorn parses only for a stream it holds
+            return
         # Called from hypercorn's synchronous parsing; its queue to the app is awaited.
-        put = self._stream.app_put(dict(TOO_LARGE))
+        put = stream.app_put(dict(TOO_LARGE))
         self._telling = asyncio.get_running_loop().create_task(put)
 
     def clear(self) -> None:

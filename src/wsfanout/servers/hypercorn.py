@@ -389,8 +389,7 @@ def _wrap(cls: type, name: str, wrapper: Any, original: Any) -> None:
 def _on_accept(stream: Any, frames: Frames | None, closes: bool, reach: ServerReach) -> None:
     """Once hypercorn's handshake has built the connection: make it send the close wsproto
     asks for (``closes``), and bound its permessage-deflate (``frames``)."""
-    handshake = stream.handshake
-    # A partial, not a closure: one object more per connection for the collector, not eight.
+    handshake = stream.handshake  # a partial, not a closure (one object for the collector)
     handshake.accept = functools.partial(_accepted, handshake.accept, stream, frames, closes, reach)
 
 
@@ -398,6 +397,7 @@ def _accepted(
     accept: Any, stream: Any, frames: Frames | None, closes: bool, reach: ServerReach, *args: Any
 ) -> Any:
     status, headers, connection = accept(*args)
+    del stream.handshake.accept  # called once: the partial (and its cycle through the stream)
     if closes:
         cls: Any = closing_connection()
         if type(connection) is cls.__base__:  # exactly wsproto's

@@ -137,6 +137,7 @@ def _install() -> str:
             if idle.late is not None:
                 idle.late.cancel()
             peer.left()
+            _let_go(server)
 
     setattr(_run, _WRAPPED, True)
     _run.__wrapped__ = run  # type: ignore[attr-defined]
@@ -153,6 +154,17 @@ async def _read(server: Any, peer: Peer, read: Callable[[int], Awaitable[bytes]]
         if getattr(connection, "their_state", None) is not h11.SEND_BODY:
             peer.started()
     return await read(n)
+
+
+def _let_go(server: Any) -> None:
+    """A connection has ended. Its parts refer to each other (the server, its protocol and
+    that protocol's ``send``; the read wrapper above; an error's traceback through the
+    server's closing frame), so they would be freed only at the collector's next full pass,
+    a rare one with tens of thousands of connections held (collector.py). Dropping the
+    server's own references lets reference counting free the connection as it ends: the
+    app's coroutine, its streams, its buffers."""
+    vars(server.reader).pop("read", None)
+    server.protocol = server.reader = server.writer = server.idle_task = None
 
 
 def _head_late(transport: Any, peer: Peer) -> None:

@@ -134,7 +134,7 @@ class HeadTimedH11Protocol(H11Protocol):
         # From now on the transport tells the websocket protocol, not this one, that the
         # connection is gone; its class may be any of uvicorn's (the app has not accepted
         # yet, and may never): this instance's method is wrapped.
-        lost = functools.partial(_left, peer, protocol.connection_lost)
+        lost = functools.partial(_left, peer, protocol)
         protocol.connection_lost = lost  # type: ignore[method-assign]
 
     def on_response_complete(self) -> None:
@@ -182,10 +182,13 @@ class HeadTimedH11Protocol(H11Protocol):
             transport.close()
 
 
-def _left(peer: Peer, connection_lost: Callable[[Exception | None], None], exc: Any) -> None:
-    """An upgraded connection is gone: its place in the counts too."""
+def _left(peer: Peer, protocol: asyncio.BaseProtocol, exc: Any) -> None:
+    """An upgraded connection is gone: its place in the counts too. The wrapper goes first
+    (it and the protocol refer to each other: a cycle only the collector would free), then
+    the protocol's own ``connection_lost`` runs (its class's: the app may have changed it)."""
+    vars(protocol).pop("connection_lost", None)
     peer.left()
-    connection_lost(exc)
+    protocol.connection_lost(exc)
 
 
 class DrainingServer(Server):

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__package__)  # one logger for the servers package: "wsfanout.servers"
 
 PARTS: Final = (
+    "connection_lost",
     "handle_parser_exception",
     "handle_cont",
     "handle_ping",
@@ -102,7 +103,7 @@ class _Inbox:
     __slots__ = ("_events", "_waiter", "protocol")
 
     def __init__(self, protocol: ExplainingSansIOProtocol) -> None:
-        self.protocol = protocol
+        self.protocol: ExplainingSansIOProtocol | None = protocol  # None once the client left
         self._events: list[object] = []  # a few at most: parse_held stops at the first
         self._waiter: asyncio.Future[None] | None = None
 
@@ -123,8 +124,9 @@ class _Inbox:
         if not events:
             raise asyncio.QueueEmpty
         message = events.pop(0)
-        if not events and self.protocol.held:
-            self.protocol.parse_held()
+        protocol = self.protocol
+        if not events and protocol is not None and protocol.held:
+            protocol.parse_held()
         return message
 
     async def get(self) -> object:
@@ -167,6 +169,20 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
         # it): uvloop's transport keeps the ``data_received`` it found at the start, and
         # takes this class's once given the protocol again.
         self.transport.set_protocol(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.wsfanout is not None:
+            # What adopt() made refers back to this protocol (and its websockets connection):
+            # let go, so that a closed connection is freed as its last reference goes, not at
+            # the collector's next full pass (with tens of thousands held, a rare one).
+            conn = self.conn
+            vars(conn).pop("recv_frame", None)
+            failed = getattr(conn, "parser_exc", None)  # its traceback's frame holds conn
+            if failed is not None:
+                failed.__traceback__ = None
+            if isinstance(self.queue, _Inbox):
+                self.queue.protocol = None
 
     def data_received(self, data: bytes) -> None:
         if self.wsfanout is None:
