@@ -120,9 +120,9 @@ class Settings:
     webhook_queue: int = 10_000  # events waiting to be posted, at most; past it they are dropped
 
     log_level: str = "info"
-    # The garbage collector (collector.py): "untouched" (the default: the soak's memory bound
-    # failed with the tuning), "auto" tunes it where wsfanout owns the process, "tuned" always
-    gc: str = "untouched"
+    # The garbage collector (collector.py): "auto" (tuned where wsfanout owns the process),
+    # "tuned" (always, a host's process too), "untouched" (never)
+    gc: str = "auto"
 
     @property
     def history_on(self) -> bool:
