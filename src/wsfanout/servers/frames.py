@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import struct
 import weakref
 import zlib
 from collections.abc import Generator
@@ -37,6 +38,35 @@ log = logging.getLogger(__package__)  # one logger for the servers package: "wsf
 
 FAILED: Final = "closed a websocket with %d, from %s: %s"  # a client's invalid data, logged
 _INVALID_UTF8: Final = bytes([0x81, 0x81, 0, 0, 0, 0, 0xFF])  # a masked text frame: 1 bad byte
+
+# ``frame_of``'s last frame: the message it was built for (kept alive with it) and its bytes.
+# One tuple, read and replaced whole: servers in several threads of one process share it.
+_last: tuple[Message | None, bytes] = (None, b"")
+
+
+def frame_of(message: Message) -> bytes | None:
+    """A ``websocket.send`` text message as a server writes it (one frame, unmasked, no
+    extension), or None (not text). The frame the last call built, when it is the same
+    message: every recipient of a broadcast is sent the same one, one after another
+    (outbox.py's ``Flusher.batch``), and its frame is built once (the servers' ``write_now``)."""
+    global _last
+    last, frame = _last
+    if message is last:
+        return frame
+    text = message.get("text")
+    if not isinstance(text, str):
+        return None
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x81, size))
+    elif size < 65536:
+        head = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, size)
+    frame = head + payload
+    _last = (message, frame)
+    return frame
 
 
 class Frames:

@@ -93,16 +93,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..types import Message
 from . import (
+    hypercorn_direct,  # gives hypercorn's streams write_now, once per process
     hypercorn_signals,  # takes the workers' stop signals, once per process
     hypercorn_tcp,
 )
 from .checks import is_method
-from .frames import (
-    Frames,
-    bounded_deflate,
-    check_closing_connection,
-    closing_connection,
-)
+from .frames import Frames, bounded_deflate, check_closing_connection, closing_connection
 from .keys import ACCEPT_KEY, GONE, STREAM_KEY
 
 if TYPE_CHECKING:
@@ -144,6 +140,7 @@ _LOST: Final = (
         "a client's invalid data (invalid UTF-8 in a text message) ends its connection "
         "without a close frame (the client sees 1006)",
     ),
+    ("direct", "every frame goes through hypercorn's send (coroutines and a lock per frame)"),
     (
         "peers",
         "connections are not counted per address: one address can hold every descriptor "
@@ -263,6 +260,7 @@ def attach(reach: ServerReach) -> HypercornAdapter:
     what it cannot."""
     problems = check() | hypercorn_signals.check()
     problems["peers"] = hypercorn_tcp.configure(reach.peer_limits)
+    problems["direct"] = hypercorn_direct.check()
     reach.can_decline = not problems["deflate"]
     reach.can_watch = not problems["stop"]
     reach.can_stop_pings = not problems.get("pings")

@@ -48,7 +48,7 @@ from websockets.protocol import OPEN
 
 from ..protocol import CloseCode
 from ..types import Message
-from .frames import FAILED, client_text, too_many_pieces
+from .frames import FAILED, client_text, frame_of, too_many_pieces
 from .resets import UNSENT_MAX, unsent
 
 if TYPE_CHECKING:
@@ -87,11 +87,6 @@ STATE: Final = (
 SLICE: Final = 256  # bytes of a read parsed at a time, once the app has accepted ...
 SLICE_MAX: Final = 65536  # ... doubled up to this while slices give the app no message
 TINY: Final = 64  # bytes per message under which a connection's slices stay at SLICE
-
-
-# ``write_now``'s last frame: the message it was built for (kept alive with it) and its bytes.
-# One tuple, read and replaced whole: servers in several threads of one process share it.
-_last: tuple[Message | None, bytes] = (None, b"")
 
 
 class _Inbox:
@@ -300,14 +295,9 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
             or conn.debug
         ):
             return False
-        global _last
-        last, frame = _last
-        if message is not last:
-            text = message.get("text")
-            if text is None:
-                return False
-            frame = Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=())
-            _last = (message, frame)
+        frame = frame_of(message)
+        if frame is None:
+            return False
         self.transport.write(frame)
         return True
 

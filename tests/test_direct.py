@@ -1,0 +1,92 @@
+"""A frame written without a coroutine (the servers' ``write_now``, outbox.py's
+``DirectWriter``): the bytes are the frame a server's own send would write, built once per
+message, and under hypercorn a real broadcast goes out that way (in this process, so that
+the calls can be counted) and arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Any
+
+import pytest
+from wsproto.frame_protocol import FrameProtocol
+
+from tests.conftest import login
+from tests.server import Client
+from wsfanout import Settings, create_app
+from wsfanout.servers.frames import frame_of
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70001])
+def test_a_frame_is_the_one_wsproto_writes(size: int) -> None:
+    """Each length encoding (7 bits, 16, 64), counted in bytes: ASCII and not."""
+    for text in ("a" * size, "é" * (size // 2) + "a" * (size % 2)):
+        assert len(text.encode()) == size
+        wsproto = FrameProtocol(client=False, extensions=[]).send_data(text, fin=True)
+        assert frame_of({"type": "websocket.send", "text": text}) == wsproto
+
+
+def test_the_same_message_is_built_once() -> None:
+    message = {"type": "websocket.send", "text": "hello"}
+    first = frame_of(message)
+    assert first is not None and frame_of(message) is first  # the same bytes object
+    assert frame_of({"type": "websocket.send", "text": "hello"}) is not first  # built anew
+    assert frame_of({"type": "websocket.send", "bytes": b"x"}) is None  # not text: send()
+
+
+async def test_hypercorn_sends_a_broadcast_without_a_coroutine(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+    from hypercorn.protocol.ws_stream import WSStream
+
+    from wsfanout.servers import hypercorn_direct
+
+    assert hypercorn_direct.check() == ""
+    written: list[bool] = []
+    original = WSStream.write_now  # type: ignore[attr-defined]
+
+    def counted(stream: Any, message: Any) -> bool:
+        done: bool = original(stream, message)
+        written.append(done)
+        return done
+
+    monkeypatch.setattr(WSStream, "write_now", counted)
+    sock = socket.socket()  # hypercorn closes it as it stops
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{sock.fileno()}"]
+    config.accesslog = config.errorlog = None
+    stop = asyncio.Event()
+    app = create_app(settings)
+    server = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    clients: list[Client] = []
+    try:
+        for _ in range(100):
+            if app.service is not None:  # started by hypercorn's lifespan
+                break
+            await asyncio.sleep(0.05)
+        cookie = await login(app, "mike")
+        url = f"ws://127.0.0.1:{port}/"
+        clients = [
+            await Client.open(url, cookie, origin=f"http://127.0.0.1:{port}") for _ in range(3)
+        ]
+        for client in clients:
+            assert (await client.next())["type"] == "welcome"
+        await clients[0].send({"type": "broadcast", "text": "hello", "id": "b"})
+        for client in clients:
+            assert (await client.next_of("message"))["text"] == "hello"
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+        stop.set()
+        await server
+        with contextlib.suppress(OSError):
+            sock.close()
+    assert written.count(True) >= len(clients), written
