@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from wsfanout import protocol
-from wsfanout.outbox import Flusher, Outbox, State, item
+from wsfanout.outbox import SETTLE_TURNS, Flusher, Outbox, State, item
 from wsfanout.protocol import Kind, Publish
 from wsfanout.types import Message
 
@@ -321,7 +321,8 @@ async def test_recipients_of_the_same_events_share_one_batch_message() -> None:
             outbox.push(entry)
     for entry in [shared[0], event(9), shared[2]]:  # same first and last, not the same events
         outboxes[3].push(entry)
-    await asyncio.sleep(0)
+    for _ in range(SETTLE_TURNS + 1):  # a burst: the flusher waits while it may grow
+        await asyncio.sleep(0)
     sent = [direct.messages for direct in directs]
     assert all(len(messages) == 1 for messages in sent), sent
     assert sent[0][0] is sent[1][0] is sent[2][0]
@@ -331,6 +332,30 @@ async def test_recipients_of_the_same_events_share_one_batch_message() -> None:
     for outbox, writer in zip(outboxes, writers, strict=True):
         outbox.close(1000)
         await writer
+
+
+async def test_a_burst_still_arriving_leaves_in_one_frame() -> None:
+    """Events published before the flusher could run, and more on the next turns of the loop
+    (a publisher's reader handed a few frames at a time): the flush waits until they stop
+    coming, and they leave as one batch; a lone event is sent on the flusher's first turn."""
+    outbox = make(Sink(), batch_max=64)
+    direct = Direct()
+    outbox.direct = direct
+    writer = await started(outbox)
+    outbox.push(event(0))
+    await asyncio.sleep(0)
+    assert len(direct.messages) == 1  # alone: no wait
+    outbox.push(event(1))
+    outbox.push(event(2))
+    for n in range(3, 6):  # one more each turn, as a reader handed a few frames at a time
+        await asyncio.sleep(0)
+        outbox.push(event(n))
+    for _ in range(SETTLE_TURNS + 1):
+        await asyncio.sleep(0)
+    assert len(direct.messages) == 2, direct.messages
+    assert orjson.loads(direct.messages[1]["text"]) == [{"n": n} for n in range(1, 6)]
+    outbox.close(1000)
+    await writer
 
 
 async def test_a_declined_direct_write_goes_through_send() -> None:

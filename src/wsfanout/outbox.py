@@ -52,6 +52,7 @@ made once per publish and shared by every outbox (servers do not change messages
 log = logging.getLogger(__name__)
 
 FLUSH_CHUNK: Final = 1000  # outboxes flushed before the flusher lets other tasks run
+SETTLE_TURNS: Final = 8  # turns of the loop a flush waits, at most, while a burst arrives
 DRAIN_POLL: Final = (0.001, 0.05)  # the first and the longest sleep in ``drained()``
 
 
@@ -135,6 +136,8 @@ class Flusher:
                     await self._waiter
                 finally:
                     self._waiter = None
+            if len(self._ready[0]._frames) > 1:
+                await self._settle()
             ready = self._ready
             self._ready = []
             self.passes += 1
@@ -146,6 +149,27 @@ class Flusher:
                         outbox._flush()
                     except Exception:  # one connection's bug must not stop everyone's sends
                         log.exception("flushing an outbox failed")
+
+    async def _settle(self) -> None:
+        """A burst is arriving (the round's first outbox holds several events already: they
+        were published before the flusher could run): wait a turn of the loop while more
+        keep coming, so that they leave in larger batches, fewer frames. A server hands the
+        publisher's reader a few frames at a time (hypercorn queues 10 for the app), and the
+        reader waits a turn for the next few: the flush goes once the first outbox's queue
+        stood still for two turns, holds a full batch, or after ``SETTLE_TURNS``."""
+        first = self._ready[0]
+        size, still = len(first._frames), 0
+        for _ in range(SETTLE_TURNS):
+            if size >= first._batch_max:
+                return
+            await asyncio.sleep(0)
+            now = len(first._frames)
+            if now == size:
+                still += 1
+                if still == 2:
+                    return
+            else:
+                size, still = now, 0
 
     async def close(self) -> None:
         task, self._task = self._task, None
