@@ -5,17 +5,16 @@ the calls can be counted) and arrives."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
 from typing import Any
 
 import pytest
 from wsproto.frame_protocol import FrameProtocol
 
 from tests.conftest import login
+from tests.inprocess import hypercorn_serving
 from tests.server import Client
-from wsfanout import Settings, create_app
+from wsfanout import Settings
 from wsfanout.servers.frames import frame_of
 
 
@@ -39,8 +38,6 @@ def test_the_same_message_is_built_once() -> None:
 async def test_hypercorn_sends_a_broadcast_without_a_coroutine(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hypercorn.asyncio import serve
-    from hypercorn.config import Config
     from hypercorn.protocol.ws_stream import WSStream
 
     from wsfanout.servers import hypercorn_direct
@@ -55,38 +52,20 @@ async def test_hypercorn_sends_a_broadcast_without_a_coroutine(
         return done
 
     monkeypatch.setattr(WSStream, "write_now", counted)
-    sock = socket.socket()  # hypercorn closes it as it stops
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    port = sock.getsockname()[1]
-    config = Config()
-    config.bind = [f"fd://{sock.fileno()}"]
-    config.accesslog = config.errorlog = None
-    stop = asyncio.Event()
-    app = create_app(settings)
-    server = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
     clients: list[Client] = []
-    try:
-        for _ in range(100):
-            if app.service is not None:  # started by hypercorn's lifespan
-                break
-            await asyncio.sleep(0.05)
-        cookie = await login(app, "mike")
-        url = f"ws://127.0.0.1:{port}/"
-        clients = [
-            await Client.open(url, cookie, origin=f"http://127.0.0.1:{port}") for _ in range(3)
-        ]
-        for client in clients:
-            assert (await client.next())["type"] == "welcome"
-        await clients[0].send({"type": "broadcast", "text": "hello", "id": "b"})
-        for client in clients:
-            assert (await client.next_of("message"))["text"] == "hello"
-    finally:
-        for client in clients:
-            with contextlib.suppress(Exception):
-                await client.close()
-        stop.set()
-        await server
-        with contextlib.suppress(OSError):
-            sock.close()
+    async with hypercorn_serving(settings) as (app, port):
+        try:
+            cookie = await login(app, "mike")
+            url = f"ws://127.0.0.1:{port}/"
+            origin = f"http://127.0.0.1:{port}"
+            clients = [await Client.open(url, cookie, origin=origin) for _ in range(3)]
+            for client in clients:
+                assert (await client.next())["type"] == "welcome"
+            await clients[0].send({"type": "broadcast", "text": "hello", "id": "b"})
+            for client in clients:
+                assert (await client.next_of("message"))["text"] == "hello"
+        finally:
+            for client in clients:
+                with contextlib.suppress(Exception):
+                    await client.close()
     assert written.count(True) >= len(clients), written

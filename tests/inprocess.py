@@ -1,0 +1,42 @@
+"""hypercorn serving a wsfanout app in the test's own event loop, on a socket bound to
+127.0.0.1:0: for tests that look at (or count calls into) the server's objects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
+from wsfanout import Settings, create_app
+from wsfanout.app import App
+
+
+@contextlib.asynccontextmanager
+async def hypercorn_serving(settings: Settings) -> AsyncIterator[tuple[App, int]]:
+    """The started app and its port; hypercorn stops (and the app with it) on exit."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    sock = socket.socket()  # hypercorn closes it as it stops
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{sock.fileno()}"]
+    config.accesslog = config.errorlog = None
+    stop = asyncio.Event()
+    app = create_app(settings)
+    server = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    try:
+        for _ in range(200):
+            if app.service is not None:  # started by hypercorn's lifespan
+                break
+            await asyncio.sleep(0.05)
+        assert app.service is not None, "hypercorn did not start the app"
+        yield app, port
+    finally:
+        stop.set()
+        await server
+        with contextlib.suppress(OSError):
+            sock.close()
