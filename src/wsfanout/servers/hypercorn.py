@@ -396,7 +396,7 @@ def _accepted(
     accept: Any, stream: Any, frames: Frames | None, closes: bool, reach: ServerReach, *args: Any
 ) -> Any:
     status, headers, connection = accept(*args)
-    lean.lighten(stream, connection)  # lighter queues of waiters: about 5 KiB less
+    hypercorn_tcp.upgraded(lean.lighten(stream, connection))  # about 5 KiB less, each
     del stream.handshake.accept  # called once: the partial (and its cycle through the stream)
     if closes:
         cls: Any = closing_connection()

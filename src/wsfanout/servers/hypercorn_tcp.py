@@ -156,6 +156,14 @@ async def _read(server: Any, peer: Peer, read: Callable[[int], Awaitable[bytes]]
     return await read(n)
 
 
+def upgraded(server: Any) -> None:
+    """A connection is a websocket now (the app accepted it): it has no request bodies left
+    to watch, so ``_read`` (and its coroutine, alive while hypercorn waits for data) goes."""
+    reader = getattr(server, "reader", None)
+    if reader is not None:
+        vars(reader).pop("read", None)
+
+
 def _let_go(server: Any) -> None:
     """A connection has ended. Its parts refer to each other (the server, its protocol and
     that protocol's ``send``; the read wrapper above; an error's traceback through the

@@ -40,9 +40,10 @@ def _swap(owner: Any, name: str) -> None:
         setattr(owner, name, Few(found))
 
 
-def lighten(stream: Any, connection: Any) -> None:
+def lighten(stream: Any, connection: Any) -> Any:
     """Swap ``Few`` in for the deques of a hypercorn websocket stream's connection, and of
-    its wsproto ``connection`` (made at accept: its queue of parsed events)."""
+    its wsproto ``connection`` (made at accept: its queue of parsed events). Returns the
+    connection's ``TCPServer`` (None: not found)."""
     put = getattr(stream, "app_put", None)
     queue = getattr(put, "__self__", None)
     if isinstance(queue, asyncio.Queue):
@@ -57,3 +58,4 @@ def lighten(stream: Any, connection: Any) -> None:
     writer = getattr(server, "writer", None)
     _swap(getattr(writer, "_protocol", None), "_drain_waiters")
     _swap(connection, "_events")
+    return server
