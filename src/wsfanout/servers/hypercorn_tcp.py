@@ -172,7 +172,9 @@ def _let_go(server: Any) -> None:
     server's own references lets reference counting free the connection as it ends: the
     app's coroutine, its streams, its buffers."""
     vars(server.reader).pop("read", None)
-    server.protocol = server.reader = server.writer = server.idle_task = None
+    # Its reader and writer stay: the app may still ask whether its stream's transport is
+    # gone (ServerReach.gone) until it has read the disconnect.
+    server.protocol = server.idle_task = None
 
 
 def _head_late(transport: Any, peer: Peer) -> None:
