@@ -75,8 +75,8 @@ def test_only_a_deque_is_swapped() -> None:
 async def test_a_hypercorn_connection_has_light_queues(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every deque lean.py names is a Few once wsfanout has accepted the connection, and
-    the connection works through them (welcome, a broadcast, an answer)."""
+    """Every deque lean.py names is a Few once wsfanout has accepted the connection, its
+    handshake the shared ACCEPTED, and the connection works (welcome, a broadcast, an ack)."""
     seen: list[tuple[Any, Any]] = []
     original = lean.lighten
 
@@ -105,6 +105,7 @@ async def test_a_hypercorn_connection_has_light_queues(
                 connection._events,
             ]
             assert [type(found) for found in lists] == [Few] * len(lists)
+            assert stream.handshake is lean.ACCEPTED  # and the parsed handshake is let go
         finally:
             with contextlib.suppress(Exception):
                 await client.close()

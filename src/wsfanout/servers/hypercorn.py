@@ -396,7 +396,6 @@ def _accepted(
     accept: Any, stream: Any, frames: Frames | None, closes: bool, reach: ServerReach, *args: Any
 ) -> Any:
     status, headers, connection = accept(*args)
-    hypercorn_tcp.upgraded(lean.lighten(stream, connection))  # about 5 KiB less, each
     del stream.handshake.accept  # called once: the partial (and its cycle through the stream)
     if closes:
         cls: Any = closing_connection()
@@ -405,6 +404,7 @@ def _accepted(
             connection.wsfanout_client = stream.client
     if frames is not None and stream.handshake.extensions:  # deflate may be accepted: bound it
         _bound_inflation(connection, frames, reach)
+    hypercorn_tcp.upgraded(lean.lighten(stream, connection))  # about 5 KiB less, each
     return status, headers, connection
 
 

@@ -7,6 +7,9 @@ its putters, and the ``Event`` its ``join()`` would wait on), the protocol's ``c
 event, the stream writer's drain waiters, and wsproto's queue of parsed events. That is
 about 5 KiB of an idle connection's 30, more than any part of wsfanout's own.
 
+Once accepted, a stream's handshake (the request's websocket headers, parsed) is read only
+for whether it was accepted: ``lighten`` puts one shared ``ACCEPTED`` in its place.
+
 ``Few`` is a list with the one deque method these use besides a list's own (``popleft``):
 an empty one holds 56 bytes. ``lighten`` swaps it in, keeping what each held, when the app
 has accepted the connection (the wrapped accept, hypercorn.py): asyncio's ``Queue`` and
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 T = TypeVar("T")
 
@@ -32,6 +35,16 @@ class Few(list[T]):
 
     def popleft(self) -> T:
         return self.pop(0)
+
+
+class _Accepted:
+    """What hypercorn reads of an accepted stream's handshake (whether it was accepted)."""
+
+    __slots__ = ()
+    accepted = True
+
+
+ACCEPTED: Final = _Accepted()
 
 
 def _swap(owner: Any, name: str) -> None:
@@ -58,4 +71,6 @@ def lighten(stream: Any, connection: Any) -> Any:
     writer = getattr(server, "writer", None)
     _swap(getattr(writer, "_protocol", None), "_drain_waiters")
     _swap(connection, "_events")
+    if getattr(getattr(stream, "handshake", None), "accepted", False) is True:
+        stream.handshake = ACCEPTED  # the request's parsed headers, done with
     return server
