@@ -171,10 +171,20 @@ def _let_go(server: Any) -> None:
     a rare one with tens of thousands of connections held (collector.py). Dropping the
     server's own references lets reference counting free the connection as it ends: the
     app's coroutine, its streams, its buffers."""
-    vars(server.reader).pop("read", None)
+    reader = server.reader
+    vars(reader).pop("read", None)
     # Its reader and writer stay: the app may still ask whether its stream's transport is
     # gone (ServerReach.gone) until it has read the disconnect.
     server.protocol = server.idle_task = None
+    # asyncio's own: a reset's error, kept by the reader and the closing future, holds the
+    # frames it passed through (the transport's read, the close), which hold them back;
+    # and a selector transport keeps its read callback, a method of itself.
+    error = reader.exception()
+    if error is not None:
+        error.__traceback__ = None
+    transport = server.writer.transport
+    if transport.is_closing() and getattr(transport, "_read_ready_cb", None) is not None:
+        transport._read_ready_cb = None
 
 
 def _head_late(transport: Any, peer: Peer) -> None:
