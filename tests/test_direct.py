@@ -24,7 +24,7 @@ def test_a_frame_is_the_one_wsproto_writes(size: int) -> None:
     for text in ("a" * size, "é" * (size // 2) + "a" * (size % 2)):
         assert len(text.encode()) == size
         wsproto = FrameProtocol(client=False, extensions=[]).send_data(text, fin=True)
-        assert frame_of({"type": "websocket.send", "text": text}) == wsproto
+        assert frame_of({"type": "websocket.send", "text": text}) == bytes(wsproto)
 
 
 def test_the_same_message_is_built_once() -> None:

@@ -53,7 +53,7 @@ async def test_an_event_wakes_its_waiters_and_forgets_cancelled_ones() -> None:
     await asyncio.sleep(0)
     waiters[0].cancel()
     await asyncio.sleep(0)
-    assert len(event._waiters) == 2  # type: ignore[attr-defined]
+    assert len(event._waiters) == 2
     event.set()
     assert await asyncio.wait_for(asyncio.gather(*waiters[1:]), 1) == [True, True]
 
