@@ -80,9 +80,9 @@ async def test_a_hypercorn_connection_has_light_queues(
     seen: list[tuple[Any, Any]] = []
     original = lean.lighten
 
-    def recorded(stream: Any, connection: Any) -> None:
-        original(stream, connection)
+    def recorded(stream: Any, connection: Any) -> Any:
         seen.append((stream, connection))
+        return original(stream, connection)
 
     monkeypatch.setattr(lean, "lighten", recorded)
     async with hypercorn_serving(settings) as (app, port):
@@ -106,6 +106,8 @@ async def test_a_hypercorn_connection_has_light_queues(
             ]
             assert [type(found) for found in lists] == [Few] * len(lists)
             assert stream.handshake is lean.ACCEPTED  # and the parsed handshake is let go
+            server = protocol.send.__self__  # and the request body watcher (HTTP/1.1)
+            assert "read" not in vars(server.reader)
         finally:
             with contextlib.suppress(Exception):
                 await client.close()

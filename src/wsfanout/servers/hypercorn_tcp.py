@@ -157,10 +157,13 @@ async def _read(server: Any, peer: Peer, read: Callable[[int], Awaitable[bytes]]
 
 
 def upgraded(server: Any) -> None:
-    """A connection is a websocket now (the app accepted it): it has no request bodies left
-    to watch, so ``_read`` (and its coroutine, alive while hypercorn waits for data) goes."""
+    """An HTTP/1.1 connection is a websocket now (the app accepted it): it has no request
+    bodies left to watch, so ``_read`` goes. (An HTTP/2 connection carries other requests.)"""
+    from hypercorn.protocol.h11 import H11Protocol
+
+    protocol = getattr(getattr(server, "protocol", None), "protocol", None)
     reader = getattr(server, "reader", None)
-    if reader is not None:
+    if isinstance(protocol, H11Protocol) and reader is not None:
         vars(reader).pop("read", None)
 
 
