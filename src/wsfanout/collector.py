@@ -17,10 +17,9 @@ of the server's CPU per handshake.
   700, and the oldest considered every 20 x 10 of those: at most once per ten million
   allocations, still only when the old objects have grown by a quarter. Reference counting
   frees almost everything; what only the collector finds, cycles, waits longer, which the
-  soak measures as memory over time (docs/soak.md). So a closed connection must leave no
-  cycle of its own (ws.py, servers/: tests/test_garbage.py runs the servers with the
-  collector off and finds none of wsfanout's, nor of the websocket's); asyncio's few
-  (a selector transport, a reset's error and its frames) wait.
+  soak measures as memory over time (docs/soak.md). So a closed connection leaves no cycle
+  (ws.py, servers/: tests/test_garbage.py runs the servers with the collector off and finds
+  no cyclic garbage after closes, resets and server closes).
 
 It is process-wide, so it is applied only where wsfanout owns the process (``WSFANOUT_GC=auto``,
 the default: ``hypercorn wsfanout:app``, ``uvicorn wsfanout:app``, ``wsfanout serve``), or
