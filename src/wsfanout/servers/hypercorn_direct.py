@@ -61,10 +61,9 @@ def _install() -> str:
                 return False
             sender: Any = protocol.send  # TCPServer.protocol_send
             server = sender.__self__
-            writer = server.writer
-            if writer is None or server.send_lock.locked():
+            if server.send_lock.locked():
                 return False
-            transport = writer.transport
+            transport = server.writer.transport
         except AttributeError:
             return False
         if transport.is_closing() or transport.get_write_buffer_size():
