@@ -130,6 +130,8 @@ class WebSocket:
     close_code: int | None = None
     reading: asyncio.Event = field(default_factory=asyncio.Event)
     """Cleared: the app's sends block, like a client that stopped reading."""
+    scope: Message = field(default_factory=dict)
+    """The scope the app was called with (filled in on entering)."""
 
     async def __aenter__(self) -> WebSocket:
         scope = {
@@ -146,6 +148,7 @@ class WebSocket:
             "subprotocols": [],
             "extensions": {"websocket.http.response": {}} if self.http_response_extension else {},
         }
+        self.scope = scope
         if self.reads:
             self.reading.set()
         self.task = asyncio.create_task(self._run(scope))

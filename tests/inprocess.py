@@ -40,3 +40,35 @@ async def hypercorn_serving(settings: Settings) -> AsyncIterator[tuple[App, int]
         await server
         with contextlib.suppress(OSError):
             sock.close()
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_serving(settings: Settings) -> AsyncIterator[tuple[App, int]]:
+    """The same under uvicorn, with the protocols ``wsfanout serve --server uvicorn`` gives it."""
+    import uvicorn
+
+    from wsfanout.servers.uvicorn import HeadTimedH11Protocol
+    from wsfanout.servers.uvicorn_sansio import ExplainingSansIOProtocol
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, http=HeadTimedH11Protocol, ws=ExplainingSansIOProtocol, log_config=None, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            await asyncio.sleep(0.05)
+        assert server.started, "uvicorn did not start"
+        yield app, port
+    finally:
+        server.should_exit = True
+        await serving
+        with contextlib.suppress(OSError):
+            sock.close()

@@ -12,7 +12,7 @@ import pytest
 from wsproto.frame_protocol import FrameProtocol
 
 from tests.conftest import login
-from tests.inprocess import hypercorn_serving
+from tests.inprocess import hypercorn_serving, uvicorn_serving
 from tests.server import Client
 from wsfanout import Settings
 from wsfanout.servers.frames import frame_of
@@ -61,6 +61,7 @@ async def test_hypercorn_sends_a_broadcast_without_a_coroutine(
             clients = [await Client.open(url, cookie, origin=origin) for _ in range(3)]
             for client in clients:
                 assert (await client.next())["type"] == "welcome"
+            assert written == [True] * len(clients)  # each welcome, written at once
             await clients[0].send({"type": "broadcast", "text": "hello", "id": "b"})
             for client in clients:
                 assert (await client.next_of("message"))["text"] == "hello"
@@ -68,4 +69,30 @@ async def test_hypercorn_sends_a_broadcast_without_a_coroutine(
             for client in clients:
                 with contextlib.suppress(Exception):
                     await client.close()
-    assert written.count(True) >= len(clients), written
+    assert written.count(True) >= 2 * len(clients), written
+
+
+async def test_uvicorn_writes_the_welcome_without_a_coroutine(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The welcome goes out as the outbox's frames do (``write_now``), not through
+    uvicorn's ``send()`` and a timer."""
+    from wsfanout.servers.uvicorn_sansio import ExplainingSansIOProtocol
+
+    written: list[bool] = []
+    original = ExplainingSansIOProtocol.write_now
+
+    def counted(protocol: Any, message: Any) -> bool:
+        done: bool = original(protocol, message)
+        written.append(done)
+        return done
+
+    monkeypatch.setattr(ExplainingSansIOProtocol, "write_now", counted)
+    async with uvicorn_serving(settings) as (app, port):
+        client = await Client.open(f"ws://127.0.0.1:{port}/", await login(app, "mike"))
+        try:
+            assert (await client.next())["type"] == "welcome"
+            assert written == [True]
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()

@@ -1,21 +1,24 @@
 """servers/lean.py: asyncio's queue and event work as before with ``Few`` (a list) in place
-of their deques, and a hypercorn connection wsfanout accepts has them in place."""
+of their deques, and a hypercorn connection wsfanout accepts has them in place; a uvicorn
+connection lets go of its handshake's headers (uvicorn_sansio.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import gc
 from typing import Any
 
 import pytest
 
 from tests.conftest import login
-from tests.inprocess import hypercorn_serving
+from tests.inprocess import hypercorn_serving, uvicorn_serving
 from tests.server import Client
 from wsfanout import Settings
 from wsfanout.servers import lean
 from wsfanout.servers.lean import Few
+from wsfanout.servers.uvicorn_sansio import ExplainingSansIOProtocol
 
 
 def lightened_queue(size: int) -> asyncio.Queue[int]:
@@ -108,6 +111,28 @@ async def test_a_hypercorn_connection_has_light_queues(
             assert stream.handshake is lean.ACCEPTED  # and the parsed handshake is let go
             server = protocol.send.__self__  # and the request body watcher (HTTP/1.1)
             assert "read" not in vars(server.reader)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+async def test_a_uvicorn_connection_lets_its_handshake_go(settings: Settings) -> None:
+    """Once accepted, a uvicorn connection keeps none of its handshake's headers: not as
+    uvicorn's request, nor in the request websockets' parser keeps for the connection's
+    life (a local of its generator); and it works on (a broadcast, an ack)."""
+    async with uvicorn_serving(settings) as (app, port):
+        browser = {"user-agent": "Chrome", "accept-language": "en", "pragma": "no-cache"}
+        cookie = await login(app, "mike")
+        client = await Client.open(f"ws://127.0.0.1:{port}/", cookie, **browser)
+        try:
+            assert (await client.next())["type"] == "welcome"
+            [protocol] = [o for o in gc.get_objects() if type(o) is ExplainingSansIOProtocol]
+            assert protocol.request is None and protocol.response is None
+            request = protocol.conn.parser.gi_frame.f_locals["request"]
+            assert list(request.headers.raw_items()) == []
+            await client.send({"type": "broadcast", "text": "light", "id": "1"})
+            assert (await client.next_of("message"))["text"] == "light"
+            assert (await client.next_of("ack"))["id"] == "1"
         finally:
             with contextlib.suppress(Exception):
                 await client.close()

@@ -66,6 +66,25 @@ async def test_foreign_origin_is_refused(app: App) -> None:
         assert (await ws.receive())["type"] == "welcome"
 
 
+@pytest.mark.parametrize("owner", [True, False])
+async def test_headers_go_once_accepted_where_wsfanout_owns_the_process(
+    app: App, owner: bool
+) -> None:
+    """``wsfanout:app`` owns its process: once a connection is accepted, nothing reads its
+    handshake's headers, and the scope lets them go (a browser's are ~20 objects per idle
+    connection). A host's app (``create_app``) leaves the scope as it came."""
+    app.owns_process = owner
+    cookie = await login(app, "greg")
+    async with connect(app, cookie, origin="http://testserver", user_agent="Chrome") as ws:
+        assert (await ws.receive())["type"] == "welcome"
+        if owner:
+            assert ws.scope["headers"] == ()
+        else:
+            assert (b"user_agent", b"Chrome") in ws.scope["headers"]
+        await ws.send_json({"type": "broadcast", "text": "still served", "id": "1"})
+        assert {(await ws.receive())["type"], (await ws.receive())["type"]} == {"message", "ack"}
+
+
 async def test_welcome_and_fan_out(app: App) -> None:
     """welcome names the user and groups; broadcast, group and direct reach the right sockets."""
     greg, amanda, mike = [await login(app, name) for name in ("greg", "amanda", "mike")]

@@ -121,7 +121,7 @@ class App:
         path = http.route_path(scope)
         if kind == "websocket":
             if path in WEBSOCKET_PATHS:
-                await ws.endpoint(scope, receive, send, svc)
+                await ws.endpoint(scope, receive, send, svc, self.owns_process)
             else:
                 await refuse(scope, send, 404, "no websocket endpoint here")
             return

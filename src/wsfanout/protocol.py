@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -477,3 +478,18 @@ def batch(frames: list[str]) -> str:
     if len(frames) == 1:
         return frames[0]
     return "[" + ",".join(frames) + "]"
+
+
+def batches(frames: list[str], most: int, most_bytes: int) -> Iterator[tuple[str, int]]:
+    """Encoded events joined into frames as a connection's writer joins them (outbox.py): at
+    most ``most`` events and ``most_bytes`` (UTF-8) a frame, a larger event alone. Yields
+    each frame and how many events it holds."""
+    sizes = [len(frame) if frame.isascii() else len(frame.encode()) for frame in frames]
+    start = 0
+    while start < len(frames):
+        end, size = start + 1, sizes[start]
+        while end < len(frames) and end - start < most and size + sizes[end] <= most_bytes:
+            size += sizes[end]
+            end += 1
+        yield batch(frames[start:end]), end - start
+        start = end

@@ -65,8 +65,12 @@ UNANSWERED_FRAMES: Final = 64  # frames a client may send after our close before
 NO_STATUS, ABNORMAL = 1005, 1006  # closed with no code; closed with no close frame at all
 
 
-async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> None:
-    """Serve one websocket from handshake to close."""
+async def endpoint(
+    scope: Scope, receive: Receive, send: Send, svc: Service, owner: bool = False
+) -> None:
+    """Serve one websocket from handshake to close. ``owner``: wsfanout owns the process
+    (``wsfanout:app``), and the scope's ``headers`` go once it is accepted (nothing reads
+    them then; a browser's are ~20 objects, 1.5 KiB per idle connection)."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
@@ -80,6 +84,8 @@ async def endpoint(scope: Scope, receive: Receive, send: Send, svc: Service) -> 
     try:
         accept = svc.server.accept_message()
         await send(accept)
+        if owner:
+            scope["headers"] = ()
         connection = Connection(svc, login, receive, send)
         stream = connection.stream = svc.server.accepted(accept, receive)  # abort (or None)
         del message, accept  # this frame lives as long as the connection
@@ -182,23 +188,25 @@ class Connection:
             if changed is None and joined.positions is None and self.svc.settings.history_on:
                 changed = CloseCode.TRY_AGAIN_LATER
             timeout = self.svc.settings.send_timeout
+            # What is sent before the writer starts gets send_timeout in all, as the
+            # writer's sends do (outbox.py): a deadline, armed only if a send has to wait.
+            deadline = asyncio.get_running_loop().time() + timeout
             try:
-                async with asyncio.timeout(timeout):  # as the writer's sends are (outbox.py)
-                    if changed is not None:
-                        if changed == CloseCode.POLICY:
-                            await self._send_now([protocol.error(ErrorCode.FORBIDDEN, REVOKED)])
-                        await self._close(changed)
-                        return
-                    welcome = protocol.welcome(
-                        user.username, user.first_name, groups, joined.positions
-                    )
-                    await self._send_now([welcome])
-                    if seen is not None:
-                        stats = self.svc.stats
-                        stats.resumes["lost" if joined.lost else "recovered"] += 1
-                        stats.replayed += len(joined.replay)
-                        await self._send_now(joined.replay)
-                        await self._send_now([protocol.resumed(len(joined.replay), joined.lost)])
+                if changed is not None:
+                    if changed == CloseCode.POLICY:
+                        forbidden = protocol.error(ErrorCode.FORBIDDEN, REVOKED)
+                        await self._send_now([forbidden], deadline)
+                    await self._close(changed)
+                    return
+                welcome = protocol.welcome(user.username, user.first_name, groups, joined.positions)
+                await self._send_now([welcome], deadline)
+                if seen is not None:
+                    stats = self.svc.stats
+                    stats.resumes["lost" if joined.lost else "recovered"] += 1
+                    stats.replayed += len(joined.replay)
+                    await self._send_now(joined.replay, deadline)
+                    resumed = protocol.resumed(len(joined.replay), joined.lost)
+                    await self._send_now([resumed], deadline)
                 # What joining needed is let go: these locals would live as long as the socket.
                 del joined, welcome, groups, streams
             except TimeoutError:
@@ -220,23 +228,16 @@ class Connection:
         elif self.gone and self.svc.server.abort(self.stream):
             await self._read_on()
 
-    async def _send_now(self, frames: list[str]) -> None:
-        """Send frames before the writer starts (the welcome, a replay), batched as it would."""
-        settings = self.svc.settings
-        stats = self.svc.flusher.stats
-        sizes, start = [item(frame)[1] for frame in frames], 0  # bytes, as the outbox counts
-        while start < len(frames):
-            end, size = start + 1, sizes[start]
-            while (
-                end < len(frames)
-                and end - start < settings.batch_max
-                and size + sizes[end] <= settings.batch_bytes
-            ):
-                size += sizes[end]
-                end += 1
-            await self.send({"type": "websocket.send", "text": protocol.batch(frames[start:end])})
-            stats.count(end - start)
-            start = end
+    async def _send_now(self, frames: list[str], deadline: float) -> None:
+        """Send frames before the writer starts (the welcome, a replay), batched as it would:
+        at once where the server can (``write_now``), else by ``deadline`` (loop time)."""
+        settings, stats, direct = self.svc.settings, self.svc.flusher.stats, self.outbox.direct
+        for text, count in protocol.batches(frames, settings.batch_max, settings.batch_bytes):
+            message = {"type": "websocket.send", "text": text}
+            if direct is None or not direct.write_now(message):
+                async with asyncio.timeout_at(deadline):
+                    await self.send(message)
+            stats.count(count)
 
     async def _close(self, code: int) -> None:
         """Send the close, await the client's answer (holding its seat), else reset it."""

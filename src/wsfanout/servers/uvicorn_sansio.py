@@ -154,7 +154,12 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
         self.wsfanout = reach
         # The handshake as websockets parsed it, and the answer sent: uvicorn reads neither
         # once the connection is accepted, and a browser's headers held twice (these, and the
-        # scope's) were a fifth of an idle connection's memory.
+        # scope's) were a fifth of an idle connection's memory. websockets' parser keeps the
+        # request for the connection's life (a local of its generator): emptied, its headers
+        # (a list per name) go too.
+        request = self.request
+        if request is not None:
+            request.headers.clear()
         self.request = self.response = None  # type: ignore[assignment]
         conn = self.conn
         if hasattr(conn, "current_size"):  # else websockets changed: its own closes
