@@ -8,7 +8,8 @@ from typing import Any
 
 import orjson
 
-from wsfanout.outbox import Flusher, Outbox
+from wsfanout.flusher import Flusher
+from wsfanout.outbox import Outbox
 from wsfanout.types import Message
 
 

@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from wsfanout import protocol
-from wsfanout.outbox import SETTLE_TURNS, Flusher, Outbox, State, item
+from wsfanout.flusher import SETTLE_TURNS, Flusher
+from wsfanout.outbox import Outbox, State, item
 from wsfanout.protocol import Kind, Publish
 from wsfanout.types import Message
 
@@ -375,3 +376,62 @@ async def test_a_declined_direct_write_goes_through_send() -> None:
     assert sink.frames == [{"n": 1}]
     outbox.close(1000)
     assert await asyncio.wait_for(writer, 1) == 1000
+
+
+class LazyWriter:
+    """``Outbox.lazy``'s ``start_writer``: starts the writer's task, and counts the starts."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.task: asyncio.Task[int] | None = None
+        self.starts = 0
+
+    def __call__(self) -> asyncio.Task[int]:
+        self.starts += 1
+        if self.task is None:
+            self.task = asyncio.create_task(self.outbox.run(), name=WRITER)
+        return self.task
+
+
+async def test_a_lazy_writer_starts_only_when_a_send_blocks() -> None:
+    """Sends that complete leave the writer unstarted; the first that blocks starts it, and
+    it finishes that send and what was queued behind it, in order."""
+    sink = Sink()
+    outbox = make(sink, batch_max=1)
+    writer = LazyWriter(outbox)
+    outbox.lazy(writer)
+    for n in range(3):
+        outbox.push(event(n))
+        await asyncio.sleep(0)
+    assert writer.starts == 0 and sink.senders == [FLUSHER] * 3
+    sink.gate.clear()  # the socket is full: the next send blocks
+    outbox.push(event(3))
+    outbox.push(event(4))
+    await asyncio.sleep(0.01)
+    assert writer.starts == 1
+    sink.gate.set()
+    await asyncio.sleep(0.01)
+    assert [frame["n"] for frame in sink.frames] == [0, 1, 2, 3, 4]
+    assert sink.senders[-1] == WRITER
+    outbox.close(1000)
+    assert writer.task is not None and await writer.task == 1000
+
+
+async def test_a_lazy_writer_starts_to_close_or_to_send_what_was_queued_before() -> None:
+    """Closing an outbox whose writer never started starts it (it returns the code); so
+    does making an outbox lazy with events already queued (they go out at once)."""
+    sink = Sink()
+    outbox = make(sink)
+    writer = LazyWriter(outbox)
+    outbox.lazy(writer)
+    outbox.close(1001)
+    assert writer.starts == 1 and writer.task is not None and await writer.task == 1001
+    queued = make(sink)
+    queued.push(event(7))
+    early = LazyWriter(queued)
+    queued.lazy(early)
+    assert early.starts == 1
+    await asyncio.sleep(0.01)
+    assert sink.frames[-1] == {"n": 7}
+    queued.close(1000)
+    assert early.task is not None and await early.task == 1000

@@ -13,7 +13,8 @@ import pytest
 
 from tests.outboxes import Reader, eventually, outbox
 from wsfanout import protocol
-from wsfanout.outbox import Flusher, Item, Outbox, item
+from wsfanout.flusher import Flusher
+from wsfanout.outbox import Item, Outbox, item
 from wsfanout.pacing import BACKLOG_BYTES, GRACE, DrainingError, HubStats, Pacer
 from wsfanout.protocol import Kind, Publish, Source
 

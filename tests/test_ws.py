@@ -85,6 +85,34 @@ async def test_headers_go_once_accepted_where_wsfanout_owns_the_process(
         assert {(await ws.receive())["type"], (await ws.receive())["type"]} == {"message", "ack"}
 
 
+def writers() -> int:
+    """Connections' writer tasks running now (Outbox.run)."""
+    return sum(1 for task in asyncio.all_tasks() if "Outbox.run" in repr(task.get_coro()))
+
+
+async def test_a_writer_task_starts_only_for_a_client_that_does_not_keep_up(app: App) -> None:
+    """Idle connections, and those whose sends complete at once, have no writer task; a
+    client whose send blocks gets one, which delivers what waited once it reads."""
+    cookies = [await login(app, name) for name in ("greg", "amanda")]
+    async with connect(app, cookies[0]) as g, connect(app, cookies[1]) as a:
+        assert (await g.receive())["type"] == "welcome"
+        assert (await a.receive())["type"] == "welcome"
+        await g.send_json({"type": "broadcast", "text": "one"})
+        assert (await a.receive())["text"] == "one"
+        assert writers() == 0
+        a.reading.clear()  # amanda's socket is full: a send to her blocks
+        await g.send_json({"type": "broadcast", "text": "two"})
+        await g.send_json({"type": "broadcast", "text": "three"})
+        for _ in range(100):  # the flusher runs, its send blocks, the writer takes it over
+            if writers():
+                break
+            await asyncio.sleep(0.01)
+        assert writers() == 1
+        a.reading.set()
+        assert [(await a.receive())["text"] for _ in range(2)] == ["two", "three"]
+    assert writers() == 0
+
+
 async def test_welcome_and_fan_out(app: App) -> None:
     """welcome names the user and groups; broadcast, group and direct reach the right sockets."""
     greg, amanda, mike = [await login(app, name) for name in ("greg", "amanda", "mike")]

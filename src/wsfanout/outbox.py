@@ -6,7 +6,8 @@ a list and counts its bytes. It never awaits, so one slow client cannot hold up
 a broadcast.
 
 Each connection has a writer task, the only code that ever *waits* on the
-client's socket. Waking one task per recipient per message would cost more than
+client's socket; a connection's own starts it the first time it is needed (``lazy``):
+most idle connections never need one. Waking one task per recipient per message would cost more than
 the send itself, so while a writer is parked (nothing queued, nothing in flight)
 its outbox is instead put on the loop's ``Flusher`` list. The flusher runs once
 after the publishing code yields, and for each listed outbox takes up to
@@ -51,8 +52,6 @@ made once per publish and shared by every outbox (servers do not change messages
 
 log = logging.getLogger(__name__)
 
-FLUSH_CHUNK: Final = 1000  # outboxes flushed before the flusher lets other tasks run
-SETTLE_TURNS: Final = 8  # turns of the loop a flush waits, at most, while a burst arrives
 DRAIN_POLL: Final = (0.001, 0.05)  # the first and the longest sleep in ``drained()``
 
 
@@ -92,90 +91,29 @@ class WriterStats:
             self.batch_sizes[min(events.bit_length(), len(self.batch_sizes)) - 1] += 1
 
 
-class Flusher:
-    """Sends for parked writers, many connections per task step (one per event loop)."""
+class Flushes(Protocol):
+    """What an outbox asks of the loop's flusher (flusher.py)."""
 
-    def __init__(self, stats: WriterStats | None = None) -> None:
-        self.stats = stats if stats is not None else WriterStats()
-        self._ready: list[Outbox] = []
-        self._waiter: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.passes = 0  # flushes so far: a reader that sees it stand still is hogging the loop
-        self._batch_entries: list[Item] = []  # the last batch made (``batch``) ...
-        self._batch_message: Message = {}  # ... and its message
-
-    def batch(self, entries: list[Item]) -> Message:
-        """The message that sends these events as one frame: the one made last time when
-        it was for the same events, as it is for each recipient of a burst of broadcasts in
-        turn, so that its text (and the server's frame, ``DirectWriter``) is built once."""
-        if entries != self._batch_entries:
-            texts = [entry[0] for entry in entries]
-            self._batch_message = {"type": "websocket.send", "text": protocol.batch(texts)}
-            self._batch_entries = entries
-        return self._batch_message
+    stats: WriterStats
 
     def schedule(self, outbox: Outbox) -> None:
-        ready = self._ready
-        ready.append(outbox)
-        if len(ready) > 1:
-            return  # already woken for this round
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        elif self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="wsfanout-flusher"
-            )
+        """Send for this parked writer at the next flush."""
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._ready:
-                self._waiter = loop.create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
-            if len(self._ready[0]._frames) > 1:
-                await self._settle()
-            ready = self._ready
-            self._ready = []
-            self.passes += 1
-            for start in range(0, len(ready), FLUSH_CHUNK):
-                if start:
-                    await asyncio.sleep(0)  # a huge fan-out must not starve the readers
-                for outbox in ready[start : start + FLUSH_CHUNK]:
-                    try:
-                        outbox._flush()
-                    except Exception:  # one connection's bug must not stop everyone's sends
-                        log.exception("flushing an outbox failed")
+    def batch(self, entries: list[Item]) -> Message:
+        """The message that sends these events as one frame."""
 
-    async def _settle(self) -> None:
-        """A burst is arriving (the round's first outbox holds several events already: they
-        were published before the flusher could run): wait a turn of the loop while more
-        keep coming, so that they leave in larger batches, fewer frames. A server hands the
-        publisher's reader a few frames at a time (hypercorn queues 10 for the app), and the
-        reader waits a turn for the next few: the flush goes once the first outbox's queue
-        stood still for two turns, holds a full batch, or after ``SETTLE_TURNS``."""
-        first = self._ready[0]
-        size, still = len(first._frames), 0
-        for _ in range(SETTLE_TURNS):
-            if size >= first._batch_max:
-                return
-            await asyncio.sleep(0)
-            now = len(first._frames)
-            if now == size:
-                still += 1
-                if still == 2:
-                    return
-            else:
-                size, still = now, 0
 
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+class _Unstarted:
+    """An outbox's writer that has no task yet (``Outbox.lazy``): parked, as a writer
+    awaiting a future not yet done is."""
+
+    __slots__ = ()
+
+    def done(self) -> bool:
+        return False
+
+
+UNSTARTED: Final = _Unstarted()
 
 
 class State(enum.Enum):
@@ -214,6 +152,7 @@ class Outbox:
         "reason",
         "send_timeout",
         "session",
+        "start_writer",
         "state",
         "stop_by",
         "user",
@@ -225,7 +164,7 @@ class Outbox:
         user: str,
         groups: tuple[str, ...],
         send: Send,
-        flusher: Flusher,
+        flusher: Flushes,
         limit: int,
         batch_max: int,
         batch_bytes: int,
@@ -244,7 +183,9 @@ class Outbox:
         # A list, not a deque: an empty deque holds a block of 64 slots (about 600 bytes),
         # and most connections' outboxes are empty most of the time (batches leave whole).
         self._frames: list[Item] = []
-        self._waiter: asyncio.Future[None] | None = None
+        # The parked writer's wake-up (None: it is awake; UNSTARTED: it has no task yet)
+        self._waiter: asyncio.Future[None] | _Unstarted | None = None
+        self.start_writer: Callable[[], object] | None = None  # see lazy()
         self._scheduled = False
         self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
         self._error: BaseException | None = None
@@ -262,6 +203,15 @@ class Outbox:
         self.kept_pace = False  # it has drained a paced wait: its client reads (pacing.py)
         # The server's way to write a frame now, without a coroutine (servers/), or None.
         self.direct: DirectWriter | None = None
+
+    def lazy(self, start_writer: Callable[[], object]) -> None:
+        """From now on the writer's task is started (``start_writer()``, which runs ``run()``)
+        only when the flusher cannot send for it or the outbox closes: till then it is
+        parked without a task (one fewer task, coroutine and future per idle connection)."""
+        self.start_writer = start_writer
+        self._waiter = UNSTARTED
+        if self._frames or self.state is not State.OPEN:
+            self._wake()  # what a writer started now would do at once
 
     def _move(self, state: State, code: int | None = None) -> None:
         if state not in _MOVES.get(self.state, ()):
@@ -373,7 +323,11 @@ class Outbox:
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
+        if isinstance(waiter, _Unstarted):
+            self._waiter = None  # awake from now on
+            if self.start_writer is not None:
+                self.start_writer()
+        elif waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def _take(self) -> tuple[Message, int]:
@@ -432,12 +386,32 @@ class Outbox:
                 continue
             except BaseException as exc:  # handed to the writer, which raises it
                 self._error = exc
-                waiter.set_result(None)
+                self._wake()
                 return
             stats.count(count)
             self._inflight = (send, blocked_on)
-            waiter.set_result(None)  # the writer finishes this send, then drains the rest
+            self._wake()  # the writer finishes this send, then drains the rest
             return
+
+    def ended(self, writer: asyncio.Task[int]) -> tuple[int | None, str | None]:
+        """The writer (``run()``'s task) ended before the reader: the close code that
+        means (None: the client is gone, a send raised OSError) and, for a client that does
+        not read (1013), why; a writer that failed is logged (1011)."""
+        if not writer.cancelled():
+            exc = writer.exception()
+            if isinstance(exc, OSError):  # ASGI: a send to a connection that is gone
+                return None, None
+            if exc is not None:
+                log.error("websocket writer for %s failed", self.user, exc_info=exc)
+                return protocol.CloseCode.INTERNAL_ERROR, None
+            code = writer.result()
+            if code != protocol.CloseCode.TRY_AGAIN_LATER:
+                return code, None
+            # _stalled, or pacing overflowed it before its writer could be cancelled
+            return code, self.reason or f"a send blocked for {self.send_timeout:g} s"
+        if self.close_code == protocol.CloseCode.TRY_AGAIN_LATER:  # overflowed
+            return self.close_code, self.reason or f"more than {self.limit} bytes queued"
+        return protocol.CloseCode.INTERNAL_ERROR, None
 
     async def run(self) -> int:
         """The writer: drain the outbox until closed; return the close code."""

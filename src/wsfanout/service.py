@@ -29,6 +29,7 @@ from .admission import Admission, Authenticate
 from .backplane import Backplane, LocalBackplane
 from .config import ConfigError, Settings, redact
 from .control import Control
+from .flusher import Flusher
 from .history import History
 from .hooks import Hook, Hooks
 from .hub import Hub
@@ -36,7 +37,6 @@ from .idempotency import RecentKeys
 from .inbound import SlowLane
 from .metrics import Metrics, ServiceStats
 from .outage import OutageLog
-from .outbox import Flusher
 from .protocol import CloseCode
 from .publishing import Publishing
 from .servers import PeerLimits, ServerReach, warn_if_workers_are_islands

@@ -1,12 +1,12 @@
 """The websocket endpoint: the handshake's outcome, the receive loop, cleanup.
 
-Theory of operation: a connection is two tasks. The reader (the endpoint's own
-task) awaits ``receive()``, validates each frame and publishes it (awaiting only
-the store, to resolve a group or user). The writer drains the connection's outbox
-into ``send()`` when the flusher cannot (see outbox.py); it is the only task that
-waits on the client. Whichever finishes first decides the close code, and the
-other is cancelled (the writer wakes a reader blocked on ``receive()`` by
-cancelling it, and the reader takes that cancellation back):
+Theory of operation: a connection is two tasks. The reader (the endpoint's own task)
+awaits ``receive()``, validates each frame and publishes it (awaiting only the store, to
+resolve a group or user). The writer, started the first time it is needed (most idle
+connections never need one), drains the outbox into ``send()`` when the flusher cannot
+(outbox.py): the only task that waits on the client. Whichever finishes first decides the
+close code, and the other is cancelled (the writer wakes a reader blocked on ``receive()``
+by cancelling it; the reader takes that cancellation back):
 
 - reader sees the client leave          -> nothing more to send;
 - the client leaves while the reader is paused (below): the server knows
@@ -69,8 +69,7 @@ async def endpoint(
     scope: Scope, receive: Receive, send: Send, svc: Service, owner: bool = False
 ) -> None:
     """Serve one websocket from handshake to close. ``owner``: wsfanout owns the process
-    (``wsfanout:app``), and the scope's ``headers`` go once it is accepted (nothing reads
-    them then; a browser's are ~20 objects, 1.5 KiB per idle connection)."""
+    (``wsfanout:app``): the scope's headers go once accepted (nothing reads them then)."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
@@ -114,6 +113,7 @@ class Connection:
         "_flooding",
         "_interrupted",
         "_reader",
+        "_writer",
         "announce",
         "code",
         "expires_at",
@@ -154,6 +154,7 @@ class Connection:
         self.stage = Stage.STARTING
         self.stream: object = None
         self._reader: asyncio.Task[Any] | None = None
+        self._writer: asyncio.Task[int] | None = None  # started when needed (Outbox.lazy)
         self._interrupted = False  # the writer finished first and cancelled the reader
         self._flooding = False  # closing a flood (inbound.py)
         self.announce: tuple[str, ...] = ()  # groups told of this user's presence
@@ -285,6 +286,17 @@ class Connection:
     def _expired(self) -> str:
         return EXPIRED if self.login.session_id is not None else TOKEN_EXPIRED
 
+    def _start_writer(self) -> asyncio.Task[int]:
+        """The writer's task, started the first time the outbox needs it."""
+        writer = self._writer
+        if writer is None:
+            writer = self._writer = asyncio.get_running_loop().create_task(self.outbox.run())
+            writer.add_done_callback(self._writer_done)
+        return writer
+
+    def _overflowed(self) -> None:
+        self._start_writer().cancel()  # as a writer stuck on the client is
+
     def _writer_done(self, _: object) -> None:
         if self.stage is Stage.READING:  # the reader is blocked on receive(): wake it to close
             self._interrupted = True
@@ -296,9 +308,8 @@ class Connection:
         outbox, user = self.outbox, self.login
         reader = self._reader = asyncio.current_task()
         assert reader is not None
-        writer = asyncio.create_task(outbox.run())
-        outbox.on_overflow = writer.cancel
-        writer.add_done_callback(self._writer_done)
+        outbox.on_overflow = self._overflowed
+        outbox.lazy(self._start_writer)
         deadlines = self.svc.admission.deadlines  # the session ends when it says, even ...
         deadlines.add(self.expires_at, self)  # ... on a socket that only listens
         try:
@@ -307,57 +318,46 @@ class Connection:
                 result = await self._read()
             finally:
                 self._move(Stage.CLOSING)
-            return await self._after_reading(result, writer)
+            return await self._after_reading(result)
         except asyncio.CancelledError:
             if not self._interrupted:
                 raise  # the server is cancelling us
             reader.uncancel()
-            return self._writer_code(writer)
+            return self._writer_code(self._start_writer())  # the writer that ended first
         except Exception:
             log.exception("websocket reader for %s failed", user.username)
             return CloseCode.INTERNAL_ERROR
         finally:
             deadlines.discard(self.expires_at, self)
+            outbox.start_writer = None  # none is started to end it
             outbox.close(CloseCode.NORMAL)
-            writer.remove_done_callback(self._writer_done)
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            writer = self._writer
+            if writer is not None:
+                writer.remove_done_callback(self._writer_done)
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
             # No cycle left (outbox -> writer -> its frames -> outbox): a closed connection is
             # freed when its last reference goes, not at the collector's next full pass.
-            self._reader = outbox.on_overflow = None
+            self._reader = self._writer = outbox.on_overflow = None
 
-    async def _after_reading(self, code: int | None, writer: asyncio.Task[int]) -> int | None:
+    async def _after_reading(self, code: int | None) -> int | None:
         """The reader is done: None (the client left) or a close code from a fatal frame."""
         if code is None:
             return None
         self.outbox.close(code)  # the writer sends what is queued (the error that explains)
         # wait() neither raises when the writer was cancelled nor hides our own cancellation.
-        await asyncio.wait((writer,), timeout=FLUSH_BEFORE_CLOSE)
+        await asyncio.wait((self._start_writer(),), timeout=FLUSH_BEFORE_CLOSE)
         return code
 
     def _writer_code(self, writer: asyncio.Task[int]) -> int | None:
         """The writer finished first: why, as a close code (None: the client left)."""
-        settings = self.svc.settings
-        if not writer.cancelled():
-            exc = writer.exception()
-            if isinstance(exc, OSError):  # ASGI: a send to a connection that is gone
-                self._left()
-                return None
-            if exc is not None:
-                log.error("websocket writer for %s failed", self.login.username, exc_info=exc)
-                return CloseCode.INTERNAL_ERROR
-            code = writer.result()
-            if code != CloseCode.TRY_AGAIN_LATER:
-                return code
-            # Outbox._stalled, or pacing overflowed it before its writer could be cancelled
-            why = self.outbox.reason or f"a send blocked for {settings.send_timeout:g} s"
-        elif self.outbox.close_code == CloseCode.TRY_AGAIN_LATER:  # overflowed; Outbox.reason
-            why = self.outbox.reason or f"more than {settings.outbox_bytes} bytes queued"
-        else:
-            return CloseCode.INTERNAL_ERROR
-        self.svc.hub.stats.slow_consumers += 1
-        log.warning("closing a slow consumer (%s): %s", self.login.username, why)
-        return CloseCode.TRY_AGAIN_LATER
+        code, slow = self.outbox.ended(writer)
+        if code is None:
+            self._left()
+        elif slow is not None:
+            self.svc.hub.stats.slow_consumers += 1
+            log.warning("closing a slow consumer (%s): %s", self.login.username, slow)
+        return code
 
     async def _read(self) -> int | None:
         """Read frames until the client leaves (None) or a frame ends the connection (a code)."""

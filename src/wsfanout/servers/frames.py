@@ -48,7 +48,7 @@ def frame_of(message: Message) -> bytes | None:
     """A ``websocket.send`` text message as a server writes it (one frame, unmasked, no
     extension), or None (not text). The frame the last call built, when it is the same
     message: every recipient of a broadcast is sent the same one, one after another
-    (outbox.py's ``Flusher.batch``), and its frame is built once (the servers' ``write_now``)."""
+    (flusher.py's ``Flusher.batch``), and its frame is built once (the servers' ``write_now``)."""
     global _last
     last, frame = _last
     if message is last:
