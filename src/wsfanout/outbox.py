@@ -210,8 +210,11 @@ class Outbox:
         parked without a task (one fewer task, coroutine and future per idle connection)."""
         self.start_writer = start_writer
         self._waiter = UNSTARTED
-        if self._frames or self.state is not State.OPEN:
-            self._wake()  # what a writer started now would do at once
+        if self.state is not State.OPEN:
+            self._wake()  # to return the close code, as a writer started now would at once
+        elif self._frames and not self._scheduled:  # queued before (a presence event)
+            self._scheduled = True
+            self._flusher.schedule(self)
 
     def _move(self, state: State, code: int | None = None) -> None:
         if state not in _MOVES.get(self.state, ()):

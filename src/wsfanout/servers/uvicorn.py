@@ -48,7 +48,6 @@ import logging
 import signal
 import socket
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
@@ -64,6 +63,7 @@ from .resets import reset
 
 if TYPE_CHECKING:
     from .reach import ServerReach
+    from .uvicorn_sansio import ExplainingSansIOProtocol
 
 log = logging.getLogger(__package__)  # one logger for the servers package: "wsfanout.servers"
 
@@ -243,32 +243,41 @@ class UvicornAdapter:
     def __init__(self, reach: ServerReach) -> None:
         self.reach = reach
         self.explains = False  # connections of ours can be ExplainingSansIOProtocol
-        self._accepted: weakref.WeakSet[Any] = weakref.WeakSet()  # connections of ours
+        # uvicorn's protocol class, and ours
+        self._classes: tuple[type, type[ExplainingSansIOProtocol]] | None = None
+        self._connections: set[Any] | None = None  # uvicorn's (its server state's) set
 
     def accepted(self, receive: Any) -> Any:
         """The connection's protocol object (for ``abort``), now serving this app; or None."""
         if not self.explains:
             return None
-        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+        classes = self._classes
+        if classes is None:  # imported once (they need websockets), checked once
+            from uvicorn.protocols.websockets.websockets_sansio_impl import (
+                WebSocketsSansIOProtocol,
+            )
 
-        from .uvicorn_sansio import STATE, ExplainingSansIOProtocol
+            from .uvicorn_sansio import STATE, ExplainingSansIOProtocol
 
+            protocol = getattr(receive, "__self__", None)
+            if not isinstance(protocol, WebSocketsSansIOProtocol):
+                return None
+            missing = [name for name in STATE if not hasattr(protocol, name)]
+            if missing:  # uvicorn changed: its own limits and closes from now on
+                self.explains = False
+                problem = AttributeError(f"its protocol has no {', '.join(missing)}")
+                self.reach.broke("frames", problem)
+                self.reach.broke("abort", problem)
+                return None
+            classes = self._classes = (WebSocketsSansIOProtocol, ExplainingSansIOProtocol)
+            self._connections = protocol.connections
+        plain, ours = classes
         protocol = getattr(receive, "__self__", None)
-        if not isinstance(protocol, WebSocketsSansIOProtocol):
-            return None
-        missing = [name for name in STATE if not hasattr(protocol, name)]
-        if missing:  # uvicorn changed: its own limits and closes from now on
-            self.explains = False
-            problem = AttributeError(f"its protocol has no {', '.join(missing)}")
-            self.reach.broke("frames", problem)
-            self.reach.broke("abort", problem)
-            return None
-        if type(protocol) is WebSocketsSansIOProtocol:  # plain uvicorn built its own
-            protocol.__class__ = ExplainingSansIOProtocol
-        if not isinstance(protocol, ExplainingSansIOProtocol):  # someone else's subclass
+        if type(protocol) is plain:  # plain uvicorn built its own
+            protocol.__class__ = ours
+        if not isinstance(protocol, ours):  # someone else's subclass
             return None
         protocol.adopt(self.reach)
-        self._accepted.add(protocol)
         return protocol
 
     def transport(self, stream: Any) -> Any:
@@ -290,7 +299,11 @@ class UvicornAdapter:
         await self.reach.stopping()
         deadline = time.monotonic() + STRAGGLERS_WAIT
         while True:
-            open_ = [p for p in list(self._accepted) if not p.disconnected]
+            open_ = [
+                p
+                for p in list(self._connections or ())
+                if getattr(p, "wsfanout", None) is self.reach and not p.disconnected
+            ]
             if not open_ or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)

@@ -68,6 +68,7 @@ PARTS: Final = (
 """The methods of uvicorn's protocol this class extends (checked at start)."""
 
 STATE: Final = (
+    "connections",
     "conn",
     "request",
     "response",
@@ -82,7 +83,7 @@ STATE: Final = (
     "writable",
     "disconnected",
 )
-"""What it reads of a connection's state (checked per connection)."""
+"""What it reads of a connection's state (checked at the first connection)."""
 
 SLICE: Final = 256  # bytes of a read parsed at a time, once the app has accepted ...
 SLICE_MAX: Final = 65536  # ... doubled up to this while slices give the app no message
@@ -126,7 +127,9 @@ class _Inbox:
 
     async def get(self) -> object:
         while not self._events:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            protocol = self.protocol  # its loop: asyncio's get_running_loop() asks getpid()
+            loop = protocol.loop if protocol is not None else asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
             try:
                 await waiter
             finally:
