@@ -102,6 +102,11 @@ def _install() -> str:
             await asyncio.gather(*waits, return_exceptions=True)
         for wait in done:
             wait.result()  # the master's wait failed: as it would have without us
+        # Stopping: further signals change nothing, ignored from now on rather than left to
+        # the loop, which closes its wakeup pipe before it takes its handlers off (a signal
+        # in between was "Exception ignored ... Bad file descriptor" on stderr).
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         raise ShutdownError()
 
     setattr(raise_shutdown, _OURS, True)
