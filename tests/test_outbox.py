@@ -435,3 +435,37 @@ async def test_a_lazy_writer_starts_to_close_not_to_send_what_was_queued_before(
     assert early.starts == 0
     queued.close(1000)
     assert early.task is not None and await early.task == 1000
+
+
+class CancelledAtOnce(LazyWriter):
+    """A writer whose connection ends in the turn it is started: cancelled before it runs."""
+
+    def __call__(self) -> asyncio.Task[int]:
+        task = super().__call__()
+        task.cancel()
+        return task
+
+
+async def test_a_send_whose_lazy_writer_was_cancelled_before_it_ran_is_ended() -> None:
+    """The flusher's send blocks, and the writer started to finish it is cancelled before it
+    runs: ``drop_inflight`` ends that send, which releases what it held (as hypercorn's send
+    holds its stream's lock)."""
+    sink = Sink()
+    lock = asyncio.Lock()
+
+    async def send(message: Message) -> None:
+        async with lock:
+            await sink(message)
+
+    outbox = make(sink)
+    outbox._send = send
+    writer = CancelledAtOnce(outbox)
+    outbox.lazy(writer)
+    sink.gate.clear()
+    outbox.push(event(1))
+    for _ in range(5):  # the flusher runs, its send blocks, the writer is started
+        await asyncio.sleep(0)
+    assert writer.task is not None and writer.task.cancelled()
+    assert lock.locked()  # run() never started: nothing ended the flusher's send
+    outbox.drop_inflight()
+    assert not lock.locked()

@@ -416,6 +416,13 @@ class Outbox:
             return self.close_code, self.reason or f"more than {self.limit} bytes queued"
         return protocol.CloseCode.INTERNAL_ERROR, None
 
+    def drop_inflight(self) -> None:
+        """End a send the flusher started that no writer finished (its writer was cancelled
+        before it ran: ``run()`` ends it otherwise); it may hold the server's send lock."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight[0].close()
+
     async def run(self) -> int:
         """The writer: drain the outbox until closed; return the close code."""
         try:

@@ -336,8 +336,8 @@ class Connection:
                 writer.remove_done_callback(self._writer_done)
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
-            # No cycle left (outbox -> writer -> its frames -> outbox): a closed connection is
-            # freed when its last reference goes, not at the collector's next full pass.
+            outbox.drop_inflight()  # a writer cancelled before it ran could not end it
+            # No cycle left (outbox <-> writer): freed as its last reference goes, not by the GC.
             self._reader = self._writer = outbox.on_overflow = None
 
     async def _after_reading(self, code: int | None) -> int | None:
