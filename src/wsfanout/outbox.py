@@ -56,9 +56,8 @@ DRAIN_POLL: Final = (0.001, 0.05)  # the first and the longest sleep in ``draine
 
 
 def item(frame: str) -> Item:
-    """Pair a frame with its UTF-8 size (cheap for ASCII, which most frames are)."""
-    size = len(frame) if frame.isascii() else len(frame.encode())
-    return frame, size, {"type": "websocket.send", "text": frame}
+    """Pair a frame with its UTF-8 size."""
+    return frame, protocol.utf8_size(frame), {"type": "websocket.send", "text": frame}
 
 
 class DirectWriter(Protocol):

@@ -480,11 +480,16 @@ def batch(frames: list[str]) -> str:
     return "[" + ",".join(frames) + "]"
 
 
+def utf8_size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (cheap for ASCII, which most frames are)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def batches(frames: list[str], most: int, most_bytes: int) -> Iterator[tuple[str, int]]:
     """Encoded events joined into frames as a connection's writer joins them (outbox.py): at
     most ``most`` events and ``most_bytes`` (UTF-8) a frame, a larger event alone. Yields
     each frame and how many events it holds."""
-    sizes = [len(frame) if frame.isascii() else len(frame.encode()) for frame in frames]
+    sizes = [utf8_size(frame) for frame in frames]
     start = 0
     while start < len(frames):
         end, size = start + 1, sizes[start]

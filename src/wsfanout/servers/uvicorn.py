@@ -251,6 +251,7 @@ class UvicornAdapter:
         """The connection's protocol object (for ``abort``), now serving this app; or None."""
         if not self.explains:
             return None
+        protocol = getattr(receive, "__self__", None)
         classes = self._classes
         if classes is None:  # imported once (they need websockets), checked once
             from uvicorn.protocols.websockets.websockets_sansio_impl import (
@@ -259,7 +260,6 @@ class UvicornAdapter:
 
             from .uvicorn_sansio import STATE, ExplainingSansIOProtocol
 
-            protocol = getattr(receive, "__self__", None)
             if not isinstance(protocol, WebSocketsSansIOProtocol):
                 return None
             missing = [name for name in STATE if not hasattr(protocol, name)]
@@ -272,7 +272,6 @@ class UvicornAdapter:
             classes = self._classes = (WebSocketsSansIOProtocol, ExplainingSansIOProtocol)
             self._connections = protocol.connections
         plain, ours = classes
-        protocol = getattr(receive, "__self__", None)
         if type(protocol) is plain:  # plain uvicorn built its own
             protocol.__class__ = ours
         if not isinstance(protocol, ours):  # someone else's subclass

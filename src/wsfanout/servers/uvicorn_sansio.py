@@ -69,6 +69,7 @@ PARTS: Final = (
 
 STATE: Final = (
     "connections",
+    "loop",
     "conn",
     "request",
     "response",
