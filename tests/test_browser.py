@@ -414,10 +414,12 @@ async def test_killing_and_restarting_the_server_with_redis_shows_them_too(
         amanda = await log_in(browser, base, "amanda", problems)
         await publish(server, {"type": "broadcast", "text": "before the restart"})
         await expect(received(amanda, "before the restart")).to_have_count(1)
-        # Offline, the page cannot reconnect until the messages are published.
-        await amanda.context.set_offline(True)
+        # Offline, the page cannot reconnect until the messages are published. Cut off once
+        # it has seen the stop: Chromium's offline emulation may hold back what an open
+        # websocket receives, the server's close among it.
         server.stop()
         await expect(amanda.locator("#state")).to_have_text("reconnecting", timeout=15_000)
+        await amanda.context.set_offline(True)
         port = server.port
         server.start()
         assert server.port == port  # the page comes back to the same address
@@ -457,9 +459,9 @@ async def test_a_restart_that_loses_the_history_says_so(server: Server, browser:
     await expect(notice).to_be_hidden()
     await shot(amanda, "restart-said-plainly")
 
-    await amanda.context.set_offline(True)  # cut off until greg has written
     server.stop()
     await expect(amanda.locator("#state")).to_have_text("reconnecting", timeout=15_000)
+    await amanda.context.set_offline(True)  # cut off until greg has written (see above)
     server.start()
     async with client(server, "greg") as greg:
         await greg.send({"type": "broadcast", "text": "while you were away"})

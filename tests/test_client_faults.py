@@ -73,14 +73,15 @@ async def cut_off(
     cut: Callable[[], Awaitable[None]],
     *,
     lost: bool = False,
+    publisher: Publisher | None = None,
 ) -> tuple[Listener, Publisher]:
-    """A client listens while messages are published; ``cut`` cuts it off once it has
-    some; then it must come back and get the rest: every acknowledged message once, in
-    order, unless (``lost``) a resumed said the stream was lost. The listener and the
-    publisher, for more checks."""
+    """A client listens while messages are published (by ``publisher``, which ``cut`` may
+    watch); ``cut`` cuts it off once it has some; then it must come back and get the rest:
+    every acknowledged message once, in order, unless (``lost``) a resumed said the stream
+    was lost. The listener and the publisher, for more checks."""
     chat = quick(url, token=token("rita"))
     await chat.connect()
-    listener, publisher = Listener(chat), Publisher()
+    listener, publisher = Listener(chat), publisher or Publisher()
     stop = asyncio.Event()
     publishing = asyncio.create_task(publisher.run(publish_to, stop))
     try:
@@ -159,15 +160,30 @@ async def test_a_restarted_redis_is_a_lost_stream_and_nothing_else(
     """Redis restarts empty while messages are published: the node reconnects its clients
     (1012), history is gone, so the client is told the stream was lost; what it did get
     came once and in order, and what it missed is one run, between Redis going and the
-    client's return."""
+    client's return.
+
+    The network lets the client back only once a broadcast is in the new Redis: 'all' has
+    then been sent to since, and only rita's own stream is one that merely restarted (a
+    client back first would rightly count 'all' as restarted too)."""
     env = redis_env("wsfanout-client-faults:", redis_server.url)
+    publisher = Publisher()
     with Server(tmp_path, env, server=server_kind).running() as node:
+        async with Proxy(node.port) as proxy:
 
-        async def restart_redis() -> None:
-            await asyncio.to_thread(redis_server.stop)
-            await asyncio.to_thread(redis_server.start)
+            async def restart_redis() -> None:
+                proxy.point(unused_port())
+                await asyncio.to_thread(redis_server.stop)
+                before = len(publisher.acked)  # any later one is in the new Redis
+                await asyncio.to_thread(redis_server.start)
+                deadline = time.monotonic() + 30
+                while len(publisher.acked) == before:
+                    assert time.monotonic() < deadline, "nothing published after the restart"
+                    await asyncio.sleep(0.02)
+                proxy.point(node.port)
 
-        listener, publisher = await cut_off(node.ws_url, lambda: node, restart_redis, lost=True)
+            listener, publisher = await cut_off(
+                proxy.ws_url, lambda: node, restart_redis, lost=True, publisher=publisher
+            )
     resumed = listener.of("resumed")[0]
     assert sorted(resumed["lost"]) == ["all", "user:rita"]
     assert resumed["restarted"] == ["user:rita"]  # nothing was sent to rita since
