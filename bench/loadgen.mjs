@@ -183,16 +183,21 @@ function openRaw(index) {
 }
 
 // wsfanout: a client, connected once its welcome came. The client constructs its socket with
-// the URL alone, so the socket's class carries this connection's options, and keeps the socket
+// the URL alone, so one socket class (not one per connection: a class each costs the handshake
+// phase a fifth of this process's CPU, in V8's garbage collector and its megamorphic
+// constructor) takes this connection's options from `opening`, set while connect() opens it
+// (the client opens its socket synchronously when it has no getToken), and keeps the socket
 // where the run reads its bytes and resets it.
-function openClient(index) {
-  const options = socketOptions(index);
-  class BrowserSocket extends WebSocket {
-    constructor(url) {
-      super(url, options);
-      sockets[index] = this;
-    }
+let opening = -1;
+class BrowserSocket extends WebSocket {
+  constructor(url) {
+    if (opening < 0) throw new Error("a socket opened outside connect(): a reconnect?");
+    super(url, socketOptions(opening));
+    sockets[opening] = this;
   }
+}
+
+function openClient(index) {
   const chat = new Client(cfg.url, { WebSocket: BrowserSocket, ...CLIENT_TIMEOUTS });
   chats[index] = chat;
   chat.on("message", (event) => received(index, event.text));
@@ -212,7 +217,12 @@ function openClient(index) {
         else reject(new Error(`connection ${index}: ${state} (${reason})`));
       }
     });
-    chat.connect();
+    opening = index;
+    try {
+      chat.connect();
+    } finally {
+      opening = -1;
+    }
   });
 }
 

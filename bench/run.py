@@ -5,8 +5,9 @@ Each scenario runs against a fresh server of each system in turn (A/B/A/B …),
 repeated, and the table shows medians and the ratio wsfanout / baseline (both under
 hypercorn); lines under it give more ratios, e.g. wsfanout-uvicorn / baseline. The
 server is pinned to core 0 and the load generator (Node ``ws``, bench/loadgen.mjs)
-to core 1. Server CPU comes from /proc (user + system time of the server process and its
-descendants over the measured phase only, connection set-up excluded).
+to core 1. Server CPU comes from /proc (the scheduler's count of the time every thread of
+the server process and its descendants spent on a CPU, in ns, over the measured phase only,
+connection set-up excluded).
 
 The systems, each launched on a socket the bench binds (127.0.0.1, a free port):
 
@@ -118,7 +119,7 @@ CAPACITY_IN_FLIGHT = 600
 # The scenarios whose connections are users of their own (capacity ones cycle them).
 FAN_OUT = ("burst", "paced", "groups")
 # A fan-out run whose load generator was this busy (CPU / wall), and busier than the server,
-# measured the load generator; judged on runs long enough for the server's CPU ticks (10 ms).
+# measured the load generator; judged on runs long enough to tell (LOADGEN_BOUND_WALL).
 LOADGEN_BOUND = 0.9
 LOADGEN_BOUND_WALL = 0.2  # seconds
 # Local addresses the capacity run connects from, in turn, so ephemeral ports never run short.
@@ -354,12 +355,24 @@ def family(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its descendants."""
-    total = 0
+    """User + system CPU of a process and its descendants: the scheduler's count of every
+    thread's time on a CPU, in ns (``/proc/PID/task/TID/schedstat``), where /proc/PID/stat
+    counts clock ticks (10 ms: a burst's 0.1 s of server CPU was 10 of them, read to a
+    tenth). A thread that ends during a measurement takes its time with it; the servers'
+    threads (the store's, the executor's) live as long as they do."""
+    total = 0.0
     for member in family(pid):
-        fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / TICKS
+        total += _process_cpu(member)
+    return total
+
+
+def _process_cpu(pid: int) -> float:
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        return sum(int((task / "schedstat").read_text().split()[0]) for task in tasks) / 1e9
+    except FileNotFoundError:  # no schedstat here (CONFIG_SCHED_INFO), or a thread just ended
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def rss_kib(pid: int) -> int:
@@ -1020,7 +1033,7 @@ def main() -> int:
         for top, bottom in scenario.ratios:
             for key, label, _higher_is_better in METRICS[scenario.name][:RATIO_METRICS]:
                 ours, base = table[key].get(top), table[key].get(bottom)
-                if base and ours:  # a 0 is below what was measured (CPU ticks), no ratio
+                if base and ours:  # a 0 was not measured (no schedstat: CPU ticks), no ratio
                     ratios.setdefault(f"{top} / {bottom}", {})[key] = ours / base
                     lines.append((f"{top} / {bottom} {label}", f"{ours / base:.2f}x"))
         for text, ratio in lines:

@@ -6,6 +6,7 @@ the calls can be counted) and arrives."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import pytest
@@ -96,3 +97,53 @@ async def test_uvicorn_writes_the_welcome_without_a_coroutine(
         finally:
             with contextlib.suppress(Exception):
                 await client.close()
+
+
+@pytest.mark.parametrize("compression", [False, True])
+async def test_uvicorn_sends_the_101_and_the_welcome_in_one_write(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, compression: bool
+) -> None:
+    """One write (one TCP segment) for the handshake's answer and the welcome, on the first
+    connection and on those after it; also where the welcome goes through uvicorn's own
+    ``send`` (deflate negotiated: the client offers it). A refused handshake is answered as
+    before."""
+    import asyncio.selector_events
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    transport_class: Any = getattr(asyncio.selector_events, "_SelectorSocketTransport")  # noqa: B009
+    writes: list[bytes] = []
+    original = transport_class.write
+
+    def recorded(transport: Any, data: bytes) -> None:
+        writes.append(bytes(data))
+        original(transport, data)
+
+    monkeypatch.setattr(transport_class, "write", recorded)
+    settings = dataclasses.replace(settings, compression=compression)
+    async with uvicorn_serving(settings) as (app, port):
+        for user in ("mike", "lisa"):
+            writes.clear()
+            client = await Client.open(f"ws://127.0.0.1:{port}/", await login(app, user))
+            try:
+                assert (await client.next())["type"] == "welcome"
+                response = client.conn.response
+                assert response is not None
+                deflate = response.headers.get("Sec-WebSocket-Extensions", "")
+                assert deflate.startswith("permessage-deflate") == compression
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.close()
+            answers = [w for w in writes if w.startswith(b"HTTP/1.1 101")]
+            assert len(answers) == 1, writes
+            welcome = answers[0].partition(b"\r\n\r\n")[2]
+            assert welcome, answers[0]  # the frame is in the same write
+            if not compression:
+                assert b'"type":"welcome"' in welcome, welcome
+        writes.clear()
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"ws://127.0.0.1:{port}/")
+        assert refused.value.response.status_code == 403
+        assert refused.value.response.body == b'{"error":"log in first"}'
+        assert not [w for w in writes if w.startswith(b"HTTP/1.1 101")]

@@ -69,7 +69,7 @@ async def endpoint(
     scope: Scope, receive: Receive, send: Send, svc: Service, owner: bool = False
 ) -> None:
     """Serve one websocket from handshake to close. ``owner``: wsfanout owns the process
-    (``wsfanout:app``): the scope's headers go once accepted (nothing reads them then)."""
+    (``wsfanout:app``), the scope's headers go once accepted (nothing reads them then)."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
@@ -82,6 +82,7 @@ async def endpoint(
         return
     try:
         accept = svc.server.accept_message()
+        svc.server.accepting(receive)  # uvicorn's 101 waits to go out with the welcome
         await send(accept)
         if owner:
             scope["headers"] = ()
@@ -127,13 +128,7 @@ class Connection:
         "svc",
     )
 
-    def __init__(
-        self,
-        svc: Service,
-        login: Login,
-        receive: Receive,
-        send: Send,
-    ) -> None:
+    def __init__(self, svc: Service, login: Login, receive: Receive, send: Send) -> None:
         settings = svc.settings
         self.svc = svc
         self.login = login

@@ -67,6 +67,7 @@ class ServerReach:
         self.can_abort = False  # a connection can be reset
         self.stop_at: float | None = None  # loop time a stopping server cancels what is left
         self._server: HypercornAdapter | UvicornAdapter | None = None
+        self._holds: UvicornAdapter | None = None  # the server that holds its 101 (accepting)
         self._accept: Message = {"type": "websocket.accept"}
         self._broken: set[str] = set()
 
@@ -78,7 +79,7 @@ class ServerReach:
             server = uvicorn.running_server()
             if server is not None:
                 self.name = f"uvicorn {release('uvicorn')}"
-                self._server = uvicorn.attach(self, server)
+                self._server = self._holds = uvicorn.attach(self, server)
                 return
         if "hypercorn" not in sys.modules:
             if not self.compression:
@@ -106,6 +107,12 @@ class ServerReach:
     def accept_message(self) -> Message:
         """The ``websocket.accept`` message to send: a copy, as middleware may change it."""
         return dict(self._accept)
+
+    def accepting(self, receive: Any) -> None:
+        """Just before the accept is sent: uvicorn's 101 waits for the welcome, to go out in
+        one write with it (hypercorn writes its own as it accepts)."""
+        if self._holds is not None:
+            self._holds.accepting(receive)
 
     def accepted(self, accept: Message, receive: Any) -> Any:
         """The server's handle on a connection just accepted (for ``abort``), or None.

@@ -246,31 +246,22 @@ class UvicornAdapter:
         # uvicorn's protocol class, and ours
         self._classes: tuple[type, type[ExplainingSansIOProtocol]] | None = None
         self._connections: set[Any] | None = None  # uvicorn's (its server state's) set
+        self._hold: Callable[[Any], None] = _no_hold  # uvicorn_sansio.hold, once imported
+
+    def accepting(self, receive: Any) -> None:
+        """Before its accept is sent: the connection's 101 waits for the welcome (one write
+        for both), where the connection is uvicorn's protocol (or ours)."""
+        protocol = getattr(receive, "__self__", None)
+        classes = self._classes or self._check(protocol)
+        if classes is not None and self.explains and type(protocol) in classes:
+            self._hold(protocol)
 
     def accepted(self, receive: Any) -> Any:
         """The connection's protocol object (for ``abort``), now serving this app; or None."""
-        if not self.explains:
-            return None
         protocol = getattr(receive, "__self__", None)
-        classes = self._classes
-        if classes is None:  # imported once (they need websockets), checked once
-            from uvicorn.protocols.websockets.websockets_sansio_impl import (
-                WebSocketsSansIOProtocol,
-            )
-
-            from .uvicorn_sansio import STATE, ExplainingSansIOProtocol
-
-            if not isinstance(protocol, WebSocketsSansIOProtocol):
-                return None
-            missing = [name for name in STATE if not hasattr(protocol, name)]
-            if missing:  # uvicorn changed: its own limits and closes from now on
-                self.explains = False
-                problem = AttributeError(f"its protocol has no {', '.join(missing)}")
-                self.reach.broke("frames", problem)
-                self.reach.broke("abort", problem)
-                return None
-            classes = self._classes = (WebSocketsSansIOProtocol, ExplainingSansIOProtocol)
-            self._connections = protocol.connections
+        classes = self._classes or self._check(protocol)
+        if classes is None or not self.explains:
+            return None
         plain, ours = classes
         if type(protocol) is plain:  # plain uvicorn built its own
             protocol.__class__ = ours
@@ -278,6 +269,30 @@ class UvicornAdapter:
             return None
         protocol.adopt(self.reach)
         return protocol
+
+    def _check(self, protocol: Any) -> tuple[type, type[ExplainingSansIOProtocol]] | None:
+        """uvicorn's protocol class and ours, imported (they need websockets) and checked
+        once, at the first connection that is uvicorn's; None until then, or if uvicorn
+        changed (its own limits and closes from now on)."""
+        if not self.explains:
+            return None
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+        from .uvicorn_sansio import STATE, ExplainingSansIOProtocol, hold
+
+        if not isinstance(protocol, WebSocketsSansIOProtocol):
+            return None
+        missing = [name for name in STATE if not hasattr(protocol, name)]
+        if missing:
+            self.explains = False
+            problem = AttributeError(f"its protocol has no {', '.join(missing)}")
+            self.reach.broke("frames", problem)
+            self.reach.broke("abort", problem)
+            return None
+        self._classes = (WebSocketsSansIOProtocol, ExplainingSansIOProtocol)
+        self._connections = protocol.connections
+        self._hold = hold
+        return self._classes
 
     def transport(self, stream: Any) -> Any:
         """The asyncio transport of a connection ``accepted`` returned.
@@ -311,6 +326,10 @@ class UvicornAdapter:
 
     async def close(self) -> None:
         """Nothing to stop: uvicorn's shutdown calls the drain."""
+
+
+def _no_hold(protocol: Any) -> None:
+    """Before uvicorn_sansio is imported, nothing is held."""
 
 
 def attach(reach: ServerReach, server: Server) -> UvicornAdapter:

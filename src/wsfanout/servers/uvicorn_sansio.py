@@ -31,7 +31,9 @@ delivery in the groups benchmark). Nothing more is parsed once the connection is
 (reset: a flood).
 
 Until the app has accepted the connection (``wsfanout`` is None), it is uvicorn's protocol
-unchanged.
+unchanged, except that its 101 answer waits for the welcome (``hold``): the two go out in one
+write, as one TCP segment, not two (a send through the kernel's whole loopback path each: a
+twentieth of a handshake's CPU, and one read less for the client).
 """
 
 from __future__ import annotations
@@ -89,6 +91,53 @@ STATE: Final = (
 SLICE: Final = 256  # bytes of a read parsed at a time, once the app has accepted ...
 SLICE_MAX: Final = 65536  # ... doubled up to this while slices give the app no message
 TINY: Final = 64  # bytes per message under which a connection's slices stay at SLICE
+
+
+class _Held:
+    """A connection's transport while its 101 waits for the welcome (``hold``): what is
+    written is kept, to go out in one write with the next frame ``write_now`` writes, or
+    when this turn of the loop ends, whichever comes first. The rest is the transport's."""
+
+    __slots__ = ("data", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.data: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def close(self) -> None:
+        self.transport.write(b"".join(self.data))
+        self.data.clear()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+def hold(protocol: WebSocketsSansIOProtocol) -> None:
+    """Keep what ``protocol`` writes (its 101, about to be sent) until the welcome's frame,
+    or the end of this turn of the loop (``release``)."""
+    held = _Held(protocol.transport)
+    protocol.transport = held  # type: ignore[assignment]  # what uvicorn calls of it
+    protocol.loop.call_soon(release, protocol, held)
+
+
+def release(protocol: WebSocketsSansIOProtocol, held: _Held, frame: bytes = b"") -> None:
+    """Write what ``hold`` kept (and ``frame`` after it) in one write; the transport is
+    the protocol's own again."""
+    current: Any = protocol.transport
+    if current is held:
+        protocol.transport = held.transport
+    data = held.data
+    if frame:
+        data.append(frame)
+    if data:
+        transport = held.transport
+        if not transport.is_closing():
+            transport.write(data[0] if len(data) == 1 else b"".join(data))
+        data.clear()
 
 
 class _Inbox:
@@ -307,7 +356,11 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
         frame = frame_of(message)
         if frame is None:
             return False
-        self.transport.write(frame)
+        transport: Any = self.transport
+        if type(transport) is _Held:  # the 101 waits for this, the welcome
+            release(self, transport, frame)
+        else:
+            transport.write(frame)
         return True
 
     def _reset_if_unread(self, reach: ServerReach) -> None:
