@@ -21,7 +21,7 @@ def test_defaults_match_the_design() -> None:
     assert settings.allowed_origins == frozenset()
     assert settings.max_frame_bytes == 65_536
     assert settings.outbox_bytes == 1_048_576
-    assert settings.batch_max == 64
+    assert settings.batch_max == 256
     assert settings.max_connections == 50_000
     assert settings.api_keys == ()
     assert settings.redis_url == ""
