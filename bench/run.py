@@ -112,9 +112,10 @@ WSFANOUT_UVICORN_PG = dataclasses.replace(WSFANOUT_PG, name="wsfanout-uvicorn-pg
 BASELINE_UVICORN = dataclasses.replace(BASELINE, name="baseline-uvicorn", server="uvicorn")
 CAPACITY = 19_000  # idle connections: a process here may hold 20,000 file descriptors
 # Handshakes in flight at once in the capacity runs. The browser-like client with the client
-# library costs the load generator (one core) about twice the bare app's plain client per
-# handshake; at 200 in flight the two took turns and wsfanout's server sat idle about a sixth
-# of its handshake phase (issue 29). The bare app's rate is the same at 200 and 600.
+# library costs the load generator (one core) about 1.5x the bare app's plain client per
+# handshake (twice, before it had one socket class for all); at 200 in flight the two took
+# turns and wsfanout's server sat idle about a sixth of its handshake phase (issue 29). The
+# bare app's rate is the same at 200 and 600.
 CAPACITY_IN_FLIGHT = 600
 # The scenarios whose connections are users of their own (capacity ones cycle them).
 FAN_OUT = ("burst", "paced", "groups")
