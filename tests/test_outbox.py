@@ -359,6 +359,28 @@ async def test_a_burst_still_arriving_leaves_in_one_frame() -> None:
     await writer
 
 
+async def test_a_burst_that_fills_a_frame_leaves_without_waiting() -> None:
+    """A burst already holding a full frame's bytes (few events, each large) is flushed on
+    the flusher's first turn: waiting could not make its frames fuller."""
+    outbox = make(Sink(), limit=100_000, batch_max=64)
+    direct = Direct()
+    outbox.direct = direct
+    writer = await started(outbox)
+    big = [item(orjson.dumps({"n": n, "pad": "x" * 4000}).decode()) for n in range(3)]
+    for entry in big:  # 12 KB: over batch_bytes (10,000)
+        outbox.push(entry)
+    await asyncio.sleep(0)
+    assert len(direct.messages) == 2, direct.messages  # two events, then the third
+    outbox.push(event(9))  # arrives after: its own frame
+    for _ in range(SETTLE_TURNS + 1):
+        await asyncio.sleep(0)
+    assert [
+        len(orjson.loads(m["text"])) if m["text"].startswith("[") else 1 for m in direct.messages
+    ] == [2, 1, 1]
+    outbox.close(1000)
+    await writer
+
+
 async def test_a_declined_direct_write_goes_through_send() -> None:
     """When the server's connection cannot write now (its buffer is full, say), the frame
     goes through send() as before, in order."""

@@ -81,11 +81,12 @@ class Flusher:
         keep coming, so that they leave in larger batches, fewer frames. A server hands the
         publisher's reader a few frames at a time (hypercorn queues 10 for the app), and the
         reader waits a turn for the next few: the flush goes once the first outbox's queue
-        stood still for two turns, holds a full batch, or after ``SETTLE_TURNS``."""
+        stood still for two turns, holds a full batch (events or bytes), or after
+        ``SETTLE_TURNS``."""
         first = self._ready[0]
         size, still = len(first._frames), 0
         for _ in range(SETTLE_TURNS):
-            if size >= first._batch_max:
+            if size >= first._batch_max or first.queued_bytes >= first._batch_bytes:
                 return
             await asyncio.sleep(0)
             now = len(first._frames)

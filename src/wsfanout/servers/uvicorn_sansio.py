@@ -95,8 +95,11 @@ TINY: Final = 64  # bytes per message under which a connection's slices stay at 
 
 class _Held:
     """A connection's transport while its 101 waits for the welcome (``hold``): what is
-    written is kept, to go out in one write with the next frame ``write_now`` writes, or
-    when this turn of the loop ends, whichever comes first. The rest is the transport's."""
+    written is kept, to go out in one write with the next frame ``write_now`` writes, or at
+    the loop's next iteration, whichever comes first (after that iteration's I/O poll: what
+    uvicorn writes as it reads meanwhile, a pong, a close, comes here too, behind the 101).
+    The rest is the transport's. What is kept when the transport is already closing (the
+    client sent its handshake and left) is dropped, in ``close`` as in ``release``."""
 
     __slots__ = ("data", "transport")
 
@@ -108,8 +111,7 @@ class _Held:
         self.data.append(data)
 
     def close(self) -> None:
-        self.transport.write(b"".join(self.data))
-        self.data.clear()
+        _write(self.transport, self.data)
         self.transport.close()
 
     def __getattr__(self, name: str) -> Any:
@@ -130,14 +132,16 @@ def release(protocol: WebSocketsSansIOProtocol, held: _Held, frame: bytes = b"")
     current: Any = protocol.transport
     if current is held:
         protocol.transport = held.transport
-    data = held.data
     if frame:
-        data.append(frame)
-    if data:
-        transport = held.transport
-        if not transport.is_closing():
-            transport.write(data[0] if len(data) == 1 else b"".join(data))
-        data.clear()
+        held.data.append(frame)
+    _write(held.transport, held.data)
+
+
+def _write(transport: asyncio.Transport, data: list[bytes]) -> None:
+    """What ``hold`` kept, in one write (none once the transport is closing), emptied."""
+    if data and not transport.is_closing():
+        transport.write(data[0] if len(data) == 1 else b"".join(data))
+    data.clear()
 
 
 class _Inbox:
