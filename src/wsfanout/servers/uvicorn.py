@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import h11
 from uvicorn.config import Config
+from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import Server
 
@@ -118,7 +119,11 @@ class HeadTimedH11Protocol(H11Protocol):
         self._request_read()
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
-        super().handle_websocket_upgrade(event)
+        upgrade = getattr(self.ws_protocol_class, "upgrade", None)  # ExplainingSansIOProtocol's
+        if upgrade is None or self.logger.isEnabledFor(TRACE_LOG_LEVEL):  # uvicorn's logs it
+            super().handle_websocket_upgrade(event)
+        else:
+            upgrade(self, event.method, event.target)
         protocol = self.transport.get_protocol()
         if protocol is self:
             return
