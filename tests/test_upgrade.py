@@ -6,6 +6,8 @@ and is answered as websockets answers it."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from typing import Any
 
 import pytest
@@ -153,3 +155,37 @@ async def test_what_websockets_refuses_is_answered_as_it_answers(
         cookie = await login(app, "mike")
         answer = await exchange(port, handshake(cookie, extra))
         assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
+
+
+async def test_the_101_is_the_one_uvicorn_writes(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its accept, sent without building a log line nothing logs: the same answer as the one
+    uvicorn sends when the line is logged (at INFO)."""
+    from uvicorn.protocols.websockets import websockets_sansio_impl as impl
+
+    built: list[object] = []
+    original = impl.get_path_with_query_string  # type: ignore[attr-defined]
+
+    def counted(scope: Any) -> str:
+        built.append(scope)
+        return original(scope)
+
+    monkeypatch.setattr(impl, "get_path_with_query_string", counted)
+    settings = Settings(**{**vars(settings), "allowed_origins": ("http://127.0.0.1:8000",)})
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    level = uvicorn_log.level
+    heads = []
+    async with uvicorn_serving(settings) as (app, port):
+        cookie = await login(app, "mike")
+        for logged in (logging.INFO, logging.WARNING):
+            uvicorn_log.setLevel(logged)
+            try:
+                answer = await exchange(port, handshake(cookie))
+            finally:
+                uvicorn_log.setLevel(level)
+            head_, _, _ = answer.partition(b"\r\n\r\n")
+            heads.append(re.sub(rb"\r\ndate: [^\r]*", b"\r\ndate: -", head_))
+    assert len(built) == 1  # the log line's path: built at INFO only
+    assert heads[0].startswith(b"HTTP/1.1 101 ") and b"\r\ndate: -" in heads[0]
+    assert heads[0] == heads[1]

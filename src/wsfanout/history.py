@@ -41,11 +41,12 @@ ENTRY_BYTES: Final = 110  # what keeping a message costs beyond its str (tuple, 
 
 
 class _Stream:
-    __slots__ = ("entries", "epoch", "offset")
+    __slots__ = ("at", "entries", "epoch", "offset")
 
     def __init__(self) -> None:
         self.epoch = secrets.token_urlsafe(6)
         self.offset = 0
+        self.at: Position | None = None  # the last position() answered, while it holds
         # (offset, when, frame, size), oldest first; made on the first message (a deque
         # costs 600 bytes, and most streams, a user's, may never carry one)
         self.entries: collections.deque[tuple[int, float, str, int]] | None = None
@@ -92,7 +93,10 @@ class History:
     def position(self, name: str) -> Position:
         """Where a stream stands (it is created if it is new)."""
         stream = self._stream(name)
-        return Position(stream.epoch, stream.offset)
+        at = stream.at
+        if at is None or at.offset != stream.offset:  # one per offset, not per handshake
+            at = stream.at = Position(stream.epoch, stream.offset)
+        return at
 
     def append(self, name: str, head: str, tail: str) -> str:
         """Give a message (``protocol.message_parts``) the stream's next offset and keep

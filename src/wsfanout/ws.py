@@ -186,7 +186,8 @@ class Connection:
             timeout = self.svc.settings.send_timeout
             # What is sent before the writer starts gets send_timeout in all, as the
             # writer's sends do (outbox.py): a deadline, armed only if a send has to wait.
-            deadline = asyncio.get_running_loop().time() + timeout
+            loop = asyncio.get_running_loop()  # once: each call asks the OS for the pid
+            deadline = loop.time() + timeout
             try:
                 if changed is not None:
                     if changed == CloseCode.POLICY:
@@ -214,7 +215,7 @@ class Connection:
                 )
                 code = CloseCode.TRY_AGAIN_LATER
             else:
-                code = await self._serve()
+                code = await self._serve(loop)
         finally:
             # Before leaving the hub: a user's last ``disconnected`` comes before ``offline``.
             hooks.disconnected(user.username, told, self.code if code is None else int(code))
@@ -298,10 +299,10 @@ class Connection:
             assert self._reader is not None
             self._reader.cancel()
 
-    async def _serve(self) -> int | None:
+    async def _serve(self, loop: asyncio.AbstractEventLoop) -> int | None:
         """Read in this task, write in another; return the close code (None: client left)."""
         outbox, user = self.outbox, self.login
-        reader = self._reader = asyncio.current_task()
+        reader = self._reader = asyncio.current_task(loop)
         assert reader is not None
         outbox.on_overflow = self._overflowed
         outbox.lazy(self._start_writer)
