@@ -104,10 +104,15 @@ def test_quick_bench_measures_both_systems(tmp_path: Path) -> None:
     assert ratios["wsfanout-uvicorn / wsfanout"]["deliveries_per_s"] > 0
     assert "wsfanout-uvicorn / baseline deliveries/s" in result.stdout
     capacity = scenarios["capacity"]
-    for system in ("wsfanout", "wsfanout-uvicorn", "baseline-uvicorn"):
+    for system in ("wsfanout", "wsfanout-uvicorn", "baseline-uvicorn", "baseline-uvicorn-browser"):
         (run,) = capacity["runs"][system]
         assert run["complete"], (system, run)
         assert capacity["medians"]["handshakes_per_s"][system] > 0, system
+    # The bare app also with Chrome's handshake (its deflate offer declined), as wsfanout's.
+    (run,) = capacity["runs"]["baseline-uvicorn-browser"]
+    assert (run["client"], run["negotiated"]) == ("browser", ""), run
+    assert capacity["runs"]["baseline-uvicorn"][0]["client"] == "plain"
+    assert "wsfanout-uvicorn / baseline-uvicorn-browser handshakes/s" in result.stdout
     for system in ("wsfanout", "wsfanout-uvicorn"):
         assert capacity["medians"]["rss_kib_per_conn"][system] > 0, system
     logins = scenarios["logins"]
