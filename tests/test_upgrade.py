@@ -18,7 +18,7 @@ from websockets.server import ServerProtocol
 from tests.conftest import login
 from tests.inprocess import uvicorn_serving
 from wsfanout import Settings
-from wsfanout.servers.uvicorn_sansio import head, parsed
+from wsfanout.servers.upgrade import head, parsed
 
 # What Chrome sends, as uvicorn's h11 protocol holds it (names lower-cased, values stripped).
 CHROME = [

@@ -48,16 +48,15 @@ import logging
 from typing import TYPE_CHECKING, Any, Final
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.datastructures import Headers
 from websockets.exceptions import PayloadTooBig
 from websockets.frames import Frame, Opcode
-from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
 from websockets.protocol import CONNECTING, OPEN, Protocol
 
 from ..protocol import CloseCode
 from ..types import Message
 from .frames import FAILED, client_text, frame_of, too_many_pieces
 from .resets import UNSENT_MAX, unsent
+from .upgrade import head, parsed
 
 if TYPE_CHECKING:
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -106,7 +105,6 @@ STATE: Final = (
 SLICE: Final = 256  # bytes of a read parsed at a time, once the app has accepted ...
 SLICE_MAX: Final = 65536  # ... doubled up to this while slices give the app no message
 TINY: Final = 64  # bytes per message under which a connection's slices stay at SLICE
-WITH_BODY: Final = (b"content-length", b"transfer-encoding")  # websockets refuses a body
 
 
 class _Held:
@@ -205,37 +203,6 @@ class _Inbox:
             finally:
                 self._waiter = None
         return self.get_nowait()
-
-
-def head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A request head as uvicorn's h11 protocol hands it to its websocket protocol."""
-    output = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        output += [name, b": ", value, b"\r\n"]
-    output.append(b"\r\n")
-    return b"".join(output)
-
-
-def parsed(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> Request | None:
-    """The request websockets would parse from ``head(method, target, headers)``, where it
-    would take it as h11 did: a GET, an ASCII target, no body, at most MAX_NUM_HEADERS headers,
-    no line over MAX_LINE_LENGTH (the line's CRLF included). h11 has checked each name and
-    value already, more strictly than websockets does (a token; visible characters, or spaces
-    and tabs between them). None: websockets must parse it (and refuse it as it does)."""
-    if (
-        method != b"GET"
-        or len(headers) > MAX_NUM_HEADERS
-        or len(target) + 15 > MAX_LINE_LENGTH  # "GET " target " HTTP/1.1\r\n"
-        or not target.isascii()
-    ):
-        return None
-    fields = Headers()
-    add = fields.set_insecure  # checked by h11 (what websockets' own parser calls)
-    for name, value in headers:
-        if len(name) + len(value) + 4 > MAX_LINE_LENGTH or name in WITH_BODY:
-            return None
-        add(name.decode("ascii"), value.decode("latin-1"))
-    return Request(target.decode("ascii"), fields)
 
 
 class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
