@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import copy
 import importlib.util
-import logging
 import math
 import os
 import signal
@@ -223,22 +222,13 @@ def _uvicorn_log_config(access_log: bool) -> dict[str, Any]:
     its open and close), as hypercorn's."""
     from uvicorn.config import LOGGING_CONFIG
 
+    from ..servers.quiet import QuietConnections
+
     config = copy.deepcopy(LOGGING_CONFIG)
     if not access_log:
         config.setdefault("filters", {})["connections"] = {"()": QuietConnections}
         config["loggers"]["uvicorn.error"]["filters"] = ["connections"]
     return config
-
-
-class QuietConnections(logging.Filter):
-    """Drops uvicorn's log lines of websockets opened, refused and closed."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.msg
-        return record.levelno > logging.INFO or not (
-            message in ("connection open", "connection closed")
-            or (isinstance(message, str) and message.startswith('%s - "WebSocket %s"'))
-        )
 
 
 def _preflight(settings: Settings) -> None:

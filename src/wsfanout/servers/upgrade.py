@@ -5,12 +5,22 @@ already (``parsed``), where websockets would take it as h11 did. uvicorn_sansio.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 from websockets.datastructures import Headers
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
+from websockets.version import version as websockets_version
 
 WITH_BODY: Final = (b"content-length", b"transfer-encoding")  # websockets refuses a body
+# What websockets refuses in a header value and h11 lets through (h11 takes any byte but NUL
+# and whitespace, with spaces and tabs between: control characters such as ESC and DEL).
+CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# websockets 17 decodes header values as ISO-8859-1 (uvicorn encodes them back so) and has
+# ``Headers.set_insecure``, what its own parser calls; with an older release, the bytes way.
+TAKES_PARSED: Final = (
+    hasattr(Headers, "set_insecure") and int(websockets_version.split(".")[0]) >= 17
+)
 
 
 def head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -25,11 +35,13 @@ def head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> by
 def parsed(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> Request | None:
     """The request websockets would parse from ``head(method, target, headers)``, where it
     would take it as h11 did: a GET, an ASCII target, no body, at most MAX_NUM_HEADERS headers,
-    no line over MAX_LINE_LENGTH (the line's CRLF included). h11 has checked each name and
-    value already, more strictly than websockets does (a token; visible characters, or spaces
-    and tabs between them). None: websockets must parse it (and refuse it as it does)."""
+    no line over MAX_LINE_LENGTH (the line's CRLF included), no control character in a value.
+    h11 has checked each name as websockets does (a token), and each value but for control
+    characters (none at either end, no NUL, CR or LF). None: websockets must parse it (and
+    refuse it as it does)."""
     if (
-        method != b"GET"
+        not TAKES_PARSED
+        or method != b"GET"
         or len(headers) > MAX_NUM_HEADERS
         or len(target) + 15 > MAX_LINE_LENGTH  # "GET " target " HTTP/1.1\r\n"
         or not target.isascii()
@@ -38,7 +50,11 @@ def parsed(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> 
     fields = Headers()
     add = fields.set_insecure  # checked by h11 (what websockets' own parser calls)
     for name, value in headers:
-        if len(name) + len(value) + 4 > MAX_LINE_LENGTH or name in WITH_BODY:
+        if (
+            len(name) + len(value) + 4 > MAX_LINE_LENGTH
+            or name in WITH_BODY
+            or CONTROL.search(value)
+        ):
             return None
         add(name.decode("ascii"), value.decode("latin-1"))
     return Request(target.decode("ascii"), fields)

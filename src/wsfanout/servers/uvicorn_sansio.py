@@ -55,6 +55,7 @@ from websockets.protocol import CONNECTING, OPEN, Protocol
 from ..protocol import CloseCode
 from ..types import Message
 from .frames import FAILED, client_text, frame_of, too_many_pieces
+from .quiet import logs_accepts
 from .resets import UNSENT_MAX, unsent
 from .upgrade import head, parsed
 
@@ -250,12 +251,12 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
             or self.initial_response is not None
             or self.disconnected
             or not self.writable.is_set()
-            or self.logger.isEnabledFor(logging.INFO)  # uvicorn's logs the accept
+            or logs_accepts(self.logger)  # uvicorn's builds the line and logs it
         ):
             await super().send(message)
             return
-        # uvicorn's accept, without building its log line's arguments for a log level that
-        # drops it, nor its headers through MutableMapping.update (a fifth of its cost).
+        # uvicorn's accept, without building its log line's arguments where it is not
+        # logged, nor its headers through MutableMapping.update (a fifth of its cost).
         headers = self.response.headers
         del headers["Date"]  # websockets' own: uvicorn's default headers have one
         for name, value in (*self.default_headers, *message.get("headers", ())):
