@@ -5,7 +5,6 @@ already (``parsed``), where websockets would take it as h11 did. uvicorn_sansio.
 
 from __future__ import annotations
 
-import re
 from typing import Final
 
 from websockets.datastructures import Headers
@@ -13,9 +12,9 @@ from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
 from websockets.version import version as websockets_version
 
 WITH_BODY: Final = (b"content-length", b"transfer-encoding")  # websockets refuses a body
-# What websockets refuses in a header value and h11 lets through (h11 takes any byte but NUL
-# and whitespace, with spaces and tabs between: control characters such as ESC and DEL).
-CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# The bytes websockets takes in a header value (its parser's ``_value_re``); h11 takes more
+# (any but NUL and whitespace, with spaces and tabs between: ESC, DEL, \x01 ...).
+VALUE_BYTES: Final = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 # websockets 17 decodes header values as ISO-8859-1 (uvicorn encodes them back so) and has
 # ``Headers.set_insecure``, what its own parser calls; with an older release, the bytes way.
 TAKES_PARSED: Final = (
@@ -47,14 +46,12 @@ def parsed(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> 
         or not target.isascii()
     ):
         return None
+    if b"".join([value for _, value in headers]).translate(None, VALUE_BYTES):
+        return None  # a byte websockets refuses: a control character
     fields = Headers()
     add = fields.set_insecure  # checked by h11 (what websockets' own parser calls)
     for name, value in headers:
-        if (
-            len(name) + len(value) + 4 > MAX_LINE_LENGTH
-            or name in WITH_BODY
-            or CONTROL.search(value)
-        ):
+        if len(name) + len(value) + 4 > MAX_LINE_LENGTH or name in WITH_BODY:
             return None
         add(name.decode("ascii"), value.decode("latin-1"))
     return Request(target.decode("ascii"), fields)
