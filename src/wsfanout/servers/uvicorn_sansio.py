@@ -37,7 +37,8 @@ each: a twentieth of a handshake's CPU, and one read less for the client). And t
 h11 has parsed is handed over parsed (``upgrade``): uvicorn wrote it out as bytes again, for
 websockets to parse a second time (a browser's dozen headers: about a tenth of a handshake's
 CPU). Where websockets would not take the request as h11 did (not a GET, a body, too many
-headers, a line too long, a target that is not ASCII), it gets the bytes and answers as before.
+headers, a line too long, a control character in a value: upgrade.py's ``parsed``), it gets
+the bytes and answers as before.
 """
 
 from __future__ import annotations
