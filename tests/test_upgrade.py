@@ -20,7 +20,7 @@ from tests.inprocess import uvicorn_serving
 from wsfanout import Settings
 from wsfanout.servers import upgrade
 from wsfanout.servers.quiet import QuietConnections
-from wsfanout.servers.upgrade import head, parsed
+from wsfanout.servers.upgrade import parsed
 
 # What Chrome sends, as uvicorn's h11 protocol holds it (names lower-cased, values stripped).
 CHROME = [
@@ -40,6 +40,16 @@ CHROME = [
     (b"x-twice", b"one"),
     (b"x-twice", b"two"),
 ]
+
+
+def head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The request head uvicorn's h11 protocol writes out for websockets (its
+    ``handle_websocket_upgrade``), to parse again."""
+    output = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        output += [name, b": ", value, b"\r\n"]
+    output.append(b"\r\n")
+    return b"".join(output)
 
 
 def websockets_parse(data: bytes) -> Request | None:

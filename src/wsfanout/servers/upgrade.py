@@ -1,7 +1,7 @@
-"""The handshake request uvicorn's h11 protocol has parsed, as its websocket protocol takes it:
-as bytes (``head``, what uvicorn writes out for websockets to parse again), or parsed
-already (``parsed``), where websockets would take it as h11 did. uvicorn_sansio.py's
-``ExplainingSansIOProtocol.upgrade`` hands it over. It needs ``websockets``."""
+"""The handshake request uvicorn's h11 protocol has parsed, as websockets would parse it from
+the bytes uvicorn writes out for it (``parsed``), where it would take it as h11 did.
+uvicorn_sansio.py's ``ExplainingSansIOProtocol.upgrade`` hands it over; else uvicorn's own
+upgrade hands over the bytes. It needs ``websockets``."""
 
 from __future__ import annotations
 
@@ -22,17 +22,9 @@ TAKES_PARSED: Final = (
 )
 
 
-def head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A request head as uvicorn's h11 protocol hands it to its websocket protocol."""
-    output = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        output += [name, b": ", value, b"\r\n"]
-    output.append(b"\r\n")
-    return b"".join(output)
-
-
 def parsed(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> Request | None:
-    """The request websockets would parse from ``head(method, target, headers)``, where it
+    """The request websockets would parse from the head uvicorn writes out of these (the
+    request line, then each header on a line of its own), where it
     would take it as h11 did: a GET, an ASCII target, no body, at most MAX_NUM_HEADERS headers,
     no line over MAX_LINE_LENGTH (the line's CRLF included), no control character in a value.
     h11 has checked each name as websockets does (a token), and each value but for control

@@ -54,7 +54,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 import h11
 from uvicorn.config import Config
-from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import Server
 
@@ -120,10 +119,8 @@ class HeadTimedH11Protocol(H11Protocol):
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
         upgrade = getattr(self.ws_protocol_class, "upgrade", None)  # ExplainingSansIOProtocol's
-        if upgrade is None or self.logger.isEnabledFor(TRACE_LOG_LEVEL):  # uvicorn's logs it
+        if upgrade is None or not upgrade(self, event.method, event.target):
             super().handle_websocket_upgrade(event)
-        else:
-            upgrade(self, event.method, event.target)
         protocol = self.transport.get_protocol()
         if protocol is self:
             return

@@ -51,14 +51,15 @@ from typing import TYPE_CHECKING, Any, Final
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import PayloadTooBig
 from websockets.frames import Frame, Opcode
-from websockets.protocol import CONNECTING, OPEN, Protocol
+from websockets.http11 import Request
+from websockets.protocol import OPEN, Protocol
 
 from ..protocol import CloseCode
 from ..types import Message
 from .frames import FAILED, client_text, frame_of, too_many_pieces
 from .quiet import logs_accepts
 from .resets import UNSENT_MAX, unsent
-from .upgrade import head, parsed
+from .upgrade import parsed
 
 if TYPE_CHECKING:
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -218,25 +219,28 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
     message_size = 0  # bytes of the fragmented message arriving (from its second fragment)
 
     @classmethod
-    def upgrade(cls, http: H11Protocol, method: bytes, target: bytes) -> None:
-        """uvicorn's ``H11Protocol.handle_websocket_upgrade``: a protocol of this class takes
-        the connection over, and is handed the request as h11 parsed it (``take``)."""
+    def upgrade(cls, http: H11Protocol, method: bytes, target: bytes) -> bool:
+        """uvicorn's ``H11Protocol.handle_websocket_upgrade``, where websockets would take the
+        request as h11 parsed it (``parsed``): a protocol of this class takes the connection
+        over, and is handed the request parsed (``take``). False: it was not, and uvicorn's
+        own hands it over as bytes, for websockets to parse (and refuse as it does); so too
+        where uvicorn's logger logs at DEBUG (its trace of the upgrade, and websockets' of
+        the parse, on the same logger)."""
+        if http.logger.isEnabledFor(logging.DEBUG):
+            return False
+        request = parsed(method, target, http.headers)
+        if request is None:
+            return False
         http.connections.discard(http)
         protocol = cls(http.config, http.server_state, http.app_state, _loop=http.loop)
         protocol.connection_made(http.transport)
         http.transport.set_protocol(protocol)
-        protocol.take(method, target, http.headers)
+        protocol.take(request)
+        return True
 
-    def take(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        """Handle the handshake request as ``data_received`` does its bytes, parsed already
-        where websockets would take it as it is (``parsed``)."""
+    def take(self, request: Request) -> None:
+        """Handle the handshake request as ``data_received`` does its bytes, parsed."""
         conn = self.conn
-        request = None
-        if not conn.debug and conn.state is CONNECTING:  # debug: websockets logs its parse
-            request = parsed(method, target, headers)
-        if request is None:
-            self.data_received(head(method, target, headers))
-            return
         # What websockets' ServerProtocol.parse does once it has parsed a request: the event,
         # then its frame parser (Protocol.parse) for what follows.
         parser = Protocol.parse(conn)
