@@ -1,16 +1,21 @@
 """Under ``wsfanout serve --server uvicorn`` the request h11 parsed is handed to the websocket
 protocol parsed (uvicorn_sansio.py's ``upgrade``), not written out again for websockets to
 parse a second time; what websockets would not take as h11 did still reaches it as bytes,
-and is answered as websockets answers it."""
+and is answered as websockets answers it. A browser's handshake, whole in the connection's
+first read, is not read by h11 either (``upgrade_head``), where h11 would read it so."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
+from types import SimpleNamespace
 from typing import Any
 
+import h11
 import pytest
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from websockets import http11
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
 from websockets.server import ServerProtocol
@@ -20,7 +25,7 @@ from tests.inprocess import uvicorn_serving
 from wsfanout import Settings
 from wsfanout.servers import upgrade
 from wsfanout.servers.quiet import QuietConnections
-from wsfanout.servers.upgrade import parsed
+from wsfanout.servers.upgrade import parsed, upgrade_head
 
 # What Chrome sends, as uvicorn's h11 protocol holds it (names lower-cased, values stripped).
 CHROME = [
@@ -233,3 +238,164 @@ async def test_the_101_is_the_one_uvicorn_writes(
     assert len(built) == 1  # the log line's path: built where it is logged only
     assert heads[0].startswith(b"HTTP/1.1 101 ") and b"\r\ndate: -" in heads[0]
     assert heads[0] == heads[1] == heads[2]
+
+
+# A handshake as Chrome writes it (its names' case, its order), with an ASCII cookie.
+CHROME_HEAD = (
+    b"GET /?resume=all%3A3-7 HTTP/1.1\r\n"
+    b"Host: 127.0.0.1:8000\r\n"
+    b"Connection: Upgrade\r\n"
+    b"Pragma: no-cache\r\n"
+    b"Cache-Control: no-cache\r\n"
+    b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) Chrome/156.0.0.0 Safari/537.36\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Origin: http://127.0.0.1:8000\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+    b"Accept-Encoding: gzip, deflate, br, zstd\r\n"
+    b"Accept-Language: en-US,en;q=0.9\r\n"
+    b"Cookie: wsfanout=abc.def\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    b"\r\n"
+)
+
+
+def as_uvicorn_holds(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+    """The target and headers uvicorn's h11 protocol holds after reading ``data``, where
+    h11 reads one whole request out of it, nothing left over, and uvicorn upgrades it (its
+    own ``_get_upgrade``); None otherwise."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(event, h11.Request) or conn.trailing_data[0]:
+        return None
+    headers = [(name.lower(), value) for name, value in event.headers]
+    if H11Protocol._get_upgrade(SimpleNamespace(headers=headers)) != b"websocket":  # type: ignore[arg-type]
+        return None
+    return event.target, headers
+
+
+def test_a_browsers_head_is_read_as_h11_reads_it() -> None:
+    ours = upgrade_head(CHROME_HEAD)
+    assert ours is not None
+    assert ours == as_uvicorn_holds(CHROME_HEAD)
+    assert ours[0] == b"/?resume=all%3A3-7"
+    assert (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ==") in ours[1]
+    spaced = CHROME_HEAD.replace(b"Pragma: no-cache", b"Pragma:\t no-cache \t")
+    assert upgrade_head(spaced) == as_uvicorn_holds(spaced) is not None
+    firefox = CHROME_HEAD.replace(b"Connection: Upgrade", b"Connection: keep-alive, Upgrade")
+    assert upgrade_head(firefox) == as_uvicorn_holds(firefox) is not None
+
+
+# Heads h11 reads otherwise (or refuses), or uvicorn does not upgrade: left to h11.
+TO_H11 = {
+    "in two reads": CHROME_HEAD[:-2],
+    "a frame after it": CHROME_HEAD + b"\x81\x80abcd",
+    "http/1.0": CHROME_HEAD.replace(b"HTTP/1.1\r\n", b"HTTP/1.0\r\n", 1),
+    "post": b"POST" + CHROME_HEAD[3:],
+    "no host": CHROME_HEAD.replace(b"Host: 127.0.0.1:8000\r\n", b""),
+    "two hosts": CHROME_HEAD.replace(b"Host:", b"Host: a\r\nHost:"),
+    "folded": CHROME_HEAD.replace(b"Pragma: no-cache", b"Pragma: no-\r\n cache"),
+    "bare lf": CHROME_HEAD.replace(b"Pragma: no-cache\r\n", b"Pragma: no-cache\n"),
+    "bare cr": CHROME_HEAD.replace(b"no-cache", b"no\rcache"),
+    "obs-text": CHROME_HEAD.replace(b"abc.def", b"\xe9t\xe9"),
+    "nul": CHROME_HEAD.replace(b"abc.def", b"a\x00b"),
+    "space in a name": CHROME_HEAD.replace(b"Pragma:", b"Pragma :"),
+    "no colon": CHROME_HEAD.replace(b"Pragma:", b"Pragma"),
+    "no upgrade": CHROME_HEAD.replace(b"Connection: Upgrade", b"Connection: keep-alive"),
+    "h2c": CHROME_HEAD.replace(b"Upgrade: websocket", b"Upgrade: h2c"),
+    "leading blank line": b"\r\n" + CHROME_HEAD,
+    "two spaces": CHROME_HEAD.replace(b"GET /", b"GET  /", 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TO_H11))
+def test_what_h11_would_read_otherwise_is_left_to_it(case: str) -> None:
+    assert upgrade_head(TO_H11[case]) is None
+
+
+def test_every_head_read_without_h11_is_the_one_h11_reads() -> None:
+    """Chrome's head changed at random (a byte put in, changed or taken out, a line doubled
+    or dropped, a name's case changed, spaces around a colon): wherever ``upgrade_head``
+    reads one, h11 reads the same and uvicorn upgrades it."""
+    rng = random.Random(29)
+    odd = b"\x00\t\n\r \x0b\x0c:,;=\x7f\x80\xff\x01Aa-/?%"
+    lines = CHROME_HEAD[:-4].split(b"\r\n")
+    read = 0
+    for _ in range(6000):
+        case = rng.randrange(5)
+        if case == 0:  # a line doubled, dropped, or a name's case changed
+            changed = list(lines)
+            at = rng.randrange(1, len(changed))
+            move = rng.randrange(3)
+            if move == 0:
+                changed.insert(at, changed[at])
+            elif move == 1:
+                del changed[at]
+            else:
+                changed[at] = changed[at].swapcase()
+            data = b"\r\n".join(changed) + b"\r\n\r\n"
+        elif case == 1:  # spaces or tabs around a colon
+            changed = list(lines)
+            at = rng.randrange(1, len(changed))
+            name, _, value = changed[at].partition(b": ")
+            pad = [b"", b" ", b"\t", b" \t "]
+            changed[at] = name + rng.choice(pad) + b":" + rng.choice(pad) + value + rng.choice(pad)
+            data = b"\r\n".join(changed) + b"\r\n\r\n"
+        else:  # a byte in, changed or out
+            mutable = bytearray(CHROME_HEAD)
+            at = rng.randrange(len(mutable))
+            byte = odd[rng.randrange(len(odd))]
+            if case == 2:
+                mutable.insert(at, byte)
+            elif case == 3:
+                mutable[at] = byte
+            else:
+                del mutable[at]
+            data = bytes(mutable)
+        ours = upgrade_head(data)
+        if ours is not None:
+            read += 1
+            assert ours == as_uvicorn_holds(data), data
+    assert read > 1000  # the random heads do reach it
+
+
+async def test_a_browsers_handshake_is_not_read_by_h11(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole in one read: h11 reads none of it; in two, h11 reads it (and it is welcomed)."""
+    reads: list[object] = []
+    original = h11.Connection.next_event
+
+    def counted(self: h11.Connection) -> Any:
+        reads.append(self)
+        return original(self)
+
+    monkeypatch.setattr(h11.Connection, "next_event", counted)
+    settings = Settings(**{**vars(settings), "allowed_origins": ("http://127.0.0.1:8000",)})
+    async with uvicorn_serving(settings) as (app, port):
+        cookie = await login(app, "mike")
+        request = CHROME_HEAD.replace(b"wsfanout=abc.def", cookie.encode()).replace(
+            b"GET /?resume=all%3A3-7 ", b"GET / "
+        )
+        answer = await exchange(port, request)
+        assert answer.startswith(b"HTTP/1.1 101 ") and b'"user":"mike"' in answer
+        assert reads == []
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(request[:100])
+            await writer.drain()
+            await asyncio.sleep(0.1)  # read on its own
+            writer.write(request[100:])
+            answer = b""
+            while b'"user":"mike"' not in answer:
+                data = await asyncio.wait_for(reader.read(65536), 3)
+                assert data, answer
+                answer += data
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 101 ")
+        assert reads  # h11 read the head in two parts

@@ -95,6 +95,7 @@ class HeadTimedH11Protocol(H11Protocol):
 
     head_timer: asyncio.TimerHandle | None = None
     peer: Peer | None = None  # this connection's place in its address's counts
+    first_read = True  # no byte of the connection read yet
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -114,13 +115,25 @@ class HeadTimedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.first_read:
+            self.first_read = False
+            # A browser's handshake, whole in its first read: upgraded without h11 where h11
+            # would read it so (ExplainingSansIOProtocol's; upgrade.py's upgrade_head).
+            at_once = getattr(self.ws_protocol_class, "upgrade_at_once", None)
+            if at_once is not None and at_once(self, data):
+                self._upgraded()
+                return
         super().data_received(data)
         self._request_read()
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
         upgrade = getattr(self.ws_protocol_class, "upgrade", None)  # ExplainingSansIOProtocol's
-        if upgrade is None or not upgrade(self, event.method, event.target):
+        if upgrade is None or not upgrade(self, event.method, event.target, self.headers):
             super().handle_websocket_upgrade(event)
+        self._upgraded()
+
+    def _upgraded(self) -> None:
+        """After a websocket upgrade (or uvicorn's answer to a failed one)."""
         protocol = self.transport.get_protocol()
         if protocol is self:
             return

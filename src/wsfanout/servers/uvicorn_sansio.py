@@ -59,7 +59,7 @@ from ..types import Message
 from .frames import FAILED, client_text, frame_of, too_many_pieces
 from .quiet import logs_accepts
 from .resets import UNSENT_MAX, unsent
-from .upgrade import parsed
+from .upgrade import parsed, upgrade_head
 
 if TYPE_CHECKING:
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -219,7 +219,17 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
     message_size = 0  # bytes of the fragmented message arriving (from its second fragment)
 
     @classmethod
-    def upgrade(cls, http: H11Protocol, method: bytes, target: bytes) -> bool:
+    def upgrade_at_once(cls, http: H11Protocol, data: bytes) -> bool:
+        """A connection's first read, a browser's handshake whole, upgraded as ``upgrade``
+        would upgrade it once h11 had read it, without h11 (``upgrade_head``). False: h11
+        must read it (and ``upgrade`` may yet take it)."""
+        found = upgrade_head(data)
+        return found is not None and cls.upgrade(http, b"GET", *found)
+
+    @classmethod
+    def upgrade(
+        cls, http: H11Protocol, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> bool:
         """uvicorn's ``H11Protocol.handle_websocket_upgrade``, where websockets would take the
         request as h11 parsed it (``parsed``): a protocol of this class takes the connection
         over, and is handed the request parsed (``take``). False: it was not, and uvicorn's
@@ -228,7 +238,7 @@ class ExplainingSansIOProtocol(WebSocketsSansIOProtocol):
         the parse, on the same logger)."""
         if http.logger.isEnabledFor(logging.DEBUG):
             return False
-        request = parsed(method, target, http.headers)
+        request = parsed(method, target, headers)
         if request is None:
             return False
         http.connections.discard(http)
