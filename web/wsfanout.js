@@ -70,6 +70,7 @@ const PROBE_TIMEOUT = 5; // seconds the probe of a refused handshake may take
 const TIMED_OUT = -1; // not a close code: an attempt that took longer than connectTimeout
 // The server closes a client that floods it with 1008 too, after an error with one of these.
 const FLOOD_ERRORS = new Set(["rate_limited", "bad_message"]);
+const NOTHING = Object.freeze({}); // an empty record, shared
 const CLOSE_CODES = Object.freeze({
   1001: "going_away",
   1012: "restart",
@@ -133,7 +134,7 @@ function socketUrl(url) {
   if (target.protocol !== "ws:" && target.protocol !== "wss:") {
     throw new TypeError(`new Client(url): a ws:, wss:, http: or https: URL, not ${target.protocol}`);
   }
-  target.hash = "";
+  if (target.hash) target.hash = "";
   target.searchParams.delete("resume"); // ours to set
   return target;
 }
@@ -157,7 +158,7 @@ export class Client {
       url = undefined;
     }
     options = options || {};
-    this._url = socketUrl(url);
+    this._href = socketUrl(url).href; // the socket's URL, without a token of getToken's
     this._token = options.token || null;
     this._getToken = options.getToken || null;
     if (this._getToken !== null && typeof this._getToken !== "function") {
@@ -187,12 +188,7 @@ export class Client {
     this._authRetried = false; // one more try was given after a refusal: next time, stop
     this._dropped = null; // positions dropped after refusals: told to the app after the welcome
     this._stopped = true;
-    this._online = () => {
-      if (this.state === "disconnected" && this._timer !== null) {
-        clearTimeout(this._timer);
-        this._open("retry");
-      }
-    };
+    this._online = null; // in a page: back online, try at once (made at connect())
     /** "connecting" | "connected" | "disconnected" | "closed" */
     this.state = "closed";
     /** Why: the reason of the last "state" event (null before connect()). */
@@ -209,6 +205,12 @@ export class Client {
     this._refusals = 0;
     this._authRetried = false;
     if (typeof globalThis.addEventListener === "function") {
+      this._online = this._online || (() => {
+        if (this.state === "disconnected" && this._timer !== null) {
+          clearTimeout(this._timer);
+          this._open("retry");
+        }
+      });
       globalThis.addEventListener("online", this._online); // back online: try at once
     }
     this._open(null);
@@ -282,13 +284,17 @@ export class Client {
       }
       if (run !== this._run) return; // closed meanwhile
     }
-    const url = new URL(this._url);
-    if (token) url.searchParams.set("token", String(token));
-    const asked = Object.keys(this.positions).length ? this.positions : null;
-    if (asked) url.searchParams.set("resume", JSON.stringify(asked));
+    const asked = this._positions.size && Object.keys(this.positions).length ? this.positions : null;
+    let url = this._href;
+    if (token || asked) {
+      const withQuery = new URL(url);
+      if (token) withQuery.searchParams.set("token", String(token));
+      if (asked) withQuery.searchParams.set("resume", JSON.stringify(asked));
+      url = withQuery.href;
+    }
     let socket;
     try {
-      socket = new this._WebSocket(url.href);
+      socket = new this._WebSocket(url);
     } catch (err) {
       this._backOff("connection_lost");
       report(err);
@@ -361,11 +367,11 @@ export class Client {
   async _probe(socketUrl) {
     if (typeof fetch !== "function") return "unknown";
     const url = new URL(socketUrl);
+    const token = url.searchParams.get("token");
     url.protocol = url.protocol === "wss:" ? "https:" : "http:";
     if (!url.pathname.endsWith("/")) url.pathname += "/";
     url.pathname += "api/directory";
     url.search = "";
-    const token = socketUrl.searchParams.get("token");
     if (token) url.searchParams.set("token", token);
     const abort = new AbortController();
     const timer = setTimeout(() => abort.abort(), PROBE_TIMEOUT * 1000);
@@ -410,7 +416,7 @@ export class Client {
     this._run += 1;
     if (this._timer !== null) clearTimeout(this._timer);
     this._timer = null;
-    if (typeof globalThis.removeEventListener === "function") {
+    if (this._online !== null && typeof globalThis.removeEventListener === "function") {
       globalThis.removeEventListener("online", this._online);
     }
     const conn = this._conn;
@@ -472,6 +478,7 @@ export class Client {
 
   _welcome(conn, event) {
     clearTimeout(conn.deadline);
+    conn.deadline = null; // not kept for the connection's life
     conn.welcomed = true;
     conn.since = Date.now();
     this._authRetried = false;
@@ -493,7 +500,8 @@ export class Client {
         conn.unresumed.push(stream);
       }
     }
-    conn.before = { ...dropped, ...conn.asked }; // where each stream stood, for `restarted`
+    // where each stream stood, for `restarted`
+    conn.before = conn.asked || conn.unresumed.length ? { ...dropped, ...conn.asked } : NOTHING;
     this._positions = next; // streams no longer ours (or history off) are forgotten
     conn.replay = conn.asked ? [] : null;
     this._set("connected", null);
