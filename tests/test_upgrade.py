@@ -309,6 +309,10 @@ TO_H11 = {
     "h2c": CHROME_HEAD.replace(b"Upgrade: websocket", b"Upgrade: h2c"),
     "leading blank line": b"\r\n" + CHROME_HEAD,
     "two spaces": CHROME_HEAD.replace(b"GET /", b"GET  /", 1),
+    # h11 checks these and rewrites them (one Content-Length of "5, 5", "Chunked" lower-cased)
+    "content-length": CHROME_HEAD.replace(b"Pragma:", b"Content-Length: 5, 5\r\nPragma:"),
+    "transfer-encoding": CHROME_HEAD.replace(b"Pragma:", b"Transfer-Encoding: Chunked\r\nPragma:"),
+    "too many headers": CHROME_HEAD.replace(b"Pragma:", b"a: b\r\n" * MAX_NUM_HEADERS + b"Pragma:"),
 }
 
 
@@ -317,17 +321,32 @@ def test_what_h11_would_read_otherwise_is_left_to_it(case: str) -> None:
     assert upgrade_head(TO_H11[case]) is None
 
 
+BODY_LINES = [
+    b"Content-Length: 0",
+    b"Content-Length: 5, 5",
+    b"Content-Length: abc",
+    b"Content-Length: 0\r\nContent-Length: 0",
+    b"Transfer-Encoding: chunked",
+    b"Transfer-Encoding: Chunked",
+    b"Transfer-Encoding: gzip",
+]
+
+
 def test_every_head_read_without_h11_is_the_one_h11_reads() -> None:
     """Chrome's head changed at random (a byte put in, changed or taken out, a line doubled
-    or dropped, a name's case changed, spaces around a colon): wherever ``upgrade_head``
-    reads one, h11 reads the same and uvicorn upgrades it."""
+    or dropped, a name's case changed, spaces around a colon, a Content-Length or a
+    Transfer-Encoding): wherever ``upgrade_head`` reads one, h11 reads the same and uvicorn
+    upgrades it."""
     rng = random.Random(29)
     odd = b"\x00\t\n\r \x0b\x0c:,;=\x7f\x80\xff\x01Aa-/?%"
     lines = CHROME_HEAD[:-4].split(b"\r\n")
     read = 0
     for _ in range(6000):
-        case = rng.randrange(5)
-        if case == 0:  # a line doubled, dropped, or a name's case changed
+        case = rng.randrange(6)
+        if case == 5:  # a header h11 checks and may rewrite
+            line = rng.choice(BODY_LINES)
+            data = CHROME_HEAD.replace(b"Pragma:", line + b"\r\nPragma:")
+        elif case == 0:  # a line doubled, dropped, or a name's case changed
             changed = list(lines)
             at = rng.randrange(1, len(changed))
             move = rng.randrange(3)

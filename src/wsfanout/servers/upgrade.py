@@ -62,14 +62,17 @@ def upgrade_head(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
     that is all of ``data``, as uvicorn's h11 protocol would hold them, where h11 would read
     them so and uvicorn would upgrade (its ``_should_upgrade``): ``GET <target> HTTP/1.1``,
     then ``name: value`` lines, a blank line, nothing after. A head of printable ASCII and
-    tabs only, CRLF line ends only, no folded line, exactly one Host, ``Connection`` (the last)
+    tabs only, CRLF line ends only, no folded line, at most MAX_NUM_HEADERS headers, no
+    Content-Length or Transfer-Encoding, exactly one Host, ``Connection`` (the last)
     naming ``upgrade`` and ``Upgrade`` (the last) ``websocket``. None: h11 must read it (a
     head in two reads, a byte outside those, another method or version, anything it refuses
     or reads otherwise), and uvicorn decide."""
     if not data.startswith(b"GET ") or not data.endswith(b"\r\n\r\n"):
         return None
     head = data[:-4]
-    ends = head.count(b"\r\n")
+    ends = head.count(b"\r\n")  # the header lines
+    if ends > MAX_NUM_HEADERS:
+        return None  # websockets would refuse it (parsed): not read twice
     if head.translate(None, HEAD_BYTES) or head.count(b"\r") != ends or head.count(b"\n") != ends:
         return None  # another byte, a bare CR or LF
     lines = head.split(b"\r\n")
@@ -81,7 +84,7 @@ def upgrade_head(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
         return None
     headers = []
     hosts = 0
-    connection: list[bytes] = []
+    connection = b""
     upgrade = None
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
@@ -92,10 +95,14 @@ def upgrade_head(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
         if name == b"host":
             hosts += 1
         elif name == b"connection":
-            connection = [token.lower().strip() for token in value.split(b",")]
+            connection = value  # uvicorn goes by the last
         elif name == b"upgrade":
             upgrade = value.lower()
+        elif name in WITH_BODY:
+            return None  # h11 checks them, and rewrites some ("5, 5", "Chunked")
         headers.append((name, value))
-    if hosts != 1 or b"upgrade" not in connection or upgrade != b"websocket":
+    if hosts != 1 or upgrade != b"websocket":
+        return None
+    if b"upgrade" not in [token.lower().strip() for token in connection.split(b",")]:
         return None
     return target, headers
