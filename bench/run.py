@@ -122,6 +122,10 @@ BASELINE_UVICORN = dataclasses.replace(BASELINE, name="baseline-uvicorn", server
 BASELINE_UVICORN_BROWSER = dataclasses.replace(
     BASELINE_UVICORN, name="baseline-uvicorn-browser", client="browser"
 )
+# Seconds a server is left to settle after its handshakes, before anything is measured; --quick
+# (a smoke test of thirty runs, its figures not kept) leaves it less.
+SETTLE_S = 0.5
+QUICK_SETTLE_S = 0.05
 CAPACITY = 19_000  # idle connections: a process here may hold 20,000 file descriptors
 # Handshakes in flight at once in the capacity runs. The browser-like client with the client
 # library costs the load generator (one core) about 1.5x the bare app's plain client per
@@ -706,7 +710,7 @@ def run_once(
         ready = json.loads(loadgen.stdout.readline() or '{"error": "loadgen died"}')
         if "error" in ready:
             raise RuntimeError(f"{system.name}/{scenario.name}: {ready['error']}")
-        time.sleep(0.5)  # let the server settle after the handshakes
+        time.sleep(SETTLE_S)  # let the server settle after the handshakes
         rss_after = rss_kib(server.proc.pid)
         handshake_cpu = cpu_seconds(server.proc.pid) - cpu_start
         if profiled and profiler is None:
@@ -895,6 +899,9 @@ def main() -> int:
     args = parser().parse_args()
     if args.out is None:
         args.out = BENCH / ("results-quick.json" if args.quick else "results.json")
+    if args.quick:
+        global SETTLE_S  # one run's setting, read by run_once
+        SETTLE_S = QUICK_SETTLE_S
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -160,7 +160,7 @@ def test_quick_scale_scenario(tmp_path: Path) -> None:
     assert set(scale["runs"]) == names | bare
     for system, runs in scale["runs"].items():
         (run,) = runs  # one repetition: the scale scenario's default
-        assert "note" not in run and run["workers_gone"] == [], (system, run)
+        assert "note" not in run and run["workers_gone"] == [], (system, run.get("note"), run)
         assert run["connections"] == 200 * run["workers"], system
         assert len(run["per_worker"]) == run["workers"], (system, run["per_worker"])
         assert sum(run["per_worker"]) >= run["connections"], (system, run["per_worker"])
