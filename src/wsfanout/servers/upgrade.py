@@ -3,8 +3,9 @@ the bytes uvicorn writes out for it (``parsed``), where it would take it as h11 
 uvicorn_sansio.py's ``ExplainingSansIOProtocol.upgrade`` hands it over; else uvicorn's own
 upgrade hands over the bytes. It needs ``websockets``.
 
-``upgrade_head`` reads a browser's handshake without h11 (a third of its parse's cost), where
-h11 would read it exactly so and uvicorn would upgrade it; else h11 reads it, as before."""
+``upgrade_head`` reads a browser's handshake without h11 (a quarter of the handshake's
+instructions), where h11 would read it exactly so and uvicorn would upgrade it; else h11 reads
+it, as before."""
 
 from __future__ import annotations
 
