@@ -68,7 +68,11 @@ def upgrade_head(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
     naming ``upgrade`` and ``Upgrade`` (the last) ``websocket``. None: h11 must read it (a
     head in two reads, a byte outside those, another method or version, anything it refuses
     or reads otherwise), and uvicorn decide."""
-    if not data.startswith(b"GET ") or not data.endswith(b"\r\n\r\n"):
+    if (
+        not data.startswith(b"GET ")
+        or not data.endswith(b"\r\n\r\n")
+        or b"websocket" not in data.lower()  # a page or an API call: h11's, not read twice
+    ):
         return None
     head = data[:-4]
     ends = head.count(b"\r\n")  # the header lines
