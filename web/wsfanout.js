@@ -284,7 +284,8 @@ export class Client {
       }
       if (run !== this._run) return; // closed meanwhile
     }
-    const asked = this._positions.size && Object.keys(this.positions).length ? this.positions : null;
+    const positions = this._positions.size ? this.positions : NOTHING; // copied once
+    const asked = Object.keys(positions).length ? positions : null;
     let url = this._href;
     if (token || asked) {
       const withQuery = new URL(url);
