@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import struct
 from collections.abc import Callable
+from pathlib import Path
 
 
 class Proxy:
@@ -132,8 +134,37 @@ def _abort(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+_PICK = random.Random()  # not the run's seeded generator: ports change nothing it decides
+_GIVEN: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port nothing is bound to, below the kernel's ephemeral range and not given before.
+
+    Port 0 would give one from the ephemeral range, where every outgoing connection takes its
+    local port (and leaves it in TIME_WAIT after the test suite's thousands): a server started
+    on it a moment later can find it taken, as a RabbitMQ node once did with its distribution
+    port (``dist_port_already_used``)."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = _PICK.randrange(max(1024, low - 12000), low)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket() as sock:  # the range below is full: the kernel's choice
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+        given: int = sock.getsockname()[1]
+    return given

@@ -113,15 +113,19 @@ class Rabbit:
     def __init__(self, folder: Path) -> None:
         self.folder = folder / "rabbit"
         self.folder.mkdir()
+        (self.folder / "enabled_plugins").write_text("[].\n")
+        self._ports()
+        self.started = False
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _ports(self) -> None:
         self.port, self.dist_port = free_port(), free_port()
         self.node = f"chaos{self.port}@localhost"
-        (self.folder / "enabled_plugins").write_text("[].\n")
         (self.folder / "rabbitmq.conf").write_text(
             f"listeners.tcp.local = {HOST}:{self.port}\nloopback_users = none\n"
         )
         if os.geteuid() == 0:
             subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(self.folder)], check=True)
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -142,12 +146,24 @@ class Rabbit:
         return ["runuser", "-u", "rabbitmq", "--"] if os.geteuid() == 0 else []
 
     def start(self) -> None:
-        log = (self.folder / "server.out").open("ab")
-        self.proc = subprocess.Popen(
-            [*self._as(), *self._env(), "/usr/lib/rabbitmq/bin/rabbitmq-server"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        wait_port(self.port, 90, self.proc)
+        """Start the node; the first start tries new ports twice more if the node exits
+        before it listens (a port taken between picking and starting). Later starts (the
+        restart fault) keep the ports the nodes were given."""
+        for attempt in range(1 if self.started else 3):
+            log = (self.folder / "server.out").open("ab")
+            self.proc = subprocess.Popen(
+                [*self._as(), *self._env(), "/usr/lib/rabbitmq/bin/rabbitmq-server"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+            try:
+                wait_port(self.port, 90, self.proc)
+            except RuntimeError:
+                if self.started or attempt == 2 or self.proc.poll() is None:
+                    raise
+                self._ports()
+                continue
+            self.started = True
+            return
 
     def stop(self) -> None:
         if self.proc is None:
