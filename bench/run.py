@@ -199,6 +199,7 @@ class Scenario:
     # More ratios printed under the table (and kept in the results), numerator / denominator,
     # of the scenario's first two metrics (RATIO_METRICS).
     ratios: tuple[tuple[str, str], ...] = ()
+    settle_s: float = SETTLE_S  # after the handshakes, before anything is measured
 
 
 # Each server's uvicorn system over its hypercorn one.
@@ -213,7 +214,11 @@ def scenarios(quick: bool) -> list[Scenario]:
     if not quick:
         return found
     return [
-        dataclasses.replace(s, systems=tuple(x for x in s.systems if x.name not in QUICK_SKIP))
+        dataclasses.replace(
+            s,
+            systems=tuple(x for x in s.systems if x.name not in QUICK_SKIP),
+            settle_s=QUICK_SETTLE_S,
+        )
         for s in found
     ]
 
@@ -710,7 +715,7 @@ def run_once(
         ready = json.loads(loadgen.stdout.readline() or '{"error": "loadgen died"}')
         if "error" in ready:
             raise RuntimeError(f"{system.name}/{scenario.name}: {ready['error']}")
-        time.sleep(SETTLE_S)  # let the server settle after the handshakes
+        time.sleep(scenario.settle_s)  # let the server settle after the handshakes
         rss_after = rss_kib(server.proc.pid)
         handshake_cpu = cpu_seconds(server.proc.pid) - cpu_start
         if profiled and profiler is None:
@@ -899,9 +904,6 @@ def main() -> int:
     args = parser().parse_args()
     if args.out is None:
         args.out = BENCH / ("results-quick.json" if args.quick else "results.json")
-    if args.quick:
-        global SETTLE_S  # one run's setting, read by run_once
-        SETTLE_S = QUICK_SETTLE_S
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -149,7 +149,8 @@ class Rabbit:
         """Start the node; the first start tries new ports twice more if the node exits
         before it listens (a port taken between picking and starting). Later starts (the
         restart fault) keep the ports the nodes were given."""
-        for attempt in range(1 if self.started else 3):
+        attempts = 1 if self.started else 3
+        for attempt in range(attempts):
             log = (self.folder / "server.out").open("ab")
             self.proc = subprocess.Popen(
                 [*self._as(), *self._env(), "/usr/lib/rabbitmq/bin/rabbitmq-server"],
@@ -158,7 +159,7 @@ class Rabbit:
             try:
                 wait_port(self.port, 90, self.proc)
             except RuntimeError:
-                if self.started or attempt == 2 or self.proc.poll() is None:
+                if attempt == attempts - 1 or self.proc.poll() is None:
                     raise
                 self._ports()
                 continue
