@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import resource
@@ -420,6 +421,25 @@ def redis_reachable(port: int = 6379) -> bool:
             return True
     except OSError:
         return False
+
+
+def bench_node_modules() -> None:
+    """bench/'s Node packages (``ws``, for the load generator and the soak's clients), from its
+    package-lock, once: test workers that need them at once take turns (two ``npm ci`` in one
+    folder at once fail, ENOENT), holding a lock on bench/package-lock.json."""
+    bench = ROOT / "bench"
+    with (bench / "package-lock.json").open("rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (bench / "node_modules" / "ws").exists():
+            return
+        done = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(bench)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, f"npm ci in bench/ failed: {done.stderr[-2000:]}"
 
 
 def need_redis() -> None:

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from tests import postgres
+from tests.server import bench_node_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,12 +48,7 @@ def test_quick_bench_measures_both_systems(tmp_path: Path) -> None:
     """`bench/run.py --quick` runs every scenario against wsfanout and the baseline, each under
     hypercorn and under uvicorn, and the store on PostgreSQL beside SQLite (a database of the
     run's own, dropped after)."""
-    if not (ROOT / "bench" / "node_modules" / "ws").exists():
-        subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(ROOT / "bench")],
-            check=True,
-            timeout=300,
-        )
+    bench_node_modules()
     out = tmp_path / "results.json"
     result = subprocess.run(
         [
@@ -143,6 +139,7 @@ def test_quick_scale_scenario(tmp_path: Path) -> None:
     from tests.server import need_redis
 
     need_redis()
+    bench_node_modules()
     out = tmp_path / "results.json"
     command = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--only", "scale"]
     result = subprocess.run(

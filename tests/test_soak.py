@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests import docs
+from tests.server import bench_node_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -114,12 +115,7 @@ def test_a_short_soak(tmp_path: Path) -> None:
     """A small pool churning for a few seconds on one node, through the JavaScript client:
     every message owed arrives, descriptors and tasks come back once the clients leave,
     and the verdict passes (exit 0)."""
-    if not (ROOT / "bench" / "node_modules" / "ws").exists():
-        subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(ROOT / "bench")],
-            check=True,
-            capture_output=True,
-        )
+    bench_node_modules()
     out = tmp_path / "soak.json"
     command = [
         sys.executable,
